@@ -1,0 +1,114 @@
+#include "llamas/allocator.h"
+
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+#include <vector>
+
+#include "llamas/error.h"
+
+namespace llamas {
+namespace {
+
+constexpr size_t kAlignment = 64;
+constexpr size_t kMinClass = 64;
+// Classes are powers of two split into 4 steps (64, 80, 96, 112, 128, 160, ...): at most 25%
+// waste, and a bounded number of free lists (4 per doubling).
+size_t round_to_class(size_t bytes) {
+  if (bytes <= kMinClass) return kMinClass;
+  size_t pow2 = kMinClass;
+  while (pow2 * 2 < bytes) pow2 *= 2;
+  size_t step = pow2 / 4;
+  size_t rounded = (bytes + step - 1) / step * step;
+  return rounded;
+}
+
+struct CachingAllocator {
+  std::mutex mutex;
+  std::unordered_map<size_t, std::vector<void*>> free_lists;  // class -> blocks
+  std::unordered_map<void*, size_t> live;                      // block -> class
+  MemoryStats stats;
+
+  void* allocate(size_t bytes) {
+    size_t cls = round_to_class(bytes);
+    std::lock_guard<std::mutex> lock(mutex);
+    stats.allocations++;
+    void* ptr = nullptr;
+    auto it = free_lists.find(cls);
+    if (it != free_lists.end() && !it->second.empty()) {
+      ptr = it->second.back();
+      it->second.pop_back();
+      stats.cache_hits++;
+      stats.bytes_cached -= static_cast<int64_t>(cls);
+    } else {
+      ptr = std::aligned_alloc(kAlignment, cls);
+      if (!ptr) {
+        release_cached_locked();
+        ptr = std::aligned_alloc(kAlignment, cls);
+      }
+      if (!ptr) fail("allocator", "out of memory allocating ", bytes, " bytes");
+      stats.bytes_reserved += static_cast<int64_t>(cls);
+    }
+    live[ptr] = cls;
+    stats.bytes_in_use += static_cast<int64_t>(cls);
+    if (stats.bytes_in_use > stats.peak_bytes_in_use) stats.peak_bytes_in_use = stats.bytes_in_use;
+    return ptr;
+  }
+
+  void free(void* ptr) {
+    if (!ptr) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = live.find(ptr);
+    if (it == live.end()) fail("allocator", "free of a pointer this allocator did not hand out");
+    size_t cls = it->second;
+    live.erase(it);
+    stats.frees++;
+    stats.bytes_in_use -= static_cast<int64_t>(cls);
+    stats.bytes_cached += static_cast<int64_t>(cls);
+    free_lists[cls].push_back(ptr);
+  }
+
+  void release_cached_locked() {
+    for (auto& entry : free_lists) {
+      for (void* p : entry.second) {
+        std::free(p);
+        stats.bytes_cached -= static_cast<int64_t>(entry.first);
+        stats.bytes_reserved -= static_cast<int64_t>(entry.first);
+      }
+      entry.second.clear();
+    }
+  }
+};
+
+CachingAllocator& instance() {
+  // Leaked on purpose: blocks may be freed by static destructors after main returns.
+  static CachingAllocator* allocator = new CachingAllocator();
+  return *allocator;
+}
+
+}  // namespace
+
+void* cpu_allocate(size_t bytes) { return instance().allocate(bytes); }
+void cpu_free(void* ptr) { instance().free(ptr); }
+size_t cpu_size_class(size_t bytes) { return round_to_class(bytes); }
+
+MemoryStats cpu_memory_stats() {
+  auto& a = instance();
+  std::lock_guard<std::mutex> lock(a.mutex);
+  return a.stats;
+}
+
+void cpu_reset_peak() {
+  auto& a = instance();
+  std::lock_guard<std::mutex> lock(a.mutex);
+  a.stats.peak_bytes_in_use = a.stats.bytes_in_use;
+}
+
+void cpu_empty_cache() {
+  auto& a = instance();
+  std::lock_guard<std::mutex> lock(a.mutex);
+  a.release_cached_locked();
+}
+
+}  // namespace llamas

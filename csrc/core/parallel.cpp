@@ -1,0 +1,168 @@
+#include "llamas/parallel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLAMAS_CPU_RELAX() _mm_pause()
+#else
+#define LLAMAS_CPU_RELAX() std::this_thread::yield()
+#endif
+
+#include "llamas/error.h"
+
+namespace llamas {
+namespace {
+
+thread_local bool t_inside_parallel_region = false;
+
+int default_threads() {
+  if (const char* env = std::getenv("LLAMAS_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int n) { resize(n); }
+  ~ThreadPool() { stop_workers(); }
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> guard(dispatch_mutex_);
+    stop_workers();
+    stopping_ = false;
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  }
+
+  void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
+    // Another Python thread may be inside the pool already (server engine + user code): run
+    // serially rather than wait, so no caller can deadlock on the pool.
+    std::unique_lock<std::mutex> guard(dispatch_mutex_, std::try_to_lock);
+    int64_t chunks = grain > 0 ? (n + grain - 1) / grain : n;
+    int threads = static_cast<int>(std::min<int64_t>(size(), chunks));
+    if (!guard.owns_lock() || threads <= 1 || t_inside_parallel_region) {
+      fn(ctx, 0, n);
+      return;
+    }
+    job_fn_ = fn;
+    job_ctx_ = ctx;
+    job_n_ = n;
+    job_grain_ = grain;
+    job_threads_ = threads;
+    // Every worker wakes for every job (those past job_threads_ find an empty range).
+    pending_.store(size() - 1, std::memory_order_relaxed);
+    error_ = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(wake_mutex_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_cv_.notify_all();
+    run_chunk(0);
+    while (pending_.load(std::memory_order_acquire) != 0) LLAMAS_CPU_RELAX();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void run_chunk(int index) {
+    if (index >= job_threads_) return;
+    int64_t chunks = (job_n_ + job_grain_ - 1) / job_grain_;
+    int64_t begin_chunk = chunks * index / job_threads_;
+    int64_t end_chunk = chunks * (index + 1) / job_threads_;
+    int64_t begin = std::min(job_n_, begin_chunk * job_grain_);
+    int64_t end = std::min(job_n_, end_chunk * job_grain_);
+    if (begin >= end) return;
+    bool was_inside = t_inside_parallel_region;
+    t_inside_parallel_region = true;
+    try {
+      job_fn_(job_ctx_, begin, end);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+    t_inside_parallel_region = was_inside;
+  }
+
+  void worker_loop(int index) {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      // Spin briefly before sleeping: a decode step issues ~100 parallel regions a few tens of
+      // microseconds apart, and a condition-variable wake-up costs about as much as one region.
+      uint64_t now = seen;
+      for (int spin = 0; spin < 20000; ++spin) {
+        now = generation_.load(std::memory_order_acquire);
+        if (now != seen || stopping_.load(std::memory_order_relaxed)) break;
+        LLAMAS_CPU_RELAX();
+      }
+      if (now == seen && !stopping_.load(std::memory_order_relaxed)) {
+        std::unique_lock<std::mutex> lock(wake_mutex_);
+        wake_cv_.wait(lock, [&] {
+          return generation_.load(std::memory_order_acquire) != seen || stopping_.load();
+        });
+        now = generation_.load(std::memory_order_acquire);
+      }
+      if (stopping_.load()) return;
+      seen = now;
+      run_chunk(index);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lock(wake_mutex_);
+      stopping_ = true;
+    }
+    wake_cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex dispatch_mutex_;
+  std::mutex wake_mutex_;
+  std::condition_variable wake_cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stopping_{false};
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+  RangeFn job_fn_ = nullptr;
+  void* job_ctx_ = nullptr;
+  int64_t job_n_ = 0;
+  int64_t job_grain_ = 1;
+  int job_threads_ = 1;
+};
+
+ThreadPool& pool() {
+  static ThreadPool* instance = new ThreadPool(default_threads());
+  return *instance;
+}
+
+}  // namespace
+
+void set_num_threads(int n) {
+  LLAMAS_CHECK(n >= 1 && n <= 1024, "set_num_threads", "thread count must be in [1, 1024], got ", n);
+  if (n != pool().size()) pool().resize(n);
+}
+
+int num_threads() { return pool().size(); }
+
+void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
+  if (n <= 0) return;
+  if (grain < 1) grain = 1;
+  pool().run(n, grain, fn, ctx);
+}
+
+}  // namespace llamas

@@ -1,0 +1,125 @@
+#pragma once
+// Causal attention over a paged KV cache, written once against Vec. Flash-attention style: each
+// query row walks the key blocks in order with an online softmax (running max m, running sum l,
+// unnormalised output O), so the T x T score matrix never exists. A few query rows share each
+// key/value load; every row's arithmetic is the same whether it runs alone (decode) or in a group
+// (prefill), so decode and prefill give bit-identical rows.
+#include <cmath>
+
+#include "llamas/allocator.h"
+#include "llamas/parallel.h"
+
+namespace {
+
+using llamas::AttentionArgs;
+using llamas::kKvBlockSize;
+
+constexpr int kKeyVecs = kKvBlockSize / Vec::W;       // registers per block of scores
+constexpr int kAttnRows = Vec::W == 16 ? 4 : 2;        // query rows sharing K/V loads
+constexpr int kMaxHeadDim = 256;
+
+void attention_rows(const AttentionArgs& a, int head, int64_t t0, int nrows) {
+  const int hd = a.head_dim;
+  alignas(64) float qs[kAttnRows][kMaxHeadDim];
+  alignas(64) float acc_out[kAttnRows][kMaxHeadDim];
+  alignas(64) float probs[kAttnRows][kKvBlockSize];
+  float run_max[kAttnRows], run_sum[kAttnRows], corr[kAttnRows];
+  int64_t pos[kAttnRows];
+  for (int r = 0; r < nrows; ++r) {
+    pos[r] = a.first_pos + t0 + r;
+    const float* q = a.q + (t0 + r) * a.q_stride + int64_t(head) * hd;
+    for (int d = 0; d < hd; ++d) qs[r][d] = q[d] * a.scale;
+    for (int d = 0; d < hd; ++d) acc_out[r][d] = 0.f;
+    run_max[r] = -INFINITY;
+    run_sum[r] = 0.f;
+  }
+  const int64_t last_pos = pos[nrows - 1];
+  const int64_t n_blocks = last_pos / kKvBlockSize + 1;
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const float* kt = a.k_blocks[blk] + int64_t(head) * hd * kKvBlockSize;
+    const float* vb = a.v_blocks[blk] + int64_t(head) * kKvBlockSize * hd;
+    const int64_t blk_pos = blk * kKvBlockSize;
+    // Scores: two partial sums over even and odd d hide the FMA latency.
+    Vec s[kAttnRows][2][kKeyVecs];
+    for (int r = 0; r < kAttnRows; ++r)
+      for (int p = 0; p < 2; ++p)
+        for (int v = 0; v < kKeyVecs; ++v) s[r][p][v] = Vec::zero();
+    for (int d = 0; d < hd; ++d) {
+      Vec kv[kKeyVecs];
+      for (int v = 0; v < kKeyVecs; ++v) kv[v] = Vec::load(kt + d * kKvBlockSize + v * Vec::W);
+      for (int r = 0; r < nrows; ++r) {
+        Vec qd = Vec::set1(qs[r][d]);
+        for (int v = 0; v < kKeyVecs; ++v) s[r][d & 1][v] = Vec::fma(qd, kv[v], s[r][d & 1][v]);
+      }
+    }
+    for (int r = 0; r < nrows; ++r) {
+      int64_t visible = pos[r] - blk_pos + 1;  // keys of this block at or before the row
+      Vec sc[kKeyVecs];
+      Vec vmax = Vec::set1(-INFINITY);
+      for (int v = 0; v < kKeyVecs; ++v) {
+        sc[v] = Vec::select_first(clamp_lanes(visible - v * Vec::W), s[r][0][v] + s[r][1][v],
+                                  Vec::set1(-INFINITY));
+        vmax = Vec::max(vmax, sc[v]);
+      }
+      float new_max = std::fmax(run_max[r], vmax.reduce_max());
+      // exp(-inf) = 0 exactly (see vexp), so masked keys add nothing and a fully masked block
+      // leaves m, l and O bit-for-bit unchanged.
+      corr[r] = vexp(Vec::set1(run_max[r] - new_max)).reduce_max();
+      Vec m = Vec::set1(new_max);
+      Vec psum = Vec::zero();
+      for (int v = 0; v < kKeyVecs; ++v) {
+        Vec p = vexp(sc[v] - m);
+        psum = psum + p;
+        p.store(probs[r] + v * Vec::W);
+      }
+      run_sum[r] = run_sum[r] * corr[r] + psum.reduce_add();
+      run_max[r] = new_max;
+    }
+    // O = O * corr + P V over the keys written so far (never past the group's last position).
+    const int keys = int(imin(kKvBlockSize, last_pos - blk_pos + 1));
+    for (int d = 0; d < hd; d += Vec::W) {
+      int lanes = clamp_lanes(hd - d);
+      Vec o[kAttnRows];
+      for (int r = 0; r < nrows; ++r) o[r] = Vec::load_partial(acc_out[r] + d, lanes) * Vec::set1(corr[r]);
+      for (int j = 0; j < keys; ++j) {
+        Vec vj = Vec::load_partial(vb + int64_t(j) * hd + d, lanes);
+        for (int r = 0; r < nrows; ++r) o[r] = Vec::fma(Vec::set1(probs[r][j]), vj, o[r]);
+      }
+      for (int r = 0; r < nrows; ++r) o[r].store_partial(acc_out[r] + d, lanes);
+    }
+  }
+  for (int r = 0; r < nrows; ++r) {
+    float* out = a.out + (t0 + r) * a.out_stride + int64_t(head) * hd;
+    Vec inv = Vec::set1(1.0f / run_sum[r]);
+    for (int d = 0; d < hd; d += Vec::W) {
+      int lanes = clamp_lanes(hd - d);
+      (Vec::load_partial(acc_out[r] + d, lanes) * inv).store_partial(out + d, lanes);
+    }
+  }
+}
+
+void attention(const AttentionArgs* seqs, int n_seqs) {
+  // Work items: (sequence, head, group of kAttnRows query rows), sequences then heads outermost,
+  // so a static split gives each thread whole heads of comparable causal cost.
+  int64_t* first_item = static_cast<int64_t*>(llamas::cpu_allocate((n_seqs + 1) * sizeof(int64_t)));
+  first_item[0] = 0;
+  for (int s = 0; s < n_seqs; ++s) {
+    int64_t groups = (seqs[s].n_query + kAttnRows - 1) / kAttnRows;
+    first_item[s + 1] = first_item[s] + groups * seqs[s].n_head;
+  }
+  llamas::parallel_for(first_item[n_seqs], 1, [&](int64_t i0, int64_t i1) {
+    int s = 0;
+    for (int64_t item = i0; item < i1; ++item) {
+      while (item >= first_item[s + 1]) ++s;
+      const AttentionArgs& a = seqs[s];
+      int64_t local = item - first_item[s];
+      int64_t groups = (a.n_query + kAttnRows - 1) / kAttnRows;
+      int head = int(local / groups);
+      int64_t t0 = (local % groups) * kAttnRows;
+      attention_rows(a, head, t0, int(imin(kAttnRows, a.n_query - t0)));
+    }
+  });
+  llamas::cpu_free(first_item);
+}
+
+}  // namespace

@@ -1,0 +1,250 @@
+#pragma once
+// GEMM, written once against Vec. Two paths, bit-identical by construction (each C element is one
+// FMA chain over k ascending, started from the bias, 0 or C):
+//  - small M (decode: 1..kSmallM rows): stream B once, rows of C stay in L1; bandwidth-bound.
+//  - packed (prefill, training): BLIS-style blocking. A is packed into kGemmRows-row panels, B into
+//    KC x NC blocks of NR = 2W-column panels; a kGemmRows x NR register tile accumulates over KC.
+#include <cstring>
+
+#include "llamas/allocator.h"
+#include "llamas/parallel.h"
+
+namespace {
+
+using llamas::BLayout;
+using llamas::GemmArgs;
+
+constexpr int kNR = 2 * Vec::W;    // columns per register tile
+constexpr int64_t kKC = 256;       // packed B micro-panel: 256 x 2W floats = 16 KiB (AVX2), in L1
+constexpr int64_t kMC = 120;       // packed A block: 120 x 256 floats = 120 KiB, in L2
+constexpr int64_t kNC = 512;       // packed B block: 256 x 512 floats = 512 KiB, in L2/L3
+constexpr int64_t kSmallM = 8;     // at or below this many rows, stream B instead of packing it
+
+struct ScratchBuffer {
+  float* data = nullptr;
+  explicit ScratchBuffer(size_t floats) { data = static_cast<float*>(llamas::cpu_allocate(floats * 4)); }
+  ~ScratchBuffer() { llamas::cpu_free(data); }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+};
+
+// C[m, n0:n1] = bias or 0 before the FMA chains start (not with accumulate).
+inline void init_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
+  if (g.accumulate) return;
+  for (int64_t m = 0; m < g.M; ++m) {
+    float* c = g.C + m * g.ldc;
+    if (g.bias) std::memcpy(c + n0, g.bias + n0, (n1 - n0) * sizeof(float));
+    else std::memset(c + n0, 0, (n1 - n0) * sizeof(float));
+  }
+}
+
+inline void gelu_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
+  if (!g.gelu) return;
+  for (int64_t m = 0; m < g.M; ++m) {
+    float* c = g.C + m * g.ldc;
+    int64_t n = n0;
+    for (; n + Vec::W <= n1; n += Vec::W) vgelu(Vec::load(c + n)).store(c + n);
+    if (n < n1) vgelu(Vec::load_partial(c + n, int(n1 - n))).store_partial(c + n, int(n1 - n));
+  }
+}
+
+// ---- small M, B stored (K, N): C[m, n] = fma chain over 4 rows of B at a time ------------------
+template <typename BT>
+void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
+  const BT* B = static_cast<const BT*>(g.B);
+  init_rows(g, n0, n1);
+  int64_t k = 0;
+  for (; k < g.K; k += 4) {
+    int kk = int(imin(4, g.K - k));
+    const BT* b0 = B + k * g.ldb;
+    for (int64_t m = 0; m < g.M; ++m) {
+      const float* a = g.A + m * g.lda + k;
+      float* c = g.C + m * g.ldc;
+      Vec a0 = Vec::set1(a[0]);
+      Vec a1 = Vec::set1(kk > 1 ? a[1] : 0.f), a2 = Vec::set1(kk > 2 ? a[2] : 0.f),
+          a3 = Vec::set1(kk > 3 ? a[3] : 0.f);
+      int64_t n = n0;
+      if (kk == 4) {
+        for (; n + Vec::W <= n1; n += Vec::W) {
+          Vec acc = Vec::load(c + n);
+          acc = Vec::fma(a0, load_any(b0 + n), acc);
+          acc = Vec::fma(a1, load_any(b0 + g.ldb + n), acc);
+          acc = Vec::fma(a2, load_any(b0 + 2 * g.ldb + n), acc);
+          acc = Vec::fma(a3, load_any(b0 + 3 * g.ldb + n), acc);
+          acc.store(c + n);
+        }
+      }
+      // Column tail, and the last k < 4 rows: same chain order, one row at a time.
+      for (; n < n1; n += Vec::W) {
+        int lanes = clamp_lanes(n1 - n);
+        Vec acc = Vec::load_partial(c + n, lanes);
+        Vec as[4] = {a0, a1, a2, a3};
+        for (int i = 0; i < kk; ++i) acc = Vec::fma(as[i], load_any_partial(b0 + i * g.ldb + n, lanes), acc);
+        acc.store_partial(c + n, lanes);
+      }
+    }
+  }
+  gelu_rows(g, n0, n1);
+}
+
+// ---- small M, B stored (N, K): W x W blocks of B are transposed in registers -------------------
+template <typename BT>
+void small_m_nk(const GemmArgs& g, int64_t n0, int64_t n1) {
+  const BT* B = static_cast<const BT*>(g.B);
+  init_rows(g, n0, n1);
+  for (int64_t n = n0; n < n1; n += Vec::W) {
+    int rows = clamp_lanes(n1 - n);
+    for (int64_t k = 0; k < g.K; k += Vec::W) {
+      int kk = clamp_lanes(g.K - k);
+      Vec t[Vec::W];
+      for (int i = 0; i < Vec::W; ++i) {
+        const BT* src = B + (n + i) * g.ldb + k;
+        t[i] = i >= rows ? Vec::zero() : (kk == Vec::W ? load_any(src) : load_any_partial(src, kk));
+      }
+      transpose_square(t);  // t[j] = B[n .. n+W, k + j]
+      for (int64_t m = 0; m < g.M; ++m) {
+        const float* a = g.A + m * g.lda + k;
+        float* c = g.C + m * g.ldc + n;
+        Vec acc = Vec::load_partial(c, rows);
+        for (int j = 0; j < kk; ++j) acc = Vec::fma(Vec::set1(a[j]), t[j], acc);
+        acc.store_partial(c, rows);
+      }
+    }
+  }
+  gelu_rows(g, n0, n1);
+}
+
+// ---- packed path ---------------------------------------------------------------------------------
+// A panel p holds rows [p*MR, p*MR+MR) as [k][MR], zero-padded past M.
+void pack_a(const GemmArgs& g, float* Ap) {
+  int64_t panels = (g.M + kGemmRows - 1) / kGemmRows;
+  llamas::parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = Ap + p * kGemmRows * g.K;
+      int64_t row0 = p * kGemmRows;
+      int rows = int(imin(kGemmRows, g.M - row0));
+      for (int64_t k = 0; k < g.K; ++k) {
+        for (int i = 0; i < rows; ++i) dst[k * kGemmRows + i] = g.A[(row0 + i) * g.lda + k];
+        for (int i = rows; i < kGemmRows; ++i) dst[k * kGemmRows + i] = 0.f;
+      }
+    }
+  });
+}
+
+// Packs B[pc:pc+kc, jc:jc+nc] as panels of kNR columns, [panel][k][kNR], zero-padded past nc.
+template <typename BT>
+void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, float* Bp) {
+  const BT* B = static_cast<const BT*>(g.B);
+  for (int64_t jr = 0; jr < nc; jr += kNR) {
+    float* panel = Bp + (jr / kNR) * kc * kNR;
+    for (int half = 0; half < 2; ++half) {
+      int64_t col = jc + jr + half * Vec::W;
+      int cols = clamp_lanes(jc + nc - col);
+      if (g.b_layout == BLayout::KN) {
+        for (int64_t k = 0; k < kc; ++k) {
+          const BT* src = B + (pc + k) * g.ldb + col;
+          Vec v = cols == Vec::W ? load_any(src) : load_any_partial(src, cols);
+          v.store(panel + k * kNR + half * Vec::W);
+        }
+      } else {
+        for (int64_t k = 0; k < kc; k += Vec::W) {
+          int kk = clamp_lanes(kc - k);
+          Vec t[Vec::W];
+          for (int i = 0; i < Vec::W; ++i) {
+            const BT* src = B + (col + i) * g.ldb + pc + k;
+            t[i] = i >= cols ? Vec::zero() : (kk == Vec::W ? load_any(src) : load_any_partial(src, kk));
+          }
+          transpose_square(t);
+          for (int j = 0; j < kk; ++j) t[j].store(panel + (k + j) * kNR + half * Vec::W);
+        }
+      }
+    }
+  }
+}
+
+// One kGemmRows x kNR tile of C over kc steps of k.
+void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp, float* C,
+                int rows, int cols, int64_t col0, bool first, bool last) {
+  Vec acc[kGemmRows][2];
+  int lanes0 = clamp_lanes(cols), lanes1 = clamp_lanes(cols - Vec::W);
+  if (first && !g.accumulate) {
+    Vec b0 = Vec::zero(), b1 = Vec::zero();
+    if (g.bias) {
+      b0 = Vec::load_partial(g.bias + col0, lanes0);
+      b1 = Vec::load_partial(g.bias + col0 + Vec::W, lanes1);
+    }
+    for (int i = 0; i < kGemmRows; ++i) acc[i][0] = b0, acc[i][1] = b1;
+  } else {
+    for (int i = 0; i < kGemmRows; ++i) {
+      if (i < rows) {
+        acc[i][0] = Vec::load_partial(C + i * g.ldc, lanes0);
+        acc[i][1] = Vec::load_partial(C + i * g.ldc + Vec::W, lanes1);
+      } else {
+        acc[i][0] = acc[i][1] = Vec::zero();
+      }
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    Vec b0 = Vec::load(Bp + k * kNR), b1 = Vec::load(Bp + k * kNR + Vec::W);
+    const float* a = Ap + k * kGemmRows;
+    for (int i = 0; i < kGemmRows; ++i) {
+      Vec ai = Vec::set1(a[i]);
+      acc[i][0] = Vec::fma(ai, b0, acc[i][0]);
+      acc[i][1] = Vec::fma(ai, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    Vec c0 = acc[i][0], c1 = acc[i][1];
+    if (last && g.gelu) c0 = vgelu(c0), c1 = vgelu(c1);
+    c0.store_partial(C + i * g.ldc, lanes0);
+    c1.store_partial(C + i * g.ldc + Vec::W, lanes1);
+  }
+}
+
+template <typename BT>
+void packed_range(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
+  ScratchBuffer Bp(static_cast<size_t>(kKC * kNC));
+  for (int64_t jc = n0; jc < n1; jc += kNC) {
+    int64_t nc = imin(kNC, n1 - jc);
+    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
+      int64_t kc = imin(kKC, g.K - pc);
+      pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
+      bool first = pc == 0, last = pc + kc >= g.K;
+      for (int64_t ic = 0; ic < g.M; ic += kMC) {
+        int64_t mc = imin(kMC, g.M - ic);
+        for (int64_t jr = 0; jr < nc; jr += kNR) {
+          for (int64_t ir = ic; ir < ic + mc; ir += kGemmRows) {
+            micro_tile(g, kc, Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows,
+                       Bp.data + (jr / kNR) * kc * kNR, g.C + ir * g.ldc + jc + jr,
+                       int(imin(kGemmRows, g.M - ir)), int(imin(kNR, nc - jr)),
+                       jc + jr, first, last);
+          }
+        }
+      }
+      if (g.K == 0) break;
+    }
+  }
+}
+
+template <typename BT>
+void gemm_typed(const GemmArgs& g) {
+  if (g.M <= kSmallM) {
+    // 64 columns = a whole number of cache lines per thread range.
+    llamas::parallel_for(g.N, 64, [&](int64_t n0, int64_t n1) {
+      if (g.b_layout == BLayout::KN) small_m_kn<BT>(g, n0, n1);
+      else small_m_nk<BT>(g, n0, n1);
+    });
+    return;
+  }
+  ScratchBuffer Ap(static_cast<size_t>((g.M + kGemmRows - 1) / kGemmRows * kGemmRows * (g.K > 0 ? g.K : 1)));
+  pack_a(g, Ap.data);
+  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) { packed_range<BT>(g, Ap.data, n0, n1); });
+}
+
+void gemm(const GemmArgs& g) {
+  if (g.M == 0 || g.N == 0) return;
+  if (g.b_bf16) gemm_typed<uint16_t>(g);
+  else gemm_typed<float>(g);
+}
+
+}  // namespace

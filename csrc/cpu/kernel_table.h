@@ -1,0 +1,42 @@
+#pragma once
+// The CPU kernels, one table per instruction-set variant (generic, avx2, avx512). The variant is
+// chosen once at run time from CPUID (LLAMAS_KERNEL=generic|avx2|avx512 overrides it), so one
+// build runs on any x86-64. Every entry has a plain reference in reference.h.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "llamas/kernel_args.h"
+
+namespace llamas {
+namespace cpu {
+
+using llamas::AttentionArgs;
+using llamas::BLayout;
+using llamas::GemmArgs;
+using llamas::kKvBlockSize;
+
+struct KernelTable {
+  const char* name;
+  void (*gemm)(const GemmArgs& args);
+  // out = LN(x) * w + b over rows of C floats.
+  void (*layernorm)(const float* x, const float* w, const float* b, float* out, int64_t rows,
+                    int64_t C, float eps);
+  // x += delta (the residual stream), then out = LN(x) * w + b.
+  void (*residual_layernorm)(float* x, const float* delta, const float* w, const float* b,
+                             float* out, int64_t rows, int64_t C, float eps);
+  void (*gelu)(const float* x, float* y, int64_t n);
+  void (*softmax)(const float* x, float* y, int64_t rows, int64_t cols);
+  void (*add)(const float* a, const float* b, float* y, int64_t n);
+  // Causal attention of several sequences' query rows over their paged KV caches.
+  void (*attention)(const AttentionArgs* seqs, int n_seqs);
+};
+
+const KernelTable& kernels();
+// The variants this machine can run, best first.
+std::vector<std::string> available_variants();
+// Chooses a variant by name; throws if the CPU cannot run it.
+void set_variant(const std::string& name);
+
+}  // namespace cpu
+}  // namespace llamas

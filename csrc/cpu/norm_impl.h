@@ -1,0 +1,121 @@
+#pragma once
+// Row-wise kernels written once against Vec: layernorm (optionally fused with the residual add),
+// softmax, GELU, add. Rows are split across threads; each row's reduction stays on one thread in
+// a fixed order.
+#include <cmath>
+
+#include "llamas/parallel.h"
+
+namespace {
+
+// Sum of a row with one vector accumulator, then a fixed-order horizontal reduction.
+inline float row_sum(const float* x, int64_t n) {
+  Vec acc = Vec::zero();
+  int64_t i = 0;
+  for (; i + Vec::W <= n; i += Vec::W) acc = acc + Vec::load(x + i);
+  if (i < n) acc = acc + Vec::load_partial(x + i, int(n - i));
+  return acc.reduce_add();
+}
+
+inline void layernorm_row(const float* x, const float* w, const float* b, float* out, int64_t C, float eps) {
+  float mean = row_sum(x, C) / float(C);
+  Vec vmean = Vec::set1(mean);
+  Vec var_acc = Vec::zero();
+  int64_t i = 0;
+  for (; i + Vec::W <= C; i += Vec::W) {
+    Vec d = Vec::load(x + i) - vmean;
+    var_acc = Vec::fma(d, d, var_acc);
+  }
+  if (i < C) {
+    int lanes = int(C - i);
+    Vec d = Vec::select_first(lanes, Vec::load_partial(x + i, lanes) - vmean, Vec::zero());
+    var_acc = Vec::fma(d, d, var_acc);
+  }
+  float var = var_acc.reduce_add() / float(C);
+  Vec rstd = Vec::set1(1.0f / std::sqrt(var + eps));
+  for (i = 0; i + Vec::W <= C; i += Vec::W) {
+    Vec n = (Vec::load(x + i) - vmean) * rstd;
+    Vec::fma(n, Vec::load(w + i), Vec::load(b + i)).store(out + i);
+  }
+  if (i < C) {
+    int lanes = int(C - i);
+    Vec n = (Vec::load_partial(x + i, lanes) - vmean) * rstd;
+    Vec::fma(n, Vec::load_partial(w + i, lanes), Vec::load_partial(b + i, lanes)).store_partial(out + i, lanes);
+  }
+}
+
+void layernorm(const float* x, const float* w, const float* b, float* out, int64_t rows, int64_t C, float eps) {
+  llamas::parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) layernorm_row(x + r * C, w, b, out + r * C, C, eps);
+  });
+}
+
+void residual_layernorm(float* x, const float* delta, const float* w, const float* b, float* out,
+                        int64_t rows, int64_t C, float eps) {
+  llamas::parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* xr = x + r * C;
+      const float* dr = delta + r * C;
+      int64_t i = 0;
+      for (; i + Vec::W <= C; i += Vec::W) (Vec::load(xr + i) + Vec::load(dr + i)).store(xr + i);
+      if (i < C) {
+        int lanes = int(C - i);
+        (Vec::load_partial(xr + i, lanes) + Vec::load_partial(dr + i, lanes)).store_partial(xr + i, lanes);
+      }
+      layernorm_row(xr, w, b, out + r * C, C, eps);
+    }
+  });
+}
+
+void gelu(const float* x, float* y, int64_t n) {
+  llamas::parallel_for(n, 4096, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + Vec::W <= i1; i += Vec::W) vgelu(Vec::load(x + i)).store(y + i);
+    if (i < i1) vgelu(Vec::load_partial(x + i, int(i1 - i))).store_partial(y + i, int(i1 - i));
+  });
+}
+
+void add(const float* a, const float* b, float* y, int64_t n) {
+  llamas::parallel_for(n, 4096, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + Vec::W <= i1; i += Vec::W) (Vec::load(a + i) + Vec::load(b + i)).store(y + i);
+    if (i < i1) {
+      int lanes = int(i1 - i);
+      (Vec::load_partial(a + i, lanes) + Vec::load_partial(b + i, lanes)).store_partial(y + i, lanes);
+    }
+  });
+}
+
+void softmax(const float* x, float* y, int64_t rows, int64_t cols) {
+  llamas::parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * cols;
+      float* yr = y + r * cols;
+      Vec vmax = Vec::set1(-INFINITY);
+      int64_t i = 0;
+      for (; i + Vec::W <= cols; i += Vec::W) vmax = Vec::max(vmax, Vec::load(xr + i));
+      if (i < cols) {
+        int lanes = int(cols - i);
+        vmax = Vec::max(vmax, Vec::select_first(lanes, Vec::load_partial(xr + i, lanes), Vec::set1(-INFINITY)));
+      }
+      Vec m = Vec::set1(vmax.reduce_max());
+      Vec sum = Vec::zero();
+      for (i = 0; i + Vec::W <= cols; i += Vec::W) {
+        Vec e = vexp(Vec::load(xr + i) - m);
+        sum = sum + e;
+        e.store(yr + i);
+      }
+      if (i < cols) {
+        int lanes = int(cols - i);
+        Vec e = Vec::select_first(lanes, vexp(Vec::load_partial(xr + i, lanes) - m), Vec::zero());
+        sum = sum + e;
+        e.store_partial(yr + i, lanes);
+      }
+      Vec inv = Vec::set1(1.0f / sum.reduce_add());
+      for (i = 0; i + Vec::W <= cols; i += Vec::W) (Vec::load(yr + i) * inv).store(yr + i);
+      if (i < cols) (Vec::load_partial(yr + i, int(cols - i)) * inv).store_partial(yr + i, int(cols - i));
+    }
+  });
+}
+
+}  // namespace

@@ -1,0 +1,76 @@
+#include "cpu/reference.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace llamas {
+namespace cpu {
+namespace reference {
+
+static float b_at(const GemmArgs& g, int64_t k, int64_t n) {
+  int64_t idx = g.b_layout == BLayout::KN ? k * g.ldb + n : n * g.ldb + k;
+  if (!g.b_bf16) return static_cast<const float*>(g.B)[idx];
+  uint32_t bits = uint32_t(static_cast<const uint16_t*>(g.B)[idx]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+void gemm(const GemmArgs& g) {
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t n = 0; n < g.N; ++n) {
+      float acc = g.accumulate ? g.C[m * g.ldc + n] : (g.bias ? g.bias[n] : 0.0f);
+      for (int64_t k = 0; k < g.K; ++k) acc = std::fma(g.A[m * g.lda + k], b_at(g, k, n), acc);
+      if (g.gelu) {
+        float u = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
+        acc = 0.5f * acc * (1.0f + std::tanh(u));
+      }
+      g.C[m * g.ldc + n] = acc;
+    }
+}
+
+void attention(const AttentionArgs& a) {
+  const int hd = a.head_dim;
+  for (int64_t t = 0; t < a.n_query; ++t) {
+    const int64_t pos = a.first_pos + t;
+    for (int h = 0; h < a.n_head; ++h) {
+      const float* q = a.q + t * a.q_stride + int64_t(h) * hd;
+      std::vector<float> scores(pos + 1);
+      float max_score = -INFINITY;
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float* kt = a.k_blocks[j / kKvBlockSize] + int64_t(h) * hd * kKvBlockSize + j % kKvBlockSize;
+        float s = 0.f;
+        for (int d = 0; d < hd; ++d) s += q[d] * kt[d * kKvBlockSize];
+        scores[j] = s * a.scale;
+        max_score = std::fmax(max_score, scores[j]);
+      }
+      float total = 0.f;
+      for (auto& s : scores) total += (s = std::exp(s - max_score));
+      float* out = a.out + t * a.out_stride + int64_t(h) * hd;
+      for (int d = 0; d < hd; ++d) out[d] = 0.f;
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float* v = a.v_blocks[j / kKvBlockSize] + (int64_t(h) * kKvBlockSize + j % kKvBlockSize) * hd;
+        for (int d = 0; d < hd; ++d) out[d] += scores[j] / total * v[d];
+      }
+    }
+  }
+}
+
+void layernorm(const float* x, const float* w, const float* b, float* out, int64_t rows, int64_t C, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < C; ++i) mean += xr[i];
+    mean /= double(C);
+    for (int64_t i = 0; i < C; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    var /= double(C);
+    double rstd = 1.0 / std::sqrt(var + eps);
+    for (int64_t i = 0; i < C; ++i) out[r * C + i] = float((xr[i] - mean) * rstd * w[i] + b[i]);
+  }
+}
+
+}  // namespace reference
+}  // namespace cpu
+}  // namespace llamas

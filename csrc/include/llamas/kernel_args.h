@@ -1,0 +1,48 @@
+#pragma once
+// Plain argument structs shared by the ops layer and every backend (raw pointers, no device code).
+#include <cstdint>
+
+namespace llamas {
+
+// How B is stored: (K, N) row-major, as GPT-2's Conv1D weights, or (N, K) row-major, as nn.Linear
+// weights and the tied lm_head (wte). Both give C = A @ B with B viewed as (K, N).
+enum class BLayout : uint8_t { KN, NK };
+
+struct GemmArgs {
+  int64_t M = 0, N = 0, K = 0;
+  const float* A = nullptr;  // (M, K), row stride lda
+  int64_t lda = 0;
+  const void* B = nullptr;   // float32 or bfloat16 (uint16) elements
+  bool b_bf16 = false;
+  BLayout b_layout = BLayout::KN;
+  int64_t ldb = 0;           // row stride of B as stored
+  const float* bias = nullptr;  // (N) or null; ignored when accumulate is set
+  float* C = nullptr;        // (M, N), row stride ldc
+  int64_t ldc = 0;
+  bool accumulate = false;   // C += A @ B instead of C = A @ B + bias
+  bool gelu = false;         // apply GELU (tanh form) to the result
+};
+
+// Every path (small-M streaming, packed blocked, any thread count) computes each C element as one
+// FMA chain over k in ascending order, starting from the bias (or 0, or C). Results are therefore
+// bit-identical across paths, batch sizes and thread counts.
+
+// KV cache blocks hold kKvBlockSize consecutive positions of one sequence, for every head:
+// keys transposed, [head][head_dim][kKvBlockSize] (a register of keys' scores per head_dim
+// step), values as [head][kKvBlockSize][head_dim].
+constexpr int kKvBlockSize = 16;
+
+struct AttentionArgs {
+  int n_head = 0, head_dim = 0;
+  int64_t n_query = 0;      // query rows, at positions first_pos .. first_pos + n_query - 1
+  int64_t first_pos = 0;
+  const float* q = nullptr;  // q[t * q_stride + h * head_dim + d]
+  int64_t q_stride = 0;
+  float* out = nullptr;      // out[t * out_stride + h * head_dim + d]
+  int64_t out_stride = 0;
+  const float* const* k_blocks = nullptr;  // block b holds positions [b*16, b*16+16)
+  const float* const* v_blocks = nullptr;
+  float scale = 1.0f;
+};
+
+}  // namespace llamas

@@ -1,0 +1,39 @@
+#pragma once
+// Per-op profile: time and call count per op kind, collected only while enabled (one relaxed
+// atomic load per op when off).
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace llamas {
+
+struct ProfileEntry {
+  std::string name;
+  int64_t calls = 0;
+  double seconds = 0.0;
+};
+
+void profiler_enable(bool on);
+bool profiler_enabled();
+void profiler_reset();
+std::vector<ProfileEntry> profiler_entries();
+void profiler_record(const char* name, double seconds);
+
+class ProfileScope {
+ public:
+  explicit ProfileScope(const char* name) : name_(profiler_enabled() ? name : nullptr) {
+    if (name_) start_ = std::chrono::steady_clock::now();
+  }
+  ~ProfileScope() {
+    if (name_)
+      profiler_record(name_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+  }
+
+ private:
+  const char* name_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace llamas

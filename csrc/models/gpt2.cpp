@@ -1,0 +1,183 @@
+#include "models/gpt2.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "llamas/error.h"
+#include "llamas/ops.h"
+#include "llamas/profiler.h"
+
+namespace llamas {
+
+Sequence::Sequence(const GPT2Config& c, const SamplingParams& params, uint64_t seed)
+    : cache(int(c.n_layer), int(c.n_head), int(c.n_embd / c.n_head), c.n_positions), sampler(params, seed) {}
+
+GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights) : config_(config), weights_(std::move(weights)) {
+  config_.validate();
+  LLAMAS_CHECK(int64_t(weights_.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights_.layers.size(),
+               " layers, config says ", config_.n_layer);
+}
+
+namespace {
+
+// y = x @ W (+ bias) (GELU) over `rows` rows, W stored (K, N) as Conv1D.
+void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, const Tensor& bias, bool gelu, float* y) {
+  GemmArgs g;
+  g.M = rows, g.K = K, g.N = w.dim(1);
+  g.A = x, g.lda = K;
+  g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16, g.b_layout = BLayout::KN, g.ldb = w.dim(1);
+  g.bias = bias.data<float>();
+  g.C = y, g.ldc = g.N;
+  g.gelu = gelu;
+  ops::gemm(g);
+}
+
+}  // namespace
+
+void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
+  const GPT2Config& c = config_;
+  const int64_t C = c.n_embd, F = c.ffn(), H = c.n_head, hd = C / H, V = c.vocab_size;
+  int64_t R = 0, logit_rows = 0;
+  for (auto& ch : chunks) {
+    LLAMAS_CHECK(ch.n > 0, "gpt2", "a sequence chunk must have at least one token");
+    LLAMAS_CHECK(ch.cache->length() + ch.n <= c.n_positions, "gpt2", "sequence of ", ch.cache->length() + ch.n,
+                 " tokens exceeds the context length ", c.n_positions);
+    for (int64_t i = 0; i < ch.n; ++i)
+      LLAMAS_CHECK(ch.tokens[i] >= 0 && ch.tokens[i] < V, "gpt2", "token id ", ch.tokens[i],
+                   " is out of range [0, ", V, ")");
+    R += ch.n;
+    logit_rows += ch.all_logits ? ch.n : 1;
+  }
+  // Activations for all rows of the step, from the caching allocator (reused every step).
+  Tensor x = Tensor::empty({R, C}, DType::F32);
+  Tensor ln = Tensor::empty({R, C}, DType::F32);
+  Tensor qkv = Tensor::empty({R, 3 * C}, DType::F32);
+  Tensor att = Tensor::empty({R, C}, DType::F32);
+  Tensor delta = Tensor::empty({R, C}, DType::F32);
+  Tensor fc = Tensor::empty({R, F}, DType::F32);
+  Tensor ids = Tensor::empty({R}, DType::I32);
+  std::vector<int64_t> positions(R);
+  std::vector<int64_t> first_row(chunks.size());
+  {
+    int64_t row = 0;
+    for (size_t s = 0; s < chunks.size(); ++s) {
+      first_row[s] = row;
+      const int64_t start = chunks[s].cache->length();
+      chunks[s].cache->reserve(start + chunks[s].n);
+      for (int64_t i = 0; i < chunks[s].n; ++i, ++row) {
+        ids.data<int32_t>()[row] = chunks[s].tokens[i];
+        positions[row] = start + i;
+      }
+    }
+  }
+  ops::embedding(ids.data<int32_t>(), positions.data(), R, weights_.wte, weights_.wpe, x.data<float>());
+
+  std::vector<AttentionArgs> attn(chunks.size());
+  const float scale = 1.0f / std::sqrt(float(hd));
+  float* xd = x.data<float>();
+  float* lnd = ln.data<float>();
+  float* qkvd = qkv.data<float>();
+  float* attd = att.data<float>();
+  float* deltad = delta.data<float>();
+  float* fcd = fc.data<float>();
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const GPT2Layer& w = weights_.layers[l];
+    // The previous layer's MLP output joins the residual stream inside the fused norm.
+    if (l == 0) ops::layernorm_rows(xd, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C, c.layer_norm_epsilon);
+    else ops::residual_layernorm_rows(xd, deltad, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C,
+                                      c.layer_norm_epsilon);
+    linear_rows(lnd, R, C, w.attn_w, w.attn_b, false, qkvd);
+    {
+      ProfileScope scope("kv_cache_write");
+      for (size_t s = 0; s < chunks.size(); ++s)
+        for (int64_t i = 0; i < chunks[s].n; ++i) {
+          const float* row = qkvd + (first_row[s] + i) * 3 * C;
+          chunks[s].cache->write(int(l), positions[first_row[s] + i], row + C, row + 2 * C);
+        }
+    }
+    for (size_t s = 0; s < chunks.size(); ++s) {
+      AttentionArgs& a = attn[s];
+      a.n_head = int(H), a.head_dim = int(hd);
+      a.n_query = chunks[s].n, a.first_pos = positions[first_row[s]];
+      a.q = qkvd + first_row[s] * 3 * C, a.q_stride = 3 * C;
+      a.out = attd + first_row[s] * C, a.out_stride = C;
+      a.k_blocks = chunks[s].cache->key_blocks(int(l));
+      a.v_blocks = chunks[s].cache->value_blocks(int(l));
+      a.scale = scale;
+    }
+    ops::paged_attention(attn.data(), int(attn.size()));
+    linear_rows(attd, R, C, w.attn_proj_w, w.attn_proj_b, false, deltad);
+    ops::residual_layernorm_rows(xd, deltad, w.ln2_w.data<float>(), w.ln2_b.data<float>(), lnd, R, C,
+                                 c.layer_norm_epsilon);
+    linear_rows(lnd, R, C, w.fc_w, w.fc_b, true, fcd);
+    linear_rows(fcd, R, F, w.mlp_proj_w, w.mlp_proj_b, false, deltad);
+  }
+  for (auto& ch : chunks) ch.cache->set_length(ch.cache->length() + ch.n);
+
+  // Final norm only on the rows whose logits are wanted, then the tied lm_head (wte is (V, C)).
+  Tensor hidden = Tensor::empty({logit_rows, C}, DType::F32);
+  Tensor resid = Tensor::empty({logit_rows, C}, DType::F32);
+  {
+    int64_t out_row = 0;
+    for (size_t s = 0; s < chunks.size(); ++s) {
+      int64_t first = chunks[s].all_logits ? 0 : chunks[s].n - 1;
+      for (int64_t i = first; i < chunks[s].n; ++i, ++out_row) {
+        int64_t row = first_row[s] + i;
+        ops::add_into(xd + row * C, deltad + row * C, resid.data<float>() + out_row * C, C);
+      }
+    }
+  }
+  ops::layernorm_rows(resid.data<float>(), weights_.lnf_w.data<float>(), weights_.lnf_b.data<float>(),
+                      hidden.data<float>(), logit_rows, C, c.layer_norm_epsilon);
+  GemmArgs g;
+  g.M = logit_rows, g.N = V, g.K = C;
+  g.A = hidden.data<float>(), g.lda = C;
+  g.B = weights_.wte.raw(), g.b_bf16 = weights_.wte.dtype() == DType::BF16, g.b_layout = BLayout::NK, g.ldb = C;
+  g.C = logits, g.ldc = V;
+  ops::gemm(g);
+}
+
+Tensor GPT2Model::forward(const int32_t* ids, int64_t batch, int64_t T) {
+  LLAMAS_CHECK(batch > 0 && T > 0, "forward", "input must be a non-empty (B, T) array, got (", batch, ", ", T, ")");
+  LLAMAS_CHECK(T <= config_.n_positions, "forward", "sequence length ", T, " exceeds the context length ",
+               config_.n_positions);
+  Tensor logits = Tensor::empty({batch, T, config_.vocab_size}, DType::F32);
+  std::vector<std::unique_ptr<KvCache>> caches;
+  std::vector<Chunk> chunks;
+  for (int64_t b = 0; b < batch; ++b) {
+    caches.emplace_back(new KvCache(int(config_.n_layer), int(config_.n_head), int(config_.n_embd / config_.n_head),
+                                    config_.n_positions));
+    chunks.push_back({caches.back().get(), ids + b * T, T, true});
+  }
+  run_chunks(chunks, logits.data<float>());
+  return logits;
+}
+
+std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> logit_row(entries.size());
+  int64_t rows = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    LLAMAS_CHECK(entries[i].seq != nullptr, "step", "entry ", i, " has no sequence");
+    LLAMAS_CHECK(!entries[i].tokens.empty(), "step", "entry ", i, " has no tokens");
+    for (size_t j = 0; j < i; ++j)
+      LLAMAS_CHECK(entries[j].seq != entries[i].seq, "step", "a sequence appears twice in one step");
+    chunks.push_back({&entries[i].seq->cache, entries[i].tokens.data(), int64_t(entries[i].tokens.size()), false});
+    logit_row[i] = rows++;
+  }
+  Tensor logits = Tensor::empty({rows, config_.vocab_size}, DType::F32);
+  run_chunks(chunks, logits.data<float>());
+  std::vector<int32_t> out(entries.size(), -1);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    Sequence& s = *entries[i].seq;
+    s.tokens.insert(s.tokens.end(), entries[i].tokens.begin(), entries[i].tokens.end());
+    if (!entries[i].sample) continue;
+    if (s.n_prompt < 0) s.n_prompt = int64_t(s.tokens.size());
+    ProfileScope scope("sample");
+    out[i] = s.sampler.sample(logits.data<float>() + logit_row[i] * config_.vocab_size, config_.vocab_size, s.tokens,
+                              s.n_prompt);
+  }
+  return out;
+}
+
+}  // namespace llamas

@@ -1,0 +1,283 @@
+// The one dispatch point: each op validates its arguments, records a profile entry, and calls the
+// backend for the tensors' device.
+#include "llamas/ops.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/kernel_table.h"
+#include "llamas/cuda.h"
+#include "llamas/error.h"
+#include "llamas/parallel.h"
+#include "llamas/profiler.h"
+
+namespace llamas {
+namespace ops {
+namespace {
+
+void require_f32(const Tensor& t, const char* op, const char* what) {
+  LLAMAS_CHECK(t.defined(), op, what, " is missing");
+  LLAMAS_CHECK(t.dtype() == DType::F32, op, what, " must be float32, got ", t.describe());
+}
+
+void require_cpu(const Tensor& t, const char* op) {
+  if (t.device() != Device::CPU) cuda_unavailable(op);
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7F800000) == 0x7F800000 && (bits & 0x7FFFFF)) return uint16_t((bits >> 16) | 0x40);  // NaN
+  uint32_t rounding = 0x7FFF + ((bits >> 16) & 1);  // round to nearest, ties to even
+  return uint16_t((bits + rounding) >> 16);
+}
+
+}  // namespace
+
+Tensor cast(const Tensor& src, DType dtype) {
+  ProfileScope scope("cast");
+  require_cpu(src, "cast");
+  LLAMAS_CHECK((src.dtype() == DType::F32 || src.dtype() == DType::BF16) && (dtype == DType::F32 || dtype == DType::BF16),
+               "cast", "only float32 <-> bfloat16 casts are supported, got ", src.describe(), " to ", dtype_name(dtype));
+  if (src.dtype() == dtype) return src;
+  Tensor dst = Tensor::empty(src.shape(), dtype);
+  const int64_t n = src.numel();
+  if (dtype == DType::BF16) {
+    const float* s = src.data<float>();
+    uint16_t* d = dst.data<uint16_t>();
+    parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) d[i] = float_to_bf16(s[i]);
+    });
+  } else {
+    const uint16_t* s = src.data<uint16_t>();
+    float* d = dst.data<float>();
+    parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        uint32_t bits = uint32_t(s[i]) << 16;
+        std::memcpy(&d[i], &bits, 4);
+      }
+    });
+  }
+  return dst;
+}
+
+
+void gemm(const GemmArgs& args, Device device) {
+  ProfileScope scope("gemm");
+  if (device != Device::CPU) cuda_unavailable("gemm");
+  cpu::kernels().gemm(args);
+}
+
+Tensor linear(const Tensor& x, const Tensor& w, BLayout layout, const Tensor* bias, bool gelu) {
+  require_f32(x, "linear", "input");
+  require_cpu(x, "linear");
+  LLAMAS_CHECK(x.ndim() == 2, "linear", "input must be 2-D (M, K), got ", x.describe());
+  LLAMAS_CHECK(w.ndim() == 2 && (w.dtype() == DType::F32 || w.dtype() == DType::BF16), "linear",
+               "weight must be a 2-D float32 or bfloat16 matrix, got ", w.describe());
+  int64_t M = x.dim(0), K = x.dim(1);
+  int64_t wk = layout == BLayout::KN ? w.dim(0) : w.dim(1);
+  int64_t N = layout == BLayout::KN ? w.dim(1) : w.dim(0);
+  LLAMAS_CHECK(wk == K, "linear", "input has ", K, " features but the weight expects ", wk,
+               " (weight ", w.describe(), ")");
+  if (bias) {
+    require_f32(*bias, "linear", "bias");
+    LLAMAS_CHECK(bias->numel() == N, "linear", "bias must have ", N, " elements, got ", bias->describe());
+  }
+  Tensor out = Tensor::empty({M, N}, DType::F32);
+  GemmArgs g;
+  g.M = M, g.N = N, g.K = K;
+  g.A = x.data<float>(), g.lda = K;
+  g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16, g.b_layout = layout, g.ldb = w.dim(1);
+  g.bias = bias ? bias->data<float>() : nullptr;
+  g.C = out.data<float>(), g.ldc = N;
+  g.gelu = gelu;
+  gemm(g, x.device());
+  return out;
+}
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  require_f32(a, "matmul", "a");
+  require_f32(b, "matmul", "b");
+  LLAMAS_CHECK(a.ndim() == 2 && b.ndim() == 2, "matmul", "expects 2-D arrays, got ", a.describe(), " and ",
+               b.describe());
+  LLAMAS_CHECK(a.dim(1) == b.dim(0), "matmul", "inner dimensions differ: ", a.describe(), " @ ", b.describe());
+  return linear(a, b, BLayout::KN, nullptr, false);
+}
+
+void layernorm_rows(const float* x, const float* w, const float* b, float* out, int64_t rows, int64_t C,
+                    float eps, Device device) {
+  ProfileScope scope("layernorm");
+  if (device != Device::CPU) cuda_unavailable("layernorm");
+  cpu::kernels().layernorm(x, w, b, out, rows, C, eps);
+}
+
+void residual_layernorm_rows(float* x, const float* delta, const float* w, const float* b, float* out,
+                             int64_t rows, int64_t C, float eps, Device device) {
+  ProfileScope scope("residual_layernorm");
+  if (device != Device::CPU) cuda_unavailable("residual_layernorm");
+  cpu::kernels().residual_layernorm(x, delta, w, b, out, rows, C, eps);
+}
+
+static void check_norm_params(const Tensor& x, const Tensor& w, const Tensor& b, const char* op) {
+  require_f32(x, op, "input");
+  require_f32(w, op, "weight");
+  require_f32(b, op, "bias");
+  require_cpu(x, op);
+  LLAMAS_CHECK(x.ndim() >= 1, op, "input must have at least 1 dimension");
+  int64_t C = x.dim(-1);
+  LLAMAS_CHECK(C > 0, op, "last dimension must be positive");
+  LLAMAS_CHECK(w.numel() == C && b.numel() == C, op, "weight and bias must have ", C, " elements, got ",
+               w.describe(), " and ", b.describe());
+}
+
+Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps) {
+  check_norm_params(x, w, b, "layernorm");
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  int64_t C = x.dim(-1);
+  layernorm_rows(x.data<float>(), w.data<float>(), b.data<float>(), out.data<float>(), x.numel() / C, C, eps);
+  return out;
+}
+
+Tensor residual_layernorm(Tensor& x, const Tensor& delta, const Tensor& w, const Tensor& b, float eps) {
+  check_norm_params(x, w, b, "residual_layernorm");
+  require_f32(delta, "residual_layernorm", "delta");
+  LLAMAS_CHECK(delta.shape() == x.shape(), "residual_layernorm", "delta ", delta.describe(),
+               " must match the residual ", x.describe());
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  int64_t C = x.dim(-1);
+  residual_layernorm_rows(x.data<float>(), delta.data<float>(), w.data<float>(), b.data<float>(),
+                          out.data<float>(), x.numel() / C, C, eps);
+  return out;
+}
+
+Tensor gelu(const Tensor& x) {
+  ProfileScope scope("gelu");
+  require_f32(x, "gelu", "input");
+  require_cpu(x, "gelu");
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  cpu::kernels().gelu(x.data<float>(), out.data<float>(), x.numel());
+  return out;
+}
+
+Tensor softmax(const Tensor& x) {
+  ProfileScope scope("softmax");
+  require_f32(x, "softmax", "input");
+  require_cpu(x, "softmax");
+  LLAMAS_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "softmax", "needs a non-empty last dimension, got ", x.describe());
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  int64_t cols = x.dim(-1);
+  cpu::kernels().softmax(x.data<float>(), out.data<float>(), x.numel() / cols, cols);
+  return out;
+}
+
+void add_into(const float* a, const float* b, float* y, int64_t n, Device device) {
+  ProfileScope scope("add");
+  if (device != Device::CPU) cuda_unavailable("add");
+  cpu::kernels().add(a, b, y, n);
+}
+
+void paged_attention(const AttentionArgs* seqs, int n_seqs, Device device) {
+  ProfileScope scope("attention");
+  if (device != Device::CPU) cuda_unavailable("attention");
+  for (int s = 0; s < n_seqs; ++s) {
+    LLAMAS_CHECK(seqs[s].head_dim > 0 && seqs[s].head_dim <= 256, "attention",
+                 "head_dim must be in [1, 256], got ", seqs[s].head_dim);
+  }
+  cpu::kernels().attention(seqs, n_seqs);
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const char* op = "attention";
+  require_f32(q, op, "q");
+  require_f32(k, op, "k");
+  require_f32(v, op, "v");
+  require_cpu(q, op);
+  LLAMAS_CHECK(q.ndim() == 4, op, "q must be (B, H, T, D), got ", q.describe());
+  LLAMAS_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), op, "q, k, v shapes differ: ", q.describe(),
+               ", ", k.describe(), ", ", v.describe());
+  const int64_t B = q.dim(0), H = q.dim(1), T = q.dim(2), D = q.dim(3);
+  LLAMAS_CHECK(D >= 1 && D <= 256, op, "head dimension must be in [1, 256], got ", D);
+  Tensor out = Tensor::empty(q.shape(), DType::F32);
+  if (B * H * T == 0) return out;
+  const int64_t n_blocks = (T + kKvBlockSize - 1) / kKvBlockSize;
+  const int64_t block_floats = H * D * kKvBlockSize;
+  // Re-lay q and out as (T, H*D) rows and k, v as paged blocks, per batch element.
+  Tensor qrows = Tensor::empty({B, T, H * D}, DType::F32);
+  Tensor orows = Tensor::empty({B, T, H * D}, DType::F32);
+  Tensor kblocks = Tensor::zeros({B, n_blocks, block_floats}, DType::F32);
+  Tensor vblocks = Tensor::zeros({B, n_blocks, block_floats}, DType::F32);
+  std::vector<const float*> kptr(B * n_blocks), vptr(B * n_blocks);
+  std::vector<AttentionArgs> args(B);
+  const float* qd = q.data<float>();
+  const float* kd = k.data<float>();
+  const float* vd = v.data<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* qr = qrows.data<float>() + b * T * H * D;
+    float* kb = kblocks.data<float>() + b * n_blocks * block_floats;
+    float* vb = vblocks.data<float>() + b * n_blocks * block_floats;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t src = ((b * H + h) * T + t) * D;
+        float* kblk = kb + (t / kKvBlockSize) * block_floats;
+        float* vblk = vb + (t / kKvBlockSize) * block_floats;
+        const int64_t slot = t % kKvBlockSize;
+        for (int64_t d = 0; d < D; ++d) {
+          qr[t * H * D + h * D + d] = qd[src + d];
+          kblk[(h * D + d) * kKvBlockSize + slot] = kd[src + d];
+          vblk[(h * kKvBlockSize + slot) * D + d] = vd[src + d];
+        }
+      }
+    for (int64_t i = 0; i < n_blocks; ++i) {
+      kptr[b * n_blocks + i] = kb + i * block_floats;
+      vptr[b * n_blocks + i] = vb + i * block_floats;
+    }
+    AttentionArgs& a = args[b];
+    a.n_head = int(H), a.head_dim = int(D);
+    a.n_query = T, a.first_pos = 0;
+    a.q = qr, a.q_stride = H * D;
+    a.out = orows.data<float>() + b * T * H * D, a.out_stride = H * D;
+    a.k_blocks = kptr.data() + b * n_blocks;
+    a.v_blocks = vptr.data() + b * n_blocks;
+    a.scale = 1.0f / std::sqrt(float(D));
+  }
+  paged_attention(args.data(), int(B));
+  float* od = out.data<float>();
+  const float* orw = orows.data<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(od + ((b * H + h) * T + t) * D, orw + (b * T + t) * H * D + h * D, D * sizeof(float));
+  return out;
+}
+
+void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Tensor& wte, const Tensor& wpe,
+               float* out) {
+  ProfileScope scope("embedding");
+  require_cpu(wte, "embedding");
+  const int64_t V = wte.dim(0), C = wte.dim(1), P = wpe.dim(0);
+  auto load_row = [&](const Tensor& table, int64_t row, float* dst, bool add) {
+    if (table.dtype() == DType::F32) {
+      const float* src = table.data<float>() + row * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = add ? dst[c] + src[c] : src[c];
+    } else {
+      const uint16_t* src = table.data<uint16_t>() + row * C;
+      for (int64_t c = 0; c < C; ++c) {
+        uint32_t bits = uint32_t(src[c]) << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        dst[c] = add ? dst[c] + f : f;
+      }
+    }
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    LLAMAS_CHECK(ids[i] >= 0 && ids[i] < V, "embedding", "token id ", ids[i], " is out of range [0, ", V, ")");
+    LLAMAS_CHECK(positions[i] >= 0 && positions[i] < P, "embedding", "position ", positions[i],
+                 " is beyond the context length ", P);
+    load_row(wte, ids[i], out + i * C, false);
+    load_row(wpe, positions[i], out + i * C, true);
+  }
+}
+
+}  // namespace ops
+}  // namespace llamas

@@ -1,0 +1,96 @@
+// llamas._C.GPT2Model and llamas._C.Sequence.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "llamas/error.h"
+#include "models/gpt2.h"
+#include "python/convert.h"
+
+namespace llamas {
+namespace python {
+
+static GPT2Config config_from_dict(const py::dict& d) {
+  GPT2Config c;
+  auto get_int = [&](const char* key, int64_t& field) {
+    if (!d.contains(key) || d[key].is_none()) return;
+    py::object v = d[key];
+    if (!py::isinstance<py::int_>(v) || py::isinstance<py::bool_>(v))
+      fail("gpt2_config", "'", key, "' must be an integer, got ", std::string(py::str(v)));
+    field = v.cast<int64_t>();
+  };
+  get_int("vocab_size", c.vocab_size);
+  get_int("n_positions", c.n_positions);
+  get_int("n_embd", c.n_embd);
+  get_int("n_layer", c.n_layer);
+  get_int("n_head", c.n_head);
+  get_int("n_inner", c.n_inner);
+  if (d.contains("layer_norm_epsilon") && !d["layer_norm_epsilon"].is_none())
+    c.layer_norm_epsilon = d["layer_norm_epsilon"].cast<float>();
+  c.validate();
+  return c;
+}
+
+static DType model_dtype(const std::string& name) {
+  if (name == "float32") return DType::F32;
+  if (name == "bfloat16") return DType::BF16;
+  fail("load", "dtype must be 'float32' or 'bfloat16', got '", name, "'");
+}
+
+void init_model(py::module_& m) {
+  py::class_<Sequence>(m, "Sequence", "One sequence being generated: KV cache, tokens so far, sampler.")
+      .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
+                       float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed) {
+             SamplingParams p;
+             p.temperature = temperature, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
+             p.repetition_penalty = repetition_penalty;
+             p.presence_penalty = presence_penalty, p.frequency_penalty = frequency_penalty;
+             return new Sequence(config_from_dict(config), p, seed);
+           }),
+           py::arg("config"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+           py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
+           py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0)
+      .def_property_readonly("length", [](const Sequence& s) { return s.cache.length(); })
+      .def_property_readonly("kv_blocks", [](const Sequence& s) { return s.cache.blocks(); })
+      .def_property_readonly("tokens", [](const Sequence& s) { return s.tokens; })
+      .def("release", [](Sequence& s) { s.cache.clear(); }, "Frees the KV cache now.");
+
+  py::class_<GPT2Model>(m, "GPT2Model")
+      .def(py::init([](const py::dict& config, const std::string& weights_path, const std::string& dtype) {
+             GPT2Config c = config_from_dict(config);
+             DType dt = model_dtype(dtype);
+             py::gil_scoped_release release;
+             return new GPT2Model(c, load_gpt2_weights(weights_path, c, dt));
+           }),
+           py::arg("config"), py::arg("weights_path"), py::arg("dtype") = "float32")
+      .def_property_readonly("weight_bytes", [](const GPT2Model& m) { return m.weights().bytes(); })
+      .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
+      .def("forward", [](GPT2Model& model, IntArray ids) {
+        LLAMAS_CHECK(ids.ndim() == 2, "forward", "ids must be a 2-D (B, T) integer array, got ", ids.ndim(), " dims");
+        Tensor out;
+        {
+          py::gil_scoped_release release;
+          out = model.forward(ids.data(), ids.shape(0), ids.shape(1));
+        }
+        return to_numpy(out);
+      }, py::arg("ids"))
+      .def("step", [](GPT2Model& model, const py::list& entries) {
+        std::vector<StepEntry> steps;
+        std::vector<py::object> keep;  // sequences stay alive while the GIL is released
+        for (py::handle h : entries) {
+          py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+          LLAMAS_CHECK(t.size() == 3, "step", "each entry is (sequence, token ids, sample)");
+          StepEntry e;
+          keep.push_back(py::reinterpret_borrow<py::object>(t[0]));
+          e.seq = t[0].cast<Sequence*>();
+          e.tokens = t[1].cast<std::vector<int32_t>>();
+          e.sample = t[2].cast<bool>();
+          steps.push_back(std::move(e));
+        }
+        py::gil_scoped_release release;
+        return model.step(steps);
+      }, py::arg("entries"),
+      "Feeds each (sequence, ids, sample) entry in one batched forward; returns the sampled ids (-1 if not sampled).");
+}
+
+}  // namespace python
+}  // namespace llamas

@@ -1,0 +1,108 @@
+// llamas._C.ops: the CPU kernels on numpy arrays, for tests and benchmarks.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu/reference.h"
+#include "llamas/error.h"
+#include "llamas/ops.h"
+#include "python/convert.h"
+
+#include <cstring>
+#include <optional>
+
+namespace llamas {
+namespace python {
+
+// Runs f (which returns a Tensor) without the GIL, then hands the result to numpy without a copy.
+template <typename F>
+py::array_t<float> without_gil(F&& f) {
+  Tensor t;
+  {
+    py::gil_scoped_release release;
+    t = f();
+  }
+  return to_numpy(t);
+}
+
+static DType parse_dtype(const std::string& name, const char* op) {
+  if (name == "float32") return DType::F32;
+  if (name == "bfloat16") return DType::BF16;
+  fail(op, "dtype must be 'float32' or 'bfloat16', got '", name, "'");
+}
+
+static BLayout parse_layout(const std::string& name) {
+  if (name == "in_out") return BLayout::KN;
+  if (name == "out_in") return BLayout::NK;
+  fail("linear", "weight_layout must be 'in_out' (K, N) or 'out_in' (N, K), got '", name, "'");
+}
+
+void init_ops(py::module_& m) {
+  py::module_ ops = m.def_submodule("ops", "CPU kernels on numpy float32 arrays");
+  ops.def("matmul", [](FloatArray a, FloatArray b) {
+    Tensor ta = view_of(a), tb = view_of(b);
+    return without_gil([&] { return ops::matmul(ta, tb); });
+  }, py::arg("a"), py::arg("b"), "a @ b for float32 (M, K) and (K, N) arrays.");
+
+  ops.def("linear", [](FloatArray x, FloatArray w, std::optional<FloatArray> bias, bool gelu,
+                       const std::string& weight_layout, const std::string& weight_dtype) {
+    BLayout layout = parse_layout(weight_layout);
+    DType wd = parse_dtype(weight_dtype, "linear");
+    Tensor tx = view_of(x), tw = ops::cast(view_of(w), wd);
+    Tensor tb = bias ? view_of(*bias) : Tensor();
+    return without_gil([&] { return ops::linear(tx, tw, layout, bias ? &tb : nullptr, gelu); });
+  }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("gelu") = false,
+     py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32",
+     "x @ w (+ bias) (then GELU). weight_layout 'in_out' is w (K, N) like GPT-2's Conv1D, 'out_in' is "
+     "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first.");
+
+  ops.def("layernorm", [](FloatArray x, FloatArray w, FloatArray b, float eps) {
+    Tensor tx = view_of(x), tw = view_of(w), tb = view_of(b);
+    return without_gil([&] { return ops::layernorm(tx, tw, tb, eps); });
+  }, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps") = 1e-5f, "Layer norm over the last dimension.");
+
+  ops.def("residual_layernorm", [](FloatArray x, FloatArray delta, FloatArray w, FloatArray b, float eps) {
+    Tensor tx = ops::cast(view_of(x), DType::F32);
+    Tensor copy = Tensor::empty(tx.shape(), DType::F32);
+    std::memcpy(copy.raw(), tx.raw(), tx.nbytes());
+    Tensor td = view_of(delta), tw = view_of(w), tb = view_of(b);
+    Tensor out;
+    {
+      py::gil_scoped_release release;
+      out = ops::residual_layernorm(copy, td, tw, tb, eps);
+    }
+    return py::make_tuple(to_numpy(copy), to_numpy(out));
+  }, py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("bias"), py::arg("eps") = 1e-5f,
+     "Returns (x + delta, layernorm(x + delta)).");
+
+  ops.def("gelu", [](FloatArray x) {
+    Tensor t = view_of(x);
+    return without_gil([&] { return ops::gelu(t); });
+  }, py::arg("x"), "GELU, tanh approximation (GPT-2's gelu_new).");
+
+  ops.def("softmax", [](FloatArray x) {
+    Tensor t = view_of(x);
+    return without_gil([&] { return ops::softmax(t); });
+  }, py::arg("x"), "Softmax over the last dimension.");
+
+  ops.def("attention", [](FloatArray q, FloatArray k, FloatArray v) {
+    Tensor tq = view_of(q), tk = view_of(k), tv = view_of(v);
+    return without_gil([&] { return ops::attention(tq, tk, tv); });
+  }, py::arg("q"), py::arg("k"), py::arg("v"),
+     "Causal scaled dot-product attention on (B, H, T, D) arrays (the fused, tiled kernel).");
+
+  ops.def("reference_matmul", [](FloatArray a, FloatArray b) {
+    LLAMAS_CHECK(a.ndim() == 2 && b.ndim() == 2 && a.shape(1) == b.shape(0), "reference_matmul", "bad shapes");
+    Tensor out = Tensor::empty({a.shape(0), b.shape(1)}, DType::F32);
+    GemmArgs g;
+    g.M = a.shape(0), g.K = a.shape(1), g.N = b.shape(1);
+    g.A = a.data(), g.lda = g.K, g.B = b.data(), g.ldb = g.N, g.C = out.data<float>(), g.ldc = g.N;
+    return without_gil([&] {
+      cpu::reference::gemm(g);
+      return out;
+    });
+  }, py::arg("a"), py::arg("b"), "The plain reference GEMM (one fma chain per element).");
+
+}
+
+}  // namespace python
+}  // namespace llamas

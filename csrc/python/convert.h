@@ -1,0 +1,34 @@
+#pragma once
+// numpy <-> Tensor conversion for the bindings: inputs are zero-copy views of C-contiguous arrays
+// (others are copied once by numpy), outputs hand the Tensor's storage to numpy without a copy.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "llamas/tensor.h"
+
+namespace llamas {
+namespace python {
+
+namespace py = pybind11;
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+inline std::vector<int64_t> shape_of(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// A view of the array's memory; the caller keeps the array alive while the tensor is used.
+inline Tensor view_of(const FloatArray& a) {
+  return Tensor::view_external(const_cast<float*>(a.data()), shape_of(a), DType::F32, nullptr);
+}
+
+inline py::array_t<float> to_numpy(const Tensor& t) {
+  auto* keep = new Tensor(t);
+  py::capsule owner(keep, [](void* p) { delete static_cast<Tensor*>(p); });
+  std::vector<py::ssize_t> shape(t.shape().begin(), t.shape().end());
+  return py::array_t<float>(shape, t.data<float>(), owner);
+}
+
+}  // namespace python
+}  // namespace llamas

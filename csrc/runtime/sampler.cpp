@@ -1,0 +1,135 @@
+#include "runtime/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <unordered_map>
+
+#include "llamas/error.h"
+
+namespace llamas {
+
+void SamplingParams::validate() const {
+  const char* op = "sampling";
+  LLAMAS_CHECK(std::isfinite(temperature) && temperature >= 0.0f && temperature <= 100.0f, op,
+               "temperature must be a finite number in [0, 100], got ", temperature);
+  LLAMAS_CHECK(top_k >= 0, op, "top_k must be >= 0, got ", top_k);
+  LLAMAS_CHECK(std::isfinite(top_p) && top_p > 0.0f && top_p <= 1.0f, op, "top_p must be in (0, 1], got ", top_p);
+  LLAMAS_CHECK(std::isfinite(min_p) && min_p >= 0.0f && min_p <= 1.0f, op, "min_p must be in [0, 1], got ", min_p);
+  LLAMAS_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f && repetition_penalty <= 100.0f, op,
+               "repetition_penalty must be in (0, 100], got ", repetition_penalty);
+  LLAMAS_CHECK(std::isfinite(presence_penalty) && std::fabs(presence_penalty) <= 2.0f, op,
+               "presence_penalty must be in [-2, 2], got ", presence_penalty);
+  LLAMAS_CHECK(std::isfinite(frequency_penalty) && std::fabs(frequency_penalty) <= 2.0f, op,
+               "frequency_penalty must be in [-2, 2], got ", frequency_penalty);
+}
+
+static uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+Sampler::Sampler(const SamplingParams& params, uint64_t seed) : params_(params) {
+  params_.validate();
+  for (auto& s : state_) s = splitmix64(seed);
+}
+
+float Sampler::next_uniform() {
+  auto rotl = [](uint64_t x, int k) { return (x << k) | (x >> (64 - k)); };
+  uint64_t result = rotl(state_[1] * 5, 7) * 9;
+  uint64_t t = state_[1] << 17;
+  state_[2] ^= state_[0];
+  state_[3] ^= state_[1];
+  state_[1] ^= state_[2];
+  state_[0] ^= state_[3];
+  state_[2] ^= t;
+  state_[3] = rotl(state_[3], 45);
+  return float(result >> 40) * (1.0f / 16777216.0f);  // 24 random bits in [0, 1)
+}
+
+int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
+  const SamplingParams& p = params_;
+  if (p.repetition_penalty != 1.0f) {
+    std::vector<int32_t> seen(context);
+    std::sort(seen.begin(), seen.end());
+    seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+    for (int32_t t : seen) {
+      if (t < 0 || t >= vocab) continue;
+      float& l = logits[t];
+      l = l < 0 ? l * p.repetition_penalty : l / p.repetition_penalty;
+    }
+  }
+  if (p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
+    std::unordered_map<int32_t, int> counts;
+    for (size_t i = size_t(n_prompt); i < context.size(); ++i) counts[context[i]]++;
+    for (auto& kv : counts)
+      if (kv.first >= 0 && kv.first < vocab)
+        logits[kv.first] -= p.presence_penalty + p.frequency_penalty * float(kv.second);
+  }
+  if (p.temperature == 0.0f || p.top_k == 1) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < vocab; ++i)
+      if (logits[i] > logits[best]) best = i;
+    return int32_t(best);
+  }
+  // Candidates ordered by logit (descending, lower id first on ties) as far as needed.
+  std::vector<int32_t> ids(vocab);
+  for (int64_t i = 0; i < vocab; ++i) ids[i] = int32_t(i);
+  auto better = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  int64_t n = vocab;
+  if (p.top_k > 0 && p.top_k < vocab) {
+    std::nth_element(ids.begin(), ids.begin() + p.top_k, ids.end(), better);
+    n = p.top_k;
+  }
+  float max_logit = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits[ids[i]]);
+  const float inv_t = 1.0f / p.temperature;
+  std::vector<double> probs(n);
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    probs[i] = std::exp(double(logits[ids[i]] - max_logit) * inv_t);
+    total += probs[i];
+  }
+  // min-p: keep tokens with p >= min_p * p_max (p_max's unnormalised weight is exp(0) = 1).
+  if (p.min_p > 0.0f) {
+    int64_t kept = 0;
+    total = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      if (probs[i] >= double(p.min_p)) {
+        ids[kept] = ids[i];
+        probs[kept] = probs[i];
+        total += probs[kept++];
+      }
+    n = kept;
+  }
+  std::vector<int32_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
+  if (p.top_p < 1.0f) {
+    // Sort only as many of the best candidates as the nucleus needs: 64, then 4x more.
+    int64_t sorted = 0;
+    double mass = 0.0;
+    auto by_prob = [&](int32_t a, int32_t b) { return probs[a] > probs[b] || (probs[a] == probs[b] && ids[a] < ids[b]); };
+    for (int64_t want = std::min<int64_t>(64, n);; want = std::min<int64_t>(want * 4, n)) {
+      std::partial_sort(order.begin() + sorted, order.begin() + want, order.end(), by_prob);
+      int64_t i = sorted;
+      for (; i < want; ++i) {
+        mass += probs[order[i]];
+        if (mass >= double(p.top_p) * total) { ++i; break; }
+      }
+      sorted = want;
+      if (mass >= double(p.top_p) * total || want == n) { n = i; break; }
+    }
+    total = 0.0;
+    for (int64_t i = 0; i < n; ++i) total += probs[order[i]];
+  }
+  double u = double(next_uniform()) * total;
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += probs[order[i]];
+    if (u < acc) return ids[order[i]];
+  }
+  return ids[order[n - 1]];
+}
+
+}  // namespace llamas

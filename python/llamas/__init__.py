@@ -1,0 +1,48 @@
+"""llamas: an operating system for large language models.
+
+A hand-written C++ engine (AVX-512/AVX2 kernels chosen at run time) that runs and trains
+transformer language models, under a thin Python API:
+
+    import llamas
+    model = llamas.load("path/to/gpt2-folder")
+    print(model.generate("Hello, my name is", max_new_tokens=20))
+"""
+from . import _C
+from ._C import (
+    LlamasError,
+    cuda_available,
+    get_num_threads,
+    set_num_threads,
+)
+from . import ops
+from .config import GPT2Config
+from .model import Model, load
+from .profile import profile
+
+__version__ = "0.1.0"
+
+
+def memory_stats() -> dict:
+    """Caching allocator statistics: bytes in use, peak, cached, reserved, allocation and hit
+    counts, and KV-cache blocks in use."""
+    return dict(_C.memory_stats())
+
+
+def info() -> dict:
+    """Version, CPU, kernel variant, threads and CUDA availability."""
+    features = _C.cpu_features()
+    return {
+        "version": __version__,
+        "cpu": _C.cpu_name(),
+        "cpu_features": [name for name, on in features.items() if on],
+        "kernel_variant": _C.kernel_variant(),
+        "available_kernel_variants": list(_C.available_kernel_variants()),
+        "threads": _C.get_num_threads(),
+        "cuda_available": _C.cuda_available(),
+    }
+
+
+__all__ = [
+    "GPT2Config", "LlamasError", "Model", "cuda_available", "get_num_threads", "info", "load",
+    "memory_stats", "ops", "profile", "set_num_threads",
+]

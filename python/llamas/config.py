@@ -1,0 +1,92 @@
+"""Model configurations, read from and written to Hugging Face config.json files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+from ._C import LlamasError
+
+_SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+@dataclasses.dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def num_parameters(self) -> int:
+        c, f = self.n_embd, self.n_inner or 4 * self.n_embd
+        per_layer = 4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c)
+        return self.vocab_size * c + self.n_positions * c + self.n_layer * per_layer + 2 * c
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LlamasError(f"[config] {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise LlamasError(f"[config] n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in _SUPPORTED_ACTIVATIONS:
+            raise LlamasError(
+                f"[config] activation_function {self.activation_function!r} is not supported "
+                f"(GPT-2 uses the tanh GELU: {', '.join(_SUPPORTED_ACTIVATIONS)})")
+
+    def to_native(self) -> dict:
+        return {
+            "vocab_size": self.vocab_size, "n_positions": self.n_positions, "n_embd": self.n_embd,
+            "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": self.n_inner or 0,
+            "layer_norm_epsilon": float(self.layer_norm_epsilon),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPT2Config":
+        model_type = d.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise LlamasError(f"[config] unknown model_type {model_type!r}: this version of llamas runs 'gpt2'")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in fields and v is not None}
+        # Older configs spell the context length n_ctx.
+        if "n_positions" not in kwargs and isinstance(d.get("n_ctx"), int):
+            kwargs["n_positions"] = d["n_ctx"]
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_file(cls, path: str) -> "GPT2Config":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise LlamasError(f"[load] {path} not found: a model folder needs config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LlamasError(f"[load] {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise LlamasError(f"[load] {path} must hold a JSON object")
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
+            raise LlamasError(f"[load] {path}: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_ctx": self.n_positions})
+        return d
+
+    def save(self, folder: str) -> None:
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)

@@ -1,0 +1,248 @@
+"""Model loading and generation."""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _C
+from ._C import LlamasError
+from .config import GPT2Config
+from .streaming import TextStream
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+def _check_number(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LlamasError(f"[generate] {name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise LlamasError(f"[generate] {name} must be in {bracket}{low}, {high}], got {value}")
+    return value
+
+
+class SamplingOptions:
+    """Validated sampling parameters (shared by Model.generate, the CLI and the server)."""
+
+    def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                 presence_penalty=0.0, frequency_penalty=0.0, seed=None):
+        self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
+        self.top_k = top_k
+        self.top_p = _check_number("top_p", top_p, 0.0, 1.0, low_open=True)
+        self.min_p = _check_number("min_p", min_p, 0.0, 1.0)
+        self.repetition_penalty = _check_number("repetition_penalty", repetition_penalty, 0.0, 100.0, low_open=True)
+        self.presence_penalty = _check_number("presence_penalty", presence_penalty, -2.0, 2.0)
+        self.frequency_penalty = _check_number("frequency_penalty", frequency_penalty, -2.0, 2.0)
+        if seed is None:
+            seed = secrets.randbits(63)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise LlamasError(f"[generate] seed must be a non-negative integer, got {seed!r}")
+        self.seed = seed & ((1 << 64) - 1)
+
+
+class Model:
+    """A loaded model: `generate`, `forward`, `config`, `tokenizer`."""
+
+    def __init__(self, native, config: GPT2Config, tokenizer: Optional[Tokenizer], path: Optional[str]):
+        self._native = native
+        self.config = config
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def dtype(self) -> str:
+        return self._native.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._native.weight_bytes
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model(gpt2, {c.num_parameters() / 1e6:.1f}M params, n_layer={c.n_layer}, n_embd={c.n_embd}, "
+                f"n_head={c.n_head}, vocab={c.vocab_size}, dtype={self.dtype}, path={self.path!r})")
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, ids) -> np.ndarray:
+        """Logits for every position: int (B, T) -> float32 (B, T, vocab)."""
+        arr = np.asarray(ids)
+        if arr.ndim == 1:
+            raise LlamasError(f"[forward] ids must be 2-D (B, T); got shape {arr.shape} (wrap a single sequence in a list)")
+        if arr.ndim != 2 or arr.size == 0:
+            raise LlamasError(f"[forward] ids must be a non-empty 2-D (B, T) array, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise LlamasError(f"[forward] ids must be integers, got dtype {arr.dtype}")
+        self._check_ids(arr.reshape(-1).tolist(), "forward")
+        return self._native.forward(np.ascontiguousarray(arr, dtype=np.int32))
+
+    def _check_ids(self, ids: Sequence[int], op: str) -> None:
+        if len(ids) == 0:
+            raise LlamasError(f"[{op}] empty prompt: give at least one token")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise LlamasError(f"[{op}] token id {bad} is out of range [0, {self.config.vocab_size})")
+        if len(ids) > self.config.n_positions:
+            raise LlamasError(f"[{op}] prompt has {len(ids)} tokens but the context length is {self.config.n_positions}")
+
+    # ---- generation --------------------------------------------------------------------------
+    def _encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LlamasError("[generate] this model has no tokenizer; pass token ids instead of text")
+            if prompt == "":
+                raise LlamasError("[generate] empty prompt: give at least one character")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            try:
+                ids = [int(i) for i in prompt]
+            except (TypeError, ValueError):
+                raise LlamasError("[generate] a prompt is a str or a list of int token ids") from None
+            if any(isinstance(i, bool) for i in prompt):
+                raise LlamasError("[generate] token ids must be ints, not bools")
+        self._check_ids(ids, "generate")
+        return ids
+
+    def generate(self, prompt: Union[Prompt, list], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+                 stream: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
+        """Generates a continuation.
+
+        A str prompt returns the generated str; a list of token ids returns the generated ids;
+        a list of str (or of id lists) generates a batch and returns a list. With stream=True, a
+        single prompt returns an iterator of text pieces (or of ids for id prompts). Generation
+        stops at the end-of-text token, at a stop string (which is not included) or after
+        max_new_tokens. temperature=0 is greedy decoding.
+        """
+        options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                                  frequency_penalty, seed)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise LlamasError(f"[generate] max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stops = self._normalise_stop(stop)
+        batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
+            batched, prompt = True, prompt.tolist()
+        prompts = list(prompt) if batched else [prompt]
+        if batched and len(prompts) == 0:
+            raise LlamasError("[generate] empty batch")
+        as_text = [isinstance(p, str) for p in prompts]
+        encoded = [self._encode_prompt(p) for p in prompts]
+        if stream:
+            if batched:
+                raise LlamasError("[generate] stream=True takes a single prompt, not a batch")
+            return self._stream_one(encoded[0], as_text[0], max_new_tokens, options, stops)
+        results = self._run(encoded, max_new_tokens, options, stops)
+        outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
+        return outputs if batched else outputs[0]
+
+    @staticmethod
+    def _normalise_stop(stop) -> list[str]:
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            return [stop] if stop else []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise LlamasError("[generate] stop must be a str or a list of str")
+        return [s for s in stop if s]
+
+    def _new_sequence(self, options: SamplingOptions):
+        return _C.Sequence(self.config.to_native(), options.temperature, options.top_k, options.top_p,
+                           options.min_p, options.repetition_penalty, options.presence_penalty,
+                           options.frequency_penalty, options.seed)
+
+    def _stream_one(self, ids, as_text, max_new_tokens, options, stops) -> Iterator:
+        for event in self._events([ids], max_new_tokens, options, stops):
+            _, piece, token = event
+            if as_text:
+                if piece:
+                    yield piece
+            elif token is not None:
+                yield token
+
+    def _run(self, prompts, max_new_tokens, options, stops) -> list["_Result"]:
+        results = [_Result() for _ in prompts]
+        for index, piece, token in self._events(prompts, max_new_tokens, options, stops):
+            if piece:
+                results[index].text += piece
+            if token is not None:
+                results[index].ids.append(token)
+        return results
+
+    def _events(self, prompts, max_new_tokens, options, stops):
+        """Yields (prompt index, new text piece, accepted token id or None) as generation runs:
+        one batched prefill of every prompt, then batched decode steps over the live sequences."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer else None
+        ctx = self.config.n_positions
+        seqs = [self._new_sequence(options) for _ in prompts]
+        streams = [TextStream(self.tokenizer, stops) if self.tokenizer else None for _ in prompts]
+        budgets = [min(max_new_tokens, ctx - len(p) + 1) for p in prompts]
+        produced = [0] * len(prompts)
+        live = list(range(len(prompts)))
+        entries = [(seqs[i], prompts[i], True) for i in live]
+        try:
+            while live:
+                sampled = self._native.step(entries)
+                next_live, next_entries = [], []
+                for i, token in zip(live, sampled):
+                    finished = False
+                    if eos is not None and token == eos:
+                        yield i, streams[i].finish() if streams[i] else "", None
+                        finished = True
+                    else:
+                        produced[i] += 1
+                        piece = streams[i].push(token) if streams[i] else ""
+                        if streams[i] is not None and streams[i].stopped:
+                            yield i, piece, None
+                            finished = True
+                        else:
+                            yield i, piece, token
+                            if produced[i] >= budgets[i]:
+                                yield i, streams[i].finish() if streams[i] else "", None
+                                finished = True
+                    if finished:
+                        seqs[i].release()  # KV memory goes back the moment a sequence ends
+                    else:
+                        next_live.append(i)
+                        next_entries.append((seqs[i], [token], True))
+                live, entries = next_live, next_entries
+        finally:
+            for s in seqs:
+                s.release()
+
+
+class _Result:
+    __slots__ = ("text", "ids")
+
+    def __init__(self):
+        self.text = ""
+        self.ids: list[int] = []
+
+
+def load(path: str, dtype: str = "float32") -> Model:
+    """Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer files).
+
+    float32 weights are memory-mapped, not copied; dtype="bfloat16" converts the matrices once
+    (halving the bytes each decoded token reads)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise LlamasError(f"[load] dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise LlamasError(f"[load] {path} is not a folder (expected a Hugging Face model folder)")
+    config = GPT2Config.from_file(os.path.join(path, "config.json"))
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        raise LlamasError(f"[load] {weights} not found (only safetensors checkpoints are supported)")
+    native = _C.GPT2Model(config.to_native(), weights, dtype)
+    tokenizer = None
+    if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
+        tokenizer = Tokenizer.from_folder(path, config.eos_token_id)
+    return Model(native, config, tokenizer, path)

@@ -1,0 +1,34 @@
+"""CPU kernels on numpy arrays (float32), for tests, benchmarks and experiments.
+
+    llamas.ops.matmul(a, b)                 # a @ b, (M, K) @ (K, N)
+    llamas.ops.linear(x, w, bias, gelu=True)
+    llamas.ops.layernorm(x, weight, bias, eps=1e-5)
+    llamas.ops.attention(q, k, v)           # causal, (B, H, T, D)
+    llamas.ops.gelu(x), llamas.ops.softmax(x)
+"""
+from ._C import ops as _ops
+
+matmul = _ops.matmul
+linear = _ops.linear
+layernorm = _ops.layernorm
+residual_layernorm = _ops.residual_layernorm
+attention = _ops.attention
+gelu = _ops.gelu
+softmax = _ops.softmax
+reference_matmul = _ops.reference_matmul
+
+
+def set_kernel_variant(name: str) -> None:
+    """Forces a kernel variant ('avx512', 'avx2' or 'generic'); raises if this CPU lacks it."""
+    from . import _C
+    _C.set_kernel_variant(name)
+
+
+def kernel_variant() -> str:
+    from . import _C
+    return _C.kernel_variant()
+
+
+def available_kernel_variants() -> list:
+    from . import _C
+    return list(_C.available_kernel_variants())

@@ -1,0 +1,67 @@
+"""Turns a growing list of generated token ids into text pieces that never split a UTF-8
+character and never leak any part of a stop string."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+REPLACEMENT = "\ufffd"
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self._tokenizer = tokenizer
+        self._stop = [s for s in stop if s]
+        self._ids: list[int] = []
+        self._emitted = 0          # characters of the decoded text already handed out
+        self.stopped = False       # a stop string was found
+        self.text = ""             # the final text once finished
+
+    def push(self, token_id: int) -> str:
+        """Adds a token; returns the newly safe text (possibly empty)."""
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids)
+        cut = self._find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            self.text = text[:cut]
+            return self._take(self.text, len(self.text))
+        # Hold back an incomplete UTF-8 character (decoded as U+FFFD at the end) and any suffix
+        # that could still grow into a stop string.
+        safe = len(text)
+        while safe > self._emitted and text[safe - 1] == REPLACEMENT:
+            safe -= 1
+        safe = min(safe, len(text) - self._stop_prefix_overlap(text))
+        self.text = text
+        return self._take(text, safe)
+
+    def finish(self) -> str:
+        """Flushes what was held back (the sequence ended without a stop string)."""
+        if self.stopped:
+            return ""
+        return self._take(self.text, len(self.text))
+
+    def _take(self, text: str, upto: int) -> str:
+        if upto <= self._emitted:
+            return ""
+        piece = text[self._emitted:upto]
+        self._emitted = upto
+        return piece
+
+    def _find_stop(self, text: str) -> Optional[int]:
+        best = None
+        # A stop string can only newly appear near the end; search from what could overlap it.
+        start = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
+        for s in self._stop:
+            i = text.find(s, start)
+            if i != -1 and (best is None or i < best):
+                best = i
+        return best
+
+    def _stop_prefix_overlap(self, text: str) -> int:
+        longest = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest

@@ -1,0 +1,67 @@
+"""Tokenizer wrapper over the Hugging Face `tokenizers` library (tokenizer.json, or GPT-2's
+vocab.json + merges.txt)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from ._C import LlamasError
+
+
+class Tokenizer:
+    def __init__(self, backend, eos_token_id: Optional[int], source: str):
+        self._tok = backend
+        self.eos_token_id = eos_token_id
+        self.source = source
+
+    @classmethod
+    def from_folder(cls, folder: str, eos_token_id: Optional[int] = None) -> "Tokenizer":
+        import tokenizers
+
+        tokenizer_json = os.path.join(folder, "tokenizer.json")
+        vocab = os.path.join(folder, "vocab.json")
+        merges = os.path.join(folder, "merges.txt")
+        try:
+            if os.path.exists(tokenizer_json):
+                backend = tokenizers.Tokenizer.from_file(tokenizer_json)
+                source = tokenizer_json
+            elif os.path.exists(vocab) and os.path.exists(merges):
+                backend = tokenizers.ByteLevelBPETokenizer(vocab, merges)
+                source = vocab
+            else:
+                raise LlamasError(
+                    f"[tokenizer] {folder} has no tokenizer.json and no vocab.json + merges.txt")
+        except LlamasError:
+            raise
+        except Exception as e:  # tokenizers raises plain Exceptions for malformed files
+            raise LlamasError(f"[tokenizer] cannot read the tokenizer in {folder}: {e}") from None
+        if eos_token_id is None:
+            eos_token_id = backend.token_to_id("<|endoftext|>")
+        return cls(backend, eos_token_id, source)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise LlamasError(f"[tokenizer] expected a str to encode, got {type(text).__name__}")
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
+
+    def save(self, folder: str) -> None:
+        """Writes tokenizer.json into folder."""
+        self._tok.save(os.path.join(folder, "tokenizer.json"))
+        if self.eos_token_id is not None:
+            with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+                json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+                           "model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer"}, f, indent=2)
