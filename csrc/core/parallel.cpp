@@ -43,7 +43,11 @@ class ThreadPool {
     std::lock_guard<std::mutex> guard(dispatch_mutex_);
     stop_workers();
     stopping_ = false;
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+    // The generation is read here, before the thread starts: a worker that read it itself could
+    // miss the first job's bump and sleep through it.
+    const uint64_t start_generation = generation_.load(std::memory_order_acquire);
+    for (int i = 1; i < n; ++i)
+      workers_.emplace_back([this, i, start_generation] { worker_loop(i, start_generation); });
   }
 
   void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
@@ -94,8 +98,7 @@ class ThreadPool {
     t_inside_parallel_region = was_inside;
   }
 
-  void worker_loop(int index) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void worker_loop(int index, uint64_t seen) {
     for (;;) {
       // Spin briefly before sleeping: a decode step issues ~100 parallel regions a few tens of
       // microseconds apart, and a condition-variable wake-up costs about as much as one region.

@@ -1,0 +1,157 @@
+"""The `llamas` command line: generate, info, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from ._C import LlamasError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weight precision (bfloat16 halves the bytes read per token)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamas", description="llamas: run transformer language models on a hand-written C++ engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
+                       description="Generate a continuation of PROMPT and stream it to stdout.")
+    _add_model_args(g)
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), higher = more random")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise tokens already seen (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
+
+    i = sub.add_parser("info", help="version, CPU features, kernel variant, threads, CUDA",
+                       description="Print version, CPU features, the chosen kernel variant, threads and CUDA availability.")
+    i.add_argument("--json", action="store_true", help="print as JSON")
+
+    b = sub.add_parser("bench", help="prefill and decode tokens/s, like llama-bench",
+                       description="Measure prompt processing (pp) and token generation (tg) speed, mean ± sd over repetitions.")
+    _add_model_args(b)
+    b.add_argument("--prompt-tokens", "-p", type=_positive_int, default=512, help="prompt length for pp (default 512)")
+    b.add_argument("--gen-tokens", "-n", type=_positive_int, default=128, help="generated tokens for tg (default 128)")
+    b.add_argument("--repetitions", "-r", type=_positive_int, default=5, help="repetitions (default 5)")
+    b.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
+    return parser
+
+
+def _load(args):
+    import llamas
+    if args.threads is not None:
+        llamas.set_num_threads(args.threads)
+    return llamas.load(args.model, dtype=args.dtype)
+
+
+def cmd_generate(args) -> int:
+    import llamas
+    model = _load(args)
+    with llamas.profile() as prof:
+        for piece in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                    repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                    stop=args.stop or None, stream=True):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.profile:
+        print(prof.table(), file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import llamas
+    info = llamas.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = " ".join(value) or "-"
+        print(f"{key:<26}{value}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+    import llamas
+    from llamas import _C
+    model = _load(args)
+    cfg = model.config
+    if args.prompt_tokens + args.gen_tokens > cfg.n_positions:
+        raise LlamasError(f"[bench] pp {args.prompt_tokens} + tg {args.gen_tokens} exceeds the context {cfg.n_positions}")
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens).tolist()
+
+    def run_pp() -> float:
+        seq = _C.Sequence(cfg.to_native())
+        t0 = time.perf_counter()
+        model._native.step([(seq, prompt, True)])
+        dt = time.perf_counter() - t0
+        seq.release()
+        return args.prompt_tokens / dt
+
+    def run_tg() -> float:
+        seq = _C.Sequence(cfg.to_native())
+        token = model._native.step([(seq, prompt[:1], True)])[0]
+        t0 = time.perf_counter()
+        for _ in range(args.gen_tokens):
+            token = model._native.step([(seq, [token], True)])[0]
+        dt = time.perf_counter() - t0
+        seq.release()
+        return args.gen_tokens / dt
+
+    params = cfg.num_parameters()
+    print(f"| model | size | params | dtype | threads | test | t/s |")
+    print(f"|---|---|---|---|---|---|---|")
+    with llamas.profile() as prof:
+        for name, fn in ((f"pp{args.prompt_tokens}", run_pp), (f"tg{args.gen_tokens}", run_tg)):
+            fn()  # warm-up
+            rates = []
+            for r in range(args.repetitions):
+                rates.append(fn())
+                print(f"\r  {name}: repetition {r + 1}/{args.repetitions}", end="", file=sys.stderr, flush=True)
+            print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
+            sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+            print(f"| gpt2 | {model.weight_bytes / 2**20:.1f} MiB | {params / 1e6:.1f} M | {model.dtype} | "
+                  f"{llamas.get_num_threads()} | {name} | {statistics.mean(rates):.2f} ± {sd:.2f} |", flush=True)
+    if args.profile:
+        print(prof.table(), file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}[args.command](args)
+    except LlamasError as e:
+        print(f"llamas: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Python API, generation semantics, bad input and the CLI, on the tiny committed fixture."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llamas
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TINY = os.path.join(FIXTURES, "gpt2-tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llamas.load(TINY)
+
+
+def test_info_reports_cpu_and_cuda():
+    info = llamas.info()
+    assert info["kernel_variant"] in info["available_kernel_variants"]
+    assert info["cuda_available"] is False and llamas.cuda_available() is False
+    assert info["threads"] >= 1
+
+
+def test_generate_text_ids_and_batch(model):
+    text = model.generate("When shall we", max_new_tokens=10)
+    assert isinstance(text, str) and text
+    ids = model.tokenizer.encode("When shall we")
+    out_ids = model.generate(ids, max_new_tokens=10)
+    assert isinstance(out_ids, list) and all(isinstance(i, int) for i in out_ids)
+    assert model.tokenizer.decode(out_ids) == text
+    batch = model.generate(["When shall we", "Alas, poor"], max_new_tokens=10)
+    assert batch[0] == text and batch[1] == model.generate("Alas, poor", max_new_tokens=10)
+
+
+def test_stream_equals_non_stream_and_never_splits_utf8(model):
+    full = model.generate("When shall we", max_new_tokens=30)
+    pieces = list(model.generate("When shall we", max_new_tokens=30, stream=True))
+    assert "".join(pieces) == full
+    ids = model.tokenizer.encode("When shall we")
+    assert list(model.generate(ids, max_new_tokens=5, stream=True)) == model.generate(ids, max_new_tokens=5)
+
+
+def test_stop_string_is_not_leaked(model):
+    full = model.generate("When shall we", max_new_tokens=30)
+    stop = full[5:8]
+    cut = full[:full.find(stop)]
+    assert model.generate("When shall we", max_new_tokens=30, stop=stop) == cut
+    assert "".join(model.generate("When shall we", max_new_tokens=30, stop=[stop], stream=True)) == cut
+
+
+def test_sampling_is_deterministic_per_seed(model):
+    kw = dict(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+    a = model.generate("When shall we", seed=7, **kw)
+    assert a == model.generate("When shall we", seed=7, **kw)
+    outs = {model.generate("When shall we", seed=s, **kw) for s in range(5)}
+    assert len(outs) > 1
+    # A batch of prompts with one seed gives each prompt what it gives alone.
+    assert model.generate(["When shall we", "Alas"], seed=7, **kw)[0] == a
+
+
+def test_forward_shape_and_rows_independent_of_batch(model):
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    logits = model.forward(ids)
+    assert logits.shape == (2, 4, model.config.vocab_size) and logits.dtype == np.float32
+    np.testing.assert_array_equal(model.forward(ids[1:]), logits[1:])
+
+
+def test_generation_frees_kv_blocks(model):
+    before = llamas.memory_stats()["kv_cache_blocks_in_use"]
+    model.generate(["When shall we", "Alas"], max_new_tokens=20)
+    assert llamas.memory_stats()["kv_cache_blocks_in_use"] == before
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_k=-3), "top_k"),
+    (dict(min_p=2), "min_p"),
+    (dict(repetition_penalty=-1), "repetition_penalty"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(seed=-5), "seed"),
+    (dict(stop=5), "stop"),
+])
+def test_bad_sampling_parameters(model, kwargs, match):
+    with pytest.raises(llamas.LlamasError, match=match):
+        model.generate("When", **kwargs)
+
+
+def test_bad_prompts(model):
+    with pytest.raises(llamas.LlamasError, match="empty prompt"):
+        model.generate("")
+    with pytest.raises(llamas.LlamasError, match="empty prompt"):
+        model.generate([])
+    with pytest.raises(llamas.LlamasError, match="out of range"):
+        model.generate([1, 99999])
+    with pytest.raises(llamas.LlamasError, match="out of range"):
+        model.forward([[1, -1]])
+    with pytest.raises(llamas.LlamasError, match="context length"):
+        model.generate([1] * (model.config.n_positions + 1))
+    with pytest.raises(llamas.LlamasError, match="2-D"):
+        model.forward([1, 2, 3])
+
+
+def test_generation_stops_at_context_end(model):
+    n = model.config.n_positions
+    out = model.generate([1] * (n - 3), max_new_tokens=50)
+    assert len(out) <= 4
+
+
+def _copy_model(tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(TINY, dst)
+    return dst
+
+
+def test_missing_and_truncated_weights(tmp_path):
+    d = _copy_model(tmp_path)
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(llamas.LlamasError, match="truncated"):
+        llamas.load(d)
+    weights.write_bytes(b"\x01")
+    with pytest.raises(llamas.LlamasError, match="too short"):
+        llamas.load(d)
+    weights.write_bytes(struct.pack("<Q", 10) + b"not json!!")
+    with pytest.raises(llamas.LlamasError, match="json"):
+        llamas.load(d)
+    weights.unlink()
+    with pytest.raises(llamas.LlamasError, match="model.safetensors not found"):
+        llamas.load(d)
+    with pytest.raises(llamas.LlamasError, match="not a folder"):
+        llamas.load(tmp_path / "nowhere")
+
+
+def test_wrong_shape_dtype_and_model_type(tmp_path):
+    d = _copy_model(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_embd"] = cfg["n_embd"] * 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(llamas.LlamasError, match="shape"):
+        llamas.load(d)
+    cfg = json.loads((TINY + "/config.json") and open(TINY + "/config.json").read())
+    cfg["model_type"] = "mamba"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(llamas.LlamasError, match="model_type"):
+        llamas.load(d)
+    # A tensor stored as int32 instead of float.
+    cfg["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    raw = (d / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k.endswith("ln_f.weight"))
+    header[name]["dtype"] = "I32"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    with pytest.raises(llamas.LlamasError, match="dtype I32"):
+        llamas.load(d)
+    with pytest.raises(llamas.LlamasError, match="dtype"):
+        llamas.load(TINY, dtype="float8")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "llamas", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_generate_matches_api(model):
+    r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == model.generate("When shall we", max_new_tokens=12)
+
+
+def test_cli_help_info_bench_and_errors():
+    for sub in ("generate", "info", "bench"):
+        r = run_cli(sub, "--help")
+        assert r.returncode == 0 and "usage" in r.stdout
+    r = run_cli("info")
+    assert r.returncode == 0 and "kernel_variant" in r.stdout
+    r = run_cli("bench", "--model", TINY, "-p", "16", "-n", "8", "-r", "2")
+    assert r.returncode == 0, r.stderr
+    assert "pp16" in r.stdout and "tg8" in r.stdout and "±" in r.stdout
+    r = run_cli("generate", "--model", TINY, "hi", "--temperature", "-2")
+    assert r.returncode == 2 and "temperature" in r.stderr
+    r = run_cli("generate", "--model", "/definitely/not/here", "hi")
+    assert r.returncode == 2 and "not a folder" in r.stderr

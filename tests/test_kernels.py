@@ -1,0 +1,201 @@
+"""Each CPU kernel against a float64 numpy reference, at odd and round sizes, for every kernel
+variant this CPU can run (avx512 / avx2 / generic)."""
+import numpy as np
+import pytest
+
+import llamas
+from llamas import ops
+from tolerances import TOLERANCES, matmul_scale
+
+SIZES = [1, 3, 31, 33, 97]
+VARIANTS = ops.available_kernel_variants()
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    before = ops.kernel_variant()
+    ops.set_kernel_variant(request.param)
+    yield request.param
+    ops.set_kernel_variant(before)
+
+
+def rand(*shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def assert_close(actual, expected, dtype="float32", scale=None):
+    tol = TOLERANCES[dtype]
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.abs(expected) if scale is None else scale
+    err = np.abs(actual.astype(np.float64) - expected)
+    bound = tol["atol"] + tol["rtol"] * scale
+    worst = np.argmax(err - bound)
+    assert np.all(err <= bound), (
+        f"max violation at {np.unravel_index(worst, err.shape)}: err {err.flat[worst]:.3g} > bound {bound.flat[worst]:.3g}")
+
+
+def gelu_ref(x):
+    x = x.astype(np.float64)
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("m", SIZES + [8, 9, 256])
+@pytest.mark.parametrize("k", [1, 33, 97, 300])
+@pytest.mark.parametrize("n", [1, 31, 97, 1025])
+def test_matmul(variant, m, k, n):
+    a, b = rand(m, k, seed=1), rand(k, n, seed=2)
+    out = ops.matmul(a, b)
+    assert out.shape == (m, n) and out.dtype == np.float32
+    # float32 rounding of a length-k dot product grows with sum |a||b|: use that as the scale.
+    assert_close(out, a.astype(np.float64) @ b, scale=matmul_scale(a, b))
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_matmul_bit_identical_to_reference_and_across_batch(variant, m):
+    a, b = rand(m, 200, seed=3), rand(200, 77, seed=4)
+    fast = ops.matmul(a, b)
+    if llamas.info()["cpu_features"] and variant != "generic":
+        np.testing.assert_array_equal(fast, ops.reference_matmul(a, b))
+    # Each row alone gives exactly the row computed in a batch (batch invariance).
+    for i in range(m):
+        np.testing.assert_array_equal(ops.matmul(a[i:i + 1], b)[0], fast[i])
+
+
+@pytest.mark.parametrize("m", [1, 4, 40])
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear(variant, m, layout, gelu, dtype):
+    k, n = 97, 130
+    x, w, bias = rand(m, k, seed=5), rand(k, n, seed=6, scale=0.1), rand(n, seed=7)
+    stored = w if layout == "in_out" else np.ascontiguousarray(w.T)
+    out = ops.linear(x, stored, bias, gelu=gelu, weight_layout=layout, weight_dtype=dtype)
+    w_used = w.astype(np.float64)
+    if dtype == "bfloat16":  # compare against the rounded weights, so only float32 rounding remains
+        bits = w.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+        w_used = rounded.view(np.float32).astype(np.float64)
+    ref = x.astype(np.float64) @ w_used + bias
+    scale = matmul_scale(x, np.abs(w_used)) + np.abs(bias)
+    if gelu:
+        ref = gelu_ref(ref)
+    assert_close(out, ref, scale=scale)
+
+
+def test_linear_rejects_bad_shapes():
+    with pytest.raises(llamas.LlamasError, match=r"\[linear\].*features"):
+        ops.linear(rand(3, 4), rand(5, 6))
+    with pytest.raises(llamas.LlamasError, match=r"\[matmul\]"):
+        ops.matmul(rand(3, 4), rand(5, 6))
+    with pytest.raises(llamas.LlamasError, match="weight_layout"):
+        ops.linear(rand(3, 4), rand(4, 6), weight_layout="sideways")
+    with pytest.raises(llamas.LlamasError, match="bias"):
+        ops.linear(rand(3, 4), rand(4, 6), rand(5))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 33])
+@pytest.mark.parametrize("c", SIZES + [768, 1025])
+def test_layernorm(variant, rows, c):
+    x, w, b = rand(rows, c, seed=8, scale=3.0) + 1.5, rand(c, seed=9), rand(c, seed=10)
+    out = ops.layernorm(x, w, b, eps=1e-5)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(-1, keepdims=True)
+    var = x64.var(-1, keepdims=True)
+    ref = (x64 - mean) / np.sqrt(var + 1e-5) * w + b
+    assert_close(out, ref, scale=np.abs(ref) + np.abs(w) + 1)
+
+
+def test_residual_layernorm_matches_add_then_norm(variant):
+    x, d, w, b = rand(7, 97, seed=11), rand(7, 97, seed=12), rand(97, seed=13), rand(97, seed=14)
+    new_x, out = ops.residual_layernorm(x, d, w, b)
+    np.testing.assert_array_equal(new_x, x + d)
+    np.testing.assert_array_equal(out, ops.layernorm(x + d, w, b))
+
+
+@pytest.mark.parametrize("n", SIZES + [1024, 4099])
+def test_gelu(variant, n):
+    x = np.concatenate([rand(n, seed=15, scale=4.0), np.float32([-30.0, -9.0, 0.0, 1e-6, 9.0, 30.0])])
+    assert_close(ops.gelu(x), gelu_ref(x))
+
+
+@pytest.mark.parametrize("cols", SIZES + [50257])
+def test_softmax(variant, cols):
+    x = rand(3, cols, seed=16, scale=5.0)
+    if cols > 1:
+        x[0, 0] = -np.inf  # a masked entry gets exactly 0
+    ref = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    out = ops.softmax(x)
+    if cols > 1:
+        assert out[0, 0] == 0.0
+    assert_close(out, ref)
+
+
+def attention_ref(q, k, v, dtype=np.float64):
+    q, k, v = (t.astype(dtype) for t in (q, k, v))
+    T, D = q.shape[-2], q.shape[-1]
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(dtype(D))
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("t", [1, 3, 16, 17, 33, 97])
+@pytest.mark.parametrize("d", [1, 24, 59, 64, 111])
+def test_attention(variant, t, d):
+    b, h = 2, 3
+    q, k, v = rand(b, h, t, d, seed=17), rand(b, h, t, d, seed=18), rand(b, h, t, d, seed=19)
+    out = ops.attention(q, k, v)
+    exact = attention_ref(q, k, v)
+    # The error against float64 may be at most twice that of a straightforward float32 version.
+    naive_err = np.abs(attention_ref(q, k, v, np.float32) - exact).max()
+    err = np.abs(out - exact).max()
+    assert err <= 2 * naive_err + 1e-6, (err, naive_err)
+
+
+def test_attention_long_sequence(variant):
+    q, k, v = (rand(1, 2, 1025, 64, seed=s, scale=0.5) for s in (20, 21, 22))
+    out = ops.attention(q, k, v)
+    exact = attention_ref(q, k, v)
+    naive_err = np.abs(attention_ref(q, k, v, np.float32) - exact).max()
+    assert np.abs(out - exact).max() <= 2 * naive_err + 1e-6
+
+
+def test_attention_rejects_bad_input():
+    with pytest.raises(llamas.LlamasError, match=r"\[attention\]"):
+        ops.attention(rand(1, 2, 3, 4), rand(1, 2, 3, 4), rand(1, 2, 3, 5))
+    with pytest.raises(llamas.LlamasError, match="head dimension"):
+        ops.attention(rand(1, 1, 2, 300), rand(1, 1, 2, 300), rand(1, 1, 2, 300))
+
+
+def test_thread_count_does_not_change_results():
+    a, b = rand(70, 300, seed=23), rand(300, 200, seed=24)
+    before = llamas.get_num_threads()
+    try:
+        llamas.set_num_threads(1)
+        one = ops.matmul(a, b)
+        llamas.set_num_threads(3)
+        three = ops.matmul(a, b)
+    finally:
+        llamas.set_num_threads(before)
+    np.testing.assert_array_equal(one, three)
+    with pytest.raises(llamas.LlamasError, match="thread count"):
+        llamas.set_num_threads(0)
+
+
+def test_memory_stats_track_allocations():
+    llamas.ops.matmul(rand(64, 64), rand(64, 64))
+    stats = llamas.memory_stats()
+    for key in ("bytes_in_use", "peak_bytes_in_use", "allocations", "cache_hits", "kv_cache_blocks_in_use"):
+        assert key in stats
+    before = stats["cache_hits"]
+    for _ in range(3):
+        llamas.ops.matmul(rand(64, 64), rand(64, 64))
+    after = llamas.memory_stats()
+    assert after["cache_hits"] > before
+    assert after["peak_bytes_in_use"] >= after["bytes_in_use"]
+
+
+def test_unknown_kernel_variant_is_refused():
+    with pytest.raises(llamas.LlamasError, match="not available"):
+        ops.set_kernel_variant("avx9000")
