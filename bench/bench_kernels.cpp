@@ -1,0 +1,57 @@
+// Kernel table without Python: GEMM GFLOP/s at GPT-2 shapes for every kernel variant this CPU
+// runs, validated against the reference GEMM before timing. Prints ratios against the generic
+// variant; compare with numpy in bench/compare.py.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cpu/kernel_table.h"
+#include "cpu/reference.h"
+#include "llamas/parallel.h"
+
+using namespace llamas;
+
+static double time_gemm(const GemmArgs& g, int reps) {
+  std::vector<double> times;
+  cpu::kernels().gemm(g);  // warm-up
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    cpu::kernels().gemm(g);
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+int main() {
+  const int shapes[][3] = {{256, 768, 2304}, {256, 768, 3072}, {256, 3072, 768}, {1, 768, 3072}, {256, 768, 50257}};
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal;
+  std::printf("threads: %d\n\n| variant | M x K x N | GFLOP/s | max rel err vs reference |\n|---|---|---|---|\n",
+              num_threads());
+  for (const std::string& variant : cpu::available_variants()) {
+    cpu::set_variant(variant);
+    for (auto& s : shapes) {
+      const int M = s[0], K = s[1], N = s[2];
+      std::vector<float> A(size_t(M) * K), B(size_t(K) * N), C(size_t(M) * N), R(size_t(M) * N);
+      for (auto& x : A) x = normal(rng);
+      for (auto& x : B) x = normal(rng);
+      GemmArgs g;
+      g.M = M, g.N = N, g.K = K, g.A = A.data(), g.lda = K, g.B = B.data(), g.ldb = N, g.C = C.data(), g.ldc = N;
+      // Validate on the first 4 rows only: the reference is a plain triple loop.
+      cpu::kernels().gemm(g);
+      GemmArgs r = g;
+      r.M = std::min(M, 4), r.C = R.data();
+      cpu::reference::gemm(r);
+      double err = 0;
+      for (size_t i = 0; i < size_t(r.M) * N; ++i)
+        err = std::max(err, double(std::fabs(C[i] - R[i]) / (std::fabs(R[i]) + 1.0f)));
+      double sec = time_gemm(g, N > 10000 ? 3 : 9);
+      std::printf("| %s | %d x %d x %d | %.1f | %.1e |\n", variant.c_str(), M, K, N, 2.0 * M * K * N / sec / 1e9, err);
+    }
+  }
+  return 0;
+}
