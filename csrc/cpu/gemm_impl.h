@@ -28,6 +28,16 @@ struct ScratchBuffer {
   ScratchBuffer& operator=(const ScratchBuffer&) = delete;
 };
 
+// Masked loads and stores are slow on AMD (VMASKMOVPS stores are microcoded): use them only for
+// the ragged edge of C, never for full registers.
+inline Vec load_lanes(const float* p, int lanes) {
+  return lanes == Vec::W ? Vec::load(p) : Vec::load_partial(p, lanes);
+}
+inline void store_lanes(float* p, Vec v, int lanes) {
+  if (lanes == Vec::W) v.store(p);
+  else if (lanes > 0) v.store_partial(p, lanes);
+}
+
 // C[m, n0:n1] = bias or 0 before the FMA chains start (not with accumulate).
 inline void init_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
   if (g.accumulate) return;
@@ -105,9 +115,9 @@ void small_m_nk(const GemmArgs& g, int64_t n0, int64_t n1) {
       for (int64_t m = 0; m < g.M; ++m) {
         const float* a = g.A + m * g.lda + k;
         float* c = g.C + m * g.ldc + n;
-        Vec acc = Vec::load_partial(c, rows);
+        Vec acc = load_lanes(c, rows);
         for (int j = 0; j < kk; ++j) acc = Vec::fma(Vec::set1(a[j]), t[j], acc);
-        acc.store_partial(c, rows);
+        store_lanes(c, acc, rows);
       }
     }
   }
@@ -170,15 +180,15 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp,
   if (first && !g.accumulate) {
     Vec b0 = Vec::zero(), b1 = Vec::zero();
     if (g.bias) {
-      b0 = Vec::load_partial(g.bias + col0, lanes0);
-      b1 = Vec::load_partial(g.bias + col0 + Vec::W, lanes1);
+      b0 = load_lanes(g.bias + col0, lanes0);
+      b1 = load_lanes(g.bias + col0 + Vec::W, lanes1);
     }
     for (int i = 0; i < kGemmRows; ++i) acc[i][0] = b0, acc[i][1] = b1;
   } else {
     for (int i = 0; i < kGemmRows; ++i) {
       if (i < rows) {
-        acc[i][0] = Vec::load_partial(C + i * g.ldc, lanes0);
-        acc[i][1] = Vec::load_partial(C + i * g.ldc + Vec::W, lanes1);
+        acc[i][0] = load_lanes(C + i * g.ldc, lanes0);
+        acc[i][1] = load_lanes(C + i * g.ldc + Vec::W, lanes1);
       } else {
         acc[i][0] = acc[i][1] = Vec::zero();
       }
@@ -196,8 +206,8 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp,
   for (int i = 0; i < rows; ++i) {
     Vec c0 = acc[i][0], c1 = acc[i][1];
     if (last && g.gelu) c0 = vgelu(c0), c1 = vgelu(c1);
-    c0.store_partial(C + i * g.ldc, lanes0);
-    c1.store_partial(C + i * g.ldc + Vec::W, lanes1);
+    store_lanes(C + i * g.ldc, c0, lanes0);
+    store_lanes(C + i * g.ldc + Vec::W, c1, lanes1);
   }
 }
 
