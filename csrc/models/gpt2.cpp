@@ -132,7 +132,11 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   GemmArgs g;
   g.M = logit_rows, g.N = V, g.K = C;
   g.A = hidden.data<float>(), g.lda = C;
-  g.B = weights_.wte.raw(), g.b_bf16 = weights_.wte.dtype() == DType::BF16, g.b_layout = BLayout::NK, g.ldb = C;
+  if (weights_.lm_head_kn.defined()) {
+    g.B = weights_.lm_head_kn.raw(), g.b_bf16 = true, g.b_layout = BLayout::KN, g.ldb = V;
+  } else {
+    g.B = weights_.wte.raw(), g.b_bf16 = weights_.wte.dtype() == DType::BF16, g.b_layout = BLayout::NK, g.ldb = C;
+  }
   g.C = logits, g.ldc = V;
   ops::gemm(g);
 }

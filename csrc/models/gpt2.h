@@ -31,6 +31,10 @@ struct GPT2Layer {
 
 struct GPT2Weights {
   Tensor wte, wpe, lnf_w, lnf_b;
+  // bfloat16 only: wte transposed to (C, V) for the lm_head. The (V, C) layout needs in-register
+  // transposes that cap it near 3.7 G elements/s on 2 Zen 3 cores whatever the dtype, so bfloat16
+  // gained nothing there; (C, V) streams at the memory bound. Costs V*C*2 bytes (77 MB for 124M).
+  Tensor lm_head_kn;
   std::vector<GPT2Layer> layers;
   size_t bytes() const;
 };

@@ -3,6 +3,9 @@
 
 #include "llamas/error.h"
 #include "llamas/ops.h"
+#include "llamas/parallel.h"
+
+#include <algorithm>
 #include "models/gpt2.h"
 #include "runtime/safetensors.h"
 
@@ -22,7 +25,7 @@ void GPT2Config::validate() const {
 }
 
 size_t GPT2Weights::bytes() const {
-  size_t total = wte.nbytes() + wpe.nbytes() + lnf_w.nbytes() + lnf_b.nbytes();
+  size_t total = wte.nbytes() + (lm_head_kn.defined() ? lm_head_kn.nbytes() : 0) + wpe.nbytes() + lnf_w.nbytes() + lnf_b.nbytes();
   for (auto& l : layers)
     for (const Tensor* t : {&l.ln1_w, &l.ln1_b, &l.attn_w, &l.attn_b, &l.attn_proj_w, &l.attn_proj_b, &l.ln2_w,
                             &l.ln2_b, &l.fc_w, &l.fc_b, &l.mlp_proj_w, &l.mlp_proj_b})
@@ -68,6 +71,19 @@ GPT2Weights load_gpt2_weights(const std::string& path, const GPT2Config& c, DTyp
   const DType f32 = DType::F32;
   GPT2Weights w;
   w.wte = r.get("wte.weight", {c.vocab_size, C}, dtype);
+  if (dtype == DType::BF16) {
+    const int64_t V = c.vocab_size;
+    w.lm_head_kn = Tensor::empty({C, V}, DType::BF16);
+    const uint16_t* src = w.wte.data<uint16_t>();
+    uint16_t* dst = w.lm_head_kn.data<uint16_t>();
+    constexpr int64_t kTile = 64;  // transpose in 64x64 tiles to stay in cache
+    parallel_for((V + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t v0 = t0 * kTile; v0 < std::min(V, t1 * kTile); v0 += kTile)
+        for (int64_t c0 = 0; c0 < C; c0 += kTile)
+          for (int64_t v = v0; v < std::min(V, v0 + kTile); ++v)
+            for (int64_t cc = c0; cc < std::min(C, c0 + kTile); ++cc) dst[cc * V + v] = src[v * C + cc];
+    });
+  }
   w.wpe = r.get("wpe.weight", {c.n_positions, C}, f32);
   w.lnf_w = r.get("ln_f.weight", {C}, f32);
   w.lnf_b = r.get("ln_f.bias", {C}, f32);
