@@ -148,7 +148,7 @@ def test_wrong_shape_dtype_and_model_type(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(llamas.LlamasError, match="shape"):
         llamas.load(d)
-    cfg = json.loads((TINY + "/config.json") and open(TINY + "/config.json").read())
+    cfg = json.loads(open(os.path.join(TINY, "config.json")).read())
     cfg["model_type"] = "mamba"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(llamas.LlamasError, match="model_type"):
