@@ -61,34 +61,31 @@ inline void gelu_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
 // ---- small M, B stored (K, N): C[m, n] = fma chain over 4 rows of B at a time ------------------
 template <typename BT>
 void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
+  // kRows rows of B per pass: 8 concurrent row streams per thread keep enough cache-line misses
+  // in flight when each thread's row segment is short (768 columns / 2 threads = 1.5 KiB).
+  constexpr int kRows = 8;
   const BT* B = static_cast<const BT*>(g.B);
   init_rows(g, n0, n1);
-  int64_t k = 0;
-  for (; k < g.K; k += 4) {
-    int kk = int(imin(4, g.K - k));
+  for (int64_t k = 0; k < g.K; k += kRows) {
+    int kk = int(imin(kRows, g.K - k));
     const BT* b0 = B + k * g.ldb;
     for (int64_t m = 0; m < g.M; ++m) {
       const float* a = g.A + m * g.lda + k;
       float* c = g.C + m * g.ldc;
-      Vec a0 = Vec::set1(a[0]);
-      Vec a1 = Vec::set1(kk > 1 ? a[1] : 0.f), a2 = Vec::set1(kk > 2 ? a[2] : 0.f),
-          a3 = Vec::set1(kk > 3 ? a[3] : 0.f);
+      Vec as[kRows];
+      for (int i = 0; i < kRows; ++i) as[i] = Vec::set1(i < kk ? a[i] : 0.f);
       int64_t n = n0;
-      if (kk == 4) {
+      if (kk == kRows) {
         for (; n + Vec::W <= n1; n += Vec::W) {
           Vec acc = Vec::load(c + n);
-          acc = Vec::fma(a0, load_any(b0 + n), acc);
-          acc = Vec::fma(a1, load_any(b0 + g.ldb + n), acc);
-          acc = Vec::fma(a2, load_any(b0 + 2 * g.ldb + n), acc);
-          acc = Vec::fma(a3, load_any(b0 + 3 * g.ldb + n), acc);
+          for (int i = 0; i < kRows; ++i) acc = Vec::fma(as[i], load_any(b0 + i * g.ldb + n), acc);
           acc.store(c + n);
         }
       }
-      // Column tail, and the last k < 4 rows: same chain order, one row at a time.
+      // Column tail, and the last k < kRows rows: same chain order, one row at a time.
       for (; n < n1; n += Vec::W) {
         int lanes = clamp_lanes(n1 - n);
         Vec acc = Vec::load_partial(c + n, lanes);
-        Vec as[4] = {a0, a1, a2, a3};
         for (int i = 0; i < kk; ++i) acc = Vec::fma(as[i], load_any_partial(b0 + i * g.ldb + n, lanes), acc);
         acc.store_partial(c + n, lanes);
       }
