@@ -339,20 +339,26 @@ def run_llamas(path: str, dtype: str, prompt: list[int]) -> dict:
 
     one(8)                                                # warm-up (pages the weights in)
     meter = OtherLoad()
+    res, toks = repeat_runs(one, PREFILL_REPS, DECODE_REPS, f"llamas {dtype}")
+    res.update(tokens=toks, weight_bytes=m.weight_bytes, model=m, other_load=meter.stop())
+    return res
+
+
+def repeat_runs(one, prefill_reps: int, decode_reps: int, label: str):
+    """Runs one(decode_tokens) prefill_reps times (the first decode_reps of them also decode),
+    notes when two identical greedy runs disagree, and summarises the timings."""
     pre_t, steps, totals, toks = [], [], [], None
-    for r in range(PREFILL_REPS):
-        d = DECODE_TOKENS if r < DECODE_REPS else 0
+    for r in range(prefill_reps):
+        d = DECODE_TOKENS if r < decode_reps else 0
         pre, st, tk = one(d)
         pre_t.append(pre)
         if d:
             steps += st
             totals.append(sum(st))
             if toks is not None and tk != toks:
-                note(f"llamas {dtype}: greedy output differs between two identical runs")
+                note(f"{label}: greedy output differs between two identical runs")
             toks = tk
-    res = summarize(pre_t, steps, totals, DECODE_TOKENS)
-    res.update(tokens=toks, weight_bytes=m.weight_bytes, model=m, other_load=meter.stop())
-    return res
+    return summarize(pre_t, steps, totals, DECODE_TOKENS), toks
 
 
 def run_torch_eager(model: TorchGPT2, prompt: list[int]) -> dict:
@@ -377,16 +383,7 @@ def run_torch_eager(model: TorchGPT2, prompt: list[int]) -> dict:
 
     one(8)
     meter = OtherLoad()
-    pre_t, steps, totals, toks = [], [], [], None
-    for r in range(BASE_PREFILL_REPS):
-        d = DECODE_TOKENS if r < BASE_DECODE_REPS else 0
-        pre, st, tk = one(d)
-        pre_t.append(pre)
-        if d:
-            steps += st
-            totals.append(sum(st))
-            toks = tk
-    res = summarize(pre_t, steps, totals, DECODE_TOKENS)
+    res, toks = repeat_runs(one, BASE_PREFILL_REPS, BASE_DECODE_REPS, "PyTorch eager")
     res.update(tokens=toks, other_load=meter.stop())
     return res
 

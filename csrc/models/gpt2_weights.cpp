@@ -1,11 +1,10 @@
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "llamas/error.h"
 #include "llamas/ops.h"
 #include "llamas/parallel.h"
-
-#include <algorithm>
 #include "models/gpt2.h"
 #include "runtime/safetensors.h"
 
