@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-tokens", "-n", type=_positive_int, default=128, help="generated tokens for tg (default 128)")
     b.add_argument("--repetitions", "-r", type=_positive_int, default=5, help="repetitions (default 5)")
     b.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
+
+    from . import cli_data
+    cli_data.add_parser(sub)
     return parser
 
 
@@ -145,7 +148,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}[args.command](args)
+        from . import cli_data
+        commands = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "data": cli_data.run}
+        return commands[args.command](args)
     except LlamasError as e:
         print(f"llamas: error: {e}", file=sys.stderr)
         return 2
