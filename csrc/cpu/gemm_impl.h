@@ -130,6 +130,14 @@ void pack_a(const GemmArgs& g, float* Ap) {
       float* dst = Ap + p * kGemmRows * g.K;
       int64_t row0 = p * kGemmRows;
       int rows = int(imin(kGemmRows, g.M - row0));
+      if (g.a_trans) {  // A^T stored (K, M): each k is a contiguous run of the panel's rows
+        for (int64_t k = 0; k < g.K; ++k) {
+          const float* src = g.A + k * g.lda + row0;
+          for (int i = 0; i < rows; ++i) dst[k * kGemmRows + i] = src[i];
+          for (int i = rows; i < kGemmRows; ++i) dst[k * kGemmRows + i] = 0.f;
+        }
+        continue;
+      }
       for (int64_t k = 0; k < g.K; ++k) {
         for (int i = 0; i < rows; ++i) dst[k * kGemmRows + i] = g.A[(row0 + i) * g.lda + k];
         for (int i = rows; i < kGemmRows; ++i) dst[k * kGemmRows + i] = 0.f;
@@ -235,7 +243,7 @@ void packed_range(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
 
 template <typename BT>
 void gemm_typed(const GemmArgs& g) {
-  if (g.M <= kSmallM) {
+  if (g.M <= kSmallM && !g.a_trans) {
     // 64 columns = a whole number of cache lines per thread range.
     llamas::parallel_for(g.N, 64, [&](int64_t n0, int64_t n1) {
       if (g.b_layout == BLayout::KN) small_m_kn<BT>(g, n0, n1);

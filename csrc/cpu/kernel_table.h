@@ -11,6 +11,7 @@
 namespace llamas {
 namespace cpu {
 
+using llamas::AdamWArgs;
 using llamas::AttentionArgs;
 using llamas::BLayout;
 using llamas::GemmArgs;
@@ -30,7 +31,23 @@ struct KernelTable {
   void (*add)(const float* a, const float* b, float* y, int64_t n);
   // Causal attention of several sequences' query rows over their paged KV caches.
   void (*attention)(const AttentionArgs* seqs, int n_seqs);
+
+  // ---- training (cpu/train_impl.h) ----
+  void (*column_sum)(const float* x, int64_t rows, int64_t N, float* out);  // out += column sums
+  void (*layernorm_backward)(const float* dout, const float* x, const float* w, float* dx, float* dw, float* db,
+                             float* stats, int64_t rows, int64_t C, float eps);
+  void (*gelu_backward)(const float* x, const float* dy, float* dx, int64_t n);
+  void (*cross_entropy)(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V,
+                        float grad_scale);
+  void (*attention_forward)(const float* qkv, float* out, float* lse, int64_t B, int64_t T, int64_t H,
+                            int64_t hd, float scale);
+  void (*attention_backward)(const float* qkv, const float* out, const float* lse, const float* dout,
+                             float* dqkv, int64_t B, int64_t T, int64_t H, int64_t hd, float scale);
+  float (*sum_squares)(const float* x, int64_t n);
+  void (*adamw)(float* p, const float* grad, float* m, float* v, int64_t n, const AdamWArgs& args);
 };
+
+constexpr int64_t kTrainAttentionMaxT = 4096;  // one row of scores lives on the stack
 
 const KernelTable& kernels();
 // The variants this machine can run, best first.

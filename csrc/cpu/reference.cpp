@@ -22,7 +22,8 @@ void gemm(const GemmArgs& g) {
   for (int64_t m = 0; m < g.M; ++m)
     for (int64_t n = 0; n < g.N; ++n) {
       float acc = g.accumulate ? g.C[m * g.ldc + n] : (g.bias ? g.bias[n] : 0.0f);
-      for (int64_t k = 0; k < g.K; ++k) acc = std::fma(g.A[m * g.lda + k], b_at(g, k, n), acc);
+      for (int64_t k = 0; k < g.K; ++k)
+        acc = std::fma(g.a_trans ? g.A[k * g.lda + m] : g.A[m * g.lda + k], b_at(g, k, n), acc);
       if (g.gelu) {
         float u = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
         acc = 0.5f * acc * (1.0f + std::tanh(u));

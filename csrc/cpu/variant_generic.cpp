@@ -5,12 +5,15 @@
 #include "cpu/gemm_impl.h"
 #include "cpu/norm_impl.h"
 #include "cpu/attention_impl.h"
+#include "cpu/train_impl.h"
 
 namespace llamas {
 namespace cpu {
 
 const KernelTable* generic_kernel_table() {
-  static const KernelTable table = {kVariantName, gemm, layernorm, residual_layernorm, gelu, softmax, add, attention};
+  static const KernelTable table = {kVariantName, gemm, layernorm, residual_layernorm, gelu, softmax, add, attention,
+      column_sum, layernorm_backward, gelu_backward, cross_entropy, attention_forward, attention_backward,
+      sum_squares, adamw};
   return &table;
 }
 

@@ -59,6 +59,7 @@ struct Vec {
   // Without hardware FMA, std::fma is a slow library call: multiply then add (two roundings).
   static Vec fma(Vec a, Vec b, Vec c) { LLAMAS_GENERIC_BINARY(a.v[i] * b.v[i] + c.v[i]) }
 #endif
+  static Vec sqrt(Vec a) { LLAMAS_GENERIC_BINARY(std::sqrt(a.v[i])) }
   static Vec max(Vec a, Vec b) { LLAMAS_GENERIC_BINARY(a.v[i] > b.v[i] ? a.v[i] : b.v[i]) }
   static Vec min(Vec a, Vec b) { LLAMAS_GENERIC_BINARY(a.v[i] < b.v[i] ? a.v[i] : b.v[i]) }
   static Vec select_first(int n, Vec a, Vec b) { LLAMAS_GENERIC_BINARY(i < n ? a.v[i] : b.v[i]) }

@@ -18,6 +18,12 @@ GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights) : config_(co
                " layers, config says ", config_.n_layer);
 }
 
+void GPT2Model::set_weights(GPT2Weights weights) {
+  LLAMAS_CHECK(int64_t(weights.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights.layers.size(),
+               " layers, config says ", config_.n_layer);
+  weights_ = std::move(weights);
+}
+
 namespace {
 
 // y = x @ W (+ bias) (GELU) over `rows` rows, W stored (K, N) as Conv1D.

@@ -67,6 +67,9 @@ class GPT2Model {
   const GPT2Config& config() const { return config_; }
   const GPT2Weights& weights() const { return weights_; }
   DType dtype() const { return weights_.wte.dtype(); }
+  // Swaps in other weights for the same config (the trainer moves them into one flat buffer).
+  // Not safe while another thread runs this model.
+  void set_weights(GPT2Weights weights);
 
   // Logits for every position of a (B, T) batch: returns float32 (B, T, vocab).
   Tensor forward(const int32_t* ids, int64_t batch, int64_t T);

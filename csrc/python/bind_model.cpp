@@ -9,7 +9,7 @@
 namespace llamas {
 namespace python {
 
-static GPT2Config config_from_dict(const py::dict& d) {
+GPT2Config config_from_dict(const py::dict& d) {
   GPT2Config c;
   auto get_int = [&](const char* key, int64_t& field) {
     if (!d.contains(key) || d[key].is_none()) return;

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include "llamas/tensor.h"
+#include "models/gpt2.h"
 
 namespace llamas {
 namespace python {
@@ -22,6 +23,9 @@ inline std::vector<int64_t> shape_of(const py::array& a) {
 inline Tensor view_of(const FloatArray& a) {
   return Tensor::view_external(const_cast<float*>(a.data()), shape_of(a), DType::F32, nullptr);
 }
+
+// A GPT-2 config from the dict of llamas.GPT2Config.to_native() (bind_model.cpp).
+GPT2Config config_from_dict(const py::dict& d);
 
 inline py::array_t<float> to_numpy(const Tensor& t) {
   auto* keep = new Tensor(t);

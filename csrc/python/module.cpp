@@ -17,6 +17,7 @@ namespace llamas {
 namespace python {
 void init_ops(py::module_& m);
 void init_model(py::module_& m);
+void init_train(py::module_& m);
 }  // namespace python
 }  // namespace llamas
 
@@ -84,4 +85,5 @@ PYBIND11_MODULE(_C, m) {
 
   llamas::python::init_ops(m);
   llamas::python::init_model(m);
+  llamas::python::init_train(m);
 }

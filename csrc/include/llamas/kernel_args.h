@@ -10,8 +10,9 @@ enum class BLayout : uint8_t { KN, NK };
 
 struct GemmArgs {
   int64_t M = 0, N = 0, K = 0;
-  const float* A = nullptr;  // (M, K), row stride lda
+  const float* A = nullptr;  // (M, K), row stride lda; with a_trans, stored (K, M), row stride lda
   int64_t lda = 0;
+  bool a_trans = false;      // weight gradients: dW = X^T @ dY reads X (rows, in) as A^T
   const void* B = nullptr;   // float32 or bfloat16 (uint16) elements
   bool b_bf16 = false;
   BLayout b_layout = BLayout::KN;
@@ -26,6 +27,13 @@ struct GemmArgs {
 // Every path (small-M streaming, packed blocked, any thread count) computes each C element as one
 // FMA chain over k in ascending order, starting from the bias (or 0, or C). Results are therefore
 // bit-identical across paths, batch sizes and thread counts.
+
+// One AdamW update (see cpu/train_impl.h): bias_correction_i = 1 - beta_i^step; grad_scale is the
+// gradient-clipping coefficient (1 when not clipping).
+struct AdamWArgs {
+  float lr = 0, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0;
+  float grad_scale = 1, bias_correction1 = 1, bias_correction2 = 1;
+};
 
 // KV cache blocks hold kKvBlockSize consecutive positions of one sequence, for every head:
 // keys transposed, [head][head_dim][kKvBlockSize] (a register of keys' scores per head_dim

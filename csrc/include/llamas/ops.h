@@ -41,5 +41,29 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v);
 void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Tensor& wte,
                const Tensor& wpe, float* out);
 
+// ---- training (ops/ops_train.cpp): raw float32 row-major buffers; "+=" marks accumulation ----
+// out[n] += sum_r x[r, n] (bias gradients).
+void column_sum(const float* x, int64_t rows, int64_t N, float* out);
+// Backward of LN(x) * w + b over rows of C: dx += ..., dw += ..., db += ...
+void layernorm_backward(const float* dout, const float* x, const float* w, float* dx, float* dw, float* db,
+                        int64_t rows, int64_t C, float eps);
+// dx = dy * gelu'(x) (tanh form).
+void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
+// Per row: losses[r] = logsumexp(z) - z[target]; if grad_scale != 0, the logits become
+// grad_scale * (softmax - onehot) in place. Targets must be in [0, V).
+void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale);
+// Causal attention over qkv (B, T, 3C) -> out (B, T, C), lse (B, H, T); T <= 4096.
+void attention_forward(const float* qkv, float* out, float* lse, int64_t B, int64_t T, int64_t H, int64_t hd);
+// dqkv (B, T, 3C) is overwritten with the gradient, recomputing scores from lse.
+void attention_backward(const float* qkv, const float* out, const float* lse, const float* dout, float* dqkv,
+                        int64_t B, int64_t T, int64_t H, int64_t hd);
+// dwte[ids[i]] += dx[i], dwpe[positions[i]] += dx[i]; columns are split across threads, rows are
+// summed in order, so the result is deterministic.
+void embedding_backward(const int32_t* ids, const int64_t* positions, int64_t n, const float* dx, float* dwte,
+                        float* dwpe, int64_t C);
+// Sum of squares in fixed 64 Ki-element chunks, combined in double in order.
+double sum_squares(const float* x, int64_t n);
+void adamw(float* p, const float* grad, float* m, float* v, int64_t n, const AdamWArgs& args);
+
 }  // namespace ops
 }  // namespace llamas
