@@ -28,7 +28,7 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i + Vec::W <= n; i += Vec::W) Vec::fma(va, Vec::load(x + i), Vec::load(y + i)).store(y + i);
   if (i < n) {
     int lanes = int(n - i);
-    Vec::fma(va, Vec::load_partial(x + i, lanes), Vec::load_partial(y + i, lanes)).store_partial(y + i, lanes);
+    store_lanes(y + i, Vec::fma(va, load_lanes(x + i, lanes), load_lanes(y + i, lanes)), lanes);
   }
 }
 
@@ -36,13 +36,13 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
 template <typename RowTerm>
 inline void column_block_sum(int64_t rows, int64_t c0, int64_t cols, float* dst, RowTerm term) {
   int l0 = clamp_lanes(cols), l1 = clamp_lanes(cols - Vec::W);
-  Vec a0 = Vec::load_partial(dst + c0, l0), a1 = Vec::load_partial(dst + c0 + Vec::W, l1);
+  Vec a0 = load_lanes(dst + c0, l0), a1 = load_lanes(dst + c0 + Vec::W, l1);
   for (int64_t r = 0; r < rows; ++r) {
     a0 = a0 + term(r, c0, l0);
     if (l1 > 0) a1 = a1 + term(r, c0 + Vec::W, l1);
   }
-  a0.store_partial(dst + c0, l0);
-  if (l1 > 0) a1.store_partial(dst + c0 + Vec::W, l1);
+  store_lanes(dst + c0, a0, l0);
+  if (l1 > 0) store_lanes(dst + c0 + Vec::W, a1, l1);
 }
 
 // out[n] += sum_r x[r, n]
@@ -52,7 +52,7 @@ void column_sum(const float* x, int64_t rows, int64_t N, float* out) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t c0 = b * kColBlock;
       column_block_sum(rows, c0, imin(kColBlock, N - c0), out,
-                       [&](int64_t r, int64_t c, int lanes) { return Vec::load_partial(x + r * N + c, lanes); });
+                       [&](int64_t r, int64_t c, int lanes) { return load_lanes(x + r * N + c, lanes); });
     }
   });
 }
@@ -77,7 +77,7 @@ void layernorm_backward(const float* dout, const float* x, const float* w, float
       }
       if (i < C) {
         int lanes = int(C - i);
-        Vec d = Vec::select_first(lanes, Vec::load_partial(xr + i, lanes) - vmean, Vec::zero());
+        Vec d = Vec::select_first(lanes, load_lanes(xr + i, lanes) - vmean, Vec::zero());
         var_acc = Vec::fma(d, d, var_acc);
       }
       float rstd = 1.0f / std::sqrt(var_acc.reduce_add() / float(C) + eps);
@@ -87,18 +87,18 @@ void layernorm_backward(const float* dout, const float* x, const float* w, float
       Vec s1 = Vec::zero(), s2 = Vec::zero();
       for (i = 0; i < C; i += Vec::W) {
         int lanes = clamp_lanes(C - i);
-        Vec dn = Vec::load_partial(dr + i, lanes) * Vec::load_partial(w + i, lanes);
-        Vec xh = Vec::select_first(lanes, (Vec::load_partial(xr + i, lanes) - vmean) * vrstd, Vec::zero());
+        Vec dn = load_lanes(dr + i, lanes) * load_lanes(w + i, lanes);
+        Vec xh = Vec::select_first(lanes, (load_lanes(xr + i, lanes) - vmean) * vrstd, Vec::zero());
         s1 = s1 + dn;
         s2 = Vec::fma(dn, xh, s2);
       }
       Vec m1 = Vec::set1(s1.reduce_add() / float(C)), m2 = Vec::set1(s2.reduce_add() / float(C));
       for (i = 0; i < C; i += Vec::W) {
         int lanes = clamp_lanes(C - i);
-        Vec dn = Vec::load_partial(dr + i, lanes) * Vec::load_partial(w + i, lanes);
-        Vec xh = (Vec::load_partial(xr + i, lanes) - vmean) * vrstd;
+        Vec dn = load_lanes(dr + i, lanes) * load_lanes(w + i, lanes);
+        Vec xh = (load_lanes(xr + i, lanes) - vmean) * vrstd;
         Vec g = (dn - m1 - xh * m2) * vrstd;
-        (Vec::load_partial(dxr + i, lanes) + g).store_partial(dxr + i, lanes);
+        store_lanes(dxr + i, (load_lanes(dxr + i, lanes) + g), lanes);
       }
     }
   });
@@ -107,11 +107,11 @@ void layernorm_backward(const float* dout, const float* x, const float* w, float
     for (int64_t b = b0; b < b1; ++b) {
       int64_t c0 = b * kColBlock, cols = imin(kColBlock, C - c0);
       column_block_sum(rows, c0, cols, dw, [&](int64_t r, int64_t c, int lanes) {
-        Vec xh = (Vec::load_partial(x + r * C + c, lanes) - Vec::set1(stats[2 * r])) * Vec::set1(stats[2 * r + 1]);
-        return Vec::load_partial(dout + r * C + c, lanes) * xh;
+        Vec xh = (load_lanes(x + r * C + c, lanes) - Vec::set1(stats[2 * r])) * Vec::set1(stats[2 * r + 1]);
+        return load_lanes(dout + r * C + c, lanes) * xh;
       });
       column_block_sum(rows, c0, cols, db, [&](int64_t r, int64_t c, int lanes) {
-        return Vec::load_partial(dout + r * C + c, lanes);
+        return load_lanes(dout + r * C + c, lanes);
       });
     }
   });
@@ -133,7 +133,7 @@ void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
   llamas::parallel_for(n, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i += Vec::W) {
       int lanes = clamp_lanes(i1 - i);
-      (Vec::load_partial(dy + i, lanes) * vgelu_grad(Vec::load_partial(x + i, lanes))).store_partial(dx + i, lanes);
+      store_lanes(dx + i, (load_lanes(dy + i, lanes) * vgelu_grad(load_lanes(x + i, lanes))), lanes);
     }
   });
 }
@@ -154,9 +154,9 @@ void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t
       Vec vm = Vec::set1(mx), sum = Vec::zero();
       for (i = 0; i < V; i += Vec::W) {
         int lanes = clamp_lanes(V - i);
-        Vec e = Vec::select_first(lanes, vexp(Vec::load_partial(z + i, lanes) - vm), Vec::zero());
+        Vec e = Vec::select_first(lanes, vexp(load_lanes(z + i, lanes) - vm), Vec::zero());
         sum = sum + e;
-        if (grad_scale != 0.0f) e.store_partial(z + i, lanes);
+        if (grad_scale != 0.0f) store_lanes(z + i, e, lanes);
       }
       float total = sum.reduce_add();
       losses[r] = mx + std::log(total) - target_logit;
@@ -164,88 +164,121 @@ void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t
       Vec k = Vec::set1(grad_scale / total);
       for (i = 0; i < V; i += Vec::W) {
         int lanes = clamp_lanes(V - i);
-        (Vec::load_partial(z + i, lanes) * k).store_partial(z + i, lanes);
+        store_lanes(z + i, (load_lanes(z + i, lanes) * k), lanes);
       }
       z[targets[r]] -= grad_scale;
     }
   });
 }
 
-// Longest sequence the training attention handles: one row of scores lives on the stack.
+// Longest sequence the training attention handles (kept as the ops-level limit).
 constexpr int64_t kTrainMaxT = llamas::cpu::kTrainAttentionMaxT;
+// Query rows per attention tile: a 64 x T score tile (64 KiB at T = 256) stays in L2.
+constexpr int64_t kAttnTile = 64;
 
-inline void exp_shifted(float* s, int64_t n, float shift) {
-  Vec vs = Vec::set1(shift);
+inline void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, bool a_trans, const float* B,
+                      BLayout layout, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  GemmArgs g;
+  g.M = M, g.N = N, g.K = K;
+  g.A = A, g.lda = lda, g.a_trans = a_trans;
+  g.B = B, g.b_layout = layout, g.ldb = ldb;
+  g.C = C, g.ldc = ldc, g.accumulate = accumulate;
+  gemm(g);  // called from inside a parallel task: its own parallel_for runs serially
+}
+
+// Row i of a score tile (keys 0..n-1): p_j = exp(scale s_j - shift) for j <= i, 0 after.
+inline void masked_exp_row(float* s, int64_t n, int64_t i, float scale, float shift) {
+  const Vec vscale = Vec::set1(scale), vshift = Vec::set1(shift);
   for (int64_t j = 0; j < n; j += Vec::W) {
     int lanes = clamp_lanes(n - j);
-    vexp(Vec::load_partial(s + j, lanes) - vs).store_partial(s + j, lanes);
+    Vec e = vexp(load_lanes(s + j, lanes) * vscale - vshift);
+    e = Vec::select_first(clamp_lanes(i + 1 - j), e, Vec::zero());
+    store_lanes(s + j, e, lanes);
   }
 }
 
 // Causal self-attention over qkv (B, T, 3C) rows [q | k | v], heads interleaved as GPT-2 packs
-// them. out (B, T, C); lse (B, H, T) = log sum_j exp(score_ij), kept for the backward.
+// them. out (B, T, C); lse (B, H, T) = log sum_j exp(score_ij), kept for the backward. Each
+// (batch, head) is one task; 64-query tiles compute S = Q K^T and O = P V as small GEMMs that
+// read q, k and v in place (row stride 3C).
 void attention_forward(const float* qkv, float* out, float* lse, int64_t B, int64_t T, int64_t H, int64_t hd,
                        float scale) {
   const int64_t C = H * hd, C3 = 3 * C;
   llamas::parallel_for(B * H, 1, [&](int64_t t0, int64_t t1) {
-    float scores[kTrainMaxT];
+    ScratchBuffer tile(static_cast<size_t>(kAttnTile * T));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / H, h = task % H;
-      const float* base = qkv + b * T * C3 + h * hd;
-      for (int64_t i = 0; i < T; ++i) {
-        const float* q = base + i * C3;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j <= i; ++j) {
-          scores[j] = dot(q, base + j * C3 + C, hd) * scale;
-          mx = scores[j] > mx ? scores[j] : mx;
+      const float* q = qkv + b * T * C3 + h * hd;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      float* o = out + b * T * C + h * hd;
+      for (int64_t q0 = 0; q0 < T; q0 += kAttnTile) {
+        const int64_t m = imin(kAttnTile, T - q0), nk = q0 + m;
+        float* S = tile.data;
+        tile_gemm(m, nk, hd, q + q0 * C3, C3, false, k, BLayout::NK, C3, S, nk, false);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = q0 + r;
+          float* row = S + r * nk;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j <= i; ++j) mx = row[j] > mx ? row[j] : mx;
+          mx *= scale;
+          masked_exp_row(row, nk, i, scale, mx);
+          float sum = row_sum(row, i + 1);
+          lse[task * T + i] = mx + std::log(sum);
+          const Vec inv = Vec::set1(1.0f / sum);
+          for (int64_t j = 0; j <= i; j += Vec::W) {
+            int lanes = clamp_lanes(i + 1 - j);
+            store_lanes(row + j, load_lanes(row + j, lanes) * inv, lanes);
+          }
         }
-        exp_shifted(scores, i + 1, mx);
-        float* o = out + (b * T + i) * C + h * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-        float sum = 0.0f;
-        for (int64_t j = 0; j <= i; ++j) {
-          sum += scores[j];
-          axpy(scores[j], base + j * C3 + 2 * C, o, hd);
-        }
-        float inv = 1.0f / sum;
-        for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
-        lse[task * T + i] = mx + std::log(sum);
+        tile_gemm(m, hd, nk, S, nk, false, v, BLayout::KN, C3, o + q0 * C, C, false);
       }
     }
   });
 }
 
-// Backward of attention_forward: p_ij = exp(score_ij - lse_i) is recomputed row by row;
-// dv_j += p_ij do_i, ds_ij = p_ij (do_i . v_j - do_i . o_i), dq_i += scale ds_ij k_j,
-// dk_j += scale ds_ij q_i. dqkv is overwritten. Each (batch, head) is one task, so the sums over
-// i into dk and dv run in order on one thread.
+// Backward of attention_forward, tile by tile, recomputing P = exp(scale Q K^T - lse) from the
+// saved log-sum-exp (no T x T matrix is kept): dP = dO V^T, dS = P (dP - rowdot(dO, O)) scale,
+// dQ = dS K, dK += dS^T Q, dV += P^T dO. dqkv is overwritten. Each (batch, head) is one task, so
+// the sums into dK and dV run in order on one thread.
 void attention_backward(const float* qkv, const float* out, const float* lse, const float* dout, float* dqkv,
                         int64_t B, int64_t T, int64_t H, int64_t hd, float scale) {
   const int64_t C = H * hd, C3 = 3 * C;
   llamas::parallel_for(B * H, 1, [&](int64_t t0, int64_t t1) {
-    float p[kTrainMaxT];
+    ScratchBuffer tiles(static_cast<size_t>(2 * kAttnTile * T));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / H, h = task % H;
-      const float* base = qkv + b * T * C3 + h * hd;
-      float* dbase = dqkv + b * T * C3 + h * hd;
-      for (int64_t i = 0; i < T; ++i)
-        for (int part = 0; part < 3; ++part)
-          for (int64_t d = 0; d < hd; ++d) dbase[i * C3 + part * C + d] = 0.0f;
-      for (int64_t i = 0; i < T; ++i) {
-        const float* q = base + i * C3;
-        const float* o = out + (b * T + i) * C + h * hd;
-        const float* dout_i = dout + (b * T + i) * C + h * hd;
-        const float Di = dot(dout_i, o, hd);
-        for (int64_t j = 0; j <= i; ++j) p[j] = dot(q, base + j * C3 + C, hd) * scale;
-        exp_shifted(p, i + 1, lse[task * T + i]);
-        float* dq = dbase + i * C3;
-        for (int64_t j = 0; j <= i; ++j) {
-          const float* v = base + j * C3 + 2 * C;
-          float ds = p[j] * (dot(dout_i, v, hd) - Di) * scale;
-          axpy(ds, base + j * C3 + C, dq, hd);
-          axpy(ds, q, dbase + j * C3 + C, hd);
-          axpy(p[j], dout_i, dbase + j * C3 + 2 * C, hd);
+      const float* q = qkv + b * T * C3 + h * hd;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      const float* o = out + b * T * C + h * hd;
+      const float* dO = dout + b * T * C + h * hd;
+      float* dq = dqkv + b * T * C3 + h * hd;
+      float* dk = dq + C;
+      float* dv = dq + 2 * C;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < hd; ++d) dk[t * C3 + d] = 0.0f, dv[t * C3 + d] = 0.0f;
+      for (int64_t q0 = 0; q0 < T; q0 += kAttnTile) {
+        const int64_t m = imin(kAttnTile, T - q0), nk = q0 + m;
+        float* P = tiles.data;
+        float* dS = tiles.data + kAttnTile * T;
+        tile_gemm(m, nk, hd, q + q0 * C3, C3, false, k, BLayout::NK, C3, P, nk, false);
+        tile_gemm(m, nk, hd, dO + q0 * C, C, false, v, BLayout::NK, C3, dS, nk, false);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = q0 + r;
+          float* prow = P + r * nk;
+          float* drow = dS + r * nk;
+          masked_exp_row(prow, nk, i, scale, lse[task * T + i]);
+          const Vec Di = Vec::set1(dot(dO + i * C, o + i * C, hd)), vscale = Vec::set1(scale);
+          for (int64_t j = 0; j < nk; j += Vec::W) {
+            int lanes = clamp_lanes(nk - j);
+            Vec ds = load_lanes(prow + j, lanes) * (load_lanes(drow + j, lanes) - Di) * vscale;
+            store_lanes(drow + j, ds, lanes);
+          }
         }
+        tile_gemm(m, hd, nk, dS, nk, false, k, BLayout::KN, C3, dq + q0 * C3, C3, false);
+        tile_gemm(nk, hd, m, dS, nk, true, q + q0 * C3, BLayout::KN, C3, dk, C3, true);
+        tile_gemm(nk, hd, m, P, nk, true, dO + q0 * C, BLayout::KN, C, dv, C3, true);
       }
     }
   });
@@ -256,7 +289,7 @@ void attention_backward(const float* qkv, const float* out, const float* lse, co
 float sum_squares(const float* x, int64_t n) {
   Vec acc = Vec::zero();
   for (int64_t i = 0; i < n; i += Vec::W) {
-    Vec v = Vec::load_partial(x + i, clamp_lanes(n - i));
+    Vec v = load_lanes(x + i, clamp_lanes(n - i));
     acc = Vec::fma(v, v, acc);
   }
   return acc.reduce_add();
@@ -275,14 +308,14 @@ void adamw(float* p, const float* grad, float* m, float* v, int64_t n, const lla
   llamas::parallel_for(n, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i += Vec::W) {
       int lanes = clamp_lanes(i1 - i);
-      Vec g = Vec::load_partial(grad + i, lanes) * gs;
-      Vec mi = Vec::fma(b1, Vec::load_partial(m + i, lanes), c1 * g);
-      Vec vi = Vec::fma(b2, Vec::load_partial(v + i, lanes), c2 * g * g);
+      Vec g = load_lanes(grad + i, lanes) * gs;
+      Vec mi = Vec::fma(b1, load_lanes(m + i, lanes), c1 * g);
+      Vec vi = Vec::fma(b2, load_lanes(v + i, lanes), c2 * g * g);
       Vec denom = Vec::fma(Vec::sqrt(vi), inv_sqrt_bc2, eps);
-      Vec pi = Vec::load_partial(p + i, lanes) * decay - step * (mi / denom);
-      mi.store_partial(m + i, lanes);
-      vi.store_partial(v + i, lanes);
-      pi.store_partial(p + i, lanes);
+      Vec pi = load_lanes(p + i, lanes) * decay - step * (mi / denom);
+      store_lanes(m + i, mi, lanes);
+      store_lanes(v + i, vi, lanes);
+      store_lanes(p + i, pi, lanes);
     }
   });
 }

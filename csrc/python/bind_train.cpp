@@ -145,7 +145,21 @@ void init_train(py::module_& m) {
     py::list out;
     for (auto& [name, t] : named_parameters(w)) out.append(py::make_tuple(name, tensor_view(*t, self)));
     return out;
-  }, "[(Hugging Face name, numpy view)] of every parameter (bfloat16 as uint16 bits).");
+  }, "[(Hugging Face name, numpy view)] of every parameter (bfloat16 as uint16 bits).")
+   .def("loss", [](GPT2Model& model, IntArray inputs, IntArray targets) {
+     check_batch_arrays(inputs, targets, "loss");
+     const int64_t B = inputs.shape(0), T = inputs.shape(1), V = model.config().vocab_size;
+     py::gil_scoped_release release;
+     // One row at a time keeps the logits at T x V floats whatever the batch size.
+     double total = 0;
+     std::vector<float> losses(T);
+     for (int64_t b = 0; b < B; ++b) {
+       Tensor logits = model.forward(inputs.data() + b * T, 1, T);
+       ops::cross_entropy(logits.data<float>(), targets.data() + b * T, losses.data(), T, V, 0.0f);
+       for (float l : losses) total += l;
+     }
+     return total / double(B * T);
+   }, py::arg("inputs"), py::arg("targets"), "Mean cross-entropy of targets given inputs (B, T); no gradients.");
 
   py::class_<GPT2Trainer>(m, "GPT2Trainer")
       .def(py::init([](GPT2Model& model, float beta1, float beta2, float eps, float weight_decay, float grad_clip) {

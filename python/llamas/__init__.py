@@ -18,6 +18,7 @@ from . import ops
 from .config import GPT2Config
 from .model import Model, load
 from .profile import profile
+from .train import PRESETS, Trainer, WarmupCosine, create, evaluate
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,6 @@ def info() -> dict:
 
 
 __all__ = [
-    "GPT2Config", "LlamasError", "Model", "cuda_available", "get_num_threads", "info", "load",
+    "GPT2Config", "LlamasError", "Model", "PRESETS", "Trainer", "WarmupCosine", "create", "cuda_available", "evaluate", "get_num_threads", "info", "load",
     "memory_stats", "ops", "profile", "set_num_threads",
 ]

@@ -10,9 +10,12 @@ import time
 from ._C import LlamasError
 
 
+MODEL_HELP = ("Hugging Face model folder (config.json, model.safetensors, tokenizer files); "
+              "default: the bundled Shakespeare model")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--model", default=None, metavar="DIR", help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight precision (bfloat16 halves the bytes read per token)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -55,16 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repetitions", "-r", type=_positive_int, default=5, help="repetitions (default 5)")
     b.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
 
-    from . import cli_data
+    from . import cli_data, cli_train
     cli_data.add_parser(sub)
+    cli_train.add_parsers(sub, MODEL_HELP)
     return parser
+
+
+def _model_path(args) -> str:
+    import os
+    from .model import default_model_path
+    if args.model is not None:
+        return args.model
+    path = default_model_path()
+    if not os.path.isdir(path):
+        raise LlamasError(f"no --model given and the bundled model is missing ({path}); pass --model DIR")
+    return path
 
 
 def _load(args):
     import llamas
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
-    return llamas.load(args.model, dtype=args.dtype)
+    return llamas.load(_model_path(args), dtype=args.dtype)
 
 
 def cmd_generate(args) -> int:
@@ -148,8 +163,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from . import cli_data
-        commands = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "data": cli_data.run}
+        from . import cli_data, cli_train
+        commands = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "data": cli_data.run,
+                    "train": cli_train.cmd_train,
+                    "eval": lambda a: cli_train.cmd_eval(a, _model_path(a))}
         return commands[args.command](args)
     except LlamasError as e:
         print(f"llamas: error: {e}", file=sys.stderr)

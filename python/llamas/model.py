@@ -70,6 +70,22 @@ class Model:
         return (f"Model(gpt2, {c.num_parameters() / 1e6:.1f}M params, n_layer={c.n_layer}, n_embd={c.n_embd}, "
                 f"n_head={c.n_head}, vocab={c.vocab_size}, dtype={self.dtype}, path={self.path!r})")
 
+    # ---- saving ------------------------------------------------------------------------------
+    def save(self, folder: str) -> None:
+        """Writes the Hugging Face layout: config.json, model.safetensors (names with the
+        "transformer." prefix, Conv1D (in, out) matrices, lm_head tied to wte) and the tokenizer
+        files. `llamas.load` and transformers' GPT2LMHeadModel.from_pretrained both read it."""
+        from .safetensors_io import write_safetensors
+        folder = os.fspath(folder)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise LlamasError(f"[save] {folder} exists and is not a folder")
+        os.makedirs(folder, exist_ok=True)
+        tensors = dict(self._native.named_weights())
+        write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+        self.config.save(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save(folder)
+
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, ids) -> np.ndarray:
         """Logits for every position: int (B, T) -> float32 (B, T, vocab)."""
@@ -227,14 +243,20 @@ class _Result:
         self.ids: list[int] = []
 
 
-def load(path: str, dtype: str = "float32") -> Model:
-    """Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer files).
+def default_model_path() -> str:
+    """The model bundled with the package: a small GPT-2 trained by llamas on Shakespeare."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shakespeare")
+
+
+def load(path: Optional[str] = None, dtype: str = "float32") -> Model:
+    """Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer files); with no
+    path, the bundled Shakespeare model.
 
     float32 weights are memory-mapped, not copied; dtype="bfloat16" converts the matrices once
     (halving the bytes each decoded token reads)."""
     if dtype not in ("float32", "bfloat16"):
         raise LlamasError(f"[load] dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    path = os.fspath(path)
+    path = default_model_path() if path is None else os.fspath(path)
     if not os.path.isdir(path):
         raise LlamasError(f"[load] {path} is not a folder (expected a Hugging Face model folder)")
     config = GPT2Config.from_file(os.path.join(path, "config.json"))

@@ -1,0 +1,315 @@
+"""`llamas train` and `llamas eval`."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from ._C import LlamasError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def add_parsers(sub, default_model_help: str) -> None:
+    from .train import PRESETS
+    t = sub.add_parser(
+        "train", help="train or fine-tune a model on prepared token shards",
+        description="Train a GPT-2 from scratch (--config) or fine-tune one (--model) on shards made by "
+                    "`llamas data prepare`. Writes the model (Hugging Face layout), checkpoint.safetensors, "
+                    "metrics.jsonl and loss.png (with matplotlib) into --out.")
+    t.add_argument("--data", required=True, metavar="DIR", help="folder written by `llamas data prepare`")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="fine-tune this model folder")
+    src.add_argument("--config", metavar="NAME",
+                     help=f"train from scratch: a preset ({', '.join(PRESETS)}) or a config.json path "
+                          "(vocab_size comes from the data's tokenizer)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    t.add_argument("--steps", type=_positive_int, required=True, help="total optimizer steps")
+    t.add_argument("--batch", type=_positive_int, default=8, help="sequences per step (default 8)")
+    t.add_argument("--seq", type=_positive_int, default=128, help="tokens per sequence (default 128)")
+    t.add_argument("--micro-batch", type=_positive_int, default=None,
+                   help="sequences per forward/backward; gradients accumulate over the step (default: --batch)")
+    t.add_argument("--lr", type=_finite_float, default=3e-4, help="peak learning rate (default 3e-4)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="cosine: linear warmup then cosine decay to --min-lr-ratio x lr (default); constant: lr")
+    t.add_argument("--warmup", type=_non_negative_int, default=None,
+                   help="warmup steps (default: 10%% of --steps, at most 200)")
+    t.add_argument("--min-lr-ratio", type=_finite_float, default=0.1, help="cosine floor as a fraction of lr (default 0.1)")
+    t.add_argument("--weight-decay", type=_finite_float, default=0.1, help="AdamW weight decay on 2-D weights (default 0.1)")
+    t.add_argument("--beta1", type=_finite_float, default=0.9, help="AdamW beta1 (default 0.9)")
+    t.add_argument("--beta2", type=_finite_float, default=0.95, help="AdamW beta2 (default 0.95)")
+    t.add_argument("--grad-clip", type=_finite_float, default=1.0, help="global gradient-norm clip, 0 = off (default 1)")
+    t.add_argument("--eval-every", type=_non_negative_int, default=100, help="validation every N steps, 0 = only at the end (default 100)")
+    t.add_argument("--eval-batches", type=_positive_int, default=20, help="validation batches per evaluation (default 20)")
+    t.add_argument("--save-every", type=_non_negative_int, default=200, help="checkpoint every N steps, 0 = only at the end (default 200)")
+    t.add_argument("--seed", type=_non_negative_int, default=0, help="initialisation and data-order seed (default 0)")
+    t.add_argument("--n-positions", type=_positive_int, default=None, help="context length of a new model (default: the preset's)")
+    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    t.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    t.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a model on prepared shards",
+                       description="Print the mean loss and perplexity of a model on a split of a prepared data folder.")
+    e.add_argument("--model", default=None, metavar="DIR", help=default_model_help)
+    e.add_argument("--data", required=True, metavar="DIR", help="folder written by `llamas data prepare`")
+    e.add_argument("--split", default="val", help="split to evaluate (default val)")
+    e.add_argument("--batch", type=_positive_int, default=8, help="sequences per batch (default 8)")
+    e.add_argument("--seq", type=_positive_int, default=None, help="tokens per sequence (default: min(256, context))")
+    e.add_argument("--max-batches", type=_positive_int, default=None, help="stop after N batches (default: all)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight precision")
+    e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+
+
+def _check_vocab(model, dataset) -> None:
+    if dataset.vocab_size > model.config.vocab_size:
+        raise LlamasError(f"[train] the data's tokenizer has {dataset.vocab_size} tokens but the model's vocabulary "
+                          f"has {model.config.vocab_size}: tokenize the data with the model's tokenizer")
+
+
+def _new_model(args, dataset):
+    import llamas
+    from .config import GPT2Config
+    from .tokenizer import Tokenizer
+    from .train import PRESETS, preset_config
+    tokenizer = Tokenizer.from_folder(dataset.tokenizer_dir, dataset.eos_token_id)
+    if args.model:
+        model = llamas.load(args.model, dtype="float32")
+        _check_vocab(model, dataset)
+        return model
+    name = args.config or "small"
+    if name in PRESETS:
+        n_positions = args.n_positions or max(PRESETS[name]["n_positions"], args.seq)
+        config = preset_config(name, dataset.vocab_size, dataset.eos_token_id, n_positions)
+    else:
+        config = GPT2Config.from_file(name)
+        if config.vocab_size < dataset.vocab_size:
+            raise LlamasError(f"[train] {name} has vocab_size {config.vocab_size}, the data needs {dataset.vocab_size}")
+    return llamas.create(config, seed=args.seed, tokenizer=tokenizer)
+
+
+class _Progress:
+    """One status line on stderr: redrawn in place on a terminal, a line every 10 steps otherwise."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.first_step = None
+
+    def update(self, step: int, loss: float, val, tok_s: float, lr: float) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step, self.start = step - 1, now
+        done = step - self.first_step
+        eta = (now - self.start) / max(done, 1) * (self.total - step)
+        val_text = f" | val {val:.4f}" if val is not None else ""
+        line = (f"step {step}/{self.total} | loss {loss:.4f}{val_text} | {tok_s:,.0f} tok/s | lr {lr:.2e} | "
+                f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+        if self.tty:
+            print("\r" + line + "\033[K", end="", file=sys.stderr, flush=True)
+        elif step % 10 == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def newline(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _trim_metrics(path: str, steps_done: int) -> None:
+    """On resume, drop records the interrupted run wrote after its last checkpoint."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= steps_done:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
+def _plot(out: str, metrics_path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train, val = [], []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                train.append((r["step"], r["loss"]))
+            if "val_loss" in r:
+                val.append((r["step"], r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=0.8)
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=100)
+    plt.close(fig)
+    return True
+
+
+def cmd_train(args) -> int:
+    import llamas
+    from . import data
+    from .checkpoint import CHECKPOINT_NAME, read_checkpoint, restore_checkpoint, save_checkpoint
+    from .config import GPT2Config
+    from .train import PRESETS, Trainer, WarmupCosine, preset_config
+
+    if args.threads is not None:
+        llamas.set_num_threads(args.threads)
+    train_set = data.TokenDataset(args.data, "train")
+    try:
+        val_set = data.TokenDataset(args.data, "val")
+    except LlamasError:
+        val_set = None
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+
+    state = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise LlamasError(f"[train] --resume: {ckpt_path} not found")
+        tensors, state = read_checkpoint(ckpt_path)
+        config = GPT2Config.from_dict(state["config"])
+        if args.config in PRESETS:
+            wanted = preset_config(args.config, train_set.vocab_size, train_set.eos_token_id,
+                                   args.n_positions or config.n_positions)
+            if wanted.to_native() != config.to_native():
+                raise LlamasError(f"[train] --resume: {ckpt_path} was written for a different config "
+                                  f"({config.to_native()}), not --config {args.config} ({wanted.to_native()})")
+        for key in ("batch", "seq", "seed", "data_tokens"):
+            now = {"batch": args.batch, "seq": args.seq, "seed": args.seed, "data_tokens": train_set.num_tokens}[key]
+            if state["run"].get(key) != now:
+                raise LlamasError(f"[train] --resume: the checkpoint's {key} is {state['run'].get(key)}, this run's "
+                                  f"is {now}; resume with the same settings and data")
+        from .tokenizer import Tokenizer
+        model = llamas.create(config, seed=0,
+                              tokenizer=Tokenizer.from_folder(train_set.tokenizer_dir, train_set.eos_token_id))
+        _check_vocab(model, train_set)
+    else:
+        model = _new_model(args, train_set)
+    if args.seq > model.config.n_positions:
+        raise LlamasError(f"[train] --seq {args.seq} exceeds the model's context {model.config.n_positions}")
+
+    warmup = args.warmup if args.warmup is not None else min(200, args.steps // 10)
+    schedule = WarmupCosine(warmup, args.steps, args.min_lr_ratio) if args.schedule == "cosine" else None
+    trainer = Trainer(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+                      grad_clip=args.grad_clip, schedule=schedule, micro_batch_size=args.micro_batch)
+    loader = data.DataLoader(train_set, args.batch, args.seq, seed=args.seed, shuffle=True)
+    val_loader = None
+    if val_set is not None:
+        try:
+            windows = data.DataLoader(val_set, 1, args.seq, shuffle=False).num_windows
+            val_loader = data.DataLoader(val_set, min(args.batch, windows), args.seq, shuffle=False)
+        except LlamasError as e:
+            print(f"note: no validation ({e})", file=sys.stderr)
+    if state is not None:
+        restore_checkpoint(trainer, tensors, state, ckpt_path)
+        loader.load_state_dict(state["loader"])
+        _trim_metrics(metrics_path, trainer.steps_done)
+        print(f"resumed from {ckpt_path} at step {trainer.steps_done}", file=sys.stderr)
+    elif os.path.exists(metrics_path):
+        os.unlink(metrics_path)
+
+    run_info = {"batch": args.batch, "seq": args.seq, "seed": args.seed, "data_tokens": train_set.num_tokens}
+    c = model.config
+    print(f"model: gpt2 {c.num_parameters() / 1e6:.2f}M params (n_layer {c.n_layer}, n_embd {c.n_embd}, "
+          f"n_head {c.n_head}, vocab {c.vocab_size}, context {c.n_positions}); data: {train_set.num_tokens:,} "
+          f"train tokens, {val_set.num_tokens if val_set else 0:,} val tokens; {args.steps} steps of "
+          f"{args.batch}x{args.seq} tokens", file=sys.stderr)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, trainer, {"config": c.to_hf_dict(), "loader": loader.state_dict(), "run": run_info})
+        model.save(args.out)
+
+    progress = _Progress(args.steps)
+    val_loss = None
+    with llamas.profile() as prof, open(metrics_path, "a", encoding="utf-8") as metrics:
+        while trainer.steps_done < args.steps:
+            inputs, targets = loader.next_batch()
+            t0 = time.perf_counter()
+            try:
+                loss = trainer.step(inputs, targets)
+            except LlamasError as e:
+                progress.newline()
+                kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+                raise LlamasError(f"{e}; training stopped, {kept}") from None
+            dt = time.perf_counter() - t0
+            step = trainer.steps_done
+            record = {"step": step, "loss": loss, "lr": trainer.last_lr, "grad_norm": trainer.last_grad_norm,
+                      "tokens_per_s": inputs.size / dt, "time_s": dt}
+            last = step == args.steps
+            if val_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last):
+                val_loss = trainer.evaluate(val_loader, max_batches=args.eval_batches)
+                record["val_loss"] = val_loss
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            progress.update(step, loss, val_loss, inputs.size / dt, trainer.last_lr)
+            if (args.save_every and step % args.save_every == 0) or last:
+                checkpoint()
+    progress.newline()
+    summary = f"done: {args.steps} steps, final train loss {loss:.4f}"
+    if val_loss is not None:
+        summary += f", val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f})"
+    print(summary + f"; model saved in {args.out}", file=sys.stderr)
+    if _plot(args.out, metrics_path):
+        print(f"loss curve: {os.path.join(args.out, 'loss.png')}", file=sys.stderr)
+    if args.profile:
+        print(prof.table(), file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args, model_path: str) -> int:
+    import llamas
+    from . import data
+    from .train import evaluate
+    if args.threads is not None:
+        llamas.set_num_threads(args.threads)
+    model = llamas.load(model_path, dtype=args.dtype)
+    dataset = data.TokenDataset(args.data, args.split)
+    _check_vocab(model, dataset)
+    seq = args.seq or min(256, model.config.n_positions)
+    if seq > model.config.n_positions:
+        raise LlamasError(f"[eval] --seq {seq} exceeds the model's context {model.config.n_positions}")
+    loader = data.DataLoader(dataset, args.batch, seq, shuffle=False)
+    loss = evaluate(model, loader, args.max_batches)
+    n_batches = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+    print(f"split {args.split}: loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} "
+          f"({n_batches * args.batch * seq:,} tokens)")
+    return 0
