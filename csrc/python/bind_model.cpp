@@ -2,6 +2,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
+
 #include "llamas/error.h"
 #include "models/gpt2.h"
 #include "python/convert.h"
@@ -39,16 +41,28 @@ static DType model_dtype(const std::string& name) {
 void init_model(py::module_& m) {
   py::class_<Sequence>(m, "Sequence", "One sequence being generated: KV cache, tokens so far, sampler.")
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
-                       float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed) {
+                       float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed,
+                       const std::map<int32_t, float>& logit_bias, int logprobs) {
              SamplingParams p;
              p.temperature = temperature, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
              p.repetition_penalty = repetition_penalty;
              p.presence_penalty = presence_penalty, p.frequency_penalty = frequency_penalty;
-             return new Sequence(config_from_dict(config), p, seed);
+             p.logit_bias.assign(logit_bias.begin(), logit_bias.end());
+             p.logprobs = logprobs;
+             GPT2Config c = config_from_dict(config);
+             for (auto& [token, bias] : p.logit_bias)
+               LLAMAS_CHECK(token < c.vocab_size, "sampling", "logit_bias token ", token, " is outside the vocabulary [0, ",
+                            c.vocab_size, ")");
+             return new Sequence(c, p, seed);
            }),
            py::arg("config"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
-           py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0)
+           py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0,
+           py::arg("logit_bias") = std::map<int32_t, float>(), py::arg("logprobs") = -1)
+      .def_property_readonly("last_logprob", [](const Sequence& s) { return s.sampler.last_logprob; },
+                             "Log-probability of the last sampled token (when logprobs >= 0).")
+      .def_property_readonly("last_top_logprobs", [](const Sequence& s) { return s.sampler.last_top_logprobs; },
+                             "[(token id, log-probability)] of the most likely tokens at the last step.")
       .def_property_readonly("length", [](const Sequence& s) { return s.cache.length(); })
       .def_property_readonly("kv_blocks", [](const Sequence& s) { return s.cache.blocks(); })
       .def_property_readonly("tokens", [](const Sequence& s) { return s.tokens; })

@@ -21,6 +21,10 @@ void SamplingParams::validate() const {
                "presence_penalty must be in [-2, 2], got ", presence_penalty);
   LLAMAS_CHECK(std::isfinite(frequency_penalty) && std::fabs(frequency_penalty) <= 2.0f, op,
                "frequency_penalty must be in [-2, 2], got ", frequency_penalty);
+  LLAMAS_CHECK(logprobs >= -1 && logprobs <= 20, op, "logprobs must be in [0, 20], got ", logprobs);
+  for (auto& [token, bias] : logit_bias)
+    LLAMAS_CHECK(token >= 0 && std::isfinite(bias) && std::fabs(bias) <= 100.0f, op, "logit_bias entry ", token,
+                 ": ", bias, " must be a token id >= 0 with a bias in [-100, 100]");
 }
 
 static uint64_t splitmix64(uint64_t& x) {
@@ -49,7 +53,33 @@ float Sampler::next_uniform() {
 }
 
 int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
+  if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
+  // Log-probabilities of the raw distribution: log_softmax(z)_i = z_i - max - log sum exp(z - max).
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < vocab; ++i) mx = std::max(mx, logits[i]);
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i] - mx));
+  const float log_norm = mx + float(std::log(sum));
+  last_top_logprobs.clear();
+  const int n_top = int(std::min<int64_t>(params_.logprobs, vocab));
+  if (n_top > 0) {
+    std::vector<int32_t> ids(vocab);
+    for (int64_t i = 0; i < vocab; ++i) ids[i] = int32_t(i);
+    std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    for (int i = 0; i < n_top; ++i) last_top_logprobs.push_back({ids[i], logits[ids[i]] - log_norm});
+  }
+  std::vector<float> raw(logits, logits + vocab);
+  int32_t chosen = choose(logits, vocab, context, n_prompt);
+  last_logprob = raw[chosen] - log_norm;
+  return chosen;
+}
+
+int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   const SamplingParams& p = params_;
+  for (auto& [token, bias] : p.logit_bias)
+    if (token >= 0 && token < vocab) logits[token] += bias;
   if (p.repetition_penalty != 1.0f) {
     std::vector<int32_t> seen(context);
     std::sort(seen.begin(), seen.end());

@@ -3,6 +3,7 @@
 // xoshiro256** stream owned by the sequence, so the same seed gives the same tokens whether the
 // sequence runs alone or in a batch.
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace llamas {
@@ -15,6 +16,11 @@ struct SamplingParams {
   float repetition_penalty = 1.0f;   // HF/CTRL style, over prompt and generated tokens
   float presence_penalty = 0.0f;     // OpenAI style, over generated tokens
   float frequency_penalty = 0.0f;
+  // OpenAI logit_bias: added to the logits before anything else (token id, bias in [-100, 100]).
+  std::vector<std::pair<int32_t, float>> logit_bias;
+  // -1: off; 0: the chosen token's log-probability; n > 0: also the n most likely (n <= 20).
+  // Log-probabilities are of the model's distribution (raw logits, before bias and penalties).
+  int logprobs = -1;
 
   // Throws llamas::Error naming the first bad field.
   void validate() const;
@@ -24,12 +30,16 @@ class Sampler {
  public:
   Sampler(const SamplingParams& params, uint64_t seed);
   const SamplingParams& params() const { return params_; }
+  // Filled by sample() when params().logprobs >= 0.
+  float last_logprob = 0.0f;
+  std::vector<std::pair<int32_t, float>> last_top_logprobs;
   // Picks the next token from logits (modified in place). `context` is every token of the
   // sequence so far (prompt first), `n_prompt` how many of them are the prompt.
   int32_t sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
 
  private:
   float next_uniform();
+  int32_t choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   SamplingParams params_;
   uint64_t state_[4];
 };
