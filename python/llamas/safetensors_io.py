@@ -40,7 +40,8 @@ def write_safetensors(path: str, tensors: Dict[str, np.ndarray], metadata: Optio
         arr = np.asarray(arr)
         if arr.dtype not in _TO_TAG:
             raise LlamasError(f"[safetensors] {name}: unsupported dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        # ascontiguousarray turns a 0-d array into shape (1,): reshape keeps scalars scalar
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(arr.shape)
         header[name] = {"dtype": _TO_TAG[arr.dtype], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
