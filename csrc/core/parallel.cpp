@@ -47,7 +47,7 @@ class ThreadPool {
     // miss the first job's bump and sleep through it.
     const uint64_t start_generation = generation_.load(std::memory_order_acquire);
     for (int i = 1; i < n; ++i)
-      workers_.emplace_back([this, i, start_generation] { worker_loop(i, start_generation); });
+      workers_.emplace_back([this, start_generation] { worker_loop(start_generation); });
   }
 
   void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
@@ -64,26 +64,57 @@ class ThreadPool {
     job_ctx_ = ctx;
     job_n_ = n;
     job_grain_ = grain;
-    job_threads_ = threads;
-    // Every worker wakes for every job (those past job_threads_ find an empty range).
-    pending_.store(size() - 1, std::memory_order_relaxed);
+    job_chunks_ = chunks;
+    const int64_t pieces = std::min<int64_t>(chunks, int64_t(threads) * kPiecesPerThread);
+    job_pieces_ = pieces;
     error_ = nullptr;
+    done_.store(0, std::memory_order_relaxed);
+    job_id_ = (job_id_ + 1) & kIdMask;
+    work_.store(pack(job_id_, uint64_t(pieces), 0), std::memory_order_release);
     {
       std::lock_guard<std::mutex> lock(wake_mutex_);
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_cv_.notify_all();
-    run_chunk(0);
-    while (pending_.load(std::memory_order_acquire) != 0) LLAMAS_CPU_RELAX();
+    while (run_next_piece()) {
+    }
+    // Wait only for pieces other threads are still running. Spin briefly, then yield the core: on
+    // a busy machine a spinning caller would keep a descheduled worker from finishing its piece.
+    for (int spin = 0; done_.load(std::memory_order_acquire) != pieces; ++spin) {
+      if (spin < 256) LLAMAS_CPU_RELAX();
+      else std::this_thread::yield();
+    }
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
-  void run_chunk(int index) {
-    if (index >= job_threads_) return;
-    int64_t chunks = (job_n_ + job_grain_ - 1) / job_grain_;
-    int64_t begin_chunk = chunks * index / job_threads_;
-    int64_t end_chunk = chunks * (index + 1) / job_threads_;
+  // The work word: job id (24 bits) | piece count (20 bits) | next piece (20 bits). Claiming a
+  // piece is one compare-exchange on it, so a worker that wakes late can never claim a piece of a
+  // newer job by mistake, and a job's fields stay unchanged until all of its pieces are done.
+  static constexpr uint64_t kIdMask = (1u << 24) - 1;
+  static constexpr int kPiecesPerThread = 4;
+  static uint64_t pack(uint64_t id, uint64_t pieces, uint64_t next) { return (id << 40) | (pieces << 20) | next; }
+
+  // Claims and runs the next piece of the current job; false when none is left. Pieces are handed
+  // out dynamically (a thread the OS has not scheduled simply claims none); each piece is a fixed
+  // range of whole grains, and no kernel splits a reduction across ranges, so results do not
+  // depend on which thread ran what.
+  bool run_next_piece() {
+    uint64_t w = work_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t pieces = (w >> 20) & 0xFFFFF, next = w & 0xFFFFF;
+      if (next >= pieces) return false;
+      if (work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        run_piece(int64_t(next));
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        return true;
+      }
+    }
+  }
+
+  void run_piece(int64_t piece) {
+    int64_t begin_chunk = job_chunks_ * piece / job_pieces_;
+    int64_t end_chunk = job_chunks_ * (piece + 1) / job_pieces_;
     int64_t begin = std::min(job_n_, begin_chunk * job_grain_);
     int64_t end = std::min(job_n_, end_chunk * job_grain_);
     if (begin >= end) return;
@@ -98,12 +129,12 @@ class ThreadPool {
     t_inside_parallel_region = was_inside;
   }
 
-  void worker_loop(int index, uint64_t seen) {
+  void worker_loop(uint64_t seen) {
     for (;;) {
       // Spin briefly before sleeping: a decode step issues ~100 parallel regions a few tens of
       // microseconds apart, and a condition-variable wake-up costs about as much as one region.
       uint64_t now = seen;
-      for (int spin = 0; spin < 20000; ++spin) {
+      for (int spin = 0; spin < 4000; ++spin) {
         now = generation_.load(std::memory_order_acquire);
         if (now != seen || stopping_.load(std::memory_order_relaxed)) break;
         LLAMAS_CPU_RELAX();
@@ -117,8 +148,8 @@ class ThreadPool {
       }
       if (stopping_.load()) return;
       seen = now;
-      run_chunk(index);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      while (run_next_piece()) {
+      }
     }
   }
 
@@ -137,7 +168,9 @@ class ThreadPool {
   std::mutex wake_mutex_;
   std::condition_variable wake_cv_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> work_{0};
+  std::atomic<int64_t> done_{0};
+  uint64_t job_id_ = 0;
   std::atomic<bool> stopping_{false};
   std::mutex error_mutex_;
   std::exception_ptr error_;
@@ -145,7 +178,8 @@ class ThreadPool {
   void* job_ctx_ = nullptr;
   int64_t job_n_ = 0;
   int64_t job_grain_ = 1;
-  int job_threads_ = 1;
+  int64_t job_chunks_ = 1;
+  int64_t job_pieces_ = 1;
 };
 
 ThreadPool& pool() {
