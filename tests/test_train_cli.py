@@ -249,7 +249,10 @@ def test_error_resume_with_other_settings(run_a, dataset, tmp_path, capsys):
     args = train_args(dataset["data"], out, "--resume")
     args[args.index("--batch") + 1] = "2"
     err = error_of(capsys, args)
-    assert "batch" in err and "same settings" in err
+    assert "batch" in err and "same flags" in err
+    args = train_args(dataset["data"], out, "--resume", "--lr", "0.5")
+    err = error_of(capsys, args)
+    assert "lr: checkpoint" in err  # a changed schedule would silently change the losses
     # nothing was changed by the refused resumes
     assert read_checkpoint(str(out / "checkpoint.safetensors"))[1]["steps_done"] == 8
     assert read_metrics(out) == read_metrics(run_a)

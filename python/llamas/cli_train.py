@@ -183,6 +183,14 @@ def _plot(out: str, metrics_path: str) -> bool:
     return True
 
 
+def _run_settings(args, train_set) -> dict:
+    """What must not change between a run and its resumption (the losses would differ)."""
+    return {"batch": args.batch, "seq": args.seq, "seed": args.seed, "data_tokens": train_set.num_tokens,
+            "steps": args.steps, "lr": args.lr, "schedule": args.schedule, "warmup": args.warmup,
+            "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "beta1": args.beta1,
+            "beta2": args.beta2, "grad_clip": args.grad_clip, "micro_batch": args.micro_batch}
+
+
 def cmd_train(args) -> int:
     import llamas
     from . import data
@@ -199,6 +207,9 @@ def cmd_train(args) -> int:
         val_set = None
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    for name in os.listdir(args.out):  # temporary files of a save that was killed
+        if name.startswith(CHECKPOINT_NAME + ".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(args.out, name))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
 
     state = None
@@ -213,11 +224,12 @@ def cmd_train(args) -> int:
             if wanted.to_native() != config.to_native():
                 raise LlamasError(f"[train] --resume: {ckpt_path} was written for a different config "
                                   f"({config.to_native()}), not --config {args.config} ({wanted.to_native()})")
-        for key in ("batch", "seq", "seed", "data_tokens"):
-            now = {"batch": args.batch, "seq": args.seq, "seed": args.seed, "data_tokens": train_set.num_tokens}[key]
-            if state["run"].get(key) != now:
-                raise LlamasError(f"[train] --resume: the checkpoint's {key} is {state['run'].get(key)}, this run's "
-                                  f"is {now}; resume with the same settings and data")
+        current = _run_settings(args, train_set)
+        saved = state.get("run", {})
+        changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
+        if changed:
+            raise LlamasError(f"[train] --resume: {ckpt_path} was written with other settings ({'; '.join(changed)}); "
+                              "resume with the same flags and data so the run continues exactly")
         from .tokenizer import Tokenizer
         model = llamas.create(config, seed=0,
                               tokenizer=Tokenizer.from_folder(train_set.tokenizer_dir, train_set.eos_token_id))
@@ -247,7 +259,7 @@ def cmd_train(args) -> int:
     elif os.path.exists(metrics_path):
         os.unlink(metrics_path)
 
-    run_info = {"batch": args.batch, "seq": args.seq, "seed": args.seed, "data_tokens": train_set.num_tokens}
+    run_info = _run_settings(args, train_set)
     c = model.config
     print(f"model: gpt2 {c.num_parameters() / 1e6:.2f}M params (n_layer {c.n_layer}, n_embd {c.n_embd}, "
           f"n_head {c.n_head}, vocab {c.vocab_size}, context {c.n_positions}); data: {train_set.num_tokens:,} "
