@@ -15,14 +15,9 @@ using llamas::BLayout;
 using llamas::GemmArgs;
 
 constexpr int kNR = 2 * Vec::W;    // columns per register tile
-#ifndef LLAMAS_GEMM_KC  // overridable only for blocking experiments (bench)
-#define LLAMAS_GEMM_KC 256
-#define LLAMAS_GEMM_MC 120
-#define LLAMAS_GEMM_NC 512
-#endif
-constexpr int64_t kKC = LLAMAS_GEMM_KC;  // packed B micro-panel: 256 x 2W floats = 16 KiB (AVX2), in L1
-constexpr int64_t kMC = LLAMAS_GEMM_MC;  // packed A block: 120 x 256 floats = 120 KiB, in L2
-constexpr int64_t kNC = LLAMAS_GEMM_NC;  // packed B block: 256 x 512 floats = 512 KiB, in L2/L3
+constexpr int64_t kKC = 256;       // packed B micro-panel: 256 x 2W floats = 16 KiB (AVX2), in L1
+constexpr int64_t kMC = 120;       // packed A block: 120 x 256 floats = 120 KiB, in L2
+constexpr int64_t kNC = 512;       // packed B block: 256 x 512 floats = 512 KiB, in L2/L3
 constexpr int64_t kSmallM = 8;     // at or below this many rows, stream B instead of packing it
 
 struct ScratchBuffer {
