@@ -1,61 +1,25 @@
-"""Helpers shared by the benchmark scripts: a tiny safetensors writer/reader and timing."""
+"""Helpers shared by the benchmark scripts: safetensors I/O (the package's) and timing."""
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import struct
+import sys
 import time
 from typing import Callable, Dict
 
 import numpy as np
 
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
-           np.dtype(np.int64): "I64"}
-_NP = {v: k for k, v in _DTYPES.items()}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from llamas import safetensors_io  # noqa: E402
 
 
 def write_safetensors(path: str, tensors: Dict[str, np.ndarray], metadata: Dict[str, str] | None = None) -> None:
-    """Writes `tensors` (name -> C-contiguous numpy array) as a safetensors file:
-    8-byte little-endian header length, a JSON header padded with spaces to a multiple of 8,
-    then the raw little-endian data in header order."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    items = []
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _DTYPES:
-            raise TypeError(f"{name}: unsupported dtype {arr.dtype}")
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        header[name] = {"dtype": _DTYPES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        items.append(arr)
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in items:
-            f.write(memoryview(arr.reshape(-1)).cast("B"))
+    safetensors_io.write_safetensors(path, tensors, metadata)
 
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """Memory-maps a safetensors file (F32/F16/I32/I64 only) into numpy arrays (read-only views)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        dt = _NP[info["dtype"]]
-        out[name] = mm[a:b].view(dt).reshape(info["shape"])
-    return out
+    """Memory-maps a safetensors file into numpy arrays (read-only views)."""
+    return safetensors_io.read_safetensors(path)[0]
 
 
 def timeit(fn: Callable[[], object], reps: int, warmup: int = 1) -> list[float]:

@@ -17,7 +17,8 @@ inline float row_sum(const float* x, int64_t n) {
   return acc.reduce_add();
 }
 
-inline void layernorm_row(const float* x, const float* w, const float* b, float* out, int64_t C, float eps) {
+// Mean and 1/sqrt(variance + eps) of a row (two passes; the backward recomputes them this way).
+inline void row_mean_rstd(const float* x, int64_t C, float eps, float* mean_out, float* rstd_out) {
   float mean = row_sum(x, C) / float(C);
   Vec vmean = Vec::set1(mean);
   Vec var_acc = Vec::zero();
@@ -31,9 +32,16 @@ inline void layernorm_row(const float* x, const float* w, const float* b, float*
     Vec d = Vec::select_first(lanes, Vec::load_partial(x + i, lanes) - vmean, Vec::zero());
     var_acc = Vec::fma(d, d, var_acc);
   }
-  float var = var_acc.reduce_add() / float(C);
-  Vec rstd = Vec::set1(1.0f / std::sqrt(var + eps));
-  for (i = 0; i + Vec::W <= C; i += Vec::W) {
+  *mean_out = mean;
+  *rstd_out = 1.0f / std::sqrt(var_acc.reduce_add() / float(C) + eps);
+}
+
+inline void layernorm_row(const float* x, const float* w, const float* b, float* out, int64_t C, float eps) {
+  float mean, rstd_value;
+  row_mean_rstd(x, C, eps, &mean, &rstd_value);
+  Vec vmean = Vec::set1(mean), rstd = Vec::set1(rstd_value);
+  int64_t i = 0;
+  for (; i + Vec::W <= C; i += Vec::W) {
     Vec n = (Vec::load(x + i) - vmean) * rstd;
     Vec::fma(n, Vec::load(w + i), Vec::load(b + i)).store(out + i);
   }

@@ -67,25 +67,14 @@ void layernorm_backward(const float* dout, const float* x, const float* w, float
       const float* xr = x + r * C;
       const float* dr = dout + r * C;
       float* dxr = dx + r * C;
-      float mean = row_sum(xr, C) / float(C);
+      float mean, rstd;
+      row_mean_rstd(xr, C, eps, &mean, &rstd);
       Vec vmean = Vec::set1(mean);
-      Vec var_acc = Vec::zero();
-      int64_t i = 0;
-      for (; i + Vec::W <= C; i += Vec::W) {
-        Vec d = Vec::load(xr + i) - vmean;
-        var_acc = Vec::fma(d, d, var_acc);
-      }
-      if (i < C) {
-        int lanes = int(C - i);
-        Vec d = Vec::select_first(lanes, load_lanes(xr + i, lanes) - vmean, Vec::zero());
-        var_acc = Vec::fma(d, d, var_acc);
-      }
-      float rstd = 1.0f / std::sqrt(var_acc.reduce_add() / float(C) + eps);
       stats[2 * r] = mean, stats[2 * r + 1] = rstd;
       Vec vrstd = Vec::set1(rstd);
       // Sums of dnorm = dout * w and of dnorm * xhat (partial loads are zero past the row end).
       Vec s1 = Vec::zero(), s2 = Vec::zero();
-      for (i = 0; i < C; i += Vec::W) {
+      for (int64_t i = 0; i < C; i += Vec::W) {
         int lanes = clamp_lanes(C - i);
         Vec dn = load_lanes(dr + i, lanes) * load_lanes(w + i, lanes);
         Vec xh = Vec::select_first(lanes, (load_lanes(xr + i, lanes) - vmean) * vrstd, Vec::zero());
@@ -93,7 +82,7 @@ void layernorm_backward(const float* dout, const float* x, const float* w, float
         s2 = Vec::fma(dn, xh, s2);
       }
       Vec m1 = Vec::set1(s1.reduce_add() / float(C)), m2 = Vec::set1(s2.reduce_add() / float(C));
-      for (i = 0; i < C; i += Vec::W) {
+      for (int64_t i = 0; i < C; i += Vec::W) {
         int lanes = clamp_lanes(C - i);
         Vec dn = load_lanes(dr + i, lanes) * load_lanes(w + i, lanes);
         Vec xh = (load_lanes(xr + i, lanes) - vmean) * vrstd;
