@@ -36,6 +36,9 @@ struct GPT2Weights {
   // gained nothing there; (C, V) streams at the memory bound. Costs V*C*2 bytes (77 MB for 124M).
   Tensor lm_head_kn;
   std::vector<GPT2Layer> layers;
+  // Set when every float32 parameter is a view into this one buffer, in the trainer's layout
+  // (gpt2_train.h: flat_parameter_layout), so a trainer adopts it without copying.
+  Tensor flat;
   size_t bytes() const;
 };
 

@@ -70,10 +70,39 @@ void fill_value(Tensor& t, float value) {
 
 }  // namespace
 
+namespace {
+
+// Parameter shapes in named_parameters() order.
+std::vector<std::vector<int64_t>> parameter_shapes(const GPT2Config& c) {
+  const int64_t C = c.n_embd, F = c.ffn();
+  std::vector<std::vector<int64_t>> shapes = {{c.vocab_size, C}, {c.n_positions, C}};
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    std::vector<std::vector<int64_t>> layer = {{C}, {C}, {C, 3 * C}, {3 * C}, {C, C}, {C}, {C}, {C}, {C, F}, {F}, {F, C}, {C}};
+    shapes.insert(shapes.end(), layer.begin(), layer.end());
+  }
+  shapes.push_back({C});
+  shapes.push_back({C});
+  return shapes;
+}
+
+}  // namespace
+
+std::vector<int64_t> flat_parameter_layout(const GPT2Config& c) {
+  constexpr int64_t kAlignFloats = 16;
+  std::vector<int64_t> offsets = {0};
+  for (auto& shape : parameter_shapes(c)) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    offsets.push_back(offsets.back() + (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats);
+  }
+  return offsets;
+}
+
 GPT2Weights init_gpt2_weights(const GPT2Config& c, uint64_t seed) {
   c.validate();
   const int64_t C = c.n_embd, F = c.ffn();
-  auto f32 = [](std::vector<int64_t> shape) { return Tensor::empty(shape, DType::F32); };
+  // Placeholder tensors give named_parameters() its slots; each becomes a view of the flat buffer.
+  auto f32 = [](std::vector<int64_t> shape) { return Tensor::view_external(nullptr, shape, DType::F32, nullptr); };
   GPT2Weights w;
   w.wte = f32({c.vocab_size, C});
   w.wpe = f32({c.n_positions, C});
@@ -89,9 +118,17 @@ GPT2Weights init_gpt2_weights(const GPT2Config& c, uint64_t seed) {
     l.mlp_proj_w = f32({F, C}), l.mlp_proj_b = f32({C});
     w.layers.push_back(std::move(l));
   }
+  const std::vector<int64_t> offsets = flat_parameter_layout(c);
+  w.flat = Tensor::zeros({offsets.back()}, DType::F32);
+  auto params = named_parameters(w);
+  for (size_t i = 0; i < params.size(); ++i) {
+    Tensor& t = *params[i].second;
+    t = Tensor::view_external(w.flat.data<float>() + offsets[i], t.shape(), DType::F32,
+                              std::make_shared<Tensor>(w.flat));
+  }
   const float std_dev = 0.02f, proj_std = 0.02f / std::sqrt(2.0f * float(c.n_layer));
   uint64_t index = 0;
-  for (auto& [name, t] : named_parameters(w)) {
+  for (auto& [name, t] : params) {
     ++index;
     auto ends_with = [&](const char* s) {
       size_t n = std::strlen(s);

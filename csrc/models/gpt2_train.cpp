@@ -12,9 +12,6 @@ namespace llamas {
 
 namespace {
 
-// Parameters start on 64-byte boundaries inside the flat buffers (16 floats).
-constexpr int64_t kAlignFloats = 16;
-
 Tensor view_of(const Tensor& base, int64_t offset, const std::vector<int64_t>& shape) {
   return Tensor::view_external(base.data<float>() + offset, shape, DType::F32, std::make_shared<Tensor>(base));
 }
@@ -64,29 +61,36 @@ GPT2Trainer::GPT2Trainer(GPT2Model& model, const OptimizerConfig& options) : mod
                options.grad_clip);
   GPT2Weights weights = model.weights();
   weights.lm_head_kn = Tensor();
-  int64_t total = 0;
-  for (auto& [name, t] : named_parameters(weights)) {
+  const std::vector<int64_t> offsets = flat_parameter_layout(model.config());
+  auto src = named_parameters(weights);
+  for (size_t i = 0; i < src.size(); ++i) {
     Param p;
-    p.name = name, p.shape = t->shape(), p.numel = t->numel(), p.offset = total;
-    p.decay = t->ndim() >= 2;
+    p.name = src[i].first, p.shape = src[i].second->shape(), p.numel = src[i].second->numel();
+    p.offset = offsets[i];
+    p.decay = src[i].second->ndim() >= 2;
     params_.push_back(p);
-    total += (p.numel + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
   }
-  flat_ = Tensor::zeros({total}, DType::F32);
+  const int64_t total = offsets.back();
+  // Weights made by init_gpt2_weights already live in this layout: adopt them without a copy
+  // (a copy would hold two sets of weights at once, 500 MB extra at 124M).
+  const bool adopt = weights.flat.defined() && weights.flat.numel() == total;
+  flat_ = adopt ? weights.flat : Tensor::zeros({total}, DType::F32);
   grad_ = Tensor::zeros({total}, DType::F32);
   exp_avg_ = Tensor::zeros({total}, DType::F32);
   exp_avg_sq_ = Tensor::zeros({total}, DType::F32);
   GPT2Weights flat_weights = weights;
+  flat_weights.flat = flat_;
   grads_ = weights;
-  auto src = named_parameters(weights);
+  grads_.flat = grad_;
   auto dst = named_parameters(flat_weights);
   auto gv = named_parameters(grads_);
   for (size_t i = 0; i < params_.size(); ++i) {
     const Param& p = params_[i];
-    std::memcpy(flat_.data<float>() + p.offset, src[i].second->data<float>(), p.numel * sizeof(float));
+    if (!adopt) std::memcpy(flat_.data<float>() + p.offset, src[i].second->data<float>(), p.numel * sizeof(float));
     *dst[i].second = view_of(flat_, p.offset, p.shape);
     *gv[i].second = view_of(grad_, p.offset, p.shape);
   }
+  weights = GPT2Weights();  // drop our references to the originals before the model swaps
   model_.set_weights(std::move(flat_weights));
 }
 

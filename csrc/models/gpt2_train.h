@@ -15,9 +15,13 @@ namespace llamas {
 // ("transformer.h.0.attn.c_attn.weight"), in a fixed order. lm_head is tied to wte.
 std::vector<std::pair<std::string, Tensor*>> named_parameters(GPT2Weights& w);
 
+// Offsets (in floats) of every parameter of named_parameters() order inside one flat buffer, each
+// starting on a 64-byte boundary; the last entry is the total size.
+std::vector<int64_t> flat_parameter_layout(const GPT2Config& config);
+
 // Fresh float32 weights with GPT-2's initialisation: normal(0, 0.02) matrices and embeddings,
 // residual projections (c_proj) scaled by 1/sqrt(2 n_layer), zero biases, unit layernorm gains.
-// Deterministic for a seed at any thread count.
+// Deterministic for a seed at any thread count. The weights live in one flat buffer (`flat`).
 GPT2Weights init_gpt2_weights(const GPT2Config& config, uint64_t seed);
 
 struct OptimizerConfig {
