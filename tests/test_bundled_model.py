@@ -1,0 +1,59 @@
+"""The Shakespeare model shipped inside the package (trained by llamas itself; see README)."""
+import math
+import os
+
+import numpy as np
+
+import llamas
+from llamas.model import default_model_path
+
+# A passage from the corpus (Romeo and Juliet, Act I, Scene 1; public domain).
+PASSAGE = """Tybalt.
+What, art thou drawn among these heartless hinds?
+Turn thee Benvolio, look upon thy death.
+
+Benvolio.
+I do but keep the peace: put up thy sword,
+Or manage it to part these men with me.
+
+Tybalt.
+What, drawn, and talk of peace! I hate the word
+As I hate hell, all Montagues, and thee:
+Have at thee, coward!
+"""
+
+
+def test_bundled_model_is_installed_with_the_package():
+    path = default_model_path()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert os.path.exists(os.path.join(path, name)), f"{name} missing from the installed package ({path})"
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert size <= 25 * 2**20, f"the bundled model folder is {size / 2**20:.1f} MiB (limit 25)"
+
+
+def test_bundled_model_loads_by_default_and_predicts_shakespeare():
+    model = llamas.load()
+    assert model.config.num_parameters() > 1_000_000
+    ids = model.tokenizer.encode(PASSAGE)
+    x, y = np.array([ids[:-1]]), np.array([ids[1:]])
+    loss = llamas.evaluate(model, [(x, y)])
+    # A uniform guess costs ln(vocab) nats per token (8.3 for 4096 tokens); an untrained model
+    # about that. The trained model must do far better on real Shakespeare...
+    assert loss < 0.6 * math.log(model.config.vocab_size), loss
+    # ...and far better than on the same tokens shuffled.
+    shuffled = np.random.default_rng(0).permutation(ids)
+    xs, ys = np.array([shuffled[:-1]]), np.array([shuffled[1:]])
+    assert llamas.evaluate(model, [(xs, ys)]) > loss + 1.0
+
+
+def test_generate_without_model_flag_uses_the_bundled_model(capsys):
+    from llamas.cli import main
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "24", "--seed", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip()) > 20
+    llamas.set_num_threads(1)
+    try:
+        expected = llamas.load().generate("ROMEO:", max_new_tokens=24, seed=1)
+    finally:
+        llamas.set_num_threads(os.cpu_count() or 1)
+    assert out == expected + "\n"
