@@ -669,3 +669,49 @@ def test_other_kernels_reject_bad_shapes():
         ops.gelu_backward(rand(3), rand(4))
     with pytest.raises(llamas.LlamasError, match=r"\[adamw\]"):
         ops.adamw(rand(3), rand(3), rand(3), rand(3), 0.1, 0.9, 0.95, 1e-8, 0.0, 0, 1.0)
+
+
+# ---- the fast kernels against the plain C++ references (cpu/reference_train.cpp) ---------------
+
+@pytest.mark.parametrize("rows,C", [(1, 1), (3, 77), (33, 768)])
+def test_layernorm_backward_matches_cpp_reference(variant, rows, C):
+    rng = np.random.default_rng(rows * 1000 + C)
+    dout, x, w = (rng.standard_normal(s).astype(np.float32) for s in ((rows, C), (rows, C), (C,)))
+    for got, want in zip(ops.layernorm_backward(dout, x, w), ops.reference_layernorm_backward(dout, x, w)):
+        assert_close(got, want, scale=np.abs(want).max() + 1.0)
+
+
+def test_gelu_backward_matches_cpp_reference(variant):
+    x = np.linspace(-12, 12, 10007).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal(x.size).astype(np.float32)
+    assert_close(ops.gelu_backward(x, dy), ops.reference_gelu_backward(x, dy), scale=np.abs(dy) * 1.2)
+
+
+@pytest.mark.parametrize("rows,V", [(1, 5), (7, 77), (3, 4099)])
+def test_cross_entropy_matches_cpp_reference(variant, rows, V):
+    rng = np.random.default_rng(V)
+    logits = (rng.standard_normal((rows, V)) * 4).astype(np.float32)
+    targets = rng.integers(0, V, rows).astype(np.int32)
+    got, want = ops.cross_entropy(logits, targets, 0.5), ops.reference_cross_entropy(logits, targets, 0.5)
+    assert_close(got[0], want[0], scale=np.abs(logits).max())
+    assert_close(got[1], want[1], scale=0.5)
+
+
+@pytest.mark.parametrize("B,T,H,hd", [(1, 1, 1, 1), (2, 17, 3, 24), (1, 70, 2, 64)])
+def test_attention_backward_matches_cpp_reference(variant, B, T, H, hd):
+    rng = np.random.default_rng(T * hd)
+    qkv = rng.standard_normal((B, T, 3 * H * hd)).astype(np.float32)
+    dout = rng.standard_normal((B, T, H * hd)).astype(np.float32)
+    out, lse = ops.attention_forward(qkv, H)
+    got = ops.attention_backward(qkv, out, lse, dout, H)
+    want = ops.reference_attention_backward(qkv, dout, H)
+    assert_close(got, want, scale=np.sqrt(hd) * np.abs(dout).max() * np.abs(qkv).max() ** 2 * 4)
+
+
+def test_adamw_matches_cpp_reference(variant):
+    rng = np.random.default_rng(3)
+    p, g, m = (rng.standard_normal(1001).astype(np.float32) for _ in range(3))
+    v = np.abs(rng.standard_normal(1001)).astype(np.float32)
+    args = (1e-3, 0.9, 0.95, 1e-8, 0.1, 7, 0.5)
+    for got, want in zip(ops.adamw(p, g, m, v, *args), ops.reference_adamw(p, g, m, v, *args)):
+        assert_close(got, want, scale=np.abs(want).max())

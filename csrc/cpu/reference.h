@@ -14,6 +14,16 @@ void gemm(const GemmArgs& args);
 void attention(const AttentionArgs& args);
 void layernorm(const float* x, const float* w, const float* b, float* out, int64_t rows, int64_t C, float eps);
 
+// Training kernels (reference_train.cpp), same contracts as the kernel table's entries.
+void layernorm_backward(const float* dout, const float* x, const float* w, float* dx, float* dw, float* db,
+                        int64_t rows, int64_t C, float eps);
+void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
+void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale);
+// dqkv (B, T, 3C) from qkv and dout (B, T, C), recomputing the forward in double.
+void attention_backward(const float* qkv, const float* dout, float* dqkv, int64_t B, int64_t T, int64_t H,
+                        int64_t hd);
+void adamw(float* p, const float* grad, float* m, float* v, int64_t n, const AdamWArgs& args);
+
 }  // namespace reference
 }  // namespace cpu
 }  // namespace llamas
