@@ -16,6 +16,7 @@ from ._C import (
 )
 from . import ops
 from .config import GPT2Config
+from .engine import Engine
 from .model import Model, load
 from .profile import profile
 from .train import PRESETS, Trainer, WarmupCosine, create, evaluate
@@ -44,6 +45,6 @@ def info() -> dict:
 
 
 __all__ = [
-    "GPT2Config", "LlamasError", "Model", "PRESETS", "Trainer", "WarmupCosine", "create", "cuda_available", "evaluate", "get_num_threads", "info", "load",
+    "Engine", "GPT2Config", "LlamasError", "Model", "PRESETS", "Trainer", "WarmupCosine", "create", "cuda_available", "evaluate", "get_num_threads", "info", "load",
     "memory_stats", "ops", "profile", "set_num_threads",
 ]

@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repetitions", "-r", type=_positive_int, default=5, help="repetitions (default 5)")
     b.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
 
-    from . import cli_data, cli_train
+    from . import cli_data, cli_serve, cli_train
     cli_data.add_parser(sub)
     cli_train.add_parsers(sub, MODEL_HELP)
+    cli_serve.add_parser(sub, MODEL_HELP)
     return parser
 
 
@@ -163,10 +164,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from . import cli_data, cli_train
+        from . import cli_data, cli_serve, cli_train
         commands = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "data": cli_data.run,
                     "train": cli_train.cmd_train,
-                    "eval": lambda a: cli_train.cmd_eval(a, _model_path(a))}
+                    "eval": lambda a: cli_train.cmd_eval(a, _model_path(a)),
+                    "serve": lambda a: cli_serve.run(a, _model_path(a))}
         return commands[args.command](args)
     except LlamasError as e:
         print(f"llamas: error: {e}", file=sys.stderr)

@@ -1,9 +1,7 @@
 """Model loading and generation."""
 from __future__ import annotations
 
-import math
 import os
-import secrets
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -11,41 +9,10 @@ import numpy as np
 from . import _C
 from ._C import LlamasError
 from .config import GPT2Config
-from .streaming import TextStream
+from .engine import Request, SamplingOptions, Scheduler, normalise_stop
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
-
-
-def _check_number(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LlamasError(f"[generate] {name} must be a number, got {value!r}")
-    value = float(value)
-    if math.isnan(value) or value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise LlamasError(f"[generate] {name} must be in {bracket}{low}, {high}], got {value}")
-    return value
-
-
-class SamplingOptions:
-    """Validated sampling parameters (shared by Model.generate, the CLI and the server)."""
-
-    def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                 presence_penalty=0.0, frequency_penalty=0.0, seed=None):
-        self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
-        self.top_k = top_k
-        self.top_p = _check_number("top_p", top_p, 0.0, 1.0, low_open=True)
-        self.min_p = _check_number("min_p", min_p, 0.0, 1.0)
-        self.repetition_penalty = _check_number("repetition_penalty", repetition_penalty, 0.0, 100.0, low_open=True)
-        self.presence_penalty = _check_number("presence_penalty", presence_penalty, -2.0, 2.0)
-        self.frequency_penalty = _check_number("frequency_penalty", frequency_penalty, -2.0, 2.0)
-        if seed is None:
-            seed = secrets.randbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise LlamasError(f"[generate] seed must be a non-negative integer, got {seed!r}")
-        self.seed = seed & ((1 << 64) - 1)
 
 
 class Model:
@@ -162,18 +129,7 @@ class Model:
 
     @staticmethod
     def _normalise_stop(stop) -> list[str]:
-        if stop is None:
-            return []
-        if isinstance(stop, str):
-            return [stop] if stop else []
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise LlamasError("[generate] stop must be a str or a list of str")
-        return [s for s in stop if s]
-
-    def _new_sequence(self, options: SamplingOptions):
-        return _C.Sequence(self.config.to_native(), options.temperature, options.top_k, options.top_p,
-                           options.min_p, options.repetition_penalty, options.presence_penalty,
-                           options.frequency_penalty, options.seed)
+        return normalise_stop(stop)
 
     def _stream_one(self, ids, as_text, max_new_tokens, options, stops) -> Iterator:
         for event in self._events([ids], max_new_tokens, options, stops):
@@ -194,45 +150,27 @@ class Model:
         return results
 
     def _events(self, prompts, max_new_tokens, options, stops):
-        """Yields (prompt index, new text piece, accepted token id or None) as generation runs:
-        one batched prefill of every prompt, then batched decode steps over the live sequences."""
-        eos = self.tokenizer.eos_token_id if self.tokenizer else None
-        ctx = self.config.n_positions
-        seqs = [self._new_sequence(options) for _ in prompts]
-        streams = [TextStream(self.tokenizer, stops) if self.tokenizer else None for _ in prompts]
-        budgets = [min(max_new_tokens, ctx - len(p) + 1) for p in prompts]
-        produced = [0] * len(prompts)
-        live = list(range(len(prompts)))
-        entries = [(seqs[i], prompts[i], True) for i in live]
+        """Yields (prompt index, new text piece, accepted token id or None) as generation runs.
+        Drives the same Scheduler as llamas.Engine and the server, synchronously: every prompt is
+        admitted at once and prefilled whole, then batched decode steps run over the live ones."""
+        sched = Scheduler(self, max_batch=len(prompts), prefill_chunk=self.config.n_positions,
+                          max_prefill_tokens=None)
+        out: list = []
+        for i, ids in enumerate(prompts):
+            sched.add(Request(ids, max_new_tokens, options, stops, sink=lambda c, i=i: out.append((i, c))))
         try:
-            while live:
-                sampled = self._native.step(entries)
-                next_live, next_entries = [], []
-                for i, token in zip(live, sampled):
-                    finished = False
-                    if eos is not None and token == eos:
-                        yield i, streams[i].finish() if streams[i] else "", None
-                        finished = True
+            while sched.step() or out:
+                for i, chunk in out:
+                    if chunk.error is not None:
+                        raise LlamasError(f"[generate] {chunk.error}")
+                    if chunk.token_ids:
+                        for k, token in enumerate(chunk.token_ids):
+                            yield i, chunk.text if k == 0 else "", token
                     else:
-                        produced[i] += 1
-                        piece = streams[i].push(token) if streams[i] else ""
-                        if streams[i] is not None and streams[i].stopped:
-                            yield i, piece, None
-                            finished = True
-                        else:
-                            yield i, piece, token
-                            if produced[i] >= budgets[i]:
-                                yield i, streams[i].finish() if streams[i] else "", None
-                                finished = True
-                    if finished:
-                        seqs[i].release()  # KV memory goes back the moment a sequence ends
-                    else:
-                        next_live.append(i)
-                        next_entries.append((seqs[i], [token], True))
-                live, entries = next_live, next_entries
+                        yield i, chunk.text, None
+                out.clear()
         finally:
-            for s in seqs:
-                s.release()
+            sched.abort_all()  # a generator closed early frees its sequences' KV memory
 
 
 class _Result:

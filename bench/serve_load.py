@@ -1,0 +1,238 @@
+"""Load test for `llamas serve`: N concurrent streaming clients for S seconds.
+
+    python bench/serve_load.py --clients 1,16 --duration 10 --model tests/fixtures/gpt2-tiny
+
+Starts a server on a free 127.0.0.1 port (unless --url is given), runs each client count in turn
+against it, and prints requests/s, output tokens/s, time to first token and time per output token
+(p50, p99), errors, and the server's RSS before and after. With several client counts it also
+prints each count's output tokens/s relative to the first. Traffic goes to the given or started
+local server only, and every loop is bounded by --duration.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = ["When shall we three meet again", "Now is the winter of our discontent", "Friends, Romans, countrymen",
+           "To be, or not to be, that is the question", "O Romeo, Romeo, wherefore art thou", "Alas, poor Yorick"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def percentile(values, q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def one_request(ac: httpx.AsyncClient, body: dict, stats: dict) -> None:
+    """One streaming request. Parses only what it needs (the client shares the machine with the
+    server, so it keeps its own CPU use low): the time of the first and last event, the usage
+    chunk, a finish_reason and errors."""
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    finished = False
+    buf = b""
+    try:
+        async with ac.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                stats["errors"].append(f"HTTP {r.status_code}: {r.text[:100]}")
+                return
+            async for data in r.aiter_raw():
+                now = time.perf_counter()
+                buf += data
+                events = buf.split(b"\n\n")
+                buf = events.pop()
+                for ev in events:
+                    if not ev.startswith(b"data: "):
+                        continue
+                    if ev == b"data: [DONE]":
+                        continue
+                    if b'"error"' in ev[:20]:
+                        stats["errors"].append(json.loads(ev[6:])["error"]["message"])
+                        return
+                    if b'"choices":[]' in ev:      # the usage chunk
+                        tokens = json.loads(ev[6:])["usage"]["completion_tokens"]
+                        continue
+                    if first is None:
+                        first = now
+                    last = now
+                    if b'"finish_reason":"' in ev:
+                        finished = True
+    except httpx.HTTPError as e:
+        stats["errors"].append(f"{type(e).__name__}: {e}")
+        return
+    if not finished:
+        stats["errors"].append("stream ended without a finish_reason")
+        return
+    stats["requests"] += 1
+    stats["tokens"] += tokens
+    stats["ttft"].append(first - t0)
+    if tokens > 1:
+        stats["tpot"].append((last - first) / (tokens - 1))
+
+
+async def run_clients(url: str, clients: int, duration: float, max_tokens: int, api_key: str | None) -> dict:
+    stats = {"requests": 0, "tokens": 0, "ttft": [], "tpot": [], "errors": []}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as ac:
+        deadline = time.perf_counter() + duration
+
+        async def client(i: int):
+            k = 0
+            while time.perf_counter() < deadline:
+                body = {"prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
+                        "seed": i * 100003 + k, "stream": True, "stream_options": {"include_usage": True}}
+                await one_request(ac, body, stats)
+                k += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        stats["elapsed"] = time.perf_counter() - t0
+    return stats
+
+
+def start_server(args) -> tuple:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llamas", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
+           "--log-level", "warning"]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ)
+    src = os.path.join(HERE, "..", "python")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the server did not become ready in 60 s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="16", help="concurrent clients; a comma list runs each in turn (e.g. 1,16)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per client count (default 10)")
+    ap.add_argument("--model", default=None, help="model folder for the server it starts (default: the bundled one)")
+    ap.add_argument("--random-model", default=None, metavar="PRESET",
+                    help="serve a random-weight model of this llamas.PRESETS shape (e.g. shakespeare, the bundled "
+                         "model's shape) with the gpt2-tiny fixture's tokenizer (vocab 512), made in a temp folder")
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
+    ap.add_argument("--max-batch", type=int, default=16, help="--max-batch of the server it starts (default 16)")
+    ap.add_argument("--threads", type=int, default=None, help="--threads of the server it starts")
+    ap.add_argument("--url", default=None, help="use this running server instead of starting one")
+    ap.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for RSS")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--warmup", type=float, default=3.0,
+                    help="seconds of load at the highest client count before measuring (default 3)")
+    args = ap.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    if any(c < 1 for c in counts) or args.duration <= 0:
+        ap.error("--clients must be positive integers and --duration > 0")
+
+    tmp = None
+    if args.random_model:
+        import tempfile
+        sys.path.insert(0, os.path.join(HERE, "..", "python"))
+        import llamas
+        tmp = tempfile.TemporaryDirectory()
+        tok = llamas.load(os.path.join(HERE, "..", "tests", "fixtures", "gpt2-tiny")).tokenizer
+        cfg = dict(llamas.PRESETS[args.random_model], vocab_size=tok.vocab_size)
+        args.model = os.path.join(tmp.name, args.random_model)
+        llamas.create(cfg, seed=0, tokenizer=tok).save(args.model)
+        print(f"random-weight model: {cfg}")
+    proc = None
+    if args.url:
+        url, pid = args.url.rstrip("/"), args.pid
+    else:
+        proc, url = start_server(args)
+        pid = proc.pid
+    try:
+        # Warm-up at the highest concurrency, so that caches (allocator, KV blocks, Python heap)
+        # reach their working size before the RSS baseline is taken.
+        asyncio.run(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key))
+        rss_before = rss_mib(pid)
+        rows = []
+        total_requests = 0
+        for n in counts:
+            s = asyncio.run(run_clients(url, n, args.duration, args.max_tokens, args.api_key))
+            total_requests += s["requests"]
+            s["rss"] = rss_mib(pid)
+            rows.append((n, s))
+        rss_after = rss_mib(pid)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    base = rows[0][1]["tokens"] / rows[0][1]["elapsed"]
+    print(f"max_tokens={args.max_tokens}, {args.duration:g} s per client count, streaming completions, "
+          f"temperature 0.8")
+    print("| clients | requests | req/s | output tok/s | vs first | TTFT p50 ms | TTFT p99 ms | "
+          "TPOT p50 ms | TPOT p99 ms | errors | RSS after MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, s in rows:
+        tps = s["tokens"] / s["elapsed"]
+        print(f"| {n} | {s['requests']} | {s['requests'] / s['elapsed']:.1f} | {tps:.0f} | {tps / base:.2f}x | "
+              f"{percentile(s['ttft'], .5) * 1e3:.1f} | {percentile(s['ttft'], .99) * 1e3:.1f} | "
+              f"{percentile(s['tpot'], .5) * 1e3:.2f} | {percentile(s['tpot'], .99) * 1e3:.2f} | "
+              f"{len(s['errors'])} | {s['rss'] if s['rss'] is not None else float('nan'):.1f} |")
+    errors = [e for _, s in rows for e in s["errors"]]
+    for e in sorted(set(errors))[:5]:
+        print(f"  error: {e}")
+    if rss_before is not None and rss_after is not None:
+        print(f"server RSS: {rss_before:.1f} MiB before, {rss_after:.1f} MiB after {total_requests} requests "
+              f"({(rss_after / rss_before - 1) * 100:+.1f}%)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

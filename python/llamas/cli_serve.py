@@ -1,0 +1,123 @@
+"""`llamas serve`: the OpenAI-compatible HTTP server."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from ._C import LlamasError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {value}")
+    return value
+
+
+def add_parser(sub, model_help: str) -> None:
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /tokenize, /detokenize, /health, /metrics) with continuous batching. "
+                    "SIGTERM (or Ctrl-C) stops accepting, finishes running requests, then exits.",
+        epilog="Example: llamas serve --model DIR, then use the openai client with "
+               "base_url='http://127.0.0.1:8000/v1' and api_key='none'.")
+    s.add_argument("--model", default=None, metavar="DIR", help=model_help)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weight precision (bfloat16 halves the bytes read per token)")
+    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    key = s.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' (except /health and /metrics); "
+                          "default: $LLAMAS_API_KEY if set, else no key")
+    key.add_argument("--api-key-file", default=None, metavar="F", help="read the API key from file F (first line)")
+    s.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model id clients send and /v1/models lists (default: the model folder's name)")
+    s.add_argument("--max-batch", type=_positive_int, default=16,
+                   help="sequences decoded together in one batched step (default 16)")
+    s.add_argument("--max-queue", type=_non_negative_int, default=256,
+                   help="sequences that may wait for a place in the batch; beyond that requests get 429 (default 256)")
+    s.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context length)")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                   help="larger request bodies get 413 (default 1048576)")
+    s.add_argument("--prefill-chunk", type=_positive_int, default=128,
+                   help="prompt tokens fed per sequence per step, so long prompts do not stall running streams "
+                        "(default 128)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log level; one JSON line per request at info (logger llamas.server)")
+
+
+def _api_key(args) -> str | None:
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except OSError as e:
+            raise LlamasError(f"[serve] cannot read --api-key-file: {e}") from None
+        if not key:
+            raise LlamasError(f"[serve] --api-key-file {args.api_key_file} is empty")
+        return key
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise LlamasError("[serve] --api-key is empty")
+        return args.api_key.strip()
+    return os.environ.get("LLAMAS_API_KEY") or None
+
+
+def run(args, model_path: str) -> int:
+    try:
+        import uvicorn
+        from .server import create_app
+    except ImportError as e:
+        raise LlamasError(f"[serve] missing a server dependency ({e.name}); pip install fastapi uvicorn "
+                          "prometheus-client jinja2") from None
+    import llamas
+    if not os.path.isdir(model_path):
+        raise LlamasError(f"[load] {model_path} is not a folder (expected a Hugging Face model folder)")
+    if args.threads is not None:
+        llamas.set_num_threads(args.threads)
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("llamas").setLevel(level)
+    app = create_app(model_path, dtype=args.dtype, api_key=_api_key(args), model_name=args.model_name,
+                     max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
+                     max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk)
+    state = app.state.llamas
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.draining = True  # new requests on open connections get 503 while the running ones finish
+            if sig == signal.SIGTERM:
+                # Graceful: stop listening, let running requests finish, then exit with status 0
+                # (uvicorn would re-raise the signal after its shutdown).
+                self.should_exit = True
+                return
+            super().handle_exit(sig, frame)  # Ctrl-C; a second one forces the exit
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=None)
+    server = Server(config)
+    server.run()
+    if not server.started:
+        return 1
+    return 0

@@ -1,0 +1,478 @@
+"""Request validation, chat templates and response formatting for the OpenAI-compatible server.
+
+Every field of a request is checked here; anything wrong raises `APIError`, which the server turns
+into OpenAI-style error JSON: {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+MAX_N = 128                 # choices per prompt (OpenAI's limit)
+MAX_PROMPTS = 64            # prompts in one /v1/completions batch
+MAX_STOP = 16               # stop strings
+MAX_STOP_CHARS = 256        # characters in one stop string
+MAX_LOGIT_BIAS = 1024       # entries in logit_bias
+MAX_MESSAGES = 4096
+MAX_COMPLETION_LOGPROBS = 5     # legacy completions: top-n alternatives
+MAX_CHAT_TOP_LOGPROBS = 20
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+    500: "server_error", 503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+# ---- JSON body --------------------------------------------------------------------------------
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"The request body is not valid UTF-8 (invalid byte at offset {e.start}).",
+                  code="invalid_utf8") from None
+    if not text.strip():
+        raise bad("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"The request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad(f"The request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    return data
+
+
+# ---- field checks -----------------------------------------------------------------------------
+def _typename(v) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def check_unknown(body: dict, allowed) -> None:
+    for key in body:
+        if key not in allowed:
+            raise bad(f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+
+
+def check_text(value, param: str) -> str:
+    """A str that is valid Unicode (JSON can smuggle in lone surrogates)."""
+    if not isinstance(value, str):
+        raise bad(f"'{param}' must be a string, got {_typename(value)}.", param, "invalid_type")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"'{param}' is not valid UTF-8 (it contains a lone surrogate).", param, "invalid_utf8") from None
+    return value
+
+
+def get_int(body: dict, name: str, default, lo: int, hi: int) -> Optional[int]:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"'{name}' must be an integer, got {_typename(v)} {json.dumps(v)[:40]}.", name, "invalid_type")
+    if v < lo:
+        raise bad(f"'{name}' must be at least {lo}, got {v}.", name, "invalid_value")
+    if v > hi:
+        raise bad(f"'{name}' must be at most {hi}, got {v}.", name, "invalid_value")
+    return v
+
+
+def get_float(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad(f"'{name}' must be a number, got {_typename(v)}.", name, "invalid_type")
+    v = float(v)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        lb = "(" if lo_open else "["
+        raise bad(f"'{name}' must be in {lb}{lo:g}, {hi:g}], got {v:g}.", name, "invalid_value")
+    return v
+
+
+def get_bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be a boolean, got {_typename(v)}.", name, "invalid_type")
+    return v
+
+
+def get_str(body: dict, name: str, default: Optional[str] = None) -> Optional[str]:
+    v = body.get(name)
+    if v is None:
+        return default
+    return check_text(v, name)
+
+
+def get_stop(body: dict) -> List[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list):
+        raise bad(f"'stop' must be a string or an array of strings, got {_typename(v)}.", "stop", "invalid_type")
+    if len(items) > MAX_STOP:
+        raise bad(f"'stop' has {len(items)} strings; at most {MAX_STOP} are allowed.", "stop", "invalid_value")
+    out = []
+    for s in items:
+        check_text(s, "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise bad(f"a stop string has {len(s)} characters; at most {MAX_STOP_CHARS}.", "stop", "invalid_value")
+        if s:
+            out.append(s)
+    return out
+
+
+def get_logit_bias(body: dict, vocab: int) -> Dict[int, float]:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad(f"'logit_bias' must be an object {{token id: bias}}, got {_typename(v)}.", "logit_bias", "invalid_type")
+    if len(v) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' has {len(v)} entries; at most {MAX_LOGIT_BIAS}.", "logit_bias", "invalid_value")
+    out = {}
+    for key, bias in v.items():
+        try:
+            token = int(key)
+            if str(token) != key.strip():
+                raise ValueError
+        except ValueError:
+            raise bad(f"'logit_bias' keys must be token ids, got {key[:40]!r}.", "logit_bias", "invalid_value") from None
+        if not 0 <= token < vocab:
+            raise bad(f"'logit_bias' token {token} is outside the vocabulary [0, {vocab}).", "logit_bias", "invalid_value")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) or abs(bias) > 100:
+            raise bad(f"'logit_bias' values must be numbers in [-100, 100], got {json.dumps(bias)[:40]} "
+                      f"for token {token}.", "logit_bias", "invalid_value")
+        out[token] = float(bias)
+    return out
+
+
+def check_token_ids(ids, vocab: int, param: str) -> List[int]:
+    if not isinstance(ids, list):
+        raise bad(f"'{param}' must be an array of token ids.", param, "invalid_type")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise bad(f"'{param}' must contain integer token ids, got {_typename(t)}.", param, "invalid_type")
+        if not 0 <= t < vocab:
+            raise bad(f"token id {t} in '{param}' is outside the vocabulary [0, {vocab}).", param, "invalid_value")
+    return ids
+
+
+# ---- generation parameters --------------------------------------------------------------------
+@dataclass
+class GenParams:
+    """A validated generation request (both endpoints)."""
+    prompts: list                   # str or list[int] each (str tokenised by the server)
+    prompt_ids: List[List[int]] = field(default_factory=list)
+    n: int = 1
+    max_tokens: Optional[int] = None    # None: up to the context (chat) / 16 (completions)
+    default_max_tokens: Optional[int] = None
+    stream: bool = False
+    include_usage: bool = False
+    stop: List[str] = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)
+    logprobs: Optional[int] = None      # top-n alternatives; None = off
+    echo: bool = False
+
+
+COMMON_FIELDS = {
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
+    "logit_bias", "user",
+}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                               "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                               "store", "metadata", "service_tier"}
+
+
+def _common(body: dict, vocab: int, p: GenParams) -> None:
+    p.n = get_int(body, "n", 1, 1, MAX_N)
+    p.stream = get_bool(body, "stream", False)
+    so = body.get("stream_options")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise bad("'stream_options' must be an object.", "stream_options", "invalid_type")
+        check_unknown(so, {"include_usage", "continuous_usage_stats"})
+        if not p.stream:
+            raise bad("'stream_options' is only allowed when 'stream' is true.", "stream_options", "invalid_value")
+        p.include_usage = get_bool(so, "include_usage", False)
+    p.stop = get_stop(body)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad(f"'seed' must be an integer, got {_typename(seed)}.", "seed", "invalid_type")
+    if seed is not None and not 0 <= seed < 2 ** 63:
+        raise bad(f"'seed' must be in [0, 2^63), got {seed}.", "seed", "invalid_value")
+    top_k = body.get("top_k")
+    if top_k == -1:   # vLLM's spelling of "off"
+        top_k = 0
+    p.sampling = dict(
+        temperature=get_float(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=get_int({"top_k": top_k}, "top_k", 0, 0, vocab),
+        min_p=get_float(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=get_float(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        presence_penalty=get_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        seed=seed,
+        logit_bias=get_logit_bias(body, vocab),
+    )
+    get_str(body, "user")
+
+
+def parse_completion(body: dict, vocab: int, has_tokenizer: bool) -> GenParams:
+    check_unknown(body, COMPLETION_FIELDS)
+    if "prompt" not in body:
+        raise bad("'prompt' is required.", "prompt", "missing_required_parameter")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        prompts = prompt
+    else:
+        raise bad("'prompt' must be a non-empty string, array of strings, array of token ids or array of "
+                  "token id arrays.", "prompt", "invalid_type" if not isinstance(prompt, list) else "invalid_value")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad(f"'prompt' has {len(prompts)} prompts; at most {MAX_PROMPTS} in one request.", "prompt", "invalid_value")
+    out = []
+    for x in prompts:
+        if isinstance(x, str):
+            check_text(x, "prompt")
+            if not x:
+                raise bad("'prompt' must not be empty.", "prompt", "invalid_value")
+            if not has_tokenizer:
+                raise bad("This model has no tokenizer: send token ids as the prompt.", "prompt", "invalid_value")
+        elif isinstance(x, list):
+            if not x:
+                raise bad("'prompt' must not be empty.", "prompt", "invalid_value")
+            check_token_ids(x, vocab, "prompt")
+        else:
+            raise bad(f"'prompt' items must be strings or token id arrays, got {_typename(x)}.", "prompt", "invalid_type")
+        out.append(x)
+    p = GenParams(prompts=out)
+    _common(body, vocab, p)
+    p.max_tokens = get_int(body, "max_tokens", None, 1, 2 ** 31)
+    p.default_max_tokens = 16
+    lp = body.get("logprobs")
+    if lp is not None:
+        p.logprobs = get_int(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
+    if get_bool(body, "echo", False):
+        raise bad("'echo' is not supported.", "echo", "unsupported_value")
+    best_of = get_int(body, "best_of", None, 1, MAX_N)
+    if best_of is not None and best_of != p.n:
+        raise bad("'best_of' is not supported (it must be null or equal to 'n').", "best_of", "unsupported_value")
+    if body.get("suffix") is not None:
+        check_text(body["suffix"], "suffix")
+        if body["suffix"]:
+            raise bad("'suffix' is not supported.", "suffix", "unsupported_value")
+    return p
+
+
+def parse_messages(messages, param: str = "messages") -> List[dict]:
+    if not isinstance(messages, list):
+        raise bad(f"'{param}' must be an array of messages, got {_typename(messages)}.", param, "invalid_type")
+    if not messages:
+        raise bad(f"'{param}' must contain at least one message.", param, "invalid_value")
+    if len(messages) > MAX_MESSAGES:
+        raise bad(f"'{param}' has {len(messages)} messages; at most {MAX_MESSAGES}.", param, "invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"{param}[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{where}' must be an object, got {_typename(m)}.", where, "invalid_type")
+        check_unknown(m, {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)[:40]}.",
+                      f"{where}.role", "invalid_value")
+        content = m.get("content")
+        if content is None:
+            if role != "assistant":
+                raise bad(f"'{where}.content' is required.", f"{where}.content", "missing_required_parameter")
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                pw = f"{where}.content[{j}]"
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise bad(f"'{pw}' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                              "only text is supported.", pw, "invalid_value")
+                check_unknown(part, {"type", "text"})
+                parts.append(check_text(part.get("text"), f"{pw}.text"))
+            content = "".join(parts)
+        else:
+            check_text(content, f"{where}.content")
+        msg = {"role": role, "content": content}
+        if m.get("name") is not None:
+            msg["name"] = check_text(m["name"], f"{where}.name")
+        if m.get("tool_calls"):
+            raise bad("tool calls are not supported.", f"{where}.tool_calls", "unsupported_value")
+        out.append(msg)
+    return out
+
+
+def parse_chat(body: dict, vocab: int) -> tuple:
+    check_unknown(body, CHAT_FIELDS)
+    if "messages" not in body:
+        raise bad("'messages' is required.", "messages", "missing_required_parameter")
+    messages = parse_messages(body["messages"])
+    p = GenParams(prompts=[])
+    _common(body, vocab, p)
+    mt = get_int(body, "max_tokens", None, 1, 2 ** 31)
+    mct = get_int(body, "max_completion_tokens", None, 1, 2 ** 31)
+    if mt is not None and mct is not None and mt != mct:
+        raise bad("give 'max_tokens' or 'max_completion_tokens', not both.", "max_completion_tokens", "invalid_value")
+    p.max_tokens = mct if mct is not None else mt
+    if get_bool(body, "logprobs", False):
+        p.logprobs = get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
+    elif body.get("top_logprobs") is not None:
+        get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
+        raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
+    rf = body.get("response_format")
+    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text" or len(rf) != 1):
+        raise bad("only 'response_format' {\"type\": \"text\"} is supported.", "response_format", "unsupported_value")
+    if body.get("tools"):
+        raise bad("tools are not supported.", "tools", "unsupported_value")
+    tc = body.get("tool_choice")
+    if tc is not None and tc != "none":
+        raise bad("'tool_choice' must be null or \"none\" (tools are not supported).", "tool_choice", "unsupported_value")
+    get_bool(body, "parallel_tool_calls", False)
+    get_bool(body, "store", False)
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise bad("'metadata' must be an object.", "metadata", "invalid_type")
+    get_str(body, "service_tier")
+    return p, messages
+
+
+# ---- chat templates ---------------------------------------------------------------------------
+PLAIN_TEMPLATE_DOC = 'each message as "role: content\\n", then "assistant:"'
+
+
+class ChatTemplate:
+    """The model's `chat_template` (tokenizer_config.json) rendered with jinja2 in a sandbox, or
+    the plain template: one "role: content" line per message, then "assistant:"."""
+
+    def __init__(self, source: Optional[str] = None, bos_token: str = "", eos_token: str = ""):
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = None
+        if source is not None:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = raise_exception
+            env.filters.setdefault("tojson", lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent))
+            self._template = env.from_string(source)
+
+    @property
+    def is_plain(self) -> bool:
+        return self._template is None
+
+    def render(self, messages: List[dict], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + "assistant:" if add_generation_prompt else text
+        from jinja2 import TemplateError
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as e:
+            raise bad(f"the chat template rejected the messages: {e}", "messages", "invalid_value") from None
+        except Exception as e:  # a template bug must not become a 500 loop
+            raise bad(f"the chat template failed: {type(e).__name__}: {e}", "messages", "invalid_value") from None
+
+    @classmethod
+    def for_model_path(cls, path: Optional[str]) -> "ChatTemplate":
+        if not path:
+            return cls()
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        if not os.path.exists(cfg_path):
+            return cls()
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+
+        def token(name):
+            t = cfg.get(name)
+            if isinstance(t, dict):
+                t = t.get("content")
+            return t if isinstance(t, str) else ""
+
+        tpl = cfg.get("chat_template")
+        if isinstance(tpl, list):  # [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default") or next(iter(named.values()), None)
+        if tpl is not None and not isinstance(tpl, str):
+            tpl = None
+        return cls(tpl, token("bos_token"), token("eos_token"))
+
+
+# ---- responses --------------------------------------------------------------------------------
+def completion_logprobs(tokenizer, lps, offset0: int) -> dict:
+    """OpenAI legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset
+    (offsets into the generated text)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for lp in lps:
+        s = tokenizer.decode([lp.token_id]) if tokenizer is not None else str(lp.token_id)
+        tokens.append(s)
+        token_lps.append(lp.logprob)
+        top = {}
+        for tid, v in lp.top:
+            key = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+            top.setdefault(key, v)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, lps) -> dict:
+    def entry(tid, v):
+        s = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+    content = []
+    for lp in lps:
+        e = entry(lp.token_id, lp.logprob)
+        e["top_logprobs"] = [entry(t, v) for t, v in lp.top]
+        content.append(e)
+    return {"content": content}

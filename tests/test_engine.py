@@ -1,0 +1,153 @@
+"""llamas.Engine and the shared Scheduler: continuous batching in-process, chunked prefill,
+cancellation, queue limits, shutdown."""
+import os
+import threading
+import time
+
+import pytest
+
+import llamas
+from llamas.engine import Engine, EngineClosed, QueueFull, Request, SamplingOptions, Scheduler
+
+TINY = os.path.join(os.path.dirname(__file__), "fixtures", "gpt2-tiny")
+PROMPTS = ["When shall we", "Alas, poor", "To be or not", "Now is the winter", "Friends, Romans", "O Romeo"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llamas.load(TINY)
+
+
+def kv_blocks():
+    return llamas.memory_stats()["kv_cache_blocks_in_use"]
+
+
+def test_engine_matches_generate_from_many_threads(model):
+    expected = {p: model.generate(p, max_new_tokens=12 + i) for i, p in enumerate(PROMPTS)}
+    results = {}
+    with Engine(model, max_batch=4) as engine:
+        def client(i, p):
+            results[p] = engine.submit(p, max_new_tokens=12 + i).result(timeout=30)
+        threads = [threading.Thread(target=client, args=(i, p)) for i, p in enumerate(PROMPTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {p: r.text for p, r in results.items()} == expected
+        # Batched: far fewer steps than tokens.
+        assert engine.steps < sum(r.completion_tokens for r in results.values())
+        r = results[PROMPTS[0]]
+        assert r.finish_reason == "length" and r.completion_tokens == 12 and len(r.token_ids) == 12
+        assert r.prompt_tokens == len(model.tokenizer.encode(PROMPTS[0]))
+        # Iterating a handle streams pieces (text prompt) or ids (id prompt).
+        assert "".join(engine.submit(PROMPTS[0], max_new_tokens=12)) == expected[PROMPTS[0]]
+        ids = model.tokenizer.encode(PROMPTS[1])
+        assert list(engine.submit(ids, max_new_tokens=5)) == model.generate(ids, max_new_tokens=5)
+    assert kv_blocks() == 0
+
+
+def test_sampling_with_seed_is_batch_invariant(model):
+    kw = dict(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.1,
+              presence_penalty=0.3, frequency_penalty=0.2)
+    alone = [model.generate(p, seed=i, **kw) for i, p in enumerate(PROMPTS)]
+    with Engine(model, max_batch=16) as engine:
+        handles = [engine.submit(p, seed=i, **kw) for i, p in enumerate(PROMPTS)]
+        assert [h.result(timeout=30).text for h in handles] == alone
+
+
+def test_chunked_prefill_is_exact_and_does_not_stall_decoding(model):
+    long_prompt = list(range(1, 100))
+    expected_long = model.generate(long_prompt, max_new_tokens=8)
+    expected_short = model.generate("When shall we", max_new_tokens=20)
+    events = []
+    sched = Scheduler(model, max_batch=4, prefill_chunk=16, max_prefill_tokens=16)
+    short = Request(model.tokenizer.encode("When shall we"), 20, SamplingOptions(),
+                    sink=lambda c: events.append(("short", c)))
+    long = Request(long_prompt, 8, SamplingOptions(), sink=lambda c: events.append(("long", c)))
+    sched.add(short)
+    sched.step()  # the short prompt is prefilled and decoding
+    sched.add(long)
+    steps = 0
+    while sched.step():
+        steps += 1
+        # While the long prompt prefills 16 tokens per step, the short stream gets a token every step.
+        if long.stats.first_token is None and not short.finished:
+            assert len([e for e in events if e[0] == "short"]) == steps + 1
+    text = "".join(c.text for who, c in events if who == "short")
+    ids = [t for who, c in events if who == "long" for t in c.token_ids]
+    assert text == expected_short and ids == expected_long
+    assert kv_blocks() == 0
+
+
+def test_cancel_frees_kv_memory_and_reports_cancelled(model):
+    with Engine(model, max_batch=2) as engine:
+        h = engine.submit(list(range(1, 40)), max_new_tokens=80)
+        it = h.chunks(timeout=30)
+        next(it)
+        assert kv_blocks() > 0
+        h.cancel()
+        r = h.result(timeout=5)
+        assert r.finish_reason == "cancelled" and r.completion_tokens < 80
+        assert kv_blocks() == 0
+        # A queued request can be cancelled before it is admitted.
+        a = engine.submit("When shall we", max_new_tokens=60)
+        b = engine.submit("When shall we", max_new_tokens=60)
+        c = engine.submit("When shall we", max_new_tokens=60)
+        c.cancel()
+        assert c.result(timeout=10).finish_reason == "cancelled"
+        assert a.result(timeout=30).finish_reason == b.result(timeout=30).finish_reason == "length"
+    assert kv_blocks() == 0
+
+
+def test_stop_logprobs_and_logit_bias(model):
+    full = model.generate("When shall we", max_new_tokens=30)
+    stop = full[6:9]
+    with Engine(model) as engine:
+        r = engine.submit("When shall we", max_new_tokens=30, stop=[stop]).result(timeout=30)
+        assert r.text == full[:full.find(stop)] and r.finish_reason == "stop"
+        assert "".join(engine.submit("When shall we", max_new_tokens=30, stop=stop)) == r.text
+        r = engine.submit("When shall we", max_new_tokens=6, logprobs=5).result(timeout=30)
+        assert len(r.logprobs) == 6 and [lp.token_id for lp in r.logprobs] == r.token_ids
+        for lp in r.logprobs:
+            assert lp.logprob <= 0 and len(lp.top) == 5 and lp.top[0][0] == lp.token_id  # greedy: the top one
+            assert [p for _, p in lp.top] == sorted((p for _, p in lp.top), reverse=True)
+        r = engine.submit("When shall we", max_new_tokens=5, logit_bias={77: 100.0}).result(timeout=30)
+        assert r.token_ids == [77] * 5
+
+
+def test_queue_limit_shutdown_and_bad_input(model):
+    engine = Engine(model, max_batch=1, max_queue=1)
+    running = engine.submit("When shall we", max_new_tokens=60)
+    next(running.chunks(timeout=30))
+    waiting = engine.submit("Alas", max_new_tokens=5)
+    with pytest.raises(QueueFull):
+        engine.submit("Alas", max_new_tokens=5)
+    engine.shutdown(drain=True, timeout=30)  # stops accepting, finishes both
+    assert running.result(timeout=0).finish_reason == "length" and waiting.result(timeout=0).completion_tokens == 5
+    with pytest.raises(EngineClosed):
+        engine.submit("Alas")
+    with Engine(model) as e:
+        for kwargs in (dict(temperature=-1), dict(max_new_tokens=0), dict(logprobs=21), dict(logit_bias={99999: 1}),
+                       dict(logit_bias={1: 500}), dict(stop=3)):
+            with pytest.raises(llamas.LlamasError):
+                e.submit("When", **kwargs)
+        with pytest.raises(llamas.LlamasError, match="context length"):
+            e.submit([1] * (model.config.n_positions + 1))
+    # Not draining: running requests are cancelled.
+    e = Engine(model)
+    h = e.submit("When shall we", max_new_tokens=100)
+    next(h.chunks(timeout=30))
+    e.shutdown(drain=False, timeout=10)
+    assert h.result(timeout=0).finish_reason == "cancelled"
+    assert kv_blocks() == 0
+
+
+def test_engine_thread_exits_when_idle(model):
+    engine = Engine(model, idle_exit=0.05)
+    assert engine.submit("Hi", max_new_tokens=3).result(timeout=30).completion_tokens == 3
+    deadline = time.time() + 5
+    while engine._thread is not None and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine._thread is None
+    assert engine.submit("Hi", max_new_tokens=3).result(timeout=30).completion_tokens == 3  # restarts
+    engine.close()

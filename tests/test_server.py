@@ -1,0 +1,581 @@
+"""The OpenAI-compatible server: the official openai client, raw httpx for every bad input, auth,
+limits, continuous batching, cancellation, memory, metrics, logs and SIGTERM. Servers run on free
+127.0.0.1 ports (uvicorn in a background thread, or `llamas serve` in a subprocess) and are shut
+down by each fixture."""
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+import llamas
+from llamas.server import create_app
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+HERE = os.path.dirname(__file__)
+TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
+PROMPT = "When shall we three meet again"
+KEY = "sekret-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    def __init__(self, app):
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+    @property
+    def state(self):
+        return self.app.state.llamas
+
+
+class SlowNative:
+    """The model's native runtime with a pause before each batched step, so that a request lasts
+    long enough for a client to leave in the middle of it."""
+
+    def __init__(self, native, delay):
+        self._native, self._delay = native, delay
+
+    def step(self, entries):
+        time.sleep(self._delay)
+        return self._native.step(entries)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llamas.load(TINY)
+
+
+@pytest.fixture(scope="module")
+def srv(model):
+    with ThreadServer(create_app(model, max_batch=16)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def limited(model):
+    """A second app in the same process: API key, tiny body limit, one running sequence, no queue
+    (and slow steps, so that a 64-token stream is still running when the next request comes)."""
+    slow_model = llamas.Model(SlowNative(model._native, 0.01), model.config, model.tokenizer, model.path)
+    app = create_app(slow_model, api_key=KEY, max_batch=1, max_queue=0, max_body_bytes=4096, max_tokens=64,
+                     model_name="tiny")
+    with ThreadServer(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def slow(model):
+    slow_model = llamas.Model(SlowNative(model._native, 0.01), model.config, model.tokenizer, model.path)
+    with ThreadServer(create_app(slow_model)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(srv):
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        yield c
+
+
+def metric(http, name: str, labels: str = "") -> float:
+    text = http.get("/metrics").text
+    key = name + ("{" + labels + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def assert_still_serving(http):
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- the official client ------------------------------------------------------------------------
+def test_completions_stream_equals_non_stream(client, model, srv, http):
+    assert http.get("/health").json() == {"status": "ok", "model": "gpt2-tiny"}
+    assert [m.id for m in client.models.list().data] == ["gpt2-tiny"]
+    r = client.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=24, temperature=0)
+    text = r.choices[0].text
+    assert text == model.generate(PROMPT, max_new_tokens=24)  # the same scheduler as Model.generate
+    assert r.choices[0].finish_reason == "length" and r.object == "text_completion"
+    n_prompt = len(model.tokenizer.encode(PROMPT))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 24, n_prompt + 24)
+    chunks = list(client.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24
+    # Token ids in, and a batch of prompts: choices ordered prompt-major.
+    ids = model.tokenizer.encode(PROMPT)
+    r = client.completions.create(model="gpt2-tiny", prompt=[ids, "Alas, poor"], max_tokens=8, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == text[:len(r.choices[0].text)] and r.choices[1].text == model.generate(
+        "Alas, poor", max_new_tokens=8)
+
+
+def test_chat_stream_equals_non_stream(client, http, model):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+    r = client.chat.completions.create(model="gpt2-tiny", messages=messages, max_tokens=20, temperature=0)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and r.object == "chat.completion"
+    # The plain template (no chat_template in the fixture): "role: content" lines, then "assistant:".
+    prompt = "system: You are terse.\nuser: Say hello.\nassistant:"
+    assert msg.content == model.generate(prompt, max_new_tokens=20)
+    tok = http.post("/tokenize", json={"messages": messages}).json()
+    assert tok["tokens"] == model.tokenizer.encode(prompt) and r.usage.prompt_tokens == tok["count"]
+    chunks = list(client.chat.completions.create(model="gpt2-tiny", messages=messages, max_tokens=20,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_stop_strings_are_never_leaked(client, model):
+    full = model.generate(PROMPT, max_new_tokens=30)
+    out_ids = model.generate(model.tokenizer.encode(PROMPT), max_new_tokens=30)
+    # A stop string that spans a token boundary: the last character of token k and the first of k+1.
+    for k in range(2, 20):
+        a, b = model.tokenizer.decode(out_ids[:k]), model.tokenizer.decode(out_ids[:k + 1])
+        if a and b.startswith(a) and len(b) > len(a) and "\ufffd" not in b:
+            break
+    stop = a[-1] + b[len(a)]
+    cut = full[:full.find(stop)]
+    assert len(cut) <= len(a) - 1
+    r = client.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="gpt2-tiny", prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, stream=True)]
+    assert "".join(pieces) == cut and not any(stop in p for p in pieces)
+
+
+def test_n_seed_logprobs_and_logit_bias(client, model):
+    kw = dict(model="gpt2-tiny", prompt=PROMPT, max_tokens=10, temperature=1.0, top_p=0.9, seed=3, n=3)
+    r = client.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and len({c.text for c in r.choices}) > 1
+    assert [c.text for c in client.completions.create(**kw).choices] == [c.text for c in r.choices]
+    assert r.usage.completion_tokens == 30
+    streamed = {}
+    for c in client.completions.create(stream=True, **kw):
+        streamed[c.choices[0].index] = streamed.get(c.choices[0].index, "") + c.choices[0].text
+    assert [streamed[i] for i in range(3)] == [c.text for c in r.choices]
+    # Sampling extras reach the sampler: top_k=1 is greedy.
+    r = client.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=8, temperature=1.5,
+                                  extra_body={"top_k": 1, "min_p": 0.1, "repetition_penalty": 1.0})
+    assert r.choices[0].text == model.generate(PROMPT, max_new_tokens=8)
+    # Legacy completions logprobs (top 5).
+    r = client.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=5)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 5 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[tok] == pytest.approx(v) and max(top.values()) == pytest.approx(v)  # greedy: the best token
+    stream_lp = [c.choices[0].logprobs for c in client.completions.create(
+        model="gpt2-tiny", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=5, stream=True)
+        if c.choices[0].logprobs]
+    assert sum((x.token_logprobs for x in stream_lp), []) == lp.token_logprobs
+    assert sum((x.text_offset for x in stream_lp), []) == lp.text_offset
+    # Chat logprobs.
+    r = client.chat.completions.create(model="gpt2-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    assert len(r.choices[0].logprobs.content) == 4 and len(r.choices[0].logprobs.content[0].top_logprobs) == 3
+    # logit_bias forces a token.
+    r = client.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=5, temperature=0,
+                                  logit_bias={"77": 100})
+    assert r.choices[0].text == model.tokenizer.decode([77] * 5)
+
+
+def test_tokenize_detokenize_and_health(http, model):
+    r = http.post("/tokenize", json={"prompt": PROMPT})
+    ids = model.tokenizer.encode(PROMPT)
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": 128}
+    assert http.post("/detokenize", json={"tokens": ids}).json() == {"prompt": model.tokenizer.decode(ids)}
+    assert http.get("/v1/models/gpt2-tiny").json()["id"] == "gpt2-tiny"
+    assert http.get("/v1/models/other").status_code == 404
+
+
+# ---- bad input: raw httpx ----------------------------------------------------------------------
+LONG = "When shall we three meet again " * 40
+BAD = [
+    # (path, body (dict, or raw bytes), expected status, expected param or None, substring of the message)
+    ("/v1/completions", {"prompt": PROMPT, "temperature": 1e9}, 400, "temperature", "temperature"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature", "number"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": -1}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": 0}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": PROMPT, "top_k": 1.5}, 400, "top_k", "integer"),
+    ("/v1/completions", {"prompt": PROMPT, "min_p": 2}, 400, "min_p", "min_p"),
+    ("/v1/completions", {"prompt": PROMPT, "repetition_penalty": 0}, 400, "repetition_penalty", ""),
+    ("/v1/completions", {"prompt": PROMPT, "presence_penalty": 3}, 400, "presence_penalty", ""),
+    ("/v1/completions", {"prompt": PROMPT, "frequency_penalty": -2.5}, 400, "frequency_penalty", ""),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": True}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 1000}, 400, "max_tokens", "128"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 10000}, 400, "n", "n"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n", "n"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": -1}, 400, "seed", "seed"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": "7"}, 400, "seed", "integer"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": 5}, 400, "stop", "stop"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["a"] * 17}, 400, "stop", "16"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 6}, 400, "logprobs", "5"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"x": 1}}, 400, "logit_bias", "token"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"99999": 1}}, 400, "logit_bias", "vocabulary"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}}, 400, "logit_bias", "100"),
+    ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, 400, "stream", "boolean"),
+    ("/v1/completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream_options", ""),
+    ("/v1/completions", {"prompt": PROMPT, "echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "bogus": 1}, 400, "bogus", "Unrecognized"),
+    ("/v1/completions", {"prompt": PROMPT, "model": "gpt-4"}, 400, "model", "does not exist"),
+    ("/v1/completions", {"prompt": PROMPT, "model": 3}, 400, "model", "string"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", ""),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt", ""),
+    ("/v1/completions", {"prompt": [1, 2, 99999]}, 400, "prompt", "vocabulary"),
+    ("/v1/completions", {"prompt": [[1, 2], "x", None]}, 400, "prompt", ""),
+    ("/v1/completions", b'{"prompt": "\\ud800 lone surrogate"}', 400, "prompt", "UTF-8"),
+    ("/v1/completions", {"prompt": LONG}, 400, "prompt", "128"),
+    ("/v1/completions", b'{"prompt": "\xff\xfe bad bytes"}', 400, None, "UTF-8"),
+    ("/v1/completions", b'{"prompt": "unterminated', 400, None, "JSON"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, None, "JSON"),
+    ("/v1/completions", b"[1, 2, 3]", 400, None, "object"),
+    ("/v1/completions", b"", 400, None, "empty"),
+    ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None, "JSON"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least one"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "array"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content", "required"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]", "text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages", "128"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400,
+     "top_logprobs", "logprobs"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt", "string"),
+    ("/tokenize", {}, 400, "prompt", "one of"),
+    ("/detokenize", {"tokens": [1, -1]}, 400, "tokens", "vocabulary"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens", "array"),
+]
+
+
+def test_every_bad_input_gets_a_400_and_the_server_keeps_serving(http, model):
+    for path, body, status, param, text in BAD:
+        if isinstance(body, bytes):
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = http.post(path, json=body)
+        assert r.status_code == status, (path, body if not isinstance(body, bytes) else body[:40], r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+        assert err["param"] == param, (body, err)
+        assert text.lower() in err["message"].lower(), (body, err)
+    # A prompt longer than the context names both token counts.
+    n = len(model.tokenizer.encode(LONG))
+    msg = http.post("/v1/completions", json={"prompt": LONG}).json()["error"]["message"]
+    assert str(n) in msg and "128" in msg
+    # 404 and 405 in the same format.
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert_still_serving(http)
+
+
+def test_a_huge_prompt_does_not_stall_other_requests(srv, http):
+    huge = "When shall we three meet again " * 25000  # 775 kB: tokenised off the event loop
+    done = {}
+
+    def post_huge():
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": huge}, timeout=60)
+        done["huge"] = time.time()
+        done["error"] = r.json()["error"]
+    t = threading.Thread(target=post_huge)
+    t.start()
+    time.sleep(0.05)
+    assert_still_serving(http)
+    small = time.time()
+    t.join()
+    assert small < done["huge"] and "context length is 128 tokens" in done["error"]["message"]
+
+
+def test_auth_body_limit_max_tokens_and_queue_full(limited):
+    with httpx.Client(base_url=limited.url, timeout=30) as h:
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3}
+        assert h.get("/health").status_code == 200 and h.get("/metrics").status_code == 200  # open
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = h.post("/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert h.get("/v1/models").status_code == 401
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert h.post("/v1/completions", json=body, headers=auth).status_code == 200
+        # Bodies over --max-body-bytes: 413 (declared length, and chunked without one).
+        big = dict(body, prompt="x" * 5000)
+        r = h.post("/v1/completions", json=big, headers=auth)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = h.post("/v1/completions", content=iter([json.dumps(big).encode()]), headers=auth)
+        assert r.status_code == 413
+        # max_tokens beyond the server's cap.
+        r = h.post("/v1/completions", json=dict(body, max_tokens=65), headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        # One sequence runs, none may wait: a second request while the first streams gets 429.
+        openai_client = openai.OpenAI(base_url=limited.url + "/v1", api_key=KEY, max_retries=0)
+        stream = openai_client.completions.create(model="tiny", prompt="Hi", max_tokens=64, stream=True)
+        it = iter(stream)
+        next(it)
+        r = h.post("/v1/completions", json=body, headers=auth)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        with pytest.raises(openai.RateLimitError):
+            openai_client.completions.create(model="tiny", prompt="Hi", max_tokens=3)
+        rest = list(it)
+        assert [c.choices[0].finish_reason for c in rest][-1] == "length"
+        assert h.post("/v1/completions", json=body, headers=auth).status_code == 200
+        assert metric(h, "llamas_requests_total", 'endpoint="/v1/completions",status="429"') == 2
+
+
+# ---- continuous batching -----------------------------------------------------------------------
+def test_16_concurrent_greedy_requests_equal_each_alone(srv, http):
+    prompts = [f"{PROMPT} {i}" * (1 + i % 3) for i in range(16)]
+    kinds = ["stream" if i % 2 else "plain" for i in range(16)]
+    alone = []
+    for i, p in enumerate(prompts):
+        r = http.post("/v1/completions", json={"prompt": p, "max_tokens": 20 + i, "temperature": 0})
+        alone.append(r.json()["choices"][0]["text"])
+    steps_before = srv.state.engine.steps
+
+    async def one(ac, i):
+        body = {"prompt": prompts[i], "max_tokens": 20 + i, "temperature": 0}
+        if kinds[i] == "plain":
+            r = await ac.post("/v1/completions", json=body)
+            return r.json()["choices"][0]["text"]
+        text = ""
+        async with ac.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def main():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=32)) as ac:
+            return await asyncio.gather(*(one(ac, i) for i in range(16)))
+
+    together = asyncio.run(main())
+    assert together == alone
+    total_tokens = sum(20 + i for i in range(16))
+    assert srv.state.engine.steps - steps_before < total_tokens / 2  # they really ran batched
+
+
+# ---- cancellation and memory -------------------------------------------------------------------
+def wait_for(fn, timeout=1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if fn():
+            return True
+        time.sleep(0.01)
+    return fn()
+
+
+def test_disconnect_mid_stream_frees_the_sequence(slow):
+    http = httpx.Client(base_url=slow.url, timeout=30)
+    cancelled = metric(http, "llamas_sequences_finished_total", 'finish_reason="cancelled"')
+    body = {"prompt": [1, 2, 3], "max_tokens": 120, "temperature": 0}  # 120 steps of >= 10 ms
+    with httpx.Client(base_url=slow.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert metric(http, "llamas_requests_running") == 1 and metric(http, "llamas_kv_cache_blocks_in_use") > 0
+        # leaving the block closes the connection mid-stream
+    assert wait_for(lambda: metric(http, "llamas_kv_cache_blocks_in_use") == 0
+                    and metric(http, "llamas_requests_running") == 0, timeout=1.0)
+    assert metric(http, "llamas_sequences_finished_total", 'finish_reason="cancelled"') == cancelled + 1
+    # A non-streaming client that gives up is cancelled too.
+    with pytest.raises(httpx.TimeoutException):
+        http.post("/v1/completions", json=body, timeout=0.2)
+    assert wait_for(lambda: metric(http, "llamas_kv_cache_blocks_in_use") == 0
+                    and metric(http, "llamas_requests_running") == 0, timeout=1.0)
+    assert metric(http, "llamas_sequences_finished_total", 'finish_reason="cancelled"') == cancelled + 2
+    assert_still_serving(http)
+    http.close()
+
+
+def test_200_sequential_requests_leave_allocator_bytes_unchanged(http):
+    assert_still_serving(http)
+    before = llamas.memory_stats()["bytes_in_use"]
+    for i in range(200):
+        body = {"prompt": f"{PROMPT} {i}", "max_tokens": 4, "temperature": 0.7, "seed": i, "stream": i % 2 == 1}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200
+    assert llamas.memory_stats()["bytes_in_use"] == before
+    assert metric(http, "llamas_allocator_bytes_in_use") == before
+    assert metric(http, "llamas_kv_cache_blocks_in_use") == 0
+
+
+# ---- metrics and logs --------------------------------------------------------------------------
+def test_metrics_and_one_json_log_line_per_request(srv, http, caplog):
+    with caplog.at_level(logging.INFO, logger="llamas.server"):
+        r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0})
+        rid = r.json()["id"]
+        http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0})
+        assert wait_for(lambda: len([x for x in caplog.records if x.name == "llamas.server"]) >= 2)
+    lines = [json.loads(x.getMessage()) for x in caplog.records if x.name == "llamas.server"]
+    ok = [x for x in lines if x.get("id") == rid]
+    assert len(ok) == 1
+    ok = ok[0]
+    assert ok["status"] == 200 and ok["completion_tokens"] == 5 and ok["prompt_tokens"] > 0
+    assert ok["finish_reason"] == ["length"] and ok["ttft_s"] > 0 and ok["e2e_s"] >= ok["ttft_s"]
+    assert any(x["status"] == 400 and x["error"] == "invalid_value" for x in lines)
+    text = http.get("/metrics").text
+    for name in ("llamas_requests_total", "llamas_prompt_tokens_total", "llamas_generation_tokens_total",
+                 "llamas_time_to_first_token_seconds_bucket", "llamas_inter_token_latency_seconds_bucket",
+                 "llamas_e2e_request_latency_seconds_bucket", "llamas_request_queue_time_seconds_bucket",
+                 "llamas_requests_running", "llamas_requests_waiting", "llamas_kv_cache_blocks_in_use",
+                 "llamas_allocator_bytes_in_use", "llamas_allocator_peak_bytes"):
+        assert name in text, name
+    assert metric(http, "llamas_requests_total", 'endpoint="/v1/completions",status="200"') > 0
+
+
+# ---- loading, chat templates, shutdown ----------------------------------------------------------
+def test_health_is_503_while_loading_and_chat_template(tmp_path, model):
+    folder = tmp_path / "chatty"
+    shutil.copytree(TINY, folder)
+    template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
+                "<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|endoftext|>"}))
+    gate = threading.Event()
+
+    def loader():
+        gate.wait(10)
+        return llamas.load(folder)
+
+    app = create_app(loader)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            assert (await ac.get("/health")).status_code == 503
+            r = await ac.post("/v1/completions", json={"prompt": "x"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+            gate.set()
+            deadline = time.time() + 10
+            while (await ac.get("/health")).status_code != 200:
+                assert time.time() < deadline
+                await asyncio.sleep(0.01)
+            msgs = [{"role": "user", "content": "hi"}]
+            r = await ac.post("/tokenize", json={"messages": msgs})
+            assert r.json()["tokens"] == model.tokenizer.encode("<user>hi\n<assistant>")
+            r = await ac.post("/v1/chat/completions", json={"model": "chatty", "messages": msgs, "max_tokens": 5,
+                                                            "temperature": 0})
+            assert r.json()["choices"][0]["message"]["content"] == model.generate("<user>hi\n<assistant>",
+                                                                                   max_new_tokens=5)
+            r = await ac.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
+            assert r.status_code == 400 and "no tools" in r.json()["error"]["message"]
+    asyncio.run(main())
+    app.state.llamas.engine.close()
+    broken = create_app(str(tmp_path / "missing"))
+    deadline = time.time() + 10
+    while broken.state.llamas.load_error is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+    async def check_broken():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broken), base_url="http://t") as ac:
+            r = await ac.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "error"
+    asyncio.run(check_broken())
+
+
+def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model):
+    # A model big enough that 120 tokens take a while (random weights, the fixture's tokenizer).
+    folder = str(tmp_path / "medium")
+    llamas.create(dict(vocab_size=512, n_embd=384, n_layer=6, n_head=6, n_positions=512), seed=1,
+                  tokenizer=model.tokenizer).save(folder)
+    port = free_port()
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(HERE, "..", "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "llamas", "serve", "--model", folder, "--port", str(port),
+                             "--api-key-file", str(key_file), "--max-batch", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        t_start = time.time()
+        stream = iter(c.completions.create(model="medium", prompt=[1, 2, 3], max_tokens=120, temperature=0,
+                                           stream=True))
+        first = next(stream)
+        t_signal = time.time()
+        proc.send_signal(signal.SIGTERM)
+
+        def refused():
+            try:
+                httpx.get(url + "/health", timeout=0.5)
+                return False
+            except httpx.TransportError:
+                return True
+        assert wait_for(refused, timeout=2.0)  # no new connections ...
+        rest = list(stream)                    # ... but the running request finishes
+        text = first.choices[0].text + "".join(x.choices[0].text for x in rest)
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert proc.wait(timeout=30) == 0
+        served = llamas.load(folder)
+        assert text == served.tokenizer.decode(served.generate([1, 2, 3], max_new_tokens=120))
+        log_lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        done = [x for x in log_lines if x.get("event") == "request" and x.get("completion_tokens") == 120]
+        assert len(done) == 1 and done[0]["status"] == 200
+        # The last token came after the signal: the request was running when it arrived.
+        print("signal after", t_signal - t_start, "s; request took", done[0]["e2e_s"], "s")
+        assert done[0]["e2e_s"] > t_signal - t_start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
