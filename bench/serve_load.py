@@ -23,6 +23,13 @@ import time
 import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+try:  # the installed package, or else this checkout's python/ folder (with a built extension)
+    import llamas  # noqa: F401
+    _SOURCE_TREE = None
+except ImportError:
+    _SOURCE_TREE = os.path.join(HERE, "..", "python")
+    sys.path.insert(0, _SOURCE_TREE)
+    import llamas  # noqa: F401
 PROMPTS = ["When shall we three meet again", "Now is the winter of our discontent", "Friends, Romans, countrymen",
            "To be, or not to be, that is the question", "O Romeo, Romeo, wherefore art thou", "Alas, poor Yorick"]
 
@@ -134,8 +141,8 @@ def start_server(args) -> tuple:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ)
-    src = os.path.join(HERE, "..", "python")
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    if _SOURCE_TREE:  # llamas came from this checkout's python/ folder: the server must too
+        env["PYTHONPATH"] = os.pathsep.join([_SOURCE_TREE, env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -176,7 +183,6 @@ def main() -> int:
     tmp = None
     if args.random_model:
         import tempfile
-        sys.path.insert(0, os.path.join(HERE, "..", "python"))
         import llamas
         tmp = tempfile.TemporaryDirectory()
         tok = llamas.load(os.path.join(HERE, "..", "tests", "fixtures", "gpt2-tiny")).tokenizer

@@ -511,6 +511,18 @@ def test_health_is_503_while_loading_and_chat_template(tmp_path, model):
             assert r.status_code == 400 and "no tools" in r.json()["error"]["message"]
     asyncio.run(main())
     app.state.llamas.engine.close()
+
+    # An unexpected exception in a handler is a 500 in the same JSON format, not a dead server.
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("kaput")
+
+    async def check_boom():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as ac:
+            r = await ac.get("/boom")
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert (await ac.get("/health")).status_code == 200
+    asyncio.run(check_boom())
     broken = create_app(str(tmp_path / "missing"))
     deadline = time.time() + 10
     while broken.state.llamas.load_error is None:
@@ -532,11 +544,9 @@ def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model)
     port = free_port()
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(HERE, "..", "python"),
-                                                       os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "llamas", "serve", "--model", folder, "--port", str(port),
                              "--api-key-file", str(key_file), "--max-batch", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 30

@@ -491,6 +491,7 @@ class Engine:
         self._inbox: collections.deque = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._closing = False
+        self._cancel_all = False
         self._steps = 0
 
     # ---- state ------------------------------------------------------------------------------
@@ -579,8 +580,7 @@ class Engine:
         with self._cond:
             self._closing = True
             if not drain:
-                for r in list(self._inbox) + [s.req for s in self._sched.running] + list(self._sched.waiting):
-                    r.cancelled = True
+                self._cancel_all = True  # the engine thread cancels everything at its next iteration
             self._cond.notify_all()
             thread = self._thread
         if thread is not None:
@@ -607,6 +607,9 @@ class Engine:
                 with self._cond:
                     while self._inbox:
                         sched.add(self._inbox.popleft())
+                    if self._cancel_all:
+                        for r in [slot.req for slot in sched.running] + list(sched.waiting):
+                            r.cancelled = True
                     if not sched.has_work():
                         if self._closing:
                             self._thread = None
