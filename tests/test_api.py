@@ -193,3 +193,27 @@ def test_cli_help_info_bench_and_errors():
     assert r.returncode == 2 and "temperature" in r.stderr
     r = run_cli("generate", "--model", "/definitely/not/here", "hi")
     assert r.returncode == 2 and "not a folder" in r.stderr
+
+
+def test_generation_config_sets_sampling_defaults(tmp_path):
+    # A model folder's generation_config.json (Hugging Face's) supplies the sampling parameters a
+    # caller leaves out; explicit arguments win; without do_sample it stays greedy.
+    src = os.path.join(os.path.dirname(__file__), "fixtures", "gpt2-tiny")
+    folder = tmp_path / "m"
+    shutil.copytree(src, folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.9, "top_k": 5, "repetition_penalty": 1.3}))
+    configured, plain = llamas.load(str(folder)), llamas.load(src)
+    prompt = "Hello, my name is"
+    assert configured.generation_config == {"do_sample": True, "temperature": 0.9, "top_k": 5, "repetition_penalty": 1.3}
+    sampled = configured.generate(prompt, max_new_tokens=12, seed=3)
+    assert sampled == plain.generate(prompt, max_new_tokens=12, seed=3, temperature=0.9, top_k=5, repetition_penalty=1.3)
+    assert configured.generate(prompt, max_new_tokens=12, temperature=0.0, repetition_penalty=1.0) == \
+        plain.generate(prompt, max_new_tokens=12)
+    configured.save(tmp_path / "saved")
+    assert llamas.load(str(tmp_path / "saved")).generation_config == configured.generation_config
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.9}))
+    assert llamas.load(str(folder)).generation_config == {}
+    (folder / "generation_config.json").write_text("{not json")
+    with pytest.raises(llamas.LlamasError, match="generation_config.json"):
+        llamas.load(str(folder))

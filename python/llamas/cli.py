@@ -8,6 +8,7 @@ import sys
 import time
 
 from ._C import LlamasError
+from .cli_args import positive_int as _positive_int
 
 
 MODEL_HELP = ("Hugging Face model folder (config.json, model.safetensors, tokenizer files); "
@@ -21,13 +22,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamas", description="llamas: run transformer language models on a hand-written C++ engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), higher = more random")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise tokens already seen (1 = off)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy, higher = more random (default: the model's generation_config.json, else 0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off; default: the model's, else 0)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off; default: the model's, else 1)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="penalise tokens already seen (1 = off; default: the model's, else 1)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")

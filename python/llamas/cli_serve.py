@@ -8,20 +8,7 @@ import signal
 import sys
 
 from ._C import LlamasError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+from .cli_args import positive_int as _positive_int, non_negative_int as _non_negative_int
 
 
 def _port(text: str) -> int:

@@ -14,15 +14,44 @@ from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
 
+# What `generate` uses for a sampling parameter given neither by the caller nor by the model's
+# generation_config.json: greedy decoding, no filtering, no penalties.
+_SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                      "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def _read_generation_config(path: str) -> dict:
+    """The sampling defaults of a Hugging Face generation_config.json (used when do_sample is true;
+    repetition_penalty always)."""
+    import json
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LlamasError(f"[load] {file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise LlamasError(f"[load] {file} must hold a JSON object")
+    keys = ("temperature", "top_k", "top_p", "repetition_penalty") if raw.get("do_sample") else ("repetition_penalty",)
+    out = {k: raw[k] for k in keys if k in raw}
+    if raw.get("do_sample"):
+        out["do_sample"] = True
+    return out
+
 
 class Model:
     """A loaded model: `generate`, `forward`, `config`, `tokenizer`."""
 
-    def __init__(self, native, config: GPT2Config, tokenizer: Optional[Tokenizer], path: Optional[str]):
+    def __init__(self, native, config: GPT2Config, tokenizer: Optional[Tokenizer], path: Optional[str],
+                 generation_config: Optional[dict] = None):
         self._native = native
         self.config = config
         self.tokenizer = tokenizer
         self.path = path
+        # Sampling defaults from the model folder's generation_config.json ({} = greedy).
+        self.generation_config = dict(generation_config or {})
 
     @property
     def dtype(self) -> str:
@@ -52,6 +81,10 @@ class Model:
         self.config.save(folder)
         if self.tokenizer is not None:
             self.tokenizer.save(folder)
+        if self.generation_config:
+            import json
+            with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.generation_config, f, indent=2)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, ids) -> np.ndarray:
@@ -94,20 +127,28 @@ class Model:
         self._check_ids(ids, "generate")
         return ids
 
-    def generate(self, prompt: Union[Prompt, list], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
-                 stream: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
+    def generate(self, prompt: Union[Prompt, list], max_new_tokens: int = 128, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
+                 stop: Union[str, Sequence[str], None] = None, stream: bool = False,
+                 presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None):
         """Generates a continuation.
 
         A str prompt returns the generated str; a list of token ids returns the generated ids;
         a list of str (or of id lists) generates a batch and returns a list. With stream=True, a
         single prompt returns an iterator of text pieces (or of ids for id prompts). Generation
         stops at the end-of-text token, at a stop string (which is not included) or after
-        max_new_tokens. temperature=0 is greedy decoding.
+        max_new_tokens. temperature=0 is greedy decoding. A sampling parameter left as None takes
+        the model's generation_config.json value, else greedy / off.
         """
-        options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                                  frequency_penalty, seed)
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                 "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
+                 "frequency_penalty": frequency_penalty}
+        values = {k: v if v is not None else self.generation_config.get(k, _SAMPLING_DEFAULTS[k])
+                  for k, v in given.items()}
+        options = SamplingOptions(values["temperature"], values["top_k"], values["top_p"], values["min_p"],
+                                  values["repetition_penalty"], values["presence_penalty"],
+                                  values["frequency_penalty"], seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise LlamasError(f"[generate] max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stops = self._normalise_stop(stop)
@@ -205,4 +246,4 @@ def load(path: Optional[str] = None, dtype: str = "float32") -> Model:
     tokenizer = None
     if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
         tokenizer = Tokenizer.from_folder(path, config.eos_token_id)
-    return Model(native, config, tokenizer, path)
+    return Model(native, config, tokenizer, path, _read_generation_config(path))
