@@ -1,0 +1,291 @@
+"""Generation for the OpenAI-compatible server: a completion or chat request runs every (prompt,
+choice) through the engine and answers with JSON or server-sent events, formatted as OpenAI's."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import List
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ._C import LlamasError
+from .engine import EngineClosed, QueueFull
+from .engine import Request as EngineRequest
+from .engine import SamplingOptions
+from .server_protocol import APIError, GenParams, bad
+from .server_state import ServerState, _json, _record
+
+
+def _budget(state: ServerState, p: GenParams, n_prompt: int, param: str) -> int:
+    """max_tokens for a prompt of n_prompt tokens; 400 when it cannot fit."""
+    ctx = state.context
+    if n_prompt >= ctx:
+        raise bad(f"This model's maximum context length is {ctx} tokens, but the prompt has {n_prompt} tokens "
+                  f"(it must be at most {ctx - 1} to leave room for at least one generated token).",
+                  param, "context_length_exceeded")
+    room = ctx - n_prompt
+    cap = state.max_tokens
+    if p.max_tokens is not None:
+        if cap is not None and p.max_tokens > cap:
+            raise bad(f"'max_tokens' is {p.max_tokens} but this server allows at most {cap}.", "max_tokens",
+                      "invalid_value")
+        if p.max_tokens > room:
+            raise bad(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                      f"{n_prompt + p.max_tokens} tokens ({n_prompt} in the prompt, {p.max_tokens} for the "
+                      f"completion). Reduce the prompt or 'max_tokens'.", "max_tokens", "context_length_exceeded")
+        return p.max_tokens
+    default = room if p.default_max_tokens is None else min(p.default_max_tokens, room)
+    return min(default, cap) if cap is not None else default
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(obj) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+class _Choice:
+    __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "error", "completion_tokens", "offset")
+
+    def __init__(self, want_logprobs: bool):
+        self.text = ""
+        self.token_ids: List[int] = []
+        self.logprobs = [] if want_logprobs else None
+        self.finish_reason = None
+        self.error = None
+        self.completion_tokens = 0
+        self.offset = 0
+
+
+# ---- generation ----------------------------------------------------------------------------------
+async def _generate(state: ServerState, request: Request, kind: str, p: GenParams) -> Response:
+    """Runs every (prompt, choice) through the engine; answers JSON or SSE."""
+    engine = state.require_engine()
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    rec = _record(request)
+    rec["id"] = rid
+    budgets = [_budget(state, p, len(ids), "messages" if kind == "chat" else "prompt") for ids in p.prompt_ids]
+    n_total = len(p.prompt_ids) * p.n
+    if n_total > state.max_batch + state.max_queue:
+        raise bad(f"This request asks for {n_total} sequences; this server runs at most "
+                  f"{state.max_batch + state.max_queue} at once.", "n", "invalid_value")
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    items = []
+    seed = p.sampling["seed"]
+    for pi, ids in enumerate(p.prompt_ids):
+        for j in range(p.n):
+            idx = pi * p.n + j
+            s = dict(p.sampling)
+            s["seed"] = None if seed is None else (seed + j) & ((1 << 63) - 1)
+            try:
+                options = SamplingOptions(logprobs=p.logprobs, **s)
+            except LlamasError as e:
+                raise bad(str(e)) from None
+            req = EngineRequest(ids, budgets[pi], options, p.stop, request_id=f"{rid}-{idx}")
+            push = state.dispatcher.push
+            if p.stream:
+                def listener(chunk, idx=idx):
+                    push(loop, queue, (idx, chunk))
+            else:
+                def listener(chunk, idx=idx):
+                    if chunk.finish_reason is not None:
+                        push(loop, queue, (idx, chunk))
+            items.append((req, True, listener))
+    try:
+        handles = engine.enqueue(items)
+    except QueueFull as e:
+        raise APIError(429, f"The server is busy: {e}. Retry later.", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except EngineClosed:
+        raise APIError(503, "The server is shutting down.", code="shutting_down") from None
+    prompt_tokens = sum(len(ids) for ids in p.prompt_ids)
+    rec.update(prompt_tokens=prompt_tokens, n=n_total, stream=p.stream)
+    choices = [_Choice(p.logprobs is not None) for _ in handles]
+
+    def finish_record():
+        rec["completion_tokens"] = sum(h._req.completion_tokens for h in handles)
+        rec["finish_reason"] = [h._req.finish_reason for h in handles]
+        st = handles[0].stats
+        rec["queue_s"] = _round(st.queue_time)
+        rec["ttft_s"] = _round(st.time_to_first_token)
+        rec["e2e_s"] = _round(st.e2e_latency)
+
+    if p.stream:
+        def on_close():
+            if not all(h.done for h in handles):
+                rec["disconnected"] = True
+            for h in handles:
+                if not h.done:
+                    h.cancel()
+            finish_record()
+        return _SSEResponse(_stream(state, kind, p, rid, created, handles, choices, queue, prompt_tokens),
+                            on_close)
+
+    # Non-streaming: wait for every choice, or for the client to go away.
+    disconnect = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        remaining = len(handles)
+        while remaining:
+            get = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                rec["disconnected"] = True
+                return Response(status_code=499)
+            remaining -= 1
+    finally:
+        disconnect.cancel()
+        for h in handles:
+            if not h.done:
+                h.cancel()
+        finish_record()
+    results = [h.result(timeout=0) for h in handles]
+    for r in results:
+        if r.finish_reason == "error":
+            raise APIError(500, f"Generation failed: {r.error}", code="engine_error")
+        if r.finish_reason == "cancelled":
+            raise APIError(503, "The request was cancelled by the server.", code="cancelled")
+    tok = state.tokenizer
+    out = []
+    for i, r in enumerate(results):
+        if kind == "chat":
+            c = {"index": i, "message": {"role": "assistant", "content": r.text},
+                 "logprobs": chat_logprobs(tok, r.logprobs) if r.logprobs is not None else None,
+                 "finish_reason": r.finish_reason}
+        else:
+            c = {"index": i, "text": r.text,
+                 "logprobs": completion_logprobs(tok, r.logprobs, 0) if r.logprobs is not None else None,
+                 "finish_reason": r.finish_reason}
+        out.append(c)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                  "created": created, "model": state.model_name, "choices": out,
+                  "usage": _usage(prompt_tokens, completion_tokens)})
+
+
+def _round(v):
+    return None if v is None else round(v, 6)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events; `on_close` runs however the response ends (done, client gone before or
+    during the stream), so no sequence outlives its client."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _stream(state, kind, p, rid, created, handles, choices, queue, prompt_tokens):
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    tok = state.tokenizer
+    name = state.model_name
+
+    def chunk(choice_list, usage=None):
+        d = {"id": rid, "object": obj, "created": created, "model": name, "choices": choice_list}
+        if p.include_usage:
+            d["usage"] = usage
+        return _sse(d)
+
+    try:
+        if kind == "chat":
+            yield "".join(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]) for i in range(len(handles)))
+        remaining = len(handles)
+        while remaining:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            out = []
+            for idx, c in batch:
+                ch = choices[idx]
+                if c.finish_reason is not None:
+                    remaining -= 1
+                    if c.finish_reason in ("error", "cancelled"):
+                        msg = c.error or "the request was cancelled by the server"
+                        out.append(_sse({"error": {"message": f"Generation failed: {msg}", "type": "server_error",
+                                                   "param": None, "code": "engine_error"}}))
+                        continue
+                lp = None
+                if ch.logprobs is not None and c.logprobs:
+                    if kind == "chat":
+                        lp = chat_logprobs(tok, c.logprobs)
+                    else:
+                        lp = completion_logprobs(tok, c.logprobs, ch.offset)
+                        ch.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                if not c.text and lp is None and c.finish_reason is None:
+                    continue
+                if kind == "chat":
+                    delta = {"content": c.text} if c.text else {}
+                    out.append(chunk([{"index": idx, "delta": delta, "logprobs": lp,
+                                       "finish_reason": c.finish_reason}]))
+                else:
+                    out.append(chunk([{"index": idx, "text": c.text, "logprobs": lp,
+                                       "finish_reason": c.finish_reason}]))
+            if out:
+                yield "".join(out)
+        if p.include_usage:
+            completion_tokens = sum(h._req.completion_tokens for h in handles)
+            d = {"id": rid, "object": obj, "created": created, "model": name, "choices": [],
+                 "usage": _usage(prompt_tokens, completion_tokens)}
+            yield _sse(d)
+        yield "data: [DONE]\n\n"
+    finally:
+        # Client gone (the response task is cancelled) or done: free every sequence still running.
+        for h in handles:
+            if not h.done:
+                h.cancel()
+
+
+# ---- responses --------------------------------------------------------------------------------
+def completion_logprobs(tokenizer, lps, offset0: int) -> dict:
+    """OpenAI legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset
+    (offsets into the generated text)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for lp in lps:
+        s = tokenizer.decode([lp.token_id]) if tokenizer is not None else str(lp.token_id)
+        tokens.append(s)
+        token_lps.append(lp.logprob)
+        top = {}
+        for tid, v in lp.top:
+            key = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+            top.setdefault(key, v)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, lps) -> dict:
+    def entry(tid, v):
+        s = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+    content = []
+    for lp in lps:
+        e = entry(lp.token_id, lp.logprob)
+        e["top_logprobs"] = [entry(t, v) for t, v in lp.top]
+        content.append(e)
+    return {"content": content}

@@ -1,0 +1,165 @@
+"""Per-app state of the OpenAI-compatible server (`app.state.llamas`): the model and its engine,
+request guards (auth, readiness, model name, body size), the engine-to-event-loop dispatcher, and
+the small response helpers the routes and generation share."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .engine import Engine
+from .server_chat import ChatTemplate
+from .server_metrics import ServerMetrics
+from .server_protocol import APIError, bad, parse_json_body
+
+log = logging.getLogger("llamas.server")
+
+
+class _Dispatcher:
+    """Hands chunks from the engine thread to event-loop queues with one loop wake-up per engine
+    step (call_soon_threadsafe writes to a pipe; once per chunk costs more than the chunk)."""
+
+    def __init__(self):
+        self._pending: dict = {}   # loop -> [(asyncio.Queue, item)]; touched by the engine thread only
+
+    def push(self, loop, queue, item) -> None:
+        self._pending.setdefault(loop, []).append((queue, item))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+
+def _deliver(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class ServerState:
+    """Everything one app needs; `app.state.llamas`."""
+
+    def __init__(self, *, model_name: Optional[str], api_key: Optional[str], max_batch: int,
+                 max_queue: int, max_tokens: Optional[int], max_body_bytes: int, prefill_chunk: int,
+                 chat_template: Optional[str]):
+        self.model = None
+        self.engine: Optional[Engine] = None
+        self.tokenizer = None
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_tokens = max_tokens
+        self.max_body_bytes = max_body_bytes
+        self.prefill_chunk = prefill_chunk
+        self.chat_template_source = chat_template
+        self.chat_template: Optional[ChatTemplate] = None
+        self.ready = False
+        self.draining = False
+        self.load_error: Optional[str] = None
+        self.created = int(time.time())
+        self.context = 0
+        self.vocab = 0
+        import llamas
+        self.metrics = ServerMetrics(lambda: self.engine, llamas.memory_stats)
+        self.dispatcher = _Dispatcher()
+
+    # ---- model ------------------------------------------------------------------------------
+    def attach(self, model) -> None:
+        self.chat_template = (ChatTemplate(self.chat_template_source) if self.chat_template_source is not None
+                              else ChatTemplate.for_model_path(model.path))
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.context = model.config.n_positions
+        self.vocab = model.config.vocab_size
+        if self.model_name is None:
+            self.model_name = os.path.basename(os.path.normpath(model.path)) if model.path else "llamas"
+        self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue,
+                             prefill_chunk=self.prefill_chunk, on_finish=self.metrics.on_finish,
+                             on_step=self.dispatcher.flush)
+        self.ready = True
+
+    def load_async(self, loader, what: str) -> threading.Thread:
+        def run():
+            try:
+                self.attach(loader())
+                log.info(json.dumps({"event": "model_loaded", "model": self.model_name, "source": what}))
+            except Exception as e:  # /health reports it; requests get 503
+                self.load_error = str(e)
+                log.error(json.dumps({"event": "model_load_failed", "source": what, "error": str(e)}))
+        t = threading.Thread(target=run, name="llamas-load", daemon=True)
+        t.start()
+        return t
+
+    # ---- request guards ---------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def require_engine(self) -> Engine:
+        if self.draining:
+            raise APIError(503, "The server is shutting down.", code="shutting_down")
+        if not self.ready:
+            if self.load_error:
+                raise APIError(503, f"The model failed to load: {self.load_error}", code="model_load_failed")
+            raise APIError(503, "The model is still loading.", code="model_loading", headers={"Retry-After": "1"})
+        return self.engine
+
+    def check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is None:
+            return
+        if not isinstance(name, str):
+            raise bad("'model' must be a string.", "model", "invalid_type")
+        if name != self.model_name:
+            raise bad(f"The model '{name[:100]}' does not exist; this server serves '{self.model_name}'.",
+                      "model", "model_not_found")
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.max_body_bytes
+        too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise too_big
+            except ValueError:
+                raise bad("Invalid Content-Length header.") from None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        return parse_json_body(bytes(body))
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _json(data, status: int = 200, headers=None) -> Response:
+    return Response(json.dumps(data, ensure_ascii=False, separators=(",", ":")), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def _error(e: APIError) -> Response:
+    return _json(e.body(), e.status, e.headers)
+
+
+def _record(request: Request) -> dict:
+    return request.scope.setdefault("llamas.log", {})
+
