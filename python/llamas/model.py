@@ -80,7 +80,7 @@ class Model:
         write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
         self.config.save(folder)
         if self.tokenizer is not None:
-            self.tokenizer.save(folder)
+            self.tokenizer.save(folder, model_max_length=self.config.n_positions)
         if self.generation_config:
             import json
             with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:

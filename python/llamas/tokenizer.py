@@ -58,10 +58,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
 
-    def save(self, folder: str) -> None:
-        """Writes tokenizer.json into folder."""
+    def save(self, folder: str, model_max_length: int = 1024) -> None:
+        """Writes tokenizer.json (and tokenizer_config.json naming the end-of-text token) into folder."""
         self._tok.save(os.path.join(folder, "tokenizer.json"))
         if self.eos_token_id is not None:
             with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
                 json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-                           "model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer"}, f, indent=2)
+                           "model_max_length": model_max_length, "tokenizer_class": "GPT2Tokenizer"}, f, indent=2)
