@@ -16,7 +16,9 @@ from llamas import train as train_module
 from llamas.checkpoint import read_checkpoint
 from llamas.cli import main
 
-PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+# Subprocesses import llamas from where this process did (the installed package in CI, the source
+# tree's python/ in a development build), never from a source tree without the extension.
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(llamas.__file__)))
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
          "jumbo vexing bright sphinx of black quartz judge my vow and then some other "
          "words like river mountain sky cloud silver garden window").split()

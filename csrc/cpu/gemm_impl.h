@@ -122,27 +122,26 @@ void small_m_nk(const GemmArgs& g, int64_t n0, int64_t n1) {
 }
 
 // ---- packed path ---------------------------------------------------------------------------------
-// A panel p holds rows [p*MR, p*MR+MR) as [k][MR], zero-padded past M.
+// One A panel: rows [row0, row0+MR) and k in [pc, pc+kc), stored [k][MR], zero-padded past M.
+inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc, float* dst) {
+  const int rows = int(imin(kGemmRows, g.M - row0));
+  for (int64_t k = 0; k < kc; ++k) {
+    float* d = dst + k * kGemmRows;
+    if (g.a_trans) {  // A^T stored (K, M): each k is a contiguous run of the panel's rows
+      const float* src = g.A + (pc + k) * g.lda + row0;
+      for (int i = 0; i < rows; ++i) d[i] = src[i];
+    } else {
+      for (int i = 0; i < rows; ++i) d[i] = g.A[(row0 + i) * g.lda + pc + k];
+    }
+    for (int i = rows; i < kGemmRows; ++i) d[i] = 0.f;
+  }
+}
+
+// All of A, panel p at Ap + p * MR * K (so k block pc of it starts at + pc * MR).
 void pack_a(const GemmArgs& g, float* Ap) {
   int64_t panels = (g.M + kGemmRows - 1) / kGemmRows;
   llamas::parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      float* dst = Ap + p * kGemmRows * g.K;
-      int64_t row0 = p * kGemmRows;
-      int rows = int(imin(kGemmRows, g.M - row0));
-      if (g.a_trans) {  // A^T stored (K, M): each k is a contiguous run of the panel's rows
-        for (int64_t k = 0; k < g.K; ++k) {
-          const float* src = g.A + k * g.lda + row0;
-          for (int i = 0; i < rows; ++i) dst[k * kGemmRows + i] = src[i];
-          for (int i = rows; i < kGemmRows; ++i) dst[k * kGemmRows + i] = 0.f;
-        }
-        continue;
-      }
-      for (int64_t k = 0; k < g.K; ++k) {
-        for (int i = 0; i < rows; ++i) dst[k * kGemmRows + i] = g.A[(row0 + i) * g.lda + k];
-        for (int i = rows; i < kGemmRows; ++i) dst[k * kGemmRows + i] = 0.f;
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p) pack_a_panel(g, p * kGemmRows, 0, g.K, Ap + p * kGemmRows * g.K);
   });
 }
 
@@ -216,25 +215,52 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp,
   }
 }
 
+// Tiles of one packed B block (kc x nc at column jc) against rows [m0, m1) of A, whose panels
+// a_panel(ir) returns at k offset 0 of this block.
+template <typename APanel>
+inline void block_tiles(const GemmArgs& g, int64_t kc, const float* Bp, int64_t jc, int64_t nc, int64_t m0,
+                        int64_t m1, bool first, bool last, APanel a_panel) {
+  for (int64_t jr = 0; jr < nc; jr += kNR)
+    for (int64_t ir = m0; ir < m1; ir += kGemmRows)
+      micro_tile(g, kc, a_panel(ir), Bp + (jr / kNR) * kc * kNR, g.C + ir * g.ldc + jc + jr,
+                 int(imin(kGemmRows, g.M - ir)), int(imin(kNR, nc - jr)), jc + jr, first, last);
+}
+
+// Columns [n0, n1) of C against all of A, packed beforehand (Ap).
 template <typename BT>
-void packed_range(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
+void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
   ScratchBuffer Bp(static_cast<size_t>(kKC * kNC));
   for (int64_t jc = n0; jc < n1; jc += kNC) {
     int64_t nc = imin(kNC, n1 - jc);
     for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
       int64_t kc = imin(kKC, g.K - pc);
       pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
-      bool first = pc == 0, last = pc + kc >= g.K;
-      for (int64_t ic = 0; ic < g.M; ic += kMC) {
-        int64_t mc = imin(kMC, g.M - ic);
-        for (int64_t jr = 0; jr < nc; jr += kNR) {
-          for (int64_t ir = ic; ir < ic + mc; ir += kGemmRows) {
-            micro_tile(g, kc, Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows,
-                       Bp.data + (jr / kNR) * kc * kNR, g.C + ir * g.ldc + jc + jr,
-                       int(imin(kGemmRows, g.M - ir)), int(imin(kNR, nc - jr)),
-                       jc + jr, first, last);
-          }
-        }
+      for (int64_t ic = 0; ic < g.M; ic += kMC)
+        block_tiles(g, kc, Bp.data, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K,
+                    [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; });
+      if (g.K == 0) break;
+    }
+  }
+}
+
+// Rows [m0, m1) of C against all of B: this range packs its own A blocks (kMC x kKC) and its own
+// copy of each B block, so tall products (weight gradients: M = 768..50257 rows against N = 768)
+// read A once instead of once per column range.
+template <typename BT>
+void packed_rows(const GemmArgs& g, int64_t m0, int64_t m1) {
+  ScratchBuffer Bp(static_cast<size_t>(kKC * kNC));
+  ScratchBuffer Ablock(static_cast<size_t>(kMC * kKC));
+  for (int64_t jc = 0; jc < g.N; jc += kNC) {
+    int64_t nc = imin(kNC, g.N - jc);
+    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
+      int64_t kc = imin(kKC, g.K - pc);
+      pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
+      for (int64_t ic = m0; ic < m1; ic += kMC) {
+        int64_t mc = imin(kMC, m1 - ic);
+        for (int64_t ir = ic; ir < ic + mc; ir += kGemmRows)
+          pack_a_panel(g, ir, pc, kc, Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc);
+        block_tiles(g, kc, Bp.data, jc, nc, ic, ic + mc, pc == 0, pc + kc >= g.K,
+                    [&](int64_t ir) { return Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc; });
       }
       if (g.K == 0) break;
     }
@@ -251,9 +277,21 @@ void gemm_typed(const GemmArgs& g) {
     });
     return;
   }
+  // Split rows for tall products whose B is small (weight gradients: M = 768..50257 against
+  // K = B*T tokens): one range per thread, each packing its own A blocks and its own copy of B, so
+  // A is read once instead of once per column range. With a long K (dlnf: K = 50257) re-packing
+  // all of B per range would cost more than sharing one packed A.
+  if (g.M > g.N && g.M >= 2 * g.K) {
+    const int64_t threads = llamas::num_threads();
+    const int64_t blocks = (g.M + kMC - 1) / kMC;
+    llamas::parallel_for(blocks, (blocks + threads - 1) / threads, [&](int64_t b0, int64_t b1) {
+      packed_rows<BT>(g, b0 * kMC, imin(g.M, b1 * kMC));
+    });
+    return;
+  }
   ScratchBuffer Ap(static_cast<size_t>((g.M + kGemmRows - 1) / kGemmRows * kGemmRows * (g.K > 0 ? g.K : 1)));
   pack_a(g, Ap.data);
-  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) { packed_range<BT>(g, Ap.data, n0, n1); });
+  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) { packed_columns<BT>(g, Ap.data, n0, n1); });
 }
 
 void gemm(const GemmArgs& g) {
