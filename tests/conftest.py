@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -9,3 +10,33 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 def fixtures_dir() -> Path:
     """tests/fixtures (small committed models and tokenizers; rebuilt by tools/make_fixtures.py)."""
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def one_engine_thread():
+    """Runs a module's tests with one engine thread: their models are tiny, so threads only add
+    hand-offs; results are bit-identical at any thread count (test_train.py checks 1 vs 2)."""
+    import llamas
+    previous = llamas.get_num_threads()
+    llamas.set_num_threads(1)
+    yield
+    llamas.set_num_threads(previous)
+
+
+def _kernel_variants():
+    from llamas import _C
+    return list(_C.available_kernel_variants())
+
+
+@pytest.fixture(params=_kernel_variants())
+def variant(request):
+    """Runs a test once per kernel variant this CPU supports (generic, avx2, avx512)."""
+    from llamas import _C
+    before = _C.kernel_variant()
+    _C.set_kernel_variant(request.param)
+    yield request.param
+    _C.set_kernel_variant(before)
+
+
+def rand(*shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)

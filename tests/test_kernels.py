@@ -11,16 +11,7 @@ SIZES = [1, 3, 31, 33, 97]
 VARIANTS = ops.available_kernel_variants()
 
 
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    before = ops.kernel_variant()
-    ops.set_kernel_variant(request.param)
-    yield request.param
-    ops.set_kernel_variant(before)
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+from conftest import rand  # noqa: E402  (the `variant` fixture is in conftest.py too)
 
 
 def assert_close(actual, expected, dtype="float32", scale=None):

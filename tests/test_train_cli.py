@@ -24,15 +24,7 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly 
          "words like river mountain sky cloud silver garden window").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run with one engine thread (results are bit-identical across thread counts,
-    which test_train.py checks): with the cores busy, the thread pool's hand-offs can make tiny
-    models run ~100x slower with 2 threads."""
-    previous = llamas.get_num_threads()
-    llamas.set_num_threads(1)
-    yield
-    llamas.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_engine_thread")
 
 
 @pytest.fixture(scope="module")

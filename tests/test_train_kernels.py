@@ -21,16 +21,7 @@ FD_TOL = {"rtol": 1e-6, "atol": 1e-8}
 FD_STEP = 1e-6
 
 
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    before = _C.kernel_variant()
-    _C.set_kernel_variant(request.param)
-    yield request.param
-    _C.set_kernel_variant(before)
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+from conftest import rand  # noqa: E402  (the `variant` fixture is in conftest.py too)
 
 
 def assert_close(actual, expected, dtype="float32", scale=None, what=""):

@@ -32,8 +32,76 @@ void check_batch_arrays(const IntArray& inputs, const IntArray& targets, const c
 
 FloatArray new_array(std::vector<py::ssize_t> shape) { return FloatArray(shape); }
 
+// The fast kernels (ops::) and their plain references (cpu::reference::) share signatures, so one
+// binding serves both under two names.
+using LayernormBackwardFn = void (*)(const float*, const float*, const float*, float*, float*, float*, int64_t,
+                                     int64_t, float);
+using GeluBackwardFn = void (*)(const float*, const float*, float*, int64_t);
+using CrossEntropyFn = void (*)(float*, const int32_t*, float*, int64_t, int64_t, float);
+using AdamWFn = void (*)(float*, const float*, float*, float*, int64_t, const AdamWArgs&);
+
+void def_layernorm_backward(py::module_& ops, const char* name, LayernormBackwardFn fn) {
+  ops.def(name, [fn, name](FloatArray dout, FloatArray x, FloatArray w, float eps) {
+    LLAMAS_CHECK(x.ndim() == 2 && dout.ndim() == 2 && dout.shape(0) == x.shape(0) && dout.shape(1) == x.shape(1) &&
+                     w.ndim() == 1 && w.shape(0) == x.shape(1),
+                 name, "expects dout and x (rows, C) and w (C)");
+    int64_t R = x.shape(0), C = x.shape(1);
+    FloatArray dx = new_array({R, C}), dw = new_array({C}), db = new_array({C});
+    std::memset(dx.mutable_data(), 0, R * C * 4), std::memset(dw.mutable_data(), 0, C * 4);
+    std::memset(db.mutable_data(), 0, C * 4);
+    fn(dout.data(), x.data(), w.data(), dx.mutable_data(), dw.mutable_data(), db.mutable_data(), R, C, eps);
+    return py::make_tuple(dx, dw, db);
+  }, py::arg("dout"), py::arg("x"), py::arg("w"), py::arg("eps") = 1e-5f);
+}
+
+void def_gelu_backward(py::module_& ops, const char* name, GeluBackwardFn fn) {
+  ops.def(name, [fn, name](FloatArray x, FloatArray dy) {
+    LLAMAS_CHECK(x.size() == dy.size(), name, "x and dy differ in size");
+    FloatArray dx = new_array(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    fn(x.data(), dy.data(), dx.mutable_data(), x.size());
+    return dx;
+  });
+}
+
+void def_cross_entropy(py::module_& ops, const char* name, CrossEntropyFn fn) {
+  ops.def(name, [fn, name](FloatArray logits, IntArray targets, float grad_scale) {
+    LLAMAS_CHECK(logits.ndim() == 2 && targets.ndim() == 1 && targets.shape(0) == logits.shape(0), name,
+                 "expects logits (rows, V) and targets (rows)");
+    for (int64_t r = 0; r < targets.size(); ++r)
+      LLAMAS_CHECK(targets.data()[r] >= 0 && targets.data()[r] < logits.shape(1), "cross_entropy", "target ",
+                   targets.data()[r], " at row ", r, " is out of the vocabulary [0, ", logits.shape(1), ")");
+    FloatArray z = new_array({logits.shape(0), logits.shape(1)});
+    std::memcpy(z.mutable_data(), logits.data(), logits.size() * 4);
+    FloatArray losses = new_array({logits.shape(0)});
+    fn(z.mutable_data(), targets.data(), losses.mutable_data(), logits.shape(0), logits.shape(1), grad_scale);
+    return py::make_tuple(losses, z);
+  }, py::arg("logits"), py::arg("targets"), py::arg("grad_scale") = 1.0f,
+  "Returns (losses, grad_scale * (softmax - onehot)).");
+}
+
+void def_adamw(py::module_& ops, const char* name, AdamWFn fn) {
+  ops.def(name, [fn, name](FloatArray p, FloatArray g, FloatArray m, FloatArray v, float lr, float beta1,
+                           float beta2, float eps, float weight_decay, int step, float grad_scale) {
+    LLAMAS_CHECK(p.size() == g.size() && p.size() == m.size() && p.size() == v.size() && step >= 1, name,
+                 "p, g, m, v must have one size and step >= 1");
+    FloatArray p2 = new_array({p.size()}), m2 = new_array({p.size()}), v2 = new_array({p.size()});
+    std::memcpy(p2.mutable_data(), p.data(), p.size() * 4), std::memcpy(m2.mutable_data(), m.data(), p.size() * 4);
+    std::memcpy(v2.mutable_data(), v.data(), p.size() * 4);
+    AdamWArgs a;
+    a.lr = lr, a.beta1 = beta1, a.beta2 = beta2, a.eps = eps, a.weight_decay = weight_decay, a.grad_scale = grad_scale;
+    a.bias_correction1 = float(1.0 - std::pow(double(beta1), step));
+    a.bias_correction2 = float(1.0 - std::pow(double(beta2), step));
+    fn(p2.mutable_data(), g.data(), m2.mutable_data(), v2.mutable_data(), p.size(), a);
+    return py::make_tuple(p2, m2, v2);
+  });
+}
+
 void init_train_ops(py::module_& m) {
   py::module_ ops = m.attr("ops").cast<py::module_>();
+  def_layernorm_backward(ops, "layernorm_backward", &ops::layernorm_backward);
+  def_gelu_backward(ops, "gelu_backward", &ops::gelu_backward);
+  def_cross_entropy(ops, "cross_entropy", &ops::cross_entropy);
+  def_adamw(ops, "adamw", &ops::adamw);
   ops.def("matmul_tn", [](FloatArray a, FloatArray b) {
     LLAMAS_CHECK(a.ndim() == 2 && b.ndim() == 2 && a.shape(0) == b.shape(0), "matmul_tn",
                  "expects a (K, M) and b (K, N)");
@@ -53,35 +121,6 @@ void init_train_ops(py::module_& m) {
     ops::column_sum(x.data(), x.shape(0), x.shape(1), out.mutable_data());
     return out;
   });
-  ops.def("layernorm_backward", [](FloatArray dout, FloatArray x, FloatArray w, float eps) {
-    LLAMAS_CHECK(x.ndim() == 2 && dout.ndim() == 2 && dout.shape(0) == x.shape(0) && dout.shape(1) == x.shape(1) &&
-                     w.ndim() == 1 && w.shape(0) == x.shape(1),
-                 "layernorm_backward", "expects dout and x (rows, C) and w (C)");
-    int64_t R = x.shape(0), C = x.shape(1);
-    FloatArray dx = new_array({R, C}), dw = new_array({C}), db = new_array({C});
-    std::memset(dx.mutable_data(), 0, R * C * 4), std::memset(dw.mutable_data(), 0, C * 4);
-    std::memset(db.mutable_data(), 0, C * 4);
-    ops::layernorm_backward(dout.data(), x.data(), w.data(), dx.mutable_data(), dw.mutable_data(), db.mutable_data(),
-                            R, C, eps);
-    return py::make_tuple(dx, dw, db);
-  }, py::arg("dout"), py::arg("x"), py::arg("w"), py::arg("eps") = 1e-5f);
-  ops.def("gelu_backward", [](FloatArray x, FloatArray dy) {
-    LLAMAS_CHECK(x.size() == dy.size(), "gelu_backward", "x and dy differ in size");
-    FloatArray dx = new_array(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
-    ops::gelu_backward(x.data(), dy.data(), dx.mutable_data(), x.size());
-    return dx;
-  });
-  ops.def("cross_entropy", [](FloatArray logits, IntArray targets, float grad_scale) {
-    LLAMAS_CHECK(logits.ndim() == 2 && targets.ndim() == 1 && targets.shape(0) == logits.shape(0), "cross_entropy",
-                 "expects logits (rows, V) and targets (rows)");
-    FloatArray z = new_array({logits.shape(0), logits.shape(1)});
-    std::memcpy(z.mutable_data(), logits.data(), logits.size() * 4);
-    FloatArray losses = new_array({logits.shape(0)});
-    ops::cross_entropy(z.mutable_data(), targets.data(), losses.mutable_data(), logits.shape(0), logits.shape(1),
-                       grad_scale);
-    return py::make_tuple(losses, z);
-  }, py::arg("logits"), py::arg("targets"), py::arg("grad_scale") = 1.0f,
-  "Returns (losses, grad_scale * (softmax - onehot)).");
   ops.def("attention_forward", [](FloatArray qkv, int n_head) {
     LLAMAS_CHECK(qkv.ndim() == 3 && qkv.shape(2) % (3 * n_head) == 0, "attention_forward",
                  "expects qkv (B, T, 3C) with C divisible by n_head");
@@ -114,54 +153,14 @@ void init_train_ops(py::module_& m) {
     ops::embedding_backward(ids.data(), pos.data(), n, dx.data(), dwte.mutable_data(), dwpe.mutable_data(), C);
     return py::make_tuple(dwte, dwpe);
   });
-  ops.def("adamw", [](FloatArray p, FloatArray g, FloatArray m, FloatArray v, float lr, float beta1, float beta2,
-                      float eps, float weight_decay, int step, float grad_scale) {
-    LLAMAS_CHECK(p.size() == g.size() && p.size() == m.size() && p.size() == v.size() && step >= 1, "adamw",
-                 "p, g, m, v must have one size and step >= 1");
-    FloatArray p2 = new_array({p.size()}), m2 = new_array({p.size()}), v2 = new_array({p.size()});
-    std::memcpy(p2.mutable_data(), p.data(), p.size() * 4), std::memcpy(m2.mutable_data(), m.data(), p.size() * 4);
-    std::memcpy(v2.mutable_data(), v.data(), p.size() * 4);
-    AdamWArgs a;
-    a.lr = lr, a.beta1 = beta1, a.beta2 = beta2, a.eps = eps, a.weight_decay = weight_decay, a.grad_scale = grad_scale;
-    a.bias_correction1 = float(1.0 - std::pow(double(beta1), step));
-    a.bias_correction2 = float(1.0 - std::pow(double(beta2), step));
-    ops::adamw(p2.mutable_data(), g.data(), m2.mutable_data(), v2.mutable_data(), p.size(), a);
-    return py::make_tuple(p2, m2, v2);
-  });
 }
 
 void init_reference_train_ops(py::module_& ops) {
   namespace ref = cpu::reference;
-  ops.def("reference_layernorm_backward", [](FloatArray dout, FloatArray x, FloatArray w, float eps) {
-    LLAMAS_CHECK(x.ndim() == 2 && dout.size() == x.size() && w.size() == x.shape(1), "reference_layernorm_backward",
-                 "expects dout and x (rows, C) and w (C)");
-    int64_t R = x.shape(0), C = x.shape(1);
-    FloatArray dx = new_array({R, C}), dw = new_array({C}), db = new_array({C});
-    std::memset(dx.mutable_data(), 0, R * C * 4), std::memset(dw.mutable_data(), 0, C * 4);
-    std::memset(db.mutable_data(), 0, C * 4);
-    ref::layernorm_backward(dout.data(), x.data(), w.data(), dx.mutable_data(), dw.mutable_data(), db.mutable_data(),
-                            R, C, eps);
-    return py::make_tuple(dx, dw, db);
-  }, py::arg("dout"), py::arg("x"), py::arg("w"), py::arg("eps") = 1e-5f);
-  ops.def("reference_gelu_backward", [](FloatArray x, FloatArray dy) {
-    LLAMAS_CHECK(x.size() == dy.size(), "reference_gelu_backward", "x and dy differ in size");
-    FloatArray dx = new_array(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
-    ref::gelu_backward(x.data(), dy.data(), dx.mutable_data(), x.size());
-    return dx;
-  });
-  ops.def("reference_cross_entropy", [](FloatArray logits, IntArray targets, float grad_scale) {
-    LLAMAS_CHECK(logits.ndim() == 2 && targets.size() == logits.shape(0), "reference_cross_entropy",
-                 "expects logits (rows, V) and targets (rows)");
-    for (int64_t r = 0; r < targets.size(); ++r)
-      LLAMAS_CHECK(targets.data()[r] >= 0 && targets.data()[r] < logits.shape(1), "reference_cross_entropy",
-                   "target out of range at row ", r);
-    FloatArray z = new_array({logits.shape(0), logits.shape(1)});
-    std::memcpy(z.mutable_data(), logits.data(), logits.size() * 4);
-    FloatArray losses = new_array({logits.shape(0)});
-    ref::cross_entropy(z.mutable_data(), targets.data(), losses.mutable_data(), logits.shape(0), logits.shape(1),
-                       grad_scale);
-    return py::make_tuple(losses, z);
-  }, py::arg("logits"), py::arg("targets"), py::arg("grad_scale") = 1.0f);
+  def_layernorm_backward(ops, "reference_layernorm_backward", &ref::layernorm_backward);
+  def_gelu_backward(ops, "reference_gelu_backward", &ref::gelu_backward);
+  def_cross_entropy(ops, "reference_cross_entropy", &ref::cross_entropy);
+  def_adamw(ops, "reference_adamw", &ref::adamw);
   ops.def("reference_attention_backward", [](FloatArray qkv, FloatArray dout, int n_head) {
     LLAMAS_CHECK(qkv.ndim() == 3 && qkv.shape(2) % (3 * n_head) == 0 && dout.size() * 3 == qkv.size(),
                  "reference_attention_backward", "expects qkv (B, T, 3C) and dout (B, T, C)");
@@ -169,20 +168,6 @@ void init_reference_train_ops(py::module_& ops) {
     FloatArray dqkv = new_array({B, T, 3 * C});
     ref::attention_backward(qkv.data(), dout.data(), dqkv.mutable_data(), B, T, n_head, C / n_head);
     return dqkv;
-  });
-  ops.def("reference_adamw", [](FloatArray p, FloatArray g, FloatArray m, FloatArray v, float lr, float beta1,
-                                float beta2, float eps, float weight_decay, int step, float grad_scale) {
-    LLAMAS_CHECK(p.size() == g.size() && p.size() == m.size() && p.size() == v.size() && step >= 1,
-                 "reference_adamw", "p, g, m, v must have one size and step >= 1");
-    FloatArray p2 = new_array({p.size()}), m2 = new_array({p.size()}), v2 = new_array({p.size()});
-    std::memcpy(p2.mutable_data(), p.data(), p.size() * 4), std::memcpy(m2.mutable_data(), m.data(), p.size() * 4);
-    std::memcpy(v2.mutable_data(), v.data(), p.size() * 4);
-    AdamWArgs a;
-    a.lr = lr, a.beta1 = beta1, a.beta2 = beta2, a.eps = eps, a.weight_decay = weight_decay, a.grad_scale = grad_scale;
-    a.bias_correction1 = float(1.0 - std::pow(double(beta1), step));
-    a.bias_correction2 = float(1.0 - std::pow(double(beta2), step));
-    ref::adamw(p2.mutable_data(), g.data(), m2.mutable_data(), v2.mutable_data(), p.size(), a);
-    return py::make_tuple(p2, m2, v2);
   });
 }
 
