@@ -357,3 +357,22 @@ def test_cli_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: unknown flag
         main(["data", "prepare", *files, "--tokenizer", tok, "--out", out, "--bogus"])
     assert e.value.code == 2 and "llamas: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny", "gpt2"])
+def test_long_documents_are_encoded_in_pieces_exactly(tmp_path, tiny_tok, fixtures_dir, tokenizer):
+    # Documents past 8 kB are cut at lone newlines for parallel encoding; the ids must equal
+    # encoding the whole document, including around runs of spaces, blank lines and tabs.
+    rng = np.random.default_rng(7)
+    words = ["thou", "art", "Romeo", "  ", "\t", "sweet", "O", "Juliet!", "'tis", "2", "é"]
+    lines = []
+    for i in range(1500):
+        line = " ".join(rng.choice(words, int(rng.integers(1, 9))))
+        lines.append(line + ("  " if i % 7 == 0 else "") + ("\n" if i % 11 == 0 else ""))
+    doc = "\n".join(lines).strip()
+    assert len(doc) > 20000
+    files = write_files(tmp_path / "in", [doc])
+    tok_dir = tiny_tok if tokenizer == "tiny" else str(fixtures_dir / "gpt2-tokenizer")
+    data.prepare(files, tok_dir, str(tmp_path / "out"), val_fraction=0)
+    tok = Tokenizer.from_folder(tok_dir)
+    assert np.array_equal(all_tokens(str(tmp_path / "out"), "train"), tok.encode(doc) + [tok.eos_token_id])

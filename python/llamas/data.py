@@ -182,20 +182,43 @@ class _SplitWriter:
 class _Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        # On a terminal the line is redrawn in place; in a log file only the final line is written.
+        self.tty = sys.stderr.isatty()
         self.t0 = self.last = time.perf_counter()
 
     def update(self, docs: int, tokens: int, nbytes: int, final: bool = False) -> None:
         now = time.perf_counter()
-        if not self.enabled or (not final and now - self.last < 0.25):
+        if not self.enabled or (not final and (not self.tty or now - self.last < 0.25)):
             return
         self.last = now
         rate = nbytes / 1e6 / max(now - self.t0, 1e-9)
-        sys.stderr.write(f"\r  {docs} documents, {tokens} tokens, {rate:.1f} MB/s" + ("\n" if final else ""))
+        sys.stderr.write(("\r" if self.tty else "") + f"  {docs} documents, {tokens} tokens, {rate:.1f} MB/s"
+                         + ("\n" if final else ""))
         sys.stderr.flush()
 
 
 def _val_bucket(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "little") % 10000
+
+
+# A split right after a lone "\n" between two non-space characters is a pre-token boundary of
+# GPT-2's byte-level pre-tokenizer, so pieces cut there encode to the same ids as the whole; the
+# pieces let encode_batch use every core on one long document (a 170 kB play: 0.26 s whole,
+# 0.085 s in 43 pieces on 2 cores).
+_SAFE_SPLIT = re.compile(r"(?<=\S)\n(?=\S)")
+_PIECE_CHARS = 4096
+
+
+def _split_for_encoding(doc: str) -> list[str]:
+    if len(doc) <= 2 * _PIECE_CHARS:
+        return [doc]
+    pieces, start = [], 0
+    for m in _SAFE_SPLIT.finditer(doc, _PIECE_CHARS):
+        if m.end() - start >= _PIECE_CHARS:
+            pieces.append(doc[start:m.end()])
+            start = m.end()
+    pieces.append(doc[start:])
+    return pieces
 
 
 def _encoded(tokenizer, docs: Iterable[str], dedup: bool, stats: dict) -> Iterator[tuple[bytes, np.ndarray]]:
@@ -205,9 +228,20 @@ def _encoded(tokenizer, docs: Iterable[str], dedup: bool, stats: dict) -> Iterat
     batch: list[tuple[bytes, str]] = []
     chars = 0
 
+    splitting = [True]  # until a document shows the tokenizer's pieces differ from the whole
+
     def flush():
-        ids = tokenizer.encode_batch([d for _, d in batch])
-        for (digest, _), toks in zip(batch, ids):
+        pieces = [_split_for_encoding(d) if splitting[0] else [d] for _, d in batch]
+        flat = tokenizer.encode_batch([p for ps in pieces for p in ps])
+        if splitting[0] and len(pieces[0]) > 1 and \
+                [t for ids in flat[:len(pieces[0])] for t in ids] != tokenizer.encode(batch[0][1]):
+            splitting[0] = False  # not a GPT-2-style pre-tokenizer: encode whole documents
+            pieces = [[d] for _, d in batch]
+            flat = tokenizer.encode_batch([d for _, d in batch])
+        at = 0
+        for (digest, _), ps in zip(batch, pieces):
+            toks = [t for ids in flat[at:at + len(ps)] for t in ids]
+            at += len(ps)
             arr = np.empty(len(toks) + 1, dtype=np.int64)
             arr[:-1] = toks
             arr[-1] = eos
