@@ -50,7 +50,7 @@ class ThreadPool {
       workers_.emplace_back([this, start_generation] { worker_loop(start_generation); });
   }
 
-  void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
+  void run(int64_t n, int64_t grain, RangeFn fn, void* ctx, int pieces_per_thread) {
     // Another Python thread may be inside the pool already (server engine + user code): run
     // serially rather than wait, so no caller can deadlock on the pool.
     std::unique_lock<std::mutex> guard(dispatch_mutex_, std::try_to_lock);
@@ -65,7 +65,7 @@ class ThreadPool {
     job_n_ = n;
     job_grain_ = grain;
     job_chunks_ = chunks;
-    const int64_t pieces = std::min<int64_t>(chunks, int64_t(threads) * kPiecesPerThread);
+    const int64_t pieces = std::min<int64_t>(chunks, int64_t(threads) * std::max(1, pieces_per_thread));
     job_pieces_ = pieces;
     error_ = nullptr;
     done_.store(0, std::memory_order_relaxed);
@@ -92,8 +92,7 @@ class ThreadPool {
   // piece is one compare-exchange on it, so a worker that wakes late can never claim a piece of a
   // newer job by mistake, and a job's fields stay unchanged until all of its pieces are done.
   static constexpr uint64_t kIdMask = (1u << 24) - 1;
-  static constexpr int kPiecesPerThread = 4;
-  static uint64_t pack(uint64_t id, uint64_t pieces, uint64_t next) { return (id << 40) | (pieces << 20) | next; }
+    static uint64_t pack(uint64_t id, uint64_t pieces, uint64_t next) { return (id << 40) | (pieces << 20) | next; }
 
   // Claims and runs the next piece of the current job; false when none is left. Pieces are handed
   // out dynamically (a thread the OS has not scheduled simply claims none); each piece is a fixed
@@ -196,10 +195,10 @@ void set_num_threads(int n) {
 
 int num_threads() { return pool().size(); }
 
-void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
+void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx, int pieces_per_thread) {
   if (n <= 0) return;
   if (grain < 1) grain = 1;
-  pool().run(n, grain, fn, ctx);
+  pool().run(n, grain, fn, ctx, pieces_per_thread);
 }
 
 }  // namespace llamas
