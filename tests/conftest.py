@@ -40,3 +40,20 @@ def variant(request):
 
 def rand(*shape, seed=0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+class SlowNative:
+    """A model's native runtime with a pause before each batched step, so a request lasts long
+    enough for a client to leave in the middle of it, or for a queue to fill, however fast the
+    machine is. Everything else is passed through."""
+
+    def __init__(self, native, delay):
+        self._native, self._delay = native, delay
+
+    def __getattr__(self, name):
+        return getattr(self._native, name)
+
+    def step(self, entries):
+        import time
+        time.sleep(self._delay)
+        return self._native.step(entries)

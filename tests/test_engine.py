@@ -7,6 +7,7 @@ import time
 import pytest
 
 import llamas
+from conftest import SlowNative  # noqa: E402
 from llamas.engine import Engine, EngineClosed, QueueFull, Request, SamplingOptions, Scheduler
 
 TINY = os.path.join(os.path.dirname(__file__), "fixtures", "gpt2-tiny")
@@ -116,7 +117,8 @@ def test_stop_logprobs_and_logit_bias(model):
 
 
 def test_queue_limit_shutdown_and_bad_input(model):
-    engine = Engine(model, max_batch=1, max_queue=1)
+    slow = llamas.Model(SlowNative(model._native, 0.01), model.config, model.tokenizer, model.path)
+    engine = Engine(slow, max_batch=1, max_queue=1)
     running = engine.submit("When shall we", max_new_tokens=60)
     next(running.chunks(timeout=30))
     waiting = engine.submit("Alas", max_new_tokens=5)

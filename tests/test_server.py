@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 import llamas
+from conftest import SlowNative  # noqa: E402
 from llamas.server import create_app
 
 openai = pytest.importorskip("openai")
@@ -60,18 +61,6 @@ class ThreadServer:
     @property
     def state(self):
         return self.app.state.llamas
-
-
-class SlowNative:
-    """The model's native runtime with a pause before each batched step, so that a request lasts
-    long enough for a client to leave in the middle of it."""
-
-    def __init__(self, native, delay):
-        self._native, self._delay = native, delay
-
-    def step(self, entries):
-        time.sleep(self._delay)
-        return self._native.step(entries)
 
 
 @pytest.fixture(scope="module")
