@@ -88,6 +88,13 @@ Tensor Tensor::reshape(const std::vector<int64_t>& shape) const {
   return t;
 }
 
+Tensor Tensor::slice(int64_t offset, const std::vector<int64_t>& shape) const {
+  LLAMAS_CHECK(offset >= 0 && offset + count_elements(shape) <= numel(), "slice", "elements [", offset, ", ",
+               offset + count_elements(shape), ") are outside ", describe());
+  auto owner = std::make_shared<Tensor>(*this);
+  return view_external(static_cast<char*>(raw()) + offset * dtype_size(dtype_), shape, dtype_, owner, device_);
+}
+
 std::string Tensor::describe() const {
   std::ostringstream os;
   os << dtype_name(dtype_) << "[";

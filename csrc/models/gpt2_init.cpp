@@ -68,10 +68,6 @@ void fill_value(Tensor& t, float value) {
   for (int64_t i = 0; i < t.numel(); ++i) p[i] = value;
 }
 
-}  // namespace
-
-namespace {
-
 // Parameter shapes in named_parameters() order.
 std::vector<std::vector<int64_t>> parameter_shapes(const GPT2Config& c) {
   const int64_t C = c.n_embd, F = c.ffn();
@@ -100,32 +96,14 @@ std::vector<int64_t> flat_parameter_layout(const GPT2Config& c) {
 
 GPT2Weights init_gpt2_weights(const GPT2Config& c, uint64_t seed) {
   c.validate();
-  const int64_t C = c.n_embd, F = c.ffn();
-  // Placeholder tensors give named_parameters() its slots; each becomes a view of the flat buffer.
-  auto f32 = [](std::vector<int64_t> shape) { return Tensor::view_external(nullptr, shape, DType::F32, nullptr); };
+  // Every parameter is a view of one flat buffer, in the trainer's layout.
   GPT2Weights w;
-  w.wte = f32({c.vocab_size, C});
-  w.wpe = f32({c.n_positions, C});
-  w.lnf_w = f32({C});
-  w.lnf_b = f32({C});
-  for (int64_t i = 0; i < c.n_layer; ++i) {
-    GPT2Layer l;
-    l.ln1_w = f32({C}), l.ln1_b = f32({C});
-    l.attn_w = f32({C, 3 * C}), l.attn_b = f32({3 * C});
-    l.attn_proj_w = f32({C, C}), l.attn_proj_b = f32({C});
-    l.ln2_w = f32({C}), l.ln2_b = f32({C});
-    l.fc_w = f32({C, F}), l.fc_b = f32({F});
-    l.mlp_proj_w = f32({F, C}), l.mlp_proj_b = f32({C});
-    w.layers.push_back(std::move(l));
-  }
+  w.layers.resize(c.n_layer);
   const std::vector<int64_t> offsets = flat_parameter_layout(c);
+  const std::vector<std::vector<int64_t>> shapes = parameter_shapes(c);
   w.flat = Tensor::zeros({offsets.back()}, DType::F32);
   auto params = named_parameters(w);
-  for (size_t i = 0; i < params.size(); ++i) {
-    Tensor& t = *params[i].second;
-    t = Tensor::view_external(w.flat.data<float>() + offsets[i], t.shape(), DType::F32,
-                              std::make_shared<Tensor>(w.flat));
-  }
+  for (size_t i = 0; i < params.size(); ++i) *params[i].second = w.flat.slice(offsets[i], shapes[i]);
   const float std_dev = 0.02f, proj_std = 0.02f / std::sqrt(2.0f * float(c.n_layer));
   uint64_t index = 0;
   for (auto& [name, t] : params) {

@@ -12,10 +12,6 @@ namespace llamas {
 
 namespace {
 
-Tensor view_of(const Tensor& base, int64_t offset, const std::vector<int64_t>& shape) {
-  return Tensor::view_external(base.data<float>() + offset, shape, DType::F32, std::make_shared<Tensor>(base));
-}
-
 // C (M, N) (+)= A @ B with A (M, K) or, with a_trans, stored (K, M); B float32 in `layout`.
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, bool a_trans, const float* B,
               BLayout layout, int64_t ldb, const float* bias, float* C, bool accumulate) {
@@ -87,8 +83,8 @@ GPT2Trainer::GPT2Trainer(GPT2Model& model, const OptimizerConfig& options) : mod
   for (size_t i = 0; i < params_.size(); ++i) {
     const Param& p = params_[i];
     if (!adopt) std::memcpy(flat_.data<float>() + p.offset, src[i].second->data<float>(), p.numel * sizeof(float));
-    *dst[i].second = view_of(flat_, p.offset, p.shape);
-    *gv[i].second = view_of(grad_, p.offset, p.shape);
+    *dst[i].second = flat_.slice(p.offset, p.shape);
+    *gv[i].second = grad_.slice(p.offset, p.shape);
   }
   weights = GPT2Weights();  // drop our references to the originals before the model swaps
   model_.set_weights(std::move(flat_weights));
@@ -121,7 +117,6 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
   const int64_t C = c.n_embd, F = c.ffn(), H = c.n_head, hd = C / H, V = c.vocab_size, L = c.n_layer;
   const int64_t R = B * T;
   const float eps = c.layer_norm_epsilon;
-  const bool backward = grad_scale != 0.0f;
   auto buf = [](std::vector<int64_t> shape) { return Tensor::empty(shape, DType::F32); };
 
   // Saved activations, per layer: the residual stream entering the layer (x_in) and after the
@@ -169,7 +164,6 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
   ops::cross_entropy(logits.data<float>(), targets, losses.data(), R, V, grad_scale);
   double loss_sum = 0;
   for (float v : losses) loss_sum += v;
-  if (!backward) return loss_sum / double(R);
 
   GPT2Weights& g = grads_;
   ProfileScope scope("backward");
@@ -215,11 +209,6 @@ double GPT2Trainer::compute_gradients(const int32_t* inputs, const int32_t* targ
   check_batch(inputs, targets, B, T, "compute_gradients");
   std::memset(grad_.raw(), 0, grad_.nbytes());
   return run(inputs, targets, B, T, 1.0f / float(B * T));
-}
-
-double GPT2Trainer::evaluate(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T) {
-  check_batch(inputs, targets, B, T, "evaluate");
-  return run(inputs, targets, B, T, 0.0f);
 }
 
 StepResult GPT2Trainer::step(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,

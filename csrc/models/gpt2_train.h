@@ -54,8 +54,6 @@ class GPT2Trainer {
   StepResult step(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, int64_t micro_batch, float lr);
   // Zeroes the gradients, then accumulates those of one batch (no update); returns its mean loss.
   double compute_gradients(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T);
-  // Mean loss of a batch; no gradients.
-  double evaluate(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T);
 
   int64_t steps_done() const { return steps_done_; }
   void set_steps_done(int64_t n) { steps_done_ = n; }
@@ -65,8 +63,9 @@ class GPT2Trainer {
   Tensor& buffer(const std::string& kind);
 
  private:
-  // Forward, loss and (when grad_scale != 0) backward of one micro-batch; gradients accumulate
-  // scaled by grad_scale (so the loss they are the gradient of is grad_scale * sum of losses).
+  // Forward, loss and backward of one micro-batch; gradients accumulate scaled by grad_scale (so
+  // the loss they are the gradient of is grad_scale * sum of losses). Returns the mean loss.
+  // (Evaluation without gradients is GPT2Model's forward + ops::cross_entropy: no activations kept.)
   double run(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, float grad_scale);
   void check_batch(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, const char* op) const;
 

@@ -228,11 +228,6 @@ void init_train(py::module_& m) {
         py::gil_scoped_release release;
         return t.compute_gradients(inputs.data(), targets.data(), inputs.shape(0), inputs.shape(1));
       })
-      .def("evaluate", [](GPT2Trainer& t, IntArray inputs, IntArray targets) {
-        check_batch_arrays(inputs, targets, "evaluate");
-        py::gil_scoped_release release;
-        return t.evaluate(inputs.data(), targets.data(), inputs.shape(0), inputs.shape(1));
-      })
       .def_property("steps_done", &GPT2Trainer::steps_done, &GPT2Trainer::set_steps_done)
       .def("params", [](const GPT2Trainer& t) {
         py::list out;

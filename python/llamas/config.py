@@ -11,6 +11,20 @@ from ._C import LlamasError
 _SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
+def read_json_object(path: str, missing_hint: str) -> dict[str, Any]:
+    """A JSON file of a model folder that must hold an object; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise LlamasError(f"[load] {path} not found: {missing_hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlamasError(f"[load] {path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise LlamasError(f"[load] {path} must hold a JSON object")
+    return d
+
+
 @dataclasses.dataclass
 class GPT2Config:
     vocab_size: int = 50257
@@ -68,15 +82,7 @@ class GPT2Config:
 
     @classmethod
     def from_file(cls, path: str) -> "GPT2Config":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise LlamasError(f"[load] {path} not found: a model folder needs config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LlamasError(f"[load] {path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise LlamasError(f"[load] {path} must hold a JSON object")
+        d = read_json_object(path, "a model folder needs config.json")
         try:
             return cls.from_dict(d)
         except TypeError as e:

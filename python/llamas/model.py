@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _C
 from ._C import LlamasError
-from .config import GPT2Config
+from .config import GPT2Config, read_json_object
 from .engine import Request, SamplingOptions, Scheduler, normalise_stop
 from .tokenizer import Tokenizer
 
@@ -23,17 +23,10 @@ _SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0
 def _read_generation_config(path: str) -> dict:
     """The sampling defaults of a Hugging Face generation_config.json (used when do_sample is true;
     repetition_penalty always)."""
-    import json
     file = os.path.join(path, "generation_config.json")
     if not os.path.exists(file):
         return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LlamasError(f"[load] {file} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise LlamasError(f"[load] {file} must hold a JSON object")
+    raw = read_json_object(file, "")
     keys = ("temperature", "top_k", "top_p", "repetition_penalty") if raw.get("do_sample") else ("repetition_penalty",)
     out = {k: raw[k] for k in keys if k in raw}
     if raw.get("do_sample"):
@@ -151,7 +144,7 @@ class Model:
                                   values["frequency_penalty"], seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise LlamasError(f"[generate] max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = self._normalise_stop(stop)
+        stops = normalise_stop(stop)
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
         if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
             batched, prompt = True, prompt.tolist()
@@ -167,10 +160,6 @@ class Model:
         results = self._run(encoded, max_new_tokens, options, stops)
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
-
-    @staticmethod
-    def _normalise_stop(stop) -> list[str]:
-        return normalise_stop(stop)
 
     def _stream_one(self, ids, as_text, max_new_tokens, options, stops) -> Iterator:
         for event in self._events([ids], max_new_tokens, options, stops):

@@ -181,9 +181,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        state.check_auth(request)
-        body = await state.read_json(request)
-        state.require_engine()
+        body = await state.accept(request)
         p = parse_completion(body, state.vocab, state.tokenizer is not None)
         state.check_model(body)
         p.prompt_ids = [await _tokenize(state, x) if isinstance(x, str) else x for x in p.prompts]
@@ -194,9 +192,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        state.check_auth(request)
-        body = await state.read_json(request)
-        state.require_engine()
+        body = await state.accept(request)
         if state.tokenizer is None:
             raise bad("This model has no tokenizer, so it cannot chat.", "messages", "invalid_value")
         p, messages = parse_chat(body, state.vocab)
@@ -210,9 +206,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        state.check_auth(request)
-        body = await state.read_json(request)
-        state.require_engine()
+        body = await state.accept(request)
         check_unknown(body, {"model", "prompt", "messages", "add_generation_prompt", "add_special_tokens"})
         state.check_model(body)
         if state.tokenizer is None:
@@ -232,9 +226,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        state.check_auth(request)
-        body = await state.read_json(request)
-        state.require_engine()
+        body = await state.accept(request)
         check_unknown(body, {"model", "tokens"})
         state.check_model(body)
         if state.tokenizer is None:

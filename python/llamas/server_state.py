@@ -132,6 +132,14 @@ class ServerState:
             raise bad(f"The model '{name[:100]}' does not exist; this server serves '{self.model_name}'.",
                       "model", "model_not_found")
 
+    async def accept(self, request: Request) -> dict:
+        """The checks every POST endpoint starts with, in order: auth (401), body size and JSON
+        (413/400), a ready engine (503); returns the body."""
+        self.check_auth(request)
+        body = await self.read_json(request)
+        self.require_engine()
+        return body
+
     async def read_json(self, request: Request) -> dict:
         limit = self.max_body_bytes
         too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")

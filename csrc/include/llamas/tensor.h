@@ -43,6 +43,9 @@ class Tensor {
 
   // Same storage, new shape with the same number of elements.
   Tensor reshape(const std::vector<int64_t>& shape) const;
+  // Elements [offset, offset + numel(shape)) of this tensor as a tensor of `shape`; it keeps this
+  // tensor's storage alive (parameters as views of one flat buffer).
+  Tensor slice(int64_t offset, const std::vector<int64_t>& shape) const;
 
  private:
   struct Storage;
