@@ -217,3 +217,20 @@ def test_generation_config_sets_sampling_defaults(tmp_path):
     (folder / "generation_config.json").write_text("{not json")
     with pytest.raises(llamas.LlamasError, match="generation_config.json"):
         llamas.load(str(folder))
+
+
+def test_text_stream_decodes_incrementally_like_the_whole_sequence():
+    # Byte-level tokenizers let the stream decode only the new tokens; the pieces must still add
+    # up to decoding everything at once, whatever ids come (split UTF-8 characters included).
+    from llamas.streaming import TextStream
+    from llamas.tokenizer import Tokenizer
+    tok = Tokenizer.from_folder(os.path.join(FIXTURES, "gpt2-tokenizer"))
+    assert tok.decodes_by_concatenation
+    rng = np.random.default_rng(0)
+    multibyte = tok.encode("naïve café — 日本語 🙂 ") * 3
+    for trial in range(20):
+        ids = [int(i) for i in rng.integers(0, tok.vocab_size, 40)] if trial % 2 else \
+            [int(i) for i in rng.permutation(multibyte)]
+        stream = TextStream(tok)
+        text = "".join(stream.push(i) for i in ids) + stream.finish()
+        assert text == tok.decode(ids)

@@ -13,13 +13,24 @@ class TextStream:
         self._stop = [s for s in stop if s]
         self._ids: list[int] = []
         self._emitted = 0          # characters of the decoded text already handed out
+        # With a byte-level tokenizer, ids[:_base] decode to _base_text, which ends on a whole
+        # character, so each push decodes only ids[_base:] (not the whole sequence per token).
+        self._incremental = bool(getattr(tokenizer, "decodes_by_concatenation", False))
+        self._base = 0
+        self._base_text = ""
         self.stopped = False       # a stop string was found
         self.text = ""             # the final text once finished
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the newly safe text (possibly empty)."""
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
+        if self._incremental:
+            tail = self._tokenizer.decode(self._ids[self._base:])
+            text = self._base_text + tail
+            if not tail.endswith(REPLACEMENT):
+                self._base, self._base_text = len(self._ids), text
+        else:
+            text = self._tokenizer.decode(self._ids)
         cut = self._find_stop(text)
         if cut is not None:
             self.stopped = True

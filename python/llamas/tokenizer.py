@@ -41,6 +41,14 @@ class Tokenizer:
         return cls(backend, eos_token_id, source)
 
     @property
+    def decodes_by_concatenation(self) -> bool:
+        """True when decode(a + b) == decode(a) + decode(b) whenever decode(a) ends on a whole
+        character: byte-level BPE (GPT-2's) concatenates token bytes. Streams then decode only the
+        new tokens instead of the whole sequence at every step."""
+        backend = getattr(self._tok, "_tokenizer", self._tok)
+        return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
