@@ -47,7 +47,8 @@ struct KernelTable {
   void (*adamw)(float* p, const float* grad, float* m, float* v, int64_t n, const AdamWArgs& args);
 };
 
-constexpr int64_t kTrainAttentionMaxT = 4096;  // one row of scores lives on the stack
+// Longest training sequence: each thread's attention tiles hold 2 x 64 x T floats (2 MiB at 4096).
+constexpr int64_t kTrainAttentionMaxT = 4096;
 
 const KernelTable& kernels();
 // The variants this machine can run, best first.

@@ -21,17 +21,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return acc.reduce_add();
 }
 
-// y += a * x
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-  Vec va = Vec::set1(a);
-  int64_t i = 0;
-  for (; i + Vec::W <= n; i += Vec::W) Vec::fma(va, Vec::load(x + i), Vec::load(y + i)).store(y + i);
-  if (i < n) {
-    int lanes = int(n - i);
-    store_lanes(y + i, Vec::fma(va, load_lanes(x + i, lanes), load_lanes(y + i, lanes)), lanes);
-  }
-}
-
 // dst[c0:c0+cols] += sum over rows of f(r, c) with one register pair per column block, rows in order.
 template <typename RowTerm>
 inline void column_block_sum(int64_t rows, int64_t c0, int64_t cols, float* dst, RowTerm term) {
@@ -160,8 +149,6 @@ void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t
   });
 }
 
-// Longest sequence the training attention handles (kept as the ops-level limit).
-constexpr int64_t kTrainMaxT = llamas::cpu::kTrainAttentionMaxT;
 // Query rows per attention tile: a 64 x T score tile (64 KiB at T = 256) stays in L2.
 constexpr int64_t kAttnTile = 64;
 
