@@ -52,6 +52,21 @@ def test_matmul_bit_identical_to_reference_and_across_batch(variant, m):
         np.testing.assert_array_equal(ops.matmul(a[i:i + 1], b)[0], fast[i])
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_small_batches_bit_identical_to_packed(variant, layout, dtype):
+    # 1..9 rows take the streaming kernels (row groups of 1-4, column blocks of 1-2 registers);
+    # 40 rows take the packed one. Every row must match bit for bit (batch invariance), at a
+    # column count with ragged register blocks and an odd K.
+    k, n = 203, 61
+    x, w, bias = rand(40, k, seed=8), rand(k, n, seed=9, scale=0.1), rand(n, seed=10)
+    stored = w if layout == "in_out" else np.ascontiguousarray(w.T)
+    full = ops.linear(x, stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype)
+    for m in range(1, 10):
+        part = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype)
+        np.testing.assert_array_equal(part, full[:m])
+
+
 @pytest.mark.parametrize("m", [1, 4, 40])
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("gelu", [False, True])
