@@ -266,9 +266,15 @@ template <typename APanel>
 inline void block_tiles(const GemmArgs& g, int64_t kc, const float* Bp, int64_t jc, int64_t nc, int64_t m0,
                         int64_t m1, bool first, bool last, APanel a_panel) {
   for (int64_t jr = 0; jr < nc; jr += kNR)
-    for (int64_t ir = m0; ir < m1; ir += kGemmRows)
+    for (int64_t ir = m0; ir < m1; ir += kGemmRows) {
+      // The next tile's C rows (read at its start unless this is the first k block): fetched
+      // during this tile's kc FMA steps instead of stalling the next one's accumulators.
+      if (!first || g.accumulate)
+        for (int64_t i = ir + kGemmRows; i < imin(m1, ir + 2 * kGemmRows); ++i)
+          __builtin_prefetch(g.C + i * g.ldc + jc + jr), __builtin_prefetch(g.C + i * g.ldc + jc + jr + kNR - 1);
       micro_tile(g, kc, a_panel(ir), Bp + (jr / kNR) * kc * kNR, g.C + ir * g.ldc + jc + jr,
                  int(imin(kGemmRows, g.M - ir)), int(imin(kNR, nc - jr)), jc + jr, first, last);
+    }
 }
 
 // Columns [n0, n1) of C against all of A, packed beforehand (Ap).
@@ -336,9 +342,10 @@ void gemm_typed(const GemmArgs& g) {
   }
   ScratchBuffer Ap(static_cast<size_t>((g.M + kGemmRows - 1) / kGemmRows * kGemmRows * (g.K > 0 ? g.K : 1)));
   pack_a(g, Ap.data);
-  // 4 column ranges per thread: the B block per range stays smaller (kept in L2 with the A block)
-  // and a late thread is caught up by the others.
-  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) { packed_columns<BT>(g, Ap.data, n0, n1); }, 1);
+  // 2 column ranges per thread: a thread the machine descheduled is caught up by the others,
+  // while each range still reuses the packed A over a wide B block (every range reads all of A:
+  // with 4 per thread, 256x3072x768 read its 3 MiB A eight times).
+  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) { packed_columns<BT>(g, Ap.data, n0, n1); }, 2);
 }
 
 void gemm(const GemmArgs& g) {
