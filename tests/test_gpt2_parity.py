@@ -180,6 +180,21 @@ def test_bfloat16_close_to_float32(case, model):
     assert agree.mean() >= 0.75, f"bf16 argmax agrees at only {agree.mean():.0%} of positions"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_keeps_the_checkpoint_values(case, tmp_path, dtype):
+    # A loaded model computes from its packed panels; what it saves are the checkpoint's own
+    # tensors, unchanged (a bfloat16 model does not round the float32 file it came from).
+    loaded = llamas.load(case.folder, dtype=dtype)
+    loaded.save(tmp_path / "saved")
+    original, _ = read_safetensors(case.folder / "model.safetensors")
+    saved, _ = read_safetensors(tmp_path / "saved" / "model.safetensors")
+    assert set(saved) <= set(original) and "transformer.h.0.attn.c_attn.weight" in saved
+    for name, value in saved.items():
+        assert value == original[name], name
+    again = llamas.load(tmp_path / "saved", dtype=dtype)
+    np.testing.assert_array_equal(again.forward(case.input_ids), loaded.forward(case.input_ids))
+
+
 def test_weights_without_transformer_prefix(case, model, tmp_path):
     tensors, meta = read_safetensors(case.folder / "model.safetensors")
     assert any(k.startswith("transformer.") for k in tensors)

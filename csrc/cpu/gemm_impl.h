@@ -13,8 +13,10 @@ namespace {
 
 using llamas::BLayout;
 using llamas::GemmArgs;
+using llamas::kPanelWidth;
 
 constexpr int kNR = 2 * Vec::W;    // columns per register tile
+static_assert(kPanelWidth % Vec::W == 0, "a register's columns must lie in one stored panel");
 constexpr int64_t kKC = 256;       // packed B micro-panel: 256 x 2W floats = 16 KiB (AVX2), in L1
 constexpr int64_t kMC = 120;       // packed A block: 120 x 256 floats = 120 KiB, in L2
 constexpr int64_t kNC = 512;       // packed B block: 256 x 512 floats = 512 KiB, in L2/L3
@@ -221,10 +223,12 @@ void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, f
   }
 }
 
-// One kGemmRows x kNR tile of C over kc steps of k.
-void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp, float* C,
+// One R x kNR tile of C over kc steps of k: A is a packed panel [k][R], B two W-column runs with
+// k stride ldbk (a packed block: Bp, Bp + W, kNR; Panels: columns of the stored panels, 16).
+template <typename BT, int R = kGemmRows>
+void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* B0, const BT* B1, int64_t ldbk, float* C,
                 int rows, int cols, int64_t col0, bool first, bool last) {
-  Vec acc[kGemmRows][2];
+  Vec acc[R][2];
   int lanes0 = clamp_lanes(cols), lanes1 = clamp_lanes(cols - Vec::W);
   if (first && !g.accumulate) {
     Vec b0 = Vec::zero(), b1 = Vec::zero();
@@ -232,9 +236,9 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp,
       b0 = load_lanes(g.bias + col0, lanes0);
       b1 = load_lanes(g.bias + col0 + Vec::W, lanes1);
     }
-    for (int i = 0; i < kGemmRows; ++i) acc[i][0] = b0, acc[i][1] = b1;
+    for (int i = 0; i < R; ++i) acc[i][0] = b0, acc[i][1] = b1;
   } else {
-    for (int i = 0; i < kGemmRows; ++i) {
+    for (int i = 0; i < R; ++i) {
       if (i < rows) {
         acc[i][0] = load_lanes(C + i * g.ldc, lanes0);
         acc[i][1] = load_lanes(C + i * g.ldc + Vec::W, lanes1);
@@ -244,9 +248,9 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp,
     }
   }
   for (int64_t k = 0; k < kc; ++k) {
-    Vec b0 = Vec::load(Bp + k * kNR), b1 = Vec::load(Bp + k * kNR + Vec::W);
-    const float* a = Ap + k * kGemmRows;
-    for (int i = 0; i < kGemmRows; ++i) {
+    Vec b0 = load_any(B0 + k * ldbk), b1 = load_any(B1 + k * ldbk);
+    const float* a = Ap + k * R;
+    for (int i = 0; i < R; ++i) {
       Vec ai = Vec::set1(a[i]);
       acc[i][0] = Vec::fma(ai, b0, acc[i][0]);
       acc[i][1] = Vec::fma(ai, b1, acc[i][1]);
@@ -260,11 +264,11 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const float* Bp,
   }
 }
 
-// Tiles of one packed B block (kc x nc at column jc) against rows [m0, m1) of A, whose panels
-// a_panel(ir) returns at k offset 0 of this block.
-template <typename APanel>
-inline void block_tiles(const GemmArgs& g, int64_t kc, const float* Bp, int64_t jc, int64_t nc, int64_t m0,
-                        int64_t m1, bool first, bool last, APanel a_panel) {
+// Tiles of one B block (kc x nc at column jc) against rows [m0, m1) of A. a_panel(ir) gives A's
+// packed panel at k offset 0 of this block, b_run(j) the W columns at jc + j of B (k stride ldbk).
+template <typename BT, typename APanel, typename BRun>
+inline void block_tiles(const GemmArgs& g, int64_t kc, int64_t jc, int64_t nc, int64_t m0, int64_t m1, bool first,
+                        bool last, int64_t ldbk, APanel a_panel, BRun b_run) {
   for (int64_t jr = 0; jr < nc; jr += kNR)
     for (int64_t ir = m0; ir < m1; ir += kGemmRows) {
       // The next tile's C rows (read at its start unless this is the first k block): fetched
@@ -272,9 +276,14 @@ inline void block_tiles(const GemmArgs& g, int64_t kc, const float* Bp, int64_t 
       if (!first || g.accumulate)
         for (int64_t i = ir + kGemmRows; i < imin(m1, ir + 2 * kGemmRows); ++i)
           __builtin_prefetch(g.C + i * g.ldc + jc + jr), __builtin_prefetch(g.C + i * g.ldc + jc + jr + kNR - 1);
-      micro_tile(g, kc, a_panel(ir), Bp + (jr / kNR) * kc * kNR, g.C + ir * g.ldc + jc + jr,
-                 int(imin(kGemmRows, g.M - ir)), int(imin(kNR, nc - jr)), jc + jr, first, last);
+      micro_tile<BT>(g, kc, a_panel(ir), b_run(jr), b_run(jr + Vec::W), ldbk, g.C + ir * g.ldc + jc + jr,
+                     int(imin(kGemmRows, g.M - ir)), int(imin(kNR, nc - jr)), jc + jr, first, last);
     }
+}
+
+// W columns of a packed B block (kc x kNR panels) starting at block column j.
+inline const float* packed_run(const float* Bp, int64_t kc, int64_t j) {
+  return Bp + (j / kNR) * kc * kNR + j % kNR;
 }
 
 // Columns [n0, n1) of C against all of A, packed beforehand (Ap).
@@ -287,8 +296,9 @@ void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) 
       int64_t kc = imin(kKC, g.K - pc);
       pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
       for (int64_t ic = 0; ic < g.M; ic += kMC)
-        block_tiles(g, kc, Bp.data, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K,
-                    [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; });
+        block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kNR,
+                           [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; },
+                           [&](int64_t j) { return packed_run(Bp.data, kc, j); });
       if (g.K == 0) break;
     }
   }
@@ -310,16 +320,70 @@ void packed_rows(const GemmArgs& g, int64_t m0, int64_t m1) {
         int64_t mc = imin(kMC, m1 - ic);
         for (int64_t ir = ic; ir < ic + mc; ir += kGemmRows)
           pack_a_panel(g, ir, pc, kc, Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc);
-        block_tiles(g, kc, Bp.data, jc, nc, ic, ic + mc, pc == 0, pc + kc >= g.K,
-                    [&](int64_t ir) { return Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc; });
+        block_tiles<float>(g, kc, jc, nc, ic, ic + mc, pc == 0, pc + kc >= g.K, kNR,
+                           [&](int64_t ir) { return Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc; },
+                           [&](int64_t j) { return packed_run(Bp.data, kc, j); });
       }
       if (g.K == 0) break;
     }
   }
 }
 
+// ---- Panels: B stored in the GEMM's own layout (ops::pack_panels) ----------------------------
+// W columns of the stored panels at column col (a multiple of W) and row k. A run past the last
+// panel (the second half of a 32-column AVX-512 tile over an odd panel count) reads the last
+// panel instead: those lanes are never stored.
+template <typename BT>
+inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
+  const int64_t p = imin(col / kPanelWidth, (g.N - 1) / kPanelWidth);
+  return static_cast<const BT*>(g.B) + (p * g.K + k) * kPanelWidth + col % kPanelWidth;
+}
+
+// Up to kGemmRows rows (decode, small batches): R = M rows exactly, so no FMA is spent on padding,
+// and each thread streams its columns' panels front to back, over all of K at once.
+template <typename BT, int R>
+void panels_small_m(const GemmArgs& g) {
+  if constexpr (R > 1) {
+    if (g.M < R) return panels_small_m<BT, R - 1>(g);
+  }
+  ScratchBuffer Ap(static_cast<size_t>(R * (g.K > 0 ? g.K : 1)));
+  for (int64_t k = 0; k < g.K; ++k)
+    for (int i = 0; i < R; ++i) Ap.data[k * R + i] = g.a_trans ? g.A[k * g.lda + i] : g.A[i * g.lda + k];
+  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) {
+    for (int64_t col = n0; col < n1; col += kNR)
+      micro_tile<BT, R>(g, g.K, Ap.data, panel_run<BT>(g, col, 0), panel_run<BT>(g, col + Vec::W, 0), kPanelWidth,
+                        g.C + col, R, int(imin(kNR, n1 - col)), col, true, true);
+  });
+}
+
+// More rows: the packed path's blocking (A block in L2, a kc x 16 run of a panel in L1) without
+// packing B.
+template <typename BT>
+void panels_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
+  for (int64_t jc = n0; jc < n1; jc += kNC) {
+    const int64_t nc = imin(kNC, n1 - jc);
+    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
+      const int64_t kc = imin(kKC, g.K - pc);
+      for (int64_t ic = 0; ic < g.M; ic += kMC)
+        block_tiles<BT>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth,
+                        [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; },
+                        [&](int64_t j) { return panel_run<BT>(g, jc + j, pc); });
+      if (g.K == 0) break;
+    }
+  }
+}
+
+template <typename BT>
+void gemm_panels(const GemmArgs& g) {
+  if (g.M <= kGemmRows) return panels_small_m<BT, kGemmRows>(g);
+  ScratchBuffer Ap(static_cast<size_t>((g.M + kGemmRows - 1) / kGemmRows * kGemmRows * (g.K > 0 ? g.K : 1)));
+  pack_a(g, Ap.data);
+  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) { panels_columns<BT>(g, Ap.data, n0, n1); }, 2);
+}
+
 template <typename BT>
 void gemm_typed(const GemmArgs& g) {
+  if (g.b_layout == BLayout::Panels) return gemm_panels<BT>(g);
   if (g.M <= kSmallM && !g.a_trans) {
     // 64 columns = a whole number of cache lines per thread range.
     llamas::parallel_for(g.N, 64, [&](int64_t n0, int64_t n1) {

@@ -10,7 +10,9 @@ namespace cpu {
 namespace reference {
 
 static float b_at(const GemmArgs& g, int64_t k, int64_t n) {
-  int64_t idx = g.b_layout == BLayout::KN ? k * g.ldb + n : n * g.ldb + k;
+  int64_t idx = g.b_layout == BLayout::KN   ? k * g.ldb + n
+                : g.b_layout == BLayout::NK ? n * g.ldb + k
+                                            : ((n / kPanelWidth) * g.K + k) * kPanelWidth + n % kPanelWidth;
   if (!g.b_bf16) return static_cast<const float*>(g.B)[idx];
   uint32_t bits = uint32_t(static_cast<const uint16_t*>(g.B)[idx]) << 16;
   float f;

@@ -27,12 +27,20 @@ void GPT2Model::set_weights(GPT2Weights weights) {
 
 namespace {
 
-// y = x @ W (+ bias) (GELU) over `rows` rows, W stored (K, N) as Conv1D.
-void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, const Tensor& bias, bool gelu, float* y) {
+// y = x @ W (+ bias) (GELU) over `rows` rows: W's panels when the model was loaded, else W as
+// stored, (K, N) as Conv1D.
+void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, const ops::PackedMatrix& packed,
+                 const Tensor& bias, bool gelu, float* y) {
   GemmArgs g;
-  g.M = rows, g.K = K, g.N = w.dim(1);
+  g.M = rows, g.K = K;
+  if (packed.defined()) {
+    g.N = packed.N, g.B = packed.data.raw(), g.b_bf16 = packed.dtype() == DType::BF16;
+    g.b_layout = BLayout::Panels, g.ldb = K;
+  } else {
+    g.N = w.dim(1), g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16;
+    g.b_layout = BLayout::KN, g.ldb = w.dim(1);
+  }
   g.A = x, g.lda = K;
-  g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16, g.b_layout = BLayout::KN, g.ldb = w.dim(1);
   g.bias = bias.data<float>();
   g.C = y, g.ldc = g.N;
   g.gelu = gelu;
@@ -93,7 +101,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     if (l == 0) ops::layernorm_rows(xd, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C, c.layer_norm_epsilon);
     else ops::residual_layernorm_rows(xd, deltad, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C,
                                       c.layer_norm_epsilon);
-    linear_rows(lnd, R, C, w.attn_w, w.attn_b, false, qkvd);
+    linear_rows(lnd, R, C, w.attn_w, w.attn_p, w.attn_b, false, qkvd);
     {
       // One sequence per task: the transposed key writes touch a cache line per head dimension
       // (~0.5 ms a layer for 16 sequences on one core), and caches are per sequence, so no races.
@@ -117,11 +125,11 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       a.scale = scale;
     }
     ops::paged_attention(attn.data(), int(attn.size()));
-    linear_rows(attd, R, C, w.attn_proj_w, w.attn_proj_b, false, deltad);
+    linear_rows(attd, R, C, w.attn_proj_w, w.attn_proj_p, w.attn_proj_b, false, deltad);
     ops::residual_layernorm_rows(xd, deltad, w.ln2_w.data<float>(), w.ln2_b.data<float>(), lnd, R, C,
                                  c.layer_norm_epsilon);
-    linear_rows(lnd, R, C, w.fc_w, w.fc_b, true, fcd);
-    linear_rows(fcd, R, F, w.mlp_proj_w, w.mlp_proj_b, false, deltad);
+    linear_rows(lnd, R, C, w.fc_w, w.fc_p, w.fc_b, true, fcd);
+    linear_rows(fcd, R, F, w.mlp_proj_w, w.mlp_proj_p, w.mlp_proj_b, false, deltad);
   }
   for (auto& ch : chunks) ch.cache->set_length(ch.cache->length() + ch.n);
 
@@ -143,8 +151,9 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   GemmArgs g;
   g.M = logit_rows, g.N = V, g.K = C;
   g.A = hidden.data<float>(), g.lda = C;
-  if (weights_.lm_head_kn.defined()) {
-    g.B = weights_.lm_head_kn.raw(), g.b_bf16 = true, g.b_layout = BLayout::KN, g.ldb = V;
+  if (weights_.lm_head_p.defined()) {
+    g.B = weights_.lm_head_p.data.raw(), g.b_bf16 = weights_.lm_head_p.dtype() == DType::BF16;
+    g.b_layout = BLayout::Panels, g.ldb = C;
   } else {
     g.B = weights_.wte.raw(), g.b_bf16 = weights_.wte.dtype() == DType::BF16, g.b_layout = BLayout::NK, g.ldb = C;
   }

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "llamas/ops.h"
 #include "llamas/tensor.h"
 #include "runtime/kv_cache.h"
 #include "runtime/sampler.h"
@@ -27,24 +28,34 @@ struct GPT2Config {
 struct GPT2Layer {
   Tensor ln1_w, ln1_b, attn_w, attn_b, attn_proj_w, attn_proj_b;
   Tensor ln2_w, ln2_b, fc_w, fc_b, mlp_proj_w, mlp_proj_b;
+  // Loaded models: the four matrices in the GEMM's panel layout, in the compute dtype. Then the
+  // Tensors above are only the checkpoint's own (memory-mapped) arrays, for saving and training.
+  ops::PackedMatrix attn_p, attn_proj_p, fc_p, mlp_proj_p;
 };
 
 struct GPT2Weights {
   Tensor wte, wpe, lnf_w, lnf_b;
-  // bfloat16 only: wte transposed to (C, V) for the lm_head. The (V, C) layout needs in-register
-  // transposes that cap it near 3.7 G elements/s on 2 Zen 3 cores whatever the dtype, so bfloat16
-  // gained nothing there; (C, V) streams at the memory bound. Costs V*C*2 bytes (77 MB for 124M).
-  Tensor lm_head_kn;
+  // Loaded models: the tied lm_head (wte, (V, C)) as panels. Streaming (V, C) directly needs
+  // in-register transposes and capped the lm_head near 3.7 G elements/s on 2 Zen 3 cores; panels
+  // stream like every other matrix, and replace wte as the copy the forward pass reads.
+  ops::PackedMatrix lm_head_p;
   std::vector<GPT2Layer> layers;
+  DType dtype = DType::F32;  // the compute dtype of the matrices (panels when packed)
   // Set when every float32 parameter is a view into this one buffer, in the trainer's layout
   // (gpt2_train.h: flat_parameter_layout), so a trainer adopts it without copying.
   Tensor flat;
+  // Bytes a forward pass reads: the panels when packed, else the matrices as stored, plus norms,
+  // biases and wpe (wte is read a row per token).
   size_t bytes() const;
+  bool packed() const { return lm_head_p.defined(); }
+  // Without the panels (training rewrites the stored matrices in place).
+  GPT2Weights unpacked() const;
 };
 
 // Loads a Hugging Face GPT-2 safetensors file (names with or without "transformer.", Conv1D (in,
-// out) layout, lm_head tied to wte). dtype F32 keeps float32 tensors as views of the mapping;
-// dtype BF16 converts the matrices to bfloat16 once (norms, biases and wpe stay float32).
+// out) layout, lm_head tied to wte). The stored tensors stay views of the mapping (float32 ones are
+// cast only for dtype F32 from a bfloat16 file); the matrices and the lm_head are packed once into
+// panels of `dtype`, then the mapping's pages are released, so the process holds one copy.
 GPT2Weights load_gpt2_weights(const std::string& path, const GPT2Config& config, DType dtype);
 
 // One sequence being generated: its KV cache, its tokens so far and its sampler.
@@ -69,7 +80,7 @@ class GPT2Model {
   GPT2Model(const GPT2Config& config, GPT2Weights weights);
   const GPT2Config& config() const { return config_; }
   const GPT2Weights& weights() const { return weights_; }
-  DType dtype() const { return weights_.wte.dtype(); }
+  DType dtype() const { return weights_.dtype; }
   // Swaps in other weights for the same config (the trainer moves them into one flat buffer).
   // Not safe while another thread runs this model.
   void set_weights(GPT2Weights weights);

@@ -55,8 +55,7 @@ GPT2Trainer::GPT2Trainer(GPT2Model& model, const OptimizerConfig& options) : mod
                "weight_decay must be >= 0, got ", options.weight_decay);
   LLAMAS_CHECK(options.grad_clip >= 0 && std::isfinite(options.grad_clip), op, "grad_clip must be >= 0, got ",
                options.grad_clip);
-  GPT2Weights weights = model.weights();
-  weights.lm_head_kn = Tensor();
+  GPT2Weights weights = model.weights().unpacked();
   const std::vector<int64_t> offsets = flat_parameter_layout(model.config());
   auto src = named_parameters(weights);
   for (size_t i = 0; i < src.size(); ++i) {

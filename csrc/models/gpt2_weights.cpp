@@ -24,12 +24,24 @@ void GPT2Config::validate() const {
 }
 
 size_t GPT2Weights::bytes() const {
-  size_t total = wte.nbytes() + (lm_head_kn.defined() ? lm_head_kn.nbytes() : 0) + wpe.nbytes() + lnf_w.nbytes() + lnf_b.nbytes();
-  for (auto& l : layers)
-    for (const Tensor* t : {&l.ln1_w, &l.ln1_b, &l.attn_w, &l.attn_b, &l.attn_proj_w, &l.attn_proj_b, &l.ln2_w,
-                            &l.ln2_b, &l.fc_w, &l.fc_b, &l.mlp_proj_w, &l.mlp_proj_b})
+  size_t total = wpe.nbytes() + lnf_w.nbytes() + lnf_b.nbytes() + (packed() ? lm_head_p.data.nbytes() : wte.nbytes());
+  for (auto& l : layers) {
+    for (const Tensor* t : {&l.ln1_w, &l.ln1_b, &l.attn_b, &l.attn_proj_b, &l.ln2_w, &l.ln2_b, &l.fc_b, &l.mlp_proj_b})
       total += t->nbytes();
+    if (packed())
+      total += l.attn_p.data.nbytes() + l.attn_proj_p.data.nbytes() + l.fc_p.data.nbytes() + l.mlp_proj_p.data.nbytes();
+    else
+      total += l.attn_w.nbytes() + l.attn_proj_w.nbytes() + l.fc_w.nbytes() + l.mlp_proj_w.nbytes();
+  }
   return total;
+}
+
+GPT2Weights GPT2Weights::unpacked() const {
+  GPT2Weights w = *this;
+  w.lm_head_p = ops::PackedMatrix();
+  for (auto& l : w.layers) l.attn_p = l.attn_proj_p = l.fc_p = l.mlp_proj_p = ops::PackedMatrix();
+  w.dtype = wte.dtype();
+  return w;
 }
 
 namespace {
@@ -42,7 +54,8 @@ class WeightReader {
     prefix_ = file_.contains("transformer.wte.weight") ? "transformer." : "";
   }
 
-  Tensor get(const std::string& name, const std::vector<int64_t>& shape, DType dtype) {
+  // As stored (a view of the mapping), checked against the config's shape.
+  Tensor get(const std::string& name, const std::vector<int64_t>& shape) {
     std::string full = prefix_ + name;
     if (!file_.contains(full))
       fail("load", file_.path(), ": tensor '", full, "' is missing (is this a GPT-2 checkpoint?)");
@@ -52,7 +65,20 @@ class WeightReader {
       fail("load", file_.path(), ": tensor '", full, "' has shape ", t.describe(), " but the config needs ",
            expected.substr(expected.find('[')));
     }
-    return ops::cast(t, dtype);
+    return t;
+  }
+  Tensor get(const std::string& name, const std::vector<int64_t>& shape, DType dtype) {
+    return ops::cast(get(name, shape), dtype);
+  }
+  // Drops the mapping's resident pages under t (when t is a view of it): they read the file
+  // again if touched.
+  void release_pages(const Tensor& t) { file_.release_pages(t.raw(), t.nbytes()); }
+  // Packs a matrix, then drops the pages packing touched: without this they would stay resident
+  // beside the panels (RSS twice the weights at 124M while loading, ~950 MB).
+  ops::PackedMatrix pack(const Tensor& t, BLayout layout, DType dtype) {
+    ops::PackedMatrix p = ops::pack_panels(t, layout, dtype);
+    release_pages(t);
+    return p;
   }
 
  private:
@@ -68,21 +94,15 @@ GPT2Weights load_gpt2_weights(const std::string& path, const GPT2Config& c, DTyp
   WeightReader r(path);
   const int64_t C = c.n_embd, F = c.ffn();
   const DType f32 = DType::F32;
+  // The stored matrices: float32 for a float32 model (what training and saving read), as stored
+  // (no copy) for a bfloat16 one, whose forward pass reads only the bfloat16 panels.
+  auto matrix = [&](const std::string& name, const std::vector<int64_t>& shape) {
+    return dtype == f32 ? r.get(name, shape, f32) : r.get(name, shape);
+  };
   GPT2Weights w;
-  w.wte = r.get("wte.weight", {c.vocab_size, C}, dtype);
-  if (dtype == DType::BF16) {
-    const int64_t V = c.vocab_size;
-    w.lm_head_kn = Tensor::empty({C, V}, DType::BF16);
-    const uint16_t* src = w.wte.data<uint16_t>();
-    uint16_t* dst = w.lm_head_kn.data<uint16_t>();
-    constexpr int64_t kTile = 64;  // transpose in 64x64 tiles to stay in cache
-    parallel_for((V + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t v0 = t0 * kTile; v0 < std::min(V, t1 * kTile); v0 += kTile)
-        for (int64_t c0 = 0; c0 < C; c0 += kTile)
-          for (int64_t v = v0; v < std::min(V, v0 + kTile); ++v)
-            for (int64_t cc = c0; cc < std::min(C, c0 + kTile); ++cc) dst[cc * V + v] = src[v * C + cc];
-    });
-  }
+  w.dtype = dtype;
+  w.wte = matrix("wte.weight", {c.vocab_size, C});
+  w.lm_head_p = r.pack(w.wte, BLayout::NK, dtype);
   w.wpe = r.get("wpe.weight", {c.n_positions, C}, f32);
   w.lnf_w = r.get("ln_f.weight", {C}, f32);
   w.lnf_b = r.get("ln_f.bias", {C}, f32);
@@ -91,16 +111,20 @@ GPT2Weights load_gpt2_weights(const std::string& path, const GPT2Config& c, DTyp
     GPT2Layer l;
     l.ln1_w = r.get(p + "ln_1.weight", {C}, f32);
     l.ln1_b = r.get(p + "ln_1.bias", {C}, f32);
-    l.attn_w = r.get(p + "attn.c_attn.weight", {C, 3 * C}, dtype);
+    l.attn_w = matrix(p + "attn.c_attn.weight", {C, 3 * C});
     l.attn_b = r.get(p + "attn.c_attn.bias", {3 * C}, f32);
-    l.attn_proj_w = r.get(p + "attn.c_proj.weight", {C, C}, dtype);
+    l.attn_proj_w = matrix(p + "attn.c_proj.weight", {C, C});
     l.attn_proj_b = r.get(p + "attn.c_proj.bias", {C}, f32);
     l.ln2_w = r.get(p + "ln_2.weight", {C}, f32);
     l.ln2_b = r.get(p + "ln_2.bias", {C}, f32);
-    l.fc_w = r.get(p + "mlp.c_fc.weight", {C, F}, dtype);
+    l.fc_w = matrix(p + "mlp.c_fc.weight", {C, F});
     l.fc_b = r.get(p + "mlp.c_fc.bias", {F}, f32);
-    l.mlp_proj_w = r.get(p + "mlp.c_proj.weight", {F, C}, dtype);
+    l.mlp_proj_w = matrix(p + "mlp.c_proj.weight", {F, C});
     l.mlp_proj_b = r.get(p + "mlp.c_proj.bias", {C}, f32);
+    l.attn_p = r.pack(l.attn_w, BLayout::KN, dtype);
+    l.attn_proj_p = r.pack(l.attn_proj_w, BLayout::KN, dtype);
+    l.fc_p = r.pack(l.fc_w, BLayout::KN, dtype);
+    l.mlp_proj_p = r.pack(l.mlp_proj_w, BLayout::KN, dtype);
     w.layers.push_back(std::move(l));
   }
   return w;

@@ -3,6 +3,7 @@
 #include "llamas/ops.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -76,6 +77,7 @@ Tensor linear(const Tensor& x, const Tensor& w, BLayout layout, const Tensor* bi
   LLAMAS_CHECK(w.ndim() == 2 && (w.dtype() == DType::F32 || w.dtype() == DType::BF16), "linear",
                "weight must be a 2-D float32 or bfloat16 matrix, got ", w.describe());
   int64_t M = x.dim(0), K = x.dim(1);
+  LLAMAS_CHECK(layout != BLayout::Panels, "linear", "panels are passed as a PackedMatrix");
   int64_t wk = layout == BLayout::KN ? w.dim(0) : w.dim(1);
   int64_t N = layout == BLayout::KN ? w.dim(1) : w.dim(0);
   LLAMAS_CHECK(wk == K, "linear", "input has ", K, " features but the weight expects ", wk,
@@ -91,6 +93,111 @@ Tensor linear(const Tensor& x, const Tensor& w, BLayout layout, const Tensor* bi
   g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16, g.b_layout = layout, g.ldb = w.dim(1);
   g.bias = bias ? bias->data<float>() : nullptr;
   g.C = out.data<float>(), g.ldc = N;
+  g.gelu = gelu;
+  gemm(g, x.device());
+  return out;
+}
+
+namespace {
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, 4);
+  return f;
+}
+template <typename Out> Out convert_to(float f);
+template <> inline float convert_to<float>(float f) { return f; }
+template <> inline uint16_t convert_to<uint16_t>(float f) { return float_to_bf16(f); }
+template <typename Out> Out convert_to(uint16_t bits);
+template <> inline float convert_to<float>(uint16_t bits) { return bf16_to_float(bits); }
+template <> inline uint16_t convert_to<uint16_t>(uint16_t bits) { return bits; }
+
+// Panels [p0, p1) of p from src stored (K, N) or (N, K). (K, N): 8 panels at a time, k outer, so
+// each source row is read 128 elements at a time, contiguously. (N, K): a panel is 16 source
+// rows, each read front to back.
+template <typename Src, typename Out>
+void fill_panels(const Src* src, BLayout layout, const PackedMatrix& p, int64_t p0, int64_t p1) {
+  Out* dst = p.data.data<Out>();
+  auto panel_out = [&](int64_t panel) { return dst + panel * p.K * kPanelWidth; };
+  auto panel_cols = [&](int64_t panel) { return std::min(kPanelWidth, p.N - panel * kPanelWidth); };
+  for (int64_t panel = p0; panel < p1; ++panel)
+    if (panel_cols(panel) < kPanelWidth) std::memset(panel_out(panel), 0, p.K * kPanelWidth * sizeof(Out));
+  if (layout == BLayout::KN) {
+    for (int64_t g0 = p0; g0 < p1; g0 += 8)
+      for (int64_t k = 0; k < p.K; ++k)
+        for (int64_t panel = g0; panel < std::min(p1, g0 + 8); ++panel) {
+          const Src* row = src + k * p.N + panel * kPanelWidth;
+          Out* out = panel_out(panel) + k * kPanelWidth;
+          for (int64_t j = 0; j < panel_cols(panel); ++j) out[j] = convert_to<Out>(row[j]);
+        }
+    return;
+  }
+  for (int64_t panel = p0; panel < p1; ++panel)
+    for (int64_t j = 0; j < panel_cols(panel); ++j) {
+      const Src* row = src + (panel * kPanelWidth + j) * p.K;
+      Out* out = panel_out(panel) + j;
+      for (int64_t k = 0; k < p.K; ++k) out[k * kPanelWidth] = convert_to<Out>(row[k]);
+    }
+}
+
+template <typename Src>
+void fill_panels_as(const Src* src, BLayout layout, const PackedMatrix& p) {
+  parallel_for(p.data.dim(0), 8, [&](int64_t p0, int64_t p1) {
+    if (p.dtype() == DType::F32) fill_panels<Src, float>(src, layout, p, p0, p1);
+    else fill_panels<Src, uint16_t>(src, layout, p, p0, p1);
+  });
+}
+
+}  // namespace
+
+PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype) {
+  ProfileScope scope("pack_panels");
+  require_cpu(w, "pack_panels");
+  LLAMAS_CHECK(w.ndim() == 2 && (w.dtype() == DType::F32 || w.dtype() == DType::BF16) && layout != BLayout::Panels,
+               "pack_panels", "expects a 2-D float32 or bfloat16 matrix stored (K, N) or (N, K), got ", w.describe());
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "pack_panels", "panels are float32 or bfloat16");
+  PackedMatrix p;
+  p.K = layout == BLayout::KN ? w.dim(0) : w.dim(1);
+  p.N = layout == BLayout::KN ? w.dim(1) : w.dim(0);
+  p.data = Tensor::empty({(p.N + kPanelWidth - 1) / kPanelWidth, p.K, kPanelWidth}, dtype);
+  if (w.dtype() == DType::F32) fill_panels_as(w.data<float>(), layout, p);
+  else fill_panels_as(w.data<uint16_t>(), layout, p);
+  return p;
+}
+
+Tensor unpack_panels(const PackedMatrix& w, BLayout layout) {
+  LLAMAS_CHECK(w.defined() && layout != BLayout::Panels, "unpack_panels", "expects packed panels and a 2-D layout");
+  Tensor out = Tensor::empty(layout == BLayout::KN ? std::vector<int64_t>{w.K, w.N} : std::vector<int64_t>{w.N, w.K},
+                             w.dtype());
+  const size_t elem = dtype_size(w.dtype());
+  const uint8_t* src = static_cast<const uint8_t*>(w.data.raw());
+  uint8_t* dst = static_cast<uint8_t*>(out.raw());
+  for (int64_t k = 0; k < w.K; ++k)
+    for (int64_t n = 0; n < w.N; ++n) {
+      const int64_t from = ((n / kPanelWidth) * w.K + k) * kPanelWidth + n % kPanelWidth;
+      const int64_t to = layout == BLayout::KN ? k * w.N + n : n * w.K + k;
+      std::memcpy(dst + to * elem, src + from * elem, elem);
+    }
+  return out;
+}
+
+Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu) {
+  require_f32(x, "linear", "input");
+  require_cpu(x, "linear");
+  LLAMAS_CHECK(w.defined(), "linear", "packed weight is empty");
+  LLAMAS_CHECK(x.ndim() == 2 && x.dim(1) == w.K, "linear", "input must be (M, ", w.K, "), got ", x.describe());
+  if (bias) {
+    require_f32(*bias, "linear", "bias");
+    LLAMAS_CHECK(bias->numel() == w.N, "linear", "bias must have ", w.N, " elements, got ", bias->describe());
+  }
+  Tensor out = Tensor::empty({x.dim(0), w.N}, DType::F32);
+  GemmArgs g;
+  g.M = x.dim(0), g.N = w.N, g.K = w.K;
+  g.A = x.data<float>(), g.lda = w.K;
+  g.B = w.data.raw(), g.b_bf16 = w.dtype() == DType::BF16, g.b_layout = BLayout::Panels, g.ldb = w.K;
+  g.bias = bias ? bias->data<float>() : nullptr;
+  g.C = out.data<float>(), g.ldc = w.N;
   g.gelu = gelu;
   gemm(g, x.device());
   return out;

@@ -44,16 +44,26 @@ void init_ops(py::module_& m) {
   }, py::arg("a"), py::arg("b"), "a @ b for float32 (M, K) and (K, N) arrays.");
 
   ops.def("linear", [](FloatArray x, FloatArray w, std::optional<FloatArray> bias, bool gelu,
-                       const std::string& weight_layout, const std::string& weight_dtype) {
+                       const std::string& weight_layout, const std::string& weight_dtype, bool packed) {
     BLayout layout = parse_layout(weight_layout);
     DType wd = parse_dtype(weight_dtype, "linear");
-    Tensor tx = view_of(x), tw = ops::cast(view_of(w), wd);
+    Tensor tx = view_of(x), tw = view_of(w);
     Tensor tb = bias ? view_of(*bias) : Tensor();
-    return without_gil([&] { return ops::linear(tx, tw, layout, bias ? &tb : nullptr, gelu); });
+    return without_gil([&] {
+      if (packed) return ops::linear(tx, ops::pack_panels(tw, layout, wd), bias ? &tb : nullptr, gelu);
+      return ops::linear(tx, ops::cast(tw, wd), layout, bias ? &tb : nullptr, gelu);
+    });
   }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("gelu") = false,
-     py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32",
+     py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32", py::arg("packed") = false,
      "x @ w (+ bias) (then GELU). weight_layout 'in_out' is w (K, N) like GPT-2's Conv1D, 'out_in' is "
-     "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first.");
+     "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first. packed=True first "
+     "packs w into the GEMM's panel layout, as loaded models hold their matrices.");
+
+  ops.def("unpacked_roundtrip", [](FloatArray w, const std::string& weight_layout) {
+    BLayout layout = parse_layout(weight_layout);
+    Tensor tw = view_of(w);
+    return without_gil([&] { return ops::unpack_panels(ops::pack_panels(tw, layout, DType::F32), layout); });
+  }, py::arg("w"), py::arg("weight_layout") = "in_out", "pack_panels then unpack_panels (a test hook).");
 
   ops.def("layernorm", [](FloatArray x, FloatArray w, FloatArray b, float eps) {
     Tensor tx = view_of(x), tw = view_of(w), tb = view_of(b);

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -104,6 +105,18 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     e.nbytes = end - begin;
     entries_[kv.first] = e;
   }
+}
+
+void SafetensorsFile::release_pages(const void* data, size_t bytes) const {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(mapping_.get()), end = begin + size_;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(data);
+  if (!mapping_ || p < begin || p + bytes > end || bytes == 0) return;
+  // Whole pages only: a page shared with a neighbouring tensor is dropped too, which is harmless
+  // (it is read again from the file if touched).
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = p / page * page, last = (p + bytes + page - 1) / page * page;
+  // Advice only: a failure changes nothing but the RSS.
+  madvise(reinterpret_cast<void*>(first), std::min(last, (end + page - 1) / page * page) - first, MADV_DONTNEED);
 }
 
 Tensor SafetensorsFile::get(const std::string& name) const {

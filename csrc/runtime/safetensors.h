@@ -27,6 +27,10 @@ class SafetensorsFile {
   // A float32 or bfloat16 view (float16 is converted to a float32 copy); throws for other dtypes.
   Tensor get(const std::string& name) const;
   size_t file_size() const { return size_; }
+  // madvise(MADV_DONTNEED) on the pages of this read-only mapping under [data, data + bytes), when
+  // that lies in it (a tensor from get() that was not converted; otherwise nothing): they leave
+  // this process's RSS, and views stay valid, reading the file again on their next touch.
+  void release_pages(const void* data, size_t bytes) const;
 
  private:
   std::string path_;

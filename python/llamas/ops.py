@@ -1,7 +1,7 @@
 """CPU kernels on numpy arrays (float32), for tests, benchmarks and experiments.
 
     llamas.ops.matmul(a, b)                 # a @ b, (M, K) @ (K, N)
-    llamas.ops.linear(x, w, bias, gelu=True)
+    llamas.ops.linear(x, w, bias, gelu=True)  # packed=True: via the panel layout loaded models use
     llamas.ops.layernorm(x, weight, bias, eps=1e-5)
     llamas.ops.attention(q, k, v)           # causal, (B, H, T, D)
     llamas.ops.gelu(x), llamas.ops.softmax(x)
@@ -16,6 +16,7 @@ attention = _ops.attention
 gelu = _ops.gelu
 softmax = _ops.softmax
 reference_matmul = _ops.reference_matmul
+unpacked_roundtrip = _ops.unpacked_roundtrip
 
 
 def set_kernel_variant(name: str) -> None:

@@ -6,7 +6,11 @@ namespace llamas {
 
 // How B is stored: (K, N) row-major, as GPT-2's Conv1D weights, or (N, K) row-major, as nn.Linear
 // weights and the tied lm_head (wte). Both give C = A @ B with B viewed as (K, N).
-enum class BLayout : uint8_t { KN, NK };
+// Panels: the GEMM's own layout, made once at load by ops::pack_panels: ceil(N / kPanelWidth)
+// panels of kPanelWidth columns, each [K][kPanelWidth] (columns past N are zero). Every thread's
+// share of B is then one contiguous stream (decode) and no GEMM packs B again (prefill).
+enum class BLayout : uint8_t { KN, NK, Panels };
+constexpr int64_t kPanelWidth = 16;
 
 struct GemmArgs {
   int64_t M = 0, N = 0, K = 0;
@@ -16,7 +20,7 @@ struct GemmArgs {
   const void* B = nullptr;   // float32 or bfloat16 (uint16) elements
   bool b_bf16 = false;
   BLayout b_layout = BLayout::KN;
-  int64_t ldb = 0;           // row stride of B as stored
+  int64_t ldb = 0;           // row stride of B as stored (unused for Panels)
   const float* bias = nullptr;  // (N) or null; ignored when accumulate is set
   float* C = nullptr;        // (M, N), row stride ldc
   int64_t ldc = 0;

@@ -19,6 +19,20 @@ Tensor matmul(const Tensor& a, const Tensor& b);
 // y = x @ W (+ bias) (GELU); x float32 (M, K); W float32 or bfloat16, stored (K, N) or (N, K).
 Tensor linear(const Tensor& x, const Tensor& w, BLayout layout, const Tensor* bias, bool gelu);
 
+// A weight matrix in the GEMM's panel layout (BLayout::Panels): data is (ceil(N / 16), K, 16).
+struct PackedMatrix {
+  Tensor data;
+  int64_t K = 0, N = 0;
+  bool defined() const { return data.defined(); }
+  DType dtype() const { return data.dtype(); }
+};
+// Packs a float32 or bfloat16 matrix stored (K, N) or (N, K) into panels of `dtype` (made once at
+// load: a GEMM over panels reads B as it is stored and never packs it again).
+PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype);
+// w back in (K, N) or (N, K) layout, in its dtype (for saving a model that holds only panels).
+Tensor unpack_panels(const PackedMatrix& w, BLayout layout);
+Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu);
+
 Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps);
 // x += delta; returns LN(x) (x is updated in place: it is the residual stream).
 Tensor residual_layernorm(Tensor& x, const Tensor& delta, const Tensor& w, const Tensor& b, float eps);
