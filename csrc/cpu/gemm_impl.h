@@ -223,45 +223,39 @@ void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, f
   }
 }
 
-// One R x kNR tile of C over kc steps of k: A is a packed panel [k][R], B two W-column runs with
-// k stride ldbk (a packed block: Bp, Bp + W, kNR; Panels: columns of the stored panels, 16).
-template <typename BT, int R = kGemmRows>
-void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* B0, const BT* B1, int64_t ldbk, float* C,
+// One R x (RUNS * W) tile of C over kc steps of k: A is a packed panel [k][R]; B is RUNS runs of W
+// columns with k stride ldbk (a packed block: Bp + j * W, kNR; Panels: columns of the stored
+// panels, 16). The main tile is 2 runs; decode's 1-2 rows take 4 so that 4-8 FMA chains overlap.
+template <typename BT, int R = kGemmRows, int RUNS = 2>
+void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const (&B)[RUNS], int64_t ldbk, float* C,
                 int rows, int cols, int64_t col0, bool first, bool last) {
-  Vec acc[R][2];
-  int lanes0 = clamp_lanes(cols), lanes1 = clamp_lanes(cols - Vec::W);
+  Vec acc[R][RUNS];
+  int lanes[RUNS];
+  for (int j = 0; j < RUNS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
   if (first && !g.accumulate) {
-    Vec b0 = Vec::zero(), b1 = Vec::zero();
-    if (g.bias) {
-      b0 = load_lanes(g.bias + col0, lanes0);
-      b1 = load_lanes(g.bias + col0 + Vec::W, lanes1);
+    for (int j = 0; j < RUNS; ++j) {
+      Vec start = g.bias ? load_lanes(g.bias + col0 + j * Vec::W, lanes[j]) : Vec::zero();
+      for (int i = 0; i < R; ++i) acc[i][j] = start;
     }
-    for (int i = 0; i < R; ++i) acc[i][0] = b0, acc[i][1] = b1;
   } else {
-    for (int i = 0; i < R; ++i) {
-      if (i < rows) {
-        acc[i][0] = load_lanes(C + i * g.ldc, lanes0);
-        acc[i][1] = load_lanes(C + i * g.ldc + Vec::W, lanes1);
-      } else {
-        acc[i][0] = acc[i][1] = Vec::zero();
-      }
-    }
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < RUNS; ++j) acc[i][j] = i < rows ? load_lanes(C + i * g.ldc + j * Vec::W, lanes[j]) : Vec::zero();
   }
   for (int64_t k = 0; k < kc; ++k) {
-    Vec b0 = load_any(B0 + k * ldbk), b1 = load_any(B1 + k * ldbk);
+    Vec b[RUNS];
+    for (int j = 0; j < RUNS; ++j) b[j] = load_any(B[j] + k * ldbk);
     const float* a = Ap + k * R;
     for (int i = 0; i < R; ++i) {
       Vec ai = Vec::set1(a[i]);
-      acc[i][0] = Vec::fma(ai, b0, acc[i][0]);
-      acc[i][1] = Vec::fma(ai, b1, acc[i][1]);
+      for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < rows; ++i) {
-    Vec c0 = acc[i][0], c1 = acc[i][1];
-    if (last && g.gelu) c0 = vgelu(c0), c1 = vgelu(c1);
-    store_lanes(C + i * g.ldc, c0, lanes0);
-    store_lanes(C + i * g.ldc + Vec::W, c1, lanes1);
-  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < RUNS; ++j) {
+      Vec c = acc[i][j];
+      if (last && g.gelu) c = vgelu(c);
+      store_lanes(C + i * g.ldc + j * Vec::W, c, lanes[j]);
+    }
 }
 
 // Tiles of one B block (kc x nc at column jc) against rows [m0, m1) of A. a_panel(ir) gives A's
@@ -276,8 +270,9 @@ inline void block_tiles(const GemmArgs& g, int64_t kc, int64_t jc, int64_t nc, i
       if (!first || g.accumulate)
         for (int64_t i = ir + kGemmRows; i < imin(m1, ir + 2 * kGemmRows); ++i)
           __builtin_prefetch(g.C + i * g.ldc + jc + jr), __builtin_prefetch(g.C + i * g.ldc + jc + jr + kNR - 1);
-      micro_tile<BT>(g, kc, a_panel(ir), b_run(jr), b_run(jr + Vec::W), ldbk, g.C + ir * g.ldc + jc + jr,
-                     int(imin(kGemmRows, g.M - ir)), int(imin(kNR, nc - jr)), jc + jr, first, last);
+      const BT* runs[2] = {b_run(jr), b_run(jr + Vec::W)};
+      micro_tile<BT>(g, kc, a_panel(ir), runs, ldbk, g.C + ir * g.ldc + jc + jr, int(imin(kGemmRows, g.M - ir)),
+                     int(imin(kNR, nc - jr)), jc + jr, first, last);
     }
 }
 
@@ -349,10 +344,16 @@ void panels_small_m(const GemmArgs& g) {
   ScratchBuffer Ap(static_cast<size_t>(R * (g.K > 0 ? g.K : 1)));
   for (int64_t k = 0; k < g.K; ++k)
     for (int i = 0; i < R; ++i) Ap.data[k * R + i] = g.a_trans ? g.A[k * g.lda + i] : g.A[i * g.lda + k];
-  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) {
-    for (int64_t col = n0; col < n1; col += kNR)
-      micro_tile<BT, R>(g, g.K, Ap.data, panel_run<BT>(g, col, 0), panel_run<BT>(g, col + Vec::W, 0), kPanelWidth,
-                        g.C + col, R, int(imin(kNR, n1 - col)), col, true, true);
+  // One or two rows: tiles of 4 runs, so 4-8 independent FMA chains hide the FMA latency (2 chains
+  // would cap a thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models).
+  constexpr int kRuns = R <= 2 ? 4 : 2;
+  llamas::parallel_for(g.N, kRuns * Vec::W, [&](int64_t n0, int64_t n1) {
+    for (int64_t col = n0; col < n1; col += kRuns * Vec::W) {
+      const BT* runs[kRuns];
+      for (int j = 0; j < kRuns; ++j) runs[j] = panel_run<BT>(g, col + j * Vec::W, 0);
+      micro_tile<BT, R, kRuns>(g, g.K, Ap.data, runs, kPanelWidth, g.C + col, R, int(imin(kRuns * Vec::W, n1 - col)),
+                               col, true, true);
+    }
   });
 }
 
