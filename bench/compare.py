@@ -4,7 +4,8 @@
 
 Prints markdown tables:
   a. machine limits: memory read bandwidth (GB/s) and the best numpy sgemm GFLOP/s seen;
-  b. GEMM GFLOP/s, llamas.ops.matmul vs numpy (OpenBLAS) a @ b;
+  b. GEMM GFLOP/s, llamas.ops.matmul (B packed per call) and llamas.ops.linear on B packed once
+     (llamas.ops.pack: the layout a loaded model holds its weights in) vs numpy (OpenBLAS) a @ b;
   c. GPT-2 124M (random weights unless --model): prefill-512 and batch-1 decode tokens/s for
      llamas float32 / bfloat16, a plain PyTorch eager GPT-2 with a KV cache, and transformers
      GPT2LMHeadModel.generate; decode as % of the memory-bandwidth bound;
@@ -186,22 +187,27 @@ def gemm_table() -> list:
                 note(f"GEMM {m}x{k}x{n}: llamas result differs from numpy (shape {out.shape}, rel err {err:.2e})")
         except Exception as e:  # noqa: BLE001
             note(f"GEMM {m}x{k}x{n}: llamas.ops.matmul raised {type(e).__name__}: {e}")
-            rows.append(((m, k, n), float("nan"), float("nan"), float("nan")))
+            rows.append(((m, k, n), float("nan"), float("nan"), float("nan"), float("nan")))
             continue
+        packed = llamas.ops.pack(b)
+        if not np.array_equal(llamas.ops.linear(a, packed), out):
+            note(f"GEMM {m}x{k}x{n}: prepacked result differs from llamas.ops.matmul")
         flops = 2.0 * m * k * n
         big = flops > 5e9
         reps = max(2, GEMM_REPS // 2) if big else GEMM_REPS
         inner = 1 if flops > 1e8 else max(1, int(1e8 / flops))     # tiny shapes: loop inside the timer
         f_l = lambda: [llamas.ops.matmul(a, b) for _ in range(inner)]
+        f_p = lambda: [llamas.ops.linear(a, packed) for _ in range(inner)]
         f_n = lambda: [a @ b for _ in range(inner)]
-        f_l(); f_n()
-        tl, tn = [], []
-        for _ in range(reps):               # interleaved so both see the same noise
+        f_l(); f_p(); f_n()
+        tl, tp, tn = [], [], []
+        for _ in range(reps):               # interleaved so all see the same noise
             tl.append(_time_once(f_l) / inner)
+            tp.append(_time_once(f_p) / inner)
             tn.append(_time_once(f_n) / inner)
-        g_l, g_n = flops / median(tl) / 1e9, flops / median(tn) / 1e9
+        g_l, g_p, g_n = (flops / median(t) / 1e9 for t in (tl, tp, tn))
         PEAK_GEMM[0] = max(PEAK_GEMM[0], flops / min(tn) / 1e9)
-        rows.append(((m, k, n), g_l, g_n, err))
+        rows.append(((m, k, n), g_l, g_p, g_n, err))
         settle()
     return rows
 
@@ -615,11 +621,14 @@ def main() -> None:
     print("### b. GEMM (float32, C = A @ B, MxKxN)\n")
     rows = []
     gemm_ok = True
-    for (m, k, n), g_l, g_n, err in gemm:
+    for (m, k, n), g_l, g_p, g_n, err in gemm:
         ratio = g_l / g_n if g_n == g_n and g_n > 0 else float("nan")
+        ratio_p = g_p / g_n if g_n == g_n and g_n > 0 else float("nan")
         gemm_ok &= ratio >= 1.0
-        rows.append([f"{m}x{k}x{n}", f"{g_l:.1f}", f"{g_n:.1f}", f"{ratio:.2f}x", f"{err:.1e}"])
-    print(md_table(["shape", "llamas GFLOP/s", "numpy GFLOP/s", "ratio", "rel err"], rows))
+        rows.append([f"{m}x{k}x{n}", f"{g_l:.1f}", f"{g_p:.1f}", f"{g_n:.1f}", f"{ratio:.2f}x", f"{ratio_p:.2f}x",
+                     f"{err:.1e}"])
+    print(md_table(["shape", "llamas matmul GFLOP/s", "llamas prepacked B", "numpy GFLOP/s", "ratio",
+                    "prepacked ratio", "rel err"], rows))
     print(f"\nMedian of {GEMM_REPS} interleaved reps after a warm-up (fewer for the 50257 shape); "
           f"other processes used {gemm_load:.2f} CPU cores meanwhile.\n")
 
@@ -655,8 +664,10 @@ def main() -> None:
     l16 = model_rows.get(("llamas", "bfloat16"))
     nan = float("nan")
     t_rows = []
-    worst_gemm = min((g_l / g_n for _, g_l, g_n, _ in gemm if g_n > 0), default=nan)
+    worst_gemm = min((g_l / g_n for _, g_l, _, g_n, _ in gemm if g_n > 0), default=nan)
     t_rows.append(["GEMM >= 1.0x numpy (every shape)", f"worst {worst_gemm:.2f}x", mark(gemm_ok)])
+    worst_p = min((g_p / g_n for _, _, g_p, g_n, _ in gemm if g_n > 0), default=nan)
+    t_rows.append(["(info) prepacked-B GEMM >= 1.0x numpy", f"worst {worst_p:.2f}x", mark(worst_p >= 1.0)])
     if l32 and eager:
         x = l32["decode"] / eager["decode"]
         t_rows.append(["fp32 decode >= 1.2x PyTorch eager", f"{x:.2f}x", mark(x >= 1.2)])

@@ -89,6 +89,22 @@ def test_linear_packed_matches_numpy(variant):
     out = ops.linear(x, w, bias, packed=True)
     ref = x.astype(np.float64) @ w + bias
     assert_close(out, ref, scale=matmul_scale(x, np.abs(w)) + np.abs(bias))
+    packed = ops.pack(w)  # packed once, used many times
+    assert (packed.in_features, packed.out_features, packed.dtype) == (130, 45, "float32")
+    assert packed.nbytes == 3 * 16 * 130 * 4  # 45 columns padded to 3 panels of 16
+    np.testing.assert_array_equal(ops.linear(x, packed, bias), out)
+    assert ops.pack(w, weight_dtype="bfloat16").nbytes == packed.nbytes // 2
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(llamas.LlamasError, match="weight_layout"):
+        ops.pack(rand(4, 4), weight_layout="sideways")
+    with pytest.raises(llamas.LlamasError, match="2-D"):
+        ops.pack(rand(4))
+    with pytest.raises(llamas.LlamasError, match=r"input must be \(M, 130\)"):
+        ops.linear(rand(2, 129), ops.pack(rand(130, 45)))
+    with pytest.raises(llamas.LlamasError, match="bias"):
+        ops.linear(rand(2, 130), ops.pack(rand(130, 45)), rand(44))
 
 
 @pytest.mark.parametrize("m", [1, 4, 40])

@@ -59,6 +59,27 @@ void init_ops(py::module_& m) {
      "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first. packed=True first "
      "packs w into the GEMM's panel layout, as loaded models hold their matrices.");
 
+  py::class_<ops::PackedMatrix>(ops, "PackedWeight",
+      "A weight matrix in the GEMM's panel layout, as loaded models hold theirs (from llamas.ops.pack).")
+      .def_property_readonly("in_features", [](const ops::PackedMatrix& p) { return p.K; })
+      .def_property_readonly("out_features", [](const ops::PackedMatrix& p) { return p.N; })
+      .def_property_readonly("dtype", [](const ops::PackedMatrix& p) { return std::string(dtype_name(p.dtype())); })
+      .def_property_readonly("nbytes", [](const ops::PackedMatrix& p) { return p.data.nbytes(); });
+  ops.def("pack", [](FloatArray w, const std::string& weight_layout, const std::string& weight_dtype) {
+    BLayout layout = parse_layout(weight_layout);
+    DType wd = parse_dtype(weight_dtype, "pack");
+    Tensor tw = view_of(w);
+    py::gil_scoped_release release;
+    return ops::pack_panels(tw, layout, wd);
+  }, py::arg("w"), py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32",
+     "Packs w once into the GEMM's panel layout; llamas.ops.linear(x, packed) then never repacks it.");
+  ops.def("linear", [](FloatArray x, const ops::PackedMatrix& w, std::optional<FloatArray> bias, bool gelu) {
+    Tensor tx = view_of(x);
+    Tensor tb = bias ? view_of(*bias) : Tensor();
+    return without_gil([&] { return ops::linear(tx, w, bias ? &tb : nullptr, gelu); });
+  }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("gelu") = false,
+     "x @ w (+ bias) (then GELU) with w from llamas.ops.pack.");
+
   ops.def("unpacked_roundtrip", [](FloatArray w, const std::string& weight_layout) {
     BLayout layout = parse_layout(weight_layout);
     Tensor tw = view_of(w);

@@ -1,7 +1,9 @@
 """CPU kernels on numpy arrays (float32), for tests, benchmarks and experiments.
 
     llamas.ops.matmul(a, b)                 # a @ b, (M, K) @ (K, N)
-    llamas.ops.linear(x, w, bias, gelu=True)  # packed=True: via the panel layout loaded models use
+    llamas.ops.linear(x, w, bias, gelu=True)
+    p = llamas.ops.pack(w)                  # the panel layout loaded models hold their weights in
+    llamas.ops.linear(x, p, bias)           # ... used without repacking
     llamas.ops.layernorm(x, weight, bias, eps=1e-5)
     llamas.ops.attention(q, k, v)           # causal, (B, H, T, D)
     llamas.ops.gelu(x), llamas.ops.softmax(x)
@@ -17,6 +19,8 @@ gelu = _ops.gelu
 softmax = _ops.softmax
 reference_matmul = _ops.reference_matmul
 unpacked_roundtrip = _ops.unpacked_roundtrip
+pack = _ops.pack
+PackedWeight = _ops.PackedWeight
 
 
 def set_kernel_variant(name: str) -> None:
