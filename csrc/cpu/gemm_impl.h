@@ -5,6 +5,7 @@
 //  - packed (prefill, training): BLIS-style blocking. A is packed into kGemmRows-row panels, B into
 //    KC x NC blocks of NR = 2W-column panels; a kGemmRows x NR register tile accumulates over KC.
 #include <cstring>
+#include <type_traits>
 
 #include "llamas/allocator.h"
 #include "llamas/parallel.h"
@@ -24,8 +25,12 @@ constexpr int64_t kSmallM = 8;     // at or below this many rows, stream B inste
 
 struct ScratchBuffer {
   float* data = nullptr;
-  explicit ScratchBuffer(size_t floats) { data = static_cast<float*>(llamas::cpu_allocate(floats * 4)); }
-  ~ScratchBuffer() { llamas::cpu_free(data); }
+  explicit ScratchBuffer(size_t floats) {
+    if (floats > 0) data = static_cast<float*>(llamas::cpu_allocate(floats * 4));
+  }
+  ~ScratchBuffer() {
+    if (data) llamas::cpu_free(data);
+  }
   ScratchBuffer(const ScratchBuffer&) = delete;
   ScratchBuffer& operator=(const ScratchBuffer&) = delete;
 };
@@ -358,17 +363,32 @@ void panels_small_m(const GemmArgs& g) {
 }
 
 // More rows: the packed path's blocking (A block in L2, a kc x 16 run of a panel in L1) without
-// packing B.
+// packing float32 B. bfloat16 panels are widened once per block into a packed float32 block (a
+// contiguous conversion): widening inside the microkernel costs two more instructions per B load
+// and, with the 12 accumulators, spills a register.
 template <typename BT>
 void panels_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
+  constexpr bool kWiden = !std::is_same_v<BT, float>;
+  ScratchBuffer Bp(kWiden ? static_cast<size_t>(kKC * kNC) : 0);
   for (int64_t jc = n0; jc < n1; jc += kNC) {
     const int64_t nc = imin(kNC, n1 - jc);
     for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
       const int64_t kc = imin(kKC, g.K - pc);
-      for (int64_t ic = 0; ic < g.M; ic += kMC)
-        block_tiles<BT>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth,
-                        [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; },
-                        [&](int64_t j) { return panel_run<BT>(g, jc + j, pc); });
+      auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; };
+      if constexpr (kWiden) {
+        for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += Vec::W) {  // whole tiles
+          const BT* src = panel_run<BT>(g, jc + j, pc);
+          float* dst = Bp.data + (j / kNR) * kc * kNR + j % kNR;
+          for (int64_t k = 0; k < kc; ++k) load_any(src + k * kPanelWidth).store(dst + k * kNR);
+        }
+        for (int64_t ic = 0; ic < g.M; ic += kMC)
+          block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kNR, a_panel,
+                             [&](int64_t j) { return packed_run(Bp.data, kc, j); });
+      } else {
+        for (int64_t ic = 0; ic < g.M; ic += kMC)
+          block_tiles<BT>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth, a_panel,
+                          [&](int64_t j) { return panel_run<BT>(g, jc + j, pc); });
+      }
       if (g.K == 0) break;
     }
   }
