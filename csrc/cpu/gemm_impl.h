@@ -84,8 +84,6 @@ void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
       int64_t n = n0;
       if (kk == kRows) {
         for (; n + Vec::W <= n1; n += Vec::W) {
-          if (m == 0 && k + 2 * kRows <= g.K)
-            for (int i = 0; i < kRows; ++i) __builtin_prefetch(b0 + (kRows + i) * g.ldb + n);
           Vec acc = Vec::load(c + n);
           for (int i = 0; i < kRows; ++i) acc = Vec::fma(as[i], load_any(b0 + i * g.ldb + n), acc);
           acc.store(c + n);
