@@ -103,8 +103,28 @@ struct RowGroup {
     }
     // O = O * corr + P V over the keys written so far (never past the group's last position).
     const int keys = int(imin(kKvBlockSize, last_pos - blk_pos + 1));
-    // acc_out is padded to whole registers, so only the V loads need the lane count.
-    for (int d = 0; d < hd; d += Vec::W) {
+    // kPvVecs registers of head_dim per row at a time: nrows * kPvVecs independent FMA chains over
+    // the keys (one register per row, as before, left one 16-long chain per row in flight).
+    constexpr int kPvVecs = nrows * 4 <= 8 ? 4 : 2;
+    int d = 0;
+    for (; d + kPvVecs * Vec::W <= hd; d += kPvVecs * Vec::W) {
+      Vec o[nrows][kPvVecs];
+      for (int r = 0; r < nrows; ++r)
+        for (int v = 0; v < kPvVecs; ++v) o[r][v] = Vec::load(acc_out[r] + d + v * Vec::W) * Vec::set1(corr[r]);
+      for (int j = 0; j < keys; ++j) {
+        Vec vj[kPvVecs];
+        for (int v = 0; v < kPvVecs; ++v) vj[v] = Vec::load(vb + int64_t(j) * hd + d + v * Vec::W);
+        for (int r = 0; r < nrows; ++r) {
+          const Vec p = Vec::set1(probs[r][j]);
+          for (int v = 0; v < kPvVecs; ++v) o[r][v] = Vec::fma(p, vj[v], o[r][v]);
+        }
+      }
+      for (int r = 0; r < nrows; ++r)
+        for (int v = 0; v < kPvVecs; ++v) o[r][v].store(acc_out[r] + d + v * Vec::W);
+    }
+    // The rest one register at a time; acc_out is padded to whole registers, so only the V loads
+    // need the lane count.
+    for (; d < hd; d += Vec::W) {
       const int lanes = clamp_lanes(hd - d);
       Vec o[nrows];
       for (int r = 0; r < nrows; ++r) o[r] = Vec::load(acc_out[r] + d) * Vec::set1(corr[r]);
