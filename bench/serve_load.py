@@ -6,21 +6,23 @@ Starts a server on a free 127.0.0.1 port (unless --url is given), runs each clie
 against it, and prints requests/s, output tokens/s, time to first token and time per output token
 (p50, p99), errors, and the server's RSS before and after. With several client counts it also
 prints each count's output tokens/s relative to the first. Traffic goes to the given or started
-local server only, and every loop is bounded by --duration.
+local server only, and every loop is bounded by --duration. The clients are bench/sse_client.py's
+(a plain http:// asyncio client that checks every streamed event), not httpx: on this 2-core
+machine the load generator's CPU per token is taken from the server.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+
+from sse_client import StreamClient, StreamError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:  # the installed package, or else this checkout's python/ folder (with a built extension)
@@ -30,6 +32,7 @@ except ImportError:
     _SOURCE_TREE = os.path.join(HERE, "..", "python")
     sys.path.insert(0, _SOURCE_TREE)
     import llamas  # noqa: F401
+REQUEST_TIMEOUT_S = 120   # a stalled server shows as an error, not a hung benchmark
 PROMPTS = ["When shall we three meet again", "Now is the winter of our discontent", "Friends, Romans, countrymen",
            "To be, or not to be, that is the question", "O Romeo, Romeo, wherefore art thou", "Alas, poor Yorick"]
 
@@ -62,73 +65,40 @@ def percentile(values, q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def one_request(ac: httpx.AsyncClient, body: dict, stats: dict) -> None:
-    """One streaming request. Parses only what it needs (the client shares the machine with the
-    server, so it keeps its own CPU use low): the time of the first and last event, the usage
-    chunk, a finish_reason and errors."""
+async def one_request(client: StreamClient, body: dict, stats: dict) -> None:
+    """One streaming request; every event is checked (sse_client.check_event)."""
     t0 = time.perf_counter()
-    first = last = None
-    tokens = 0
-    finished = False
-    buf = b""
     try:
-        async with ac.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                stats["errors"].append(f"HTTP {r.status_code}: {r.text[:100]}")
-                return
-            async for data in r.aiter_raw():
-                now = time.perf_counter()
-                buf += data
-                events = buf.split(b"\n\n")
-                buf = events.pop()
-                for ev in events:
-                    if not ev.startswith(b"data: "):
-                        continue
-                    if ev == b"data: [DONE]":
-                        continue
-                    if b'"error"' in ev[:20]:
-                        stats["errors"].append(json.loads(ev[6:])["error"]["message"])
-                        return
-                    if b'"choices":[]' in ev:      # the usage chunk
-                        tokens = json.loads(ev[6:])["usage"]["completion_tokens"]
-                        continue
-                    if first is None:
-                        first = now
-                    last = now
-                    if b'"finish_reason":"' in ev:
-                        finished = True
-    except httpx.HTTPError as e:
-        stats["errors"].append(f"{type(e).__name__}: {e}")
-        return
-    if not finished:
-        stats["errors"].append("stream ended without a finish_reason")
+        res = await asyncio.wait_for(client.complete(body), REQUEST_TIMEOUT_S)
+    except (StreamError, OSError, asyncio.TimeoutError) as e:
+        stats["errors"].append(f"{type(e).__name__}: {e}"[:200])
         return
     stats["requests"] += 1
-    stats["tokens"] += tokens
-    stats["ttft"].append(first - t0)
-    if tokens > 1:
-        stats["tpot"].append((last - first) / (tokens - 1))
+    stats["tokens"] += res.tokens
+    stats["ttft"].append(res.first - t0)
+    if res.tokens > 1:
+        stats["tpot"].append((res.last - res.first) / (res.tokens - 1))
 
 
 async def run_clients(url: str, clients: int, duration: float, max_tokens: int, api_key: str | None) -> dict:
     stats = {"requests": 0, "tokens": 0, "ttft": [], "tpot": [], "errors": []}
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as ac:
-        deadline = time.perf_counter() + duration
+    deadline = time.perf_counter() + duration
 
-        async def client(i: int):
+    async def client(i: int):
+        c = StreamClient(url, api_key)  # one keep-alive connection per client
+        try:
             k = 0
             while time.perf_counter() < deadline:
                 body = {"prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
                         "seed": i * 100003 + k, "stream": True, "stream_options": {"include_usage": True}}
-                await one_request(ac, body, stats)
+                await one_request(c, body, stats)
                 k += 1
+        finally:
+            c.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        stats["elapsed"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    stats["elapsed"] = time.perf_counter() - t0
     return stats
 
 
@@ -179,6 +149,8 @@ def main() -> int:
     counts = [int(c) for c in args.clients.split(",")]
     if any(c < 1 for c in counts) or args.duration <= 0:
         ap.error("--clients must be positive integers and --duration > 0")
+    if args.url and not args.url.startswith("http://"):
+        ap.error("--url must be http:// (the load client speaks plain HTTP/1.1)")
 
     tmp = None
     if args.random_model:
@@ -227,7 +199,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, s in rows:
         tps = s["tokens"] / s["elapsed"]
-        print(f"| {n} | {s['requests']} | {s['requests'] / s['elapsed']:.1f} | {tps:.0f} | {tps / base:.2f}x | "
+        print(f"| {n} | {s['requests']} | {s['requests'] / s['elapsed']:.1f} | {tps:.0f} | {f'{tps / base:.2f}x' if base else 'n/a'} | "
               f"{percentile(s['ttft'], .5) * 1e3:.1f} | {percentile(s['ttft'], .99) * 1e3:.1f} | "
               f"{percentile(s['tpot'], .5) * 1e3:.2f} | {percentile(s['tpot'], .99) * 1e3:.2f} | "
               f"{len(s['errors'])} | {s['rss'] if s['rss'] is not None else float('nan'):.1f} |")

@@ -3,7 +3,6 @@ choice) through the engine and answers with JSON or server-sent events, formatte
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import List
@@ -16,7 +15,8 @@ from .engine import EngineClosed, QueueFull
 from .engine import Request as EngineRequest
 from .engine import SamplingOptions
 from .server_protocol import APIError, GenParams, bad
-from .server_state import ServerState, _json, _record
+from .server_sse import ChunkFormat, sse
+from .server_state import ResponseInbox, ServerState, _json, _record
 
 
 def _budget(state: ServerState, p: GenParams, n_prompt: int, param: str) -> int:
@@ -46,10 +46,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _sse(obj) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
-
-
 class _Choice:
     __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "error", "completion_tokens", "offset")
 
@@ -77,7 +73,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
         raise bad(f"This request asks for {n_total} sequences; this server runs at most "
                   f"{state.max_batch + state.max_queue} at once.", "n", "invalid_value")
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    inbox = ResponseInbox()
     items = []
     seed = p.sampling["seed"]
     for pi, ids in enumerate(p.prompt_ids):
@@ -93,11 +89,11 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
             push = state.dispatcher.push
             if p.stream:
                 def listener(chunk, idx=idx):
-                    push(loop, queue, (idx, chunk))
+                    push(loop, inbox, (idx, chunk))
             else:
                 def listener(chunk, idx=idx):
                     if chunk.finish_reason is not None:
-                        push(loop, queue, (idx, chunk))
+                        push(loop, inbox, (idx, chunk))
             items.append((req, True, listener))
     try:
         handles = engine.enqueue(items)
@@ -126,7 +122,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                 if not h.done:
                     h.cancel()
             finish_record()
-        return _SSEResponse(_stream(state, kind, p, rid, created, handles, choices, queue, prompt_tokens),
+        return _SSEResponse(_stream(state, kind, p, rid, created, handles, choices, inbox, prompt_tokens),
                             on_close)
 
     # Non-streaming: wait for every choice, or for the client to go away.
@@ -134,13 +130,13 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     try:
         remaining = len(handles)
         while remaining:
-            get = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
+            take = asyncio.ensure_future(inbox.take())
+            done, _ = await asyncio.wait({take, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if take not in done:
+                take.cancel()
                 rec["disconnected"] = True
                 return Response(status_code=499)
-            remaining -= 1
+            remaining -= len(take.result())
     finally:
         disconnect.cancel()
         for h in handles:
@@ -198,59 +194,44 @@ class _SSEResponse(StreamingResponse):
             self._on_close()
 
 
-async def _stream(state, kind, p, rid, created, handles, choices, queue, prompt_tokens):
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_tokens):
     tok = state.tokenizer
-    name = state.model_name
-
-    def chunk(choice_list, usage=None):
-        d = {"id": rid, "object": obj, "created": created, "model": name, "choices": choice_list}
-        if p.include_usage:
-            d["usage"] = usage
-        return _sse(d)
-
+    fmt = ChunkFormat(rid, kind, created, state.model_name, p.include_usage)
     try:
         if kind == "chat":
-            yield "".join(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}]) for i in range(len(handles)))
+            yield "".join(fmt.frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}]) for i in range(len(handles)))
         remaining = len(handles)
         while remaining:
-            batch = [await queue.get()]
-            while not queue.empty():
-                batch.append(queue.get_nowait())
             out = []
-            for idx, c in batch:
+            for idx, c in await inbox.take():
                 ch = choices[idx]
                 if c.finish_reason is not None:
                     remaining -= 1
                     if c.finish_reason in ("error", "cancelled"):
                         msg = c.error or "the request was cancelled by the server"
-                        out.append(_sse({"error": {"message": f"Generation failed: {msg}", "type": "server_error",
-                                                   "param": None, "code": "engine_error"}}))
+                        out.append(sse({"error": {"message": f"Generation failed: {msg}", "type": "server_error",
+                                                  "param": None, "code": "engine_error"}}))
                         continue
-                lp = None
-                if ch.logprobs is not None and c.logprobs:
-                    if kind == "chat":
-                        lp = chat_logprobs(tok, c.logprobs)
-                    else:
-                        lp = completion_logprobs(tok, c.logprobs, ch.offset)
-                        ch.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                if not c.text and lp is None and c.finish_reason is None:
+                if ch.logprobs is None or not c.logprobs:
+                    if c.text or c.finish_reason is not None:
+                        out.append(fmt.text(idx, c.text, c.finish_reason))
                     continue
                 if kind == "chat":
+                    lp = chat_logprobs(tok, c.logprobs)
                     delta = {"content": c.text} if c.text else {}
-                    out.append(chunk([{"index": idx, "delta": delta, "logprobs": lp,
-                                       "finish_reason": c.finish_reason}]))
+                    out.append(fmt.frame([{"index": idx, "delta": delta, "logprobs": lp,
+                                           "finish_reason": c.finish_reason}]))
                 else:
-                    out.append(chunk([{"index": idx, "text": c.text, "logprobs": lp,
-                                       "finish_reason": c.finish_reason}]))
+                    lp = completion_logprobs(tok, c.logprobs, ch.offset)
+                    ch.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                    out.append(fmt.frame([{"index": idx, "text": c.text, "logprobs": lp,
+                                           "finish_reason": c.finish_reason}]))
             if out:
                 yield "".join(out)
         if p.include_usage:
             completion_tokens = sum(h._req.completion_tokens for h in handles)
-            d = {"id": rid, "object": obj, "created": created, "model": name, "choices": [],
-                 "usage": _usage(prompt_tokens, completion_tokens)}
-            yield _sse(d)
+            yield fmt.frame([], _usage(prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
     finally:
         # Client gone (the response task is cancelled) or done: free every sequence still running.

@@ -2,17 +2,69 @@
 do not clash) and the per-request JSON log line."""
 from __future__ import annotations
 
+import bisect
 import json
 import logging
-from typing import Callable, Optional
+import math
+import threading
+import time
+from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the server)
+from prometheus_client import metrics as prometheus_metrics
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger("llamas.server")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class BatchHistogram:
+    """A Prometheus histogram fed a whole sequence's values at once, exposed exactly as
+    prometheus_client's Histogram (buckets, count, sum, created). For the inter-token latency,
+    one value per generated token: Histogram.observe takes ~1.2 us per value in the engine thread
+    (two locks and a linear scan of the buckets); this takes one bisect per value and one lock
+    per sequence."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry):
+        self._name = name
+        self._documentation = documentation
+        self._bounds = sorted(float(b) for b in buckets)
+        if self._bounds[-1] != math.inf:
+            self._bounds.append(math.inf)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._created = time.time()
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds, counts = self._bounds, self._counts
+        total = 0.0
+        with self._lock:
+            for v in values:
+                counts[bisect.bisect_left(bounds, v)] += 1  # the first bucket with v <= its bound
+                total += v
+            self._sum += total
+
+    def describe(self):
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+    def collect(self):
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, n in zip(self._bounds, counts):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))
+        family = HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)
+        if getattr(prometheus_metrics, "_use_created", True):  # as Histogram: off with PROMETHEUS_DISABLE_CREATED_SERIES
+            family.samples.append(Sample(self._name + "_created", {}, self._created))
+        yield family
 
 
 class ServerMetrics:
@@ -26,8 +78,8 @@ class ServerMetrics:
                                  ["finish_reason"], registry=r)
         self.ttft = Histogram("llamas_time_to_first_token_seconds", "Time from arrival to the first token",
                               buckets=_LATENCY, registry=r)
-        self.itl = Histogram("llamas_inter_token_latency_seconds", "Time between consecutive tokens of a sequence",
-                             buckets=_ITL, registry=r)
+        self.itl = BatchHistogram("llamas_inter_token_latency_seconds",
+                                  "Time between consecutive tokens of a sequence", _ITL, r)
         self.e2e = Histogram("llamas_e2e_request_latency_seconds", "Time from arrival to the last token",
                              buckets=_LATENCY, registry=r)
         self.queue = Histogram("llamas_request_queue_time_seconds", "Time waiting before admission to the batch",
@@ -60,8 +112,7 @@ class ServerMetrics:
             self.queue.observe(st.queue_time)
         if st.time_to_first_token is not None:
             self.ttft.observe(st.time_to_first_token)
-        for d in st.inter_token_latencies:
-            self.itl.observe(d)
+        self.itl.observe_many(st.inter_token_latencies)
         if st.e2e_latency is not None:
             self.e2e.observe(st.e2e_latency)
 

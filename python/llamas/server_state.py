@@ -3,6 +3,7 @@ request guards (auth, readiness, model name, body size), the engine-to-event-loo
 the small response helpers the routes and generation share."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -23,14 +24,17 @@ log = logging.getLogger("llamas.server")
 
 
 class _Dispatcher:
-    """Hands chunks from the engine thread to event-loop queues with one loop wake-up per engine
+    """Hands chunks from the engine thread to event-loop inboxes with one loop wake-up per engine
     step (call_soon_threadsafe writes to a pipe; once per chunk costs more than the chunk)."""
 
     def __init__(self):
-        self._pending: dict = {}   # loop -> [(asyncio.Queue, item)]; touched by the engine thread only
+        self._pending: dict = {}   # loop -> [(ResponseInbox, item)]; touched by the engine thread only
 
-    def push(self, loop, queue, item) -> None:
-        self._pending.setdefault(loop, []).append((queue, item))
+    def push(self, loop, inbox, item) -> None:
+        items = self._pending.get(loop)
+        if items is None:
+            items = self._pending[loop] = []
+        items.append((inbox, item))
 
     def flush(self) -> None:
         if not self._pending:
@@ -44,8 +48,36 @@ class _Dispatcher:
 
 
 def _deliver(items) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+    for inbox, item in items:
+        inbox.put(item)
+
+
+class ResponseInbox:
+    """What the engine produced for one HTTP response, delivered on the event loop. Lighter than
+    asyncio.Queue (one waiter, no size limit, `take` returns everything at once): it is touched
+    once per token, 16 times per engine step at 16 clients."""
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self):
+        self._items: list = []
+        self._waiter: Optional[asyncio.Future] = None
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list:
+        """Waits for at least one item; returns all that arrived, oldest first."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
 
 
 class ServerState:

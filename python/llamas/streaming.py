@@ -11,6 +11,7 @@ class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self._tokenizer = tokenizer
         self._stop = [s for s in stop if s]
+        self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
         self._emitted = 0          # characters of the decoded text already handed out
         # With a byte-level tokenizer, ids[:_base] decode to _base_text, which ends on a whole
@@ -31,7 +32,7 @@ class TextStream:
                 self._base, self._base_text = len(self._ids), text
         else:
             text = self._tokenizer.decode(self._ids)
-        cut = self._find_stop(text)
+        cut = self._find_stop(text) if self._stop else None
         if cut is not None:
             self.stopped = True
             self.text = text[:cut]
@@ -41,7 +42,8 @@ class TextStream:
         safe = len(text)
         while safe > self._emitted and text[safe - 1] == REPLACEMENT:
             safe -= 1
-        safe = min(safe, len(text) - self._stop_prefix_overlap(text))
+        if self._stop:
+            safe = min(safe, len(text) - self._stop_prefix_overlap(text))
         self.text = text
         return self._take(text, safe)
 
@@ -61,7 +63,7 @@ class TextStream:
     def _find_stop(self, text: str) -> Optional[int]:
         best = None
         # A stop string can only newly appear near the end; search from what could overlap it.
-        start = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
+        start = max(0, self._emitted - self._longest_stop)
         for s in self._stop:
             i = text.find(s, start)
             if i != -1 and (best is None or i < best):
