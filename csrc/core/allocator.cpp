@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <new>
 #include <unordered_map>
@@ -15,6 +16,7 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 constexpr size_t kMinClass = 64;
+constexpr size_t kReuseLimit = 2;  // a cached block serves requests down to half its class
 // Classes are powers of two split into 4 steps (64, 80, 96, 112, 128, 160, ...): at most 25%
 // waste, and a bounded number of free lists (4 per doubling).
 size_t round_to_class(size_t bytes) {
@@ -43,7 +45,7 @@ void* system_allocate(size_t cls) {
 
 struct CachingAllocator {
   std::mutex mutex;
-  std::unordered_map<size_t, std::vector<void*>> free_lists;  // class -> blocks
+  std::map<size_t, std::vector<void*>> free_lists;             // class -> blocks, ordered
   std::unordered_map<void*, size_t> live;                      // block -> class
   MemoryStats stats;
 
@@ -52,13 +54,19 @@ struct CachingAllocator {
     std::lock_guard<std::mutex> lock(mutex);
     stats.allocations++;
     void* ptr = nullptr;
-    auto it = free_lists.find(cls);
-    if (it != free_lists.end() && !it->second.empty()) {
+    // A cached block of this class or of one up to kReuseLimit times larger: with only exact
+    // classes, a server's changing batch shapes kept touching new classes (its cache grew
+    // 19.9 -> 25.8 MiB over the first ~1,500 requests while peak use stayed flat).
+    for (auto it = free_lists.lower_bound(cls); it != free_lists.end() && it->first <= cls * kReuseLimit; ++it) {
+      if (it->second.empty()) continue;
       ptr = it->second.back();
       it->second.pop_back();
+      cls = it->first;
       stats.cache_hits++;
       stats.bytes_cached -= static_cast<int64_t>(cls);
-    } else {
+      break;
+    }
+    if (!ptr) {
       ptr = system_allocate(cls);
       if (!ptr) {
         release_cached_locked();
