@@ -242,6 +242,18 @@ def test_memory_stats_track_allocations():
     assert after["peak_bytes_in_use"] >= after["bytes_in_use"]
 
 
+def test_cached_blocks_serve_requests_down_to_half_their_size():
+    # Sizes no other test uses: a cached 3 x 7001 float32 output (84 KB, class 96 KiB) serves the
+    # outputs of classes 80, 56 and 48 KiB, so a server's shifting batch shapes reuse blocks
+    # instead of reserving new ones.
+    a = rand(3, 16)
+    llamas.ops.matmul(a, rand(16, 7001))
+    reserved = llamas.memory_stats()["bytes_reserved"]
+    for n in (6000, 4500, 3700):
+        np.testing.assert_allclose(llamas.ops.matmul(a, b := rand(16, n)), a @ b, rtol=1e-5, atol=1e-5)
+        assert llamas.memory_stats()["bytes_reserved"] == reserved, n
+
+
 def test_unknown_kernel_variant_is_refused():
     with pytest.raises(llamas.LlamasError, match="not available"):
         ops.set_kernel_variant("avx9000")
