@@ -1,9 +1,13 @@
 #pragma once
-// GEMM, written once against Vec. Two paths, bit-identical by construction (each C element is one
-// FMA chain over k ascending, started from the bias, 0 or C):
-//  - small M (decode: 1..kSmallM rows): stream B once, rows of C stay in L1; bandwidth-bound.
-//  - packed (prefill, training): BLIS-style blocking. A is packed into kGemmRows-row panels, B into
-//    KC x NC blocks of NR = 2W-column panels; a kGemmRows x NR register tile accumulates over KC.
+// GEMM, written once against Vec. Every path computes each C element as one FMA chain over k
+// ascending, started from the bias, 0 or C, so all are bit-identical:
+//  - B as stored, (K, N) or (N, K):
+//    - small M (1..kSmallM rows): stream B once, rows of C stay in L1; bandwidth-bound.
+//    - packed (prefill, training): BLIS-style blocking. A is packed into kGemmRows-row panels, B
+//      into KC x NC blocks of NR = 2W-column panels; a kGemmRows x NR register tile accumulates
+//      over KC.
+//  - B in panels (BLayout::Panels, loaded models' weights): the packed path reads the panels in
+//    place, and up to kFewRowPanels row panels (decode, batched decode) run over all of K per tile.
 #include <cstring>
 #include <type_traits>
 
@@ -65,7 +69,7 @@ inline void gelu_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- small M, B stored (K, N): C[m, n] = fma chain over 4 rows of B at a time ------------------
+// ---- small M, B stored (K, N): C[m, n] = fma chain over 8 rows of B at a time ------------------
 template <typename BT>
 void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
   // kRows rows of B per pass: 8 concurrent row streams per thread keep enough cache-line misses
@@ -159,18 +163,19 @@ void small_m_nk(const GemmArgs& g, int64_t n0, int64_t n1) {
 }
 
 // ---- packed path ---------------------------------------------------------------------------------
-// One A panel: rows [row0, row0+MR) and k in [pc, pc+kc), stored [k][MR], zero-padded past M.
+// One A panel: rows [row0, row0+R) and k in [pc, pc+kc), stored [k][R], zero-padded past M.
+template <int R = kGemmRows>
 inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc, float* dst) {
-  const int rows = int(imin(kGemmRows, g.M - row0));
+  const int rows = int(imin(R, g.M - row0));
   for (int64_t k = 0; k < kc; ++k) {
-    float* d = dst + k * kGemmRows;
+    float* d = dst + k * R;
     if (g.a_trans) {  // A^T stored (K, M): each k is a contiguous run of the panel's rows
       const float* src = g.A + (pc + k) * g.lda + row0;
       for (int i = 0; i < rows; ++i) d[i] = src[i];
     } else {
       for (int i = 0; i < rows; ++i) d[i] = g.A[(row0 + i) * g.lda + pc + k];
     }
-    for (int i = rows; i < kGemmRows; ++i) d[i] = 0.f;
+    for (int i = rows; i < R; ++i) d[i] = 0.f;
   }
 }
 
@@ -182,10 +187,29 @@ void pack_a(const GemmArgs& g, float* Ap) {
   });
 }
 
+// W columns of the stored panels at column col (a multiple of W) and row k. A run past the last
+// panel (the second half of a 32-column AVX-512 tile over an odd panel count) reads the last
+// panel instead: those lanes are never stored.
+template <typename BT>
+inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
+  const int64_t p = imin(col / kPanelWidth, (g.N - 1) / kPanelWidth);
+  return static_cast<const BT*>(g.B) + (p * g.K + k) * kPanelWidth + col % kPanelWidth;
+}
+
 // Packs B[pc:pc+kc, jc:jc+nc] as panels of kNR columns, [panel][k][kNR], zero-padded past nc.
 template <typename BT>
 void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, float* Bp) {
   const BT* B = static_cast<const BT*>(g.B);
+  if (g.b_layout == BLayout::Panels) {
+    // Stored panels (bfloat16 here: float32 ones are read in place) are already contiguous runs
+    // of 16 columns; this only widens them, whole tiles at a time.
+    for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += Vec::W) {
+      const BT* src = panel_run<BT>(g, jc + j, pc);
+      float* dst = Bp + (j / kNR) * kc * kNR + j % kNR;
+      for (int64_t k = 0; k < kc; ++k) load_any(src + k * kPanelWidth).store(dst + k * kNR);
+    }
+    return;
+  }
   if (g.b_layout == BLayout::KN) {
     // Eight rows at a time, panel by panel: each panel gets 8 x 64 contiguous bytes, each source
     // row 64. Walking down a whole column panel touches a new page per row (ldb = 9 KiB at
@@ -293,19 +317,30 @@ inline const float* packed_run(const float* Bp, int64_t kc, int64_t j) {
   return Bp + (j / kNR) * kc * kNR + j % kNR;
 }
 
-// Columns [n0, n1) of C against all of A, packed beforehand (Ap).
+// Columns [n0, n1) of C against all of A, packed beforehand (Ap). Float32 panels are read in
+// place (a kc x 16 run of a panel stays in L1 under the row panels); any other B is packed (or,
+// for bfloat16 panels, widened) block by block first: widening inside the microkernel costs two
+// more instructions per B load and, with 12 accumulators, spills a register.
 template <typename BT>
 void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
-  ScratchBuffer Bp(static_cast<size_t>(kKC * kNC));
+  bool in_place = false;
+  if constexpr (std::is_same_v<BT, float>) in_place = g.b_layout == BLayout::Panels;
+  ScratchBuffer Bp(in_place ? 0 : static_cast<size_t>(kKC * kNC));
   for (int64_t jc = n0; jc < n1; jc += kNC) {
     int64_t nc = imin(kNC, n1 - jc);
     for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
       int64_t kc = imin(kKC, g.K - pc);
-      pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
-      for (int64_t ic = 0; ic < g.M; ic += kMC)
-        block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kNR,
-                           [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; },
-                           [&](int64_t j) { return packed_run(Bp.data, kc, j); });
+      auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; };
+      if (in_place) {
+        for (int64_t ic = 0; ic < g.M; ic += kMC)
+          block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth, a_panel,
+                             [&](int64_t j) { return panel_run<float>(g, jc + j, pc); });
+      } else {
+        pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
+        for (int64_t ic = 0; ic < g.M; ic += kMC)
+          block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kNR, a_panel,
+                             [&](int64_t j) { return packed_run(Bp.data, kc, j); });
+      }
       if (g.K == 0) break;
     }
   }
@@ -337,15 +372,6 @@ void packed_rows(const GemmArgs& g, int64_t m0, int64_t m1) {
 }
 
 // ---- Panels: B stored in the GEMM's own layout (ops::pack_panels) ----------------------------
-// W columns of the stored panels at column col (a multiple of W) and row k. A run past the last
-// panel (the second half of a 32-column AVX-512 tile over an odd panel count) reads the last
-// panel instead: those lanes are never stored.
-template <typename BT>
-inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
-  const int64_t p = imin(col / kPanelWidth, (g.N - 1) / kPanelWidth);
-  return static_cast<const BT*>(g.B) + (p * g.K + k) * kPanelWidth + col % kPanelWidth;
-}
-
 // Up to kGemmRows rows (decode, small batches): R = M rows exactly, so no FMA is spent on padding,
 // and each thread streams its columns' panels front to back, over all of K at once.
 template <typename BT, int R>
@@ -354,8 +380,7 @@ void panels_small_m(const GemmArgs& g) {
     if (g.M < R) return panels_small_m<BT, R - 1>(g);
   }
   ScratchBuffer Ap(static_cast<size_t>(R * (g.K > 0 ? g.K : 1)));
-  for (int64_t k = 0; k < g.K; ++k)
-    for (int i = 0; i < R; ++i) Ap.data[k * R + i] = g.a_trans ? g.A[k * g.lda + i] : g.A[i * g.lda + k];
+  pack_a_panel<R>(g, 0, 0, g.K, Ap.data);
   // One or two rows: tiles of 4 runs, so 4-8 independent FMA chains hide the FMA latency (2 chains
   // would cap a thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models).
   constexpr int kRuns = R <= 2 ? 4 : 2;
@@ -367,38 +392,6 @@ void panels_small_m(const GemmArgs& g) {
                                col, true, true);
     }
   });
-}
-
-// More rows: the packed path's blocking (A block in L2, a kc x 16 run of a panel in L1) without
-// packing float32 B. bfloat16 panels are widened once per block into a packed float32 block (a
-// contiguous conversion): widening inside the microkernel costs two more instructions per B load
-// and, with the 12 accumulators, spills a register.
-template <typename BT>
-void panels_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
-  constexpr bool kWiden = !std::is_same_v<BT, float>;
-  ScratchBuffer Bp(kWiden ? static_cast<size_t>(kKC * kNC) : 0);
-  for (int64_t jc = n0; jc < n1; jc += kNC) {
-    const int64_t nc = imin(kNC, n1 - jc);
-    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
-      const int64_t kc = imin(kKC, g.K - pc);
-      auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; };
-      if constexpr (kWiden) {
-        for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += Vec::W) {  // whole tiles
-          const BT* src = panel_run<BT>(g, jc + j, pc);
-          float* dst = Bp.data + (j / kNR) * kc * kNR + j % kNR;
-          for (int64_t k = 0; k < kc; ++k) load_any(src + k * kPanelWidth).store(dst + k * kNR);
-        }
-        for (int64_t ic = 0; ic < g.M; ic += kMC)
-          block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kNR, a_panel,
-                             [&](int64_t j) { return packed_run(Bp.data, kc, j); });
-      } else {
-        for (int64_t ic = 0; ic < g.M; ic += kMC)
-          block_tiles<BT>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth, a_panel,
-                          [&](int64_t j) { return panel_run<BT>(g, jc + j, pc); });
-      }
-      if (g.K == 0) break;
-    }
-  }
 }
 
 // A few register tiles of rows (a server's batched decode step: 7..24 sequences): A packed here in
@@ -424,18 +417,11 @@ void panels_few_rows(const GemmArgs& g) {
 }
 
 template <typename BT>
-void gemm_panels(const GemmArgs& g) {
-  if (g.M <= kGemmRows) return panels_small_m<BT, kGemmRows>(g);
-  if (g.M <= kFewRowPanels * kGemmRows) return panels_few_rows<BT>(g);
-  ScratchBuffer Ap(static_cast<size_t>((g.M + kGemmRows - 1) / kGemmRows * kGemmRows * (g.K > 0 ? g.K : 1)));
-  pack_a(g, Ap.data);
-  llamas::parallel_for(g.N, kNR, [&](int64_t n0, int64_t n1) { panels_columns<BT>(g, Ap.data, n0, n1); }, 2);
-}
-
-template <typename BT>
 void gemm_typed(const GemmArgs& g) {
-  if (g.b_layout == BLayout::Panels) return gemm_panels<BT>(g);
-  if (g.M <= kSmallM && !g.a_trans) {
+  if (g.b_layout == BLayout::Panels) {
+    if (g.M <= kGemmRows) return panels_small_m<BT, kGemmRows>(g);
+    if (g.M <= kFewRowPanels * kGemmRows) return panels_few_rows<BT>(g);
+  } else if (g.M <= kSmallM && !g.a_trans) {
     // 64 columns = a whole number of cache lines per thread range.
     llamas::parallel_for(g.N, 64, [&](int64_t n0, int64_t n1) {
       if (g.b_layout == BLayout::KN) small_m_kn<BT>(g, n0, n1);
@@ -446,8 +432,9 @@ void gemm_typed(const GemmArgs& g) {
   // Split rows for tall products whose B is small (weight gradients: M = 768..50257 against
   // K = B*T tokens): one range per thread, each packing its own A blocks and its own copy of B, so
   // A is read once instead of once per column range. With a long K (dlnf: K = 50257) re-packing
-  // all of B per range would cost more than sharing one packed A.
-  if (g.M > g.N && g.M >= 2 * g.K) {
+  // all of B per range would cost more than sharing one packed A. (Weights in panels are never
+  // tall: they meet activations, not activations' transposes.)
+  if (g.b_layout != BLayout::Panels && g.M > g.N && g.M >= 2 * g.K) {
     const int64_t threads = llamas::num_threads();
     const int64_t blocks = (g.M + kMC - 1) / kMC;
     llamas::parallel_for(blocks, (blocks + threads - 1) / threads, [&](int64_t b0, int64_t b1) {
