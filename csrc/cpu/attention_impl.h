@@ -122,22 +122,15 @@ struct RowGroup {
       for (int r = 0; r < nrows; ++r)
         for (int v = 0; v < kPvVecs; ++v) o[r][v].store(acc_out[r] + d + v * Vec::W);
     }
-    // The rest one register at a time; acc_out is padded to whole registers, so only the V loads
-    // need the lane count.
+    // The rest (head_dim not a multiple of kPvVecs registers) one register at a time; acc_out is
+    // padded to whole registers, so only the V loads need the lane count.
     for (; d < hd; d += Vec::W) {
       const int lanes = clamp_lanes(hd - d);
       Vec o[nrows];
       for (int r = 0; r < nrows; ++r) o[r] = Vec::load(acc_out[r] + d) * Vec::set1(corr[r]);
-      if (lanes == Vec::W) {
-        for (int j = 0; j < keys; ++j) {
-          Vec vj = Vec::load(vb + int64_t(j) * hd + d);
-          for (int r = 0; r < nrows; ++r) o[r] = Vec::fma(Vec::set1(probs[r][j]), vj, o[r]);
-        }
-      } else {
-        for (int j = 0; j < keys; ++j) {
-          Vec vj = Vec::load_partial(vb + int64_t(j) * hd + d, lanes);
-          for (int r = 0; r < nrows; ++r) o[r] = Vec::fma(Vec::set1(probs[r][j]), vj, o[r]);
-        }
+      for (int j = 0; j < keys; ++j) {
+        Vec vj = load_lanes(vb + int64_t(j) * hd + d, lanes);
+        for (int r = 0; r < nrows; ++r) o[r] = Vec::fma(Vec::set1(probs[r][j]), vj, o[r]);
       }
       for (int r = 0; r < nrows; ++r) o[r].store(acc_out[r] + d);
     }
