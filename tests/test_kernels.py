@@ -81,7 +81,6 @@ def test_linear_packed_panels_bit_identical(variant, layout, dtype, n):
         plain = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype)
         packed = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype, packed=True)
         np.testing.assert_array_equal(packed, plain)
-    assert np.array_equal(ops.unpacked_roundtrip(stored, layout), stored)
 
 
 def test_linear_packed_matches_numpy(variant):

@@ -34,6 +34,32 @@ uint16_t float_to_bf16(float f) {
   return uint16_t((bits + rounding) >> 16);
 }
 
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, 4);
+  return f;
+}
+
+// y = x @ B (+ bias) (GELU) for a float32 (M, K) x whose K the caller checked against B (N columns).
+Tensor run_linear(const Tensor& x, int64_t N, const void* B, bool b_bf16, BLayout layout, int64_t ldb,
+                  const Tensor* bias, bool gelu) {
+  if (bias) {
+    require_f32(*bias, "linear", "bias");
+    LLAMAS_CHECK(bias->numel() == N, "linear", "bias must have ", N, " elements, got ", bias->describe());
+  }
+  Tensor out = Tensor::empty({x.dim(0), N}, DType::F32);
+  GemmArgs g;
+  g.M = x.dim(0), g.N = N, g.K = x.dim(1);
+  g.A = x.data<float>(), g.lda = g.K;
+  g.B = B, g.b_bf16 = b_bf16, g.b_layout = layout, g.ldb = ldb;
+  g.bias = bias ? bias->data<float>() : nullptr;
+  g.C = out.data<float>(), g.ldc = N;
+  g.gelu = gelu;
+  gemm(g, x.device());
+  return out;
+}
+
 }  // namespace
 
 Tensor cast(const Tensor& src, DType dtype) {
@@ -54,10 +80,7 @@ Tensor cast(const Tensor& src, DType dtype) {
     const uint16_t* s = src.data<uint16_t>();
     float* d = dst.data<float>();
     parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        uint32_t bits = uint32_t(s[i]) << 16;
-        std::memcpy(&d[i], &bits, 4);
-      }
+      for (int64_t i = i0; i < i1; ++i) d[i] = bf16_to_float(s[i]);
     });
   }
   return dst;
@@ -76,36 +99,17 @@ Tensor linear(const Tensor& x, const Tensor& w, BLayout layout, const Tensor* bi
   LLAMAS_CHECK(x.ndim() == 2, "linear", "input must be 2-D (M, K), got ", x.describe());
   LLAMAS_CHECK(w.ndim() == 2 && (w.dtype() == DType::F32 || w.dtype() == DType::BF16), "linear",
                "weight must be a 2-D float32 or bfloat16 matrix, got ", w.describe());
-  int64_t M = x.dim(0), K = x.dim(1);
+  const int64_t K = x.dim(1);
   LLAMAS_CHECK(layout != BLayout::Panels, "linear", "panels are passed as a PackedMatrix");
   int64_t wk = layout == BLayout::KN ? w.dim(0) : w.dim(1);
   int64_t N = layout == BLayout::KN ? w.dim(1) : w.dim(0);
   LLAMAS_CHECK(wk == K, "linear", "input has ", K, " features but the weight expects ", wk,
                " (weight ", w.describe(), ")");
-  if (bias) {
-    require_f32(*bias, "linear", "bias");
-    LLAMAS_CHECK(bias->numel() == N, "linear", "bias must have ", N, " elements, got ", bias->describe());
-  }
-  Tensor out = Tensor::empty({M, N}, DType::F32);
-  GemmArgs g;
-  g.M = M, g.N = N, g.K = K;
-  g.A = x.data<float>(), g.lda = K;
-  g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16, g.b_layout = layout, g.ldb = w.dim(1);
-  g.bias = bias ? bias->data<float>() : nullptr;
-  g.C = out.data<float>(), g.ldc = N;
-  g.gelu = gelu;
-  gemm(g, x.device());
-  return out;
+  return run_linear(x, N, w.raw(), w.dtype() == DType::BF16, layout, w.dim(1), bias, gelu);
 }
 
 namespace {
 
-inline float bf16_to_float(uint16_t bits) {
-  uint32_t wide = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, 4);
-  return f;
-}
 template <typename Out> Out convert_to(float f);
 template <> inline float convert_to<float>(float f) { return f; }
 template <> inline uint16_t convert_to<uint16_t>(float f) { return float_to_bf16(f); }
@@ -166,41 +170,12 @@ PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype) {
   return p;
 }
 
-Tensor unpack_panels(const PackedMatrix& w, BLayout layout) {
-  LLAMAS_CHECK(w.defined() && layout != BLayout::Panels, "unpack_panels", "expects packed panels and a 2-D layout");
-  Tensor out = Tensor::empty(layout == BLayout::KN ? std::vector<int64_t>{w.K, w.N} : std::vector<int64_t>{w.N, w.K},
-                             w.dtype());
-  const size_t elem = dtype_size(w.dtype());
-  const uint8_t* src = static_cast<const uint8_t*>(w.data.raw());
-  uint8_t* dst = static_cast<uint8_t*>(out.raw());
-  for (int64_t k = 0; k < w.K; ++k)
-    for (int64_t n = 0; n < w.N; ++n) {
-      const int64_t from = ((n / kPanelWidth) * w.K + k) * kPanelWidth + n % kPanelWidth;
-      const int64_t to = layout == BLayout::KN ? k * w.N + n : n * w.K + k;
-      std::memcpy(dst + to * elem, src + from * elem, elem);
-    }
-  return out;
-}
-
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu) {
   require_f32(x, "linear", "input");
   require_cpu(x, "linear");
   LLAMAS_CHECK(w.defined(), "linear", "packed weight is empty");
   LLAMAS_CHECK(x.ndim() == 2 && x.dim(1) == w.K, "linear", "input must be (M, ", w.K, "), got ", x.describe());
-  if (bias) {
-    require_f32(*bias, "linear", "bias");
-    LLAMAS_CHECK(bias->numel() == w.N, "linear", "bias must have ", w.N, " elements, got ", bias->describe());
-  }
-  Tensor out = Tensor::empty({x.dim(0), w.N}, DType::F32);
-  GemmArgs g;
-  g.M = x.dim(0), g.N = w.N, g.K = w.K;
-  g.A = x.data<float>(), g.lda = w.K;
-  g.B = w.data.raw(), g.b_bf16 = w.dtype() == DType::BF16, g.b_layout = BLayout::Panels, g.ldb = w.K;
-  g.bias = bias ? bias->data<float>() : nullptr;
-  g.C = out.data<float>(), g.ldc = w.N;
-  g.gelu = gelu;
-  gemm(g, x.device());
-  return out;
+  return run_linear(x, w.N, w.data.raw(), w.dtype() == DType::BF16, BLayout::Panels, w.K, bias, gelu);
 }
 
 Tensor matmul(const Tensor& a, const Tensor& b) {
@@ -369,12 +344,7 @@ void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Te
       for (int64_t c = 0; c < C; ++c) dst[c] = add ? dst[c] + src[c] : src[c];
     } else {
       const uint16_t* src = table.data<uint16_t>() + row * C;
-      for (int64_t c = 0; c < C; ++c) {
-        uint32_t bits = uint32_t(src[c]) << 16;
-        float f;
-        std::memcpy(&f, &bits, 4);
-        dst[c] = add ? dst[c] + f : f;
-      }
+      for (int64_t c = 0; c < C; ++c) dst[c] = add ? dst[c] + bf16_to_float(src[c]) : bf16_to_float(src[c]);
     }
   };
   for (int64_t i = 0; i < n; ++i) {

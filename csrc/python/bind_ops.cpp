@@ -80,11 +80,6 @@ void init_ops(py::module_& m) {
   }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("gelu") = false,
      "x @ w (+ bias) (then GELU) with w from llamas.ops.pack.");
 
-  ops.def("unpacked_roundtrip", [](FloatArray w, const std::string& weight_layout) {
-    BLayout layout = parse_layout(weight_layout);
-    Tensor tw = view_of(w);
-    return without_gil([&] { return ops::unpack_panels(ops::pack_panels(tw, layout, DType::F32), layout); });
-  }, py::arg("w"), py::arg("weight_layout") = "in_out", "pack_panels then unpack_panels (a test hook).");
 
   ops.def("layernorm", [](FloatArray x, FloatArray w, FloatArray b, float eps) {
     Tensor tx = view_of(x), tw = view_of(w), tb = view_of(b);

@@ -18,7 +18,6 @@ attention = _ops.attention
 gelu = _ops.gelu
 softmax = _ops.softmax
 reference_matmul = _ops.reference_matmul
-unpacked_roundtrip = _ops.unpacked_roundtrip
 pack = _ops.pack
 PackedWeight = _ops.PackedWeight
 

@@ -29,8 +29,6 @@ struct PackedMatrix {
 // Packs a float32 or bfloat16 matrix stored (K, N) or (N, K) into panels of `dtype` (made once at
 // load: a GEMM over panels reads B as it is stored and never packs it again).
 PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype);
-// w back in (K, N) or (N, K) layout, in its dtype (for saving a model that holds only panels).
-Tensor unpack_panels(const PackedMatrix& w, BLayout layout);
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu);
 
 Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps);
