@@ -28,20 +28,20 @@ void GPT2Model::set_weights(GPT2Weights weights) {
 namespace {
 
 // y = x @ W (+ bias) (GELU) over `rows` rows: W's panels when the model was loaded, else W as
-// stored, (K, N) as Conv1D.
-void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, const ops::PackedMatrix& packed,
-                 const Tensor& bias, bool gelu, float* y) {
+// stored (`layout`: Conv1D matrices are (K, N), the tied lm_head (N, K)).
+void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayout layout,
+                 const ops::PackedMatrix& packed, const Tensor* bias, bool gelu, float* y) {
   GemmArgs g;
   g.M = rows, g.K = K;
   if (packed.defined()) {
     g.N = packed.N, g.B = packed.data.raw(), g.b_bf16 = packed.dtype() == DType::BF16;
     g.b_layout = BLayout::Panels, g.ldb = K;
   } else {
-    g.N = w.dim(1), g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16;
-    g.b_layout = BLayout::KN, g.ldb = w.dim(1);
+    g.N = layout == BLayout::KN ? w.dim(1) : w.dim(0), g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16;
+    g.b_layout = layout, g.ldb = w.dim(1);
   }
   g.A = x, g.lda = K;
-  g.bias = bias.data<float>();
+  g.bias = bias ? bias->data<float>() : nullptr;
   g.C = y, g.ldc = g.N;
   g.gelu = gelu;
   ops::gemm(g);
@@ -101,7 +101,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     if (l == 0) ops::layernorm_rows(xd, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C, c.layer_norm_epsilon);
     else ops::residual_layernorm_rows(xd, deltad, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C,
                                       c.layer_norm_epsilon);
-    linear_rows(lnd, R, C, w.attn_w, w.attn_p, w.attn_b, false, qkvd);
+    linear_rows(lnd, R, C, w.attn_w, BLayout::KN, w.attn_p, &w.attn_b, false, qkvd);
     {
       // One sequence per task: the transposed key writes touch a cache line per head dimension
       // (~0.5 ms a layer for 16 sequences on one core), and caches are per sequence, so no races.
@@ -125,11 +125,11 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       a.scale = scale;
     }
     ops::paged_attention(attn.data(), int(attn.size()));
-    linear_rows(attd, R, C, w.attn_proj_w, w.attn_proj_p, w.attn_proj_b, false, deltad);
+    linear_rows(attd, R, C, w.attn_proj_w, BLayout::KN, w.attn_proj_p, &w.attn_proj_b, false, deltad);
     ops::residual_layernorm_rows(xd, deltad, w.ln2_w.data<float>(), w.ln2_b.data<float>(), lnd, R, C,
                                  c.layer_norm_epsilon);
-    linear_rows(lnd, R, C, w.fc_w, w.fc_p, w.fc_b, true, fcd);
-    linear_rows(fcd, R, F, w.mlp_proj_w, w.mlp_proj_p, w.mlp_proj_b, false, deltad);
+    linear_rows(lnd, R, C, w.fc_w, BLayout::KN, w.fc_p, &w.fc_b, true, fcd);
+    linear_rows(fcd, R, F, w.mlp_proj_w, BLayout::KN, w.mlp_proj_p, &w.mlp_proj_b, false, deltad);
   }
   for (auto& ch : chunks) ch.cache->set_length(ch.cache->length() + ch.n);
 
@@ -148,17 +148,8 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   }
   ops::layernorm_rows(resid.data<float>(), weights_.lnf_w.data<float>(), weights_.lnf_b.data<float>(),
                       hidden.data<float>(), logit_rows, C, c.layer_norm_epsilon);
-  GemmArgs g;
-  g.M = logit_rows, g.N = V, g.K = C;
-  g.A = hidden.data<float>(), g.lda = C;
-  if (weights_.lm_head_p.defined()) {
-    g.B = weights_.lm_head_p.data.raw(), g.b_bf16 = weights_.lm_head_p.dtype() == DType::BF16;
-    g.b_layout = BLayout::Panels, g.ldb = C;
-  } else {
-    g.B = weights_.wte.raw(), g.b_bf16 = weights_.wte.dtype() == DType::BF16, g.b_layout = BLayout::NK, g.ldb = C;
-  }
-  g.C = logits, g.ldc = V;
-  ops::gemm(g);
+  linear_rows(hidden.data<float>(), logit_rows, C, weights_.wte, BLayout::NK, weights_.lm_head_p, nullptr, false,
+              logits);
 }
 
 Tensor GPT2Model::forward(const int32_t* ids, int64_t batch, int64_t T) {

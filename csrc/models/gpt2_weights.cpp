@@ -70,14 +70,12 @@ class WeightReader {
   Tensor get(const std::string& name, const std::vector<int64_t>& shape, DType dtype) {
     return ops::cast(get(name, shape), dtype);
   }
-  // Drops the mapping's resident pages under t (when t is a view of it): they read the file
-  // again if touched.
-  void release_pages(const Tensor& t) { file_.release_pages(t.raw(), t.nbytes()); }
-  // Packs a matrix, then drops the pages packing touched: without this they would stay resident
-  // beside the panels (RSS twice the weights at 124M while loading, ~950 MB).
+  // Packs a matrix, then drops the mapping's pages packing touched (when t is a view of it; they
+  // read the file again if touched): without this they would stay resident beside the panels
+  // (RSS twice the weights at 124M while loading, ~950 MB).
   ops::PackedMatrix pack(const Tensor& t, BLayout layout, DType dtype) {
     ops::PackedMatrix p = ops::pack_panels(t, layout, dtype);
-    release_pages(t);
+    file_.release_pages(t.raw(), t.nbytes());
     return p;
   }
 
