@@ -180,6 +180,15 @@ def test_cli_generate_matches_api(model):
     assert r.stdout.rstrip("\n") == model.generate("When shall we", max_new_tokens=12)
 
 
+def test_cli_kv_dtype_flag():
+    half_kv = llamas.load(TINY, kv_dtype="bfloat16")
+    r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "12", "--kv-dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == half_kv.generate("When shall we", max_new_tokens=12)
+    r = run_cli("generate", "--model", TINY, "hi", "--kv-dtype", "float16")
+    assert r.returncode == 2 and "--kv-dtype" in r.stderr
+
+
 def test_cli_help_info_bench_and_errors():
     for sub in ("generate", "info", "bench"):
         r = run_cli(sub, "--help")

@@ -180,6 +180,53 @@ def test_bfloat16_close_to_float32(case, model):
     assert agree.mean() >= 0.75, f"bf16 argmax agrees at only {agree.mean():.0%} of positions"
 
 
+def test_kv_dtype_defaults_to_the_weights_and_can_be_chosen(case, model):
+    assert model.kv_dtype == "float32"
+    assert llamas.load(case.folder, dtype="bfloat16").kv_dtype == "bfloat16"
+    # A float32 model with a bfloat16 cache: only keys and values are rounded, so its logits stay
+    # within the bfloat16 tolerance of the float32 ones, and differ from them.
+    half_kv = llamas.load(case.folder, kv_dtype="bfloat16")
+    assert (half_kv.dtype, half_kv.kv_dtype) == ("float32", "bfloat16")
+    got = half_kv.forward(case.input_ids).astype(np.float64)
+    diff = np.abs(got - case.logits.astype(np.float64))
+    assert 0 < diff.max() < 0.05 * case.scale
+    full_kv = llamas.load(case.folder, dtype="bfloat16", kv_dtype="float32")
+    assert full_kv.kv_dtype == "float32"
+    assert not np.array_equal(full_kv.forward(case.input_ids), llamas.load(case.folder, dtype="bfloat16").forward(case.input_ids))
+    with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32' or 'bfloat16'"):
+        llamas.load(case.folder, kv_dtype="float16")
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_decode_rows_equal_prefill_rows(case, kv_dtype):
+    # Decoding reads the keys and values the cache stored (rounded or not) exactly as a prefill
+    # over the same tokens does, so greedy decode is the argmax chain of one forward pass.
+    m = llamas.load(case.folder, dtype="bfloat16", kv_dtype=kv_dtype)
+    prompt = case.input_ids[0, :5].tolist()
+    out = m.generate(prompt, max_new_tokens=8)
+    logits = m.forward(np.array([prompt + out[:-1]], dtype=np.int32))[0]
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == out
+    # A batch equals each prompt alone.
+    prompts = [prompt, case.input_ids[1, :3].tolist()]
+    assert m.generate(prompts, max_new_tokens=6) == [m.generate(p, max_new_tokens=6) for p in prompts]
+
+
+def test_bfloat16_kv_cache_holds_half_the_bytes(case):
+    sizes = {}
+    for kv_dtype in ("float32", "bfloat16"):
+        m = llamas.load(case.folder, kv_dtype=kv_dtype)
+        seq = llamas._C.Sequence(m.config.to_native(), seed=0)
+        m._native.step([(seq, case.input_ids[0, :20].tolist(), True)])
+        sizes[kv_dtype] = (seq.kv_blocks, seq.kv_bytes)
+        # One model's cache cannot be continued by a model writing the other dtype.
+        other = llamas.load(case.folder, kv_dtype="bfloat16" if kv_dtype == "float32" else "float32")
+        with pytest.raises(llamas.LlamasError, match="KV cache holds"):
+            other._native.step([(seq, [1], True)])
+        seq.release()
+    assert sizes["float32"][0] == sizes["bfloat16"][0] > 0
+    assert sizes["float32"][1] == 2 * sizes["bfloat16"][1]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_save_keeps_the_checkpoint_values(case, tmp_path, dtype):
     # A loaded model computes from its packed panels; what it saves are the checkpoint's own

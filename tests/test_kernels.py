@@ -206,11 +206,47 @@ def test_attention_long_sequence(variant):
     assert np.abs(out - exact).max() <= 2 * naive_err + 1e-6
 
 
+def to_bf16(x):
+    """x rounded to bfloat16 (nearest, ties to even), back as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("t", [1, 3, 17, 33, 97])
+@pytest.mark.parametrize("d", [1, 24, 59, 64, 111])
+def test_attention_bfloat16_kv(variant, t, d):
+    """A bfloat16 KV cache: the kernel equals exact attention over k and v rounded to bfloat16
+    (the query and the arithmetic stay float32), within the float32 2x rule."""
+    b, h = 2, 3
+    q, k, v = rand(b, h, t, d, seed=27), rand(b, h, t, d, seed=28), rand(b, h, t, d, seed=29)
+    out = ops.attention(q, k, v, kv_dtype="bfloat16")
+    kr, vr = to_bf16(k), to_bf16(v)
+    exact = attention_ref(q, kr, vr)
+    naive_err = np.abs(attention_ref(q, kr, vr, np.float32) - exact).max()
+    assert np.abs(out - exact).max() <= 2 * naive_err + 1e-6
+    # ... and it is not the float32 cache's result (the rounding is really there) unless t == 1
+    # and v alone decides the output (then v's rounding still shows).
+    assert not np.array_equal(out, ops.attention(q, k, v))
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("t,d", [(1, 7), (19, 64), (40, 33)])
+def test_attention_against_reference_kernel(variant, kv_dtype, t, d):
+    """The tiled online-softmax kernel against the plain reference kernel on the same paged blocks."""
+    q, k, v = rand(2, 3, t, d, seed=30), rand(2, 3, t, d, seed=31), rand(2, 3, t, d, seed=32)
+    fast = ops.attention(q, k, v, kv_dtype=kv_dtype)
+    ref = ops.attention(q, k, v, kv_dtype=kv_dtype, reference=True)
+    np.testing.assert_allclose(fast, ref, rtol=2e-5, atol=2e-6)
+
+
 def test_attention_rejects_bad_input():
     with pytest.raises(llamas.LlamasError, match=r"\[attention\]"):
         ops.attention(rand(1, 2, 3, 4), rand(1, 2, 3, 4), rand(1, 2, 3, 5))
     with pytest.raises(llamas.LlamasError, match="head dimension"):
         ops.attention(rand(1, 1, 2, 300), rand(1, 1, 2, 300), rand(1, 1, 2, 300))
+    with pytest.raises(llamas.LlamasError, match="dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        ops.attention(rand(1, 1, 2, 4), rand(1, 1, 2, 4), rand(1, 1, 2, 4), kv_dtype="float16")
 
 
 def test_thread_count_does_not_change_results():

@@ -3,7 +3,8 @@
 // query row walks the key blocks in order with an online softmax (running max m, running sum l,
 // unnormalised output O), so the T x T score matrix never exists. A few query rows share each
 // key/value load; every row's arithmetic is the same whether it runs alone (decode) or in a group
-// (prefill), so decode and prefill give bit-identical rows.
+// (prefill), so decode and prefill give bit-identical rows. KV entries (KT) are float32 or bfloat16,
+// widened in registers as they are loaded.
 #include <cmath>
 
 #include "llamas/allocator.h"
@@ -22,7 +23,7 @@ constexpr int kMaxHeadDim = 256;
 // nrows is a template parameter so that the per-row accumulators stay in registers: with a
 // run-time row count GCC kept them on the stack and the P V loop ran at a third of its speed
 // (decode attention took 520 us per layer at 540 positions, 3.4x the bandwidth bound).
-template <int nrows>
+template <int nrows, typename KT>
 struct RowGroup {
   alignas(64) float qs[nrows][kMaxHeadDim];
   alignas(64) float acc_out[nrows][kMaxHeadDim + Vec::W];
@@ -47,16 +48,16 @@ struct RowGroup {
 
   void block(const AttentionArgs& a, int head, int64_t blk) {
     const int hd = a.head_dim;
-    const float* kt = a.k_blocks[blk] + int64_t(head) * hd * kKvBlockSize;
-    const float* vb = a.v_blocks[blk] + int64_t(head) * kKvBlockSize * hd;
+    const KT* kt = static_cast<const KT*>(a.k_blocks[blk]) + int64_t(head) * hd * kKvBlockSize;
+    const KT* vb = static_cast<const KT*>(a.v_blocks[blk]) + int64_t(head) * kKvBlockSize * hd;
     const int64_t blk_pos = blk * kKvBlockSize;
-    // The next block's keys and values for this head: two 4 KiB runs (head_dim 64) in blocks that
+    // The next block's keys and values for this head: two 4 KiB runs (head_dim 64, float32) in blocks that
     // lie far apart, too short for the hardware prefetcher to ramp up on; fetched during this
     // block's ~400 cycles of work instead of stalling the next one.
     if (blk + 1 < n_blocks) {
-      const float* next_k = a.k_blocks[blk + 1] + int64_t(head) * hd * kKvBlockSize;
-      const float* next_v = a.v_blocks[blk + 1] + int64_t(head) * kKvBlockSize * hd;
-      for (int64_t off = 0; off < int64_t(hd) * kKvBlockSize; off += 16)
+      const KT* next_k = static_cast<const KT*>(a.k_blocks[blk + 1]) + int64_t(head) * hd * kKvBlockSize;
+      const KT* next_v = static_cast<const KT*>(a.v_blocks[blk + 1]) + int64_t(head) * kKvBlockSize * hd;
+      for (int64_t off = 0; off < int64_t(hd) * kKvBlockSize; off += 64 / sizeof(KT))
         __builtin_prefetch(next_k + off), __builtin_prefetch(next_v + off);
     }
     // Scores: two partial sums over even and odd d hide the FMA latency.
@@ -66,7 +67,7 @@ struct RowGroup {
         for (int v = 0; v < kKeyVecs; ++v) s[r][p][v] = Vec::zero();
     auto score_dim = [&](int d, int parity) {
       Vec kv[kKeyVecs];
-      for (int v = 0; v < kKeyVecs; ++v) kv[v] = Vec::load(kt + d * kKvBlockSize + v * Vec::W);
+      for (int v = 0; v < kKeyVecs; ++v) kv[v] = load_any(kt + d * kKvBlockSize + v * Vec::W);
       for (int r = 0; r < nrows; ++r) {
         Vec qd = Vec::set1(qs[r][d]);
         for (int v = 0; v < kKeyVecs; ++v) s[r][parity][v] = Vec::fma(qd, kv[v], s[r][parity][v]);
@@ -113,7 +114,7 @@ struct RowGroup {
         for (int v = 0; v < kPvVecs; ++v) o[r][v] = Vec::load(acc_out[r] + d + v * Vec::W) * Vec::set1(corr[r]);
       for (int j = 0; j < keys; ++j) {
         Vec vj[kPvVecs];
-        for (int v = 0; v < kPvVecs; ++v) vj[v] = Vec::load(vb + int64_t(j) * hd + d + v * Vec::W);
+        for (int v = 0; v < kPvVecs; ++v) vj[v] = load_any(vb + int64_t(j) * hd + d + v * Vec::W);
         for (int r = 0; r < nrows; ++r) {
           const Vec p = Vec::set1(probs[r][j]);
           for (int v = 0; v < kPvVecs; ++v) o[r][v] = Vec::fma(p, vj[v], o[r][v]);
@@ -129,7 +130,7 @@ struct RowGroup {
       Vec o[nrows];
       for (int r = 0; r < nrows; ++r) o[r] = Vec::load(acc_out[r] + d) * Vec::set1(corr[r]);
       for (int j = 0; j < keys; ++j) {
-        Vec vj = load_lanes(vb + int64_t(j) * hd + d, lanes);
+        Vec vj = lanes == Vec::W ? load_any(vb + int64_t(j) * hd + d) : load_any_partial(vb + int64_t(j) * hd + d, lanes);
         for (int r = 0; r < nrows; ++r) o[r] = Vec::fma(Vec::set1(probs[r][j]), vj, o[r]);
       }
       for (int r = 0; r < nrows; ++r) o[r].store(acc_out[r] + d);
@@ -149,9 +150,9 @@ struct RowGroup {
   }
 };
 
-template <int nrows>
+template <int nrows, typename KT>
 void attention_rows(const AttentionArgs& a, int head, int64_t t0) {
-  RowGroup<nrows> g;
+  RowGroup<nrows, KT> g;
   g.init(a, head, t0);
   for (int64_t blk = 0; blk < g.n_blocks; ++blk) g.block(a, head, blk);
   g.finish(a, head, t0);
@@ -160,16 +161,25 @@ void attention_rows(const AttentionArgs& a, int head, int64_t t0) {
 // One query row (decode) over heads [h0, h1), blocks outermost: a thread then reads each block's
 // keys, then values, for its heads as one contiguous run (6 heads of 64: 24 KiB) instead of one
 // 4 KiB run per head and block. Per head the arithmetic is attention_rows<1>'s, bit for bit.
+template <typename KT>
 void attention_heads(const AttentionArgs& a, int h0, int h1, int64_t t) {
   constexpr int kHeadsTogether = 8;  // 8 states of ~2.2 KiB on the stack
   for (int hb = h0; hb < h1; hb += kHeadsTogether) {
     const int n = h1 - hb < kHeadsTogether ? h1 - hb : kHeadsTogether;
-    RowGroup<1> g[kHeadsTogether];
+    RowGroup<1, KT> g[kHeadsTogether];
     for (int i = 0; i < n; ++i) g[i].init(a, hb + i, t);
     for (int64_t blk = 0; blk < g[0].n_blocks; ++blk)
       for (int i = 0; i < n; ++i) g[i].block(a, hb + i, blk);
     for (int i = 0; i < n; ++i) g[i].finish(a, hb + i, t);
   }
+}
+
+// Query rows [t0, t0 + kAttnRows) of one head, or the rows left at the end one at a time.
+template <typename KT>
+void attention_group(const AttentionArgs& a, int head, int64_t t0) {
+  if (a.n_query - t0 >= kAttnRows) attention_rows<kAttnRows, KT>(a, head, t0);
+  else
+    for (int64_t t = t0; t < a.n_query; ++t) attention_rows<1, KT>(a, head, t);
 }
 
 void attention(const AttentionArgs* seqs, int n_seqs) {
@@ -192,12 +202,13 @@ void attention(const AttentionArgs* seqs, int n_seqs) {
       int64_t t0 = (local % groups) * kAttnRows;
       if (a.n_query == 1) {  // decode: this range's run of heads of this sequence together
         const int64_t run_end = imin(i1, first_item[s + 1]);
-        attention_heads(a, head, head + int(run_end - item), 0);
+        if (a.kv_bf16) attention_heads<uint16_t>(a, head, head + int(run_end - item), 0);
+        else attention_heads<float>(a, head, head + int(run_end - item), 0);
         item = run_end - 1;
-      } else if (a.n_query - t0 >= kAttnRows) {
-        attention_rows<kAttnRows>(a, head, t0);
+      } else if (a.kv_bf16) {
+        attention_group<uint16_t>(a, head, t0);
       } else {
-        for (int64_t t = t0; t < a.n_query; ++t) attention_rows<1>(a, head, t);
+        attention_group<float>(a, head, t0);
       }
     }
   });

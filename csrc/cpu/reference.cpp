@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include "llamas/bfloat16.h"
+
 namespace llamas {
 namespace cpu {
 namespace reference {
@@ -13,11 +15,7 @@ static float b_at(const GemmArgs& g, int64_t k, int64_t n) {
   int64_t idx = g.b_layout == BLayout::KN   ? k * g.ldb + n
                 : g.b_layout == BLayout::NK ? n * g.ldb + k
                                             : ((n / kPanelWidth) * g.K + k) * kPanelWidth + n % kPanelWidth;
-  if (!g.b_bf16) return static_cast<const float*>(g.B)[idx];
-  uint32_t bits = uint32_t(static_cast<const uint16_t*>(g.B)[idx]) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return g.b_bf16 ? bf16_to_float(static_cast<const uint16_t*>(g.B)[idx]) : static_cast<const float*>(g.B)[idx];
 }
 
 void gemm(const GemmArgs& g) {
@@ -34,6 +32,11 @@ void gemm(const GemmArgs& g) {
     }
 }
 
+// Entry i of a KV block of either dtype.
+static float kv_entry(const void* block, int64_t i, bool bf16) {
+  return bf16 ? bf16_to_float(static_cast<const uint16_t*>(block)[i]) : static_cast<const float*>(block)[i];
+}
+
 void attention(const AttentionArgs& a) {
   const int hd = a.head_dim;
   for (int64_t t = 0; t < a.n_query; ++t) {
@@ -43,9 +46,10 @@ void attention(const AttentionArgs& a) {
       std::vector<float> scores(pos + 1);
       float max_score = -INFINITY;
       for (int64_t j = 0; j <= pos; ++j) {
-        const float* kt = a.k_blocks[j / kKvBlockSize] + int64_t(h) * hd * kKvBlockSize + j % kKvBlockSize;
+        const void* kb = a.k_blocks[j / kKvBlockSize];
+        const int64_t k0 = int64_t(h) * hd * kKvBlockSize + j % kKvBlockSize;
         float s = 0.f;
-        for (int d = 0; d < hd; ++d) s += q[d] * kt[d * kKvBlockSize];
+        for (int d = 0; d < hd; ++d) s += q[d] * kv_entry(kb, k0 + d * kKvBlockSize, a.kv_bf16);
         scores[j] = s * a.scale;
         max_score = std::fmax(max_score, scores[j]);
       }
@@ -54,8 +58,9 @@ void attention(const AttentionArgs& a) {
       float* out = a.out + t * a.out_stride + int64_t(h) * hd;
       for (int d = 0; d < hd; ++d) out[d] = 0.f;
       for (int64_t j = 0; j <= pos; ++j) {
-        const float* v = a.v_blocks[j / kKvBlockSize] + (int64_t(h) * kKvBlockSize + j % kKvBlockSize) * hd;
-        for (int d = 0; d < hd; ++d) out[d] += scores[j] / total * v[d];
+        const void* vb = a.v_blocks[j / kKvBlockSize];
+        const int64_t v0 = (int64_t(h) * kKvBlockSize + j % kKvBlockSize) * hd;
+        for (int d = 0; d < hd; ++d) out[d] += scores[j] / total * kv_entry(vb, v0 + d, a.kv_bf16);
       }
     }
   }

@@ -13,10 +13,17 @@ namespace llamas {
 Sequence::Sequence(const GPT2Config& c, const SamplingParams& params, uint64_t seed)
     : cache(int(c.n_layer), int(c.n_head), int(c.n_embd / c.n_head), c.n_positions), sampler(params, seed) {}
 
-GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights) : config_(config), weights_(std::move(weights)) {
+GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights)
+    : config_(config), weights_(std::move(weights)), kv_dtype_(weights_.dtype) {
   config_.validate();
   LLAMAS_CHECK(int64_t(weights_.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights_.layers.size(),
                " layers, config says ", config_.n_layer);
+}
+
+void GPT2Model::set_kv_dtype(DType dtype) {
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "gpt2", "kv_dtype must be float32 or bfloat16, got ",
+               dtype_name(dtype));
+  kv_dtype_ = dtype;
 }
 
 void GPT2Model::set_weights(GPT2Weights weights) {
@@ -57,6 +64,9 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     LLAMAS_CHECK(ch.n > 0, "gpt2", "a sequence chunk must have at least one token");
     LLAMAS_CHECK(ch.cache->length() + ch.n <= c.n_positions, "gpt2", "sequence of ", ch.cache->length() + ch.n,
                  " tokens exceeds the context length ", c.n_positions);
+    LLAMAS_CHECK(ch.cache->blocks() == 0 || ch.cache->dtype() == kv_dtype_, "gpt2", "this sequence's KV cache holds ",
+                 dtype_name(ch.cache->dtype()), " entries but the model writes ", dtype_name(kv_dtype_),
+                 " (a sequence started with a model of another kv_dtype)");
     for (int64_t i = 0; i < ch.n; ++i)
       LLAMAS_CHECK(ch.tokens[i] >= 0 && ch.tokens[i] < V, "gpt2", "token id ", ch.tokens[i],
                    " is out of range [0, ", V, ")");
@@ -78,6 +88,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     for (size_t s = 0; s < chunks.size(); ++s) {
       first_row[s] = row;
       const int64_t start = chunks[s].cache->length();
+      if (chunks[s].cache->blocks() == 0) chunks[s].cache->set_dtype(kv_dtype_);
       chunks[s].cache->reserve(start + chunks[s].n);
       for (int64_t i = 0; i < chunks[s].n; ++i, ++row) {
         ids.data<int32_t>()[row] = chunks[s].tokens[i];
@@ -122,6 +133,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       a.out = attd + first_row[s] * C, a.out_stride = C;
       a.k_blocks = chunks[s].cache->key_blocks(int(l));
       a.v_blocks = chunks[s].cache->value_blocks(int(l));
+      a.kv_bf16 = chunks[s].cache->dtype() == DType::BF16;
       a.scale = scale;
     }
     ops::paged_attention(attn.data(), int(attn.size()));

@@ -81,6 +81,11 @@ class GPT2Model {
   const GPT2Config& config() const { return config_; }
   const GPT2Weights& weights() const { return weights_; }
   DType dtype() const { return weights_.dtype; }
+  // Entry type of the KV caches this model fills (default: the weights' dtype, so a bfloat16 model
+  // keeps a bfloat16 cache). A sequence's cache takes it when it starts; one already holding
+  // entries of another dtype is refused.
+  DType kv_dtype() const { return kv_dtype_; }
+  void set_kv_dtype(DType dtype);
   // Swaps in other weights for the same config (the trainer moves them into one flat buffer).
   // Not safe while another thread runs this model.
   void set_weights(GPT2Weights weights);
@@ -103,6 +108,7 @@ class GPT2Model {
 
   GPT2Config config_;
   GPT2Weights weights_;
+  DType kv_dtype_;
 };
 
 }  // namespace llamas

@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "cpu/kernel_table.h"
+#include "cpu/reference.h"
+#include "llamas/bfloat16.h"
 #include "llamas/cuda.h"
 #include "llamas/error.h"
 #include "llamas/parallel.h"
@@ -24,21 +26,6 @@ void require_f32(const Tensor& t, const char* op, const char* what) {
 
 void require_cpu(const Tensor& t, const char* op) {
   if (t.device() != Device::CPU) cuda_unavailable(op);
-}
-
-uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7F800000) == 0x7F800000 && (bits & 0x7FFFFF)) return uint16_t((bits >> 16) | 0x40);  // NaN
-  uint32_t rounding = 0x7FFF + ((bits >> 16) & 1);  // round to nearest, ties to even
-  return uint16_t((bits + rounding) >> 16);
-}
-
-inline float bf16_to_float(uint16_t bits) {
-  uint32_t wide = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, 4);
-  return f;
 }
 
 // y = x @ B (+ bias) (GELU) for a float32 (M, K) x whose K the caller checked against B (N columns).
@@ -269,12 +256,36 @@ void paged_attention(const AttentionArgs* seqs, int n_seqs, Device device) {
   cpu::kernels().attention(seqs, n_seqs);
 }
 
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+namespace {
+inline void put_entry(float* blocks, int64_t i, float x) { blocks[i] = x; }
+inline void put_entry(uint16_t* blocks, int64_t i, float x) { blocks[i] = float_to_bf16(x); }
+
+// k and v of batch element b, (H, T, D), into n_blocks paged KV blocks of entries T_.
+template <typename T_>
+void fill_kv_blocks(const float* kd, const float* vd, int64_t b, int64_t H, int64_t T, int64_t D, T_* kb, T_* vb) {
+  const int64_t block_entries = H * D * kKvBlockSize;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t src = ((b * H + h) * T + t) * D;
+      T_* kblk = kb + (t / kKvBlockSize) * block_entries;
+      T_* vblk = vb + (t / kKvBlockSize) * block_entries;
+      const int64_t slot = t % kKvBlockSize;
+      for (int64_t d = 0; d < D; ++d) {
+        put_entry(kblk, (h * D + d) * kKvBlockSize + slot, kd[src + d]);
+        put_entry(vblk, (h * kKvBlockSize + slot) * D + d, vd[src + d]);
+      }
+    }
+}
+}  // namespace
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dtype, bool reference) {
   const char* op = "attention";
   require_f32(q, op, "q");
   require_f32(k, op, "k");
   require_f32(v, op, "v");
   require_cpu(q, op);
+  LLAMAS_CHECK(kv_dtype == DType::F32 || kv_dtype == DType::BF16, op, "kv_dtype must be float32 or bfloat16, got ",
+               dtype_name(kv_dtype));
   LLAMAS_CHECK(q.ndim() == 4, op, "q must be (B, H, T, D), got ", q.describe());
   LLAMAS_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), op, "q, k, v shapes differ: ", q.describe(),
                ", ", k.describe(), ", ", v.describe());
@@ -283,36 +294,32 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   Tensor out = Tensor::empty(q.shape(), DType::F32);
   if (B * H * T == 0) return out;
   const int64_t n_blocks = (T + kKvBlockSize - 1) / kKvBlockSize;
-  const int64_t block_floats = H * D * kKvBlockSize;
+  const int64_t block_entries = H * D * kKvBlockSize;
+  const size_t entry_bytes = dtype_size(kv_dtype);
   // Re-lay q and out as (T, H*D) rows and k, v as paged blocks, per batch element.
   Tensor qrows = Tensor::empty({B, T, H * D}, DType::F32);
   Tensor orows = Tensor::empty({B, T, H * D}, DType::F32);
-  Tensor kblocks = Tensor::zeros({B, n_blocks, block_floats}, DType::F32);
-  Tensor vblocks = Tensor::zeros({B, n_blocks, block_floats}, DType::F32);
-  std::vector<const float*> kptr(B * n_blocks), vptr(B * n_blocks);
+  Tensor kblocks = Tensor::zeros({B, n_blocks, block_entries}, kv_dtype);
+  Tensor vblocks = Tensor::zeros({B, n_blocks, block_entries}, kv_dtype);
+  std::vector<const void*> kptr(B * n_blocks), vptr(B * n_blocks);
   std::vector<AttentionArgs> args(B);
   const float* qd = q.data<float>();
-  const float* kd = k.data<float>();
-  const float* vd = v.data<float>();
   for (int64_t b = 0; b < B; ++b) {
     float* qr = qrows.data<float>() + b * T * H * D;
-    float* kb = kblocks.data<float>() + b * n_blocks * block_floats;
-    float* vb = vblocks.data<float>() + b * n_blocks * block_floats;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t src = ((b * H + h) * T + t) * D;
-        float* kblk = kb + (t / kKvBlockSize) * block_floats;
-        float* vblk = vb + (t / kKvBlockSize) * block_floats;
-        const int64_t slot = t % kKvBlockSize;
-        for (int64_t d = 0; d < D; ++d) {
-          qr[t * H * D + h * D + d] = qd[src + d];
-          kblk[(h * D + d) * kKvBlockSize + slot] = kd[src + d];
-          vblk[(h * kKvBlockSize + slot) * D + d] = vd[src + d];
-        }
-      }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(qr + t * H * D + h * D, qd + ((b * H + h) * T + t) * D, D * sizeof(float));
+    char* kb = static_cast<char*>(kblocks.raw()) + b * n_blocks * block_entries * entry_bytes;
+    char* vb = static_cast<char*>(vblocks.raw()) + b * n_blocks * block_entries * entry_bytes;
+    if (kv_dtype == DType::BF16)
+      fill_kv_blocks(k.data<float>(), v.data<float>(), b, H, T, D, reinterpret_cast<uint16_t*>(kb),
+                     reinterpret_cast<uint16_t*>(vb));
+    else
+      fill_kv_blocks(k.data<float>(), v.data<float>(), b, H, T, D, reinterpret_cast<float*>(kb),
+                     reinterpret_cast<float*>(vb));
     for (int64_t i = 0; i < n_blocks; ++i) {
-      kptr[b * n_blocks + i] = kb + i * block_floats;
-      vptr[b * n_blocks + i] = vb + i * block_floats;
+      kptr[b * n_blocks + i] = kb + i * block_entries * entry_bytes;
+      vptr[b * n_blocks + i] = vb + i * block_entries * entry_bytes;
     }
     AttentionArgs& a = args[b];
     a.n_head = int(H), a.head_dim = int(D);
@@ -321,9 +328,13 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v) {
     a.out = orows.data<float>() + b * T * H * D, a.out_stride = H * D;
     a.k_blocks = kptr.data() + b * n_blocks;
     a.v_blocks = vptr.data() + b * n_blocks;
+    a.kv_bf16 = kv_dtype == DType::BF16;
     a.scale = 1.0f / std::sqrt(float(D));
   }
-  paged_attention(args.data(), int(B));
+  if (reference)
+    for (const AttentionArgs& a : args) cpu::reference::attention(a);
+  else
+    paged_attention(args.data(), int(B));
   float* od = out.data<float>();
   const float* orw = orows.data<float>();
   for (int64_t b = 0; b < B; ++b)

@@ -38,6 +38,12 @@ static DType model_dtype(const std::string& name) {
   fail("load", "dtype must be 'float32' or 'bfloat16', got '", name, "'");
 }
 
+static DType kv_dtype_of(const std::string& name) {
+  if (name == "float32") return DType::F32;
+  if (name == "bfloat16") return DType::BF16;
+  fail("load", "kv_dtype must be 'float32' or 'bfloat16', got '", name, "'");
+}
+
 void init_model(py::module_& m) {
   py::class_<Sequence>(m, "Sequence", "One sequence being generated: KV cache, tokens so far, sampler.")
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
@@ -65,6 +71,7 @@ void init_model(py::module_& m) {
                              "[(token id, log-probability)] of the most likely tokens at the last step.")
       .def_property_readonly("length", [](const Sequence& s) { return s.cache.length(); })
       .def_property_readonly("kv_blocks", [](const Sequence& s) { return s.cache.blocks(); })
+      .def_property_readonly("kv_bytes", [](const Sequence& s) { return s.cache.blocks() * s.cache.bytes_per_block(); })
       .def_property_readonly("tokens", [](const Sequence& s) { return s.tokens; })
       .def("release", [](Sequence& s) { s.cache.clear(); }, "Frees the KV cache now.");
 
@@ -78,6 +85,9 @@ void init_model(py::module_& m) {
            py::arg("config"), py::arg("weights_path"), py::arg("dtype") = "float32")
       .def_property_readonly("weight_bytes", [](const GPT2Model& m) { return m.weights().bytes(); })
       .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
+      .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },
+                    [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(kv_dtype_of(name)); },
+                    "Entry type of the KV caches it fills: 'float32' or 'bfloat16' (default: the weights' dtype).")
       .def("forward", [](GPT2Model& model, IntArray ids) {
         LLAMAS_CHECK(ids.ndim() == 2, "forward", "ids must be a 2-D (B, T) integer array, got ", ids.ndim(), " dims");
         Tensor out;

@@ -1,6 +1,7 @@
 #include "runtime/kv_cache.h"
 
 #include "llamas/allocator.h"
+#include "llamas/bfloat16.h"
 #include "llamas/error.h"
 
 namespace llamas {
@@ -10,46 +11,66 @@ std::atomic<int64_t> g_blocks_in_use{0};
 
 KvCache::KvCache(int n_layer, int n_head, int head_dim, int64_t max_positions)
     : n_layer_(n_layer), n_head_(n_head), head_dim_(head_dim), max_positions_(max_positions) {
-  layer_floats_ = size_t(n_head) * head_dim * kKvBlockSize;
-  block_floats_ = layer_floats_ * 2 * n_layer;
+  layer_entries_ = size_t(n_head) * head_dim * kKvBlockSize;
+  block_entries_ = layer_entries_ * 2 * n_layer;
   key_ptrs_.resize(n_layer);
   value_ptrs_.resize(n_layer);
 }
 
 KvCache::~KvCache() { clear(); }
 
+void KvCache::set_dtype(DType dtype) {
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "kv_cache", "KV cache entries must be float32 or bfloat16, got ",
+               dtype_name(dtype));
+  LLAMAS_CHECK(blocks_.empty() || dtype == dtype_, "kv_cache", "this KV cache holds ", dtype_name(dtype_),
+               " entries; it can only change dtype while empty (asked for ", dtype_name(dtype), ")");
+  dtype_ = dtype;
+}
+
 void KvCache::reserve(int64_t n) {
   LLAMAS_CHECK(n <= max_positions_, "kv_cache", "sequence of ", n, " positions exceeds the context length ",
                max_positions_);
   while (blocks() * kKvBlockSize < n) {
-    float* block = static_cast<float*>(cpu_allocate(block_floats_ * sizeof(float)));
+    char* block = static_cast<char*>(cpu_allocate(bytes_per_block()));
     blocks_.push_back(block);
     g_blocks_in_use.fetch_add(1, std::memory_order_relaxed);
+    const size_t layer_bytes = layer_entries_ * dtype_size(dtype_);
     for (int l = 0; l < n_layer_; ++l) {
-      key_ptrs_[l].push_back(block + (2 * l) * layer_floats_);
-      value_ptrs_[l].push_back(block + (2 * l + 1) * layer_floats_);
+      key_ptrs_[l].push_back(block + (2 * l) * layer_bytes);
+      value_ptrs_[l].push_back(block + (2 * l + 1) * layer_bytes);
+    }
+  }
+}
+
+namespace {
+inline void store_entry(float* dst, float x) { *dst = x; }
+inline void store_entry(uint16_t* dst, float x) { *dst = float_to_bf16(x); }
+}  // namespace
+
+template <typename T>
+void KvCache::write_typed(int layer, int64_t pos, const float* k, const float* v) {
+  T* kb = static_cast<T*>(const_cast<void*>(key_ptrs_[layer][pos / kKvBlockSize]));
+  T* vb = static_cast<T*>(const_cast<void*>(value_ptrs_[layer][pos / kKvBlockSize]));
+  const int64_t slot = pos % kKvBlockSize;
+  for (int h = 0; h < n_head_; ++h) {
+    const float* kh = k + h * head_dim_;
+    const float* vh = v + h * head_dim_;
+    T* kt = kb + size_t(h) * head_dim_ * kKvBlockSize + slot;
+    T* vrow = vb + (size_t(h) * kKvBlockSize + slot) * head_dim_;
+    for (int d = 0; d < head_dim_; ++d) {
+      store_entry(kt + d * kKvBlockSize, kh[d]);
+      store_entry(vrow + d, vh[d]);
     }
   }
 }
 
 void KvCache::write(int layer, int64_t pos, const float* k, const float* v) {
-  float* kb = const_cast<float*>(key_ptrs_[layer][pos / kKvBlockSize]);
-  float* vb = const_cast<float*>(value_ptrs_[layer][pos / kKvBlockSize]);
-  const int64_t slot = pos % kKvBlockSize;
-  for (int h = 0; h < n_head_; ++h) {
-    const float* kh = k + h * head_dim_;
-    const float* vh = v + h * head_dim_;
-    float* kt = kb + size_t(h) * head_dim_ * kKvBlockSize + slot;
-    float* vrow = vb + (size_t(h) * kKvBlockSize + slot) * head_dim_;
-    for (int d = 0; d < head_dim_; ++d) {
-      kt[d * kKvBlockSize] = kh[d];
-      vrow[d] = vh[d];
-    }
-  }
+  if (dtype_ == DType::BF16) write_typed<uint16_t>(layer, pos, k, v);
+  else write_typed<float>(layer, pos, k, v);
 }
 
 void KvCache::clear() {
-  for (float* b : blocks_) cpu_free(b);
+  for (void* b : blocks_) cpu_free(b);
   g_blocks_in_use.fetch_sub(blocks(), std::memory_order_relaxed);
   blocks_.clear();
   for (auto& v : key_ptrs_) v.clear();

@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR", help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight precision (bfloat16 halves the bytes read per token)")
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="KV-cache precision (default: same as --dtype; bfloat16 halves the cache's memory "
+                        "and the bytes attention reads per token)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -75,7 +78,7 @@ def _load(args):
     import llamas
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
-    return llamas.load(_model_path(args), dtype=args.dtype)
+    return llamas.load(_model_path(args), dtype=args.dtype, kv_dtype=args.kv_dtype)
 
 
 def cmd_generate(args) -> int:

@@ -51,13 +51,20 @@ class Model:
         return self._native.dtype
 
     @property
+    def kv_dtype(self) -> str:
+        """Entry type of the KV caches ('float32' or 'bfloat16'; the weights' dtype unless load
+        was given kv_dtype)."""
+        return self._native.kv_dtype
+
+    @property
     def weight_bytes(self) -> int:
         return self._native.weight_bytes
 
     def __repr__(self) -> str:
         c = self.config
         return (f"Model(gpt2, {c.num_parameters() / 1e6:.1f}M params, n_layer={c.n_layer}, n_embd={c.n_embd}, "
-                f"n_head={c.n_head}, vocab={c.vocab_size}, dtype={self.dtype}, path={self.path!r})")
+                f"n_head={c.n_head}, vocab={c.vocab_size}, dtype={self.dtype}, kv_dtype={self.kv_dtype}, "
+                f"path={self.path!r})")
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, folder: str) -> None:
@@ -216,14 +223,18 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shakespeare")
 
 
-def load(path: Optional[str] = None, dtype: str = "float32") -> Model:
+def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[str] = None) -> Model:
     """Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer files); with no
     path, the bundled Shakespeare model.
 
     float32 weights are memory-mapped, not copied; dtype="bfloat16" converts the matrices once
-    (halving the bytes each decoded token reads)."""
+    (halving the bytes each decoded token reads). kv_dtype ('float32' or 'bfloat16', default: the
+    same as dtype) is what the KV cache stores: bfloat16 halves its memory and the bytes attention
+    reads per token, at bfloat16 rounding of keys and values."""
     if dtype not in ("float32", "bfloat16"):
         raise LlamasError(f"[load] dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if kv_dtype is not None and kv_dtype not in ("float32", "bfloat16"):
+        raise LlamasError(f"[load] kv_dtype must be 'float32' or 'bfloat16' (or None: same as dtype), got {kv_dtype!r}")
     path = default_model_path() if path is None else os.fspath(path)
     if not os.path.isdir(path):
         raise LlamasError(f"[load] {path} is not a folder (expected a Hugging Face model folder)")
@@ -232,6 +243,8 @@ def load(path: Optional[str] = None, dtype: str = "float32") -> Model:
     if not os.path.exists(weights):
         raise LlamasError(f"[load] {weights} not found (only safetensors checkpoints are supported)")
     native = _C.GPT2Model(config.to_native(), weights, dtype)
+    if kv_dtype is not None:
+        native.kv_dtype = kv_dtype
     tokenizer = None
     if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
         tokenizer = Tokenizer.from_folder(path, config.eos_token_id)

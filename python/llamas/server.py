@@ -89,14 +89,16 @@ class _Observe:
 
 def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str] = None, max_batch: int = 16,
                max_queue: int = 256, max_tokens: Optional[int] = None, max_body_bytes: int = 1 << 20,
-               prefill_chunk: int = 128, dtype: str = "float32", chat_template: Optional[str] = None):
+               prefill_chunk: int = 128, dtype: str = "float32", kv_dtype: Optional[str] = None,
+               chat_template: Optional[str] = None):
     """The OpenAI-compatible ASGI app.
 
     model: a loaded `llamas.Model`, a model folder, or a function returning a Model (the last two
     load in a background thread; /health answers 503 until the model is ready). api_key: require `Authorization: Bearer KEY` (not on /health
     and /metrics). max_batch: sequences in the running batch; max_queue: sequences waiting for a
     place (more: 429). max_tokens: the largest max_tokens a request may ask (default: the context).
-    max_body_bytes: larger bodies get 413. chat_template: a jinja2 template overriding the model's.
+    max_body_bytes: larger bodies get 413. dtype, kv_dtype: as llamas.load's, when model is a
+    folder. chat_template: a jinja2 template overriding the model's.
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
     from fastapi import FastAPI
@@ -116,7 +118,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
 
         def load():
             import llamas
-            return llamas.load(path, dtype=dtype)
+            return llamas.load(path, dtype=dtype, kv_dtype=kv_dtype)
         state.load_async(load, path)
     elif callable(model):
         state.load_async(model, getattr(model, "__name__", "loader"))

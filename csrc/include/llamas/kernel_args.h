@@ -41,7 +41,7 @@ struct AdamWArgs {
 
 // KV cache blocks hold kKvBlockSize consecutive positions of one sequence, for every head:
 // keys transposed, [head][head_dim][kKvBlockSize] (a register of keys' scores per head_dim
-// step), values as [head][kKvBlockSize][head_dim].
+// step), values as [head][kKvBlockSize][head_dim]; entries float32 or bfloat16 (kv_bf16).
 constexpr int kKvBlockSize = 16;
 
 struct AttentionArgs {
@@ -52,8 +52,9 @@ struct AttentionArgs {
   int64_t q_stride = 0;
   float* out = nullptr;      // out[t * out_stride + h * head_dim + d]
   int64_t out_stride = 0;
-  const float* const* k_blocks = nullptr;  // block b holds positions [b*16, b*16+16)
-  const float* const* v_blocks = nullptr;
+  const void* const* k_blocks = nullptr;  // block b holds positions [b*16, b*16+16)
+  const void* const* v_blocks = nullptr;
+  bool kv_bf16 = false;                    // block entries are bfloat16 (else float32)
   float scale = 1.0f;
 };
 

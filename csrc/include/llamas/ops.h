@@ -47,7 +47,10 @@ void add_into(const float* a, const float* b, float* y, int64_t n, Device device
 void paged_attention(const AttentionArgs* seqs, int n_seqs, Device device = Device::CPU);
 // Causal self-attention on contiguous float32 q, k, v of shape (B, H, T, D): the same kernel as the
 // model's, over a temporary paged cache. Returns (B, H, T, D).
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v);
+// kv_dtype bfloat16 rounds k and v into bfloat16 blocks first, as a bfloat16 KV cache holds them;
+// reference runs the plain reference kernel instead (for tests).
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dtype = DType::F32,
+                 bool reference = false);
 
 // out[i] = wte[ids[i]] + wpe[positions[i]]; wte float32 or bfloat16, wpe float32 or bfloat16.
 void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Tensor& wte,

@@ -1,0 +1,25 @@
+#pragma once
+// bfloat16 <-> float32 scalar conversions (the top 16 bits of a float32): weights cast at load,
+// KV caches of bfloat16 models, reference kernels.
+#include <cstdint>
+#include <cstring>
+
+namespace llamas {
+
+// Round to nearest, ties to even; a NaN stays a (quiet) NaN instead of rounding to infinity.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7F800000) == 0x7F800000 && (bits & 0x7FFFFF)) return uint16_t((bits >> 16) | 0x40);
+  uint32_t rounding = 0x7FFF + ((bits >> 16) & 1);
+  return uint16_t((bits + rounding) >> 16);
+}
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, 4);
+  return f;
+}
+
+}  // namespace llamas
