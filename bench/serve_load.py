@@ -56,6 +56,18 @@ def rss_mib(pid: int | None) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process (all its threads), from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def percentile(values, q: float) -> float:
     if not values:
         return float("nan")
@@ -100,6 +112,10 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
     await asyncio.gather(*(client(i) for i in range(clients)))
     stats["elapsed"] = time.perf_counter() - t0
     return stats
+
+
+def per_token(cpu_s: float | None, tokens: int) -> str:
+    return "n/a" if cpu_s is None or not tokens else f"{cpu_s / tokens * 1e6:.0f}"
 
 
 def start_server(args) -> tuple:
@@ -176,7 +192,13 @@ def main() -> int:
         rows = []
         total_requests = 0
         for n in counts:
+            # CPU seconds per output token (server process; this load generator) do not depend on
+            # how much of the box other tenants take, unlike tokens/s.
+            cpu0, client0 = cpu_seconds(pid), time.process_time()
             s = asyncio.run(run_clients(url, n, args.duration, args.max_tokens, args.api_key))
+            cpu1 = cpu_seconds(pid)
+            s["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+            s["client_cpu"] = time.process_time() - client0
             total_requests += s["requests"]
             s["rss"] = rss_mib(pid)
             rows.append((n, s))
@@ -195,14 +217,15 @@ def main() -> int:
     print(f"max_tokens={args.max_tokens}, {args.duration:g} s per client count, streaming completions, "
           f"temperature 0.8")
     print("| clients | requests | req/s | output tok/s | vs first | TTFT p50 ms | TTFT p99 ms | "
-          "TPOT p50 ms | TPOT p99 ms | errors | RSS after MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "TPOT p50 ms | TPOT p99 ms | errors | server CPU us/token | client CPU us/token | RSS after MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, s in rows:
         tps = s["tokens"] / s["elapsed"]
         print(f"| {n} | {s['requests']} | {s['requests'] / s['elapsed']:.1f} | {tps:.0f} | {f'{tps / base:.2f}x' if base else 'n/a'} | "
               f"{percentile(s['ttft'], .5) * 1e3:.1f} | {percentile(s['ttft'], .99) * 1e3:.1f} | "
               f"{percentile(s['tpot'], .5) * 1e3:.2f} | {percentile(s['tpot'], .99) * 1e3:.2f} | "
-              f"{len(s['errors'])} | {s['rss'] if s['rss'] is not None else float('nan'):.1f} |")
+              f"{len(s['errors'])} | {per_token(s.get('server_cpu'), s['tokens'])} | "
+              f"{per_token(s['client_cpu'], s['tokens'])} | {s['rss'] if s['rss'] is not None else float('nan'):.1f} |")
     errors = [e for _, s in rows for e in s["errors"]]
     for e in sorted(set(errors))[:5]:
         print(f"  error: {e}")

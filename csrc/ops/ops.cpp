@@ -240,6 +240,12 @@ Tensor softmax(const Tensor& x) {
   return out;
 }
 
+void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, Device device) {
+  ProfileScope scope("softmax");
+  if (device != Device::CPU) cuda_unavailable("softmax");
+  cpu::kernels().softmax(x, y, rows, cols);
+}
+
 void add_into(const float* a, const float* b, float* y, int64_t n, Device device) {
   ProfileScope scope("add");
   if (device != Device::CPU) cuda_unavailable("add");

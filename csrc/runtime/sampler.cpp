@@ -5,6 +5,7 @@
 #include <unordered_map>
 
 #include "llamas/error.h"
+#include "llamas/ops.h"
 
 namespace llamas {
 
@@ -112,21 +113,21 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
     std::nth_element(ids.begin(), ids.begin() + p.top_k, ids.end(), better);
     n = p.top_k;
   }
-  float max_logit = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits[ids[i]]);
+  // Candidate weights p_i = softmax(logit_i / T) through the vectorised kernel (16 sequences x
+  // 4096 scalar exps were ~10% of a batched step of the bundled model); totals are summed in double.
+  std::vector<float> scaled(n), soft(n);
   const float inv_t = 1.0f / p.temperature;
-  std::vector<double> probs(n);
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    probs[i] = std::exp(double(logits[ids[i]] - max_logit) * inv_t);
-    total += probs[i];
-  }
-  // min-p: keep tokens with p >= min_p * p_max (p_max's unnormalised weight is exp(0) = 1).
+  for (int64_t i = 0; i < n; ++i) scaled[i] = logits[ids[i]] * inv_t;
+  ops::softmax_rows(scaled.data(), soft.data(), 1, n);
+  std::vector<double> probs(soft.begin(), soft.end());
+  double total = 0.0, p_max = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += probs[i], p_max = std::max(p_max, probs[i]);
+  // min-p: keep tokens with p >= min_p * p_max.
   if (p.min_p > 0.0f) {
     int64_t kept = 0;
     total = 0.0;
     for (int64_t i = 0; i < n; ++i)
-      if (probs[i] >= double(p.min_p)) {
+      if (probs[i] >= double(p.min_p) * p_max) {
         ids[kept] = ids[i];
         probs[kept] = probs[i];
         total += probs[kept++];
