@@ -81,7 +81,10 @@ def test_chunked_prefill_is_exact_and_does_not_stall_decoding(model):
 
 
 def test_cancel_frees_kv_memory_and_reports_cancelled(model):
-    with Engine(model, max_batch=2) as engine:
+    # 5 ms per step: 80 tokens take >= 0.4 s, so the cancel lands mid-stream even when this thread
+    # is descheduled for a while (the bare model finishes 80 tokens in ~50 ms).
+    slow = llamas.Model(SlowNative(model._native, 0.005), model.config, model.tokenizer, model.path)
+    with Engine(slow, max_batch=2) as engine:
         h = engine.submit(list(range(1, 40)), max_new_tokens=80)
         it = h.chunks(timeout=30)
         next(it)

