@@ -191,6 +191,9 @@ void attention(const AttentionArgs* seqs, int n_seqs) {
     int64_t groups = (seqs[s].n_query + kAttnRows - 1) / kAttnRows;
     first_item[s + 1] = first_item[s] + groups * seqs[s].n_head;
   }
+  // Several sequences (a server's batch): 4 ranges per thread, so a thread preempted by the event
+  // loop does not leave the other waiting. One sequence keeps one range of heads per thread.
+  const int pieces = n_seqs > 1 ? 4 : 1;
   llamas::parallel_for(first_item[n_seqs], 1, [&](int64_t i0, int64_t i1) {
     int s = 0;
     for (int64_t item = i0; item < i1; ++item) {
@@ -211,7 +214,7 @@ void attention(const AttentionArgs* seqs, int n_seqs) {
         attention_group<float>(a, head, t0);
       }
     }
-  });
+  }, pieces);
   llamas::cpu_free(first_item);
 }
 

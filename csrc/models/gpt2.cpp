@@ -133,7 +133,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
             const float* row = qkvd + (first_row[s] + i) * 3 * C;
             chunks[s].cache->write(int(l), positions[first_row[s] + i], row + C, row + 2 * C);
           }
-      });
+      }, 4);
     }
     for (size_t s = 0; s < chunks.size(); ++s) {
       AttentionArgs& a = attn[s];
@@ -221,7 +221,7 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
       out[i] = s.sampler.sample(logits.data<float>() + logit_row[i] * config_.vocab_size, config_.vocab_size, s.tokens,
                                 s.n_prompt);
     }
-  });
+  }, 4);
   return out;
 }
 
