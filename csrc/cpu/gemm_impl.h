@@ -189,26 +189,51 @@ void pack_a(const GemmArgs& g, float* Ap) {
 
 // W columns of the stored panels at column col (a multiple of W) and row k. A run past the last
 // panel (the second half of a 32-column AVX-512 tile over an odd panel count) reads the last
-// panel instead: those lanes are never stored.
+// panel instead: those lanes are never stored. bfloat16 rows are interleaved (bf16_panel_slot), so
+// for them this is the row of col's whole panel, read with load_bf16_panel.
 template <typename BT>
 inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
   const int64_t p = imin(col / kPanelWidth, (g.N - 1) / kPanelWidth);
-  return static_cast<const BT*>(g.B) + (p * g.K + k) * kPanelWidth + col % kPanelWidth;
+  const BT* row = static_cast<const BT*>(g.B) + (p * g.K + k) * kPanelWidth;
+  if constexpr (std::is_same_v<BT, uint16_t>) return row;
+  else return row + col % kPanelWidth;
+}
+
+// The RUNS registers of B at k step k: W columns per run pointer, or for bfloat16 panels one
+// whole interleaved panel row per kPanelWidth / W runs (tiles then start on panel boundaries).
+template <typename BT, int RUNS>
+inline void load_b_runs(const BT* const (&B)[RUNS], int64_t offset, Vec (&b)[RUNS]) {
+  if constexpr (std::is_same_v<BT, uint16_t>) {
+    constexpr int kPerPanel = int(kPanelWidth / Vec::W);
+    static_assert(RUNS % kPerPanel == 0, "bfloat16 panel tiles cover whole panels");
+    for (int j = 0; j < RUNS; j += kPerPanel) Vec::load_bf16_panel(B[j] + offset, b + j);
+  } else {
+    for (int j = 0; j < RUNS; ++j) b[j] = load_any(B[j] + offset);
+  }
 }
 
 // Packs B[pc:pc+kc, jc:jc+nc] as panels of kNR columns, [panel][k][kNR], zero-padded past nc.
 template <typename BT>
 void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, float* Bp) {
   const BT* B = static_cast<const BT*>(g.B);
-  if (g.b_layout == BLayout::Panels) {
-    // Stored panels (bfloat16 here: float32 ones are read in place) are already contiguous runs
-    // of 16 columns; this only widens them, whole tiles at a time.
-    for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += Vec::W) {
-      const BT* src = panel_run<BT>(g, jc + j, pc);
-      float* dst = Bp + (j / kNR) * kc * kNR + j % kNR;
-      for (int64_t k = 0; k < kc; ++k) load_any(src + k * kPanelWidth).store(dst + k * kNR);
+  if constexpr (std::is_same_v<BT, uint16_t>) {
+    if (g.b_layout == BLayout::Panels) {
+      // Stored bfloat16 panels (float32 ones are read in place) are already runs of 16 columns;
+      // this only widens them, a whole panel row at a time (jc is a multiple of kNR).
+      constexpr int kPerPanel = int(kPanelWidth / Vec::W);
+      for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += kPanelWidth) {
+        const BT* src = panel_run<BT>(g, jc + j, pc);
+        for (int64_t k = 0; k < kc; ++k) {
+          Vec row[kPerPanel];
+          Vec::load_bf16_panel(src + k * kPanelWidth, row);
+          for (int i = 0; i < kPerPanel; ++i) {
+            const int64_t col = j + i * Vec::W;
+            row[i].store(Bp + (col / kNR) * kc * kNR + col % kNR + k * kNR);
+          }
+        }
+      }
+      return;
     }
-    return;
   }
   if (g.b_layout == BLayout::KN) {
     // Eight rows at a time, panel by panel: each panel gets 8 x 64 contiguous bytes, each source
@@ -282,7 +307,7 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
     if constexpr (kStreamB)
       for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(B[j] + (k + kPrefetchRows) * ldbk);
     Vec b[RUNS];
-    for (int j = 0; j < RUNS; ++j) b[j] = load_any(B[j] + k * ldbk);
+    load_b_runs<BT, RUNS>(B, k * ldbk, b);
     const float* a = Ap + k * R;
     for (int i = 0; i < R; ++i) {
       Vec ai = Vec::set1(a[i]);
@@ -426,7 +451,8 @@ template <typename BT>
 void panels_few_rows(const GemmArgs& g) {
   // With 8-lane registers, 4-row x 3-register tiles when they pad fewer rows than 6 x 2 (16
   // sequences: 16 rows instead of 18), also one B load fewer per 12 FMAs (7 against 8).
-  if constexpr (Vec::W == 8 && kGemmRows == 6) {
+  // (24-column tiles straddle panels: float32 only, bfloat16 tiles load whole interleaved panels.)
+  if constexpr (Vec::W == 8 && kGemmRows == 6 && std::is_same_v<BT, float>) {
     if ((g.M + 3) / 4 * 4 < (g.M + 5) / 6 * 6) return panels_few_rows_tiled<BT, 4, 3>(g);
   }
   panels_few_rows_tiled<BT, kGemmRows, 2>(g);

@@ -14,7 +14,8 @@ namespace reference {
 static float b_at(const GemmArgs& g, int64_t k, int64_t n) {
   int64_t idx = g.b_layout == BLayout::KN   ? k * g.ldb + n
                 : g.b_layout == BLayout::NK ? n * g.ldb + k
-                                            : ((n / kPanelWidth) * g.K + k) * kPanelWidth + n % kPanelWidth;
+                                            : ((n / kPanelWidth) * g.K + k) * kPanelWidth +
+                                                  (g.b_bf16 ? bf16_panel_slot(n % kPanelWidth) : n % kPanelWidth);
   return g.b_bf16 ? bf16_to_float(static_cast<const uint16_t*>(g.B)[idx]) : static_cast<const float*>(g.B)[idx];
 }
 

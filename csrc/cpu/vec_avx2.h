@@ -30,6 +30,13 @@ struct Vec {
     for (int i = 0; i < n; ++i) tmp[i] = p[i];
     return load_bf16(tmp);
   }
+  // One interleaved bfloat16 panel row (see bf16_panel_slot): columns 0-7 are the low halves of
+  // the 32-bit lanes, 8-15 the high halves.
+  static void load_bf16_panel(const uint16_t* row, Vec* out) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+    out[0].v = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    out[1].v = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
+  }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store_partial(float* p, int n) const { _mm256_maskstore_ps(p, tail_mask(n), v); }
 

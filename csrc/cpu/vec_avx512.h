@@ -25,6 +25,11 @@ struct Vec {
   static Vec load_bf16_partial(const uint16_t* p, int n) {
     return widen_bf16(_mm256_maskz_loadu_epi16(tail_mask(n), p));
   }
+  // One interleaved bfloat16 panel row (see bf16_panel_slot) into one register, column c in lane c.
+  static void load_bf16_panel(const uint16_t* row, Vec* out) {
+    const __m512i slot = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    out[0].v = _mm512_permutexvar_ps(slot, load_bf16(row).v);
+  }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
 

@@ -40,6 +40,11 @@ struct Vec {
     for (int i = 0; i < n; ++i) r.v[i] = bf16_to_float(p[i]);
     return r;
   }
+  // One interleaved bfloat16 panel row (see bf16_panel_slot): columns 0-7 at the even slots,
+  // 8-15 at the odd ones.
+  static void load_bf16_panel(const uint16_t* row, Vec* out) {
+    for (int i = 0; i < W; ++i) out[0].v[i] = bf16_to_float(row[2 * i]), out[1].v[i] = bf16_to_float(row[2 * i + 1]);
+  }
   void store(float* p) const { std::memcpy(p, v, sizeof(v)); }
   void store_partial(float* p, int n) const {
     for (int i = 0; i < n; ++i) p[i] = v[i];

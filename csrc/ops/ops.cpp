@@ -5,6 +5,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernel_table.h"
@@ -104,7 +105,7 @@ template <typename Out> Out convert_to(uint16_t bits);
 template <> inline float convert_to<float>(uint16_t bits) { return bf16_to_float(bits); }
 template <> inline uint16_t convert_to<uint16_t>(uint16_t bits) { return bits; }
 
-// Panels [p0, p1) of p from src stored (K, N) or (N, K). (K, N): 8 panels at a time, k outer, so
+// Panels [p0, p1) of p from src stored (K, N) or (N, K) (bfloat16 rows interleaved). (K, N): 8 panels at a time, k outer, so
 // each source row is read 128 elements at a time, contiguously. (N, K): a panel is 16 source
 // rows, each read front to back.
 template <typename Src, typename Out>
@@ -112,6 +113,8 @@ void fill_panels(const Src* src, BLayout layout, const PackedMatrix& p, int64_t 
   Out* dst = p.data.data<Out>();
   auto panel_out = [&](int64_t panel) { return dst + panel * p.K * kPanelWidth; };
   auto panel_cols = [&](int64_t panel) { return std::min(kPanelWidth, p.N - panel * kPanelWidth); };
+  // Where a panel row keeps column j (bfloat16 rows are interleaved, see bf16_panel_slot).
+  auto slot = [](int64_t j) { return std::is_same_v<Out, uint16_t> ? bf16_panel_slot(j) : j; };
   for (int64_t panel = p0; panel < p1; ++panel)
     if (panel_cols(panel) < kPanelWidth) std::memset(panel_out(panel), 0, p.K * kPanelWidth * sizeof(Out));
   if (layout == BLayout::KN) {
@@ -120,14 +123,14 @@ void fill_panels(const Src* src, BLayout layout, const PackedMatrix& p, int64_t 
         for (int64_t panel = g0; panel < std::min(p1, g0 + 8); ++panel) {
           const Src* row = src + k * p.N + panel * kPanelWidth;
           Out* out = panel_out(panel) + k * kPanelWidth;
-          for (int64_t j = 0; j < panel_cols(panel); ++j) out[j] = convert_to<Out>(row[j]);
+          for (int64_t j = 0; j < panel_cols(panel); ++j) out[slot(j)] = convert_to<Out>(row[j]);
         }
     return;
   }
   for (int64_t panel = p0; panel < p1; ++panel)
     for (int64_t j = 0; j < panel_cols(panel); ++j) {
       const Src* row = src + (panel * kPanelWidth + j) * p.K;
-      Out* out = panel_out(panel) + j;
+      Out* out = panel_out(panel) + slot(j);
       for (int64_t k = 0; k < p.K; ++k) out[k * kPanelWidth] = convert_to<Out>(row[k]);
     }
 }

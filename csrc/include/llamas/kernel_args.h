@@ -11,6 +11,11 @@ namespace llamas {
 // share of B is then one contiguous stream (decode) and no GEMM packs B again (prefill).
 enum class BLayout : uint8_t { KN, NK, Panels };
 constexpr int64_t kPanelWidth = 16;
+// bfloat16 panels interleave each row's 16 columns: column c sits at slot 2 (c % 8) + c / 8, so
+// one 32-byte row load holds columns 0-7 in the low and 8-15 in the high halves of its 32-bit
+// lanes, and widening to float32 is one shift and one mask (AVX2) instead of two 16-to-32-bit
+// conversions and two shifts: decode streams bfloat16 weights with half the instructions.
+constexpr int64_t bf16_panel_slot(int64_t c) { return 2 * (c % 8) + c / 8; }
 
 struct GemmArgs {
   int64_t M = 0, N = 0, K = 0;
