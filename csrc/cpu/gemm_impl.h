@@ -278,16 +278,16 @@ void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, f
 // One R x (RUNS * W) tile of C over kc steps of k: A is a packed panel [k][R]; B is RUNS runs of W
 // columns with k stride ldbk (a packed block: Bp + j * W, kNR; Panels: columns of the stored
 // panels, 16). The main tile is 2 runs; decode's 1-2 rows take 4 so that 4-8 FMA chains overlap.
-// kStreamB: B streams from memory under several row panels (a batched decode step), so each panel
-// is prefetched kPrefetchRows k-steps (4 KiB) ahead: without it the B loads were the hottest
-// instruction of a 16-sequence step (bundled model: +10-17% tokens/s). Not for one or two rows:
+// kStreamB (a batched decode step: B streams from memory once, then serves several row panels from
+// L1): the caller passes the next tile's runs as `next`, and the first row panel's pass asks for
+// one of their k rows per k step, so the next tile's B (16-64 KiB) arrives while this tile's
+// other row panels run. (Prefetching the current runs 4 KiB ahead, as before, left the product
+// at ~8 GB/s from DRAM: 63-89 GFLOP/s against 99-117 with B in cache.) Not for one or two rows:
 // there the hardware prefetcher keeps up, and the extra instructions cost GPT-2 124M's batch-1
 // decode 12%.
-constexpr int64_t kPrefetchRows = 64;
-
 template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false>
 void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const (&B)[RUNS], int64_t ldbk, float* C,
-                int rows, int cols, int64_t col0, bool first, bool last) {
+                int rows, int cols, int64_t col0, bool first, bool last, const BT* const* next = nullptr) {
   Vec acc[R][RUNS];
   int lanes[RUNS];
   for (int j = 0; j < RUNS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
@@ -305,7 +305,8 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     if constexpr (kStreamB)
-      for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(B[j] + (k + kPrefetchRows) * ldbk);
+      if (next)
+        for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(next[j] + k * ldbk);
     Vec b[RUNS];
     load_b_runs<BT, RUNS>(B, k * ldbk, b);
     const float* a = Ap + k * R;
@@ -437,12 +438,16 @@ void panels_few_rows_tiled(const GemmArgs& g) {
   // cores, so a thread it preempts mid-product hands its remaining ranges to the other.
   constexpr int64_t kCols = RUNS * Vec::W;
   llamas::parallel_for(g.N, kCols, [&](int64_t n0, int64_t n1) {
+    const BT* runs[RUNS];
+    const BT* next[RUNS];
+    for (int j = 0; j < RUNS; ++j) next[j] = panel_run<BT>(g, n0 + j * Vec::W, 0);
     for (int64_t col = n0; col < n1; col += kCols) {
-      const BT* runs[RUNS];
-      for (int j = 0; j < RUNS; ++j) runs[j] = panel_run<BT>(g, col + j * Vec::W, 0);
+      for (int j = 0; j < RUNS; ++j) runs[j] = next[j], next[j] = panel_run<BT>(g, col + kCols + j * Vec::W, 0);
+      const bool more = col + kCols < n1;
       for (int64_t p = 0; p < panels; ++p)
         micro_tile<BT, R, RUNS, true>(g, g.K, Ap.data + p * R * g.K, runs, kPanelWidth, g.C + p * R * g.ldc + col,
-                                      int(imin(R, g.M - p * R)), int(imin(kCols, n1 - col)), col, true, true);
+                                      int(imin(R, g.M - p * R)), int(imin(kCols, n1 - col)), col, true, true,
+                                      p == 0 && more ? next : nullptr);
     }
   }, 4);
 }
