@@ -140,6 +140,7 @@ def cmd_bench(args) -> int:
         return args.gen_tokens / dt
 
     params = cfg.num_parameters()
+    dtype = model.dtype if model.kv_dtype == model.dtype else f"{model.dtype}, kv {model.kv_dtype}"
     print(f"| model | size | params | dtype | threads | test | t/s |")
     print(f"|---|---|---|---|---|---|---|")
     with llamas.profile() as prof:
@@ -151,7 +152,7 @@ def cmd_bench(args) -> int:
                 print(f"\r  {name}: repetition {r + 1}/{args.repetitions}", end="", file=sys.stderr, flush=True)
             print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
             sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-            print(f"| gpt2 | {model.weight_bytes / 2**20:.1f} MiB | {params / 1e6:.1f} M | {model.dtype} | "
+            print(f"| gpt2 | {model.weight_bytes / 2**20:.1f} MiB | {params / 1e6:.1f} M | {dtype} | "
                   f"{llamas.get_num_threads()} | {name} | {statistics.mean(rates):.2f} ± {sd:.2f} |", flush=True)
     if args.profile:
         print(prof.table(), file=sys.stderr)
