@@ -1,0 +1,158 @@
+#pragma once
+// The blocked GEMM (prefill, training): A packed into row panels, B packed block by block (or
+// read in place when it is already in float32 panels), register tiles over KC. Part of
+// gemm_impl.h.
+#include "cpu/gemm_tile_impl.h"
+
+namespace {
+
+// ---- packed path ---------------------------------------------------------------------------------
+// All of A, panel p at Ap + p * MR * K (so k block pc of it starts at + pc * MR).
+void pack_a(const GemmArgs& g, float* Ap) {
+  int64_t panels = (g.M + kGemmRows - 1) / kGemmRows;
+  llamas::parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) pack_a_panel(g, p * kGemmRows, 0, g.K, Ap + p * kGemmRows * g.K);
+  });
+}
+
+// Packs B[pc:pc+kc, jc:jc+nc] as panels of kNR columns, [panel][k][kNR], zero-padded past nc.
+template <typename BT>
+void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, float* Bp) {
+  const BT* B = static_cast<const BT*>(g.B);
+  if constexpr (std::is_same_v<BT, uint16_t>) {
+    if (g.b_layout == BLayout::Panels) {
+      // Stored bfloat16 panels (float32 ones are read in place) are already runs of 16 columns;
+      // this only widens them, a whole panel row at a time (jc is a multiple of kNR).
+      constexpr int kPerPanel = int(kPanelWidth / Vec::W);
+      for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += kPanelWidth) {
+        const BT* src = panel_run<BT>(g, jc + j, pc);
+        for (int64_t k = 0; k < kc; ++k) {
+          Vec row[kPerPanel];
+          Vec::load_bf16_panel(src + k * kPanelWidth, row);
+          for (int i = 0; i < kPerPanel; ++i) {
+            const int64_t col = j + i * Vec::W;
+            row[i].store(Bp + (col / kNR) * kc * kNR + col % kNR + k * kNR);
+          }
+        }
+      }
+      return;
+    }
+  }
+  if (g.b_layout == BLayout::KN) {
+    // Eight rows at a time, panel by panel: each panel gets 8 x 64 contiguous bytes, each source
+    // row 64. Walking down a whole column panel touches a new page per row (ldb = 9 KiB at
+    // N = 2304); writing one row across all panels hits 32 streams 16 KiB apart that alias in L1.
+    // Either took 12% of a 256x768x2304 product.
+    const int64_t padded = (nc + kNR - 1) / kNR * kNR;  // the last panel is zero-filled
+    for (int64_t k0 = 0; k0 < kc; k0 += 8) {
+      const int64_t k1 = imin(kc, k0 + 8);
+      for (int64_t j = 0; j < padded; j += Vec::W) {
+        const int cols = clamp_lanes(nc - j);  // 0 past nc
+        float* dst = Bp + (j / kNR) * kc * kNR + j % kNR;
+        for (int64_t k = k0; k < k1; ++k) {
+          const BT* src = B + (pc + k) * g.ldb + jc + j;
+          Vec v = cols == Vec::W ? load_any(src) : cols > 0 ? load_any_partial(src, cols) : Vec::zero();
+          v.store(dst + k * kNR);
+        }
+      }
+    }
+    return;
+  }
+  // B stored (N, K): W x W blocks transposed in registers.
+  for (int64_t jr = 0; jr < nc; jr += kNR) {
+    float* panel = Bp + (jr / kNR) * kc * kNR;
+    for (int half = 0; half < 2; ++half) {
+      int64_t col = jc + jr + half * Vec::W;
+      int cols = clamp_lanes(jc + nc - col);
+      for (int64_t k = 0; k < kc; k += Vec::W) {
+        int kk = clamp_lanes(kc - k);
+        Vec t[Vec::W];
+        for (int i = 0; i < Vec::W; ++i) {
+          const BT* src = B + (col + i) * g.ldb + pc + k;
+          t[i] = i >= cols ? Vec::zero() : (kk == Vec::W ? load_any(src) : load_any_partial(src, kk));
+        }
+        transpose_square(t);
+        for (int j = 0; j < kk; ++j) t[j].store(panel + (k + j) * kNR + half * Vec::W);
+      }
+    }
+  }
+}
+
+// Tiles of one B block (kc x nc at column jc) against rows [m0, m1) of A. a_panel(ir) gives A's
+// packed panel at k offset 0 of this block, b_run(j) the W columns at jc + j of B (k stride ldbk).
+template <typename BT, typename APanel, typename BRun>
+inline void block_tiles(const GemmArgs& g, int64_t kc, int64_t jc, int64_t nc, int64_t m0, int64_t m1, bool first,
+                        bool last, int64_t ldbk, APanel a_panel, BRun b_run) {
+  for (int64_t jr = 0; jr < nc; jr += kNR)
+    for (int64_t ir = m0; ir < m1; ir += kGemmRows) {
+      // The next tile's C rows (read at its start unless this is the first k block): fetched
+      // during this tile's kc FMA steps instead of stalling the next one's accumulators.
+      if (!first || g.accumulate)
+        for (int64_t i = ir + kGemmRows; i < imin(m1, ir + 2 * kGemmRows); ++i)
+          __builtin_prefetch(g.C + i * g.ldc + jc + jr), __builtin_prefetch(g.C + i * g.ldc + jc + jr + kNR - 1);
+      const BT* runs[2] = {b_run(jr), b_run(jr + Vec::W)};
+      micro_tile<BT>(g, kc, a_panel(ir), runs, ldbk, g.C + ir * g.ldc + jc + jr, int(imin(kGemmRows, g.M - ir)),
+                     int(imin(kNR, nc - jr)), jc + jr, first, last);
+    }
+}
+
+// W columns of a packed B block (kc x kNR panels) starting at block column j.
+inline const float* packed_run(const float* Bp, int64_t kc, int64_t j) {
+  return Bp + (j / kNR) * kc * kNR + j % kNR;
+}
+
+// Columns [n0, n1) of C against all of A, packed beforehand (Ap). Float32 panels are read in
+// place (a kc x 16 run of a panel stays in L1 under the row panels); any other B is packed (or,
+// for bfloat16 panels, widened) block by block first: widening inside the microkernel costs two
+// more instructions per B load and, with 12 accumulators, spills a register.
+template <typename BT>
+void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
+  bool in_place = false;
+  if constexpr (std::is_same_v<BT, float>) in_place = g.b_layout == BLayout::Panels;
+  ScratchBuffer Bp(in_place ? 0 : static_cast<size_t>(kKC * kNC));
+  for (int64_t jc = n0; jc < n1; jc += kNC) {
+    int64_t nc = imin(kNC, n1 - jc);
+    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
+      int64_t kc = imin(kKC, g.K - pc);
+      auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; };
+      if (in_place) {
+        for (int64_t ic = 0; ic < g.M; ic += kMC)
+          block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth, a_panel,
+                             [&](int64_t j) { return panel_run<float>(g, jc + j, pc); });
+      } else {
+        pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
+        for (int64_t ic = 0; ic < g.M; ic += kMC)
+          block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kNR, a_panel,
+                             [&](int64_t j) { return packed_run(Bp.data, kc, j); });
+      }
+      if (g.K == 0) break;
+    }
+  }
+}
+
+// Rows [m0, m1) of C against all of B: this range packs its own A blocks (kMC x kKC) and its own
+// copy of each B block, so tall products (weight gradients: M = 768..50257 rows against N = 768)
+// read A once instead of once per column range.
+template <typename BT>
+void packed_rows(const GemmArgs& g, int64_t m0, int64_t m1) {
+  ScratchBuffer Bp(static_cast<size_t>(kKC * kNC));
+  ScratchBuffer Ablock(static_cast<size_t>(kMC * kKC));
+  for (int64_t jc = 0; jc < g.N; jc += kNC) {
+    int64_t nc = imin(kNC, g.N - jc);
+    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
+      int64_t kc = imin(kKC, g.K - pc);
+      pack_b<BT>(g, pc, kc, jc, nc, Bp.data);
+      for (int64_t ic = m0; ic < m1; ic += kMC) {
+        int64_t mc = imin(kMC, m1 - ic);
+        for (int64_t ir = ic; ir < ic + mc; ir += kGemmRows)
+          pack_a_panel(g, ir, pc, kc, Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc);
+        block_tiles<float>(g, kc, jc, nc, ic, ic + mc, pc == 0, pc + kc >= g.K, kNR,
+                           [&](int64_t ir) { return Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc; },
+                           [&](int64_t j) { return packed_run(Bp.data, kc, j); });
+      }
+      if (g.K == 0) break;
+    }
+  }
+}
+
+}  // namespace

@@ -1,0 +1,156 @@
+#pragma once
+// The GEMM's building blocks, written once against Vec (see gemm_impl.h): constants, scratch
+// buffers, edge loads and stores, A panel packing, panel runs of B and the register-tile
+// microkernel every blocked path runs.
+#include <cstring>
+#include <type_traits>
+
+#include "llamas/allocator.h"
+#include "llamas/parallel.h"
+
+namespace {
+
+using llamas::BLayout;
+using llamas::GemmArgs;
+using llamas::kPanelWidth;
+
+constexpr int kNR = 2 * Vec::W;    // columns per register tile
+static_assert(kPanelWidth % Vec::W == 0, "a register's columns must lie in one stored panel");
+constexpr int64_t kKC = 256;       // packed B micro-panel: 256 x 2W floats = 16 KiB (AVX2), in L1
+constexpr int64_t kMC = 120;       // packed A block: 120 x 256 floats = 120 KiB, in L2
+constexpr int64_t kNC = 512;       // packed B block: 256 x 512 floats = 512 KiB, in L2/L3
+constexpr int64_t kSmallM = 8;     // at or below this many rows, stream B instead of packing it
+
+struct ScratchBuffer {
+  float* data = nullptr;
+  explicit ScratchBuffer(size_t floats) {
+    if (floats > 0) data = static_cast<float*>(llamas::cpu_allocate(floats * 4));
+  }
+  ~ScratchBuffer() {
+    if (data) llamas::cpu_free(data);
+  }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+};
+
+// Masked loads and stores are slow on AMD (VMASKMOVPS stores are microcoded): use them only for
+// the ragged edge of C, never for full registers.
+inline Vec load_lanes(const float* p, int lanes) {
+  return lanes == Vec::W ? Vec::load(p) : Vec::load_partial(p, lanes);
+}
+inline void store_lanes(float* p, Vec v, int lanes) {
+  if (lanes == Vec::W) v.store(p);
+  else if (lanes > 0) v.store_partial(p, lanes);
+}
+
+// C[m, n0:n1] = bias or 0 before the FMA chains start (not with accumulate).
+inline void init_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
+  if (g.accumulate) return;
+  for (int64_t m = 0; m < g.M; ++m) {
+    float* c = g.C + m * g.ldc;
+    if (g.bias) std::memcpy(c + n0, g.bias + n0, (n1 - n0) * sizeof(float));
+    else std::memset(c + n0, 0, (n1 - n0) * sizeof(float));
+  }
+}
+
+inline void gelu_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
+  if (!g.gelu) return;
+  for (int64_t m = 0; m < g.M; ++m) {
+    float* c = g.C + m * g.ldc;
+    int64_t n = n0;
+    for (; n + Vec::W <= n1; n += Vec::W) vgelu(Vec::load(c + n)).store(c + n);
+    if (n < n1) vgelu(Vec::load_partial(c + n, int(n1 - n))).store_partial(c + n, int(n1 - n));
+  }
+}
+
+// ---- A panels, B runs and the microkernel ----------------------------------------------------
+// One A panel: rows [row0, row0+R) and k in [pc, pc+kc), stored [k][R], zero-padded past M.
+template <int R = kGemmRows>
+inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc, float* dst) {
+  const int rows = int(imin(R, g.M - row0));
+  for (int64_t k = 0; k < kc; ++k) {
+    float* d = dst + k * R;
+    if (g.a_trans) {  // A^T stored (K, M): each k is a contiguous run of the panel's rows
+      const float* src = g.A + (pc + k) * g.lda + row0;
+      for (int i = 0; i < rows; ++i) d[i] = src[i];
+    } else {
+      for (int i = 0; i < rows; ++i) d[i] = g.A[(row0 + i) * g.lda + pc + k];
+    }
+    for (int i = rows; i < R; ++i) d[i] = 0.f;
+  }
+}
+
+// W columns of the stored panels at column col (a multiple of W) and row k. A run past the last
+// panel (the second half of a 32-column AVX-512 tile over an odd panel count) reads the last
+// panel instead: those lanes are never stored. bfloat16 rows are interleaved (bf16_panel_slot), so
+// for them this is the row of col's whole panel, read with load_bf16_panel.
+template <typename BT>
+inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
+  const int64_t p = imin(col / kPanelWidth, (g.N - 1) / kPanelWidth);
+  const BT* row = static_cast<const BT*>(g.B) + (p * g.K + k) * kPanelWidth;
+  if constexpr (std::is_same_v<BT, uint16_t>) return row;
+  else return row + col % kPanelWidth;
+}
+
+// The RUNS registers of B at k step k: W columns per run pointer, or for bfloat16 panels one
+// whole interleaved panel row per kPanelWidth / W runs (tiles then start on panel boundaries).
+template <typename BT, int RUNS>
+inline void load_b_runs(const BT* const (&B)[RUNS], int64_t offset, Vec (&b)[RUNS]) {
+  if constexpr (std::is_same_v<BT, uint16_t>) {
+    constexpr int kPerPanel = int(kPanelWidth / Vec::W);
+    static_assert(RUNS % kPerPanel == 0, "bfloat16 panel tiles cover whole panels");
+    for (int j = 0; j < RUNS; j += kPerPanel) Vec::load_bf16_panel(B[j] + offset, b + j);
+  } else {
+    for (int j = 0; j < RUNS; ++j) b[j] = load_any(B[j] + offset);
+  }
+}
+
+// One R x (RUNS * W) tile of C over kc steps of k: A is a packed panel [k][R]; B is RUNS runs of W
+// columns with k stride ldbk (a packed block: Bp + j * W, kNR; Panels: columns of the stored
+// panels, 16). The main tile is 2 runs; decode's 1-2 rows take 4 so that 4-8 FMA chains overlap.
+// kStreamB (a batched decode step: B streams from memory once, then serves several row panels from
+// L1): the caller passes the next tile's runs as `next`, and the first row panel's pass asks for
+// one of their k rows per k step, so the next tile's B (16-64 KiB) arrives while this tile's
+// other row panels run. (Prefetching the current runs 4 KiB ahead, as before, left the product
+// at ~8 GB/s from DRAM: 63-89 GFLOP/s against 99-117 with B in cache.) Not for one or two rows:
+// there the hardware prefetcher keeps up, and the extra instructions cost GPT-2 124M's batch-1
+// decode 12%.
+template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false>
+void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const (&B)[RUNS], int64_t ldbk, float* C,
+                int rows, int cols, int64_t col0, bool first, bool last, const BT* const* next = nullptr) {
+  Vec acc[R][RUNS];
+  int lanes[RUNS];
+  for (int j = 0; j < RUNS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
+  if (first && !g.accumulate) {
+    for (int j = 0; j < RUNS; ++j) {
+      Vec start = g.bias ? load_lanes(g.bias + col0 + j * Vec::W, lanes[j]) : Vec::zero();
+      for (int i = 0; i < R; ++i) acc[i][j] = start;
+    }
+  } else {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < RUNS; ++j) acc[i][j] = i < rows ? load_lanes(C + i * g.ldc + j * Vec::W, lanes[j]) : Vec::zero();
+  }
+  // Four k steps per loop iteration: the pointer and counter updates of a rolled loop (~5 scalar
+  // instructions per 12 FMAs) cost the 6x16 tile ~10% (75 -> 83 GFLOP/s, one core, L1/L2 data).
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    if constexpr (kStreamB)
+      if (next)
+        for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(next[j] + k * ldbk);
+    Vec b[RUNS];
+    load_b_runs<BT, RUNS>(B, k * ldbk, b);
+    const float* a = Ap + k * R;
+    for (int i = 0; i < R; ++i) {
+      Vec ai = Vec::set1(a[i]);
+      for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < RUNS; ++j) {
+      Vec c = acc[i][j];
+      if (last && g.gelu) c = vgelu(c);
+      store_lanes(C + i * g.ldc + j * Vec::W, c, lanes[j]);
+    }
+}
+
+}  // namespace
