@@ -180,6 +180,13 @@ def test_cli_generate_matches_api(model):
     assert r.stdout.rstrip("\n") == model.generate("When shall we", max_new_tokens=12)
 
 
+def test_tiny_temperatures_sample_the_maximum(model):
+    # 1/T large (1e30) or overflowing (subnormal T) must still pick the most likely token, never NaN.
+    greedy = model.generate("When shall we", max_new_tokens=12)
+    for t in (1e-30, 1e-45):
+        assert model.generate("When shall we", max_new_tokens=12, temperature=t, seed=3) == greedy
+
+
 def test_cli_kv_dtype_flag():
     half_kv = llamas.load(TINY, kv_dtype="bfloat16")
     r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "12", "--kv-dtype", "bfloat16")

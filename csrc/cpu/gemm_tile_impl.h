@@ -111,10 +111,11 @@ inline void load_b_runs(const BT* const (&B)[RUNS], int64_t offset, Vec (&b)[RUN
 // kStreamB (a batched decode step: B streams from memory once, then serves several row panels from
 // L1): the caller passes the next tile's runs as `next`, and the first row panel's pass asks for
 // one of their k rows per k step, so the next tile's B (16-64 KiB) arrives while this tile's
-// other row panels run. (Prefetching the current runs 4 KiB ahead, as before, left the product
-// at ~8 GB/s from DRAM: 63-89 GFLOP/s against 99-117 with B in cache.) Not for one or two rows:
-// there the hardware prefetcher keeps up, and the extra instructions cost GPT-2 124M's batch-1
-// decode 12%.
+// other row panels run. Without any prefetch the B loads were the hottest instruction of a
+// 16-sequence step; against prefetching the current runs 4 KiB ahead this measured the same or
+// a few % better, and 16-row products with B from DRAM still run at 63-89 GFLOP/s against 99-117
+// with B in cache. Not for one or two rows: there the hardware prefetcher keeps up, and the extra
+// instructions cost GPT-2 124M's batch-1 decode 12%.
 template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false>
 void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const (&B)[RUNS], int64_t ldbk, float* C,
                 int rows, int cols, int64_t col0, bool first, bool last, const BT* const* next = nullptr) {

@@ -112,7 +112,9 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
       if (kv.first >= 0 && kv.first < vocab)
         logits[kv.first] -= p.presence_penalty + p.frequency_penalty * float(kv.second);
   }
-  if (p.temperature == 0.0f || p.top_k == 1) {
+  // A temperature so small that 1/T overflows (subnormal T) is greedy too: the softmax of logits/T
+  // is then all its mass on the maximum.
+  if (p.temperature == 0.0f || p.top_k == 1 || !std::isfinite(1.0f / p.temperature)) {
     int64_t best = 0;
     for (int64_t i = 1; i < vocab; ++i)
       if (logits[i] > logits[best]) best = i;
@@ -129,9 +131,13 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   }
   // Candidate weights p_i = softmax(logit_i / T) through the vectorised kernel (16 sequences x
   // 4096 scalar exps were ~10% of a batched step of the bundled model); totals are summed in double.
+  // The max comes off before the 1/T scaling, so a tiny temperature (1/T up to ~1e38) gives
+  // -inf or 0, never inf - inf.
   std::vector<float> scaled(n), soft(n);
+  float max_logit = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits[ids[i]]);
   const float inv_t = 1.0f / p.temperature;
-  for (int64_t i = 0; i < n; ++i) scaled[i] = logits[ids[i]] * inv_t;
+  for (int64_t i = 0; i < n; ++i) scaled[i] = (logits[ids[i]] - max_logit) * inv_t;
   ops::softmax_rows(scaled.data(), soft.data(), 1, n);
   std::vector<double> probs(soft.begin(), soft.end());
   double p_max = 0.0;
