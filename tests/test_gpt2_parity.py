@@ -216,8 +216,10 @@ def test_bfloat16_kv_cache_holds_half_the_bytes(case):
     for kv_dtype in ("float32", "bfloat16"):
         m = llamas.load(case.folder, kv_dtype=kv_dtype)
         seq = llamas._C.Sequence(m.config.to_native(), seed=0)
+        before = llamas.memory_stats()["kv_cache_bytes_in_use"]
         m._native.step([(seq, case.input_ids[0, :20].tolist(), True)])
         sizes[kv_dtype] = (seq.kv_blocks, seq.kv_bytes)
+        assert llamas.memory_stats()["kv_cache_bytes_in_use"] - before == seq.kv_bytes
         # One model's cache cannot be continued by a model writing the other dtype.
         other = llamas.load(case.folder, kv_dtype="bfloat16" if kv_dtype == "float32" else "float32")
         with pytest.raises(llamas.LlamasError, match="KV cache holds"):

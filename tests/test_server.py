@@ -413,8 +413,10 @@ def test_disconnect_mid_stream_frees_the_sequence(slow):
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
             assert metric(http, "llamas_requests_running") == 1 and metric(http, "llamas_kv_cache_blocks_in_use") > 0
+            assert metric(http, "llamas_kv_cache_bytes_in_use") > 0
         # leaving the block closes the connection mid-stream
     assert wait_for(lambda: metric(http, "llamas_kv_cache_blocks_in_use") == 0
+                    and metric(http, "llamas_kv_cache_bytes_in_use") == 0
                     and metric(http, "llamas_requests_running") == 0, timeout=1.0)
     assert metric(http, "llamas_sequences_finished_total", 'finish_reason="cancelled"') == cancelled + 1
     # A non-streaming client that gives up is cancelled too.
@@ -458,6 +460,7 @@ def test_metrics_and_one_json_log_line_per_request(srv, http, caplog):
                  "llamas_time_to_first_token_seconds_bucket", "llamas_inter_token_latency_seconds_bucket",
                  "llamas_e2e_request_latency_seconds_bucket", "llamas_request_queue_time_seconds_bucket",
                  "llamas_requests_running", "llamas_requests_waiting", "llamas_kv_cache_blocks_in_use",
+                 "llamas_kv_cache_bytes_in_use",
                  "llamas_allocator_bytes_in_use", "llamas_allocator_peak_bytes"):
         assert name in text, name
     assert metric(http, "llamas_requests_total", 'endpoint="/v1/completions",status="200"') > 0

@@ -34,6 +34,7 @@ static py::dict memory_stats_dict() {
   d["cache_hits"] = s.cache_hits;
   d["frees"] = s.frees;
   d["kv_cache_blocks_in_use"] = KvCache::blocks_in_use();
+  d["kv_cache_bytes_in_use"] = KvCache::bytes_in_use();
   return d;
 }
 

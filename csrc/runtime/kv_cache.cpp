@@ -7,6 +7,7 @@
 namespace llamas {
 namespace {
 std::atomic<int64_t> g_blocks_in_use{0};
+std::atomic<int64_t> g_bytes_in_use{0};
 }
 
 KvCache::KvCache(int n_layer, int n_head, int head_dim, int64_t max_positions)
@@ -34,6 +35,7 @@ void KvCache::reserve(int64_t n) {
     char* block = static_cast<char*>(cpu_allocate(bytes_per_block()));
     blocks_.push_back(block);
     g_blocks_in_use.fetch_add(1, std::memory_order_relaxed);
+    g_bytes_in_use.fetch_add(int64_t(bytes_per_block()), std::memory_order_relaxed);
     const size_t layer_bytes = layer_entries_ * dtype_size(dtype_);
     for (int l = 0; l < n_layer_; ++l) {
       key_ptrs_[l].push_back(block + (2 * l) * layer_bytes);
@@ -84,6 +86,7 @@ void KvCache::write(int layer, int64_t pos, const float* k, const float* v) {
 void KvCache::clear() {
   for (void* b : blocks_) cpu_free(b);
   g_blocks_in_use.fetch_sub(blocks(), std::memory_order_relaxed);
+  g_bytes_in_use.fetch_sub(blocks() * int64_t(bytes_per_block()), std::memory_order_relaxed);
   blocks_.clear();
   for (auto& v : key_ptrs_) v.clear();
   for (auto& v : value_ptrs_) v.clear();
@@ -91,5 +94,6 @@ void KvCache::clear() {
 }
 
 int64_t KvCache::blocks_in_use() { return g_blocks_in_use.load(std::memory_order_relaxed); }
+int64_t KvCache::bytes_in_use() { return g_bytes_in_use.load(std::memory_order_relaxed); }
 
 }  // namespace llamas

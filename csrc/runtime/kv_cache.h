@@ -45,6 +45,7 @@ class KvCache {
   void clear();
 
   static int64_t blocks_in_use();      // over all caches in the process
+  static int64_t bytes_in_use();       // their bytes (blocks of bfloat16 caches count half)
   size_t bytes_per_block() const { return block_entries_ * dtype_size(dtype_); }
 
  private:
