@@ -244,7 +244,8 @@ Tensor softmax(const Tensor& x) {
 }
 
 void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, Device device) {
-  ProfileScope scope("softmax");
+  // No profile entry of its own: its caller (the sampler, inside "sample") already has one, and
+  // a nested entry would count the same time twice in the profile's shares.
   if (device != Device::CPU) cuda_unavailable("softmax");
   cpu::kernels().softmax(x, y, rows, cols);
 }
