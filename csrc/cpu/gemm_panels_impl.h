@@ -6,41 +6,14 @@
 namespace {
 
 // ---- Panels: B stored in the GEMM's own layout (ops::pack_panels) ----------------------------
-// Up to kGemmRows rows (decode, small batches): R = M rows exactly, so no FMA is spent on padding,
-// and each thread streams its columns' panels front to back, over all of K at once.
-template <typename BT, int R>
-void panels_small_m(const GemmArgs& g) {
-  if constexpr (R > 1) {
-    if (g.M < R) return panels_small_m<BT, R - 1>(g);
-  }
-  ScratchBuffer Ap(static_cast<size_t>(R * (g.K > 0 ? g.K : 1)));
-  pack_a_panel<R>(g, 0, 0, g.K, Ap.data);
-  // One or two rows: tiles of 4 runs, so 4-8 independent FMA chains hide the FMA latency (2 chains
-  // would cap a thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models).
-  constexpr int kRuns = R <= 2 ? 4 : 2;
-  llamas::parallel_for(g.N, kRuns * Vec::W, [&](int64_t n0, int64_t n1) {
-    for (int64_t col = n0; col < n1; col += kRuns * Vec::W) {
-      const BT* runs[kRuns];
-      for (int j = 0; j < kRuns; ++j) runs[j] = panel_run<BT>(g, col + j * Vec::W, 0);
-      micro_tile<BT, R, kRuns>(g, g.K, Ap.data, runs, kPanelWidth, g.C + col, R, int(imin(kRuns * Vec::W, n1 - col)),
-                               col, true, true);
-    }
-  });
-}
-
-// A few register tiles of rows (a server's batched decode step: 7..24 sequences): A packed here in
-// one pass, then each thread walks its columns' panels once, running every row panel over all of
-// K per tile. The blocked path's parallel packing of A and its k/row blocking cost more than the
-// product itself at these sizes (16 x 256 x 256 is 2 MFLOP: ~12 us on 2 cores).
-constexpr int64_t kFewRowPanels = 4;
-
-template <typename BT, int R, int RUNS>
-void panels_few_rows_tiled(const GemmArgs& g) {
+// ceil(M / R) row panels of A, packed here in one pass; then each thread walks its columns' panels
+// once, running every row panel over all of K per tile of RUNS registers. kStreamB: the first row
+// panel's pass fetches the next tile's B (see micro_tile). pieces: ranges per thread.
+template <typename BT, int R, int RUNS, bool kStreamB>
+void panels_tiled(const GemmArgs& g, int pieces) {
   const int64_t panels = (g.M + R - 1) / R;
   ScratchBuffer Ap(static_cast<size_t>(panels * R * (g.K > 0 ? g.K : 1)));
   for (int64_t p = 0; p < panels; ++p) pack_a_panel<R>(g, p * R, 0, g.K, Ap.data + p * R * g.K);
-  // 4 ranges per thread: these products are compute-bound, and a server's event loop shares the
-  // cores, so a thread it preempts mid-product hands its remaining ranges to the other.
   constexpr int64_t kCols = RUNS * Vec::W;
   llamas::parallel_for(g.N, kCols, [&](int64_t n0, int64_t n1) {
     const BT* runs[RUNS];
@@ -48,14 +21,35 @@ void panels_few_rows_tiled(const GemmArgs& g) {
     for (int j = 0; j < RUNS; ++j) next[j] = panel_run<BT>(g, n0 + j * Vec::W, 0);
     for (int64_t col = n0; col < n1; col += kCols) {
       for (int j = 0; j < RUNS; ++j) runs[j] = next[j], next[j] = panel_run<BT>(g, col + kCols + j * Vec::W, 0);
-      const bool more = col + kCols < n1;
+      const bool more = kStreamB && col + kCols < n1;
       for (int64_t p = 0; p < panels; ++p)
-        micro_tile<BT, R, RUNS, true>(g, g.K, Ap.data + p * R * g.K, runs, kPanelWidth, g.C + p * R * g.ldc + col,
-                                      int(imin(R, g.M - p * R)), int(imin(kCols, n1 - col)), col, true, true,
-                                      p == 0 && more ? next : nullptr);
+        micro_tile<BT, R, RUNS, kStreamB>(g, g.K, Ap.data + p * R * g.K, runs, kPanelWidth, g.C + p * R * g.ldc + col,
+                                          int(imin(R, g.M - p * R)), int(imin(kCols, n1 - col)), col, true, true,
+                                          p == 0 && more ? next : nullptr);
     }
-  }, 4);
+  }, pieces);
 }
+
+// Up to kGemmRows rows (decode, small batches): R = M rows exactly, so no FMA is spent on padding,
+// and each thread streams one range of columns' panels front to back (one range per thread keeps
+// its memory stream contiguous).
+template <typename BT, int R>
+void panels_small_m(const GemmArgs& g) {
+  if constexpr (R > 1) {
+    if (g.M < R) return panels_small_m<BT, R - 1>(g);
+  }
+  // One or two rows: tiles of 4 runs, so 4-8 independent FMA chains hide the FMA latency (2 chains
+  // would cap a thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models).
+  constexpr int kRuns = R <= 2 ? 4 : 2;
+  panels_tiled<BT, R, kRuns, false>(g, 1);
+}
+
+// A few register tiles of rows (a server's batched decode step: 7..24 sequences). The blocked
+// path's parallel packing of A and its k/row blocking cost more than the product itself at these
+// sizes (16 x 256 x 256 is 2 MFLOP: ~12 us on 2 cores). 4 ranges per thread: these products are
+// compute-bound, and a server's event loop shares the cores, so a thread it preempts mid-product
+// hands its remaining ranges to the other.
+constexpr int64_t kFewRowPanels = 4;
 
 template <typename BT>
 void panels_few_rows(const GemmArgs& g) {
@@ -63,9 +57,9 @@ void panels_few_rows(const GemmArgs& g) {
   // sequences: 16 rows instead of 18), also one B load fewer per 12 FMAs (7 against 8).
   // (24-column tiles straddle panels: float32 only, bfloat16 tiles load whole interleaved panels.)
   if constexpr (Vec::W == 8 && kGemmRows == 6 && std::is_same_v<BT, float>) {
-    if ((g.M + 3) / 4 * 4 < (g.M + 5) / 6 * 6) return panels_few_rows_tiled<BT, 4, 3>(g);
+    if ((g.M + 3) / 4 * 4 < (g.M + 5) / 6 * 6) return panels_tiled<BT, 4, 3, true>(g, 4);
   }
-  panels_few_rows_tiled<BT, kGemmRows, 2>(g);
+  panels_tiled<BT, kGemmRows, 2, true>(g, 4);
 }
 
 }  // namespace

@@ -11,12 +11,17 @@ namespace llamas {
 namespace cpu {
 namespace reference {
 
+// Element i of a float32 or bfloat16 array.
+static float element(const void* base, int64_t i, bool bf16) {
+  return bf16 ? bf16_to_float(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
 static float b_at(const GemmArgs& g, int64_t k, int64_t n) {
   int64_t idx = g.b_layout == BLayout::KN   ? k * g.ldb + n
                 : g.b_layout == BLayout::NK ? n * g.ldb + k
                                             : ((n / kPanelWidth) * g.K + k) * kPanelWidth +
                                                   (g.b_bf16 ? bf16_panel_slot(n % kPanelWidth) : n % kPanelWidth);
-  return g.b_bf16 ? bf16_to_float(static_cast<const uint16_t*>(g.B)[idx]) : static_cast<const float*>(g.B)[idx];
+  return element(g.B, idx, g.b_bf16);
 }
 
 void gemm(const GemmArgs& g) {
@@ -33,11 +38,6 @@ void gemm(const GemmArgs& g) {
     }
 }
 
-// Entry i of a KV block of either dtype.
-static float kv_entry(const void* block, int64_t i, bool bf16) {
-  return bf16 ? bf16_to_float(static_cast<const uint16_t*>(block)[i]) : static_cast<const float*>(block)[i];
-}
-
 void attention(const AttentionArgs& a) {
   const int hd = a.head_dim;
   for (int64_t t = 0; t < a.n_query; ++t) {
@@ -50,7 +50,7 @@ void attention(const AttentionArgs& a) {
         const void* kb = a.k_blocks[j / kKvBlockSize];
         const int64_t k0 = int64_t(h) * hd * kKvBlockSize + j % kKvBlockSize;
         float s = 0.f;
-        for (int d = 0; d < hd; ++d) s += q[d] * kv_entry(kb, k0 + d * kKvBlockSize, a.kv_bf16);
+        for (int d = 0; d < hd; ++d) s += q[d] * element(kb, k0 + d * kKvBlockSize, a.kv_bf16);
         scores[j] = s * a.scale;
         max_score = std::fmax(max_score, scores[j]);
       }
@@ -61,7 +61,7 @@ void attention(const AttentionArgs& a) {
       for (int64_t j = 0; j <= pos; ++j) {
         const void* vb = a.v_blocks[j / kKvBlockSize];
         const int64_t v0 = (int64_t(h) * kKvBlockSize + j % kKvBlockSize) * hd;
-        for (int d = 0; d < hd; ++d) out[d] += scores[j] / total * kv_entry(vb, v0 + d, a.kv_bf16);
+        for (int d = 0; d < hd; ++d) out[d] += scores[j] / total * element(vb, v0 + d, a.kv_bf16);
       }
     }
   }

@@ -98,9 +98,7 @@ Tensor linear(const Tensor& x, const Tensor& w, BLayout layout, const Tensor* bi
 
 namespace {
 
-template <typename Out> Out convert_to(float f);
-template <> inline float convert_to<float>(float f) { return f; }
-template <> inline uint16_t convert_to<uint16_t>(float f) { return float_to_bf16(f); }
+template <typename Out> Out convert_to(float f) { return float_as<Out>(f); }
 template <typename Out> Out convert_to(uint16_t bits);
 template <> inline float convert_to<float>(uint16_t bits) { return bf16_to_float(bits); }
 template <> inline uint16_t convert_to<uint16_t>(uint16_t bits) { return bits; }
@@ -267,9 +265,6 @@ void paged_attention(const AttentionArgs* seqs, int n_seqs, Device device) {
 }
 
 namespace {
-inline void put_entry(float* blocks, int64_t i, float x) { blocks[i] = x; }
-inline void put_entry(uint16_t* blocks, int64_t i, float x) { blocks[i] = float_to_bf16(x); }
-
 // k and v of batch element b, (H, T, D), into n_blocks paged KV blocks of entries T_.
 template <typename T_>
 void fill_kv_blocks(const float* kd, const float* vd, int64_t b, int64_t H, int64_t T, int64_t D, T_* kb, T_* vb) {
@@ -281,8 +276,8 @@ void fill_kv_blocks(const float* kd, const float* vd, int64_t b, int64_t H, int6
       T_* vblk = vb + (t / kKvBlockSize) * block_entries;
       const int64_t slot = t % kKvBlockSize;
       for (int64_t d = 0; d < D; ++d) {
-        put_entry(kblk, (h * D + d) * kKvBlockSize + slot, kd[src + d]);
-        put_entry(vblk, (h * kKvBlockSize + slot) * D + d, vd[src + d]);
+        kblk[(h * D + d) * kKvBlockSize + slot] = float_as<T_>(kd[src + d]);
+        vblk[(h * kKvBlockSize + slot) * D + d] = float_as<T_>(vd[src + d]);
       }
     }
 }

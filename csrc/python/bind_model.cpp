@@ -32,18 +32,6 @@ GPT2Config config_from_dict(const py::dict& d) {
   return c;
 }
 
-static DType model_dtype(const std::string& name) {
-  if (name == "float32") return DType::F32;
-  if (name == "bfloat16") return DType::BF16;
-  fail("load", "dtype must be 'float32' or 'bfloat16', got '", name, "'");
-}
-
-static DType kv_dtype_of(const std::string& name) {
-  if (name == "float32") return DType::F32;
-  if (name == "bfloat16") return DType::BF16;
-  fail("load", "kv_dtype must be 'float32' or 'bfloat16', got '", name, "'");
-}
-
 void init_model(py::module_& m) {
   py::class_<Sequence>(m, "Sequence", "One sequence being generated: KV cache, tokens so far, sampler.")
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
@@ -78,7 +66,7 @@ void init_model(py::module_& m) {
   py::class_<GPT2Model>(m, "GPT2Model")
       .def(py::init([](const py::dict& config, const std::string& weights_path, const std::string& dtype) {
              GPT2Config c = config_from_dict(config);
-             DType dt = model_dtype(dtype);
+             DType dt = parse_dtype(dtype, "load");
              py::gil_scoped_release release;
              return new GPT2Model(c, load_gpt2_weights(weights_path, c, dt));
            }),
@@ -86,7 +74,7 @@ void init_model(py::module_& m) {
       .def_property_readonly("weight_bytes", [](const GPT2Model& m) { return m.weights().bytes(); })
       .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
       .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },
-                    [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(kv_dtype_of(name)); },
+                    [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_dtype(name, "load", "kv_dtype")); },
                     "Entry type of the KV caches it fills: 'float32' or 'bfloat16' (default: the weights' dtype).")
       .def("forward", [](GPT2Model& model, IntArray ids) {
         LLAMAS_CHECK(ids.ndim() == 2, "forward", "ids must be a 2-D (B, T) integer array, got ", ids.ndim(), " dims");

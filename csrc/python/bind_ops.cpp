@@ -24,12 +24,6 @@ py::array_t<float> without_gil(F&& f) {
   return to_numpy(t);
 }
 
-static DType parse_dtype(const std::string& name, const char* op) {
-  if (name == "float32") return DType::F32;
-  if (name == "bfloat16") return DType::BF16;
-  fail(op, "dtype must be 'float32' or 'bfloat16', got '", name, "'");
-}
-
 static BLayout parse_layout(const std::string& name) {
   if (name == "in_out") return BLayout::KN;
   if (name == "out_in") return BLayout::NK;

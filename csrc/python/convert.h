@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "llamas/error.h"
 #include "llamas/tensor.h"
 #include "models/gpt2.h"
 
@@ -22,6 +23,13 @@ inline std::vector<int64_t> shape_of(const py::array& a) {
 // A view of the array's memory; the caller keeps the array alive while the tensor is used.
 inline Tensor view_of(const FloatArray& a) {
   return Tensor::view_external(const_cast<float*>(a.data()), shape_of(a), DType::F32, nullptr);
+}
+
+// "float32" or "bfloat16"; anything else fails naming the op and the argument.
+inline DType parse_dtype(const std::string& name, const char* op, const char* field = "dtype") {
+  if (name == "float32") return DType::F32;
+  if (name == "bfloat16") return DType::BF16;
+  fail(op, field, " must be 'float32' or 'bfloat16', got '", name, "'");
 }
 
 // A GPT-2 config from the dict of llamas.GPT2Config.to_native() (bind_model.cpp).

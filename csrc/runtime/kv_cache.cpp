@@ -44,11 +44,6 @@ void KvCache::reserve(int64_t n) {
   }
 }
 
-namespace {
-inline void store_entry(float* dst, float x) { *dst = x; }
-inline void store_entry(uint16_t* dst, float x) { *dst = float_to_bf16(x); }
-}  // namespace
-
 template <typename T>
 void KvCache::write_typed(int layer, int64_t pos, const float* k, const float* v) {
   T* kb = static_cast<T*>(const_cast<void*>(key_ptrs_[layer][pos / kKvBlockSize]));
@@ -60,8 +55,8 @@ void KvCache::write_typed(int layer, int64_t pos, const float* k, const float* v
     T* kt = kb + size_t(h) * head_dim_ * kKvBlockSize + slot;
     T* vrow = vb + (size_t(h) * kKvBlockSize + slot) * head_dim_;
     for (int d = 0; d < head_dim_; ++d) {
-      store_entry(kt + d * kKvBlockSize, kh[d]);
-      store_entry(vrow + d, vh[d]);
+      kt[d * kKvBlockSize] = float_as<T>(kh[d]);
+      vrow[d] = float_as<T>(vh[d]);
     }
   }
 }
@@ -70,8 +65,11 @@ void KvCache::prefetch_for_write(int layer, int64_t pos) const {
   const char* kb = static_cast<const char*>(key_ptrs_[layer][pos / kKvBlockSize]);
   const char* vb = static_cast<const char*>(value_ptrs_[layer][pos / kKvBlockSize]);
   const size_t entry = dtype_size(dtype_), slot = size_t(pos % kKvBlockSize);
-  const size_t key_rows = size_t(n_head_) * head_dim_;  // one line each
-  for (size_t r = 0; r < key_rows; ++r) __builtin_prefetch(kb + (r * kKvBlockSize + slot) * entry, 1);
+  // The position's keys sit one per key row of kKvBlockSize entries: one line each for float32,
+  // two rows a line for bfloat16.
+  const size_t key_rows = size_t(n_head_) * head_dim_, row_bytes = kKvBlockSize * entry;
+  const size_t rows_per_line = row_bytes >= 64 ? 1 : 64 / row_bytes;
+  for (size_t r = 0; r < key_rows; r += rows_per_line) __builtin_prefetch(kb + r * row_bytes + slot * entry, 1);
   for (int h = 0; h < n_head_; ++h) {
     const char* row = vb + ((size_t(h) * kKvBlockSize + slot) * head_dim_) * entry;
     for (size_t off = 0; off < head_dim_ * entry; off += 64) __builtin_prefetch(row + off, 1);

@@ -22,4 +22,12 @@ inline float bf16_to_float(uint16_t bits) {
   return f;
 }
 
+// x as an element of a float32 (Out = float) or bfloat16 (Out = uint16_t) array.
+template <typename Out>
+inline Out float_as(float x);
+template <>
+inline float float_as<float>(float x) { return x; }
+template <>
+inline uint16_t float_as<uint16_t>(float x) { return float_to_bf16(x); }
+
 }  // namespace llamas
