@@ -7,14 +7,18 @@ namespace {
 
 // ---- Panels: B stored in the GEMM's own layout (ops::pack_panels) ----------------------------
 // ceil(M / R) row panels of A, packed here in one pass; then each thread walks its columns' panels
-// once, running every row panel over all of K per tile of RUNS registers. kStreamB: the first row
-// panel's pass fetches the next tile's B (see micro_tile). pieces: ranges per thread.
+// once, running every row panel over all of K per tile of RUNS registers. kStreamB: the row panels'
+// passes share the fetching of the next tile's B (see micro_tile); pass p asks for rows from
+// p K / panels on, one per 2^shift k steps (2^shift <= panels, so the passes cover every row).
+// pieces: ranges per thread.
 template <typename BT, int R, int RUNS, bool kStreamB>
 void panels_tiled(const GemmArgs& g, int pieces) {
   const int64_t panels = (g.M + R - 1) / R;
   ScratchBuffer Ap(static_cast<size_t>(panels * R * (g.K > 0 ? g.K : 1)));
   for (int64_t p = 0; p < panels; ++p) pack_a_panel<R>(g, p * R, 0, g.K, Ap.data + p * R * g.K);
   constexpr int64_t kCols = RUNS * Vec::W;
+  int next_shift = 0;
+  while ((int64_t(2) << next_shift) <= panels) ++next_shift;
   llamas::parallel_for(g.N, kCols, [&](int64_t n0, int64_t n1) {
     const BT* runs[RUNS];
     const BT* next[RUNS];
@@ -25,7 +29,7 @@ void panels_tiled(const GemmArgs& g, int pieces) {
       for (int64_t p = 0; p < panels; ++p)
         micro_tile<BT, R, RUNS, kStreamB>(g, g.K, Ap.data + p * R * g.K, runs, kPanelWidth, g.C + p * R * g.ldc + col,
                                           int(imin(R, g.M - p * R)), int(imin(kCols, n1 - col)), col, true, true,
-                                          p == 0 && more ? next : nullptr);
+                                          more ? next : nullptr, p * g.K / panels, next_shift);
     }
   }, pieces);
 }

@@ -109,16 +109,18 @@ inline void load_b_runs(const BT* const (&B)[RUNS], int64_t offset, Vec (&b)[RUN
 // columns with k stride ldbk (a packed block: Bp + j * W, kNR; Panels: columns of the stored
 // panels, 16). The main tile is 2 runs; decode's 1-2 rows take 4 so that 4-8 FMA chains overlap.
 // kStreamB (a batched decode step: B streams from memory once, then serves several row panels from
-// L1): the caller passes the next tile's runs as `next`, and the first row panel's pass asks for
-// one of their k rows per k step, so the next tile's B (16-64 KiB) arrives while this tile's
-// other row panels run. Without any prefetch the B loads were the hottest instruction of a
-// 16-sequence step; against prefetching the current runs 4 KiB ahead this measured the same or
-// a few % better, and 16-row products with B from DRAM still run at 63-89 GFLOP/s against 99-117
-// with B in cache. Not for one or two rows: there the hardware prefetcher keeps up, and the extra
+// L1): the caller passes the next tile's runs as `next`, and each k step asks for the line of their
+// k row next_row0 + (k >> next_shift) (clamped to kc - 1): every row panel's pass fetches its own
+// share of the next tile's B (16-64 KiB), so the fetches spread over the whole tile instead of
+// bursting during its first pass. Against that burst (all rows in the first pass) the spread ran
+// 16 x 256 x {768, 1024, 4096} products with B from DRAM 7-27% faster (interleaved medians,
+// 49-76 -> 55-96 GFLOP/s); without any prefetch the B loads were the hottest instruction of a
+// 16-sequence step. Not for one or two rows: there the hardware prefetcher keeps up, and the extra
 // instructions cost GPT-2 124M's batch-1 decode 12%.
 template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false>
 void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const (&B)[RUNS], int64_t ldbk, float* C,
-                int rows, int cols, int64_t col0, bool first, bool last, const BT* const* next = nullptr) {
+                int rows, int cols, int64_t col0, bool first, bool last, const BT* const* next = nullptr,
+                int64_t next_row0 = 0, int next_shift = 0) {
   Vec acc[R][RUNS];
   int lanes[RUNS];
   for (int j = 0; j < RUNS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
@@ -136,8 +138,10 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     if constexpr (kStreamB)
-      if (next)
-        for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(next[j] + k * ldbk);
+      if (next) {
+        const int64_t row = imin(next_row0 + (k >> next_shift), kc - 1);
+        for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(next[j] + row * ldbk);
+      }
     Vec b[RUNS];
     load_b_runs<BT, RUNS>(B, k * ldbk, b);
     const float* a = Ap + k * R;
