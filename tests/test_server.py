@@ -327,7 +327,7 @@ def test_a_huge_prompt_does_not_stall_other_requests(srv, http):
     assert small < done["huge"] and "context length is 128 tokens" in done["error"]["message"]
 
 
-def test_auth_body_limit_max_tokens_and_queue_full(limited):
+def test_auth_body_limit_max_tokens_and_queue_full(limited, model):
     with httpx.Client(base_url=limited.url, timeout=30) as h:
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3}
         assert h.get("/health").status_code == 200 and h.get("/metrics").status_code == 200  # open
@@ -348,7 +348,11 @@ def test_auth_body_limit_max_tokens_and_queue_full(limited):
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         # One sequence runs, none may wait: a second request while the first streams gets 429.
         openai_client = openai.OpenAI(base_url=limited.url + "/v1", api_key=KEY, max_retries=0)
-        stream = openai_client.completions.create(model="tiny", prompt="Hi", max_tokens=64, stream=True)
+        # Sampled, so end-of-text is biased out: a stream that drew it early (a ~1/vocab chance per
+        # token with a random seed) ended with "stop" before the 429 check, a flaky failure.
+        no_eos = {str(model.tokenizer.eos_token_id): -100}
+        stream = openai_client.completions.create(model="tiny", prompt="Hi", max_tokens=64, stream=True, seed=7,
+                                                  logit_bias=no_eos)
         it = iter(stream)
         next(it)
         r = h.post("/v1/completions", json=body, headers=auth)
