@@ -11,6 +11,7 @@
 #include "cpu/kernel_table.h"
 #include "cpu/reference.h"
 #include "llamas/bfloat16.h"
+#include "llamas/kv_block.h"
 #include "llamas/cuda.h"
 #include "llamas/error.h"
 #include "llamas/parallel.h"
@@ -103,9 +104,9 @@ template <typename Out> Out convert_to(uint16_t bits);
 template <> inline float convert_to<float>(uint16_t bits) { return bf16_to_float(bits); }
 template <> inline uint16_t convert_to<uint16_t>(uint16_t bits) { return bits; }
 
-// Panels [p0, p1) of p from src stored (K, N) or (N, K) (bfloat16 rows interleaved). (K, N): 8 panels at a time, k outer, so
-// each source row is read 128 elements at a time, contiguously. (N, K): a panel is 16 source
-// rows, each read front to back.
+// Panels [p0, p1) of p from src stored (K, N) or (N, K) (bfloat16 rows interleaved). (K, N): 8
+// panels at a time, k outer, so each source row is read 128 elements at a time, contiguously.
+// (N, K): a panel is 16 source rows, each read front to back.
 template <typename Src, typename Out>
 void fill_panels(const Src* src, BLayout layout, const PackedMatrix& p, int64_t p0, int64_t p1) {
   Out* dst = p.data.data<Out>();
@@ -265,21 +266,22 @@ void paged_attention(const AttentionArgs* seqs, int n_seqs, Device device) {
 }
 
 namespace {
-// k and v of batch element b, (H, T, D), into n_blocks paged KV blocks of entries T_.
+// k and v of batch element b, (H, T, D), into paged KV blocks of entries T_, one position at a time
+// through the cache's own writer (a position's heads gathered into rows first).
 template <typename T_>
 void fill_kv_blocks(const float* kd, const float* vd, int64_t b, int64_t H, int64_t T, int64_t D, T_* kb, T_* vb) {
   const int64_t block_entries = H * D * kKvBlockSize;
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t t = 0; t < T; ++t) {
+  std::vector<float> krow(H * D), vrow(H * D);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
       const int64_t src = ((b * H + h) * T + t) * D;
-      T_* kblk = kb + (t / kKvBlockSize) * block_entries;
-      T_* vblk = vb + (t / kKvBlockSize) * block_entries;
-      const int64_t slot = t % kKvBlockSize;
-      for (int64_t d = 0; d < D; ++d) {
-        kblk[(h * D + d) * kKvBlockSize + slot] = float_as<T_>(kd[src + d]);
-        vblk[(h * kKvBlockSize + slot) * D + d] = float_as<T_>(vd[src + d]);
-      }
+      std::memcpy(krow.data() + h * D, kd + src, D * sizeof(float));
+      std::memcpy(vrow.data() + h * D, vd + src, D * sizeof(float));
     }
+    const int64_t blk = t / kKvBlockSize;
+    kv_block_write(kb + blk * block_entries, vb + blk * block_entries, int(H), int(D), t % kKvBlockSize, krow.data(),
+                   vrow.data());
+  }
 }
 }  // namespace
 

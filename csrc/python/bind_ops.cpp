@@ -74,7 +74,6 @@ void init_ops(py::module_& m) {
   }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("gelu") = false,
      "x @ w (+ bias) (then GELU) with w from llamas.ops.pack.");
 
-
   ops.def("layernorm", [](FloatArray x, FloatArray w, FloatArray b, float eps) {
     Tensor tx = view_of(x), tw = view_of(w), tb = view_of(b);
     return without_gil([&] { return ops::layernorm(tx, tw, tb, eps); });

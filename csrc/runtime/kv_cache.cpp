@@ -1,7 +1,7 @@
 #include "runtime/kv_cache.h"
 
 #include "llamas/allocator.h"
-#include "llamas/bfloat16.h"
+#include "llamas/kv_block.h"
 #include "llamas/error.h"
 
 namespace llamas {
@@ -48,17 +48,7 @@ template <typename T>
 void KvCache::write_typed(int layer, int64_t pos, const float* k, const float* v) {
   T* kb = static_cast<T*>(const_cast<void*>(key_ptrs_[layer][pos / kKvBlockSize]));
   T* vb = static_cast<T*>(const_cast<void*>(value_ptrs_[layer][pos / kKvBlockSize]));
-  const int64_t slot = pos % kKvBlockSize;
-  for (int h = 0; h < n_head_; ++h) {
-    const float* kh = k + h * head_dim_;
-    const float* vh = v + h * head_dim_;
-    T* kt = kb + size_t(h) * head_dim_ * kKvBlockSize + slot;
-    T* vrow = vb + (size_t(h) * kKvBlockSize + slot) * head_dim_;
-    for (int d = 0; d < head_dim_; ++d) {
-      kt[d * kKvBlockSize] = float_as<T>(kh[d]);
-      vrow[d] = float_as<T>(vh[d]);
-    }
-  }
+  kv_block_write(kb, vb, n_head_, head_dim_, pos % kKvBlockSize, k, v);
 }
 
 void KvCache::prefetch_for_write(int layer, int64_t pos) const {

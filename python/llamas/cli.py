@@ -8,7 +8,7 @@ import sys
 import time
 
 from ._C import LlamasError
-from .cli_args import positive_int as _positive_int
+from .cli_args import add_dtype_args, positive_int as _positive_int
 
 
 MODEL_HELP = ("Hugging Face model folder (config.json, model.safetensors, tokenizer files); "
@@ -17,11 +17,7 @@ MODEL_HELP = ("Hugging Face model folder (config.json, model.safetensors, tokeni
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR", help=MODEL_HELP)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weight precision (bfloat16 halves the bytes read per token)")
-    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="KV-cache precision (default: same as --dtype; bfloat16 halves the cache's memory "
-                        "and the bytes attention reads per token)")
+    add_dtype_args(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from ._C import LlamasError
-from .cli_args import positive_int as _positive_int, non_negative_int as _non_negative_int
+from .cli_args import add_dtype_args, positive_int as _positive_int, non_negative_int as _non_negative_int
 
 
 def _port(text: str) -> int:
@@ -27,10 +27,7 @@ def add_parser(sub, model_help: str) -> None:
         epilog="Example: llamas serve --model DIR, then use the openai client with "
                "base_url='http://127.0.0.1:8000/v1' and api_key='none'.")
     s.add_argument("--model", default=None, metavar="DIR", help=model_help)
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weight precision (bfloat16 halves the bytes read per token)")
-    s.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="KV-cache precision (default: same as --dtype; bfloat16 holds twice the tokens per byte)")
+    add_dtype_args(s)
     s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
@@ -88,9 +85,9 @@ def run(args, model_path: str) -> int:
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     logging.getLogger("llamas").setLevel(level)
-    app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, api_key=_api_key(args), model_name=args.model_name,
-                     max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                     max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk)
+    app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, api_key=_api_key(args),
+                     model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk)
     state = app.state.llamas
 
     class Server(uvicorn.Server):

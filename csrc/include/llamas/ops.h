@@ -41,7 +41,7 @@ void residual_layernorm_rows(float* x, const float* delta, const float* w, const
 Tensor gelu(const Tensor& x);
 // Softmax over the last dimension.
 Tensor softmax(const Tensor& x);
-// y[r] = softmax(x[r]) for rows of cols floats (the sampler's probabilities).
+// y[r] = softmax(x[r]) for rows of cols floats (the sampler's probabilities); y may be x.
 void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, Device device = Device::CPU);
 void add_into(const float* a, const float* b, float* y, int64_t n, Device device = Device::CPU);
 
