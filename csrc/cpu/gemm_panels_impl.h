@@ -42,9 +42,12 @@ void panels_small_m(const GemmArgs& g) {
   if constexpr (R > 1) {
     if (g.M < R) return panels_small_m<BT, R - 1>(g);
   }
-  // One or two rows: tiles of 4 runs, so 4-8 independent FMA chains hide the FMA latency (2 chains
-  // would cap a thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models).
-  constexpr int kRuns = R <= 2 ? 4 : 2;
+  // One or two rows: wide tiles, so 8 independent FMA chains hide the FMA latency (2 chains would
+  // cap a thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models). One row
+  // takes 8 runs (4 panels streamed side by side) rather than 4: more of B in flight per thread.
+  // Interleaved decode steps: the bundled model 1,188 -> 1,340 tok/s; GPT-2 124M float32 +4-5%,
+  // bfloat16 +3-4%.
+  constexpr int kRuns = R == 1 ? 8 : R == 2 ? 4 : 2;
   panels_tiled<BT, R, kRuns, false>(g, 1);
 }
 
