@@ -69,7 +69,7 @@ def test_linear_small_batches_bit_identical_to_packed(variant, layout, dtype):
 
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("n", [1, 16, 61, 300])
+@pytest.mark.parametrize("n", [1, 16, 61, 130, 300])
 def test_linear_packed_panels_bit_identical(variant, layout, dtype, n):
     # Loaded models hold their matrices as panels of 16 columns: every row count (the exact-rows
     # kernel up to one register tile, the blocked one beyond) must give bit for bit what the
@@ -77,7 +77,7 @@ def test_linear_packed_panels_bit_identical(variant, layout, dtype, n):
     k = 301
     x, w, bias = rand(40, k, seed=11), rand(k, n, seed=12, scale=0.1), rand(n, seed=13)
     stored = w if layout == "in_out" else np.ascontiguousarray(w.T)
-    for m in [1, 2, 3, 5, 6, 7, 12, 13, 40]:
+    for m in [1, 2, 3, 4, 5, 6, 7, 12, 13, 40]:
         plain = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype)
         packed = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype, packed=True)
         np.testing.assert_array_equal(packed, plain)

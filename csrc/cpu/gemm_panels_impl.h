@@ -42,12 +42,14 @@ void panels_small_m(const GemmArgs& g) {
   if constexpr (R > 1) {
     if (g.M < R) return panels_small_m<BT, R - 1>(g);
   }
-  // One or two rows: wide tiles, so 8 independent FMA chains hide the FMA latency (2 chains would
-  // cap a thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models). One row
-  // takes 8 runs (4 panels streamed side by side) rather than 4: more of B in flight per thread.
-  // Interleaved decode steps: the bundled model 1,188 -> 1,340 tok/s; GPT-2 124M float32 +4-5%,
-  // bfloat16 +3-4%.
-  constexpr int kRuns = R == 1 ? 8 : R == 2 ? 4 : 2;
+  // Wide tiles for few rows: 8-16 independent FMA chains hide the FMA latency (2 chains would cap a
+  // thread at 64 bytes of B per 4 cycles, below what L3 delivers for small models), and each tile
+  // streams 2-4 panels side by side, so more of B is in flight per thread. Interleaved decode
+  // steps against the narrower tiles before (1 row: 4 runs, 2 rows: 4, 3-4 rows: 2): the bundled
+  // model at batch 1 1,188 -> 1,340 tok/s, 2: +2-5%, 3: +15-17%, 4: +8-9%; GPT-2 124M at batch 1
+  // +4-5% (float32) and +3-4% (bfloat16), 3: +16%, 4: +13%. (Four rows x 4 runs is 16
+  // accumulators, and still beat 4 x 3 in both models: the FMAs take B from memory operands.)
+  constexpr int kRuns = R == 1 ? 8 : R == 2 ? 6 : R <= 4 ? 4 : 2;
   panels_tiled<BT, R, kRuns, false>(g, 1);
 }
 
