@@ -66,11 +66,20 @@ constexpr int kFewRowRangesPerThread = 1;
 
 template <typename BT>
 void panels_few_rows(const GemmArgs& g) {
-  // With 8-lane registers, 4-row x 3-register tiles when they pad fewer rows than 6 x 2 (16
-  // sequences: 16 rows instead of 18), also one B load fewer per 12 FMAs (7 against 8).
-  // (24-column tiles straddle panels: float32 only, bfloat16 tiles load whole interleaved panels.)
-  if constexpr (Vec::W == 8 && kGemmRows == 6 && std::is_same_v<BT, float>) {
-    if ((g.M + 3) / 4 * 4 < (g.M + 5) / 6 * 6) return panels_tiled<BT, 4, 3, true>(g, kFewRowRangesPerThread);
+  // With 8-lane registers, the tile that pads the fewest rows:
+  //  - 8 rows x 2 registers for 7-8 and 13-16 rows (one or two row panels: each B tile serves 2
+  //    passes instead of 4 at 16 sequences). 16 accumulators, B taken by the FMAs from memory.
+  //    Against 4 x 3: the bundled model's 16-sequence step +4.5-7%, 8 sequences +4.5%
+  //    (interleaved steps); 16 x K x N products with B from DRAM at GPT-2 shapes 3-12% faster.
+  //    At 24 rows (a tie with 6 x 2) it was 2% slower, and at 12 or 20 rows it pads 4 more.
+  //  - 4 rows x 3 registers when they pad fewer rows than 6 x 2 (19-20 rows), also one B load
+  //    fewer per 12 FMAs (7 against 8). (24-column tiles straddle panels: float32 only, bfloat16
+  //    tiles load whole interleaved panels.)
+  if constexpr (Vec::W == 8 && kGemmRows == 6) {
+    const int64_t pad8 = (g.M + 7) / 8 * 8, pad6 = (g.M + 5) / 6 * 6, pad4 = (g.M + 3) / 4 * 4;
+    if (g.M <= 16 && pad8 < pad6 && pad8 <= pad4) return panels_tiled<BT, 8, 2, true>(g, kFewRowRangesPerThread);
+    if constexpr (std::is_same_v<BT, float>)
+      if (pad4 < pad6) return panels_tiled<BT, 4, 3, true>(g, kFewRowRangesPerThread);
   }
   panels_tiled<BT, kGemmRows, 2, true>(g, kFewRowRangesPerThread);
 }
