@@ -142,12 +142,31 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
         const int64_t row = imin(next_row0 + (k >> next_shift), kc - 1);
         for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(next[j] + row * ldbk);
       }
-    Vec b[RUNS];
-    load_b_runs<BT, RUNS>(B, k * ldbk, b);
     const float* a = Ap + k * R;
-    for (int i = 0; i < R; ++i) {
-      Vec ai = Vec::set1(a[i]);
-      for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);
+    constexpr int kPerPanel = int(kPanelWidth / Vec::W);
+    if constexpr (std::is_same_v<BT, uint16_t> && RUNS > kPerPanel) {
+      // Several bfloat16 panels per tile: widen and use one panel row at a time. Widening all of
+      // them first held RUNS widened registers next to the accumulators, and GCC spilled them.
+      // One or two rows broadcast once per k step; more would not fit beside the accumulators.
+      constexpr int kHoisted = R <= 2 ? R : 1;
+      Vec as[kHoisted];
+      if constexpr (R <= 2)
+        for (int i = 0; i < R; ++i) as[i] = Vec::set1(a[i]);
+      for (int j = 0; j < RUNS; j += kPerPanel) {
+        Vec b[kPerPanel];
+        Vec::load_bf16_panel(B[j] + k * ldbk, b);
+        for (int i = 0; i < R; ++i) {
+          const Vec ai = R <= 2 ? as[i < kHoisted ? i : 0] : Vec::set1(a[i]);
+          for (int jj = 0; jj < kPerPanel; ++jj) acc[i][j + jj] = Vec::fma(ai, b[jj], acc[i][j + jj]);
+        }
+      }
+    } else {
+      Vec b[RUNS];
+      load_b_runs<BT, RUNS>(B, k * ldbk, b);
+      for (int i = 0; i < R; ++i) {
+        Vec ai = Vec::set1(a[i]);
+        for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);
+      }
     }
   }
   for (int i = 0; i < rows; ++i)
