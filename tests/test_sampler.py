@@ -74,3 +74,37 @@ def test_draws_follow_the_filtered_softmax(model, params):
     # Measured 0.01-0.04 with these seeds; a temperature 0.6 -> 0.75, top_p 0.6 -> 0.7 or min_p
     # 0.05 -> 0.03 in the reference gives 0.09-0.15.
     assert tv < 0.06, f"total variation {tv:.3f} from the expected distribution"
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """The tiny model with one NaN in its final layernorm: every logit is NaN."""
+    import shutil
+
+    from llamas.safetensors_io import read_safetensors, write_safetensors
+
+    folder = tmp_path_factory.mktemp("nan-model")
+    for f in TINY.iterdir():
+        shutil.copy(f, folder / f.name)
+    tensors, meta = read_safetensors(str(folder / "model.safetensors"))
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    tensors["transformer.ln_f.weight"][0] = np.nan
+    write_safetensors(str(folder / "model.safetensors"), tensors, meta)
+    return llamas.load(str(folder))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(temperature=0.8), dict(temperature=0.8, top_p=0.9, min_p=0.1),
+                                    dict(temperature=0.8, top_k=5)])
+def test_non_finite_logits_raise_a_clear_error(nan_model, kwargs):
+    # Greedy argmax, sampling and every filter used to pick an arbitrary token (or, with min_p,
+    # read before the candidate list) from NaN logits.
+    with pytest.raises(llamas.LlamasError, match="not finite"):
+        nan_model.generate(PROMPT, max_new_tokens=2, seed=0, **kwargs)
+
+
+def test_non_finite_logits_end_the_request_with_an_error(nan_model):
+    # The engine thread survives: a second request is answered too (with the same error).
+    with llamas.Engine(nan_model) as engine:
+        for logprobs in (3, None):
+            done = engine.submit(PROMPT, max_new_tokens=2, logprobs=logprobs).result(timeout=30)
+            assert done.finish_reason == "error" and "not finite" in (done.error or "")

@@ -53,6 +53,13 @@ float Sampler::next_uniform() {
   return float(result >> 40) * (1.0f / 16777216.0f);  // 24 random bits in [0, 1)
 }
 
+namespace {
+constexpr const char* kNotFinite =
+    "the model's logits are not finite (NaN or infinity), so no token can be chosen; its weights (or the "
+    "activations they produce) hold NaN or infinity";
+
+}  // namespace
+
 int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
   // Log-probabilities of the raw distribution: log_softmax(z)_i = z_i - max - log sum exp(z - max).
@@ -61,6 +68,7 @@ int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>
   double sum = 0.0;
   for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i] - mx));
   const float log_norm = mx + float(std::log(sum));
+  LLAMAS_CHECK(std::isfinite(log_norm), "sample", kNotFinite);  // before sorting: NaN has no order
   last_top_logprobs.clear();
   const int n_top = int(std::min<int64_t>(params_.logprobs, vocab));
   if (n_top > 0) {
@@ -155,8 +163,12 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   // is then all its mass on the maximum.
   if (p.temperature == 0.0f || p.top_k == 1 || !std::isfinite(1.0f / p.temperature)) {
     int64_t best = 0;
-    for (int64_t i = 1; i < vocab; ++i)
+    bool nan = logits[0] != logits[0];
+    for (int64_t i = 1; i < vocab; ++i) {
       if (logits[i] > logits[best]) best = i;
+      nan |= logits[i] != logits[i];
+    }
+    LLAMAS_CHECK(!nan, "sample", kNotFinite);
     return int32_t(best);
   }
   // Candidates: every token (ids empty: candidate i is token i), or with top_k the k best by logit
@@ -188,6 +200,8 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   ops::softmax_rows(probs.data(), probs.data(), 1, n);
   double p_max = 0.0;
   double total = sum_and_max(probs.data(), n, &p_max);
+  // NaN logits, or +inf ones (inf - inf), make every weight NaN: nothing could be drawn.
+  LLAMAS_CHECK(std::isfinite(total) && total > 0.0, "sample", kNotFinite);
   // min-p: keep tokens with p >= min_p * p_max.
   if (p.min_p > 0.0f) {
     if (ids.empty()) {
