@@ -280,3 +280,16 @@ def test_gpt2_tokenizer(fixtures_dir):
     assert tok.decode(ids) == "Hello world"
     text = "The quick brown fox, naïve café — ok?"
     assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_prefix_rows_bit_identical_at_every_length(case, kv_dtype):
+    # Prefill attention serves query rows in groups (6 on AVX2), and the rows left over one at a
+    # time, as decode does: a prompt cut at any length must give bit for bit the rows it gives
+    # inside a longer prompt, whichever way its rows were grouped.
+    m = llamas.load(case.folder, kv_dtype=kv_dtype)
+    ids = case.input_ids[:1]
+    full = m.forward(ids)
+    for n in sorted({1, 2, 5, 6, 7, 11, 12, 13, ids.shape[1] - 1}):
+        if 0 < n < ids.shape[1]:
+            np.testing.assert_array_equal(m.forward(ids[:, :n]), full[:, :n])
