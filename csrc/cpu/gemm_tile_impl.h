@@ -81,8 +81,8 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
 }
 
 // W columns of the stored panels at column col (a multiple of W) and row k. A run past the last
-// panel (the second half of a 32-column AVX-512 tile over an odd panel count) reads the last
-// panel instead: those lanes are never stored. bfloat16 rows are interleaved (bf16_panel_slot), so
+// panel (the tail of a tile wider than the panels left) reads the last panel instead: those lanes
+// are never stored. bfloat16 rows are interleaved (bf16_panel_slot), so
 // for them this is the row of col's whole panel, read with load_bf16_panel.
 template <typename BT>
 inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
@@ -92,22 +92,11 @@ inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
   else return row + col % kPanelWidth;
 }
 
-// The RUNS registers of B at k step k: W columns per run pointer, or for bfloat16 panels one
-// whole interleaved panel row per kPanelWidth / W runs (tiles then start on panel boundaries).
-template <typename BT, int RUNS>
-inline void load_b_runs(const BT* const (&B)[RUNS], int64_t offset, Vec (&b)[RUNS]) {
-  if constexpr (std::is_same_v<BT, uint16_t>) {
-    constexpr int kPerPanel = int(kPanelWidth / Vec::W);
-    static_assert(RUNS % kPerPanel == 0, "bfloat16 panel tiles cover whole panels");
-    for (int j = 0; j < RUNS; j += kPerPanel) Vec::load_bf16_panel(B[j] + offset, b + j);
-  } else {
-    for (int j = 0; j < RUNS; ++j) b[j] = load_any(B[j] + offset);
-  }
-}
-
 // One R x (RUNS * W) tile of C over kc steps of k: A is a packed panel [k][R]; B is RUNS runs of W
 // columns with k stride ldbk (a packed block: Bp + j * W, kNR; Panels: columns of the stored
-// panels, 16). The main tile is 2 runs; decode's 1-2 rows take 4 so that 4-8 FMA chains overlap.
+// panels, 16; bfloat16 panels: one whole interleaved panel row per kPanelWidth / W runs, so those
+// tiles start on panel boundaries). The blocked path's tile is 6 x 2 runs; decode's few rows take
+// 4-8 runs (see panels_small_m).
 // kStreamB (a batched decode step: B streams from memory once, then serves several row panels from
 // L1): the caller passes the next tile's runs as `next`, and each k step asks for the line of their
 // k row next_row0 + (k >> next_shift) (clamped to kc - 1): every row panel's pass fetches its own
@@ -143,26 +132,31 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
         for (int j = 0; j < RUNS; j += kPanelWidth / Vec::W) __builtin_prefetch(next[j] + row * ldbk);
       }
     const float* a = Ap + k * R;
-    constexpr int kPerPanel = int(kPanelWidth / Vec::W);
-    if constexpr (std::is_same_v<BT, uint16_t> && RUNS > kPerPanel) {
-      // Several bfloat16 panels per tile: widen and use one panel row at a time. Widening all of
-      // them first held RUNS widened registers next to the accumulators, and GCC spilled them.
-      // One or two rows broadcast once per k step; more would not fit beside the accumulators.
-      constexpr int kHoisted = R <= 2 ? R : 1;
-      Vec as[kHoisted];
-      if constexpr (R <= 2)
-        for (int i = 0; i < R; ++i) as[i] = Vec::set1(a[i]);
+    if constexpr (std::is_same_v<BT, uint16_t>) {
+      // bfloat16: widen and use one panel row at a time. Widening all of a tile's panels first held
+      // RUNS widened registers next to the accumulators, and GCC spilled them. One or two rows'
+      // broadcasts are made once per k step; more would not fit beside the accumulators.
+      constexpr int kPerPanel = int(kPanelWidth / Vec::W);
+      static_assert(RUNS % kPerPanel == 0, "bfloat16 panel tiles cover whole panels");
+      constexpr bool kHoist = R <= 2;
+      Vec hoisted[kHoist ? R : 1];
+      if constexpr (kHoist)
+        for (int i = 0; i < R; ++i) hoisted[i] = Vec::set1(a[i]);
+      auto a_row = [&](int i) {
+        if constexpr (kHoist) return hoisted[i];
+        else return Vec::set1(a[i]);
+      };
       for (int j = 0; j < RUNS; j += kPerPanel) {
         Vec b[kPerPanel];
         Vec::load_bf16_panel(B[j] + k * ldbk, b);
         for (int i = 0; i < R; ++i) {
-          const Vec ai = R <= 2 ? as[i < kHoisted ? i : 0] : Vec::set1(a[i]);
+          const Vec ai = a_row(i);
           for (int jj = 0; jj < kPerPanel; ++jj) acc[i][j + jj] = Vec::fma(ai, b[jj], acc[i][j + jj]);
         }
       }
     } else {
       Vec b[RUNS];
-      load_b_runs<BT, RUNS>(B, k * ldbk, b);
+      for (int j = 0; j < RUNS; ++j) b[j] = load_any(B[j] + k * ldbk);
       for (int i = 0; i < R; ++i) {
         Vec ai = Vec::set1(a[i]);
         for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);

@@ -58,34 +58,6 @@ constexpr const char* kNotFinite =
     "the model's logits are not finite (NaN or infinity), so no token can be chosen; its weights (or the "
     "activations they produce) hold NaN or infinity";
 
-}  // namespace
-
-int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
-  if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
-  // Log-probabilities of the raw distribution: log_softmax(z)_i = z_i - max - log sum exp(z - max).
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < vocab; ++i) mx = std::max(mx, logits[i]);
-  double sum = 0.0;
-  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i] - mx));
-  const float log_norm = mx + float(std::log(sum));
-  LLAMAS_CHECK(std::isfinite(log_norm), "sample", kNotFinite);  // before sorting: NaN has no order
-  last_top_logprobs.clear();
-  const int n_top = int(std::min<int64_t>(params_.logprobs, vocab));
-  if (n_top > 0) {
-    std::vector<int32_t> ids(vocab);
-    for (int64_t i = 0; i < vocab; ++i) ids[i] = int32_t(i);
-    std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), [&](int32_t a, int32_t b) {
-      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-    });
-    for (int i = 0; i < n_top; ++i) last_top_logprobs.push_back({ids[i], logits[ids[i]] - log_norm});
-  }
-  std::vector<float> raw(logits, logits + vocab);
-  int32_t chosen = choose(logits, vocab, context, n_prompt);
-  last_logprob = raw[chosen] - log_norm;
-  return chosen;
-}
-
-namespace {
 // Sum (in double) and largest of p[0..n): four running sums, so the adds are not one 4-cycle
 // latency chain per candidate (4096 candidates: ~1.5 us instead of ~5). Its own function: inlined
 // into choose(), GCC kept a running sum in a stack slot, a store-to-load round trip per candidate.
@@ -137,6 +109,31 @@ int64_t inverse_cdf(double u, int64_t n, Weight w) {
   return n - 1;
 }
 }  // namespace
+
+int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
+  if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
+  // Log-probabilities of the raw distribution: log_softmax(z)_i = z_i - max - log sum exp(z - max).
+  const float mx = max_of(logits, vocab);
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i] - mx));
+  const float log_norm = mx + float(std::log(sum));
+  LLAMAS_CHECK(std::isfinite(log_norm), "sample", kNotFinite);  // before sorting: NaN has no order
+  last_top_logprobs.clear();
+  const int n_top = int(std::min<int64_t>(params_.logprobs, vocab));
+  if (n_top > 0) {
+    std::vector<int32_t> ids(vocab);
+    for (int64_t i = 0; i < vocab; ++i) ids[i] = int32_t(i);
+    std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    for (int i = 0; i < n_top; ++i) last_top_logprobs.push_back({ids[i], logits[ids[i]] - log_norm});
+  }
+  std::vector<float> raw(logits, logits + vocab);
+  int32_t chosen = choose(logits, vocab, context, n_prompt);
+  last_logprob = raw[chosen] - log_norm;
+  return chosen;
+}
+
 
 int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   const SamplingParams& p = params_;
