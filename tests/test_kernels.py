@@ -72,12 +72,13 @@ def test_linear_small_batches_bit_identical_to_packed(variant, layout, dtype):
 @pytest.mark.parametrize("n", [1, 16, 61, 130, 300])
 def test_linear_packed_panels_bit_identical(variant, layout, dtype, n):
     # Loaded models hold their matrices as panels of 16 columns: every row count (the exact-rows
-    # kernel up to one register tile, the blocked one beyond) must give bit for bit what the
-    # stored-layout kernels give, with a ragged last panel and K past one 256-deep block.
+    # kernel up to one register tile, the few-row tiles up to 30 (float32) or 36 (bfloat16) rows,
+    # the blocked one beyond) must give bit for bit what the stored-layout kernels give, with a
+    # ragged last panel and K past one 256-deep block.
     k = 301
-    x, w, bias = rand(40, k, seed=11), rand(k, n, seed=12, scale=0.1), rand(n, seed=13)
+    x, w, bias = rand(40, k, seed=11), rand(k, n, seed=12, scale=0.1), rand(n, seed=13)  # 40 rows: blocked
     stored = w if layout == "in_out" else np.ascontiguousarray(w.T)
-    for m in [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16, 20, 24, 40]:
+    for m in [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16, 20, 24, 25, 27, 30, 31, 33, 36, 37, 40]:
         plain = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype)
         packed = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype, packed=True)
         np.testing.assert_array_equal(packed, plain)

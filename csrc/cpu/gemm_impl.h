@@ -7,7 +7,7 @@
 //      into KC x NC blocks of NR = 2W-column panels; a kGemmRows x NR register tile accumulates
 //      over KC.
 //  - B in panels (BLayout::Panels, loaded models' weights): the packed path reads the panels in
-//    place, and up to kFewRowPanels row panels (decode, batched decode) run over all of K per tile.
+//    place, and up to few_row_limit rows (decode, batched decode) run over all of K per tile.
 // Parts: gemm_tile_impl.h (constants, A panels, B runs, the microkernel), gemm_small_m_impl.h
 // (stored B, few rows), gemm_packed_impl.h (the blocked path), gemm_panels_impl.h (panels, few
 // rows); this file picks the path.
@@ -22,7 +22,7 @@ template <typename BT>
 void gemm_typed(const GemmArgs& g) {
   if (g.b_layout == BLayout::Panels) {
     if (g.M <= kGemmRows) return panels_small_m<BT, kGemmRows>(g);
-    if (g.M <= kFewRowPanels * kGemmRows) return panels_few_rows<BT>(g);
+    if (g.M <= few_row_limit<BT>()) return panels_few_rows<BT>(g);
   } else if (g.M <= kSmallM && !g.a_trans) {
     // 64 columns = a whole number of cache lines per thread range.
     llamas::parallel_for(g.N, 64, [&](int64_t n0, int64_t n1) {

@@ -53,22 +53,35 @@ void panels_small_m(const GemmArgs& g) {
   panels_tiled<BT, R, kRuns, false>(g, 1);
 }
 
-// A few register tiles of rows (a server's batched decode step: 7..24 sequences). The blocked
-// path's parallel packing of A and its k/row blocking cost more than the product itself at these
-// sizes (16 x 256 x 256 is 2 MFLOP: ~12 us on 2 cores). One column range per thread, as for
-// decode: each range's first tile has no earlier tile to fetch its B, and one contiguous stream
-// per thread keeps the hardware prefetcher on it. Against 4 ranges per thread (meant to let a
-// thread the server's event loop preempts hand ranges to the other), the bundled model's 16-row
-// products ran 8% faster in sequence with B from DRAM, and `serve_load` at 16 clients gave
-// 2,846 / 3,049 output tok/s against 2,801 / 2,620 (interleaved runs).
-constexpr int64_t kFewRowPanels = 4;
+// A few register tiles of rows (a server's batched decode step: 7..16 sequences, and the steps
+// that also take a new request's prompt rows). The blocked path's parallel packing of A and its
+// k/row blocking cost more than the product itself at these sizes (16 x 256 x 256 is 2 MFLOP:
+// ~12 us on 2 cores). One column range per thread, as for decode: each range's first tile has no
+// earlier tile to fetch its B, and one contiguous stream per thread keeps the hardware prefetcher
+// on it. Against 4 ranges per thread (meant to let a thread the server's event loop preempts hand
+// ranges to the other), the bundled model's 16-row products ran 8% faster in sequence with B from
+// DRAM, and `serve_load` at 16 clients gave 2,846 / 3,049 output tok/s against 2,801 / 2,620
+// (interleaved runs).
+// Up to how many rows: with 8-lane registers, 30 float32 rows (5 row panels) and 36 bfloat16 ones
+// (6). Bundled-model steps of 16 sequences plus a prompt, interleaved against the blocked path
+// (the limit was 24): float32 at 25-30 rows 3-7% faster, at 32-48 rows 6-15% slower; bfloat16 at
+// 25-32 rows 12-18% faster, at 36 5%, at 42-48 2% slower. (bfloat16 gains more: the blocked path
+// widens each B element once per 6-row panel, these tiles once per k step and panel row too, but
+// read B once instead of once per k block.) Other widths keep 4 row panels (unmeasured).
+template <typename BT>
+constexpr int64_t few_row_limit() {
+  if constexpr (Vec::W == 8 && kGemmRows == 6) return std::is_same_v<BT, float> ? 30 : 36;
+  return 4 * kGemmRows;
+}
 constexpr int kFewRowRangesPerThread = 1;
 
 template <typename BT>
 void panels_few_rows(const GemmArgs& g) {
   // With 8-lane registers, the tile that pads the fewest rows:
   //  - 8 rows x 2 registers for 7-8 and 13-16 rows (one or two row panels: each B tile serves 2
-  //    passes instead of 4 at 16 sequences). 16 accumulators, B taken by the FMAs from memory.
+  //    passes instead of 4 at 16 sequences). 16 accumulators do not fit beside the B registers:
+  //    GCC keeps 3 on the stack, and in cache this tile is slower than 4 x 3 (48 against 68
+  //    GFLOP/s, one core, 16 x 256 x 1024); it wins when B comes from DRAM.
   //    Against 4 x 3: the bundled model's 16-sequence step +4.5-7%, 8 sequences +4.5%
   //    (interleaved steps); 16 x K x N products with B from DRAM at GPT-2 shapes 3-12% faster.
   //    At 24 rows (a tie with 6 x 2) it was 2% slower, and at 12 or 20 rows it pads 4 more.
