@@ -68,7 +68,24 @@ inline void gelu_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
 template <int R = kGemmRows>
 inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc, float* dst) {
   const int rows = int(imin(R, g.M - row0));
-  for (int64_t k = 0; k < kc; ++k) {
+  int64_t k = 0;
+  if constexpr (R >= 4 && R <= Vec::W) {
+    // W steps of k at a time: the panel's rows as W-wide loads, transposed in registers, each k's
+    // R values stored as one whole register. Its lanes past R land on the next k's slots, which
+    // the next store overwrites, so the loop stops where a store would pass the panel's end (the
+    // rest go through the loop below). Gathering one float per row and k instead, a 16 x 1024
+    // pack took 21.5 us in 6-row panels (now 2.2) and 4.6 in 8-row ones (now 2.5), while the
+    // other thread waited. Bundled-model steps of 15-16 sequences plus a 3-14 token prompt
+    // (18-30 rows, 6- and 4-row panels), interleaved: 2-22% faster, float32 and bfloat16.
+    if (!g.a_trans)
+      for (; (k + Vec::W - 1) * R + Vec::W <= kc * R; k += Vec::W) {
+        Vec t[Vec::W];
+        for (int i = 0; i < Vec::W; ++i) t[i] = i < rows ? Vec::load(g.A + (row0 + i) * g.lda + pc + k) : Vec::zero();
+        transpose_square(t);
+        for (int j = 0; j < Vec::W; ++j) t[j].store(dst + (k + j) * R);
+      }
+  }
+  for (; k < kc; ++k) {
     float* d = dst + k * R;
     if (g.a_trans) {  // A^T stored (K, M): each k is a contiguous run of the panel's rows
       const float* src = g.A + (pc + k) * g.lda + row0;
