@@ -161,10 +161,15 @@ def main() -> int:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--warmup", type=float, default=3.0,
                     help="seconds of load at the highest client count before measuring (default 3)")
+    ap.add_argument("--settle", type=float, default=45.0,
+                    help="after --warmup, up to this many more seconds of load until the server's RSS stops "
+                         "growing (default 45; 0 measures right after --warmup)")
     args = ap.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     if any(c < 1 for c in counts) or args.duration <= 0:
         ap.error("--clients must be positive integers and --duration > 0")
+    if args.warmup < 0 or args.settle < 0:
+        ap.error("--warmup and --settle must be >= 0")
     if args.url and not args.url.startswith("http://"):
         ap.error("--url must be http:// (the load client speaks plain HTTP/1.1)")
 
@@ -186,9 +191,23 @@ def main() -> int:
         pid = proc.pid
     try:
         # Warm-up at the highest concurrency, so that caches (allocator, KV blocks, Python heap)
-        # reach their working size before the RSS baseline is taken.
+        # reach their working size before the RSS baseline is taken: at least --warmup seconds,
+        # then 3-second rounds until a round grows the RSS by under 0.25% (at most --settle
+        # seconds). The llamas allocator holds its size from the first seconds, but the Python and
+        # C heaps took ~35 s at 16 clients to reach theirs (+4 MB, then flat over 1,000 more
+        # requests). A leak never settles: it runs the whole --settle and still shows below.
         asyncio.run(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key))
+        warmed = args.warmup
         rss_before = rss_mib(pid)
+        while rss_before is not None and warmed < args.warmup + args.settle:
+            asyncio.run(run_clients(url, max(counts), 3.0, args.max_tokens, args.api_key))
+            warmed += 3.0
+            rss_now = rss_mib(pid)
+            settled = rss_now is not None and rss_now < rss_before * 1.0025
+            rss_before = rss_now
+            if settled:
+                break
+        print(f"warm-up: {warmed:g} s at {max(counts)} clients")
         rows = []
         total_requests = 0
         for n in counts:

@@ -465,8 +465,11 @@ def test_metrics_and_one_json_log_line_per_request(srv, http, caplog):
                  "llamas_e2e_request_latency_seconds_bucket", "llamas_request_queue_time_seconds_bucket",
                  "llamas_requests_running", "llamas_requests_waiting", "llamas_kv_cache_blocks_in_use",
                  "llamas_kv_cache_bytes_in_use",
-                 "llamas_allocator_bytes_in_use", "llamas_allocator_peak_bytes"):
+                 "llamas_allocator_bytes_in_use", "llamas_allocator_peak_bytes", "llamas_allocator_bytes_reserved",
+                 "process_resident_memory_bytes"):
         assert name in text, name
+    assert metric(http, "llamas_allocator_bytes_reserved") >= metric(http, "llamas_allocator_bytes_in_use") > 0
+    assert metric(http, "process_resident_memory_bytes") > metric(http, "llamas_allocator_bytes_in_use")
     assert metric(http, "llamas_requests_total", 'endpoint="/v1/completions",status="200"') > 0
 
 

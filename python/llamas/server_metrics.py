@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the server)
 from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.metrics_core import HistogramMetricFamily
@@ -103,6 +103,11 @@ class ServerMetrics:
             lambda: memory_stats()["bytes_in_use"])
         Gauge("llamas_allocator_peak_bytes", "Caching allocator: peak bytes in use", registry=r).set_function(
             lambda: memory_stats()["peak_bytes_in_use"])
+        Gauge("llamas_allocator_bytes_reserved", "Caching allocator: bytes held from the system (in use + cached)",
+              registry=r).set_function(lambda: memory_stats()["bytes_reserved"])
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux /proc): the
+        # RSS a leak would grow, beside the allocator's own view of it.
+        ProcessCollector(registry=r)
 
     def on_finish(self, req) -> None:
         """Engine hook (engine thread): one finished sequence."""
