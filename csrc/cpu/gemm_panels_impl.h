@@ -11,11 +11,16 @@ namespace {
 // passes share the fetching of the next tile's B (see micro_tile); pass p asks for rows from
 // p K / panels on, one per 2^shift k steps (2^shift <= panels, so the passes cover every row).
 // pieces: ranges per thread.
-template <typename BT, int R, int RUNS, bool kStreamB>
+template <typename BT, int R, int RUNS, bool kStreamB, int R_LAST = R>
 void panels_tiled(const GemmArgs& g, int pieces) {
   const int64_t panels = (g.M + R - 1) / R;
+  // A last row panel of at most R_LAST rows runs R_LAST-row tiles: no FMA on padded rows.
+  const bool small_last = R_LAST < R && g.M % R != 0 && g.M % R <= R_LAST;
   ScratchBuffer Ap(static_cast<size_t>(panels * R * (g.K > 0 ? g.K : 1)));
-  for (int64_t p = 0; p < panels; ++p) pack_a_panel<R>(g, p * R, 0, g.K, Ap.data + p * R * g.K);
+  for (int64_t p = 0; p < panels; ++p) {
+    if (small_last && p == panels - 1) pack_a_panel<R_LAST>(g, p * R, 0, g.K, Ap.data + p * R * g.K);
+    else pack_a_panel<R>(g, p * R, 0, g.K, Ap.data + p * R * g.K);
+  }
   constexpr int64_t kCols = RUNS * Vec::W;
   int next_shift = 0;
   while ((int64_t(2) << next_shift) <= panels) ++next_shift;
@@ -26,10 +31,18 @@ void panels_tiled(const GemmArgs& g, int pieces) {
     for (int64_t col = n0; col < n1; col += kCols) {
       for (int j = 0; j < RUNS; ++j) runs[j] = next[j], next[j] = panel_run<BT>(g, col + kCols + j * Vec::W, 0);
       const bool more = kStreamB && col + kCols < n1;
-      for (int64_t p = 0; p < panels; ++p)
-        micro_tile<BT, R, RUNS, kStreamB>(g, g.K, Ap.data + p * R * g.K, runs, kPanelWidth, g.C + p * R * g.ldc + col,
-                                          int(imin(R, g.M - p * R)), int(imin(kCols, n1 - col)), col, true, true,
-                                          more ? next : nullptr, p * g.K / panels, next_shift);
+      const int cols = int(imin(kCols, n1 - col));
+      for (int64_t p = 0; p < panels; ++p) {
+        const int rows = int(imin(R, g.M - p * R));
+        const float* a = Ap.data + p * R * g.K;
+        float* c = g.C + p * R * g.ldc + col;
+        if (small_last && p == panels - 1)
+          micro_tile<BT, R_LAST, RUNS, kStreamB>(g, g.K, a, runs, kPanelWidth, c, rows, cols, col, true, true,
+                                                 more ? next : nullptr, p * g.K / panels, next_shift);
+        else
+          micro_tile<BT, R, RUNS, kStreamB>(g, g.K, a, runs, kPanelWidth, c, rows, cols, col, true, true,
+                                            more ? next : nullptr, p * g.K / panels, next_shift);
+      }
     }
   }, pieces);
 }
@@ -78,18 +91,24 @@ constexpr int kFewRowRangesPerThread = 1;
 template <typename BT>
 void panels_few_rows(const GemmArgs& g) {
   // With 8-lane registers, the tile that pads the fewest rows:
-  //  - 8 rows x 2 registers for 7-8 and 13-16 rows (one or two row panels: each B tile serves 2
-  //    passes instead of 4 at 16 sequences). 16 accumulators do not fit beside the B registers:
-  //    GCC keeps 3 on the stack, and in cache this tile is slower than 4 x 3 (48 against 68
-  //    GFLOP/s, one core, 16 x 256 x 1024); it wins when B comes from DRAM.
-  //    Against 4 x 3: the bundled model's 16-sequence step +4.5-7%, 8 sequences +4.5%
-  //    (interleaved steps); 16 x K x N products with B from DRAM at GPT-2 shapes 3-12% faster.
-  //    At 24 rows (a tie with 6 x 2) it was 2% slower, and at 12 or 20 rows it pads 4 more.
+  //  - 6 + 6 + 4 rows (6 x 2 tiles, then a 4 x 2 tile) for 16 rows, and for 14-15 bfloat16 ones:
+  //    three passes over each B tile with no padded row. Against 8 x 2 below, interleaved
+  //    16-sequence steps of the bundled model: float32 4-5% faster (15 rows: 4-11% slower, 14:
+  //    +-3%), bfloat16 14-16 rows 8-9% faster; at 8 rows 8-20% slower.
+  //  - 8 rows x 2 registers for 7-8 and the other 13-16 rows (each B tile serves 2 passes instead
+  //    of 4 at 16 sequences). 16 accumulators do not fit beside the B registers: GCC keeps 3 on
+  //    the stack, and in cache this tile is slower than 4 x 3 (48 against 68 GFLOP/s, one core,
+  //    16 x 256 x 1024); it wins when B comes from DRAM. Against 4 x 3: the bundled model's
+  //    16-sequence step +4.5-7%, 8 sequences +4.5% (interleaved steps); 16 x K x N products with
+  //    B from DRAM at GPT-2 shapes 3-12% faster. At 24 rows (a tie with 6 x 2) it was 2% slower,
+  //    and at 12 or 20 rows it pads 4 more.
   //  - 4 rows x 3 registers when they pad fewer rows than 6 x 2 (19-20 rows), also one B load
   //    fewer per 12 FMAs (7 against 8). (24-column tiles straddle panels: float32 only, bfloat16
   //    tiles load whole interleaved panels.)
   if constexpr (Vec::W == 8 && kGemmRows == 6) {
     const int64_t pad8 = (g.M + 7) / 8 * 8, pad6 = (g.M + 5) / 6 * 6, pad4 = (g.M + 3) / 4 * 4;
+    if (g.M == 16 || (!std::is_same_v<BT, float> && (g.M == 14 || g.M == 15)))
+      return panels_tiled<BT, 6, 2, true, 4>(g, kFewRowRangesPerThread);
     if (g.M <= 16 && pad8 < pad6 && pad8 <= pad4) return panels_tiled<BT, 8, 2, true>(g, kFewRowRangesPerThread);
     if constexpr (std::is_same_v<BT, float>)
       if (pad4 < pad6) return panels_tiled<BT, 4, 3, true>(g, kFewRowRangesPerThread);
