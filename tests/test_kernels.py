@@ -78,7 +78,7 @@ def test_linear_packed_panels_bit_identical(variant, layout, dtype, n):
     k = 301
     x, w, bias = rand(40, k, seed=11), rand(k, n, seed=12, scale=0.1), rand(n, seed=13)  # 40 rows: blocked
     stored = w if layout == "in_out" else np.ascontiguousarray(w.T)
-    for m in [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 14, 15, 16, 20, 24, 25, 27, 30, 31, 33, 36, 37, 40]:
+    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 20, 21, 22, 24, 25, 27, 28, 30, 31, 33, 34, 36, 37, 40]:
         plain = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype)
         packed = ops.linear(x[:m], stored, bias, gelu=True, weight_layout=layout, weight_dtype=dtype, packed=True)
         np.testing.assert_array_equal(packed, plain)

@@ -91,11 +91,14 @@ constexpr int kFewRowRangesPerThread = 1;
 template <typename BT>
 void panels_few_rows(const GemmArgs& g) {
   // With 8-lane registers, the tile that pads the fewest rows:
-  //  - 6 + 6 + 4 rows (6 x 2 tiles, then a 4 x 2 tile) for 16 rows, and for 14-15 bfloat16 ones:
-  //    three passes over each B tile with no padded row. Against 8 x 2 below, interleaved
-  //    16-sequence steps of the bundled model: float32 4-5% faster (15 rows: 4-11% slower, 14:
-  //    +-3%), bfloat16 14-16 rows 8-9% faster; at 8 rows 8-20% slower.
-  //  - 8 rows x 2 registers for 7-8 and the other 13-16 rows (each B tile serves 2 passes instead
+  //  - 6-row tiles and a last 4-row one (6 x 2 and 4 x 2 registers) when 3 or 4 rows are left
+  //    over from 9 rows on (10 = 6 + 4, 16 = 6 + 6 + 4, 22, 28), and for 14 bfloat16 rows: no FMA
+  //    on padding, and fewer passes over each B tile than 4 x 3. Interleaved steps of the bundled
+  //    model against the tiles below: 16 rows float32 4-5% faster than 8 x 2, bfloat16 (14-16
+  //    rows) 8-9%; 9-10 rows 6-9% faster than 6 x 2 (bfloat16 6-21%); 21-22 and 27-28 rows 3-5%
+  //    faster than 6 x 2 and 4 x 3 (bfloat16 -4% to +6%). Not 15 float32 rows (4-11% slower than
+  //    8 x 2) nor 7-8 (8-20% slower).
+  //  - 8 rows x 2 registers for 7-8 and 13-15 rows (each B tile serves 2 passes instead
   //    of 4 at 16 sequences). 16 accumulators do not fit beside the B registers: GCC keeps 3 on
   //    the stack, and in cache this tile is slower than 4 x 3 (48 against 68 GFLOP/s, one core,
   //    16 x 256 x 1024); it wins when B comes from DRAM. Against 4 x 3: the bundled model's
@@ -107,7 +110,9 @@ void panels_few_rows(const GemmArgs& g) {
   //    tiles load whole interleaved panels.)
   if constexpr (Vec::W == 8 && kGemmRows == 6) {
     const int64_t pad8 = (g.M + 7) / 8 * 8, pad6 = (g.M + 5) / 6 * 6, pad4 = (g.M + 3) / 4 * 4;
-    if (g.M == 16 || (!std::is_same_v<BT, float> && (g.M == 14 || g.M == 15)))
+    const bool bf16 = !std::is_same_v<BT, float>;
+    const int64_t left = g.M % 6;
+    if ((g.M >= 9 && (left == 3 || left == 4) && (bf16 || g.M != 15)) || (bf16 && g.M == 14))
       return panels_tiled<BT, 6, 2, true, 4>(g, kFewRowRangesPerThread);
     if (g.M <= 16 && pad8 < pad6 && pad8 <= pad4) return panels_tiled<BT, 8, 2, true>(g, kFewRowRangesPerThread);
     if constexpr (std::is_same_v<BT, float>)
