@@ -57,10 +57,6 @@ void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayo
 
 }  // namespace
 
-// Up to this many rows per step (decode batches) get their KV lines prefetched: a long prefill
-// would ask for far more lines than the caches hold at once.
-constexpr int64_t kPrefetchKvRows = 64;
-
 void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   const GPT2Config& c = config_;
   const int64_t C = c.n_embd, F = c.ffn(), H = c.n_head, hd = C / H, V = c.vocab_size;
@@ -131,12 +127,11 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     if (l == 0) ops::layernorm_rows(xd, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C, c.layer_norm_epsilon);
     else ops::residual_layernorm_rows(xd, deltad, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C,
                                       c.layer_norm_epsilon);
-    // This layer's cache lines for the new positions were last touched a step ago and have since
-    // been pushed out by the weights: fetched during the qkv product, the writes below find them
-    // close (16 sequences of the bundled model: kv_cache_write 38 -> 28 us a layer).
-    if (R <= kPrefetchKvRows)
-      for (size_t s = 0; s < chunks.size(); ++s)
-        for (int64_t i = 0; i < chunks[s].n; ++i) chunks[s].cache->prefetch_for_write(int(l), positions[first_row[s] + i]);
+    // No prefetch of the KV lines the writes below will touch (one per head dimension of each new
+    // key): issued here, in the calling thread before the qkv product, it made kv_cache_write
+    // 38 -> 28 us a layer at 16 sequences but cost more than that while the other thread waited
+    // (~4,400 prefetches a layer); interleaved steps without it: 16 sequences 3-10% faster, 4
+    // sequences 3-11%, 8 sequences -7% to +7%.
     linear_rows(lnd, R, C, w.attn_w, BLayout::KN, w.attn_p, &w.attn_b, false, qkvd);
     {
       // One task per (sequence, KV block) run of rows: blocks are disjoint memory, so tasks never

@@ -51,21 +51,6 @@ void KvCache::write_typed(int layer, int64_t pos, const float* k, const float* v
   kv_block_write(kb, vb, n_head_, head_dim_, pos % kKvBlockSize, k, v);
 }
 
-void KvCache::prefetch_for_write(int layer, int64_t pos) const {
-  const char* kb = static_cast<const char*>(key_ptrs_[layer][pos / kKvBlockSize]);
-  const char* vb = static_cast<const char*>(value_ptrs_[layer][pos / kKvBlockSize]);
-  const size_t entry = dtype_size(dtype_), slot = size_t(pos % kKvBlockSize);
-  // The position's keys sit one per key row of kKvBlockSize entries: one line each for float32,
-  // two rows a line for bfloat16.
-  const size_t key_rows = size_t(n_head_) * head_dim_, row_bytes = kKvBlockSize * entry;
-  const size_t rows_per_line = row_bytes >= 64 ? 1 : 64 / row_bytes;
-  for (size_t r = 0; r < key_rows; r += rows_per_line) __builtin_prefetch(kb + r * row_bytes + slot * entry, 1);
-  for (int h = 0; h < n_head_; ++h) {
-    const char* row = vb + ((size_t(h) * kKvBlockSize + slot) * head_dim_) * entry;
-    for (size_t off = 0; off < head_dim_ * entry; off += 64) __builtin_prefetch(row + off, 1);
-  }
-}
-
 void KvCache::write(int layer, int64_t pos, const float* k, const float* v) {
   if (dtype_ == DType::BF16) write_typed<uint16_t>(layer, pos, k, v);
   else write_typed<float>(layer, pos, k, v);

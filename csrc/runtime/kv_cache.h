@@ -33,10 +33,6 @@ class KvCache {
   // Writes one position's keys and values (n_head * head_dim floats each, rounded to the cache's
   // dtype) for a layer.
   void write(int layer, int64_t pos, const float* k, const float* v);
-  // Asks for the cache lines write(layer, pos, ...) will store to (one per key dimension and
-  // head: keys are transposed), so that their misses overlap other work instead of stalling the
-  // writes one line at a time.
-  void prefetch_for_write(int layer, int64_t pos) const;
   void set_length(int64_t n) { length_ = n; }
   // One layer's blocks, entries of dtype().
   const void* const* key_blocks(int layer) const { return key_ptrs_[layer].data(); }
