@@ -97,7 +97,10 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       }
     }
   }
-  ops::embedding(ids.data<int32_t>(), positions.data(), R, weights_.wte, weights_.wpe, x.data<float>());
+  {
+    ProfileRegion region("embedding");
+    ops::embedding(ids.data<int32_t>(), positions.data(), R, weights_.wte, weights_.wpe, x.data<float>());
+  }
   // The KV writes of each layer, as runs of rows that stay inside one cache block.
   struct KvWriteTask {
     size_t chunk;
@@ -124,20 +127,27 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const GPT2Layer& w = weights_.layers[l];
     // The previous layer's MLP output joins the residual stream inside the fused norm.
-    if (l == 0) ops::layernorm_rows(xd, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C, c.layer_norm_epsilon);
-    else ops::residual_layernorm_rows(xd, deltad, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C,
-                                      c.layer_norm_epsilon);
+    {
+      ProfileRegion region("ln_1");
+      if (l == 0) ops::layernorm_rows(xd, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C, c.layer_norm_epsilon);
+      else ops::residual_layernorm_rows(xd, deltad, w.ln1_w.data<float>(), w.ln1_b.data<float>(), lnd, R, C,
+                                        c.layer_norm_epsilon);
+    }
     // No prefetch of the KV lines the writes below will touch (one per head dimension of each new
     // key): issued here, in the calling thread before the qkv product, it made kv_cache_write
     // 38 -> 28 us a layer at 16 sequences but cost more than that while the other thread waited
     // (~4,400 prefetches a layer); interleaved steps without it: 16 sequences 3-10% faster, 4
     // sequences 3-11%, 8 sequences -7% to +7%.
-    linear_rows(lnd, R, C, w.attn_w, BLayout::KN, w.attn_p, &w.attn_b, false, qkvd);
+    {
+      ProfileRegion region("attn.qkv");
+      linear_rows(lnd, R, C, w.attn_w, BLayout::KN, w.attn_p, &w.attn_b, false, qkvd);
+    }
     {
       // One task per (sequence, KV block) run of rows: blocks are disjoint memory, so tasks never
       // race, and a prefill's positions spread over the threads too (a 512-token prompt wrote its
       // keys on one core: 1.3 ms a layer, 2% of the prefill). The transposed key writes touch a
       // cache line per head dimension.
+      ProfileRegion region("attn.kv_write");
       ProfileScope scope("kv_cache_write");
       parallel_for(int64_t(kv_tasks.size()), 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
@@ -160,12 +170,27 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       a.kv_bf16 = chunks[s].cache->dtype() == DType::BF16;
       a.scale = scale;
     }
-    ops::paged_attention(attn.data(), int(attn.size()));
-    linear_rows(attd, R, C, w.attn_proj_w, BLayout::KN, w.attn_proj_p, &w.attn_proj_b, false, deltad);
-    ops::residual_layernorm_rows(xd, deltad, w.ln2_w.data<float>(), w.ln2_b.data<float>(), lnd, R, C,
-                                 c.layer_norm_epsilon);
-    linear_rows(lnd, R, C, w.fc_w, BLayout::KN, w.fc_p, &w.fc_b, true, fcd);
-    linear_rows(fcd, R, F, w.mlp_proj_w, BLayout::KN, w.mlp_proj_p, &w.mlp_proj_b, false, deltad);
+    {
+      ProfileRegion region("attn.core");
+      ops::paged_attention(attn.data(), int(attn.size()));
+    }
+    {
+      ProfileRegion region("attn.proj");
+      linear_rows(attd, R, C, w.attn_proj_w, BLayout::KN, w.attn_proj_p, &w.attn_proj_b, false, deltad);
+    }
+    {
+      ProfileRegion region("ln_2");
+      ops::residual_layernorm_rows(xd, deltad, w.ln2_w.data<float>(), w.ln2_b.data<float>(), lnd, R, C,
+                                   c.layer_norm_epsilon);
+    }
+    {
+      ProfileRegion region("mlp.fc");
+      linear_rows(lnd, R, C, w.fc_w, BLayout::KN, w.fc_p, &w.fc_b, true, fcd);
+    }
+    {
+      ProfileRegion region("mlp.proj");
+      linear_rows(fcd, R, F, w.mlp_proj_w, BLayout::KN, w.mlp_proj_p, &w.mlp_proj_b, false, deltad);
+    }
   }
   for (auto& ch : chunks) ch.cache->set_length(ch.cache->length() + ch.n);
 
@@ -173,6 +198,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   Tensor hidden = Tensor::empty({logit_rows, C}, DType::F32);
   Tensor resid = Tensor::empty({logit_rows, C}, DType::F32);
   {
+    ProfileRegion region("ln_f");
     int64_t out_row = 0;
     for (size_t s = 0; s < chunks.size(); ++s) {
       int64_t first = chunks[s].all_logits ? 0 : chunks[s].n - 1;
@@ -181,9 +207,10 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
         ops::add_into(xd + row * C, deltad + row * C, resid.data<float>() + out_row * C, C);
       }
     }
+    ops::layernorm_rows(resid.data<float>(), weights_.lnf_w.data<float>(), weights_.lnf_b.data<float>(),
+                        hidden.data<float>(), logit_rows, C, c.layer_norm_epsilon);
   }
-  ops::layernorm_rows(resid.data<float>(), weights_.lnf_w.data<float>(), weights_.lnf_b.data<float>(),
-                      hidden.data<float>(), logit_rows, C, c.layer_norm_epsilon);
+  ProfileRegion region("lm_head");
   linear_rows(hidden.data<float>(), logit_rows, C, weights_.wte, BLayout::NK, weights_.lm_head_p, nullptr, false,
               logits);
 }
@@ -227,6 +254,7 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
   // Each sequence draws from its own logits row with its own generator, so sequences sample in
   // parallel and the draws do not depend on the split (16 sequences at temperature 0.8 over a
   // 4096-token vocabulary took ~0.8 ms of a ~5 ms step on one core).
+  ProfileRegion region("sampling");
   ProfileScope scope("sample");
   parallel_for(int64_t(entries.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {

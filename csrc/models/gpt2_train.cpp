@@ -128,7 +128,10 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
   std::vector<int64_t> positions(R);
   for (int64_t i = 0; i < R; ++i) positions[i] = i % T;
   Tensor x = buf({R, C});
-  ops::embedding(inputs, positions.data(), R, w.wte, w.wpe, x.data<float>());
+  {
+    ProfileRegion region("embedding");
+    ops::embedding(inputs, positions.data(), R, w.wte, w.wpe, x.data<float>());
+  }
   Tensor delta = buf({R, C});
   for (int64_t l = 0; l < L; ++l) {
     const GPT2Layer& lw = w.layers[l];
@@ -136,71 +139,130 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
     a.x_in = x;
     a.ln1 = buf({R, C}), a.qkv = buf({R, 3 * C}), a.att = buf({R, C}), a.lse = buf({B * H * T});
     a.x_mid = buf({R, C}), a.ln2 = buf({R, C}), a.fc_pre = buf({R, F}), a.fc_act = buf({R, F});
-    ops::layernorm_rows(a.x_in.data<float>(), lw.ln1_w.data<float>(), lw.ln1_b.data<float>(), a.ln1.data<float>(), R,
-                        C, eps);
-    linear_fwd(a.ln1.data<float>(), R, lw.attn_w, lw.attn_b, a.qkv.data<float>());
-    ops::attention_forward(a.qkv.data<float>(), a.att.data<float>(), a.lse.data<float>(), B, T, H, hd);
-    linear_fwd(a.att.data<float>(), R, lw.attn_proj_w, lw.attn_proj_b, delta.data<float>());
-    ops::add_into(a.x_in.data<float>(), delta.data<float>(), a.x_mid.data<float>(), R * C);
-    ops::layernorm_rows(a.x_mid.data<float>(), lw.ln2_w.data<float>(), lw.ln2_b.data<float>(), a.ln2.data<float>(), R,
-                        C, eps);
-    linear_fwd(a.ln2.data<float>(), R, lw.fc_w, lw.fc_b, a.fc_pre.data<float>());
     {
-      Tensor act = ops::gelu(a.fc_pre);
-      a.fc_act = act;
+      ProfileRegion region("ln_1");
+      ops::layernorm_rows(a.x_in.data<float>(), lw.ln1_w.data<float>(), lw.ln1_b.data<float>(), a.ln1.data<float>(), R,
+                          C, eps);
     }
-    linear_fwd(a.fc_act.data<float>(), R, lw.mlp_proj_w, lw.mlp_proj_b, delta.data<float>());
-    x = buf({R, C});
-    ops::add_into(a.x_mid.data<float>(), delta.data<float>(), x.data<float>(), R * C);
+    {
+      ProfileRegion region("attn.qkv");
+      linear_fwd(a.ln1.data<float>(), R, lw.attn_w, lw.attn_b, a.qkv.data<float>());
+    }
+    {
+      ProfileRegion region("attn.core");
+      ops::attention_forward(a.qkv.data<float>(), a.att.data<float>(), a.lse.data<float>(), B, T, H, hd);
+    }
+    {
+      ProfileRegion region("attn.proj");
+      linear_fwd(a.att.data<float>(), R, lw.attn_proj_w, lw.attn_proj_b, delta.data<float>());
+      ops::add_into(a.x_in.data<float>(), delta.data<float>(), a.x_mid.data<float>(), R * C);
+    }
+    {
+      ProfileRegion region("ln_2");
+      ops::layernorm_rows(a.x_mid.data<float>(), lw.ln2_w.data<float>(), lw.ln2_b.data<float>(), a.ln2.data<float>(), R,
+                          C, eps);
+    }
+    {
+      ProfileRegion region("mlp.fc");
+      linear_fwd(a.ln2.data<float>(), R, lw.fc_w, lw.fc_b, a.fc_pre.data<float>());
+      {
+        Tensor act = ops::gelu(a.fc_pre);
+        a.fc_act = act;
+      }
+    }
+    {
+      ProfileRegion region("mlp.proj");
+      linear_fwd(a.fc_act.data<float>(), R, lw.mlp_proj_w, lw.mlp_proj_b, delta.data<float>());
+      x = buf({R, C});
+      ops::add_into(a.x_mid.data<float>(), delta.data<float>(), x.data<float>(), R * C);
+    }
   }
   Tensor lnf = buf({R, C});
-  ops::layernorm_rows(x.data<float>(), w.lnf_w.data<float>(), w.lnf_b.data<float>(), lnf.data<float>(), R, C, eps);
+  {
+    ProfileRegion region("ln_f");
+    ops::layernorm_rows(x.data<float>(), w.lnf_w.data<float>(), w.lnf_b.data<float>(), lnf.data<float>(), R, C, eps);
+  }
   // logits = lnf @ wte^T; the classifier turns them into dlogits in place.
   Tensor logits = buf({R, V});
-  gemm_f32(R, V, C, lnf.data<float>(), C, false, w.wte.data<float>(), BLayout::NK, C, nullptr, logits.data<float>(),
-           false);
+  {
+    ProfileRegion region("lm_head");
+    gemm_f32(R, V, C, lnf.data<float>(), C, false, w.wte.data<float>(), BLayout::NK, C, nullptr, logits.data<float>(),
+             false);
+  }
   std::vector<float> losses(R);
-  ops::cross_entropy(logits.data<float>(), targets, losses.data(), R, V, grad_scale);
+  {
+    ProfileRegion region("loss");
+    ops::cross_entropy(logits.data<float>(), targets, losses.data(), R, V, grad_scale);
+  }
   double loss_sum = 0;
   for (float v : losses) loss_sum += v;
 
   GPT2Weights& g = grads_;
-  ProfileScope scope("backward");
   // Classifier: dlnf = dlogits @ wte; dwte += dlogits^T @ lnf.
   Tensor d_ln = buf({R, C});
-  gemm_f32(R, C, V, logits.data<float>(), V, false, w.wte.data<float>(), BLayout::KN, C, nullptr, d_ln.data<float>(),
-           false);
-  gemm_f32(V, C, R, logits.data<float>(), V, true, lnf.data<float>(), BLayout::KN, C, nullptr, g.wte.data<float>(),
-           true);
+  {
+    ProfileRegion region("lm_head backward");
+    gemm_f32(R, C, V, logits.data<float>(), V, false, w.wte.data<float>(), BLayout::KN, C, nullptr, d_ln.data<float>(),
+             false);
+    gemm_f32(V, C, R, logits.data<float>(), V, true, lnf.data<float>(), BLayout::KN, C, nullptr, g.wte.data<float>(),
+             true);
+  }
   logits = Tensor();
   Tensor d_res = Tensor::zeros({R, C}, DType::F32);
-  ops::layernorm_backward(d_ln.data<float>(), x.data<float>(), w.lnf_w.data<float>(), d_res.data<float>(),
-                          g.lnf_w.data<float>(), g.lnf_b.data<float>(), R, C, eps);
+  {
+    ProfileRegion region("ln_f backward");
+    ops::layernorm_backward(d_ln.data<float>(), x.data<float>(), w.lnf_w.data<float>(), d_res.data<float>(),
+                            g.lnf_w.data<float>(), g.lnf_b.data<float>(), R, C, eps);
+  }
   Tensor d_big = buf({R, F}), d_att = buf({R, C}), d_qkv = buf({R, 3 * C});
   for (int64_t l = L - 1; l >= 0; --l) {
     const GPT2Layer& lw = w.layers[l];
     GPT2Layer& lg = g.layers[l];
     Saved& a = s[l];
     // MLP: x_out = x_mid + gelu(ln2 @ fc_w + fc_b) @ proj_w + proj_b.
-    linear_bwd(a.fc_act.data<float>(), d_res.data<float>(), R, lw.mlp_proj_w, lg.mlp_proj_w, lg.mlp_proj_b,
-               d_big.data<float>(), false);
-    ops::gelu_backward(a.fc_pre.data<float>(), d_big.data<float>(), d_big.data<float>(), R * F);
-    linear_bwd(a.ln2.data<float>(), d_big.data<float>(), R, lw.fc_w, lg.fc_w, lg.fc_b, d_ln.data<float>(), false);
-    ops::layernorm_backward(d_ln.data<float>(), a.x_mid.data<float>(), lw.ln2_w.data<float>(), d_res.data<float>(),
-                            lg.ln2_w.data<float>(), lg.ln2_b.data<float>(), R, C, eps);
+    {
+      ProfileRegion region("mlp.proj backward");
+      linear_bwd(a.fc_act.data<float>(), d_res.data<float>(), R, lw.mlp_proj_w, lg.mlp_proj_w, lg.mlp_proj_b,
+                 d_big.data<float>(), false);
+    }
+    {
+      ProfileRegion region("mlp.fc backward");
+      ops::gelu_backward(a.fc_pre.data<float>(), d_big.data<float>(), d_big.data<float>(), R * F);
+      linear_bwd(a.ln2.data<float>(), d_big.data<float>(), R, lw.fc_w, lg.fc_w, lg.fc_b, d_ln.data<float>(), false);
+    }
+    {
+      ProfileRegion region("ln_2 backward");
+      ops::layernorm_backward(d_ln.data<float>(), a.x_mid.data<float>(), lw.ln2_w.data<float>(), d_res.data<float>(),
+                              lg.ln2_w.data<float>(), lg.ln2_b.data<float>(), R, C, eps);
+    }
     // Attention: x_mid = x_in + attention(ln1 @ attn_w + attn_b) @ proj_w + proj_b.
-    linear_bwd(a.att.data<float>(), d_res.data<float>(), R, lw.attn_proj_w, lg.attn_proj_w, lg.attn_proj_b,
-               d_att.data<float>(), false);
-    ops::attention_backward(a.qkv.data<float>(), a.att.data<float>(), a.lse.data<float>(), d_att.data<float>(),
-                            d_qkv.data<float>(), B, T, H, hd);
-    linear_bwd(a.ln1.data<float>(), d_qkv.data<float>(), R, lw.attn_w, lg.attn_w, lg.attn_b, d_ln.data<float>(),
-               false);
-    ops::layernorm_backward(d_ln.data<float>(), a.x_in.data<float>(), lw.ln1_w.data<float>(), d_res.data<float>(),
-                            lg.ln1_w.data<float>(), lg.ln1_b.data<float>(), R, C, eps);
+    {
+      ProfileRegion region("attn.proj backward");
+      linear_bwd(a.att.data<float>(), d_res.data<float>(), R, lw.attn_proj_w, lg.attn_proj_w, lg.attn_proj_b,
+                 d_att.data<float>(), false);
+    }
+    {
+      ProfileRegion region("attn.core backward");
+      ops::attention_backward(a.qkv.data<float>(), a.att.data<float>(), a.lse.data<float>(), d_att.data<float>(),
+                              d_qkv.data<float>(), B, T, H, hd);
+    }
+    {
+      ProfileRegion region("attn.qkv backward");
+      linear_bwd(a.ln1.data<float>(), d_qkv.data<float>(), R, lw.attn_w, lg.attn_w, lg.attn_b, d_ln.data<float>(),
+                 false);
+    }
+    {
+      ProfileRegion region("ln_1 backward");
+      ops::layernorm_backward(d_ln.data<float>(), a.x_in.data<float>(), lw.ln1_w.data<float>(), d_res.data<float>(),
+                              lg.ln1_w.data<float>(), lg.ln1_b.data<float>(), R, C, eps);
+    }
     s[l] = Saved();  // give the layer's activations back to the allocator as soon as they are used
   }
-  ops::embedding_backward(inputs, positions.data(), R, d_res.data<float>(), g.wte.data<float>(), g.wpe.data<float>(),
-                          C);
+  {
+    ProfileRegion region("embedding backward");
+    ops::embedding_backward(inputs, positions.data(), R, d_res.data<float>(), g.wte.data<float>(), g.wpe.data<float>(),
+                            C);
+  }
   return loss_sum / double(R);
 }
 
@@ -229,6 +291,7 @@ StepResult GPT2Trainer::step(const int32_t* inputs, const int32_t* targets, int6
   }
   LLAMAS_CHECK(finite(result.loss), op, "loss is ", result.loss, " at step ", step_number,
                "; the weights were not updated (lower the learning rate, or check the data)");
+  ProfileRegion region("optimizer");  // the gradient norm, clipping and AdamW
   result.grad_norm = std::sqrt(ops::sum_squares(grad_.data<float>(), grad_.numel()));
   LLAMAS_CHECK(finite(result.grad_norm), op, "gradient norm is ", result.grad_norm, " at step ", step_number,
                "; the weights were not updated (lower the learning rate, or check the data)");

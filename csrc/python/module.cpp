@@ -80,7 +80,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("profiler_reset", &profiler_reset);
   m.def("profiler_entries", [] {
     py::list out;
-    for (auto& e : profiler_entries()) out.append(py::make_tuple(e.name, e.calls, e.seconds));
+    for (auto& e : profiler_entries()) out.append(py::make_tuple(e.name, e.region, e.calls, e.seconds));
     return out;
   });
 

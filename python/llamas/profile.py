@@ -1,23 +1,57 @@
-"""Per-op profiling: time and call count per op kind, like torch.profiler's table."""
+"""Per-op profiling: time and call count per op kind and per layer type, like torch.profiler's
+tables (op kinds such as `gemm` or `attention`; layer types such as `attn.qkv`, `mlp.fc` or
+`lm_head`, the model regions an op ran in)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Dict, Iterator, List, Tuple
 
 from . import _C
 
+OTHER = "(outside the model)"
+
+
+def _rows(entries, key) -> List[Tuple[str, int, float]]:
+    agg: Dict[str, List] = {}
+    for op, region, calls, seconds in entries:
+        row = agg.setdefault(key(op, region), [0, 0.0])
+        row[0] += calls
+        row[1] += seconds
+    return sorted(((name, c, s) for name, (c, s) in agg.items()), key=lambda r: -r[2])
+
 
 class Profile:
+    """What `llamas.profile()` collected: `entries` as (op kind, layer type, calls, seconds)."""
+
     def __init__(self) -> None:
-        self.entries: list[tuple[str, int, float]] = []
+        self.entries: List[Tuple[str, str, int, float]] = []
+
+    def by_op(self) -> List[Tuple[str, int, float]]:
+        """(op kind, calls, seconds), slowest first."""
+        return _rows(self.entries, lambda op, region: op)
+
+    def by_layer(self) -> List[Tuple[str, int, float]]:
+        """(layer type, op calls in it, seconds), slowest first; ops run outside a model's layers
+        (e.g. `llamas.ops.matmul`) count under "(outside the model)"."""
+        return _rows(self.entries, lambda op, region: region or OTHER)
 
     def table(self) -> str:
-        total = sum(e[2] for e in self.entries) or 1e-12
+        """Two tables: per op kind (calls, total, mean, share), then per layer type."""
+        total = sum(e[3] for e in self.entries) or 1e-12
         lines = [f"{'op':<22}{'calls':>8}{'total ms':>12}{'mean us':>12}{'share':>8}"]
-        for name, calls, seconds in sorted(self.entries, key=lambda e: -e[2]):
+        for name, calls, seconds in self.by_op():
             lines.append(f"{name:<22}{calls:>8}{seconds * 1e3:>12.2f}{seconds / calls * 1e6:>12.1f}"
                          f"{seconds / total:>8.1%}")
+        lines.append("")
+        lines.append(f"{'layer type':<22}{'op calls':>8}{'total ms':>12}{'mean us':>12}{'share':>8}  ops")
+        for name, calls, seconds in self.by_layer():
+            ops = sorted({e[0] for e in self.entries if (e[1] or OTHER) == name})
+            lines.append(f"{name:<22}{calls:>8}{seconds * 1e3:>12.2f}{seconds / calls * 1e6:>12.1f}"
+                         f"{seconds / total:>8.1%}  {', '.join(ops)}")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 @contextlib.contextmanager
@@ -26,7 +60,9 @@ def profile() -> Iterator[Profile]:
 
         with llamas.profile() as prof:
             model.generate("Hello", max_new_tokens=16)
-        print(prof.table())
+        print(prof.table())          # per op kind, then per layer type (attn.qkv, mlp.fc, ...)
+
+    Off (outside the block) it costs one relaxed atomic load per op and per layer region.
     """
     result = Profile()
     _C.profiler_reset()

@@ -1,6 +1,7 @@
 #pragma once
-// Per-op profile: time and call count per op kind, collected only while enabled (one relaxed
-// atomic load per op when off).
+// Per-op profile: time and call count per op kind and per model region (the layer type an op ran
+// in: "attn.qkv", "mlp.fc", "lm_head", ...), collected only while enabled (one relaxed atomic load
+// per op and per region when off).
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -10,7 +11,8 @@
 namespace llamas {
 
 struct ProfileEntry {
-  std::string name;
+  std::string name;    // op kind
+  std::string region;  // innermost ProfileRegion of the calling thread, "" outside any
   int64_t calls = 0;
   double seconds = 0.0;
 };
@@ -20,6 +22,20 @@ bool profiler_enabled();
 void profiler_reset();
 std::vector<ProfileEntry> profiler_entries();
 void profiler_record(const char* name, double seconds);
+
+// Labels the ops the calling thread runs while it lives (regions nest; the innermost names them).
+// Models mark their layer types with it, so a profile also answers "which matmul".
+class ProfileRegion {
+ public:
+  explicit ProfileRegion(const char* name);
+  ~ProfileRegion();
+  ProfileRegion(const ProfileRegion&) = delete;
+  ProfileRegion& operator=(const ProfileRegion&) = delete;
+
+ private:
+  const char* previous_ = nullptr;
+  bool active_ = false;
+};
 
 class ProfileScope {
  public:
