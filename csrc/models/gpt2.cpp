@@ -135,9 +135,9 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     }
     // No prefetch of the KV lines the writes below will touch (one per head dimension of each new
     // key): issued here, in the calling thread before the qkv product, it made kv_cache_write
-    // 38 -> 28 us a layer at 16 sequences but cost more than that while the other thread waited
-    // (~4,400 prefetches a layer); interleaved steps without it: 16 sequences 3-10% faster, 4
-    // sequences 3-11%, 8 sequences -7% to +7%.
+    // 38 -> 28 us a layer at 16 sequences, but the other thread waited while it ran (~4,400
+    // prefetches a layer). Interleaved steps without it, over several runs: 16 sequences -10% to
+    // +2.5% (median -3%), 4 sequences -3% to -11%, 8 sequences -7% to +7%, 1 sequence +1.5%.
     {
       ProfileRegion region("attn.qkv");
       linear_rows(lnd, R, C, w.attn_w, BLayout::KN, w.attn_p, &w.attn_b, false, qkvd);
