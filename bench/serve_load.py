@@ -43,13 +43,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_mib(pid: int | None) -> float | None:
+def rss_mib(pid: int | None, field: str = "VmRSS") -> float | None:
+    """A process's resident memory from /proc/PID/status: VmRSS (all), RssAnon (its own memory: a
+    leak shows here) or RssFile (mapped files, e.g. a float32 checkpoint's embedding rows)."""
     if pid is None:
         return None
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -190,24 +192,27 @@ def main() -> int:
         proc, url = start_server(args)
         pid = proc.pid
     try:
-        # Warm-up at the highest concurrency, so that caches (allocator, KV blocks, Python heap)
-        # reach their working size before the RSS baseline is taken: at least --warmup seconds,
-        # then 3-second rounds until a round grows the RSS by under 0.25% (at most --settle
-        # seconds). The llamas allocator holds its size from the first seconds, but the Python and
-        # C heaps took ~35 s at 16 clients to reach theirs (+4 MB, then flat over 1,000 more
-        # requests). A leak never settles: it runs the whole --settle and still shows below.
+        # Warm-up at the highest concurrency, so that the server's memory reaches its working size
+        # before the RSS baseline is taken: at least --warmup seconds, then 3-second rounds until
+        # two rounds in a row grow the RSS by under 0.25% each (at most --settle seconds). The
+        # llamas allocator holds its size from the first seconds, but the pages under it fill in
+        # later (a KV block is touched as far as its sequences have reached), as do the Python and
+        # C heaps (bundled model: +4 MB over ~35 s at 16 clients, then flat over 1,000 requests)
+        # and, for a float32 model, the memory-mapped embedding rows of the tokens seen so far
+        # (GPT-2 124M: up to 154 MB). A leak never settles: it runs the whole --settle and still
+        # shows below.
         asyncio.run(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key))
         warmed = args.warmup
         rss_before = rss_mib(pid)
-        while rss_before is not None and warmed < args.warmup + args.settle:
+        quiet = 0
+        while rss_before is not None and warmed < args.warmup + args.settle and quiet < 2:
             asyncio.run(run_clients(url, max(counts), 3.0, args.max_tokens, args.api_key))
             warmed += 3.0
             rss_now = rss_mib(pid)
-            settled = rss_now is not None and rss_now < rss_before * 1.0025
+            quiet = quiet + 1 if rss_now is not None and rss_now < rss_before * 1.0025 else 0
             rss_before = rss_now
-            if settled:
-                break
         print(f"warm-up: {warmed:g} s at {max(counts)} clients")
+        anon_before, file_before = rss_mib(pid, "RssAnon"), rss_mib(pid, "RssFile")
         rows = []
         total_requests = 0
         for n in counts:
@@ -222,6 +227,7 @@ def main() -> int:
             s["rss"] = rss_mib(pid)
             rows.append((n, s))
         rss_after = rss_mib(pid)
+        anon_after, file_after = rss_mib(pid, "RssAnon"), rss_mib(pid, "RssFile")
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -251,6 +257,9 @@ def main() -> int:
     if rss_before is not None and rss_after is not None:
         print(f"server RSS: {rss_before:.1f} MiB before, {rss_after:.1f} MiB after {total_requests} requests "
               f"({(rss_after / rss_before - 1) * 100:+.1f}%)")
+    if None not in (anon_before, anon_after, file_before, file_after):
+        print(f"  of which anonymous (the server's own memory): {anon_before:.1f} -> {anon_after:.1f} MiB "
+              f"({(anon_after / anon_before - 1) * 100:+.1f}%); mapped files: {file_before:.1f} -> {file_after:.1f} MiB")
     return 1 if errors else 0
 
 
