@@ -78,9 +78,9 @@ void panels_small_m(const GemmArgs& g) {
 // Up to how many rows: with 8-lane registers, 30 float32 rows (5 row panels) and 36 bfloat16 ones
 // (6). Bundled-model steps of 16 sequences plus a prompt, interleaved against the blocked path
 // (the limit was 24): float32 at 25-30 rows 3-7% faster, at 32-48 rows 6-15% slower; bfloat16 at
-// 25-32 rows 12-18% faster, at 36 5%, at 42-48 2% slower. (bfloat16 gains more: the blocked path
-// widens each B element once per 6-row panel, these tiles once per k step and panel row too, but
-// read B once instead of once per k block.) Other widths keep 4 row panels (unmeasured).
+// 25-32 rows 12-18% faster, at 36 5%, at 42-48 2% slower. (For bfloat16 the blocked path first
+// widens each B block to float32 in a pass of its own; these tiles widen in registers.) Other
+// widths keep 4 row panels (unmeasured).
 template <typename BT>
 constexpr int64_t few_row_limit() {
   if constexpr (Vec::W == 8 && kGemmRows == 6) return std::is_same_v<BT, float> ? 30 : 36;
