@@ -362,3 +362,10 @@ def test_help_in_a_subprocess():
     proc = subprocess.run([sys.executable, "-m", "llamas", "train", "--help"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--resume" in proc.stdout, proc.stderr
+
+
+def test_train_profile_prints_op_and_layer_tables(dataset, tmp_path, capsys):
+    assert main(train_args(dataset["data"], tmp_path / "prof", "--profile", steps=2)) == 0
+    err = capsys.readouterr().err
+    for text in ("mean us", "layer type", "adamw", "mlp.fc backward", "attn.core backward", "optimizer", "loss"):
+        assert text in err, text
