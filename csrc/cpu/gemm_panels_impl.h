@@ -105,9 +105,9 @@ void panels_few_rows(const GemmArgs& g) {
   //    16-sequence step +4.5-7%, 8 sequences +4.5% (interleaved steps); 16 x K x N products with
   //    B from DRAM at GPT-2 shapes 3-12% faster. At 24 rows (a tie with 6 x 2) it was 2% slower,
   //    and at 12 or 20 rows it pads 4 more.
-  //  - 4 rows x 3 registers when they pad fewer rows than 6 x 2 (19-20 rows), also one B load
-  //    fewer per 12 FMAs (7 against 8). (24-column tiles straddle panels: float32 only, bfloat16
-  //    tiles load whole interleaved panels.)
+  //  - 4 rows x 3 registers when they pad fewer rows than 6 x 2 (19-20 and 25-26 rows), also one
+  //    B load fewer per 12 FMAs (7 against 8). (24-column tiles straddle panels: float32 only,
+  //    bfloat16 tiles load whole interleaved panels.)
   if constexpr (Vec::W == 8 && kGemmRows == 6) {
     const int64_t pad8 = (g.M + 7) / 8 * 8, pad6 = (g.M + 5) / 6 * 6, pad4 = (g.M + 3) / 4 * 4;
     const bool bf16 = !std::is_same_v<BT, float>;

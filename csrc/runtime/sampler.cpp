@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <unordered_map>
 
 #include "llamas/error.h"
@@ -75,6 +76,13 @@ __attribute__((noinline)) double sum_and_max(const float* p, int64_t n, double* 
   return (s0 + s1) + (s2 + s3);
 }
 
+// 0, 1, ..., n - 1: token ids to select or order candidates by.
+std::vector<int32_t> iota_ids(int64_t n) {
+  std::vector<int32_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0);
+  return ids;
+}
+
 // Largest of x[0..n) (n > 0), eight running maxima.
 float max_of(const float* x, int64_t n) {
   float m[8];
@@ -121,8 +129,7 @@ int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>
   last_top_logprobs.clear();
   const int n_top = int(std::min<int64_t>(params_.logprobs, vocab));
   if (n_top > 0) {
-    std::vector<int32_t> ids(vocab);
-    for (int64_t i = 0; i < vocab; ++i) ids[i] = int32_t(i);
+    std::vector<int32_t> ids = iota_ids(vocab);
     std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), [&](int32_t a, int32_t b) {
       return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
     });
@@ -173,8 +180,7 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   std::vector<int32_t> ids;
   int64_t n = vocab;
   if (p.top_k > 0 && p.top_k < vocab) {
-    ids.resize(vocab);
-    for (int64_t i = 0; i < vocab; ++i) ids[i] = int32_t(i);
+    ids = iota_ids(vocab);
     auto better = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
     std::nth_element(ids.begin(), ids.begin() + p.top_k, ids.end(), better);
     n = p.top_k;
@@ -201,10 +207,7 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   LLAMAS_CHECK(std::isfinite(total) && total > 0.0, "sample", kNotFinite);
   // min-p: keep tokens with p >= min_p * p_max.
   if (p.min_p > 0.0f) {
-    if (ids.empty()) {
-      ids.resize(vocab);
-      for (int64_t i = 0; i < vocab; ++i) ids[i] = int32_t(i);
-    }
+    if (ids.empty()) ids = iota_ids(vocab);
     int64_t kept = 0;
     total = 0.0;
     for (int64_t i = 0; i < n; ++i)
@@ -220,8 +223,7 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
     return token_of(inverse_cdf(u, n, [&](int64_t i) { return double(probs[i]); }));
   }
   // top-p: sort only as many of the best candidates as the nucleus needs: 64, then 4x more.
-  std::vector<int32_t> order(n);
-  for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
+  std::vector<int32_t> order = iota_ids(n);
   int64_t sorted = 0;
   double mass = 0.0;
   auto by_prob = [&](int32_t a, int32_t b) {

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -81,7 +80,7 @@ def _load(args):
 def cmd_generate(args) -> int:
     import llamas
     model = _load(args)
-    with (llamas.profile() if args.profile else contextlib.nullcontext()) as prof:
+    with llamas.profile(enabled=args.profile) as prof:
         for piece in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                     repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -140,7 +139,7 @@ def cmd_bench(args) -> int:
     dtype = model.dtype if model.kv_dtype == model.dtype else f"{model.dtype}, kv {model.kv_dtype}"
     print(f"| model | size | params | dtype | threads | test | t/s |")
     print(f"|---|---|---|---|---|---|---|")
-    with (llamas.profile() if args.profile else contextlib.nullcontext()) as prof:
+    with llamas.profile(enabled=args.profile) as prof:
         for name, fn in ((f"pp{args.prompt_tokens}", run_pp), (f"tg{args.gen_tokens}", run_tg)):
             fn()  # warm-up
             rates = []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -253,7 +252,7 @@ def cmd_train(args) -> int:
 
     progress = _Progress(args.steps)
     val_loss = None
-    with (llamas.profile() if args.profile else contextlib.nullcontext()) as prof, open(metrics_path, "a", encoding="utf-8") as metrics:
+    with llamas.profile(enabled=args.profile) as prof, open(metrics_path, "a", encoding="utf-8") as metrics:
         while trainer.steps_done < args.steps:
             inputs, targets = loader.next_batch()
             t0 = time.perf_counter()

@@ -126,7 +126,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                                                  send), on_close)
 
     # Non-streaming: wait for every choice, or for the client to go away.
-    disconnect = asyncio.ensure_future(_wait_disconnect(request))
+    disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
         remaining = len(handles)
         while remaining:
@@ -171,11 +171,10 @@ def _round(v):
     return None if v is None else round(v, 6)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+async def _wait_disconnect(receive) -> None:
+    """Returns when the ASGI `receive` reports the client gone (or the response complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _SSEResponse(Response):
@@ -200,8 +199,7 @@ class _SSEResponse(Response):
 
     async def __call__(self, scope, receive, send):
         async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await _wait_disconnect(receive)
             if not finished:
                 self._on_close()
 
