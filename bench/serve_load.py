@@ -23,6 +23,7 @@ import time
 
 import httpx
 
+from common import median
 from sse_client import StreamClient, StreamError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,6 +118,17 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
     return stats
 
 
+def merge_stats(a: dict, b: dict) -> dict:
+    """One client count's results over two rounds: counts and times add up, samples pool."""
+    out = dict(b)  # rss: the latest
+    for key in ("requests", "tokens", "elapsed", "client_cpu"):
+        out[key] = a[key] + b[key]
+    out["server_cpu"] = None if a["server_cpu"] is None or b["server_cpu"] is None else a["server_cpu"] + b["server_cpu"]
+    for key in ("ttft", "tpot", "errors"):
+        out[key] = a[key] + b[key]
+    return out
+
+
 def run_loop(coro):
     """Runs the clients on uvloop when installed (the server's own dependency; LLAMAS_LOAD_LOOP=asyncio
     for the standard loop): the load generator's CPU per token is taken from the server here."""
@@ -141,6 +153,10 @@ def start_server(args) -> tuple:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    if args.kv_dtype:
+        cmd += ["--kv-dtype", args.kv_dtype]
     env = dict(os.environ)
     if _SOURCE_TREE:  # llamas came from this checkout's python/ folder: the server must too
         env["PYTHONPATH"] = os.pathsep.join([_SOURCE_TREE, env.get("PYTHONPATH", "")])
@@ -168,9 +184,16 @@ def main() -> int:
     ap.add_argument("--random-model", default=None, metavar="PRESET",
                     help="serve a random-weight model of this llamas.PRESETS shape (e.g. shakespeare, the bundled "
                          "model's shape) with the gpt2-tiny fixture's tokenizer (vocab 512), made in a temp folder")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the client counts this many times in turn (1,16,1,16,...): the table pools the "
+                         "rounds, and each round's ratio to the first count is printed with their median")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
     ap.add_argument("--max-batch", type=int, default=16, help="--max-batch of the server it starts (default 16)")
     ap.add_argument("--threads", type=int, default=None, help="--threads of the server it starts")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="--dtype of the server it starts (weights; default float32)")
+    ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="--kv-dtype of the server it starts (KV cache; default: the weights' dtype)")
     ap.add_argument("--url", default=None, help="use this running server instead of starting one")
     ap.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for RSS")
     ap.add_argument("--api-key", default=None)
@@ -183,6 +206,8 @@ def main() -> int:
     counts = [int(c) for c in args.clients.split(",")]
     if any(c < 1 for c in counts) or args.duration <= 0:
         ap.error("--clients must be positive integers and --duration > 0")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.warmup < 0 or args.settle < 0:
         ap.error("--warmup and --settle must be >= 0")
     if args.url and not args.url.startswith("http://"):
@@ -226,19 +251,25 @@ def main() -> int:
             rss_before = rss_now
         print(f"warm-up: {warmed:g} s at {max(counts)} clients")
         anon_before, file_before = rss_mib(pid, "RssAnon"), rss_mib(pid, "RssFile")
-        rows = []
         total_requests = 0
-        for n in counts:
-            # CPU seconds per output token (server process; this load generator) do not depend on
-            # how much of the box other tenants take, unlike tokens/s.
-            cpu0, client0 = cpu_seconds(pid), time.process_time()
-            s = run_loop(run_clients(url, n, args.duration, args.max_tokens, args.api_key))
-            cpu1 = cpu_seconds(pid)
-            s["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-            s["client_cpu"] = time.process_time() - client0
-            total_requests += s["requests"]
-            s["rss"] = rss_mib(pid)
-            rows.append((n, s))
+        merged = {n: None for n in counts}
+        per_round = []  # [{count: output tok/s}] per round
+        for _ in range(args.rounds):
+            rates = {}
+            for n in counts:
+                # CPU seconds per output token (server process; this load generator) do not depend
+                # on how much of the box other tenants take, unlike tokens/s.
+                cpu0, client0 = cpu_seconds(pid), time.process_time()
+                s = run_loop(run_clients(url, n, args.duration, args.max_tokens, args.api_key))
+                cpu1 = cpu_seconds(pid)
+                s["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+                s["client_cpu"] = time.process_time() - client0
+                total_requests += s["requests"]
+                s["rss"] = rss_mib(pid)
+                rates[n] = s["tokens"] / s["elapsed"]
+                merged[n] = s if merged[n] is None else merge_stats(merged[n], s)
+            per_round.append(rates)
+        rows = [(n, merged[n]) for n in counts]
         rss_after = rss_mib(pid)
         anon_after, file_after = rss_mib(pid, "RssAnon"), rss_mib(pid, "RssFile")
     finally:
@@ -252,7 +283,8 @@ def main() -> int:
                 proc.kill()
 
     base = rows[0][1]["tokens"] / rows[0][1]["elapsed"]
-    print(f"max_tokens={args.max_tokens}, {args.duration:g} s per client count, streaming completions, "
+    print(f"max_tokens={args.max_tokens}, {args.duration:g} s per client count and round ({args.rounds} "
+          f"round{'s' if args.rounds > 1 else ''}), streaming completions, "
           f"temperature 0.8")
     print("| clients | requests | req/s | output tok/s | vs first | TTFT p50 ms | TTFT p99 ms | "
           "TPOT p50 ms | TPOT p99 ms | errors | server CPU us/token | client CPU us/token | RSS after MiB |")
@@ -264,6 +296,13 @@ def main() -> int:
               f"{percentile(s['tpot'], .5) * 1e3:.2f} | {percentile(s['tpot'], .99) * 1e3:.2f} | "
               f"{len(s['errors'])} | {per_token(s.get('server_cpu'), s['tokens'])} | "
               f"{per_token(s['client_cpu'], s['tokens'])} | {s['rss'] if s['rss'] is not None else float('nan'):.1f} |")
+    if args.rounds > 1 and len(counts) > 1:
+        # The box drifts by +-20% over minutes: each round's ratio compares two runs a few seconds
+        # apart, and their median is the figure to quote.
+        ratios = {n: sorted(r[n] / r[counts[0]] for r in per_round) for n in counts[1:]}
+        for n in counts[1:]:
+            each = ", ".join(f"{x:.2f}x" for x in (r[n] / r[counts[0]] for r in per_round))
+            print(f"{n} clients vs {counts[0]}, round by round: {each}; median {median(ratios[n]):.2f}x")
     errors = [e for _, s in rows for e in s["errors"]]
     for e in sorted(set(errors))[:5]:
         print(f"  error: {e}")

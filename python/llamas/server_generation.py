@@ -179,7 +179,7 @@ async def _wait_disconnect(receive) -> None:
 
 class _SSEResponse(Response):
     """Server-sent events, written straight to the ASGI `send`. `pump(send)` sends the body's
-    events; `on_close` runs however the response ends (done, client gone before or during the
+    events, the last with more_body False; `on_close` runs however the response ends (done, client gone before or during the
     stream, server shutdown), and also the moment the client disconnects, so no sequence outlives
     its client: the engine then ends the cancelled sequences and the pump returns.
 
@@ -207,8 +207,7 @@ class _SSEResponse(Response):
         watcher = asyncio.ensure_future(watch())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            await self._pump(send)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._pump(send)  # ends the body
         finally:
             finished = True
             watcher.cancel()
@@ -216,18 +215,21 @@ class _SSEResponse(Response):
 
 
 async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_tokens, send) -> None:
-    """Sends a streamed response's events: one body message per engine step (all of its choices'
-    chunks), then the usage chunk (when asked) and `[DONE]`."""
+    """Sends a streamed response's events and ends its body: one body message per engine step (all
+    of its choices' chunks); the last step's message also carries the usage chunk (when asked) and
+    `[DONE]`, and ends the body. (As four messages, the end of each response cost four send()
+    system calls, ~27 us each on loopback at 16 clients.)"""
     tok = state.tokenizer
     fmt = ChunkFormat(rid, kind, created, state.model_name, p.include_usage)
 
-    async def emit(text: str) -> None:
-        await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+    async def emit(text: str, more_body: bool = True) -> None:
+        await send({"type": "http.response.body", "body": text.encode(), "more_body": more_body})
 
     if kind == "chat":
         await emit("".join(fmt.frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                        "finish_reason": None}]) for i in range(len(handles))))
     remaining = len(handles)
+    out = []
     while remaining:
         out = []
         for idx, c in await inbox.take():
@@ -253,12 +255,13 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
                 ch.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 out.append(fmt.frame([{"index": idx, "text": c.text, "logprobs": lp,
                                        "finish_reason": c.finish_reason}]))
-        if out:
+        if remaining and out:
             await emit("".join(out))
     if p.include_usage:
         completion_tokens = sum(h._req.completion_tokens for h in handles)
-        await emit(fmt.frame([], _usage(prompt_tokens, completion_tokens)))
-    await emit("data: [DONE]\n\n")
+        out.append(fmt.frame([], _usage(prompt_tokens, completion_tokens)))
+    out.append("data: [DONE]\n\n")
+    await emit("".join(out), more_body=False)
 
 
 # ---- responses --------------------------------------------------------------------------------
