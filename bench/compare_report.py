@@ -16,28 +16,28 @@ def mark(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def print_report(r) -> None:
-    print(f"## llamas benchmark ({'quick' if r.quick else 'full'} run, {r.threads} threads)\n")
-    print(f"CPU: {r.info['cpu']} ({', '.join(r.info['cpu_features'])}), llamas kernel variant "
-          f"{r.info['kernel_variant']}, torch {torch.__version__}, numpy {np.__version__}. "
-          f"Model: {'random-weight GPT-2 124M' if r.random_model else r.path}; prompt {r.prompt_len} random "
-          f"token ids, {r.decode_tokens} greedy decode steps after it.\n")
+def print_report(ctx) -> None:
+    print(f"## llamas benchmark ({'quick' if ctx.quick else 'full'} run, {ctx.threads} threads)\n")
+    print(f"CPU: {ctx.info['cpu']} ({', '.join(ctx.info['cpu_features'])}), llamas kernel variant "
+          f"{ctx.info['kernel_variant']}, torch {torch.__version__}, numpy {np.__version__}. "
+          f"Model: {'random-weight GPT-2 124M' if ctx.random_model else ctx.path}; prompt {ctx.prompt_len} random "
+          f"token ids, {ctx.decode_tokens} greedy decode steps after it.\n")
 
     print("### a. Machine limits\n")
     print(md_table(["quantity", "value"], [
-        ["memory read bandwidth, numpy add.reduce over 1 GiB f32 (1 thread)", f"{r.limits['bw_numpy']:.1f} GB/s"],
-        [f"memory read bandwidth, torch sum over 1 GiB f32 ({r.threads} threads)", f"{r.limits['bw_torch']:.1f} GB/s"],
-        ["bandwidth used for bounds (best)", f"{r.limits['bw']:.1f} GB/s"],
-        ["numpy sgemm 2048x2048x2048", f"{r.limits['sgemm_square']:.1f} GFLOP/s"],
-        ["peak sgemm (best numpy seen)", f"{r.peak_gemm:.1f} GFLOP/s"],
-        ["CPU cores used by other processes meanwhile", f"{r.limits['other_load']:.2f}"],
+        ["memory read bandwidth, numpy add.reduce over 1 GiB f32 (1 thread)", f"{ctx.limits['bw_numpy']:.1f} GB/s"],
+        [f"memory read bandwidth, torch sum over 1 GiB f32 ({ctx.threads} threads)", f"{ctx.limits['bw_torch']:.1f} GB/s"],
+        ["bandwidth used for bounds (best)", f"{ctx.limits['bw']:.1f} GB/s"],
+        ["numpy sgemm 2048x2048x2048", f"{ctx.limits['sgemm_square']:.1f} GFLOP/s"],
+        ["peak sgemm (best numpy seen)", f"{ctx.peak_gemm:.1f} GFLOP/s"],
+        ["CPU cores used by other processes meanwhile", f"{ctx.limits['other_load']:.2f}"],
     ]))
     print()
 
     print("### b. GEMM (float32, C = A @ B, MxKxN)\n")
     rows = []
     gemm_ok = True
-    for (m, k, n), g_l, g_p, g_n, err, _ in r.gemm:
+    for (m, k, n), g_l, g_p, g_n, err, _ in ctx.gemm:
         ratio = g_l / g_n if g_n == g_n and g_n > 0 else float("nan")
         ratio_p = g_p / g_n if g_n == g_n and g_n > 0 else float("nan")
         gemm_ok &= ratio >= 1.0
@@ -45,14 +45,14 @@ def print_report(r) -> None:
                      f"{err:.1e}"])
     print(md_table(["shape", "llamas matmul GFLOP/s", "llamas prepacked B", "numpy GFLOP/s", "ratio",
                     "prepacked ratio", "rel err"], rows))
-    print(f"\nMedian of {r.gemm_rounds} rounds x {r.gemm_reps} reps per engine, each engine's block after a 0.3 s pause "
+    print(f"\nMedian of {ctx.gemm_rounds} rounds x {ctx.gemm_reps} reps per engine, each engine's block after a 0.3 s pause "
           f"(OpenBLAS workers spin ~0.1 s after a call) and a warm-up call (fewer reps for the 50257 shape); "
-          f"other processes used {r.gemm_load:.2f} CPU cores meanwhile.\n")
+          f"other processes used {ctx.gemm_load:.2f} CPU cores meanwhile.\n")
 
     print("### c. GPT-2 124M (batch 1)\n")
-    eager = r.model_rows.get(("PyTorch eager", "float32"))
+    eager = ctx.model_rows.get(("PyTorch eager", "float32"))
     rows = []
-    for (eng, dt), r in r.model_rows.items():
+    for (eng, dt), r in ctx.model_rows.items():
         rp = r["prefill"] / eager["prefill"] if eager else float("nan")
         rd = r["decode"] / eager["decode"] if eager else float("nan")
         rows.append([eng, dt, f"{r['prefill']:.1f}", f"{r['decode']:.2f}", f"{r['decode_mean']:.2f}",
@@ -60,30 +60,30 @@ def print_report(r) -> None:
     print(md_table(["engine", "dtype", "prefill-512 tok/s", "decode tok/s", "decode tok/s (mean)",
                     "prefill vs eager", "decode vs eager", "% of bandwidth bound", "other CPU load"], rows))
     print("\nprefill: best of the timed 512-token prompts; decode tok/s: 1 / median single-step time over "
-          f"{r.decode_tokens} steps after the prompt (context 513..{r.prompt_len + r.decode_tokens}); \"mean\": steps / "
+          f"{ctx.decode_tokens} steps after the prompt (context 513..{ctx.prompt_len + ctx.decode_tokens}); \"mean\": steps / "
           "total decode time (transformers: (t(generate N) - t(generate 1)) based). \"other CPU load\": cores "
           "used by other processes during that row's measurements.")
     print("\n\"eager\" is the plain PyTorch GPT-2 (torch.cat KV cache, SDPA, F.linear lm_head); \"tuned\" adds a "
           "preallocated KV cache, matmul attention for decode and a pre-transposed lm_head (same logits). "
           "transformers: GPT2LMHeadModel.generate(do_sample=False, min_new_tokens=N), decode steps timed by a "
           "LogitsProcessor; its prefill is one forward pass with logits_to_keep=1.")
-    bpt = r.extra["bpt"]
+    bpt = ctx.extra["bpt"]
     print(f"\nBandwidth bound: weight bytes per decoded token float32 {bpt['float32'] / 1e6:.1f} MB, "
           f"bfloat16 {bpt['bfloat16'] / 1e6:.1f} MB (llamas reports weight_bytes "
-          + ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in r.extra["llamas_weight_bytes"].items())
-          + f"); at {r.limits['bw']:.1f} GB/s: float32 {r.limits['bw'] * 1e9 / bpt['float32']:.1f} tok/s, "
-          f"bfloat16 {r.limits['bw'] * 1e9 / bpt['bfloat16']:.1f} tok/s. (KV-cache reads, ~"
-          f"{2 * r.extra['cfg']['n_layer'] * (r.prompt_len + r.decode_tokens / 2) * r.extra['cfg']['n_embd'] * 4 / 1e6:.0f} MB/token "
+          + ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in ctx.extra["llamas_weight_bytes"].items())
+          + f"); at {ctx.limits['bw']:.1f} GB/s: float32 {ctx.limits['bw'] * 1e9 / bpt['float32']:.1f} tok/s, "
+          f"bfloat16 {ctx.limits['bw'] * 1e9 / bpt['bfloat16']:.1f} tok/s. (KV-cache reads, ~"
+          f"{2 * ctx.extra['cfg']['n_layer'] * (ctx.prompt_len + ctx.decode_tokens / 2) * ctx.extra['cfg']['n_embd'] * 4 / 1e6:.0f} MB/token "
           "at fp32 on average here, are not counted.)\n")
 
     print("### Targets\n")
-    l32 = r.model_rows.get(("llamas", "float32"))
-    l16 = r.model_rows.get(("llamas", "bfloat16"))
+    l32 = ctx.model_rows.get(("llamas", "float32"))
+    l16 = ctx.model_rows.get(("llamas", "bfloat16"))
     nan = float("nan")
     t_rows = []
-    worst_gemm = min((g_l / g_n for _, g_l, _, g_n, _, _ in r.gemm if g_n > 0), default=nan)
+    worst_gemm = min((g_l / g_n for _, g_l, _, g_n, _, _ in ctx.gemm if g_n > 0), default=nan)
     t_rows.append(["GEMM >= 1.0x numpy (every shape)", f"worst {worst_gemm:.2f}x", mark(gemm_ok)])
-    worst_p = min((g_p / g_n for _, _, g_p, g_n, _, _ in r.gemm if g_n > 0), default=nan)
+    worst_p = min((g_p / g_n for _, _, g_p, g_n, _, _ in ctx.gemm if g_n > 0), default=nan)
     t_rows.append(["(info) prepacked-B GEMM >= 1.0x numpy", f"worst {worst_p:.2f}x", mark(worst_p >= 1.0)])
     if l32 and eager:
         x = l32["decode"] / eager["decode"]
@@ -100,7 +100,7 @@ def print_report(r) -> None:
     if l16 and eager:
         x = l16["prefill"] / eager["prefill"]
         t_rows.append(["bf16 prefill >= 1.2x PyTorch eager", f"{x:.2f}x", mark(x >= 1.2)])
-    tuned = r.model_rows.get(("PyTorch eager, tuned", "float32"))
+    tuned = ctx.model_rows.get(("PyTorch eager, tuned", "float32"))
     if l32 and tuned:   # the same targets against the stronger eager baseline, for information
         x = l32["decode"] / tuned["decode"]
         t_rows.append(["(info) fp32 decode >= 1.2x tuned PyTorch eager", f"{x:.2f}x", mark(x >= 1.2)])
@@ -110,10 +110,10 @@ def print_report(r) -> None:
     print()
 
     print("### Checks and notes\n")
-    for n_ in r.notes:
+    for n_ in ctx.notes:
         print(f"- {n_}")
     busy_after = other_load_now()
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
-    print(f"\n(total wall time {time.perf_counter() - r.t_start:.0f} s; CPU cores used by other processes: "
-          f"{r.busy_before:.1f} at start, {busy_after:.1f} at end; load average {' '.join(load)})")
+    print(f"\n(total wall time {time.perf_counter() - ctx.t_start:.0f} s; CPU cores used by other processes: "
+          f"{ctx.busy_before:.1f} at start, {busy_after:.1f} at end; load average {' '.join(load)})")
 
