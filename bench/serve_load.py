@@ -1,11 +1,12 @@
 """Load test for `llamas serve`: N concurrent streaming clients for S seconds.
 
-    python bench/serve_load.py --clients 1,16 --duration 10 --model tests/fixtures/gpt2-tiny
+    python bench/serve_load.py --clients 1,16 --duration 8 --rounds 5 [--model DIR]
 
 Starts a server on a free 127.0.0.1 port (unless --url is given), runs each client count in turn
 against it, and prints requests/s, output tokens/s, time to first token and time per output token
 (p50, p99), errors, and the server's RSS before and after. With several client counts it also
-prints each count's output tokens/s relative to the first. Traffic goes to the given or started
+prints each count's output tokens/s relative to the first; --rounds repeats the counts in turn
+(1, 16, 1, 16, ...) and prints each round's ratio, since this box drifts over minutes. Traffic goes to the given or started
 local server only, and every loop is bounded by --duration. The clients are bench/sse_client.py's
 (a plain http:// asyncio client that checks every streamed event), not httpx, and run on uvloop:
 on this 2-core machine the load generator's CPU per token is taken from the server (16 clients:
@@ -179,7 +180,7 @@ def start_server(args) -> tuple:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="16", help="concurrent clients; a comma list runs each in turn (e.g. 1,16)")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per client count (default 10)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per client count and round (default 10)")
     ap.add_argument("--model", default=None, help="model folder for the server it starts (default: the bundled one)")
     ap.add_argument("--random-model", default=None, metavar="PRESET",
                     help="serve a random-weight model of this llamas.PRESETS shape (e.g. shakespeare, the bundled "
