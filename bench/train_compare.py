@@ -34,7 +34,6 @@ def model_flops_per_token(cfg: dict, T: int) -> float:
 
 
 def run_torch(cfg: dict, B: int, T: int, steps: int) -> dict:
-    import math
     import torch
     import torch.nn as nn
     import torch.nn.functional as F

@@ -8,7 +8,6 @@ import pytest
 
 from llamas import LlamasError, data
 from llamas.cli import main
-from llamas.data_shards import HEADER_SIZE
 from llamas.tokenizer import Tokenizer
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "

@@ -4,7 +4,6 @@ write leaves the previous checkpoint intact."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, Tuple
 
 import numpy as np

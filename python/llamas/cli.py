@@ -137,8 +137,8 @@ def cmd_bench(args) -> int:
 
     params = cfg.num_parameters()
     dtype = model.dtype if model.kv_dtype == model.dtype else f"{model.dtype}, kv {model.kv_dtype}"
-    print(f"| model | size | params | dtype | threads | test | t/s |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| model | size | params | dtype | threads | test | t/s |")
+    print("|---|---|---|---|---|---|---|")
     with llamas.profile(enabled=args.profile) as prof:
         for name, fn in ((f"pp{args.prompt_tokens}", run_pp), (f"tg{args.gen_tokens}", run_tg)):
             fn()  # warm-up

@@ -1,7 +1,6 @@
 """`llamas train` and `llamas eval`."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
