@@ -141,6 +141,53 @@ def test_completions_stream_equals_non_stream(client, model, srv, http):
         "Alas, poor", max_new_tokens=8)
 
 
+class RecordSends:
+    """ASGI middleware keeping every message the app sends per HTTP request: (path, [messages])."""
+
+    def __init__(self, app):
+        self.app = app
+        self.requests = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        log = []
+        self.requests.append((scope["path"], log))
+
+        async def record(message):
+            log.append(message)
+            await send(message)
+        await self.app(scope, receive, record)
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_a_stream_ends_in_one_body_message(model, kind):
+    """The last engine step's chunks, the usage chunk and [DONE] go out in the message that ends the
+    body (one write to the socket), and every earlier message carries at least one event."""
+    rec = RecordSends(create_app(model))
+    with ThreadServer(rec) as s:
+        body = {"max_tokens": 12, "temperature": 0, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+        if kind == "chat":
+            body["messages"] = [{"role": "user", "content": PROMPT}]
+        else:
+            body["prompt"] = PROMPT
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            streamed = c.post(f"/v1/{'chat/' if kind == 'chat' else ''}completions", json=body).text
+    (path, messages), = [r for r in rec.requests if r[0].startswith("/v1/")]
+    assert messages[0]["type"] == "http.response.start"
+    bodies = [m for m in messages[1:] if m["type"] == "http.response.body"]
+    assert len(bodies) == len(messages) - 1
+    assert [m.get("more_body", False) for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    assert all(m["body"].startswith(b"data: ") for m in bodies)
+    assert b"".join(m["body"] for m in bodies).decode() == streamed
+    last = bodies[-1]["body"].decode()
+    events = [e for e in last.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 24  # 2 choices x 12 tokens
+    chunks = [json.loads(e[6:])["choices"][0] for e in events[:-2]]
+    assert sorted(c["index"] for c in chunks if c["finish_reason"] == "length") == [0, 1]  # both end in this step
+
+
 def test_chat_stream_equals_non_stream(client, http, model):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
     r = client.chat.completions.create(model="gpt2-tiny", messages=messages, max_tokens=20, temperature=0)
