@@ -6,8 +6,8 @@ Starts a server on a free 127.0.0.1 port (unless --url is given), runs each clie
 against it, and prints requests/s, output tokens/s, time to first token and time per output token
 (p50, p99), errors, and the server's RSS before and after. With several client counts it also
 prints each count's output tokens/s relative to the first; --rounds repeats the counts in turn
-(1, 16, 1, 16, ...) and prints each round's ratio, since this box drifts over minutes. Traffic goes to the given or started
-local server only, and every loop is bounded by --duration. The clients are bench/sse_client.py's
+(1, 16, 1, 16, ...) and prints each round's ratio, since this box drifts over minutes. Traffic
+goes to the given or started local server only, and every loop is bounded by --duration. The clients are bench/sse_client.py's
 (a plain http:// asyncio client that checks every streamed event), not httpx, and run on uvloop:
 on this 2-core machine the load generator's CPU per token is taken from the server (16 clients:
 57-61 us per token on asyncio's loop, 48-50 on uvloop; 2-4% more output tokens/s).
@@ -297,7 +297,7 @@ def main() -> int:
               f"{percentile(s['tpot'], .5) * 1e3:.2f} | {percentile(s['tpot'], .99) * 1e3:.2f} | "
               f"{len(s['errors'])} | {per_token(s.get('server_cpu'), s['tokens'])} | "
               f"{per_token(s['client_cpu'], s['tokens'])} | {s['rss'] if s['rss'] is not None else float('nan'):.1f} |")
-    if args.rounds > 1 and len(counts) > 1:
+    if args.rounds > 1 and len(counts) > 1 and all(r[counts[0]] > 0 for r in per_round):
         # The box drifts by +-20% over minutes: each round's ratio compares two runs a few seconds
         # apart, and their median is the figure to quote.
         ratios = {n: sorted(r[n] / r[counts[0]] for r in per_round) for n in counts[1:]}
