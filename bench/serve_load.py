@@ -7,10 +7,11 @@ against it, and prints requests/s, output tokens/s, time to first token and time
 (p50, p99), errors, and the server's RSS before and after. With several client counts it also
 prints each count's output tokens/s relative to the first; --rounds repeats the counts in turn
 (1, 16, 1, 16, ...) and prints each round's ratio, since this box drifts over minutes. Traffic
-goes to the given or started local server only, and every loop is bounded by --duration. The clients are bench/sse_client.py's
-(a plain http:// asyncio client that checks every streamed event), not httpx, and run on uvloop:
-on this 2-core machine the load generator's CPU per token is taken from the server (16 clients:
-57-61 us per token on asyncio's loop, 48-50 on uvloop; 2-4% more output tokens/s).
+goes to the given or started local server only, and every loop is bounded by --duration. The
+clients are bench/sse_client.py's (a plain http:// asyncio client that checks every streamed
+event), not httpx, and run on uvloop: on this 2-core machine the load generator's CPU per token
+is taken from the server (16 clients: 57-61 us per token on asyncio's loop, 48-50 on uvloop; 2-4%
+more output tokens/s).
 """
 from __future__ import annotations
 
