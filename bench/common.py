@@ -57,9 +57,3 @@ def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
     ref = np.asarray(ref, dtype=np.float64)
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
-
-def time_once(fn: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0

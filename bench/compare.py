@@ -40,7 +40,7 @@ from types import SimpleNamespace  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median, read_safetensors, rel_err, time_once  # noqa: E402
+from common import median, read_safetensors, rel_err, timeit  # noqa: E402
 from compare_gemm import gemm_table, machine_limits  # noqa: E402
 from quiet_box import OtherLoad, other_load_now, wait_for_quiet  # noqa: E402
 from torch_gpt2 import TorchGPT2  # noqa: E402
@@ -128,8 +128,8 @@ def llamas_runner(m, dtype: str, prompt: list[int]):
 def run_llamas(path: str, prompt: list[int]) -> dict:
     """llamas float32 and bfloat16, loaded side by side, their runs interleaved (float32 first in
     even rounds, bfloat16 in odd ones): the box drifts by +-20% over a minute, and the bfloat16
-    target is a ratio to float32. Returns {dtype: results}; "round_ratios" holds each round's
-    bfloat16 / float32 decode speed."""
+    target is a ratio to float32. Returns {dtype: results}; "round_steps" holds each round's
+    median decode step time."""
     ones, models = {}, {}
     for dtype in ("float32", "bfloat16"):
         log(f"llamas {dtype}")
@@ -158,21 +158,22 @@ def repeat_runs(ones: dict, prefill_reps: int, decode_reps: int) -> dict:
     round (their order alternating), the first decode_reps rounds also decoding; notes when two
     identical greedy runs disagree. Returns {label: (summary, tokens, median step time per round)}."""
     labels = list(ones)
-    acc = {k: ([], [], [], None, []) for k in labels}   # prefill times, steps, decode totals, tokens, round medians
+    acc = {k: {"pre": [], "steps": [], "totals": [], "rounds": [], "tokens": None} for k in labels}
     for r in range(prefill_reps):
         d = DECODE_TOKENS if r < decode_reps else 0
         for label in (labels if r % 2 == 0 else labels[::-1]):
-            pre_t, steps, totals, toks, rounds = acc[label]
+            a = acc[label]
             pre, st, tk = ones[label](d)
-            pre_t.append(pre)
+            a["pre"].append(pre)
             if d:
-                steps += st
-                totals.append(sum(st))
-                rounds.append(median(st))
-                if toks is not None and tk != toks:
+                a["steps"] += st
+                a["totals"].append(sum(st))
+                a["rounds"].append(median(st))
+                if a["tokens"] is not None and tk != a["tokens"]:
                     note(f"{label}: greedy output differs between two identical runs")
-                acc[label] = (pre_t, steps, totals, tk, rounds)
-    return {k: (summarize(p, s, t, DECODE_TOKENS), tk, rounds) for k, (p, s, t, tk, rounds) in acc.items()}
+                a["tokens"] = tk
+    return {k: (summarize(a["pre"], a["steps"], a["totals"], DECODE_TOKENS), a["tokens"], a["rounds"])
+            for k, a in acc.items()}
 
 
 def run_torch_eager(model: TorchGPT2, prompt: list[int]) -> dict:
@@ -229,9 +230,9 @@ def run_hf(hf, prompt: list[int]) -> dict:
         forward()
         hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen_kw)          # warm-up
         meter = OtherLoad()
-        pre_t = [time_once(forward) for _ in range(BASE_PREFILL_REPS)]
-        t1 = [time_once(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen_kw))
-              for _ in range(BASE_PREFILL_REPS)]
+        pre_t = timeit(forward, BASE_PREFILL_REPS, warmup=0)
+        t1 = timeit(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen_kw), BASE_PREFILL_REPS,
+                    warmup=0)
         n = DECODE_TOKENS
         tn, steps, out = [], [], None
         for _ in range(BASE_DECODE_REPS):
@@ -409,6 +410,7 @@ def main() -> None:
         decode_tokens=DECODE_TOKENS, gemm_rounds=GEMM_ROUNDS, gemm_reps=GEMM_REPS, peak_gemm=peak_gemm,
         notes=NOTES, t_start=t_start, busy_before=busy_before, info=info, limits=limits, gemm=gemm,
         gemm_load=gemm_load, model_rows=model_rows, extra=extra))
+
 
 if __name__ == "__main__":
     main()

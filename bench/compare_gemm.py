@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import llamas
-from common import median, rel_err, time_once
+from common import median, rel_err, timeit
 
 
 # ================================================================================================
@@ -36,8 +36,7 @@ def machine_limits(quick: bool, log: Callable[[str], None]) -> dict:
     s = 2048
     a = np.random.default_rng(1).standard_normal((s, s), dtype=np.float32)
     b = np.random.default_rng(2).standard_normal((s, s), dtype=np.float32)
-    a @ b
-    best = min(time_once(lambda: a @ b) for _ in range(2 if quick else 4))
+    best = min(timeit(lambda: a @ b, 2 if quick else 4))
     sq = 2 * s ** 3 / best / 1e9
     return {"bw_numpy": bw_np, "bw_torch": bw_th, "bw": max(bw_np, bw_th), "sgemm_square": sq}
 
@@ -83,8 +82,8 @@ def gemm_table(shapes: list, reps_per_round: int, rounds: int, settle: Callable[
         for _ in range(rounds):
             for f, times in ((f_n, tn), (f_l, tl), (f_p, tp)):
                 settle(quick=True)
-                f()                         # warm-up: the pool wakes, B is touched
-                times.extend(time_once(f) / inner for _ in range(reps))
+                # after a warm-up call: the pool wakes, B is touched
+                times.extend(t / inner for t in timeit(f, reps))
         g_l, g_p, g_n = (flops / median(t) / 1e9 for t in (tl, tp, tn))
         rows.append(((m, k, n), g_l, g_p, g_n, err, flops / min(tn) / 1e9))
         settle()

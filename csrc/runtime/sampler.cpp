@@ -76,6 +76,12 @@ __attribute__((noinline)) double sum_and_max(const float* p, int64_t n, double* 
   return (s0 + s1) + (s2 + s3);
 }
 
+// Token order by logit, highest first, ties to the lower id (top-k and the logprobs' top-n).
+struct ByLogit {
+  const float* logits;
+  bool operator()(int32_t a, int32_t b) const { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); }
+};
+
 // 0, 1, ..., n - 1: token ids to select or order candidates by.
 std::vector<int32_t> iota_ids(int64_t n) {
   std::vector<int32_t> ids(n);
@@ -130,9 +136,7 @@ int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>
   const int n_top = int(std::min<int64_t>(params_.logprobs, vocab));
   if (n_top > 0) {
     std::vector<int32_t> ids = iota_ids(vocab);
-    std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), [&](int32_t a, int32_t b) {
-      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-    });
+    std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), ByLogit{logits});
     for (int i = 0; i < n_top; ++i) last_top_logprobs.push_back({ids[i], logits[ids[i]] - log_norm});
   }
   std::vector<float> raw(logits, logits + vocab);
@@ -140,7 +144,6 @@ int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>
   last_logprob = raw[chosen] - log_norm;
   return chosen;
 }
-
 
 int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   const SamplingParams& p = params_;
@@ -181,8 +184,7 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   int64_t n = vocab;
   if (p.top_k > 0 && p.top_k < vocab) {
     ids = iota_ids(vocab);
-    auto better = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-    std::nth_element(ids.begin(), ids.begin() + p.top_k, ids.end(), better);
+    std::nth_element(ids.begin(), ids.begin() + p.top_k, ids.end(), ByLogit{logits});
     n = p.top_k;
   }
   auto token_of = [&](int64_t i) { return ids.empty() ? int32_t(i) : ids[i]; };

@@ -179,9 +179,10 @@ async def _wait_disconnect(receive) -> None:
 
 class _SSEResponse(Response):
     """Server-sent events, written straight to the ASGI `send`. `pump(send)` sends the body's
-    events, the last with more_body False; `on_close` runs however the response ends (done, client gone before or during the
-    stream, server shutdown), and also the moment the client disconnects, so no sequence outlives
-    its client: the engine then ends the cancelled sequences and the pump returns.
+    events, the last with more_body False; `on_close` runs however the response ends (done, client
+    gone before or during the stream, server shutdown), and also the moment the client
+    disconnects, so no sequence outlives its client: the engine then ends the cancelled sequences
+    and the pump returns.
 
     Not Starlette's StreamingResponse: per request it opens an anyio task group to watch for the
     disconnect (~10% of the event loop's time at 16 streaming clients, py-spy), and per event it
