@@ -82,6 +82,8 @@ def test_generation_frees_kv_blocks(model):
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0), "top_p"),
     (dict(top_p=float("nan")), "top_p"),
+    (dict(top_p=1e-320), "top_p.*float32"),  # positive, but 0 once the engine holds it as a float32
+    (dict(repetition_penalty=1e-320), "repetition_penalty.*float32"),
     (dict(top_k=-3), "top_k"),
     (dict(min_p=2), "min_p"),
     (dict(repetition_penalty=-1), "repetition_penalty"),

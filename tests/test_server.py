@@ -277,6 +277,8 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature", "number"),
     ("/v1/completions", {"prompt": PROMPT, "top_p": -1}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": PROMPT, "top_p": 0}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": 1e-320}, 400, "top_p", "float32"),  # 0 once it is a float32
+    ("/v1/completions", {"prompt": PROMPT, "repetition_penalty": 1e-320}, 400, "repetition_penalty", "float32"),
     ("/v1/completions", {"prompt": PROMPT, "top_k": 1.5}, 400, "top_k", "integer"),
     ("/v1/completions", {"prompt": PROMPT, "min_p": 2}, 400, "min_p", "min_p"),
     ("/v1/completions", {"prompt": PROMPT, "repetition_penalty": 0}, 400, "repetition_penalty", ""),
@@ -308,6 +310,11 @@ BAD = [
     ("/v1/completions", {"prompt": [1, 2, 99999]}, 400, "prompt", "vocabulary"),
     ("/v1/completions", {"prompt": [[1, 2], "x", None]}, 400, "prompt", ""),
     ("/v1/completions", b'{"prompt": "\\ud800 lone surrogate"}', 400, "prompt", "UTF-8"),
+    # Lone surrogates echoed back in an error (a model name, an unknown key) are escaped, not a 500.
+    ("/v1/completions", b'{"prompt": "x", "model": "\\ud800"}', 400, "model", "UTF-8"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": "a\\udfff"}', 400, "model",
+     "UTF-8"),
+    ("/v1/completions", b'{"prompt": "x", "\\ud800": 1}', 400, "\ud800", "Unrecognized"),
     ("/v1/completions", {"prompt": LONG}, 400, "prompt", "128"),
     ("/v1/completions", b'{"prompt": "\xff\xfe bad bytes"}', 400, None, "UTF-8"),
     ("/v1/completions", b'{"prompt": "unterminated', 400, None, "JSON"),

@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import secrets
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -33,10 +34,19 @@ def _check_number(name: str, value, low: float, high: float, *, low_open: bool =
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LlamasError(f"[generate] {name} must be a number, got {value!r}")
     value = float(value)
+    bracket = "(" if low_open else "["
     if math.isnan(value) or value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
         raise LlamasError(f"[generate] {name} must be in {bracket}{low}, {high}], got {value}")
+    # The engine holds it as a float32: a positive value below float32's smallest (1e-320) would
+    # reach it as the excluded bound 0.
+    if low_open and as_float32(value) == low:
+        raise LlamasError(f"[generate] {name} must be in {bracket}{low}, {high}], got {value} (0 as a float32)")
     return value
+
+
+def as_float32(value: float) -> float:
+    """value rounded to the float32 the native engine holds it as."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 class SamplingOptions:

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .scheduler import as_float32
+
 MAX_N = 128                 # choices per prompt (OpenAI's limit)
 MAX_PROMPTS = 64            # prompts in one /v1/completions batch
 MAX_STOP = 16               # stop strings
@@ -112,9 +114,12 @@ def get_float(body: dict, name: str, default, lo: float, hi: float, lo_open: boo
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad(f"'{name}' must be a number, got {_typename(v)}.", name, "invalid_type")
     v = float(v)
+    lb = "(" if lo_open else "["
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        lb = "(" if lo_open else "["
         raise bad(f"'{name}' must be in {lb}{lo:g}, {hi:g}], got {v:g}.", name, "invalid_value")
+    if lo_open and as_float32(v) == lo:
+        raise bad(f"'{name}' must be in {lb}{lo:g}, {hi:g}], got {v:g} ({lo:g} as a float32, as the engine holds it).",
+                  name, "invalid_value")
     return v
 
 

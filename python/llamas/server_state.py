@@ -18,7 +18,7 @@ from starlette.responses import Response
 from .engine import Engine
 from .server_chat import ChatTemplate
 from .server_metrics import ServerMetrics
-from .server_protocol import APIError, bad, parse_json_body
+from .server_protocol import APIError, bad, check_text, parse_json_body
 
 log = logging.getLogger("llamas.server")
 
@@ -158,8 +158,7 @@ class ServerState:
         name = body.get("model")
         if name is None:
             return
-        if not isinstance(name, str):
-            raise bad("'model' must be a string.", "model", "invalid_type")
+        check_text(name, "model")
         if name != self.model_name:
             raise bad(f"The model '{name[:100]}' does not exist; this server serves '{self.model_name}'.",
                       "model", "model_not_found")
@@ -192,8 +191,12 @@ class ServerState:
 
 # ---- helpers -------------------------------------------------------------------------------------
 def _json(data, status: int = 200, headers=None) -> Response:
-    return Response(json.dumps(data, ensure_ascii=False, separators=(",", ":")), status_code=status,
-                    media_type="application/json", headers=headers)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    try:
+        body = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate echoed from the request (a key, a name): escape it
+        body = json.dumps(data, separators=(",", ":")).encode("ascii")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _error(e: APIError) -> Response:
