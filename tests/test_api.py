@@ -172,6 +172,40 @@ def test_wrong_shape_dtype_and_model_type(tmp_path):
         llamas.load(TINY, dtype="float8")
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("layer_norm_epsilon", "x", "layer_norm_epsilon must be a positive number"),
+    ("layer_norm_epsilon", 0, "layer_norm_epsilon"),
+    ("layer_norm_epsilon", 1e300, "layer_norm_epsilon"),
+    ("n_inner", 0, "n_inner must be null or a positive integer"),
+    ("n_inner", [], "n_inner"),
+    ("eos_token_id", -1, "eos_token_id must be null or a token id"),
+    ("eos_token_id", "x", "eos_token_id"),
+    ("eos_token_id", [0, 1], "eos_token_id"),
+    ("bos_token_id", -1, "bos_token_id"),
+    ("scale_attn_weights", 0, "scale_attn_weights must be true or false"),
+    ("scale_attn_by_inverse_layer_idx", "yes", "scale_attn_by_inverse_layer_idx"),
+    ("tie_word_embeddings", False, "tie_word_embeddings is false"),
+    ("reorder_and_upcast_attn", 1, "reorder_and_upcast_attn must be true or false"),
+])
+def test_bad_config_values_are_named(tmp_path, key, value, match):
+    d = _copy_model(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(llamas.LlamasError, match=match):
+        llamas.load(d)
+
+
+def test_null_eos_falls_back_to_the_tokenizer(tmp_path):
+    d = _copy_model(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["eos_token_id"] = cfg["bos_token_id"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = llamas.load(d)
+    assert m.config.eos_token_id is None
+    assert m.tokenizer.eos_token_id == m.tokenizer.token_to_id("<|endoftext|>") is not None
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "llamas", *args], capture_output=True, text=True, timeout=120)
 

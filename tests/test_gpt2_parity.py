@@ -13,7 +13,7 @@ import pytest
 import llamas
 from llamas.tokenizer import Tokenizer
 
-MODELS = ["gpt2-tiny", "gpt2-odd"]
+MODELS = ["gpt2-tiny", "gpt2-odd", "gpt2-scaled"]
 NEW_TOKENS = 20
 
 

@@ -94,6 +94,35 @@ def test_step0_loss_and_gradients_match_torch(odd):
     assert trainer.compute_gradients(odd["inputs"][0], odd["targets"][0]) == loss
 
 
+def test_scaled_attention_trains_with_its_own_scale(fixtures_dir):
+    """gpt2-scaled (scores / (layer + 1), no head_dim^-0.5): the training forward gives the loss of
+    transformers' logits, and the backward's query gradients match central differences (a
+    backward still scaling by head_dim^-0.5 would be off by a factor 2-3 in every layer)."""
+    folder = fixtures_dir / "gpt2-scaled"
+    ids = np.load(folder / "expected.npz")["input_ids"]
+    logits = np.load(folder / "expected.npz")["logits"].astype(np.float64)
+    x, y = ids[:, :-1], ids[:, 1:]
+    logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, y[..., None], -1).mean()
+    trainer = llamas.Trainer(llamas.load(folder), lr=1e-3)
+    assert rel_err(trainer.compute_gradients(x, y), expected) <= 1e-5
+    C = 48
+    for layer in (0, 2):
+        name = f"transformer.h.{layer}.attn.c_attn.weight"
+        grad = trainer.gradient(name)[:, :C].copy()  # the query columns
+        weight = trainer._native.tensor("param", name)
+        for flat in np.argsort(-np.abs(grad), axis=None)[:3]:
+            i, j = np.unravel_index(flat, grad.shape)
+            w0, h = float(weight[i, j]), 1e-2
+            weight[i, j] = w0 + h
+            up = trainer.compute_gradients(x, y)
+            weight[i, j] = w0 - h
+            down = trainer.compute_gradients(x, y)
+            weight[i, j] = w0
+            numeric = (up - down) / (2 * h)
+            assert abs(numeric - grad[i, j]) <= 0.05 * abs(grad[i, j]), (name, i, j, numeric, grad[i, j])
+
+
 def test_adamw_steps_match_torch(odd):
     exp = odd["expected"]
     trainer = odd_trainer(odd)

@@ -8,6 +8,9 @@ What it makes:
   gpt2-tokenizer/   the real GPT-2 vocab.json + merges.txt + LICENSE, copied from /work/shared/data
   gpt2-tiny/        random GPT-2 (vocab 512, ctx 128, n_embd 64, 2 layers, 4 heads)
   gpt2-odd/         random GPT-2 (vocab 512, ctx 97, n_embd 72, 3 layers, 3 heads of 24)
+  gpt2-scaled/      random GPT-2 (vocab 512, ctx 64, n_embd 48, 3 layers, 4 heads) with scores scaled by
+                    1 / (layer + 1) instead of head_dim^-0.5 (scale_attn_weights false,
+                    scale_attn_by_inverse_layer_idx true)
 Each model folder holds config.json, model.safetensors (float32), tokenizer.json (a 512-token
 byte-level BPE trained on a few Shakespeare plays), expected.npz (input_ids, logits, greedy_ids)
 and expected.json (prompt texts, greedy text, EOS info), all computed with torch float32.
@@ -44,6 +47,10 @@ MODELS = {
     # name: (GPT2Config kwargs, seed)
     "gpt2-tiny": (dict(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4), 1234),
     "gpt2-odd": (dict(vocab_size=VOCAB, n_positions=97, n_embd=72, n_layer=3, n_head=3), 4321),
+    # Stanford CRFM's attention scaling (scores / (layer + 1)), here without the usual
+    # head_dim^-0.5, so that ignoring either flag changes the logits.
+    "gpt2-scaled": (dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=3, n_head=4, scale_attn_weights=False,
+                         scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True), 2468),
 }
 INIT_STD = 0.35        # weight init std (GPT-2 uses 0.02, which gives near-uniform logits)
 BIAS_NOISE = 0.1       # added to every 1-D parameter (biases, layernorm weights and biases)

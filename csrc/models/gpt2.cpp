@@ -117,7 +117,6 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     }
 
   std::vector<AttentionArgs> attn(chunks.size());
-  const float scale = 1.0f / std::sqrt(float(hd));
   float* xd = x.data<float>();
   float* lnd = ln.data<float>();
   float* qkvd = qkv.data<float>();
@@ -168,7 +167,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       a.k_blocks = chunks[s].cache->key_blocks(int(l));
       a.v_blocks = chunks[s].cache->value_blocks(int(l));
       a.kv_bf16 = chunks[s].cache->dtype() == DType::BF16;
-      a.scale = scale;
+      a.scale = c.attn_scale(l);
     }
     {
       ProfileRegion region("attn.core");

@@ -21,7 +21,13 @@ struct GPT2Config {
   int64_t n_head = 12;
   int64_t n_inner = 0;  // 0: 4 * n_embd
   float layer_norm_epsilon = 1e-5f;
+  // Hugging Face GPT2Config's attention scaling: scores times head_dim^-0.5 (unless
+  // scale_attn_weights is false), divided by layer + 1 when scale_attn_by_inverse_layer_idx (as in
+  // Stanford CRFM's GPT-2 checkpoints).
+  bool scale_attn_weights = true;
+  bool scale_attn_by_inverse_layer_idx = false;
   int64_t ffn() const { return n_inner > 0 ? n_inner : 4 * n_embd; }
+  float attn_scale(int64_t layer) const;
   void validate() const;
 };
 

@@ -150,7 +150,8 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
     }
     {
       ProfileRegion region("attn.core");
-      ops::attention_forward(a.qkv.data<float>(), a.att.data<float>(), a.lse.data<float>(), B, T, H, hd);
+      ops::attention_forward(a.qkv.data<float>(), a.att.data<float>(), a.lse.data<float>(), B, T, H, hd,
+                             c.attn_scale(l));
     }
     {
       ProfileRegion region("attn.proj");
@@ -244,7 +245,7 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
     {
       ProfileRegion region("attn.core backward");
       ops::attention_backward(a.qkv.data<float>(), a.att.data<float>(), a.lse.data<float>(), d_att.data<float>(),
-                              d_qkv.data<float>(), B, T, H, hd);
+                              d_qkv.data<float>(), B, T, H, hd, c.attn_scale(l));
     }
     {
       ProfileRegion region("attn.qkv backward");

@@ -23,6 +23,11 @@ void GPT2Config::validate() const {
                "layer_norm_epsilon must be positive, got ", layer_norm_epsilon);
 }
 
+float GPT2Config::attn_scale(int64_t layer) const {
+  float scale = scale_attn_weights ? 1.0f / std::sqrt(float(n_embd / n_head)) : 1.0f;
+  return scale_attn_by_inverse_layer_idx ? scale / float(layer + 1) : scale;
+}
+
 size_t GPT2Weights::bytes() const {
   size_t total = wpe.nbytes() + lnf_w.nbytes() + lnf_b.nbytes() + (packed() ? lm_head_p.data.nbytes() : wte.nbytes());
   for (auto& l : layers) {

@@ -36,19 +36,20 @@ void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t
   cpu::kernels().cross_entropy(logits, targets, losses, rows, V, grad_scale);
 }
 
-void attention_forward(const float* qkv, float* out, float* lse, int64_t B, int64_t T, int64_t H, int64_t hd) {
+void attention_forward(const float* qkv, float* out, float* lse, int64_t B, int64_t T, int64_t H, int64_t hd,
+                       float scale) {
   ProfileScope scope("attention");
   LLAMAS_CHECK(T <= cpu::kTrainAttentionMaxT, "attention", "training sequence length ", T, " exceeds ",
                cpu::kTrainAttentionMaxT);
-  cpu::kernels().attention_forward(qkv, out, lse, B, T, H, hd, 1.0f / std::sqrt(float(hd)));
+  cpu::kernels().attention_forward(qkv, out, lse, B, T, H, hd, scale);
 }
 
 void attention_backward(const float* qkv, const float* out, const float* lse, const float* dout, float* dqkv,
-                        int64_t B, int64_t T, int64_t H, int64_t hd) {
+                        int64_t B, int64_t T, int64_t H, int64_t hd, float scale) {
   ProfileScope scope("attention_backward");
   LLAMAS_CHECK(T <= cpu::kTrainAttentionMaxT, "attention_backward", "training sequence length ", T, " exceeds ",
                cpu::kTrainAttentionMaxT);
-  cpu::kernels().attention_backward(qkv, out, lse, dout, dqkv, B, T, H, hd, 1.0f / std::sqrt(float(hd)));
+  cpu::kernels().attention_backward(qkv, out, lse, dout, dqkv, B, T, H, hd, scale);
 }
 
 void embedding_backward(const int32_t* ids, const int64_t* positions, int64_t n, const float* dx, float* dwte,

@@ -26,8 +26,20 @@ GPT2Config config_from_dict(const py::dict& d) {
   get_int("n_layer", c.n_layer);
   get_int("n_head", c.n_head);
   get_int("n_inner", c.n_inner);
-  if (d.contains("layer_norm_epsilon") && !d["layer_norm_epsilon"].is_none())
-    c.layer_norm_epsilon = d["layer_norm_epsilon"].cast<float>();
+  if (d.contains("layer_norm_epsilon") && !d["layer_norm_epsilon"].is_none()) {
+    py::object v = d["layer_norm_epsilon"];
+    if (!(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v)) || py::isinstance<py::bool_>(v))
+      fail("gpt2_config", "'layer_norm_epsilon' must be a number, got ", std::string(py::str(v)));
+    c.layer_norm_epsilon = v.cast<float>();
+  }
+  auto get_bool = [&](const char* key, bool& field) {
+    if (!d.contains(key) || d[key].is_none()) return;
+    py::object v = d[key];
+    if (!py::isinstance<py::bool_>(v)) fail("gpt2_config", "'", key, "' must be true or false, got ", std::string(py::str(v)));
+    field = v.cast<bool>();
+  };
+  get_bool("scale_attn_weights", c.scale_attn_weights);
+  get_bool("scale_attn_by_inverse_layer_idx", c.scale_attn_by_inverse_layer_idx);
   c.validate();
   return c;
 }

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "cpu/reference.h"
@@ -126,7 +127,8 @@ void init_train_ops(py::module_& m) {
                  "expects qkv (B, T, 3C) with C divisible by n_head");
     int64_t B = qkv.shape(0), T = qkv.shape(1), C = qkv.shape(2) / 3;
     FloatArray out = new_array({B, T, C}), lse = new_array({B, n_head, T});
-    ops::attention_forward(qkv.data(), out.mutable_data(), lse.mutable_data(), B, T, n_head, C / n_head);
+    ops::attention_forward(qkv.data(), out.mutable_data(), lse.mutable_data(), B, T, n_head, C / n_head,
+                           1.0f / std::sqrt(float(C / n_head)));
     return py::make_tuple(out, lse);
   });
   ops.def("attention_backward", [](FloatArray qkv, FloatArray out, FloatArray lse, FloatArray dout, int n_head) {
@@ -137,7 +139,7 @@ void init_train_ops(py::module_& m) {
                  "attention_backward", "out, dout must be (B, T, C) and lse (B, H, T)");
     FloatArray dqkv = new_array({B, T, 3 * C});
     ops::attention_backward(qkv.data(), out.data(), lse.data(), dout.data(), dqkv.mutable_data(), B, T, n_head,
-                            C / n_head);
+                            C / n_head, 1.0f / std::sqrt(float(C / n_head)));
     return dqkv;
   });
   ops.def("embedding_backward", [](IntArray ids, py::array_t<int64_t, py::array::c_style | py::array::forcecast> pos,

@@ -9,6 +9,7 @@ from typing import Any, Optional
 from ._C import LlamasError
 
 _SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_NULLABLE = ("bos_token_id", "eos_token_id")
 
 
 def read_json_object(path: str, missing_hint: str) -> dict[str, Any]:
@@ -35,8 +36,12 @@ class GPT2Config:
     n_inner: Optional[int] = None
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
+    bos_token_id: Optional[int] = 50256
+    eos_token_id: Optional[int] = 50256
+    # Attention scores times head_dim^-0.5 (unless scale_attn_weights is false), divided by
+    # layer + 1 when scale_attn_by_inverse_layer_idx (Stanford CRFM's GPT-2 checkpoints).
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -52,6 +57,21 @@ class GPT2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise LlamasError(f"[config] {name} must be a positive integer, got {value!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
+                                         or self.n_inner <= 0):
+            raise LlamasError(f"[config] n_inner must be null or a positive integer, got {self.n_inner!r}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1e30:
+            raise LlamasError(f"[config] layer_norm_epsilon must be a positive number below 1e30, got {eps!r}")
+        # (An id past the vocabulary, as GPT2Config's default 50256 in a small model, is never
+        # generated, as in transformers.)
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise LlamasError(f"[config] {name} must be null or a token id (an integer >= 0), got {value!r}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            if not isinstance(getattr(self, name), bool):
+                raise LlamasError(f"[config] {name} must be true or false, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise LlamasError(f"[config] n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation_function not in _SUPPORTED_ACTIVATIONS:
@@ -64,6 +84,8 @@ class GPT2Config:
             "vocab_size": self.vocab_size, "n_positions": self.n_positions, "n_embd": self.n_embd,
             "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": self.n_inner or 0,
             "layer_norm_epsilon": float(self.layer_norm_epsilon),
+            "scale_attn_weights": self.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx,
         }
 
     @classmethod
@@ -72,7 +94,18 @@ class GPT2Config:
         if model_type != "gpt2":
             raise LlamasError(f"[config] unknown model_type {model_type!r}: this version of llamas runs 'gpt2'")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields and v is not None}
+        # null bos/eos ids mean "none" (the tokenizer's <|endoftext|>, if any, is the EOS then);
+        # other nulls mean the default.
+        kwargs = {k: v for k, v in d.items() if k in fields and (v is not None or k in _NULLABLE)}
+        # What transformers' GPT2LMHeadModel would do differently, refused rather than ignored.
+        if d.get("tie_word_embeddings") is False:
+            raise LlamasError("[config] tie_word_embeddings is false: llamas runs GPT-2 with its output layer tied "
+                              "to the token embedding, not a separate lm_head")
+        # reorder_and_upcast_attn only changes float16 rounding (llamas computes attention in float32);
+        # cross-attention layers are unused without an encoder, as in transformers' generate.
+        for name in ("tie_word_embeddings", "reorder_and_upcast_attn", "add_cross_attention"):
+            if name in d and d[name] is not None and not isinstance(d[name], bool):
+                raise LlamasError(f"[config] {name} must be true or false, got {d[name]!r}")
         # Older configs spell the context length n_ctx.
         if "n_positions" not in kwargs and isinstance(d.get("n_ctx"), int):
             kwargs["n_positions"] = d["n_ctx"]

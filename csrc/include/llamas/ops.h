@@ -69,11 +69,13 @@ void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
 // Per row: losses[r] = logsumexp(z) - z[target]; if grad_scale != 0, the logits become
 // grad_scale * (softmax - onehot) in place. Targets must be in [0, V).
 void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale);
-// Causal attention over qkv (B, T, 3C) -> out (B, T, C), lse (B, H, T); T <= 4096.
-void attention_forward(const float* qkv, float* out, float* lse, int64_t B, int64_t T, int64_t H, int64_t hd);
+// Causal attention over qkv (B, T, 3C) -> out (B, T, C), lse (B, H, T); T <= 4096. Scores are
+// q.k * scale (GPT-2: head_dim^-0.5, see GPT2Config::attn_scale).
+void attention_forward(const float* qkv, float* out, float* lse, int64_t B, int64_t T, int64_t H, int64_t hd,
+                       float scale);
 // dqkv (B, T, 3C) is overwritten with the gradient, recomputing scores from lse.
 void attention_backward(const float* qkv, const float* out, const float* lse, const float* dout, float* dqkv,
-                        int64_t B, int64_t T, int64_t H, int64_t hd);
+                        int64_t B, int64_t T, int64_t H, int64_t hd, float scale);
 // dwte[ids[i]] += dx[i], dwpe[positions[i]] += dx[i]; columns are split across threads, rows are
 // summed in order, so the result is deterministic.
 void embedding_backward(const int32_t* ids, const int64_t* positions, int64_t n, const float* dx, float* dwte,
