@@ -109,6 +109,11 @@ def test_bad_prompts(model):
         model.generate([1] * (model.config.n_positions + 1))
     with pytest.raises(llamas.LlamasError, match="2-D"):
         model.forward([1, 2, 3])
+    # A str that is not valid Unicode (tokenizers itself says only "TextInputSequence must be str").
+    with pytest.raises(llamas.LlamasError, match="lone surrogate at character 2"):
+        model.generate("ab\udcff")
+    with pytest.raises(llamas.LlamasError, match="lone surrogate"):
+        model.generate(["fine", "\ud800"])
 
 
 def test_generation_stops_at_context_end(model):

@@ -9,6 +9,15 @@ from typing import Optional
 from ._C import LlamasError
 
 
+def _check_encodable(text) -> None:
+    if not isinstance(text, str):
+        raise LlamasError(f"[tokenizer] expected a str to encode, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # tokenizers would raise "TextInputSequence must be str"
+        raise LlamasError(f"[tokenizer] the text is not valid Unicode: a lone surrogate at character {e.start}") from None
+
+
 class Tokenizer:
     def __init__(self, backend, eos_token_id: Optional[int], source: str):
         self._tok = backend
@@ -53,11 +62,12 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise LlamasError(f"[tokenizer] expected a str to encode, got {type(text).__name__}")
+        _check_encodable(text)
         return self._tok.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        for text in texts:
+            _check_encodable(text)
         return [e.ids for e in self._tok.encode_batch(texts)]
 
     def decode(self, ids: list[int]) -> str:
