@@ -180,6 +180,26 @@ def test_bfloat16_close_to_float32(case, model):
     assert agree.mean() >= 0.75, f"bf16 argmax agrees at only {agree.mean():.0%} of positions"
 
 
+def test_bfloat16_checkpoint_is_the_same_model_at_either_dtype(case, tmp_path):
+    """A checkpoint stored in bfloat16 holds values float32 represents exactly, and every GEMM path
+    sums in the same order: loaded as bfloat16 (bfloat16 panels; token embeddings read from the
+    interleaved lm_head panels) or as float32 (float32 panels; embeddings from the stored table), its
+    logits are bit-identical."""
+    tensors, meta = read_safetensors(case.folder / "model.safetensors")
+    as_bf16 = {}
+    for name, (dtype, shape, raw) in tensors.items():
+        bits = np.frombuffer(raw, np.float32).view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+        as_bf16[name] = ("BF16", shape, rounded.tobytes())
+    folder = tmp_path / "bf16"
+    shutil.copytree(case.folder, folder)
+    write_safetensors(folder / "model.safetensors", as_bf16, meta)
+    bf = llamas.load(folder, dtype="bfloat16", kv_dtype="float32")
+    f32 = llamas.load(folder, dtype="float32")
+    ids = np.concatenate([case.input_ids, np.arange(case.input_ids.shape[1])[None] % bf.config.vocab_size])
+    assert np.array_equal(bf.forward(ids), f32.forward(ids))
+
+
 def test_kv_dtype_defaults_to_the_weights_and_can_be_chosen(case, model):
     assert model.kv_dtype == "float32"
     assert llamas.load(case.folder, dtype="bfloat16").kv_dtype == "bfloat16"

@@ -352,10 +352,25 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dty
 }
 
 void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Tensor& wte, const Tensor& wpe,
-               float* out) {
+               float* out, const PackedMatrix* wte_panels) {
   ProfileScope scope("embedding");
   require_cpu(wte, "embedding");
   const int64_t V = wte.dim(0), C = wte.dim(1), P = wpe.dim(0);
+  if (wte_panels != nullptr)
+    LLAMAS_CHECK(wte_panels->N == V && wte_panels->K == C && wte_panels->dtype() == wte.dtype(), "embedding",
+                 "the panels must hold wte (", V, " x ", C, ", ", wte.describe(), ") in its own dtype");
+  // Row v of wte in the panels: column v % 16 of panel v / 16, one element per 64-byte panel row
+  // (float32; 32 bytes bfloat16), at its interleaved slot for bfloat16.
+  auto panel_row = [&](int64_t v, float* dst) {
+    const int64_t base = (v / kPanelWidth) * C * kPanelWidth;
+    if (wte_panels->dtype() == DType::F32) {
+      const float* src = wte_panels->data.data<float>() + base + v % kPanelWidth;
+      for (int64_t c = 0; c < C; ++c) dst[c] = src[c * kPanelWidth];
+    } else {
+      const uint16_t* src = wte_panels->data.data<uint16_t>() + base + bf16_panel_slot(v % kPanelWidth);
+      for (int64_t c = 0; c < C; ++c) dst[c] = bf16_to_float(src[c * kPanelWidth]);
+    }
+  };
   auto load_row = [&](const Tensor& table, int64_t row, float* dst, bool add) {
     if (table.dtype() == DType::F32) {
       const float* src = table.data<float>() + row * C;
@@ -369,7 +384,8 @@ void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Te
     LLAMAS_CHECK(ids[i] >= 0 && ids[i] < V, "embedding", "token id ", ids[i], " is out of range [0, ", V, ")");
     LLAMAS_CHECK(positions[i] >= 0 && positions[i] < P, "embedding", "position ", positions[i],
                  " is beyond the context length ", P);
-    load_row(wte, ids[i], out + i * C, false);
+    if (wte_panels != nullptr) panel_row(ids[i], out + i * C);
+    else load_row(wte, ids[i], out + i * C, false);
     load_row(wpe, positions[i], out + i * C, true);
   }
 }
