@@ -99,11 +99,11 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   }
   {
     ProfileRegion region("embedding");
-    // From the lm_head's panels when they hold wte exactly (its own dtype): its mapped pages were
-    // released after packing, and looking rows up in the mapping brought them back one by one
-    // (a 124M server's RSS grew by up to the table's 154 MB as tokens appeared).
-    const ops::PackedMatrix* panels =
-        weights_.packed() && weights_.lm_head_p.dtype() == weights_.wte.dtype() ? &weights_.lm_head_p : nullptr;
+    // From the tied lm_head's panels (a bfloat16 model's, from a float32 checkpoint, hold wte
+    // rounded to bfloat16, as its output layer uses it): wte's mapped pages were released after
+    // packing, and looking rows up in the mapping brought them back one by one (a 124M server's RSS
+    // grew by up to the table's 154 MB as tokens appeared).
+    const ops::PackedMatrix* panels = weights_.packed() ? &weights_.lm_head_p : nullptr;
     ops::embedding(ids.data<int32_t>(), positions.data(), R, weights_.wte, weights_.wpe, x.data<float>(), panels);
   }
   // The KV writes of each layer, as runs of rows that stay inside one cache block.

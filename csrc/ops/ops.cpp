@@ -357,8 +357,8 @@ void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Te
   require_cpu(wte, "embedding");
   const int64_t V = wte.dim(0), C = wte.dim(1), P = wpe.dim(0);
   if (wte_panels != nullptr)
-    LLAMAS_CHECK(wte_panels->N == V && wte_panels->K == C && wte_panels->dtype() == wte.dtype(), "embedding",
-                 "the panels must hold wte (", V, " x ", C, ", ", wte.describe(), ") in its own dtype");
+    LLAMAS_CHECK(wte_panels->N == V && wte_panels->K == C, "embedding", "the panels must hold wte (", V, " x ", C,
+                 "), got ", wte_panels->N, " x ", wte_panels->K);
   // Row v of wte in the panels: column v % 16 of panel v / 16, one element per 64-byte panel row
   // (float32; 32 bytes bfloat16), at its interleaved slot for bfloat16.
   auto panel_row = [&](int64_t v, float* dst) {

@@ -55,8 +55,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dty
                  bool reference = false);
 
 // out[i] = wte[ids[i]] + wpe[positions[i]]; wte float32 or bfloat16, wpe float32 or bfloat16.
-// With wte_panels (wte packed (N, K) as the tied lm_head, in wte's own dtype), the rows are read
-// from the panels instead, so wte's own pages need not stay resident.
+// With wte_panels (wte packed (N, K) as the tied lm_head), the rows are read from the panels
+// instead (as they hold them: bfloat16 panels round), so wte's own pages need not stay resident.
 void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Tensor& wte,
                const Tensor& wpe, float* out, const PackedMatrix* wte_panels = nullptr);
 
