@@ -1,0 +1,77 @@
+"""Random requests against a running server (fixed seeds): every answer is a 200 or a 4xx with an
+OpenAI-style error body, never a 5xx, a hang or a dead server. The hand-written bad inputs are in
+test_server.py; this walks the combinations (a lone surrogate in a model name, a top_p of 1e-320,
+an unknown key that is not valid Unicode, ... each once answered 500)."""
+import json
+import random
+
+import httpx
+import pytest
+
+import llamas
+from llamas.server import create_app
+from test_server import TINY, ThreadServer, assert_still_serving
+
+# Values of every JSON type and edge: wrong types, out-of-range and subnormal numbers, lone
+# surrogates, empty and huge strings, nested junk.
+VALUES = [None, True, False, 0, 1, -1, 2, 64, 10 ** 6, 10 ** 30, -10 ** 30, 2 ** 63, 2 ** 64, 0.5, -0.5, 1e308,
+          1e-320, -0.0, "", "x", "When", "\ud800", "a\udfff", "\x00", [], [1], [[1]], ["a", "b"], [0, 511], [512],
+          [-1], [1.5], {}, {"1": 100}, {"5": -100}, {"x": 1}, {"\ud800": 1}, ["\n"], [""], ["\ud800"], "a" * 5000,
+          [1] * 200, {"include_usage": True}, {"include_usage": "\ud800"}, {"type": "text"}, {"type": "\ud800"}]
+COMPLETION_KEYS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stop", "seed",
+                   "logprobs", "echo", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                   "stream_options", "model", "suffix", "best_of", "user"]
+CHAT_KEYS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
+             "logprobs", "top_logprobs", "logit_bias", "stream_options", "model", "response_format", "tools",
+             "tool_choice", "user"]
+MESSAGES = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
+            [{"role": "x", "content": "hi"}], [{"role": "user"}], [{"content": "x"}], [{"role": "\ud800", "content": "x"}],
+            [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user", "content": 5}], [], "hi"]
+RAW_BODIES = [b"", b"{", b"[]", b"null", b"\xff\xfe", b'{"prompt": "a", "max_tokens": 2, "prompt": 5}', b"1e999",
+              b'{"prompt":"\\ud800"}', b'{"prompt": "x", "\\udfff": 1}']
+
+
+def random_request(rng: random.Random):
+    """(path, JSON body or raw bytes)."""
+    kind = rng.random()
+    if kind < 0.45:
+        body = {"prompt": "When", "max_tokens": 3}
+        for k in rng.sample(COMPLETION_KEYS, rng.randint(1, 4)):
+            body[k] = rng.choice(VALUES)
+        if rng.random() < 0.1:
+            body[rng.choice(["\ud800", "x" * 300, "", "prompt "])] = rng.choice(VALUES)
+        return "/v1/completions", body
+    if kind < 0.85:
+        body = {"messages": rng.choice(MESSAGES[:2]), "max_tokens": 3}
+        for k in rng.sample(CHAT_KEYS, rng.randint(1, 4)):
+            body[k] = rng.choice(VALUES + MESSAGES)
+        return "/v1/chat/completions", body
+    if kind < 0.93:
+        return rng.choice(["/tokenize", "/detokenize"]), {rng.choice(["prompt", "tokens", "x"]): rng.choice(VALUES)}
+    return rng.choice(["/v1/completions", "/v1/chat/completions", "/tokenize"]), rng.choice(RAW_BODIES)
+
+
+@pytest.fixture(scope="module")
+def http():
+    with ThreadServer(create_app(llamas.load(TINY), max_batch=16, max_tokens=16)) as s:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            yield c
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_requests_never_get_a_server_error(http, seed):
+    rng = random.Random(seed)
+    statuses = {}
+    for _ in range(400):
+        path, body = random_request(rng)
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = http.post(path, content=content, headers={"content-type": "application/json"})
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
+        if r.status_code != 200:
+            err = r.json()["error"]
+            assert isinstance(err["message"], str) and err["message"], (path, body, r.text[:300])
+        elif isinstance(body, dict) and body.get("stream") is True:
+            assert r.text.endswith("data: [DONE]\n\n"), (path, body, r.text[-300:])
+    assert statuses.get(200, 0) >= 5 and statuses.get(400, 0) >= 100, statuses  # both kinds were exercised
+    assert_still_serving(http)
