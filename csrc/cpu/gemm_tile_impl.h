@@ -183,9 +183,10 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
     // The next tile's lines are asked for 8 k steps at a time (the same lines as one per
     // 2^next_shift steps; next_shift <= 3 here): a line address computed and clamped at every k
     // step put ~8 scalar instructions beside each step's 12 FMAs, the hottest ones in the loop.
-    // 16-row products 9-11% faster (6 + 6 + 4 rows; 12, 24 and 30 rows 11-16%), bfloat16 7%
-    // (steps of the bundled model's GEMMs, 2 threads, both versions interleaved in one process).
-    // Not for the 8 x 2 tile, whose 16 accumulators spill: 3-4% slower, bfloat16 7-12%.
+    // A bundled-model step's GEMMs, 2 threads, both versions interleaved in one process: 16 rows
+    // (6 + 6 + 4) 9-20% faster in most runs (two of eleven ran level), 12, 24 and 30 rows 11-22%,
+    // bfloat16 16 rows 7-10%. Not for the 8 x 2 tile, whose 16 accumulators spill: 3-4% slower,
+    // bfloat16 7-12%.
     if (next) {
       int64_t k = 0;
       for (; k + 8 <= kc; k += 8) {
