@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def rss_mib(pid: int | None, field: str = "VmRSS") -> float | None:
     """A process's resident memory from /proc/PID/status: VmRSS (all), RssAnon (its own memory: a
-    leak shows here) or RssFile (mapped files, e.g. a float32 checkpoint's embedding rows)."""
+    leak shows here) or RssFile (mapped files: the checkpoint's pages still mapped)."""
     if pid is None:
         return None
     try:
@@ -123,11 +123,9 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
 def merge_stats(a: dict, b: dict) -> dict:
     """One client count's results over two rounds: counts and times add up, samples pool."""
     out = dict(b)  # rss: the latest
-    for key in ("requests", "tokens", "elapsed", "client_cpu"):
+    for key in ("requests", "tokens", "elapsed", "client_cpu", "ttft", "tpot", "errors"):
         out[key] = a[key] + b[key]
     out["server_cpu"] = None if a["server_cpu"] is None or b["server_cpu"] is None else a["server_cpu"] + b["server_cpu"]
-    for key in ("ttft", "tpot", "errors"):
-        out[key] = a[key] + b[key]
     return out
 
 
@@ -237,10 +235,8 @@ def main() -> int:
         # two rounds in a row grow the RSS by under 0.25% each (at most --settle seconds). The
         # llamas allocator holds its size from the first seconds, but the pages under it fill in
         # later (a KV block is touched as far as its sequences have reached), as do the Python and
-        # C heaps (bundled model: +4 MB over ~35 s at 16 clients, then flat over 1,000 requests)
-        # and, for a float32 model, the memory-mapped embedding rows of the tokens seen so far
-        # (GPT-2 124M: up to 154 MB). A leak never settles: it runs the whole --settle and still
-        # shows below.
+        # C heaps (bundled model: +4 MB over ~35 s at 16 clients, then flat over 1,000 requests).
+        # A leak never settles: it runs the whole --settle and still shows below.
         run_loop(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key))
         warmed = args.warmup
         rss_before = rss_mib(pid)

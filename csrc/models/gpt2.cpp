@@ -163,6 +163,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
         }
       }, 4);
     }
+    const float scale = c.attn_scale(l);
     for (size_t s = 0; s < chunks.size(); ++s) {
       AttentionArgs& a = attn[s];
       a.n_head = int(H), a.head_dim = int(hd);
@@ -172,7 +173,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       a.k_blocks = chunks[s].cache->key_blocks(int(l));
       a.v_blocks = chunks[s].cache->value_blocks(int(l));
       a.kv_bf16 = chunks[s].cache->dtype() == DType::BF16;
-      a.scale = c.attn_scale(l);
+      a.scale = scale;
     }
     {
       ProfileRegion region("attn.core");

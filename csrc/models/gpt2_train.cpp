@@ -138,7 +138,7 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
     Saved& a = s[l];
     a.x_in = x;
     a.ln1 = buf({R, C}), a.qkv = buf({R, 3 * C}), a.att = buf({R, C}), a.lse = buf({B * H * T});
-    a.x_mid = buf({R, C}), a.ln2 = buf({R, C}), a.fc_pre = buf({R, F}), a.fc_act = buf({R, F});
+    a.x_mid = buf({R, C}), a.ln2 = buf({R, C}), a.fc_pre = buf({R, F});
     {
       ProfileRegion region("ln_1");
       ops::layernorm_rows(a.x_in.data<float>(), lw.ln1_w.data<float>(), lw.ln1_b.data<float>(), a.ln1.data<float>(), R,
@@ -166,10 +166,7 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
     {
       ProfileRegion region("mlp.fc");
       linear_fwd(a.ln2.data<float>(), R, lw.fc_w, lw.fc_b, a.fc_pre.data<float>());
-      {
-        Tensor act = ops::gelu(a.fc_pre);
-        a.fc_act = act;
-      }
+      a.fc_act = ops::gelu(a.fc_pre);
     }
     {
       ProfileRegion region("mlp.proj");

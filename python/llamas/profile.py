@@ -44,10 +44,12 @@ class Profile:
                          f"{seconds / total:>8.1%}")
         lines.append("")
         lines.append(f"{'layer type':<22}{'op calls':>8}{'total ms':>12}{'mean us':>12}{'share':>8}  ops")
+        ops_in: Dict[str, set] = {}
+        for op, region, _calls, _seconds in self.entries:
+            ops_in.setdefault(region or OTHER, set()).add(op)
         for name, calls, seconds in self.by_layer():
-            ops = sorted({e[0] for e in self.entries if (e[1] or OTHER) == name})
             lines.append(f"{name:<22}{calls:>8}{seconds * 1e3:>12.2f}{seconds / calls * 1e6:>12.1f}"
-                         f"{seconds / total:>8.1%}  {', '.join(ops)}")
+                         f"{seconds / total:>8.1%}  {', '.join(sorted(ops_in[name]))}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ from ._C import LlamasError
 
 
 def _check_encodable(text) -> None:
+    """Raises the LlamasError that names why tokenizers refused text (its own TypeError does not)."""
     if not isinstance(text, str):
         raise LlamasError(f"[tokenizer] expected a str to encode, got {type(text).__name__}")
     try:
@@ -62,13 +63,21 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        _check_encodable(text)
-        return self._tok.encode(text).ids
+        if not isinstance(text, str):
+            raise LlamasError(f"[tokenizer] expected a str to encode, got {type(text).__name__}")
+        try:
+            return self._tok.encode(text).ids
+        except TypeError:  # a lone surrogate; checked only once tokenizers has refused the text
+            _check_encodable(text)
+            raise
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        for text in texts:
-            _check_encodable(text)
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts)]
+        except TypeError:  # name the text tokenizers refused; nothing is checked on the way in
+            for text in texts:
+                _check_encodable(text)
+            raise
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
