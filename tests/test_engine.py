@@ -162,3 +162,22 @@ def test_engine_thread_exits_when_idle(model):
     assert engine._thread is None
     assert engine.submit("Hi", max_new_tokens=3).result(timeout=30).completion_tokens == 3  # restarts
     engine.close()
+
+
+def test_a_finished_request_is_freed_without_the_cyclic_collector(model):
+    # The handle's request held the handle's _push as its sink: a cycle that kept each finished
+    # request's chunks alive until the collector ran (thousands at 16 streaming clients).
+    import gc
+    import weakref
+    engine = llamas.Engine(model)
+    try:
+        gc.collect()
+        gc.disable()
+        h = engine.submit("When shall we", max_new_tokens=5)
+        assert h.result(timeout=30).finish_reason == "length"
+        ref = weakref.ref(h)
+        del h
+        assert ref() is None
+    finally:
+        gc.enable()
+        engine.shutdown()

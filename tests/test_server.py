@@ -188,6 +188,29 @@ def test_a_stream_ends_in_one_body_message(model, kind):
     assert sorted(c["index"] for c in chunks if c["finish_reason"] == "length") == [0, 1]  # both end in this step
 
 
+def test_a_middleware_added_to_the_app_sees_every_streamed_event(model):
+    """Streamed events skip the app's middleware chain only while no middleware but the server's own
+    is installed: one a user adds (here it counts body bytes) must see the whole body."""
+    seen = []
+
+    class CountBody:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            async def counting(message):
+                if message["type"] == "http.response.body":
+                    seen.append(len(message.get("body", b"")))
+                await send(message)
+            await self.app(scope, receive, counting)
+    app = create_app(model)
+    app.add_middleware(CountBody)
+    with ThreadServer(app) as s:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            text = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "stream": True}).text
+    assert text.endswith("data: [DONE]\n\n") and sum(seen) == len(text.encode()) and len(seen) > 2
+
+
 def test_chat_stream_equals_non_stream(client, http, model):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
     r = client.chat.completions.create(model="gpt2-tiny", messages=messages, max_tokens=20, temperature=0)

@@ -71,6 +71,77 @@ def test_inbox_delivers_everything_in_order_and_survives_a_cancelled_take():
     asyncio.run(main())
 
 
+def _stream_fixture(include_usage=True):
+    """A one-choice completions stream (the server's _stream) over fakes: its inbox, and what it
+    writes."""
+    from types import SimpleNamespace
+    from llamas.server_generation import _Choice, _stream
+    from llamas.server_protocol import GenParams
+    state = SimpleNamespace(tokenizer=None, model_name="m")
+    p = GenParams(prompts=["x"], stream=True, include_usage=include_usage)
+    handle = SimpleNamespace(_req=SimpleNamespace(completion_tokens=0))
+    inbox = ResponseInbox()
+    return _stream, state, p, handle, [_Choice(False)], inbox
+
+
+def test_direct_writes_keep_event_order_across_a_held_back_write():
+    # Plain tokens are written from the delivery callback while the stream's task waits; a write
+    # the transport holds back (flow control: the ASGI send awaits) must finish, in order, before
+    # anything after it, and everything after it goes through the task until it has.
+    _stream, state, p, handle, choices, inbox = _stream_fixture()
+    texts = [f"t{i} " for i in range(12)]
+
+    async def main():
+        written, gate = [], asyncio.get_running_loop().create_future()
+        in_task = []
+
+        async def send(message):
+            if len(written) == 4 and not gate.done():      # the fifth write waits for the gate
+                await gate
+            written.append(message)
+            in_task.append(asyncio.current_task() is not None)
+        task = asyncio.ensure_future(_stream(state, "completion", p, "cmpl-1", 0, [handle], choices, inbox, 1, send))
+        await asyncio.sleep(0)
+        for i, t in enumerate(texts):                      # one engine step per delivery callback
+            asyncio.get_running_loop().call_soon(inbox.put, (0, Chunk(t, [i], None, None)))
+            await asyncio.sleep(0)
+            if i == 6:
+                gate.set_result(None)
+        handle._req.completion_tokens = len(texts)
+        inbox.put((0, Chunk("", [], None, "length")))
+        await asyncio.wait_for(task, 10)
+        return written, in_task
+    written, in_task = asyncio.run(main())
+    body = b"".join(m["body"] for m in written).decode()
+    events = [json.loads(e[6:]) for e in body.split("\n\n") if e and e != "data: [DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "".join(texts)
+    assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 12
+    assert body.endswith("data: [DONE]\n\n") and [m["more_body"] for m in written][-1] is False
+    assert not in_task[0] and in_task[4]                   # direct from the callback; the held-back one by the task
+    assert inbox.direct is None                            # the writer's cycle is broken at the end
+
+
+def test_a_failing_direct_write_is_left_to_the_task():
+    _stream, state, p, handle, choices, inbox = _stream_fixture(include_usage=False)
+
+    async def main():
+        calls = []
+
+        async def send(message):
+            calls.append(message)
+            if len(calls) == 1:
+                raise OSError("connection reset")
+        task = asyncio.ensure_future(_stream(state, "completion", p, "cmpl-1", 0, [handle], choices, inbox, 1, send))
+        await asyncio.sleep(0)
+        inbox.put((0, Chunk("a", [1], None, None)))       # the direct write raises: queued instead
+        assert inbox.direct is None
+        with pytest.raises(OSError):
+            await asyncio.wait_for(task, 10)               # the task's own send meets the error
+        return calls
+    calls = asyncio.run(main())
+    assert len(calls) == 2 and calls[0] == calls[1]
+
+
 class _NoEngine:
     def _cancel(self, req):
         req.cancelled = True

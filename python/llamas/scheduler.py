@@ -358,6 +358,11 @@ class Scheduler:
         req.finish_reason = chunk.finish_reason
         req.stats.finished = time.perf_counter()
         self._emit(req, chunk)
+        # The last chunk is out. An Engine's sink is its handle's method, and the handle holds the
+        # request: dropping the sink breaks that cycle, so a finished request's chunks are freed
+        # at once instead of waiting for the cyclic collector (at 16 streaming clients ~7,000
+        # chunks of finished requests were waiting, and each collection walked them).
+        req.sink = None
         if self.on_finish is not None:
             try:
                 self.on_finish(req)

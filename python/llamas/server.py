@@ -87,6 +87,22 @@ class _Observe:
                 log_request(record)
 
 
+def _app_class():
+    from fastapi import FastAPI
+
+    class _App(FastAPI):
+        """FastAPI that leaves the server's own ASGI `send` in the scope for streamed bodies
+        (`llamas.send`), when this app has no middleware but its own _Observe: nothing of the app
+        can then change a body, and each event skips five coroutine layers that only watch for the
+        response start (about a tenth of the event loop's work per streamed token)."""
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and len(self.user_middleware) == 1:
+                scope["llamas.send"] = send
+            await super().__call__(scope, receive, send)
+    return _App
+
+
 def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str] = None, max_batch: int = 16,
                max_queue: int = 256, max_tokens: Optional[int] = None, max_body_bytes: int = 1 << 20,
                prefill_chunk: int = 128, dtype: str = "float32", kv_dtype: Optional[str] = None,
@@ -101,8 +117,8 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     folder. chat_template: a jinja2 template overriding the model's.
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
-    from fastapi import FastAPI
     from contextlib import asynccontextmanager
+    _App = _app_class()
 
     for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("max_body_bytes", max_body_bytes, 1),
                         ("prefill_chunk", prefill_chunk, 1)):
@@ -132,7 +148,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         if state.engine is not None:  # running requests have finished (uvicorn waits for them)
             await asyncio.to_thread(state.engine.shutdown, True, 30.0)
 
-    app = FastAPI(title="llamas", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = _App(title="llamas", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.llamas = state
 
     @app.exception_handler(APIError)

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,22 +55,37 @@ def _deliver(items) -> None:
 class ResponseInbox:
     """What the engine produced for one HTTP response, delivered on the event loop. Lighter than
     asyncio.Queue (one waiter, no size limit, `take` returns everything at once): it is touched
-    once per token, 16 times per engine step at 16 clients."""
-    __slots__ = ("_items", "_waiter")
+    once per token, 16 times per engine step at 16 clients.
+
+    A streamed response may also install a `direct` writer: while its task waits here with nothing
+    queued, `put` hands the item to the writer instead of waking the task, so a plain token's event
+    goes out from the delivery callback itself (no future, task step or coroutine chain per token).
+    The writer returns False for items the task must handle (a finish, logprobs); those, and
+    everything after them, queue as before, so events keep their order. A write the transport
+    holds back (flow control) is left in `blocked` for the task to finish before anything else."""
+    __slots__ = ("_items", "_waiter", "direct", "blocked")
 
     def __init__(self):
         self._items: list = []
         self._waiter: Optional[asyncio.Future] = None
+        self.direct: Optional[Callable] = None
+        self.blocked: Optional[tuple] = None   # (send coroutine, the future it waits on)
 
     def put(self, item) -> None:
-        self._items.append(item)
         waiter = self._waiter
+        idle = waiter is not None and not waiter.done() and not self._items and self.blocked is None
+        if idle and self.direct is not None and self.direct(item):
+            if self.blocked is not None:
+                waiter.set_result(None)  # the task finishes the held-back write
+            return
+        self._items.append(item)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def take(self) -> list:
-        """Waits for at least one item; returns all that arrived, oldest first."""
-        while not self._items:
+        """Waits for at least one item (or a held-back write); returns all that arrived, oldest
+        first (possibly none after a held-back write, which the caller finishes first)."""
+        while not self._items and self.blocked is None:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -78,6 +93,49 @@ class ResponseInbox:
                 self._waiter = None
         items, self._items = self._items, []
         return items
+
+    async def finish_blocked(self) -> None:
+        """Completes a write the direct writer started and the transport held back."""
+        if self.blocked is None:
+            return
+        coro, fut = self.blocked
+        self.blocked = None
+        await _resume(coro, fut)
+
+
+def send_now(send: Callable, message: dict) -> Optional[tuple]:
+    """Starts the ASGI `send(message)` outside any task. Returns None once it has completed (an
+    HTTP server's send only waits when flow control holds the connection's writes back), else
+    (coroutine, future) for `_resume` to finish in a task."""
+    coro = send(message)
+    try:
+        fut = coro.send(None)
+    except StopIteration:
+        return None
+    return coro, fut
+
+
+async def _resume(coro, fut) -> None:
+    """Drives a coroutine that send_now started to its end: waits on what it waits on, resumes it."""
+    while True:
+        try:
+            if fut is None:  # a bare yield: one turn of the loop
+                await asyncio.sleep(0)
+            else:
+                # What a Task does with a future its coroutine yields: clear the flag the
+                # coroutine's await set (awaiting a future that has it raises), then wait for it.
+                fut._asyncio_future_blocking = False
+                await fut
+        except BaseException as e:  # cancelled while waiting: the coroutine decides
+            try:
+                fut = coro.throw(e)
+            except StopIteration:
+                return
+            continue
+        try:
+            fut = coro.send(None)
+        except StopIteration:
+            return
 
 
 class ServerState:
