@@ -4,6 +4,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import llamas
@@ -181,3 +182,28 @@ def test_a_finished_request_is_freed_without_the_cyclic_collector(model):
     finally:
         gc.enable()
         engine.shutdown()
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_decode_steps_match_the_forward_pass_across_kv_blocks(kv_dtype):
+    # A decoding sequence's new key and value are written by the attention kernel itself, per
+    # head, in the thread that then reads them (prompt chunks are written before attention). Each
+    # decode step's log-probabilities must match the forward pass over the same tokens at that
+    # position, past several 16-position blocks, alone and beside a sequence still prefilling.
+    m = llamas.load(TINY, kv_dtype=kv_dtype)
+    cfg = m.config.to_native()
+    ids = [(7 * i + 3) % m.config.vocab_size for i in range(44)]
+    logits = m.forward(np.array([ids], dtype=np.int32))[0].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    seq = llamas._C.Sequence(cfg, logprobs=3)
+    other = llamas._C.Sequence(cfg)
+    m._native.step([(seq, ids[:5], True)])
+    for t in range(5, len(ids)):
+        entries = [(seq, [ids[t]], True)]
+        if t % 3 == 0:  # a prompt chunk in the same step: written before attention, not by it
+            entries.append((other, ids[:4], False))
+        m._native.step(entries)
+        top = dict(seq.last_top_logprobs)
+        best = int(np.argmax(logp[t]))
+        assert best in top and abs(top[best] - logp[t, best]) < 1e-4, (t, top, logp[t, best])

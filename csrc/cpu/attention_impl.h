@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "llamas/allocator.h"
+#include "llamas/kv_block.h"
 #include "llamas/parallel.h"
 
 namespace {
@@ -172,6 +173,7 @@ void attention_heads(const AttentionArgs& a, int h0, int h1, int64_t t) {
   for (int hb = h0; hb < h1; hb += kHeadsTogether) {
     const int n = h1 - hb < kHeadsTogether ? h1 - hb : kHeadsTogether;
     RowGroup<1, KT> g[kHeadsTogether];
+    if (a.new_k) llamas::kv_write_new_position<KT>(a, hb, hb + n);  // these heads' new key and value first
     for (int i = 0; i < n; ++i) g[i].init(a, hb + i, t);
     for (int64_t blk = 0; blk < g[0].n_blocks; ++blk)
       for (int i = 0; i < n; ++i) g[i].block(a, hb + i, blk);

@@ -1,5 +1,7 @@
 #include "cpu/reference.h"
 
+#include "llamas/kv_block.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,6 +42,10 @@ void gemm(const GemmArgs& g) {
 
 void attention(const AttentionArgs& a) {
   const int hd = a.head_dim;
+  if (a.new_k) {
+    if (a.kv_bf16) kv_write_new_position<uint16_t>(a, 0, a.n_head);
+    else kv_write_new_position<float>(a, 0, a.n_head);
+  }
   for (int64_t t = 0; t < a.n_query; ++t) {
     const int64_t pos = a.first_pos + t;
     for (int h = 0; h < a.n_head; ++h) {

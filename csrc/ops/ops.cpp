@@ -261,6 +261,8 @@ void paged_attention(const AttentionArgs* seqs, int n_seqs, Device device) {
   for (int s = 0; s < n_seqs; ++s) {
     LLAMAS_CHECK(seqs[s].head_dim > 0 && seqs[s].head_dim <= 256, "attention",
                  "head_dim must be in [1, 256], got ", seqs[s].head_dim);
+    LLAMAS_CHECK(!seqs[s].new_k == !seqs[s].new_v && (!seqs[s].new_k || seqs[s].n_query == 1), "attention",
+                 "a new key and value come together, and only with one query row (decode)");
   }
   cpu::kernels().attention(seqs, n_seqs);
 }

@@ -61,6 +61,11 @@ struct AttentionArgs {
   const void* const* v_blocks = nullptr;
   bool kv_bf16 = false;                    // block entries are bfloat16 (else float32)
   float scale = 1.0f;
+  // Decode (n_query == 1) only: the new position's key and value rows (n_head * head_dim floats,
+  // head-major). The kernel writes each head's into its block (position first_pos) just before
+  // attending that head, in the thread that then reads it. Null: the caller wrote them already.
+  const float* new_k = nullptr;
+  const float* new_v = nullptr;
 };
 
 }  // namespace llamas

@@ -1,7 +1,8 @@
 #pragma once
 // Writing one position into a KV cache block, in the layout kernel_args.h describes (keys
 // transposed, [head][head_dim][kKvBlockSize]; values [head][kKvBlockSize][head_dim]): the one
-// place that layout is written, for the model's KvCache and for ops::attention's temporary cache.
+// place that layout is written, for the model's KvCache, ops::attention's temporary cache and
+// decode attention's own writes (AttentionArgs::new_k).
 #include <cstdint>
 
 #include "llamas/bfloat16.h"
@@ -9,12 +10,12 @@
 
 namespace llamas {
 
-// Position `slot` (0..kKvBlockSize-1) of a block: every head's keys k[h * head_dim + d] and
+// Position `slot` (0..kKvBlockSize-1) of a block: heads [h0, h1)'s keys k[h * head_dim + d] and
 // values v[...], rounded to the block's entry type T (float or bfloat16 as uint16_t).
 template <typename T>
-inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot, const float* k,
-                           const float* v) {
-  for (int h = 0; h < n_head; ++h) {
+inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, int head_dim, int64_t slot,
+                                 const float* k, const float* v) {
+  for (int h = h0; h < h1; ++h) {
     const float* kh = k + int64_t(h) * head_dim;
     const float* vh = v + int64_t(h) * head_dim;
     T* kt = key_block + int64_t(h) * head_dim * kKvBlockSize + slot;
@@ -24,6 +25,23 @@ inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_di
       vrow[d] = float_as<T>(vh[d]);
     }
   }
+}
+
+template <typename T>
+inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot, const float* k,
+                           const float* v) {
+  kv_block_write_heads(key_block, value_block, 0, n_head, head_dim, slot, k, v);
+}
+
+// A decode step's new key and value (AttentionArgs::new_k, new_v) for heads [h0, h1), into the
+// block of position first_pos. The blocks are the cache's own memory; the args hold them const
+// because the attention kernels only read them otherwise.
+template <typename T>
+inline void kv_write_new_position(const AttentionArgs& a, int h0, int h1) {
+  const int64_t blk = a.first_pos / kKvBlockSize;
+  kv_block_write_heads(static_cast<T*>(const_cast<void*>(a.k_blocks[blk])),
+                       static_cast<T*>(const_cast<void*>(a.v_blocks[blk])), h0, h1, a.head_dim,
+                       a.first_pos % kKvBlockSize, a.new_k, a.new_v);
 }
 
 }  // namespace llamas
