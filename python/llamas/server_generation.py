@@ -243,8 +243,8 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
             if c.finish_reason is not None:
                 return False
             if c.text:
-                body = fmt.text(idx, c.text, None).encode()
                 try:
+                    body = fmt.text(idx, c.text, None).encode()
                     inbox.blocked = send_now(send, {"type": "http.response.body", "body": body, "more_body": True})
                 except Exception:  # not written: this task sends it again and meets the error itself
                     inbox.direct = None
