@@ -105,9 +105,9 @@ def run(args, model_path: str) -> int:
                             lifespan="on", timeout_graceful_shutdown=None)
     server = Server(config)
     # Everything imported and built so far lives as long as the process: move it out of the
-    # collector's view, so a full collection walks only what requests create. With the ~67k
+    # collector's view, so a full collection walks only what requests create. With the ~65k
     # objects of fastapi, pydantic, numpy and the model in view, each full collection held the GIL
-    # (the event loop and the engine's Python) for 40-75 ms at 16 streaming clients.
+    # (the event loop and the engine's Python) for 35-75 ms at 16 streaming clients (now ~7 ms).
     gc.freeze()
     server.run()
     if not server.started:

@@ -224,7 +224,7 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
     `[DONE]`, and ends the body. (As four messages, the end of each response cost four send()
     system calls, ~27 us each on loopback at 16 clients.) With one choice and no logprobs, a
     plain token's event is written by the delivery callback while this task waits (the inbox's
-    direct writer): at 16 streaming clients the event loop's CPU per token went from 64-69 us to
+    direct writer): at 16 streaming clients the event loop's CPU per token went from 64-87 us to
     42-61 (alternating servers), without a future, a task step and a coroutine chain per token."""
     tok = state.tokenizer
     fmt = ChunkFormat(rid, kind, created, state.model_name, p.include_usage)
