@@ -665,3 +665,22 @@ def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_refuses_an_address_it_cannot_listen_on_before_loading():
+    # A port another server holds, and an address this machine does not have: a clear error and
+    # status 2 at once, not uvicorn's bind error (status 3) after the model has loaded.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        for args, expect in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                             (["--host", "nosuchhost.invalid", "--port", "0"], "'nosuchhost.invalid' is not an address"),
+                             (["--host", "0.0.0.2", "--port", "0"], "cannot listen on 0.0.0.2:0")):
+            r = subprocess.run([sys.executable, "-m", "llamas", "serve", "--model", TINY] + args, capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
+            assert "model_loaded" not in r.stderr
+    finally:
+        holder.close()

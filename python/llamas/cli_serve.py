@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 
 from ._C import LlamasError
@@ -81,6 +82,7 @@ def run(args, model_path: str) -> int:
     import llamas
     if not os.path.isdir(model_path):
         raise LlamasError(f"[load] {model_path} is not a folder (expected a Hugging Face model folder)")
+    _check_listen(args.host, args.port)
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
     level = getattr(logging, args.log_level.upper())
@@ -109,7 +111,31 @@ def run(args, model_path: str) -> int:
     # objects of fastapi, pydantic, numpy and the model in view, each full collection held the GIL
     # (the event loop and the engine's Python) for 35-75 ms at 16 streaming clients (now ~7 ms).
     gc.freeze()
-    server.run()
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits with status 3 when it cannot start (its error is logged above)
+        if e.code not in (0, None):
+            raise LlamasError(f"[serve] the server could not start on {args.host}:{args.port} "
+                              "(the error above says why)") from None
+        raise
     if not server.started:
         return 1
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fails fast, before the model loads, when --host / --port cannot be listened on (an address
+    this machine does not have, a port another server holds): uvicorn would only find out after
+    the load, and exit with status 3."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise LlamasError(f"[serve] --host {host!r} is not an address of this machine: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise LlamasError(f"[serve] cannot listen on {host}:{port}: {e.strerror or e}") from None
