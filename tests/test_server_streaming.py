@@ -121,6 +121,34 @@ def test_direct_writes_keep_event_order_across_a_held_back_write():
     assert inbox.direct is None                            # the writer's cycle is broken at the end
 
 
+def test_cancelling_a_stream_during_a_held_back_write_cancels_the_write():
+    # Server shutdown or a client gone while flow control holds a direct write back: the task's
+    # cancellation reaches the held-back send (its cleanup runs) and the task ends cancelled.
+    _stream, state, p, handle, choices, inbox = _stream_fixture()
+
+    async def main():
+        sends, cleaned = [], []
+
+        async def send(message):
+            sends.append(message)
+            try:
+                await asyncio.get_running_loop().create_future()   # never resumes by itself
+            finally:
+                cleaned.append(True)
+        task = asyncio.ensure_future(_stream(state, "completion", p, "cmpl-1", 0, [handle], choices, inbox, 1, send))
+        await asyncio.sleep(0)
+        inbox.put((0, Chunk("a", [1], None, None)))       # written directly, then held back
+        assert inbox.blocked is not None or len(sends) == 1
+        await asyncio.sleep(0)
+        inbox.put((0, Chunk("b", [2], None, None)))       # queued behind it
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        return sends, cleaned
+    sends, cleaned = asyncio.run(main())
+    assert len(sends) == 1 and b"\"a\"" in sends[0]["body"] and cleaned == [True]
+
+
 def test_a_failing_direct_write_is_left_to_the_task():
     _stream, state, p, handle, choices, inbox = _stream_fixture(include_usage=False)
 
@@ -129,13 +157,12 @@ def test_a_failing_direct_write_is_left_to_the_task():
 
         async def send(message):
             calls.append(message)
-            if len(calls) == 1:
-                raise OSError("connection reset")
+            raise ConnectionResetError("connection reset")
         task = asyncio.ensure_future(_stream(state, "completion", p, "cmpl-1", 0, [handle], choices, inbox, 1, send))
         await asyncio.sleep(0)
         inbox.put((0, Chunk("a", [1], None, None)))       # the direct write raises: queued instead
         assert inbox.direct is None
-        with pytest.raises(OSError):
+        with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(task, 10)               # the task's own send meets the error
         return calls
     calls = asyncio.run(main())
