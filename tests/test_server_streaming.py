@@ -138,7 +138,7 @@ def test_cancelling_a_stream_during_a_held_back_write_cancels_the_write():
         task = asyncio.ensure_future(_stream(state, "completion", p, "cmpl-1", 0, [handle], choices, inbox, 1, send))
         await asyncio.sleep(0)
         inbox.put((0, Chunk("a", [1], None, None)))       # written directly, then held back
-        assert inbox.blocked is not None or len(sends) == 1
+        assert inbox.blocked is not None and len(sends) == 1
         await asyncio.sleep(0)
         inbox.put((0, Chunk("b", [2], None, None)))       # queued behind it
         task.cancel()
