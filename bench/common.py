@@ -56,4 +56,3 @@ def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
-

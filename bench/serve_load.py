@@ -297,10 +297,10 @@ def main() -> int:
     if args.rounds > 1 and len(counts) > 1 and all(r[counts[0]] > 0 for r in per_round):
         # The box drifts by +-20% over minutes: each round's ratio compares two runs a few seconds
         # apart, and their median is the figure to quote.
-        ratios = {n: sorted(r[n] / r[counts[0]] for r in per_round) for n in counts[1:]}
         for n in counts[1:]:
-            each = ", ".join(f"{x:.2f}x" for x in (r[n] / r[counts[0]] for r in per_round))
-            print(f"{n} clients vs {counts[0]}, round by round: {each}; median {median(ratios[n]):.2f}x")
+            ratios = [r[n] / r[counts[0]] for r in per_round]
+            each = ", ".join(f"{x:.2f}x" for x in ratios)
+            print(f"{n} clients vs {counts[0]}, round by round: {each}; median {median(ratios):.2f}x")
     errors = [e for _, s in rows for e in s["errors"]]
     for e in sorted(set(errors))[:5]:
         print(f"  error: {e}")

@@ -112,14 +112,16 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     int64_t row0, row1;
   };
   std::vector<KvWriteTask> kv_tasks;
-  for (size_t s = 0; s < chunks.size(); ++s)
-    for (int64_t i = 0; chunks[s].n > 1 && i < chunks[s].n;) {
+  for (size_t s = 0; s < chunks.size(); ++s) {
+    if (chunks[s].n == 1) continue;  // a decoding sequence's key and value: written by attention
+    for (int64_t i = 0; i < chunks[s].n;) {
       const int64_t row = first_row[s] + i;
       const int64_t left_in_block = kKvBlockSize - positions[row] % kKvBlockSize;
       const int64_t n = std::min<int64_t>(left_in_block, chunks[s].n - i);
       kv_tasks.push_back({s, row, row + n});
       i += n;
     }
+  }
 
   std::vector<AttentionArgs> attn(chunks.size());
   float* xd = x.data<float>();
