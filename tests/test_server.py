@@ -322,7 +322,6 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}}, 400, "logit_bias", "100"),
     ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, 400, "stream", "boolean"),
     ("/v1/completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream_options", ""),
-    ("/v1/completions", {"prompt": PROMPT, "echo": True}, 400, "echo", "not supported"),
     ("/v1/completions", {"prompt": PROMPT, "bogus": 1}, 400, "bogus", "Unrecognized"),
     ("/v1/completions", {"prompt": PROMPT, "model": "gpt-4"}, 400, "model", "does not exist"),
     ("/v1/completions", {"prompt": PROMPT, "model": 3}, 400, "model", "string"),

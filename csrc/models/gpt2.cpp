@@ -248,15 +248,35 @@ Tensor GPT2Model::forward(const int32_t* ids, int64_t batch, int64_t T) {
 
 std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
   std::vector<Chunk> chunks;
-  std::vector<int64_t> logit_row(entries.size());
+  std::vector<int64_t> first_row(entries.size());  // the entry's first logits row
+  struct Target {
+    size_t entry;
+    int64_t token;  // index into the entry's tokens
+    size_t slot;    // index into its sequence's scores
+  };
+  std::vector<Target> scored;
   int64_t rows = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
-    LLAMAS_CHECK(entries[i].seq != nullptr, "step", "entry ", i, " has no sequence");
-    LLAMAS_CHECK(!entries[i].tokens.empty(), "step", "entry ", i, " has no tokens");
+    const StepEntry& e = entries[i];
+    LLAMAS_CHECK(e.seq != nullptr, "step", "entry ", i, " has no sequence");
+    LLAMAS_CHECK(!e.tokens.empty(), "step", "entry ", i, " has no tokens");
     for (size_t j = 0; j < i; ++j)
-      LLAMAS_CHECK(entries[j].seq != entries[i].seq, "step", "a sequence appears twice in one step");
-    chunks.push_back({&entries[i].seq->cache, entries[i].tokens.data(), int64_t(entries[i].tokens.size()), false});
-    logit_row[i] = rows++;
+      LLAMAS_CHECK(entries[j].seq != e.seq, "step", "a sequence appears twice in one step");
+    const bool all_rows = !e.targets.empty();
+    if (all_rows) {
+      LLAMAS_CHECK(e.targets.size() == e.tokens.size(), "step", "entry ", i, " has ", e.targets.size(),
+                   " targets for ", e.tokens.size(), " tokens (one per token, -1 for none)");
+      LLAMAS_CHECK(e.score_top >= 0 && e.score_top <= 20, "step", "score_top must be in [0, 20], got ", e.score_top);
+      size_t slot = 0;
+      for (size_t t = 0; t < e.targets.size(); ++t) {
+        LLAMAS_CHECK(e.targets[t] >= -1 && e.targets[t] < config_.vocab_size, "step", "target ", e.targets[t],
+                     " is outside the vocabulary [0, ", config_.vocab_size, ")");
+        if (e.targets[t] >= 0) scored.push_back({i, int64_t(t), slot++});
+      }
+    }
+    chunks.push_back({&e.seq->cache, e.tokens.data(), int64_t(e.tokens.size()), all_rows});
+    first_row[i] = rows;
+    rows += all_rows ? int64_t(e.tokens.size()) : 1;
   }
   Tensor logits = Tensor::empty({rows, config_.vocab_size}, DType::F32);
   run_chunks(chunks, logits.data<float>());
@@ -265,17 +285,38 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     Sequence& s = *entries[i].seq;
     s.tokens.insert(s.tokens.end(), entries[i].tokens.begin(), entries[i].tokens.end());
     if (entries[i].sample && s.n_prompt < 0) s.n_prompt = int64_t(s.tokens.size());
+    if (!entries[i].targets.empty()) s.scores.clear();
+  }
+  for (const Target& target : scored) {
+    std::vector<TokenScore>& scores = entries[target.entry].seq->scores;
+    if (scores.size() <= target.slot) scores.resize(target.slot + 1);
+  }
+  ProfileRegion region("sampling");
+  ProfileScope scope("sample");
+  // Targets first: sampling changes its row's logits in place. Each is a log-softmax over the
+  // vocabulary (~50k exps for GPT-2), so the rows are split between the threads.
+  if (!scored.empty()) {
+    parallel_for(int64_t(scored.size()), 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const Target& target = scored[j];
+        const StepEntry& e = entries[target.entry];
+        const int32_t token = e.targets[target.token];
+        const float* row = logits.data<float>() + (first_row[target.entry] + target.token) * config_.vocab_size;
+        const float log_norm = log_normaliser(row, config_.vocab_size, "score");
+        e.seq->scores[target.slot] = {token, row[token] - log_norm,
+                                      top_logprobs(row, config_.vocab_size, e.score_top, log_norm)};
+      }
+    });
   }
   // Each sequence draws from its own logits row with its own generator, so sequences sample in
   // parallel and the draws do not depend on the split (16 sequences at temperature 0.8 over a
   // 4096-token vocabulary took ~0.8 ms of a ~5 ms step on one core).
-  ProfileRegion region("sampling");
-  ProfileScope scope("sample");
   parallel_for(int64_t(entries.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (!entries[i].sample) continue;
       Sequence& s = *entries[i].seq;
-      out[i] = s.sampler.sample(logits.data<float>() + logit_row[i] * config_.vocab_size, config_.vocab_size, s.tokens,
+      const int64_t last_row = first_row[i] + (entries[i].targets.empty() ? 0 : int64_t(entries[i].tokens.size()) - 1);
+      out[i] = s.sampler.sample(logits.data<float>() + last_row * config_.vocab_size, config_.vocab_size, s.tokens,
                                 s.n_prompt);
     }
   }, 4);

@@ -64,6 +64,14 @@ struct GPT2Weights {
 // panels of `dtype`, then the mapping's pages are released, so the process holds one copy.
 GPT2Weights load_gpt2_weights(const std::string& path, const GPT2Config& config, DType dtype);
 
+// The log-probability of a token the step was told comes next (a prompt's own next token), and the
+// top alternatives at that position, under the model's raw distribution.
+struct TokenScore {
+  int32_t token = 0;
+  float logprob = 0.0f;
+  std::vector<std::pair<int32_t, float>> top;
+};
+
 // One sequence being generated: its KV cache, its tokens so far and its sampler.
 struct Sequence {
   Sequence(const GPT2Config& config, const SamplingParams& params, uint64_t seed);
@@ -71,14 +79,22 @@ struct Sequence {
   std::vector<int32_t> tokens;  // every token fed so far (prompt first)
   int64_t n_prompt = -1;        // set when the first sampled token is drawn
   Sampler sampler;
+  // The scores of the last step that fed this sequence with targets (StepEntry::targets), one per
+  // target >= 0, in position order.
+  std::vector<TokenScore> scores;
 };
 
 // One entry of a batched step: feed `tokens` to `seq` (appending to its cache) and, if `sample`,
 // draw the next token from the logits after the last of them.
+// With `targets` (one per token, -1 for none), the step also scores targets[i] at the position after
+// tokens[i] into seq->scores, keeping score_top alternatives: a prompt's log-probabilities (OpenAI's
+// echo with logprobs). Those chunks compute the lm_head over every row, not only the last.
 struct StepEntry {
   Sequence* seq = nullptr;
   std::vector<int32_t> tokens;
   bool sample = true;
+  std::vector<int32_t> targets;
+  int score_top = 0;
 };
 
 class GPT2Model {

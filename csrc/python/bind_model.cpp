@@ -69,6 +69,11 @@ void init_model(py::module_& m) {
                              "Log-probability of the last sampled token (when logprobs >= 0).")
       .def_property_readonly("last_top_logprobs", [](const Sequence& s) { return s.sampler.last_top_logprobs; },
                              "[(token id, log-probability)] of the most likely tokens at the last step.")
+      .def_property_readonly("scores", [](const Sequence& s) {
+             py::list out;
+             for (const TokenScore& t : s.scores) out.append(py::make_tuple(t.token, t.logprob, t.top));
+             return out;
+           }, "[(token id, log-probability, [(id, log-probability)] top)] of the last step's targets.")
       .def_property_readonly("length", [](const Sequence& s) { return s.cache.length(); })
       .def_property_readonly("kv_blocks", [](const Sequence& s) { return s.cache.blocks(); })
       .def_property_readonly("kv_bytes", [](const Sequence& s) { return s.cache.blocks() * s.cache.bytes_per_block(); })
@@ -102,18 +107,26 @@ void init_model(py::module_& m) {
         std::vector<py::object> keep;  // sequences stay alive while the GIL is released
         for (py::handle h : entries) {
           py::tuple t = py::reinterpret_borrow<py::tuple>(h);
-          LLAMAS_CHECK(t.size() == 3, "step", "each entry is (sequence, token ids, sample)");
+          LLAMAS_CHECK(t.size() == 3 || t.size() == 5, "step",
+                       "each entry is (sequence, token ids, sample) or (sequence, token ids, sample, targets, top)");
           StepEntry e;
           keep.push_back(py::reinterpret_borrow<py::object>(t[0]));
           e.seq = t[0].cast<Sequence*>();
           e.tokens = t[1].cast<std::vector<int32_t>>();
           e.sample = t[2].cast<bool>();
+          if (t.size() == 5) {
+            e.targets = t[3].cast<std::vector<int32_t>>();
+            e.score_top = t[4].cast<int>();
+            LLAMAS_CHECK(!e.targets.empty(), "step", "an entry's targets must hold one per token (-1 for none)");
+          }
           steps.push_back(std::move(e));
         }
         py::gil_scoped_release release;
         return model.step(steps);
       }, py::arg("entries"),
-      "Feeds each (sequence, ids, sample) entry in one batched forward; returns the sampled ids (-1 if not sampled).");
+      "Feeds each (sequence, ids, sample) entry in one batched forward; returns the sampled ids (-1 if not sampled).\n"
+      "An entry (sequence, ids, sample, targets, top) also scores targets[i] (-1: none) as the token after ids[i],\n"
+      "into the sequence's `scores`.");
 }
 
 }  // namespace python

@@ -124,21 +124,31 @@ int64_t inverse_cdf(double u, int64_t n, Weight w) {
 }
 }  // namespace
 
-int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
-  if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
-  // Log-probabilities of the raw distribution: log_softmax(z)_i = z_i - max - log sum exp(z - max).
+float log_normaliser(const float* logits, int64_t vocab, const char* op) {
+  // log_softmax(z)_i = z_i - max - log sum exp(z - max), the sum in double.
   const float mx = max_of(logits, vocab);
   double sum = 0.0;
   for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i] - mx));
   const float log_norm = mx + float(std::log(sum));
-  LLAMAS_CHECK(std::isfinite(log_norm), "sample", kNotFinite);  // before sorting: NaN has no order
-  last_top_logprobs.clear();
-  const int n_top = int(std::min<int64_t>(params_.logprobs, vocab));
-  if (n_top > 0) {
-    std::vector<int32_t> ids = iota_ids(vocab);
-    std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), ByLogit{logits});
-    for (int i = 0; i < n_top; ++i) last_top_logprobs.push_back({ids[i], logits[ids[i]] - log_norm});
-  }
+  LLAMAS_CHECK(std::isfinite(log_norm), op, kNotFinite);  // before any sorting: NaN has no order
+  return log_norm;
+}
+
+std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, float log_norm) {
+  std::vector<std::pair<int32_t, float>> top;
+  const int n_top = int(std::min<int64_t>(n, vocab));
+  if (n_top <= 0) return top;
+  std::vector<int32_t> ids = iota_ids(vocab);
+  std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), ByLogit{logits});
+  for (int i = 0; i < n_top; ++i) top.push_back({ids[i], logits[ids[i]] - log_norm});
+  return top;
+}
+
+int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
+  if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
+  // Log-probabilities of the raw distribution, before choose() biases and penalises the logits.
+  const float log_norm = log_normaliser(logits, vocab, "sample");
+  last_top_logprobs = top_logprobs(logits, vocab, params_.logprobs, log_norm);
   std::vector<float> raw(logits, logits + vocab);
   int32_t chosen = choose(logits, vocab, context, n_prompt);
   last_logprob = raw[chosen] - log_norm;

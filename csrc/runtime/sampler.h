@@ -26,6 +26,13 @@ struct SamplingParams {
   void validate() const;
 };
 
+// log sum exp(logits[0..vocab)): log_softmax(z)_i = z_i - this. Throws when a logit is NaN or
+// infinite (the message names the sampler's op, `op`).
+float log_normaliser(const float* logits, int64_t vocab, const char* op);
+// The n most likely tokens of logits as (token id, log-probability), highest first, ties to the
+// lower id.
+std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, float log_norm);
+
 class Sampler {
  public:
   Sampler(const SamplingParams& params, uint64_t seed);

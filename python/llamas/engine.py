@@ -16,7 +16,7 @@ from ._C import LlamasError
 # The scheduler's names are re-exported: they lived here first, and model.py and callers import
 # them from llamas.engine.
 from .scheduler import (Chunk, Completion, Request, RequestStats, SamplingOptions, Scheduler,  # noqa: F401
-                        TokenLogprob, normalise_stop)
+                        TokenLogprob, check_max_new_tokens, check_prompt_logprobs, normalise_stop)
 
 log = logging.getLogger("llamas.engine")
 
@@ -129,7 +129,8 @@ class RequestHandle:
                 lps.extend(c.logprobs)
         last = chunks[-1]
         return Completion(self.id, "".join(c.text for c in chunks), ids, last.finish_reason,
-                          len(self._req.prompt_ids), self._req.completion_tokens, lps, last.error)
+                          len(self._req.prompt_ids), self._req.completion_tokens, lps, last.error,
+                          chunks[0].prompt_logprobs)
 
 
 class Engine:
@@ -187,30 +188,33 @@ class Engine:
                      top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
                      stop=None, logit_bias=None, logprobs: Optional[int] = None,
-                     request_id: Optional[str] = None) -> Tuple[Request, bool]:
+                     request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None) -> Tuple[Request, bool]:
         """Validates and encodes; returns (Request, prompt was text)."""
         options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                   frequency_penalty, seed, logit_bias, logprobs)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise LlamasError(f"[generate] max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_prompt_logprobs(prompt_logprobs)
+        check_max_new_tokens(max_new_tokens, scoring=prompt_logprobs is not None)
         vocab = self.model.config.vocab_size
         bad = [t for t in options.logit_bias if t >= vocab]
         if bad:
             raise LlamasError(f"[generate] logit_bias token {bad[0]} is outside the vocabulary [0, {vocab})")
         stops = normalise_stop(stop)
         ids = self.model._encode_prompt(prompt)
-        return Request(ids, max_new_tokens, options, stops, request_id=request_id), isinstance(prompt, str)
+        return (Request(ids, max_new_tokens, options, stops, request_id=request_id, prompt_logprobs=prompt_logprobs),
+                isinstance(prompt, str))
 
     def submit(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
                stop=None, logit_bias=None, logprobs: Optional[int] = None,
-               request_id: Optional[str] = None) -> RequestHandle:
-        """Queues one request (same parameters as Model.generate, plus logit_bias {id: bias}
-        and logprobs: None, or n in [0, 20] for the chosen token's logprob and the top n)."""
+               request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None) -> RequestHandle:
+        """Queues one request (same parameters as Model.generate, plus logit_bias {id: bias},
+        logprobs: None, or n in [0, 20] for the chosen token's logprob and the top n, and
+        prompt_logprobs: None, or n in [0, 20] to also score the prompt's tokens (the result's
+        `prompt_logprobs`; max_new_tokens may then be 0)."""
         req, as_text = self.make_request(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                                          repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
-                                         logit_bias, logprobs, request_id)
+                                         logit_bias, logprobs, request_id, prompt_logprobs)
         return self.enqueue([(req, as_text, None)])[0]
 
     def enqueue(self, items) -> List[RequestHandle]:

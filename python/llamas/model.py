@@ -9,7 +9,8 @@ import numpy as np
 from . import _C
 from ._C import LlamasError
 from .config import GPT2Config, read_json_object
-from .engine import Request, SamplingOptions, Scheduler, normalise_stop
+from .engine import (Request, SamplingOptions, Scheduler, check_max_new_tokens, check_prompt_logprobs,
+                     normalise_stop)
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -110,21 +111,21 @@ class Model:
             raise LlamasError(f"[{op}] prompt has {len(ids)} tokens but the context length is {self.config.n_positions}")
 
     # ---- generation --------------------------------------------------------------------------
-    def _encode_prompt(self, prompt: Prompt) -> list[int]:
+    def _encode_prompt(self, prompt: Prompt, op: str = "generate") -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise LlamasError("[generate] this model has no tokenizer; pass token ids instead of text")
+                raise LlamasError(f"[{op}] this model has no tokenizer; pass token ids instead of text")
             if prompt == "":
-                raise LlamasError("[generate] empty prompt: give at least one character")
+                raise LlamasError(f"[{op}] empty prompt: give at least one character")
             ids = self.tokenizer.encode(prompt)
         else:
             try:
                 ids = [int(i) for i in prompt]
             except (TypeError, ValueError):
-                raise LlamasError("[generate] a prompt is a str or a list of int token ids") from None
+                raise LlamasError(f"[{op}] a prompt is a str or a list of int token ids") from None
             if any(isinstance(i, bool) for i in prompt):
-                raise LlamasError("[generate] token ids must be ints, not bools")
-        self._check_ids(ids, "generate")
+                raise LlamasError(f"[{op}] token ids must be ints, not bools")
+        self._check_ids(ids, op)
         return ids
 
     def generate(self, prompt: Union[Prompt, list], max_new_tokens: int = 128, temperature: Optional[float] = None,
@@ -149,8 +150,7 @@ class Model:
         options = SamplingOptions(values["temperature"], values["top_k"], values["top_p"], values["min_p"],
                                   values["repetition_penalty"], values["presence_penalty"],
                                   values["frequency_penalty"], seed)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise LlamasError(f"[generate] max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         stops = normalise_stop(stop)
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
         if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
@@ -167,6 +167,43 @@ class Model:
         results = self._run(encoded, max_new_tokens, options, stops)
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
+
+    def score(self, prompt: Union[Prompt, list], top_logprobs: int = 0):
+        """Log-probabilities of a prompt's own tokens: for each token, log p(token | the tokens
+        before it) under the model, and the top_logprobs (0-20) most likely tokens at that position.
+
+        A str or a list of token ids returns a list with one entry per prompt token: None for the
+        first (nothing precedes it), then `TokenLogprob(token_id, logprob, top)`. A list of prompts
+        returns a list of those lists. Runs through the same scheduler as generate, in chunks of
+        the context, and generates nothing. The sum of the entries' logprobs is the prompt's
+        log-likelihood (its negative over the tokens after the first, the per-token loss).
+        """
+        check_prompt_logprobs(top_logprobs)
+        if top_logprobs is None:
+            raise LlamasError("[score] top_logprobs must be an integer in [0, 20], got None")
+        batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+        prompts = list(prompt) if batched else [prompt]
+        if batched and len(prompts) == 0:
+            raise LlamasError("[score] empty batch")
+        encoded = [self._encode_prompt(p, "score") for p in prompts]
+        # Chunks of at most 256 rows: their logits (256 x 50257 floats for GPT-2, 51 MB) are all kept
+        # for scoring, and the scores are the same bits in any chunking.
+        sched = Scheduler(self, max_batch=len(encoded), prefill_chunk=min(256, self.config.n_positions),
+                          max_prefill_tokens=None)
+        chunks: list = [None] * len(encoded)  # each request's one chunk (it generates nothing)
+        for i, ids in enumerate(encoded):
+            sched.add(Request(ids, 0, SamplingOptions(seed=0), sink=lambda c, i=i: chunks.__setitem__(i, c),
+                              prompt_logprobs=top_logprobs))
+        try:
+            while sched.step():
+                pass
+        finally:
+            sched.abort_all()
+        for c in chunks:
+            if c.error is not None:
+                raise LlamasError(f"[score] {c.error}")
+        results = [c.prompt_logprobs for c in chunks]
+        return results if batched else results[0]
 
     def _stream_one(self, ids, as_text, max_new_tokens, options, stops) -> Iterator:
         for event in self._events([ids], max_new_tokens, options, stops):

@@ -89,6 +89,20 @@ class SamplingOptions:
         return other
 
 
+def check_prompt_logprobs(prompt_logprobs) -> None:
+    if prompt_logprobs is not None and (isinstance(prompt_logprobs, bool) or not isinstance(prompt_logprobs, int)
+                                        or not 0 <= prompt_logprobs <= 20):
+        raise LlamasError(f"[generate] prompt_logprobs must be None or an integer in [0, 20], got {prompt_logprobs!r}")
+
+
+def check_max_new_tokens(max_new_tokens, scoring: bool = False) -> None:
+    """max_new_tokens >= 1, or >= 0 when the prompt is scored (0: only score it)."""
+    low = 0 if scoring else 1
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < low:
+        what = "a non-negative integer when scoring the prompt" if scoring else "a positive integer"
+        raise LlamasError(f"[generate] max_new_tokens must be {what}, got {max_new_tokens!r}")
+
+
 def normalise_stop(stop) -> List[str]:
     if stop is None:
         return []
@@ -119,6 +133,9 @@ class Chunk:
     logprobs: Optional[List[TokenLogprob]] = None
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    # A request with prompt_logprobs: the prompt's tokens' log-probabilities, on the request's first
+    # chunk (None for the first token, which has no context to be predicted from).
+    prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None
 
 
 @dataclass
@@ -132,6 +149,7 @@ class Completion:
     completion_tokens: int          # tokens sampled, including an end-of-text or stop-completing one
     logprobs: Optional[List[TokenLogprob]]
     error: Optional[str] = None
+    prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None
 
 
 @dataclass
@@ -166,17 +184,24 @@ _ids = itertools.count(1)
 
 class Request:
     """One sequence to generate: validated prompt ids, budget, sampling options, stop strings.
-    `sink(chunk)` is called from the thread that runs the scheduler."""
+    `sink(chunk)` is called from the thread that runs the scheduler.
+
+    prompt_logprobs: None, or n in [0, 20]: score the prompt too (each prompt token's
+    log-probability given the tokens before it, and the n most likely tokens there), delivered on
+    the request's first chunk. max_new_tokens may then be 0: the prompt is only scored."""
 
     def __init__(self, prompt_ids: List[int], max_new_tokens: int, options: SamplingOptions,
                  stop: Sequence[str] = (), sink: Optional[Callable[[Chunk], None]] = None,
-                 request_id: Optional[str] = None):
+                 request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None):
         self.id = request_id or f"req-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.options = options
         self.stop = list(stop)
         self.sink = sink
+        self.prompt_logprobs = prompt_logprobs
+        # Scores gathered while the prompt is fed; handed to the first chunk (then None again).
+        self.prompt_scores: Optional[List[Optional[TokenLogprob]]] = None if prompt_logprobs is None else [None]
         self.cancelled = False
         self.finished = False
         self.finish_reason: Optional[str] = None
@@ -254,8 +279,14 @@ class Scheduler:
                     n = max(1, min(n, budget))
                     budget -= n
                 prefilling = True
-                chunk = prompt[slot.fed:slot.fed + n]
-                entries.append((slot.seq, chunk, slot.fed + n == len(prompt)))
+                end = slot.fed + n
+                chunk = prompt[slot.fed:end]
+                sample = end == len(prompt) and slot.budget > 0
+                if slot.req.prompt_logprobs is None:
+                    entries.append((slot.seq, chunk, sample))
+                else:  # each position also scores the prompt's next token (none after the last)
+                    targets = prompt[slot.fed + 1:end + 1] + ([-1] if end == len(prompt) else [])
+                    entries.append((slot.seq, chunk, sample, targets, slot.req.prompt_logprobs))
                 fed.append((slot, n))
             else:
                 entries.append((slot.seq, [slot.next_token], True))
@@ -268,10 +299,15 @@ class Scheduler:
                 self._finish(slot, Chunk("", [], None, "error", error=str(e)))
             return self.has_work()
         now = time.perf_counter()
-        for (slot, n), (_, _, sample), token in zip(fed, entries, sampled):
+        for (slot, n), entry, token in zip(fed, entries, sampled):
             slot.fed += n
-            if sample:
+            if len(entry) == 5:
+                slot.req.prompt_scores.extend(TokenLogprob(int(t), float(lp), [(int(i), float(v)) for i, v in top])
+                                              for t, lp, top in slot.seq.scores)
+            if entry[2]:
                 self._on_token(slot, int(token), now)
+            elif slot.budget == 0 and slot.fed == len(slot.req.prompt_ids):
+                self._finish(slot, Chunk("", [], None, "length"))  # scored the prompt, generates nothing
         return self.has_work()
 
     def abort_all(self, reason: str = "cancelled") -> None:
@@ -371,6 +407,8 @@ class Scheduler:
 
     @staticmethod
     def _emit(req: Request, chunk: Chunk) -> None:
+        if req.prompt_scores is not None:  # the request's first chunk carries the prompt's scores
+            chunk.prompt_logprobs, req.prompt_scores = req.prompt_scores, None
         if req.sink is not None:
             try:
                 req.sink(chunk)

@@ -22,6 +22,8 @@ from .server_state import ResponseInbox, ServerState, _json, _record, send_now
 def _budget(state: ServerState, p: GenParams, n_prompt: int, param: str) -> int:
     """max_tokens for a prompt of n_prompt tokens; 400 when it cannot fit."""
     ctx = state.context
+    if p.max_tokens == 0 and n_prompt <= ctx:  # only scores the prompt (echo with logprobs)
+        return 0
     if n_prompt >= ctx:
         raise bad(f"This model's maximum context length is {ctx} tokens, but the prompt has {n_prompt} tokens "
                   f"(it must be at most {ctx - 1} to leave room for at least one generated token).",
@@ -85,7 +87,8 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                 options = SamplingOptions(logprobs=p.logprobs, **s)
             except LlamasError as e:
                 raise bad(str(e)) from None
-            req = EngineRequest(ids, budgets[pi], options, p.stop, request_id=f"{rid}-{idx}")
+            req = EngineRequest(ids, budgets[pi], options, p.stop, request_id=f"{rid}-{idx}",
+                                prompt_logprobs=p.logprobs if p.echo else None)
             push = state.dispatcher.push
             if p.stream:
                 def listener(chunk, idx=idx):
@@ -105,6 +108,8 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     prompt_tokens = sum(len(ids) for ids in p.prompt_ids)
     rec.update(prompt_tokens=prompt_tokens, n=n_total, stream=p.stream)
     choices = [_Choice(p.logprobs is not None) for _ in handles]
+    # echo: each choice's text (and logprobs) starts with its prompt, as given or decoded from ids.
+    echoes = [_prompt_text(state.tokenizer, p, i // p.n) for i in range(len(handles))] if p.echo else None
 
     def finish_record():
         rec["completion_tokens"] = sum(h._req.completion_tokens for h in handles)
@@ -123,7 +128,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                     h.cancel()
             finish_record()
         return _SSEResponse(lambda send: _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_tokens,
-                                                 send), on_close)
+                                                 send, echoes), on_close)
 
     # Non-streaming: wait for every choice, or for the client to go away.
     disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
@@ -156,10 +161,16 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
             c = {"index": i, "message": {"role": "assistant", "content": r.text},
                  "logprobs": chat_logprobs(tok, r.logprobs) if r.logprobs is not None else None,
                  "finish_reason": r.finish_reason}
-        else:
+        elif echoes is None:
             c = {"index": i, "text": r.text,
                  "logprobs": completion_logprobs(tok, r.logprobs, 0) if r.logprobs is not None else None,
                  "finish_reason": r.finish_reason}
+        else:
+            lp = None
+            if r.logprobs is not None:
+                lp = echo_logprobs(tok, p.prompt_ids[i // p.n], r.prompt_logprobs)
+                _extend_logprobs(lp, completion_logprobs(tok, r.logprobs, len(echoes[i])))
+            c = {"index": i, "text": echoes[i] + r.text, "logprobs": lp, "finish_reason": r.finish_reason}
         out.append(c)
     completion_tokens = sum(r.completion_tokens for r in results)
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -218,7 +229,7 @@ class _SSEResponse(Response):
             self._on_close()
 
 
-async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_tokens, send) -> None:
+async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_tokens, send, echoes=None) -> None:
     """Sends a streamed response's events and ends its body: one body message per engine step (all
     of its choices' chunks); the last step's message also carries the usage chunk (when asked) and
     `[DONE]`, and ends the body. (As four messages, the end of each response cost four send()
@@ -235,6 +246,13 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
     if kind == "chat":
         await emit("".join(fmt.frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                        "finish_reason": None}]) for i in range(len(handles))))
+    if echoes is not None:
+        # Each choice's prompt first. With logprobs its scores come with the choice's first chunk
+        # (they exist once the prompt is fed), and _stream_events sends the prompt then.
+        for i, ch in enumerate(choices):
+            ch.offset = len(echoes[i])
+        if p.logprobs is None:
+            await emit("".join(fmt.text(i, echoes[i], None) for i in range(len(handles)) if echoes[i]))
     if len(handles) == 1 and choices[0].logprobs is None:
         # One choice without logprobs (nearly every request): a token's event is written by the
         # engine's delivery callback itself while this task waits (see ResponseInbox).
@@ -252,12 +270,12 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
             return True
         inbox.direct = direct
     try:
-        await _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, emit)
+        await _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit)
     finally:
         inbox.direct = None  # the writer's closure holds the inbox: no cycle outlives the response
 
 
-async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, emit) -> None:
+async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit) -> None:
     remaining = len(handles)
     out = []
     while remaining:
@@ -266,6 +284,9 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
         await inbox.finish_blocked()
         for idx, c in items:
             ch = choices[idx]
+            if echoes is not None and c.prompt_logprobs is not None and ch.logprobs is not None:
+                lp = echo_logprobs(tok, p.prompt_ids[idx // p.n], c.prompt_logprobs)
+                out.append(fmt.frame([{"index": idx, "text": echoes[idx], "logprobs": lp, "finish_reason": None}]))
             if c.finish_reason is not None:
                 remaining -= 1
                 if c.finish_reason in ("error", "cancelled"):
@@ -314,6 +335,31 @@ def completion_logprobs(tokenizer, lps, offset0: int) -> dict:
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _prompt_text(tokenizer, p: GenParams, prompt_index: int) -> str:
+    prompt = p.prompts[prompt_index] if prompt_index < len(p.prompts) else None
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(p.prompt_ids[prompt_index]) if tokenizer is not None else ""
+
+
+def echo_logprobs(tokenizer, ids, scores) -> dict:
+    """The prompt's part of an echoed completion's logprobs: one entry per prompt token, the first
+    with null logprob and top_logprobs (nothing precedes it), offsets from the start of the text."""
+    lp = completion_logprobs(tokenizer, [s for s in (scores or [])[1:] if s is not None], 0)
+    first = tokenizer.decode([ids[0]]) if tokenizer is not None else str(ids[0])
+    lp["tokens"].insert(0, first)
+    lp["token_logprobs"].insert(0, None)
+    lp["top_logprobs"].insert(0, None)
+    lp["text_offset"] = [o + len(first) for o in lp["text_offset"]]
+    lp["text_offset"].insert(0, 0)
+    return lp
+
+
+def _extend_logprobs(lp: dict, more: dict) -> None:
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        lp[key].extend(more[key])
 
 
 def chat_logprobs(tokenizer, lps) -> dict:

@@ -289,13 +289,18 @@ def parse_completion(body: dict, vocab: int, has_tokenizer: bool) -> GenParams:
         out.append(x)
     p = GenParams(prompts=out)
     _common(body, vocab, p)
-    p.max_tokens = get_int(body, "max_tokens", None, 1, 2 ** 31)
-    p.default_max_tokens = 16
+    p.echo = get_bool(body, "echo", False)
     lp = body.get("logprobs")
     if lp is not None:
         p.logprobs = get_int(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
-    if get_bool(body, "echo", False):
-        raise bad("'echo' is not supported.", "echo", "unsupported_value")
+    # max_tokens 0 only scores the prompt: with echo and logprobs (the prompt's log-probabilities,
+    # as lm-evaluation-harness and OpenAI's legacy completions use them).
+    scoring = p.echo and p.logprobs is not None
+    if body.get("max_tokens") == 0 and not scoring and not isinstance(body.get("max_tokens"), bool):
+        raise bad("'max_tokens' must be at least 1, got 0 (0 is allowed only with 'echo': true and 'logprobs', to "
+                  "score the prompt).", "max_tokens", "invalid_value")
+    p.max_tokens = get_int(body, "max_tokens", None, 0 if scoring else 1, 2 ** 31)
+    p.default_max_tokens = 16
     best_of = get_int(body, "best_of", None, 1, MAX_N)
     if best_of is not None and best_of != p.n:
         raise bad("'best_of' is not supported (it must be null or equal to 'n').", "best_of", "unsupported_value")
