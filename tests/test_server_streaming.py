@@ -79,7 +79,7 @@ def _stream_fixture(include_usage=True):
     from llamas.server_protocol import GenParams
     state = SimpleNamespace(tokenizer=None, model_name="m")
     p = GenParams(prompts=["x"], stream=True, include_usage=include_usage)
-    handle = SimpleNamespace(_req=SimpleNamespace(completion_tokens=0))
+    handle = SimpleNamespace(_req=SimpleNamespace(completion_tokens=0, cached_tokens=None))
     inbox = ResponseInbox()
     return _stream, state, p, handle, [_Choice(False)], inbox
 

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <map>
+#include <memory>
 
 #include "llamas/error.h"
 #include "models/gpt2.h"
@@ -78,7 +79,34 @@ void init_model(py::module_& m) {
       .def_property_readonly("kv_blocks", [](const Sequence& s) { return s.cache.blocks(); })
       .def_property_readonly("kv_bytes", [](const Sequence& s) { return s.cache.blocks() * s.cache.bytes_per_block(); })
       .def_property_readonly("tokens", [](const Sequence& s) { return s.tokens; })
-      .def("release", [](Sequence& s) { s.cache.clear(); }, "Frees the KV cache now.");
+      .def("release", [](Sequence& s) { s.cache.clear(); }, "Frees the KV cache now.")
+      .def("share_blocks", [](const Sequence& s, int64_t first, int64_t count) {
+             LLAMAS_CHECK(first >= 0 && count >= 0, "kv_cache", "share_blocks needs first >= 0 and count >= 0");
+             std::vector<std::unique_ptr<KvBlockRef>> out;
+             for (int64_t i = first; i < first + count; ++i) out.push_back(std::make_unique<KvBlockRef>(s.cache, i));
+             return out;
+           }, py::arg("first"), py::arg("count"),
+           "References to full KV blocks [first, first + count) (each holds its block until dropped).")
+      .def("adopt", [](Sequence& s, const std::vector<KvBlockRef*>& blocks, const std::vector<int32_t>& tokens) {
+             LLAMAS_CHECK(s.tokens.empty() && s.cache.length() == 0, "kv_cache",
+                          "only a sequence that has been fed nothing can adopt shared blocks");
+             LLAMAS_CHECK(tokens.size() == blocks.size() * size_t(kKvBlockSize), "kv_cache", "adopting ", blocks.size(),
+                          " blocks needs their ", blocks.size() * kKvBlockSize, " tokens, got ", tokens.size());
+             std::vector<void*> handles;
+             for (const KvBlockRef* b : blocks) {
+               LLAMAS_CHECK(b != nullptr, "kv_cache", "a shared block is None");
+               LLAMAS_CHECK(b->fits(s.cache), "kv_cache", "a shared block comes from a model of another shape");
+               LLAMAS_CHECK(b->dtype() == blocks[0]->dtype(), "kv_cache", "shared blocks of mixed dtypes");
+               handles.push_back(b->block());
+             }
+             if (!handles.empty()) s.cache.adopt(handles, blocks[0]->dtype());
+             s.tokens = tokens;
+           }, py::arg("blocks"), py::arg("tokens"),
+           "Starts this fresh sequence from shared full KV blocks holding `tokens` (16 per block).");
+
+  py::class_<KvBlockRef>(m, "KvBlock", "A reference to a full block of a sequence's KV cache (see Sequence.share_blocks).")
+      .def_property_readonly("nbytes", &KvBlockRef::bytes)
+      .def_property_readonly("dtype", [](const KvBlockRef& b) { return std::string(dtype_name(b.dtype())); });
 
   py::class_<GPT2Model>(m, "GPT2Model")
       .def(py::init([](const py::dict& config, const std::string& weights_path, const std::string& dtype) {

@@ -1,5 +1,7 @@
 #include "runtime/kv_cache.h"
 
+#include <new>
+
 #include "llamas/allocator.h"
 #include "llamas/kv_block.h"
 #include "llamas/error.h"
@@ -8,6 +10,29 @@ namespace llamas {
 namespace {
 std::atomic<int64_t> g_blocks_in_use{0};
 std::atomic<int64_t> g_bytes_in_use{0};
+
+// Each block's allocation starts with this header (64 bytes keep the entries 64-byte aligned);
+// block handles point at the header, entries start kHeaderBytes after it.
+struct BlockHeader {
+  std::atomic<int32_t> refs;
+  int64_t bytes;  // of the entries
+};
+constexpr size_t kHeaderBytes = 64;
+static_assert(sizeof(BlockHeader) <= kHeaderBytes, "block header fits its slot");
+
+BlockHeader* header(void* block) { return static_cast<BlockHeader*>(block); }
+char* entries(void* block) { return static_cast<char*>(block) + kHeaderBytes; }
+}  // namespace
+
+void KvCache::retain_block(void* block) { header(block)->refs.fetch_add(1, std::memory_order_relaxed); }
+
+void KvCache::release_block(void* block) {
+  BlockHeader* h = header(block);
+  if (h->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  g_blocks_in_use.fetch_sub(1, std::memory_order_relaxed);
+  g_bytes_in_use.fetch_sub(h->bytes, std::memory_order_relaxed);
+  h->~BlockHeader();
+  cpu_free(block);
 }
 
 KvCache::KvCache(int n_layer, int n_head, int head_dim, int64_t max_positions)
@@ -32,16 +57,47 @@ void KvCache::reserve(int64_t n) {
   LLAMAS_CHECK(n <= max_positions_, "kv_cache", "sequence of ", n, " positions exceeds the context length ",
                max_positions_);
   while (blocks() * kKvBlockSize < n) {
-    char* block = static_cast<char*>(cpu_allocate(bytes_per_block()));
-    blocks_.push_back(block);
+    void* block = cpu_allocate(kHeaderBytes + bytes_per_block());
+    new (block) BlockHeader{{1}, int64_t(bytes_per_block())};
     g_blocks_in_use.fetch_add(1, std::memory_order_relaxed);
     g_bytes_in_use.fetch_add(int64_t(bytes_per_block()), std::memory_order_relaxed);
-    const size_t layer_bytes = layer_entries_ * dtype_size(dtype_);
-    for (int l = 0; l < n_layer_; ++l) {
-      key_ptrs_[l].push_back(block + (2 * l) * layer_bytes);
-      value_ptrs_[l].push_back(block + (2 * l + 1) * layer_bytes);
-    }
+    push_block(block);
   }
+}
+
+void KvCache::push_block(void* block) {
+  blocks_.push_back(block);
+  const size_t layer_bytes = layer_entries_ * dtype_size(dtype_);
+  char* e = entries(block);
+  for (int l = 0; l < n_layer_; ++l) {
+    key_ptrs_[l].push_back(e + (2 * l) * layer_bytes);
+    value_ptrs_[l].push_back(e + (2 * l + 1) * layer_bytes);
+  }
+}
+
+void KvCache::adopt(const std::vector<void*>& shared, DType dtype) {
+  LLAMAS_CHECK(blocks_.empty() && length_ == 0, "kv_cache", "only an empty KV cache can adopt shared blocks (this one holds ",
+               blocks(), " blocks)");
+  LLAMAS_CHECK(int64_t(shared.size()) * kKvBlockSize <= max_positions_, "kv_cache", shared.size(),
+               " shared blocks exceed the context length ", max_positions_);
+  set_dtype(dtype);
+  for (void* b : shared) {
+    retain_block(b);
+    push_block(b);
+  }
+  length_ = int64_t(shared.size()) * kKvBlockSize;
+}
+
+KvBlockRef::KvBlockRef(const KvCache& cache, int64_t index)
+    : dtype_(cache.dtype()),
+      bytes_(cache.bytes_per_block()),
+      n_layer_(cache.n_layer()),
+      n_head_(cache.n_head()),
+      head_dim_(cache.head_dim()) {
+  LLAMAS_CHECK(index >= 0 && index < cache.blocks() && cache.block_full(index), "kv_cache", "block ", index,
+               " is not a full block of this cache (", cache.length(), " positions in ", cache.blocks(), " blocks)");
+  block_ = cache.block(index);
+  KvCache::retain_block(block_);
 }
 
 template <typename T>
@@ -57,9 +113,7 @@ void KvCache::write(int layer, int64_t pos, const float* k, const float* v) {
 }
 
 void KvCache::clear() {
-  for (void* b : blocks_) cpu_free(b);
-  g_blocks_in_use.fetch_sub(blocks(), std::memory_order_relaxed);
-  g_bytes_in_use.fetch_sub(blocks() * int64_t(bytes_per_block()), std::memory_order_relaxed);
+  for (void* b : blocks_) release_block(b);
   blocks_.clear();
   for (auto& v : key_ptrs_) v.clear();
   for (auto& v : value_ptrs_) v.clear();

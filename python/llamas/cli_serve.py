@@ -10,7 +10,8 @@ import socket
 import sys
 
 from ._C import LlamasError
-from .cli_args import add_dtype_args, positive_int as _positive_int, non_negative_int as _non_negative_int
+from .cli_args import add_dtype_args, finite_float as _non_negative_float, positive_int as _positive_int
+from .cli_args import non_negative_int as _non_negative_int
 
 
 def _port(text: str) -> int:
@@ -51,6 +52,11 @@ def add_parser(sub, model_help: str) -> None:
     s.add_argument("--prefill-chunk", type=_positive_int, default=128,
                    help="prompt tokens fed per sequence per step, so long prompts do not stall running streams "
                         "(default 128)")
+    s.add_argument("--prefix-cache-mb", type=_non_negative_float, default=0.0, metavar="MB",
+                   help="keep up to MB MiB of finished requests' KV blocks, so a request that starts with the same "
+                        "tokens (a shared system prompt, the earlier turns of a chat, one context scored with "
+                        "several continuations) skips computing them; usage reports them as cached_tokens "
+                        "(default 0: off)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level; one JSON line per request at info (logger llamas.server)")
 
@@ -90,7 +96,8 @@ def run(args, model_path: str) -> int:
     logging.getLogger("llamas").setLevel(level)
     app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, api_key=_api_key(args),
                      model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk)
+                     max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk,
+                     prefix_cache_mb=args.prefix_cache_mb)
     state = app.state.llamas
 
     class Server(uvicorn.Server):

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
+from .prefix_cache import PrefixCache
 # The scheduler's names are re-exported: they lived here first, and model.py and callers import
 # them from llamas.engine.
 from .scheduler import (Chunk, Completion, Request, RequestStats, SamplingOptions, Scheduler,  # noqa: F401
@@ -130,7 +131,7 @@ class RequestHandle:
         last = chunks[-1]
         return Completion(self.id, "".join(c.text for c in chunks), ids, last.finish_reason,
                           len(self._req.prompt_ids), self._req.completion_tokens, lps, last.error,
-                          chunks[0].prompt_logprobs)
+                          chunks[0].prompt_logprobs, self._req.cached_tokens)
 
 
 class Engine:
@@ -151,13 +152,22 @@ class Engine:
 
     def __init__(self, model, max_batch: int = 16, max_queue: Optional[int] = None, prefill_chunk: int = 128,
                  max_prefill_tokens: Optional[int] = 512, on_finish: Optional[Callable[[Request], None]] = None,
-                 on_step: Optional[Callable[[], None]] = None, idle_exit: float = 1.0):
+                 on_step: Optional[Callable[[], None]] = None, idle_exit: float = 1.0,
+                 prefix_cache_mb: float = 0.0):
         self.model = model
         self.on_step = on_step
         self.max_queue = max_queue
         self.idle_exit = idle_exit
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
+                or not 0 <= prefix_cache_mb < 2 ** 40:
+            raise LlamasError(f"[engine] prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
+        # Prefix caching (off at 0): finished sequences' full KV blocks, up to this many MiB, for
+        # requests that start with the same tokens (see prefix_cache.py).
+        self.prefix_cache = (PrefixCache(int(prefix_cache_mb * 2 ** 20), salt=model.kv_dtype)
+                             if prefix_cache_mb > 0 else None)
         self._sched = Scheduler(model, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                                max_prefill_tokens=max_prefill_tokens, on_finish=on_finish)
+                                max_prefill_tokens=max_prefill_tokens, on_finish=on_finish,
+                                prefix_cache=self.prefix_cache)
         self._cond = threading.Condition()
         self._inbox: collections.deque = collections.deque()
         self._thread: Optional[threading.Thread] = None
@@ -259,6 +269,8 @@ class Engine:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        if self.prefix_cache is not None and (thread is None or not thread.is_alive()):
+            self.prefix_cache.clear()  # its blocks go back to the allocator
 
     def close(self) -> None:
         self.shutdown(drain=False)

@@ -23,6 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from . import _C
 from ._C import LlamasError
+from .prefix_cache import BLOCK, PrefixCache
 from .streaming import TextStream
 
 # The logger keeps the name it had before the scheduler left engine.py, so log filters still match.
@@ -150,6 +151,7 @@ class Completion:
     logprobs: Optional[List[TokenLogprob]]
     error: Optional[str] = None
     prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None
+    cached_tokens: Optional[int] = None   # prompt tokens served by the prefix cache (None: no cache)
 
 
 @dataclass
@@ -202,6 +204,7 @@ class Request:
         self.prompt_logprobs = prompt_logprobs
         # Scores gathered while the prompt is fed; handed to the first chunk (then None again).
         self.prompt_scores: Optional[List[Optional[TokenLogprob]]] = None if prompt_logprobs is None else [None]
+        self.cached_tokens: Optional[int] = None  # prompt tokens whose KV came from the prefix cache (if on)
         self.cancelled = False
         self.finished = False
         self.finish_reason: Optional[str] = None
@@ -229,7 +232,8 @@ class Scheduler:
 
     def __init__(self, model, max_batch: int = 16, prefill_chunk: int = 128,
                  max_prefill_tokens: Optional[int] = 512,
-                 on_finish: Optional[Callable[[Request], None]] = None):
+                 on_finish: Optional[Callable[[Request], None]] = None,
+                 prefix_cache: Optional[PrefixCache] = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise LlamasError("[engine] max_batch and prefill_chunk must be >= 1")
         self.model = model
@@ -237,6 +241,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.max_prefill_tokens = max_prefill_tokens
         self.on_finish = on_finish
+        self.prefix_cache = prefix_cache
         self.waiting: collections.deque = collections.deque()
         self.running: List[_Slot] = []
         self._native_config = model.config.to_native()
@@ -349,7 +354,29 @@ class Scheduler:
             stream = TextStream(tok, req.stop) if tok is not None else None
             budget = min(req.max_new_tokens, self._ctx - len(req.prompt_ids) + 1)
             req.stats.admitted = time.perf_counter()
-            self.running.append(_Slot(req, seq, budget, stream))
+            slot = _Slot(req, seq, budget, stream)
+            if self.prefix_cache is not None:
+                req.cached_tokens = 0
+                if req.prompt_logprobs is None:  # a scored prompt's every position is computed
+                    self._reuse_prefix(slot)
+            self.running.append(slot)
+
+    def _reuse_prefix(self, slot: _Slot) -> None:
+        """Starts a new sequence from the cached KV blocks of its prompt's longest cached prefix
+        (whole blocks, and never the prompt's last token, whose logits the first draw needs)."""
+        prompt = slot.req.prompt_ids
+        refs = self.prefix_cache.lookup(prompt, (len(prompt) - 1) // BLOCK)
+        if not refs:
+            return
+        n = len(refs) * BLOCK
+        try:
+            slot.seq.adopt(refs, prompt[:n])
+        except Exception:  # a cache that no longer fits this model: compute the prompt instead
+            log.exception("prefix cache: adopting %d blocks failed", len(refs))
+            self.prefix_cache.clear()
+            return
+        slot.fed = n
+        slot.req.cached_tokens = n
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> None:
         req = slot.req
@@ -379,7 +406,12 @@ class Scheduler:
         self._emit(req, Chunk(piece, [token], lp))
 
     def _finish(self, slot: _Slot, chunk: Chunk) -> None:
-        slot.seq.release()  # KV memory goes back the moment a sequence ends
+        if self.prefix_cache is not None and chunk.finish_reason != "error":
+            try:  # its full blocks stay for the next request that starts the same way
+                self.prefix_cache.insert(slot.seq)
+            except Exception:
+                log.exception("prefix cache: caching a finished sequence failed")
+        slot.seq.release()  # KV memory goes back the moment a sequence ends (cached blocks stay)
         try:
             self.running.remove(slot)
         except ValueError:

@@ -106,7 +106,7 @@ def _app_class():
 def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str] = None, max_batch: int = 16,
                max_queue: int = 256, max_tokens: Optional[int] = None, max_body_bytes: int = 1 << 20,
                prefill_chunk: int = 128, dtype: str = "float32", kv_dtype: Optional[str] = None,
-               chat_template: Optional[str] = None):
+               chat_template: Optional[str] = None, prefix_cache_mb: float = 0.0):
     """The OpenAI-compatible ASGI app.
 
     model: a loaded `llamas.Model`, a model folder, or a function returning a Model (the last two
@@ -114,7 +114,8 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     and /metrics). max_batch: sequences in the running batch; max_queue: sequences waiting for a
     place (more: 429). max_tokens: the largest max_tokens a request may ask (default: the context).
     max_body_bytes: larger bodies get 413. dtype, kv_dtype: as llamas.load's, when model is a
-    folder. chat_template: a jinja2 template overriding the model's.
+    folder. chat_template: a jinja2 template overriding the model's. prefix_cache_mb: keep up to
+    this many MiB of finished requests' KV blocks for requests that start the same way (0: off).
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
     from contextlib import asynccontextmanager
@@ -126,9 +127,12 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
             raise LlamasError(f"[serve] {name} must be an integer >= {lo}, got {v!r}")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise LlamasError(f"[serve] max_tokens must be a positive integer, got {max_tokens!r}")
+    if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
+            or not 0 <= prefix_cache_mb < 2 ** 40:
+        raise LlamasError(f"[serve] prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
-                        chat_template=chat_template)
+                        chat_template=chat_template, prefix_cache_mb=prefix_cache_mb)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
 

@@ -43,9 +43,13 @@ def _budget(state: ServerState, p: GenParams, n_prompt: int, param: str) -> int:
     return min(default, cap) if cap is not None else default
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, handles=None) -> dict:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    cached = [h._req.cached_tokens for h in handles or () if h._req.cached_tokens is not None]
+    if cached:  # the prefix cache is on: OpenAI's field for prompt caching
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
+    return usage
 
 
 class _Choice:
@@ -114,6 +118,9 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     def finish_record():
         rec["completion_tokens"] = sum(h._req.completion_tokens for h in handles)
         rec["finish_reason"] = [h._req.finish_reason for h in handles]
+        cached = sum(h._req.cached_tokens or 0 for h in handles)
+        if cached:
+            rec["cached_tokens"] = cached
         st = handles[0].stats
         rec["queue_s"] = _round(st.queue_time)
         rec["ttft_s"] = _round(st.time_to_first_token)
@@ -175,7 +182,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     completion_tokens = sum(r.completion_tokens for r in results)
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                   "created": created, "model": state.model_name, "choices": out,
-                  "usage": _usage(prompt_tokens, completion_tokens)})
+                  "usage": _usage(prompt_tokens, completion_tokens, handles)})
 
 
 def _round(v):
@@ -312,7 +319,7 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
             await emit("".join(out))
     if p.include_usage:
         completion_tokens = sum(h._req.completion_tokens for h in handles)
-        out.append(fmt.frame([], _usage(prompt_tokens, completion_tokens)))
+        out.append(fmt.frame([], _usage(prompt_tokens, completion_tokens, handles)))
     out.append("data: [DONE]\n\n")
     await emit("".join(out), more_body=False)
 

@@ -105,6 +105,20 @@ class ServerMetrics:
             lambda: memory_stats()["peak_bytes_in_use"])
         Gauge("llamas_allocator_bytes_reserved", "Caching allocator: bytes held from the system (in use + cached)",
               registry=r).set_function(lambda: memory_stats()["bytes_reserved"])
+        def cache_attr(name):
+            def read():
+                e = engine_fn()
+                cache = e.prefix_cache if e is not None else None
+                return getattr(cache, name) if cache is not None else 0
+            return read
+
+        Gauge("llamas_prefix_cache_blocks", "KV blocks held by the prefix cache (--prefix-cache-mb)",
+              registry=r).set_function(cache_attr("blocks"))
+        Gauge("llamas_prefix_cache_bytes", "Bytes of those blocks", registry=r).set_function(cache_attr("bytes"))
+        Gauge("llamas_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache, in all",
+              registry=r).set_function(cache_attr("hit_tokens"))
+        Gauge("llamas_prefix_cache_queried_tokens", "Prompt tokens of the requests that looked in the prefix cache",
+              registry=r).set_function(cache_attr("queried_tokens"))
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux /proc): the
         # RSS a leak would grow, beside the allocator's own view of it.
         ProcessCollector(registry=r)
