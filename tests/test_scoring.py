@@ -256,3 +256,15 @@ def test_openai_client_echo(srv, model):
     assert r.choices[0].logprobs.token_logprobs[0] is None
     assert sum(r.choices[0].logprobs.token_logprobs[1:]) == pytest.approx(
         sum(s.logprob for s in model.score(PROMPT)[1:]), abs=1e-4)
+
+
+def test_tokenizer_info_serves_lm_eval_harness_remote_tokenizer(srv, model):
+    # lm-evaluation-harness (tokenizer_backend auto or remote) reads GET /tokenizer_info, then
+    # tokenizes through POST /tokenize and /detokenize; the eos id is encode(eos_token)[0].
+    info = httpx.get(srv.url + "/tokenizer_info").json()
+    assert "eos_token" in info and info["model_max_length"] == model.config.n_positions
+    tokens = httpx.post(srv.url + "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert tokens["tokens"][0] == model.tokenizer.eos_token_id
+    ids = httpx.post(srv.url + "/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()["tokens"]
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == PROMPT
+    assert info["chat_template"] is None  # this fixture has none: the plain template is not jinja

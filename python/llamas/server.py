@@ -226,6 +226,21 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         p.prompt_ids = [ids]
         return await _generate(state, request, "chat", p)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        # vLLM's endpoint: lm-evaluation-harness's remote tokenizer (tokenizer_backend=remote, or
+        # auto) reads it, then tokenizes through /tokenize and /detokenize.
+        state.require_engine()
+        tok = state.tokenizer
+        if tok is None:
+            raise APIError(404, "This model has no tokenizer.", code="not_found")
+        eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else None
+        template = state.chat_template
+        return _json({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+                      "bos_token": template.bos_token or eos, "pad_token": None, "unk_token": None,
+                      "chat_template": None if template.is_plain else template.source,
+                      "model_max_length": state.context, "vocab_size": state.vocab, "add_bos_token": False})
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = await state.accept(request)

@@ -85,6 +85,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> Optional[str]:
+        return self._tok.id_to_token(token_id)
+
     def save(self, folder: str, model_max_length: int = 1024) -> None:
         """Writes tokenizer.json (and tokenizer_config.json naming the end-of-text token) into folder."""
         self._tok.save(os.path.join(folder, "tokenizer.json"))
