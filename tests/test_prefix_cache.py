@@ -170,6 +170,17 @@ def test_concurrent_requests_sharing_prefixes_equal_each_alone(model):
         assert engine.prefix_cache.hit_tokens > 0
 
 
+def test_a_prompt_is_shared_as_soon_as_it_is_in(model):
+    # The first request is still generating when the second arrives: its prompt's blocks were
+    # cached when its prefill ended, not when it finishes.
+    with llamas.Engine(model, prefix_cache_mb=4) as engine:
+        long = engine.submit(SYSTEM + "Tell me a long tale.", max_new_tokens=60)
+        next(iter(long))                                   # its first token: the prompt is in
+        r = engine.submit(SYSTEM + "And a short one.", max_new_tokens=3).result(timeout=60)
+        assert not long.done and r.cached_tokens == len(model.tokenizer.encode(SYSTEM)) // 16 * 16
+        long.result(timeout=60)
+
+
 @pytest.mark.parametrize("bad", [-1, True, "1", float("nan")])
 def test_engine_rejects_a_bad_prefix_cache_size(model, bad):
     with pytest.raises(LlamasError, match="prefix_cache_mb"):

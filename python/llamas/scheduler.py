@@ -306,6 +306,8 @@ class Scheduler:
         now = time.perf_counter()
         for (slot, n), entry, token in zip(fed, entries, sampled):
             slot.fed += n
+            if n and slot.fed == len(slot.req.prompt_ids) and self.prefix_cache is not None:
+                self._cache_blocks(slot)  # the prompt is in: requests arriving from now on can share it
             if len(entry) == 5:
                 slot.req.prompt_scores.extend(TokenLogprob(int(t), float(lp), [(int(i), float(v)) for i, v in top])
                                               for t, lp, top in slot.seq.scores)
@@ -405,12 +407,15 @@ class Scheduler:
         slot.next_token = token
         self._emit(req, Chunk(piece, [token], lp))
 
+    def _cache_blocks(self, slot: _Slot) -> None:
+        try:
+            self.prefix_cache.insert(slot.seq)
+        except Exception:
+            log.exception("prefix cache: caching a sequence's blocks failed")
+
     def _finish(self, slot: _Slot, chunk: Chunk) -> None:
         if self.prefix_cache is not None and chunk.finish_reason != "error":
-            try:  # its full blocks stay for the next request that starts the same way
-                self.prefix_cache.insert(slot.seq)
-            except Exception:
-                log.exception("prefix cache: caching a finished sequence failed")
+            self._cache_blocks(slot)  # its full blocks (generated tokens' too) stay for the next turn
         slot.seq.release()  # KV memory goes back the moment a sequence ends (cached blocks stay)
         try:
             self.running.remove(slot)
