@@ -1,6 +1,7 @@
 """Python API, generation semantics, bad input and the CLI, on the tiny committed fixture."""
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -219,6 +220,43 @@ def test_cli_generate_matches_api(model):
     r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "12")
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == model.generate("When shall we", max_new_tokens=12)
+
+
+def test_cli_generate_reads_the_prompt_from_stdin_or_a_file(model, tmp_path):
+    want = model.generate("When shall we", max_new_tokens=12)
+    r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "-", "--max-new-tokens", "12"],
+                       input="When shall we".encode(), capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.decode().rstrip("\n") == want, r.stderr
+    (tmp_path / "p.txt").write_text("When shall we", encoding="utf-8")
+    r = run_cli("generate", "--model", TINY, "--file", str(tmp_path / "p.txt"), "--max-new-tokens", "12", "--stats")
+    assert r.returncode == 0 and r.stdout.rstrip("\n") == want, r.stderr
+    n_prompt = len(model.tokenizer.encode("When shall we"))
+    assert re.search(rf"\[stats\] prompt {n_prompt} tokens, generated 12 in [0-9.]+ s; time to first token [0-9.]+ ms, "
+                     r"then [0-9.]+ tokens/s", r.stderr), r.stderr
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff")
+    for args, fragment in ((["x", "--file", str(tmp_path / "p.txt")], "not both"),
+                           ([], "no prompt: give it as an argument, or with --file"),
+                           (["--file", str(tmp_path / "bad.txt")], "is not UTF-8 (byte 3)"),
+                           (["--file", str(tmp_path / "none.txt")], "cannot read the prompt from"),
+                           (["--file", str(tmp_path)], "cannot read the prompt from")):
+        r = run_cli("generate", "--model", TINY, *args)
+        assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_stream_counts_what_it_produced(model):
+    stream = model.generate("When shall we", max_new_tokens=12, stream=True)
+    assert stream.stats()["generated_tokens"] == 0
+    text = "".join(stream)
+    s = stream.stats()
+    assert text == model.generate("When shall we", max_new_tokens=12)
+    assert s["prompt_tokens"] == len(model.tokenizer.encode("When shall we")) and s["generated_tokens"] == 12
+    assert 0 <= s["time_to_first_token_s"] <= s["total_s"]
+    ids = list(model.generate([5, 6, 7], max_new_tokens=4, stream=True))
+    assert ids == model.generate([5, 6, 7], max_new_tokens=4)
+    early = model.generate("When shall we", max_new_tokens=50, stream=True)
+    next(early)
+    early.close()                                  # frees its sequence now
+    assert llamas.memory_stats()["kv_cache_blocks_in_use"] == 0
 
 
 def test_tiny_temperatures_sample_the_maximum(model):

@@ -26,9 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
-                       description="Generate a continuation of PROMPT and stream it to stdout.")
+                       description="Generate a continuation of PROMPT (or of the text of --file) and stream it to "
+                                   "stdout.")
     _add_model_args(g)
-    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt text; - reads it from standard input")
+    g.add_argument("--file", "-f", metavar="FILE", default=None,
+                   help="read the prompt from FILE (UTF-8) instead; - is standard input")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
     g.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy, higher = more random (default: the model's generation_config.json, else 0)")
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
+    g.add_argument("--stats", action="store_true",
+                   help="print token counts, time to first token and generation speed to stderr at the end")
 
     i = sub.add_parser("info", help="version, CPU features, kernel variant, threads, CUDA",
                        description="Print version, CPU features, the chosen kernel variant, threads and CUDA availability.")
@@ -77,17 +82,49 @@ def _load(args):
     return llamas.load(_model_path(args), dtype=args.dtype, kv_dtype=args.kv_dtype)
 
 
+def _read_prompt(args) -> str:
+    """The prompt: the argument, or the text of --file (- for either reads standard input)."""
+    if args.prompt is not None and args.file is not None:
+        raise LlamasError("[generate] give the prompt as an argument or with --file, not both")
+    if args.prompt is None and args.file is None:
+        raise LlamasError("[generate] no prompt: give it as an argument, or with --file FILE (- reads standard input)")
+    source = args.file if args.file is not None else args.prompt
+    if source != "-" and args.file is None:
+        return source
+    try:
+        if source == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(source, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise LlamasError(f"[generate] cannot read the prompt from {source}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        where = "standard input" if source == "-" else source
+        raise LlamasError(f"[generate] the prompt in {where} is not UTF-8 (byte {e.start})") from None
+
+
 def cmd_generate(args) -> int:
     import llamas
+    prompt = _read_prompt(args)
     model = _load(args)
     with llamas.profile(enabled=args.profile) as prof:
-        for piece in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                    repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                    stop=args.stop or None, stream=True):
+        stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                stop=args.stop or None, stream=True)
+        for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.stats:
+        s = stream.stats()
+        ttft, total, n = s["time_to_first_token_s"], s["total_s"], s["generated_tokens"]
+        line = f"[stats] prompt {s['prompt_tokens']} tokens, generated {n} in {total:.3f} s"
+        if ttft is not None:
+            line += f"; time to first token {ttft * 1e3:.1f} ms"
+            if n > 1:
+                line += f", then {(n - 1) / max(total - ttft, 1e-9):.1f} tokens/s"
+        print(line, file=sys.stderr)
     if args.profile:
         print(prof.table(), file=sys.stderr)
     return 0

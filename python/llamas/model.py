@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -163,7 +164,8 @@ class Model:
         if stream:
             if batched:
                 raise LlamasError("[generate] stream=True takes a single prompt, not a batch")
-            return self._stream_one(encoded[0], as_text[0], max_new_tokens, options, stops)
+            return GenerationStream(self._events([encoded[0]], max_new_tokens, options, stops), as_text[0],
+                                    len(encoded[0]))
         results = self._run(encoded, max_new_tokens, options, stops)
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
@@ -205,15 +207,6 @@ class Model:
         results = [c.prompt_logprobs for c in chunks]
         return results if batched else results[0]
 
-    def _stream_one(self, ids, as_text, max_new_tokens, options, stops) -> Iterator:
-        for event in self._events([ids], max_new_tokens, options, stops):
-            _, piece, token = event
-            if as_text:
-                if piece:
-                    yield piece
-            elif token is not None:
-                yield token
-
     def _run(self, prompts, max_new_tokens, options, stops) -> list["_Result"]:
         results = [_Result() for _ in prompts]
         for index, piece, token in self._events(prompts, max_new_tokens, options, stops):
@@ -245,6 +238,55 @@ class Model:
                 out.clear()
         finally:
             sched.abort_all()  # a generator closed early frees its sequences' KV memory
+
+
+class GenerationStream:
+    """What `generate(..., stream=True)` returns: an iterator of text pieces (or token ids for an id
+    prompt) that also counts what it produced. `stats()` gives prompt_tokens, generated_tokens
+    (accepted ones), time_to_first_token_s and total_s (from the first next() call); closing it
+    (or dropping it) early frees the sequence's KV memory."""
+
+    def __init__(self, events, as_text: bool, prompt_tokens: int):
+        self._events = events
+        self._as_text = as_text
+        self.prompt_tokens = prompt_tokens
+        self.generated_tokens = 0
+        self._start: Optional[float] = None
+        self._first: Optional[float] = None
+        self._end: Optional[float] = None
+
+    def __iter__(self) -> "GenerationStream":
+        return self
+
+    def __next__(self):
+        if self._start is None:
+            self._start = time.perf_counter()
+        while True:
+            try:
+                _, piece, token = next(self._events)
+            except StopIteration:
+                if self._end is None:
+                    self._end = time.perf_counter()
+                raise
+            if token is not None:
+                self.generated_tokens += 1
+                if self._first is None:
+                    self._first = time.perf_counter()
+            if self._as_text:
+                if piece:
+                    return piece
+            elif token is not None:
+                return token
+
+    def close(self) -> None:
+        self._events.close()
+
+    def stats(self) -> dict:
+        end = self._end if self._end is not None else time.perf_counter()
+        start = self._start if self._start is not None else end
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+                "time_to_first_token_s": None if self._first is None else self._first - start,
+                "total_s": end - start}
 
 
 class _Result:
