@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
