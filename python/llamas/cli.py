@@ -1,4 +1,4 @@
-"""The `llamas` command line: generate, info, bench."""
+"""The `llamas` command line: generate, convert, info, bench (data, train, eval and serve: cli_*.py)."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",
                    help="print token counts, time to first token and generation speed to stderr at the end")
+
+    c = sub.add_parser("convert", help="write model.safetensors from a folder's pytorch_model.bin",
+                       description="Write FOLDER/model.safetensors from FOLDER/pytorch_model.bin (or the shards of "
+                                   "pytorch_model.bin.index.json), reading the PyTorch pickle without torch and "
+                                   "refusing any pickle that holds more than tensors. llamas.load then reads the "
+                                   "folder.")
+    c.add_argument("folder", help="Hugging Face model folder with pytorch_model.bin")
+    c.add_argument("--force", action="store_true", help="replace an existing model.safetensors")
 
     i = sub.add_parser("info", help="version, CPU features, kernel variant, threads, CUDA",
                        description="Print version, CPU features, the chosen kernel variant, threads and CUDA availability.")
@@ -130,6 +138,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .torch_checkpoint import convert_folder
+    convert_folder(args.folder, force=args.force, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
 def cmd_info(args) -> int:
     import llamas
     info = llamas.info()
@@ -198,6 +212,7 @@ def main(argv=None) -> int:
     try:
         from . import cli_data, cli_serve, cli_train
         commands = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "data": cli_data.run,
+                    "convert": cmd_convert,
                     "train": cli_train.cmd_train,
                     "eval": lambda a: cli_train.cmd_eval(a, _model_path(a)),
                     "serve": lambda a: cli_serve.run(a, _model_path(a))}

@@ -320,6 +320,9 @@ def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[
     config = GPT2Config.from_file(os.path.join(path, "config.json"))
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
+        if any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            raise LlamasError(f"[load] {weights} not found; the folder has a PyTorch checkpoint (pytorch_model.bin): "
+                              f"run `llamas convert {path}` once to write model.safetensors from it")
         raise LlamasError(f"[load] {weights} not found (only safetensors checkpoints are supported)")
     native = _C.GPT2Model(config.to_native(), weights, dtype)
     if kv_dtype is not None:

@@ -20,9 +20,10 @@ from ._C import LlamasError
 # bfloat16 has no numpy dtype: such tensors travel as uint16 bit patterns tagged "BF16".
 _TO_TAG = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
            np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8", np.dtype(np.uint16): "BF16",
-           np.dtype(np.float64): "F64"}
+           np.dtype(np.float64): "F64", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
+           np.dtype(np.bool_): "BOOL"}
 _FROM_TAG = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64, "U8": np.uint8,
-             "BF16": np.uint16, "F64": np.float64}
+             "BF16": np.uint16, "F64": np.float64, "I16": np.int16, "I8": np.int8, "BOOL": np.bool_}
 
 # Called after the temporary file is complete and before it replaces the destination; tests set
 # it to kill the process at that point.
