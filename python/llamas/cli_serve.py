@@ -57,6 +57,9 @@ def add_parser(sub, model_help: str) -> None:
                         "tokens (a shared system prompt, the earlier turns of a chat, one context scored with "
                         "several continuations) skips computing them; usage reports them as cached_tokens "
                         "(default 0: off)")
+    s.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
+                        "browser (CORS); repeatable; default: none")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level; one JSON line per request at info (logger llamas.server)")
 
@@ -97,7 +100,7 @@ def run(args, model_path: str) -> int:
     app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, api_key=_api_key(args),
                      model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk,
-                     prefix_cache_mb=args.prefix_cache_mb)
+                     prefix_cache_mb=args.prefix_cache_mb, cors_origins=args.cors_origin)
     state = app.state.llamas
 
     class Server(uvicorn.Server):

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -30,7 +30,7 @@ from .server_state import ServerState, _error, _json, _record
 log = logging.getLogger("llamas.server")
 
 ENDPOINTS = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-             "/metrics")
+             "/tokenizer_info", "/metrics")
 OPEN_PATHS = ("/health", "/metrics")      # answered without the API key
 _THREAD_TOKENIZE_CHARS = 4096             # longer texts are tokenised off the event loop
 
@@ -106,7 +106,8 @@ def _app_class():
 def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str] = None, max_batch: int = 16,
                max_queue: int = 256, max_tokens: Optional[int] = None, max_body_bytes: int = 1 << 20,
                prefill_chunk: int = 128, dtype: str = "float32", kv_dtype: Optional[str] = None,
-               chat_template: Optional[str] = None, prefix_cache_mb: float = 0.0):
+               chat_template: Optional[str] = None, prefix_cache_mb: float = 0.0,
+               cors_origins: Optional[Sequence[str]] = None):
     """The OpenAI-compatible ASGI app.
 
     model: a loaded `llamas.Model`, a model folder, or a function returning a Model (the last two
@@ -116,6 +117,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     max_body_bytes: larger bodies get 413. dtype, kv_dtype: as llamas.load's, when model is a
     folder. chat_template: a jinja2 template overriding the model's. prefix_cache_mb: keep up to
     this many MiB of finished requests' KV blocks for requests that start the same way (0: off).
+    cors_origins: browser origins allowed to call the API (CORS; "*" for any; default none).
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
     from contextlib import asynccontextmanager
@@ -127,6 +129,10 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
             raise LlamasError(f"[serve] {name} must be an integer >= {lo}, got {v!r}")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise LlamasError(f"[serve] max_tokens must be a positive integer, got {max_tokens!r}")
+    if cors_origins is not None and (isinstance(cors_origins, str) or not all(
+            isinstance(o, str) and o for o in cors_origins)):
+        raise LlamasError(f"[serve] cors_origins must be a list of origins (e.g. ['http://localhost:3000'] or "
+                          f"['*']), got {cors_origins!r}")
     if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
             or not 0 <= prefix_cache_mb < 2 ** 40:
         raise LlamasError(f"[serve] prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
@@ -227,9 +233,10 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         return await _generate(state, request, "chat", p)
 
     @app.get("/tokenizer_info")
-    async def tokenizer_info():
+    async def tokenizer_info(request: Request):
         # vLLM's endpoint: lm-evaluation-harness's remote tokenizer (tokenizer_backend=remote, or
         # auto) reads it, then tokenizes through /tokenize and /detokenize.
+        state.check_auth(request)
         state.require_engine()
         tok = state.tokenizer
         if tok is None:
@@ -273,6 +280,13 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         ids = check_token_ids(body["tokens"], state.vocab, "tokens")
         return _json({"prompt": state.tokenizer.decode(ids)})
 
+    if cors_origins:
+        # Preflights are answered here, before any route checks the API key (a browser sends its
+        # OPTIONS without credentials). This middleware wraps every response's start, so streamed
+        # bodies then go through the chain's send instead of the direct one.
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     # Outermost user middleware (inside Starlette's error page middleware), keeping `app` a
     # FastAPI object so callers can still add routes or mount it.
     app.add_middleware(_Observe, state=state)
