@@ -341,7 +341,8 @@ TRAIN_FLAGS = ["--data", "--model", "--config", "--out", "--steps", "--batch", "
                "--schedule", "--warmup", "--min-lr-ratio", "--weight-decay", "--beta1", "--beta2", "--grad-clip",
                "--eval-every", "--eval-batches", "--save-every", "--seed", "--n-positions", "--resume",
                "--threads", "--profile"]
-EVAL_FLAGS = ["--model", "--data", "--split", "--batch", "--seq", "--max-batches", "--dtype", "--threads"]
+EVAL_FLAGS = ["--model", "--data", "--file", "--split", "--batch", "--seq", "--stride", "--max-batches", "--max-tokens",
+              "--dtype", "--kv-dtype", "--threads"]
 
 
 @pytest.mark.parametrize("command, flags", [("train", TRAIN_FLAGS), ("eval", EVAL_FLAGS)])

@@ -96,19 +96,23 @@ def _read_prompt(args) -> str:
         raise LlamasError("[generate] give the prompt as an argument or with --file, not both")
     if args.prompt is None and args.file is None:
         raise LlamasError("[generate] no prompt: give it as an argument, or with --file FILE (- reads standard input)")
-    source = args.file if args.file is not None else args.prompt
-    if source != "-" and args.file is None:
-        return source
+    if args.file is None and args.prompt != "-":
+        return args.prompt
+    return read_text(args.file if args.file is not None else args.prompt, "generate", "the prompt")
+
+
+def read_text(source: str, op: str, what: str = "the text") -> str:
+    """A UTF-8 file's text, or standard input's for "-"."""
     try:
         if source == "-":
             return sys.stdin.buffer.read().decode("utf-8")
         with open(source, "rb") as f:
             return f.read().decode("utf-8")
     except OSError as e:
-        raise LlamasError(f"[generate] cannot read the prompt from {source}: {e.strerror or e}") from None
+        raise LlamasError(f"[{op}] cannot read {what} from {source}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         where = "standard input" if source == "-" else source
-        raise LlamasError(f"[generate] the prompt in {where} is not UTF-8 (byte {e.start})") from None
+        raise LlamasError(f"[{op}] {what} in {where} is not UTF-8 (byte {e.start})") from None
 
 
 def cmd_generate(args) -> int:

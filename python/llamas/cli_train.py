@@ -49,10 +49,21 @@ def add_parsers(sub, default_model_help: str) -> None:
     t.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     t.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
 
-    e = sub.add_parser("eval", help="validation loss and perplexity of a model on prepared shards",
-                       description="Print the mean loss and perplexity of a model on a split of a prepared data folder.")
+    e = sub.add_parser("eval", help="loss and perplexity of a model on prepared shards or a text file",
+                       description="Print the mean loss and perplexity of a model on a split of a prepared data folder "
+                                   "(--data), or on a UTF-8 text file (--file: sliding windows of --seq tokens every "
+                                   "--stride, through the inference engine, so --dtype and --kv-dtype both count).")
     e.add_argument("--model", default=None, metavar="DIR", help=default_model_help)
-    e.add_argument("--data", required=True, metavar="DIR", help="folder written by `llamas data prepare`")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="DIR", help="folder written by `llamas data prepare`")
+    source.add_argument("--file", metavar="FILE", help="a UTF-8 text file (- reads standard input)")
+    e.add_argument("--stride", type=_positive_int, default=None,
+                   help="with --file: tokens between window starts (default: half of --seq); each token is "
+                        "counted once, so it has at least seq - stride tokens of context")
+    e.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="with --file: evaluate only the first N tokens of the text")
+    e.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="with --file: KV-cache precision (default: same as --dtype)")
     e.add_argument("--split", default="val", help="split to evaluate (default val)")
     e.add_argument("--batch", type=_positive_int, default=8, help="sequences per batch (default 8)")
     e.add_argument("--seq", type=_positive_int, default=None, help="tokens per sequence (default: min(256, context))")
@@ -292,6 +303,11 @@ def cmd_eval(args, model_path: str) -> int:
     from .train import evaluate
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
+    if args.file is not None:
+        return _eval_text(args, model_path)
+    for flag in ("stride", "max_tokens", "kv_dtype"):
+        if getattr(args, flag) is not None:
+            raise LlamasError(f"[eval] --{flag.replace('_', '-')} applies to --file only")
     model = llamas.load(model_path, dtype=args.dtype)
     dataset = data.TokenDataset(args.data, args.split)
     _check_vocab(model, dataset)
@@ -303,4 +319,35 @@ def cmd_eval(args, model_path: str) -> int:
     n_batches = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
     print(f"split {args.split}: loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} "
           f"({n_batches * args.batch * seq:,} tokens)")
+    return 0
+
+
+def _eval_text(args, model_path: str) -> int:
+    import llamas
+    from .cli import read_text
+    from .text_eval import text_perplexity
+    model = llamas.load(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype)
+    if model.tokenizer is None:
+        raise LlamasError("[eval] this model has no tokenizer, so it cannot read a text file")
+    text = read_text(args.file, "eval")
+    ids = model.tokenizer.encode(text)
+    if args.max_tokens is not None:
+        ids = ids[:args.max_tokens]
+    seq = args.seq or model.config.n_positions
+    if seq > model.config.n_positions:
+        raise LlamasError(f"[eval] --seq {seq} exceeds the model's context {model.config.n_positions}")
+    stride = args.stride or max(1, seq // 2)
+    if stride > seq:
+        raise LlamasError(f"[eval] --stride {stride} is longer than --seq {seq}: tokens between windows would be skipped")
+    tty = sys.stderr.isatty()
+
+    def progress(done, total, nll):
+        if tty or done == total:
+            end = "\n" if done == total else ""
+            print(f"\r[eval] {done}/{total} windows, perplexity so far {math.exp(nll):.3f}", end=end,
+                  file=sys.stderr, flush=True)
+
+    r = text_perplexity(model, ids, seq, stride, args.batch, progress)
+    print(f"{args.file}: loss {r['nll']:.4f} nats/token, perplexity {r['perplexity']:.3f} ({r['tokens']:,} tokens, "
+          f"{r['windows']} windows of {seq} every {stride}; {model.dtype} weights, {model.kv_dtype} KV cache)")
     return 0
