@@ -62,7 +62,8 @@ struct GPT2Weights {
 // out) layout, lm_head tied to wte). The stored tensors stay views of the mapping (float32 ones are
 // cast only for dtype F32 from a bfloat16 file); the matrices and the lm_head are packed once into
 // panels of `dtype`, then the mapping's pages are released, so the process holds one copy.
-GPT2Weights load_gpt2_weights(const std::string& path, const GPT2Config& config, DType dtype);
+// `paths`: model.safetensors, or every shard of a sharded checkpoint (each tensor in one of them).
+GPT2Weights load_gpt2_weights(const std::vector<std::string>& paths, const GPT2Config& config, DType dtype);
 
 // The log-probability of a token the step was told comes next (a prompt's own next token), and the
 // top alternatives at that position, under the model's raw distribution.

@@ -51,23 +51,30 @@ GPT2Weights GPT2Weights::unpacked() const {
 
 namespace {
 
+// The checkpoint's files: one model.safetensors, or the shards of a model.safetensors.index.json
+// (transformers splits checkpoints over 5 GB: GPT-2 XL in float32 is two). A tensor is read from
+// whichever file holds it.
 class WeightReader {
  public:
-  WeightReader(const std::string& path) : file_(path) {
+  explicit WeightReader(const std::vector<std::string>& paths) {
+    LLAMAS_CHECK(!paths.empty(), "load", "no weight files given");
+    files_.reserve(paths.size());
+    for (const std::string& p : paths) files_.emplace_back(p);
     // Real GPT-2 checkpoints name tensors "h.0.attn..."; GPT2LMHeadModel.save_pretrained writes
     // "transformer.h.0.attn...". Accept either.
-    prefix_ = file_.contains("transformer.wte.weight") ? "transformer." : "";
+    prefix_ = find("transformer.wte.weight") ? "transformer." : "";
   }
 
   // As stored (a view of the mapping), checked against the config's shape.
   Tensor get(const std::string& name, const std::vector<int64_t>& shape) {
     std::string full = prefix_ + name;
-    if (!file_.contains(full))
-      fail("load", file_.path(), ": tensor '", full, "' is missing (is this a GPT-2 checkpoint?)");
-    Tensor t = file_.get(full);
+    const SafetensorsFile* file = find(full);
+    if (!file)
+      fail("load", where(), ": tensor '", full, "' is missing (is this a GPT-2 checkpoint?)");
+    Tensor t = file->get(full);
     if (t.shape() != shape) {
       std::string expected = Tensor::empty(shape, DType::F32).describe();
-      fail("load", file_.path(), ": tensor '", full, "' has shape ", t.describe(), " but the config needs ",
+      fail("load", file->path(), ": tensor '", full, "' has shape ", t.describe(), " but the config needs ",
            expected.substr(expected.find('[')));
     }
     return t;
@@ -80,21 +87,31 @@ class WeightReader {
   // (RSS twice the weights at 124M while loading, ~950 MB).
   ops::PackedMatrix pack(const Tensor& t, BLayout layout, DType dtype) {
     ops::PackedMatrix p = ops::pack_panels(t, layout, dtype);
-    file_.release_pages(t.raw(), t.nbytes());
+    for (const SafetensorsFile& f : files_) f.release_pages(t.raw(), t.nbytes());  // (only its own file's)
     return p;
   }
 
  private:
-  SafetensorsFile file_;
+  const SafetensorsFile* find(const std::string& name) const {
+    for (const SafetensorsFile& f : files_)
+      if (f.contains(name)) return &f;
+    return nullptr;
+  }
+  std::string where() const {
+    return files_.size() == 1 ? files_[0].path() : files_[0].path() + " (and " + std::to_string(files_.size() - 1) +
+                                                       " other shards)";
+  }
+
+  std::vector<SafetensorsFile> files_;
   std::string prefix_;
 };
 
 }  // namespace
 
-GPT2Weights load_gpt2_weights(const std::string& path, const GPT2Config& c, DType dtype) {
+GPT2Weights load_gpt2_weights(const std::vector<std::string>& paths, const GPT2Config& c, DType dtype) {
   c.validate();
   LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "load", "dtype must be float32 or bfloat16");
-  WeightReader r(path);
+  WeightReader r(paths);
   const int64_t C = c.n_embd, F = c.ffn();
   const DType f32 = DType::F32;
   // The stored matrices: float32 for a float32 model (what training and saving read), as stored

@@ -109,13 +109,14 @@ void init_model(py::module_& m) {
       .def_property_readonly("dtype", [](const KvBlockRef& b) { return std::string(dtype_name(b.dtype())); });
 
   py::class_<GPT2Model>(m, "GPT2Model")
-      .def(py::init([](const py::dict& config, const std::string& weights_path, const std::string& dtype) {
+      .def(py::init([](const py::dict& config, const std::vector<std::string>& weight_files, const std::string& dtype) {
              GPT2Config c = config_from_dict(config);
              DType dt = parse_dtype(dtype, "load");
              py::gil_scoped_release release;
-             return new GPT2Model(c, load_gpt2_weights(weights_path, c, dt));
+             return new GPT2Model(c, load_gpt2_weights(weight_files, c, dt));
            }),
-           py::arg("config"), py::arg("weights_path"), py::arg("dtype") = "float32")
+           py::arg("config"), py::arg("weight_files"), py::arg("dtype") = "float32",
+           "weight_files: [model.safetensors], or the shards of a sharded checkpoint.")
       .def_property_readonly("weight_bytes", [](const GPT2Model& m) { return m.weights().bytes(); })
       .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
       .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },

@@ -302,6 +302,28 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shakespeare")
 
 
+def _weight_files(path: str) -> list:
+    """model.safetensors, or the shards model.safetensors.index.json names (in its order)."""
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.exists(weights):
+        return [weights]
+    index = weights + ".index.json"
+    if os.path.exists(index):
+        weight_map = read_json_object(index, "load").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
+            raise LlamasError(f"[load] {index}: 'weight_map' must map tensor names to shard file names in the folder")
+        files = [os.path.join(path, f) for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not os.path.exists(f):
+                raise LlamasError(f"[load] {f} not found (a shard {index} names)")
+        return files
+    if any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise LlamasError(f"[load] {weights} not found; the folder has a PyTorch checkpoint (pytorch_model.bin): "
+                          f"run `llamas convert {path}` once to write model.safetensors from it")
+    raise LlamasError(f"[load] {weights} not found (only safetensors checkpoints are supported)")
+
+
 def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[str] = None) -> Model:
     """Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer files); with no
     path, the bundled Shakespeare model.
@@ -318,13 +340,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[
     if not os.path.isdir(path):
         raise LlamasError(f"[load] {path} is not a folder (expected a Hugging Face model folder)")
     config = GPT2Config.from_file(os.path.join(path, "config.json"))
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.exists(weights):
-        if any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-            raise LlamasError(f"[load] {weights} not found; the folder has a PyTorch checkpoint (pytorch_model.bin): "
-                              f"run `llamas convert {path}` once to write model.safetensors from it")
-        raise LlamasError(f"[load] {weights} not found (only safetensors checkpoints are supported)")
-    native = _C.GPT2Model(config.to_native(), weights, dtype)
+    native = _C.GPT2Model(config.to_native(), _weight_files(path), dtype)
     if kv_dtype is not None:
         native.kv_dtype = kv_dtype
     tokenizer = None
