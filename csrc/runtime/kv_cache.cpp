@@ -1,7 +1,5 @@
 #include "runtime/kv_cache.h"
 
-#include <new>
-
 #include "llamas/allocator.h"
 #include "llamas/kv_block.h"
 #include "llamas/error.h"
@@ -11,28 +9,27 @@ namespace {
 std::atomic<int64_t> g_blocks_in_use{0};
 std::atomic<int64_t> g_bytes_in_use{0};
 
-// Each block's allocation starts with this header (64 bytes keep the entries 64-byte aligned);
-// block handles point at the header, entries start kHeaderBytes after it.
-struct BlockHeader {
-  std::atomic<int32_t> refs;
-  int64_t bytes;  // of the entries
+// A block handle: its reference count beside the entries' allocation, not inside it (64 more
+// bytes would move the bundled model's 192 KiB blocks up to the allocator's 224 KiB class).
+struct Block {
+  std::atomic<int32_t> refs{1};
+  int64_t bytes = 0;  // of the entries
+  char* entries = nullptr;
 };
-constexpr size_t kHeaderBytes = 64;
-static_assert(sizeof(BlockHeader) <= kHeaderBytes, "block header fits its slot");
 
-BlockHeader* header(void* block) { return static_cast<BlockHeader*>(block); }
-char* entries(void* block) { return static_cast<char*>(block) + kHeaderBytes; }
+Block* as_block(void* handle) { return static_cast<Block*>(handle); }
+char* entries(void* handle) { return as_block(handle)->entries; }
 }  // namespace
 
-void KvCache::retain_block(void* block) { header(block)->refs.fetch_add(1, std::memory_order_relaxed); }
+void KvCache::retain_block(void* handle) { as_block(handle)->refs.fetch_add(1, std::memory_order_relaxed); }
 
-void KvCache::release_block(void* block) {
-  BlockHeader* h = header(block);
-  if (h->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+void KvCache::release_block(void* handle) {
+  Block* b = as_block(handle);
+  if (b->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   g_blocks_in_use.fetch_sub(1, std::memory_order_relaxed);
-  g_bytes_in_use.fetch_sub(h->bytes, std::memory_order_relaxed);
-  h->~BlockHeader();
-  cpu_free(block);
+  g_bytes_in_use.fetch_sub(b->bytes, std::memory_order_relaxed);
+  cpu_free(b->entries);
+  delete b;
 }
 
 KvCache::KvCache(int n_layer, int n_head, int head_dim, int64_t max_positions)
@@ -57,8 +54,9 @@ void KvCache::reserve(int64_t n) {
   LLAMAS_CHECK(n <= max_positions_, "kv_cache", "sequence of ", n, " positions exceeds the context length ",
                max_positions_);
   while (blocks() * kKvBlockSize < n) {
-    void* block = cpu_allocate(kHeaderBytes + bytes_per_block());
-    new (block) BlockHeader{{1}, int64_t(bytes_per_block())};
+    Block* block = new Block;
+    block->bytes = int64_t(bytes_per_block());
+    block->entries = static_cast<char*>(cpu_allocate(bytes_per_block()));
     g_blocks_in_use.fetch_add(1, std::memory_order_relaxed);
     g_bytes_in_use.fetch_add(int64_t(bytes_per_block()), std::memory_order_relaxed);
     push_block(block);

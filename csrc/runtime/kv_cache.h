@@ -4,9 +4,10 @@
 // of them back the moment it is cleared or destroyed (through the caching allocator, which reuses
 // them for the next sequence). Blocks are reference-counted: a full block (all 16 positions
 // written, so never written again) can be shared with other caches and with KvBlockRef holders (a
-// prefix cache), and goes back to the allocator with its last reference. Keys are stored transposed per block (see kernel_args.h). Entries are
-// float32 or bfloat16 (the model's choice, fixed while the cache holds blocks): bfloat16 halves
-// the bytes a decode step's attention streams (GPT-2 124M at 600 positions: 42 -> 21 MB a token).
+// prefix cache), and goes back to the allocator with its last reference. Keys are stored
+// transposed per block (see kernel_args.h). Entries are float32 or bfloat16 (the model's choice,
+// fixed while the cache holds blocks): bfloat16 halves the bytes a decode step's attention streams
+// (GPT-2 124M at 600 positions: 42 -> 21 MB a token).
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
