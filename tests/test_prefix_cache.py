@@ -181,6 +181,20 @@ def test_a_prompt_is_shared_as_soon_as_it_is_in(model):
         long.result(timeout=60)
 
 
+def test_a_changed_kv_dtype_empties_the_cache_instead_of_failing():
+    model = llamas.load(TINY)
+    prompt = SYSTEM + "Who art thou?"
+    with llamas.Engine(model, prefix_cache_mb=4) as engine:
+        engine.submit(prompt, max_new_tokens=4).result(timeout=60)
+        model._native.kv_dtype = "bfloat16"                # float32 blocks cannot serve this model now
+        r = engine.submit(prompt, max_new_tokens=8).result(timeout=60)
+        assert r.finish_reason == "length" and r.cached_tokens == 0
+        again = engine.submit(prompt, max_new_tokens=8).result(timeout=60)
+        assert again.cached_tokens > 0 and again.token_ids == r.token_ids
+    assert r.token_ids == llamas.load(TINY, kv_dtype="bfloat16").generate(
+        model.tokenizer.encode(prompt), max_new_tokens=8)
+
+
 @pytest.mark.parametrize("bad", [-1, True, "1", float("nan")])
 def test_engine_rejects_a_bad_prefix_cache_size(model, bad):
     with pytest.raises(LlamasError, match="prefix_cache_mb"):

@@ -163,7 +163,7 @@ class Engine:
             raise LlamasError(f"[engine] prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
         # Prefix caching (off at 0): finished sequences' full KV blocks, up to this many MiB, for
         # requests that start with the same tokens (see prefix_cache.py).
-        self.prefix_cache = (PrefixCache(int(prefix_cache_mb * 2 ** 20), salt=model.kv_dtype)
+        self.prefix_cache = (PrefixCache(int(prefix_cache_mb * 2 ** 20), kv_dtype=model.kv_dtype)
                              if prefix_cache_mb > 0 else None)
         self._sched = Scheduler(model, max_batch=max_batch, prefill_chunk=prefill_chunk,
                                 max_prefill_tokens=max_prefill_tokens, on_finish=on_finish,

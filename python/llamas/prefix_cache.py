@@ -24,11 +24,11 @@ class PrefixCache:
     """Full KV blocks of earlier sequences, by prefix. Used from the scheduler's thread only;
     the counters may be read from any thread."""
 
-    def __init__(self, max_bytes: int, salt: str = ""):
+    def __init__(self, max_bytes: int, kv_dtype: str = "float32"):
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = int(max_bytes)
-        self._salt = hash(salt)  # e.g. the KV dtype: blocks of another dtype never match
+        self.kv_dtype = kv_dtype  # of every cached block (the scheduler clears the cache if the model's changes)
         # key -> (block ref, the block's tokens); least recently used first.
         self._blocks: "collections.OrderedDict[int, Tuple[object, Tuple[int, ...]]]" = collections.OrderedDict()
         self.bytes = 0
@@ -44,7 +44,7 @@ class PrefixCache:
         return len(self._blocks)
 
     def _keys(self, tokens: Sequence[int], n_blocks: int):
-        key = self._salt
+        key = 0
         for b in range(n_blocks):
             chunk = tuple(tokens[b * BLOCK:(b + 1) * BLOCK])
             key = hash((key, chunk))

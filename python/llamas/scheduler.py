@@ -366,8 +366,12 @@ class Scheduler:
     def _reuse_prefix(self, slot: _Slot) -> None:
         """Starts a new sequence from the cached KV blocks of its prompt's longest cached prefix
         (whole blocks, and never the prompt's last token, whose logits the first draw needs)."""
+        cache = self.prefix_cache
+        if cache.kv_dtype != self.model.kv_dtype:  # the model's KV dtype was changed: those blocks cannot serve
+            cache.clear()
+            cache.kv_dtype = self.model.kv_dtype
         prompt = slot.req.prompt_ids
-        refs = self.prefix_cache.lookup(prompt, (len(prompt) - 1) // BLOCK)
+        refs = cache.lookup(prompt, (len(prompt) - 1) // BLOCK)
         if not refs:
             return
         n = len(refs) * BLOCK
