@@ -98,7 +98,8 @@ async def one_request(client: StreamClient, body: dict, stats: dict) -> None:
         stats["tpot"].append((res.last - res.first) / (res.tokens - 1))
 
 
-async def run_clients(url: str, clients: int, duration: float, max_tokens: int, api_key: str | None) -> dict:
+async def run_clients(url: str, clients: int, duration: float, max_tokens: int, api_key: str | None,
+                      prefix: str = "") -> dict:
     stats = {"requests": 0, "tokens": 0, "ttft": [], "tpot": [], "errors": []}
     deadline = time.perf_counter() + duration
 
@@ -107,7 +108,7 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
         try:
             k = 0
             while time.perf_counter() < deadline:
-                body = {"prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
+                body = {"prompt": prefix + PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
                         "seed": i * 100003 + k, "stream": True, "stream_options": {"include_usage": True}}
                 await one_request(c, body, stats)
                 k += 1
@@ -157,6 +158,8 @@ def start_server(args) -> tuple:
         cmd += ["--dtype", args.dtype]
     if args.kv_dtype:
         cmd += ["--kv-dtype", args.kv_dtype]
+    if args.prefix_cache_mb:
+        cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
     env = dict(os.environ)
     if _SOURCE_TREE:  # llamas came from this checkout's python/ folder: the server must too
         env["PYTHONPATH"] = os.pathsep.join([_SOURCE_TREE, env.get("PYTHONPATH", "")])
@@ -194,6 +197,10 @@ def main() -> int:
                     help="--dtype of the server it starts (weights; default float32)")
     ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
                     help="--kv-dtype of the server it starts (KV cache; default: the weights' dtype)")
+    ap.add_argument("--prefix-cache-mb", type=float, default=0.0,
+                    help="--prefix-cache-mb of the server it starts (default 0: off)")
+    ap.add_argument("--shared-prefix-words", type=int, default=0, metavar="N",
+                    help="start every prompt with the same N words (a shared system prompt; 0: none)")
     ap.add_argument("--url", default=None, help="use this running server instead of starting one")
     ap.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for RSS")
     ap.add_argument("--api-key", default=None)
@@ -210,6 +217,11 @@ def main() -> int:
         ap.error("--rounds must be >= 1")
     if args.warmup < 0 or args.settle < 0:
         ap.error("--warmup and --settle must be >= 0")
+    if args.shared_prefix_words < 0 or args.prefix_cache_mb < 0:
+        ap.error("--shared-prefix-words and --prefix-cache-mb must be >= 0")
+    words = " ".join(PROMPTS).split()
+    prefix = " ".join(words[i % len(words)] for i in range(args.shared_prefix_words))
+    prefix = prefix + "\n" if prefix else ""
     if args.url and not args.url.startswith("http://"):
         ap.error("--url must be http:// (the load client speaks plain HTTP/1.1)")
 
@@ -237,12 +249,12 @@ def main() -> int:
         # later (a KV block is touched as far as its sequences have reached), as do the Python and
         # C heaps (bundled model: +4 MB over ~35 s at 16 clients, then flat over 1,000 requests).
         # A leak never settles: it runs the whole --settle and still shows below.
-        run_loop(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key))
+        run_loop(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key, prefix))
         warmed = args.warmup
         rss_before = rss_mib(pid)
         quiet = 0
         while rss_before is not None and warmed < args.warmup + args.settle and quiet < 2:
-            run_loop(run_clients(url, max(counts), 3.0, args.max_tokens, args.api_key))
+            run_loop(run_clients(url, max(counts), 3.0, args.max_tokens, args.api_key, prefix))
             warmed += 3.0
             rss_now = rss_mib(pid)
             quiet = quiet + 1 if rss_now is not None and rss_now < rss_before * 1.0025 else 0
@@ -258,7 +270,7 @@ def main() -> int:
                 # CPU seconds per output token (server process; this load generator) do not depend
                 # on how much of the box other tenants take, unlike tokens/s.
                 cpu0, client0 = cpu_seconds(pid), time.process_time()
-                s = run_loop(run_clients(url, n, args.duration, args.max_tokens, args.api_key))
+                s = run_loop(run_clients(url, n, args.duration, args.max_tokens, args.api_key, prefix))
                 cpu1 = cpu_seconds(pid)
                 s["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
                 s["client_cpu"] = time.process_time() - client0
@@ -283,7 +295,8 @@ def main() -> int:
     base = rows[0][1]["tokens"] / rows[0][1]["elapsed"]
     print(f"max_tokens={args.max_tokens}, {args.duration:g} s per client count and round ({args.rounds} "
           f"round{'s' if args.rounds > 1 else ''}), streaming completions, "
-          f"temperature 0.8")
+          f"temperature 0.8" + (f", a shared prefix of {args.shared_prefix_words} words" if prefix else "")
+          + (f", prefix cache {args.prefix_cache_mb:g} MiB" if args.prefix_cache_mb else ""))
     print("| clients | requests | req/s | output tok/s | vs first | TTFT p50 ms | TTFT p99 ms | "
           "TPOT p50 ms | TPOT p99 ms | errors | server CPU us/token | client CPU us/token | RSS after MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
