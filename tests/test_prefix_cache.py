@@ -248,3 +248,38 @@ def test_cli_serve_rejects_a_bad_prefix_cache_size(value, fragment):
     r = subprocess.run([sys.executable, "-m", "llamas", "serve", "--model", TINY, "--port", "0",
                         "--prefix-cache-mb", value], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+
+
+# ---- siblings: requests with the same prompt share its prefill -----------------------------------------
+LONG = SYSTEM + "Tell me of the king."
+
+
+def test_siblings_share_one_prefill_and_give_the_same_results(model):
+    kw = [dict(max_new_tokens=8, temperature=0.9, seed=s) for s in range(4)]
+    base = blocks_in_use()
+    with llamas.Engine(model) as engine:
+        alone = [engine.submit(LONG, **k).result(timeout=60).token_ids for k in kw]
+        shared_before = engine._sched.shared_prompt_tokens
+    with llamas.Engine(model, prefill_chunk=8) as engine:
+        handles = [engine.submit(LONG, **k) for k in kw]   # arrive together, as the choices of n = 4 do
+        assert [h.result(timeout=60).token_ids for h in handles] == alone
+        n_blocks = (len(model.tokenizer.encode(LONG)) - 1) // 16
+        assert engine._sched.shared_prompt_tokens == 3 * n_blocks * 16 and shared_before == 0
+    assert blocks_in_use() == base
+
+
+def test_a_sibling_computes_the_prompt_itself_when_its_leader_goes(model):
+    want = model.generate(LONG, max_new_tokens=6)
+    base = blocks_in_use()
+    with llamas.Engine(model, prefill_chunk=4) as engine:
+        leader = engine.submit(LONG, max_new_tokens=6)
+        follower = engine.submit(LONG, max_new_tokens=6)
+        leader.cancel()
+        r = follower.result(timeout=60)
+        assert r.text == want and leader.result(timeout=60).finish_reason == "cancelled"
+    assert blocks_in_use() == base
+
+
+def test_a_batch_of_equal_prompts_equals_each_alone(model):
+    assert model.generate([LONG, LONG, "Alas", LONG], max_new_tokens=7) == [
+        model.generate(p, max_new_tokens=7) for p in (LONG, LONG, "Alas", LONG)]

@@ -214,11 +214,12 @@ class Request:
 
 class _Slot:
     """A running request: its native sequence and decoding state."""
-    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream")
+    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream", "leader")
 
     def __init__(self, req: Request, seq, budget: int, stream: Optional[TextStream]):
         self.req = req
         self.seq = seq
+        self.leader: Optional[_Slot] = None  # a running request with the same prompt, prefilling it for both
         self.fed = 0              # prompt tokens already in the KV cache
         self.next_token = -1      # last accepted token, fed at the next decode step
         self.produced = 0         # accepted tokens
@@ -242,6 +243,10 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.on_finish = on_finish
         self.prefix_cache = prefix_cache
+        # Requests still prefilling, by prompt: a request with the same prompt (the choices of n > 1,
+        # one context sampled several times) waits for that prefill and shares its full blocks.
+        self._prefilling: dict = {}
+        self.shared_prompt_tokens = 0  # prompt tokens taken from a sibling's blocks, in all
         self.waiting: collections.deque = collections.deque()
         self.running: List[_Slot] = []
         self._native_config = model.config.to_native()
@@ -277,6 +282,8 @@ class Scheduler:
         for slot in self.running:
             prompt = slot.req.prompt_ids
             if slot.fed < len(prompt):
+                if slot.leader is not None and not self._follow(slot):
+                    continue  # its sibling is still computing the prompt they share
                 if budget is not None and budget <= 0 and prefilling:
                     continue  # this step's prompt budget is spent; keep decoding the others
                 n = min(self.prefill_chunk, len(prompt) - slot.fed)
@@ -296,6 +303,8 @@ class Scheduler:
             else:
                 entries.append((slot.seq, [slot.next_token], True))
                 fed.append((slot, 0))
+        if not entries:
+            return self.has_work()
         try:
             sampled = self.model._native.step(entries)
         except Exception as e:  # a failing forward fails the requests in it, not the engine
@@ -306,8 +315,8 @@ class Scheduler:
         now = time.perf_counter()
         for (slot, n), entry, token in zip(fed, entries, sampled):
             slot.fed += n
-            if n and slot.fed == len(slot.req.prompt_ids) and self.prefix_cache is not None:
-                self._cache_blocks(slot)  # the prompt is in: requests arriving from now on can share it
+            if n and slot.fed == len(slot.req.prompt_ids):
+                self._prefill_done(slot)
             if len(entry) == 5:
                 slot.req.prompt_scores.extend(TokenLogprob(int(t), float(lp), [(int(i), float(v)) for i, v in top])
                                               for t, lp, top in slot.seq.scores)
@@ -361,7 +370,50 @@ class Scheduler:
                 req.cached_tokens = 0
                 if req.prompt_logprobs is None:  # a scored prompt's every position is computed
                     self._reuse_prefix(slot)
+            self._find_leader(slot)
             self.running.append(slot)
+
+    def _find_leader(self, slot: _Slot) -> None:
+        """Pairs a request with a running one that is prefilling the same prompt (when they can share
+        at least one full block), or makes it the one others with its prompt wait for."""
+        prompt = slot.req.prompt_ids
+        if len(prompt) <= BLOCK or slot.req.prompt_logprobs is not None:
+            return
+        key = tuple(prompt)
+        leader = self._prefilling.get(key)
+        if leader is not None and slot.fed == 0:
+            slot.leader = leader
+        elif slot.fed < len(prompt):
+            self._prefilling[key] = slot
+
+    def _follow(self, slot: _Slot) -> bool:
+        """For a request waiting on a sibling: False while the sibling's prefill runs; then takes its
+        full prompt blocks (or, if the sibling is gone, computes the prompt itself) and returns True."""
+        leader, slot.leader = slot.leader, None
+        prompt = slot.req.prompt_ids
+        n_blocks = (len(prompt) - 1) // BLOCK  # never the block of the last token, whose logits it needs
+        alive = leader in self.running
+        if alive and leader.seq.length < n_blocks * BLOCK:
+            slot.leader = leader
+            return False
+        if alive:
+            try:
+                slot.seq.adopt(leader.seq.share_blocks(0, n_blocks), prompt[:n_blocks * BLOCK])
+            except Exception:  # compute the prompt instead
+                log.exception("sharing a sibling's prompt blocks failed")
+                return True
+            slot.fed = n_blocks * BLOCK
+            self.shared_prompt_tokens += slot.fed
+            if slot.req.cached_tokens is not None:
+                slot.req.cached_tokens += slot.fed
+        return True
+
+    def _prefill_done(self, slot: _Slot) -> None:
+        key = tuple(slot.req.prompt_ids)
+        if self._prefilling.get(key) is slot:
+            del self._prefilling[key]
+        if self.prefix_cache is not None:
+            self._cache_blocks(slot)  # the prompt is in: requests arriving from now on can share it
 
     def _reuse_prefix(self, slot: _Slot) -> None:
         """Starts a new sequence from the cached KV blocks of its prompt's longest cached prefix
@@ -418,6 +470,10 @@ class Scheduler:
             log.exception("prefix cache: caching a sequence's blocks failed")
 
     def _finish(self, slot: _Slot, chunk: Chunk) -> None:
+        if slot.fed < len(slot.req.prompt_ids) and self._prefilling:
+            key = tuple(slot.req.prompt_ids)
+            if self._prefilling.get(key) is slot:  # its followers compute the prompt themselves
+                del self._prefilling[key]
         if self.prefix_cache is not None and chunk.finish_reason != "error":
             self._cache_blocks(slot)  # its full blocks (generated tokens' too) stay for the next turn
         slot.seq.release()  # KV memory goes back the moment a sequence ends (cached blocks stay)
