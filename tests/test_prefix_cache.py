@@ -254,8 +254,9 @@ def test_cli_serve_rejects_a_bad_prefix_cache_size(value, fragment):
 LONG = SYSTEM + "Tell me of the king."
 
 
-def test_siblings_share_one_prefill_and_give_the_same_results(model):
-    kw = [dict(max_new_tokens=8, temperature=0.9, seed=s) for s in range(4)]
+@pytest.mark.parametrize("max_new_tokens", [1, 8])  # 1: the leader ends in the step its prefill does
+def test_siblings_share_one_prefill_and_give_the_same_results(model, max_new_tokens):
+    kw = [dict(max_new_tokens=max_new_tokens, temperature=0.9, seed=s) for s in range(4)]
     base = blocks_in_use()
     with llamas.Engine(model) as engine:
         alone = [engine.submit(LONG, **k).result(timeout=60).token_ids for k in kw]

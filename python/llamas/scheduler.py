@@ -412,6 +412,9 @@ class Scheduler:
         key = tuple(slot.req.prompt_ids)
         if self._prefilling.get(key) is slot:
             del self._prefilling[key]
+            for other in self.running:  # now, before this one's first token can end it and free the blocks
+                if other.leader is slot:
+                    self._follow(other)
         if self.prefix_cache is not None:
             self._cache_blocks(slot)  # the prompt is in: requests arriving from now on can share it
 
