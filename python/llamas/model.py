@@ -188,10 +188,11 @@ class Model:
         if batched and len(prompts) == 0:
             raise LlamasError("[score] empty batch")
         encoded = [self._encode_prompt(p, "score") for p in prompts]
-        # Chunks of at most 256 rows: their logits (256 x 50257 floats for GPT-2, 51 MB) are all kept
-        # for scoring, and the scores are the same bits in any chunking.
-        sched = Scheduler(self, max_batch=len(encoded), prefill_chunk=min(256, self.config.n_positions),
-                          max_prefill_tokens=None)
+        # A scored chunk keeps its logits for every row: at most 512 prompt rows a step (GPT-2: 512 x
+        # 50257 floats, 103 MB) and 8 sequences at once, so a long batch of long prompts streams
+        # through in bounded memory. The scores are the same bits in any chunking.
+        sched = Scheduler(self, max_batch=min(len(encoded), 8), prefill_chunk=min(256, self.config.n_positions),
+                          max_prefill_tokens=512)
         chunks: list = [None] * len(encoded)  # each request's one chunk (it generates nothing)
         for i, ids in enumerate(encoded):
             sched.add(Request(ids, 0, SamplingOptions(seed=0), sink=lambda c, i=i: chunks.__setitem__(i, c),
