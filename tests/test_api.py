@@ -284,6 +284,12 @@ def test_cli_help_info_bench_and_errors():
     r = run_cli("bench", "--model", TINY, "-p", "16", "-n", "8", "-r", "2")
     assert r.returncode == 0, r.stderr
     assert "pp16" in r.stdout and "tg8" in r.stdout and "±" in r.stdout
+    r = run_cli("bench", "--model", TINY, "-p", "16", "-n", "8", "-r", "2", "-b", "1,3")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| gpt2")]
+    assert [(c[5].strip(), c[6].strip()) for c in rows] == [("1", "pp16"), ("1", "tg8"), ("3", "pp16"), ("3", "tg8")]
+    r = run_cli("bench", "--model", TINY, "-b", "0")
+    assert r.returncode == 2 and "batch sizes must be in [1, 256]" in r.stderr
     r = run_cli("generate", "--model", TINY, "hi", "--temperature", "-2")
     assert r.returncode == 2 and "temperature" in r.stderr
     r = run_cli("generate", "--model", "/definitely/not/here", "hi")

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", "-p", type=_positive_int, default=512, help="prompt length for pp (default 512)")
     b.add_argument("--gen-tokens", "-n", type=_positive_int, default=128, help="generated tokens for tg (default 128)")
     b.add_argument("--repetitions", "-r", type=_positive_int, default=5, help="repetitions (default 5)")
+    b.add_argument("--batch", "-b", type=_batch_sizes, default=[1], metavar="B[,B...]",
+                   help="sequences run together (default 1): pp feeds B prompts in one step, tg decodes B "
+                        "sequences per step; t/s counts the tokens of all of them (a comma list runs each)")
     b.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
 
     from . import cli_data, cli_serve, cli_train
@@ -88,6 +91,16 @@ def _load(args):
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
     return llamas.load(_model_path(args), dtype=args.dtype, kv_dtype=args.kv_dtype)
+
+
+def _batch_sizes(text: str) -> list:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > 256:
+        raise argparse.ArgumentTypeError(f"batch sizes must be in [1, 256], got {text!r}")
+    return sizes
 
 
 def _read_prompt(args) -> str:
@@ -170,41 +183,47 @@ def cmd_bench(args) -> int:
     if args.prompt_tokens + args.gen_tokens > cfg.n_positions:
         raise LlamasError(f"[bench] pp {args.prompt_tokens} + tg {args.gen_tokens} exceeds the context {cfg.n_positions}")
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens).tolist()
+    prompts = [rng.integers(0, cfg.vocab_size, args.prompt_tokens).tolist() for _ in range(max(args.batch))]
 
-    def run_pp() -> float:
-        seq = _C.Sequence(cfg.to_native())
+    def run_pp(batch: int) -> float:
+        seqs = [_C.Sequence(cfg.to_native()) for _ in range(batch)]
         t0 = time.perf_counter()
-        model._native.step([(seq, prompt, True)])
+        model._native.step([(s, p, True) for s, p in zip(seqs, prompts)])
         dt = time.perf_counter() - t0
-        seq.release()
-        return args.prompt_tokens / dt
+        for s in seqs:
+            s.release()
+        return batch * args.prompt_tokens / dt
 
-    def run_tg() -> float:
-        seq = _C.Sequence(cfg.to_native())
-        token = model._native.step([(seq, prompt[:1], True)])[0]
+    def run_tg(batch: int) -> float:
+        seqs = [_C.Sequence(cfg.to_native()) for _ in range(batch)]
+        tokens = model._native.step([(s, p[:1], True) for s, p in zip(seqs, prompts)])
         t0 = time.perf_counter()
         for _ in range(args.gen_tokens):
-            token = model._native.step([(seq, [token], True)])[0]
+            tokens = model._native.step([(s, [t], True) for s, t in zip(seqs, tokens)])
         dt = time.perf_counter() - t0
-        seq.release()
-        return args.gen_tokens / dt
+        for s in seqs:
+            s.release()
+        return batch * args.gen_tokens / dt
 
     params = cfg.num_parameters()
     dtype = model.dtype if model.kv_dtype == model.dtype else f"{model.dtype}, kv {model.kv_dtype}"
-    print("| model | size | params | dtype | threads | test | t/s |")
-    print("|---|---|---|---|---|---|---|")
+    batched = args.batch != [1]
+    print("| model | size | params | dtype | threads |" + (" batch |" if batched else "") + " test | t/s |")
+    print("|---|---|---|---|---|" + ("---|" if batched else "") + "---|---|")
     with llamas.profile(enabled=args.profile) as prof:
-        for name, fn in ((f"pp{args.prompt_tokens}", run_pp), (f"tg{args.gen_tokens}", run_tg)):
-            fn()  # warm-up
-            rates = []
-            for r in range(args.repetitions):
-                rates.append(fn())
-                print(f"\r  {name}: repetition {r + 1}/{args.repetitions}", end="", file=sys.stderr, flush=True)
-            print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
-            sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-            print(f"| gpt2 | {model.weight_bytes / 2**20:.1f} MiB | {params / 1e6:.1f} M | {dtype} | "
-                  f"{llamas.get_num_threads()} | {name} | {statistics.mean(rates):.2f} ± {sd:.2f} |", flush=True)
+        for batch in args.batch:
+            for name, fn in ((f"pp{args.prompt_tokens}", run_pp), (f"tg{args.gen_tokens}", run_tg)):
+                fn(batch)  # warm-up
+                rates = []
+                for r in range(args.repetitions):
+                    rates.append(fn(batch))
+                    print(f"\r  {name} x{batch}: repetition {r + 1}/{args.repetitions}", end="", file=sys.stderr,
+                          flush=True)
+                print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
+                sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+                print(f"| gpt2 | {model.weight_bytes / 2**20:.1f} MiB | {params / 1e6:.1f} M | {dtype} | "
+                      f"{llamas.get_num_threads()} |" + (f" {batch} |" if batched else "")
+                      + f" {name} | {statistics.mean(rates):.2f} ± {sd:.2f} |", flush=True)
     if args.profile:
         print(prof.table(), file=sys.stderr)
     return 0
