@@ -19,6 +19,10 @@ from .prefix_cache import PrefixCache
 from .scheduler import (Chunk, Completion, Request, RequestStats, SamplingOptions, Scheduler,  # noqa: F401
                         TokenLogprob, check_max_new_tokens, check_prompt_logprobs, normalise_stop)
 
+__all__ = ["Engine", "RequestHandle", "EngineClosed", "QueueFull", "Prompt", "Chunk", "Completion", "Request",
+           "RequestStats", "SamplingOptions", "Scheduler", "TokenLogprob", "check_max_new_tokens",
+           "check_prompt_logprobs", "normalise_stop"]
+
 log = logging.getLogger("llamas.engine")
 
 Prompt = Union[str, Sequence[int]]

@@ -12,204 +12,23 @@ one from a background thread.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-import math
-import secrets
-import struct
 import time
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional
 
 from . import _C
 from ._C import LlamasError
 from .prefix_cache import BLOCK, PrefixCache
+# The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
+from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, TokenLogprob,  # noqa: F401
+                      as_float32, check_max_new_tokens, check_prompt_logprobs, normalise_stop)
 from .streaming import TextStream
+
+__all__ = ["Scheduler", "Chunk", "Completion", "Request", "RequestStats", "SamplingOptions", "TokenLogprob",
+           "as_float32", "check_max_new_tokens", "check_prompt_logprobs", "normalise_stop"]
 
 # The logger keeps the name it had before the scheduler left engine.py, so log filters still match.
 log = logging.getLogger("llamas.engine")
-
-
-# ---- sampling parameters -------------------------------------------------------------------------
-def _check_number(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LlamasError(f"[generate] {name} must be a number, got {value!r}")
-    value = float(value)
-    bracket = "(" if low_open else "["
-    if math.isnan(value) or value < low or value > high or (low_open and value == low):
-        raise LlamasError(f"[generate] {name} must be in {bracket}{low}, {high}], got {value}")
-    # The engine holds it as a float32: a positive value below float32's smallest (1e-320) would
-    # reach it as the excluded bound 0.
-    if low_open and as_float32(value) == low:
-        raise LlamasError(f"[generate] {name} must be in {bracket}{low}, {high}], got {value} (0 as a float32)")
-    return value
-
-
-def as_float32(value: float) -> float:
-    """value rounded to the float32 the native engine holds it as."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-class SamplingOptions:
-    """Validated sampling parameters (shared by Model.generate, the CLI, Engine and the server)."""
-
-    def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                 presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None, logprobs=None):
-        self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
-        self.top_k = top_k
-        self.top_p = _check_number("top_p", top_p, 0.0, 1.0, low_open=True)
-        self.min_p = _check_number("min_p", min_p, 0.0, 1.0)
-        self.repetition_penalty = _check_number("repetition_penalty", repetition_penalty, 0.0, 100.0, low_open=True)
-        self.presence_penalty = _check_number("presence_penalty", presence_penalty, -2.0, 2.0)
-        self.frequency_penalty = _check_number("frequency_penalty", frequency_penalty, -2.0, 2.0)
-        if seed is None:
-            seed = secrets.randbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise LlamasError(f"[generate] seed must be a non-negative integer, got {seed!r}")
-        self.seed = seed & ((1 << 64) - 1)
-        bias = {}
-        if logit_bias is not None:
-            if not isinstance(logit_bias, dict):
-                raise LlamasError("[generate] logit_bias must be a dict {token id: bias}")
-            for token, value in logit_bias.items():
-                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-                    raise LlamasError(f"[generate] logit_bias keys must be token ids >= 0, got {token!r}")
-                bias[token] = _check_number(f"logit_bias[{token}]", value, -100.0, 100.0)
-        self.logit_bias = bias
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                     or not 0 <= logprobs <= 20):
-            raise LlamasError(f"[generate] logprobs must be None or an integer in [0, 20], got {logprobs!r}")
-        self.logprobs = logprobs
-
-    def with_seed(self, seed: int) -> "SamplingOptions":
-        other = object.__new__(SamplingOptions)
-        other.__dict__.update(self.__dict__)
-        other.seed = seed & ((1 << 64) - 1)
-        return other
-
-
-def check_prompt_logprobs(prompt_logprobs) -> None:
-    if prompt_logprobs is not None and (isinstance(prompt_logprobs, bool) or not isinstance(prompt_logprobs, int)
-                                        or not 0 <= prompt_logprobs <= 20):
-        raise LlamasError(f"[generate] prompt_logprobs must be None or an integer in [0, 20], got {prompt_logprobs!r}")
-
-
-def check_max_new_tokens(max_new_tokens, scoring: bool = False) -> None:
-    """max_new_tokens >= 1, or >= 0 when the prompt is scored (0: only score it)."""
-    low = 0 if scoring else 1
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < low:
-        what = "a non-negative integer when scoring the prompt" if scoring else "a positive integer"
-        raise LlamasError(f"[generate] max_new_tokens must be {what}, got {max_new_tokens!r}")
-
-
-def normalise_stop(stop) -> List[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop] if stop else []
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise LlamasError("[generate] stop must be a str or a list of str")
-    return [s for s in stop if s]
-
-
-# ---- what a request produces -------------------------------------------------------------------
-@dataclass
-class TokenLogprob:
-    """Log-probability of a generated token under the model's raw distribution, and the `top`
-    most likely alternatives at that step as [(token id, logprob)]."""
-    token_id: int
-    logprob: float
-    top: List[Tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Chunk:
-    """What one step added to a request: new safe text, the accepted token ids, their logprobs
-    (when asked for) and, on the last chunk, finish_reason: "stop" (end-of-text or a stop
-    string), "length", "cancelled" or "error"."""
-    text: str
-    token_ids: List[int]
-    logprobs: Optional[List[TokenLogprob]] = None
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
-    # A request with prompt_logprobs: the prompt's tokens' log-probabilities, on the request's first
-    # chunk (None for the first token, which has no context to be predicted from).
-    prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None
-
-
-@dataclass
-class Completion:
-    """The final output of a request."""
-    id: str
-    text: str
-    token_ids: List[int]
-    finish_reason: Optional[str]
-    prompt_tokens: int
-    completion_tokens: int          # tokens sampled, including an end-of-text or stop-completing one
-    logprobs: Optional[List[TokenLogprob]]
-    error: Optional[str] = None
-    prompt_logprobs: Optional[List[Optional[TokenLogprob]]] = None
-    cached_tokens: Optional[int] = None   # prompt tokens served by the prefix cache (None: no cache)
-
-
-@dataclass
-class RequestStats:
-    """Timings (seconds, time.perf_counter clock) of one request."""
-    submitted: float = 0.0
-    admitted: Optional[float] = None
-    first_token: Optional[float] = None
-    finished: Optional[float] = None
-    token_times: List[float] = field(default_factory=list)
-
-    @property
-    def queue_time(self) -> Optional[float]:
-        return None if self.admitted is None else self.admitted - self.submitted
-
-    @property
-    def time_to_first_token(self) -> Optional[float]:
-        return None if self.first_token is None else self.first_token - self.submitted
-
-    @property
-    def e2e_latency(self) -> Optional[float]:
-        return None if self.finished is None else self.finished - self.submitted
-
-    @property
-    def inter_token_latencies(self) -> List[float]:
-        t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
-
-
-_ids = itertools.count(1)
-
-
-class Request:
-    """One sequence to generate: validated prompt ids, budget, sampling options, stop strings.
-    `sink(chunk)` is called from the thread that runs the scheduler.
-
-    prompt_logprobs: None, or n in [0, 20]: score the prompt too (each prompt token's
-    log-probability given the tokens before it, and the n most likely tokens there), delivered on
-    the request's first chunk. max_new_tokens may then be 0: the prompt is only scored."""
-
-    def __init__(self, prompt_ids: List[int], max_new_tokens: int, options: SamplingOptions,
-                 stop: Sequence[str] = (), sink: Optional[Callable[[Chunk], None]] = None,
-                 request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None):
-        self.id = request_id or f"req-{next(_ids)}"
-        self.prompt_ids = list(prompt_ids)
-        self.max_new_tokens = max_new_tokens
-        self.options = options
-        self.stop = list(stop)
-        self.sink = sink
-        self.prompt_logprobs = prompt_logprobs
-        # Scores gathered while the prompt is fed; handed to the first chunk (then None again).
-        self.prompt_scores: Optional[List[Optional[TokenLogprob]]] = None if prompt_logprobs is None else [None]
-        self.cached_tokens: Optional[int] = None  # prompt tokens whose KV came from the prefix cache (if on)
-        self.cancelled = False
-        self.finished = False
-        self.finish_reason: Optional[str] = None
-        self.completion_tokens = 0
-        self.stats = RequestStats(submitted=time.perf_counter())
 
 
 class _Slot:
