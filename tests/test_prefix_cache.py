@@ -1,6 +1,7 @@
 """Prefix caching: KV blocks shared by reference between sequences (Sequence.share_blocks / adopt),
 the PrefixCache that keeps finished sequences' blocks, and the engine and server using it. A hit
 must give exactly the tokens a full prefill gives (the kernels are batch-invariant)."""
+import gc
 import os
 
 import httpx
@@ -21,6 +22,9 @@ def model():
 
 
 def blocks_in_use() -> int:
+    # Collect first: a sequence another test left in a traceback's frame is freed by the cyclic
+    # collector, which could otherwise run in the middle of a test and change the count.
+    gc.collect()
     return llamas.memory_stats()["kv_cache_blocks_in_use"]
 
 
