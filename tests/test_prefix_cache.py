@@ -176,27 +176,21 @@ def test_concurrent_requests_sharing_prefixes_equal_each_alone(model):
 
 def test_a_prompt_is_shared_as_soon_as_it_is_in(model):
     # The first request is still generating when the second arrives: its prompt's blocks were
-    # cached when its prefill ended, not when it finishes.
-    with llamas.Engine(model, prefix_cache_mb=4) as engine:
-        long = engine.submit(SYSTEM + "Tell me a long tale.", max_new_tokens=60)
-        next(iter(long))                                   # its first token: the prompt is in
-        r = engine.submit(SYSTEM + "And a short one.", max_new_tokens=3).result(timeout=60)
-        assert not long.done and r.cached_tokens == len(model.tokenizer.encode(SYSTEM)) // 16 * 16
-        long.result(timeout=60)
-
-
-def test_a_changed_kv_dtype_empties_the_cache_instead_of_failing():
-    model = llamas.load(TINY)
-    prompt = SYSTEM + "Who art thou?"
-    with llamas.Engine(model, prefix_cache_mb=4) as engine:
-        engine.submit(prompt, max_new_tokens=4).result(timeout=60)
-        model._native.kv_dtype = "bfloat16"                # float32 blocks cannot serve this model now
-        r = engine.submit(prompt, max_new_tokens=8).result(timeout=60)
-        assert r.finish_reason == "length" and r.cached_tokens == 0
-        again = engine.submit(prompt, max_new_tokens=8).result(timeout=60)
-        assert again.cached_tokens > 0 and again.token_ids == r.token_ids
-    assert r.token_ids == llamas.load(TINY, kv_dtype="bfloat16").generate(
-        model.tokenizer.encode(prompt), max_new_tokens=8)
+    # cached when its prefill ended, not when it finishes. (Driven step by step: no timing.)
+    from llamas.prefix_cache import PrefixCache
+    from llamas.scheduler import Request, SamplingOptions, Scheduler
+    sched = Scheduler(model, prefix_cache=PrefixCache(4 << 20))
+    long = Request(model.tokenizer.encode(SYSTEM + "Tell me a long tale."), 30, SamplingOptions(seed=0))
+    sched.add(long)
+    while not long.completion_tokens:
+        sched.step()
+    short = Request(model.tokenizer.encode(SYSTEM + "And a short one."), 3, SamplingOptions(seed=0))
+    sched.add(short)
+    while not short.finished:
+        sched.step()
+    assert not long.finished and short.cached_tokens == len(model.tokenizer.encode(SYSTEM)) // 16 * 16
+    sched.abort_all()
+    sched.prefix_cache.clear()
 
 
 @pytest.mark.parametrize("bad", [-1, True, "1", float("nan")])
@@ -266,7 +260,8 @@ def test_siblings_share_one_prefill_and_give_the_same_results(model, max_new_tok
         alone = [engine.submit(LONG, **k).result(timeout=60).token_ids for k in kw]
         shared_before = engine._sched.shared_prompt_tokens
     with llamas.Engine(model, prefill_chunk=8) as engine:
-        handles = [engine.submit(LONG, **k) for k in kw]   # arrive together, as the choices of n = 4 do
+        # Queued in one call, as the server queues the choices of n = 4: admitted in the same step.
+        handles = engine.enqueue([(engine.make_request(LONG, **k)[0], True, None) for k in kw])
         assert [h.result(timeout=60).token_ids for h in handles] == alone
         n_blocks = (len(model.tokenizer.encode(LONG)) - 1) // 16
         assert engine._sched.shared_prompt_tokens == 3 * n_blocks * 16 and shared_before == 0
@@ -274,14 +269,22 @@ def test_siblings_share_one_prefill_and_give_the_same_results(model, max_new_tok
 
 
 def test_a_sibling_computes_the_prompt_itself_when_its_leader_goes(model):
-    want = model.generate(LONG, max_new_tokens=6)
+    from llamas.scheduler import Request, SamplingOptions, Scheduler
+    want = model.generate(model.tokenizer.encode(LONG), max_new_tokens=6)
     base = blocks_in_use()
-    with llamas.Engine(model, prefill_chunk=4) as engine:
-        leader = engine.submit(LONG, max_new_tokens=6)
-        follower = engine.submit(LONG, max_new_tokens=6)
-        leader.cancel()
-        r = follower.result(timeout=60)
-        assert r.text == want and leader.result(timeout=60).finish_reason == "cancelled"
+    sched = Scheduler(model, prefill_chunk=4)
+    out = {}
+    leader, follower = (Request(model.tokenizer.encode(LONG), 6, SamplingOptions(seed=0),
+                                sink=lambda c, k=k: out.setdefault(k, []).append(c)) for k in ("leader", "follower"))
+    sched.add(leader)
+    sched.add(follower)
+    sched.step()                                       # the leader's first chunk; the follower waits for it
+    assert leader.completion_tokens == 0 and sched.running[1].leader is sched.running[0]
+    leader.cancelled = True
+    while sched.step():
+        pass
+    assert leader.finish_reason == "cancelled" and follower.finish_reason == "length"
+    assert [t for c in out["follower"] for t in c.token_ids] == want and sched.shared_prompt_tokens == 0
     assert blocks_in_use() == base
 
 
