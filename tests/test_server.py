@@ -185,7 +185,11 @@ def test_a_stream_ends_in_one_body_message(model, kind):
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 24  # 2 choices x 12 tokens
     chunks = [json.loads(e[6:])["choices"][0] for e in events[:-2]]
-    assert sorted(c["index"] for c in chunks if c["finish_reason"] == "length") == [0, 1]  # both end in this step
+    assert any(c["finish_reason"] == "length" for c in chunks)  # the last step's finish is in this message
+    every = [json.loads(e[6:])["choices"] for e in streamed.split("\n\n") if e.startswith("data: {")]
+    # Both choices end; with a prompt over 16 tokens (chat's template) the second shares the first's
+    # prefill and runs one step behind it, so their finishes may come in different messages.
+    assert sorted(c[0]["index"] for c in every if c and c[0]["finish_reason"] == "length") == [0, 1]
 
 
 def test_a_middleware_added_to_the_app_sees_every_streamed_event(model):
