@@ -255,6 +255,7 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     size_t slot;    // index into its sequence's scores
   };
   std::vector<Target> scored;
+  std::vector<size_t> n_scored(entries.size(), 0);  // targets >= 0 per entry
   int64_t rows = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
     const StepEntry& e = entries[i];
@@ -267,11 +268,10 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
       LLAMAS_CHECK(e.targets.size() == e.tokens.size(), "step", "entry ", i, " has ", e.targets.size(),
                    " targets for ", e.tokens.size(), " tokens (one per token, -1 for none)");
       LLAMAS_CHECK(e.score_top >= 0 && e.score_top <= 20, "step", "score_top must be in [0, 20], got ", e.score_top);
-      size_t slot = 0;
       for (size_t t = 0; t < e.targets.size(); ++t) {
         LLAMAS_CHECK(e.targets[t] >= -1 && e.targets[t] < config_.vocab_size, "step", "target ", e.targets[t],
                      " is outside the vocabulary [0, ", config_.vocab_size, ")");
-        if (e.targets[t] >= 0) scored.push_back({i, int64_t(t), slot++});
+        if (e.targets[t] >= 0) scored.push_back({i, int64_t(t), n_scored[i]++});
       }
     }
     chunks.push_back({&e.seq->cache, e.tokens.data(), int64_t(e.tokens.size()), all_rows});
@@ -285,11 +285,7 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     Sequence& s = *entries[i].seq;
     s.tokens.insert(s.tokens.end(), entries[i].tokens.begin(), entries[i].tokens.end());
     if (entries[i].sample && s.n_prompt < 0) s.n_prompt = int64_t(s.tokens.size());
-    if (!entries[i].targets.empty()) s.scores.clear();
-  }
-  for (const Target& target : scored) {
-    std::vector<TokenScore>& scores = entries[target.entry].seq->scores;
-    if (scores.size() <= target.slot) scores.resize(target.slot + 1);
+    if (!entries[i].targets.empty()) s.scores.assign(n_scored[i], TokenScore{});
   }
   ProfileRegion region("sampling");
   ProfileScope scope("sample");

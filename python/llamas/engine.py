@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, cache_bytes
 # The scheduler's names are re-exported: they lived here first, and model.py and callers import
 # them from llamas.engine.
 from .scheduler import (Chunk, Completion, Request, RequestStats, SamplingOptions, Scheduler,  # noqa: F401
@@ -162,13 +162,10 @@ class Engine:
         self.on_step = on_step
         self.max_queue = max_queue
         self.idle_exit = idle_exit
-        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
-                or not 0 <= prefix_cache_mb < 2 ** 40:
-            raise LlamasError(f"[engine] prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
         # Prefix caching (off at 0): finished sequences' full KV blocks, up to this many MiB, for
         # requests that start with the same tokens (see prefix_cache.py).
-        self.prefix_cache = (PrefixCache(int(prefix_cache_mb * 2 ** 20), kv_dtype=model.kv_dtype)
-                             if prefix_cache_mb > 0 else None)
+        max_bytes = cache_bytes(prefix_cache_mb, "engine")
+        self.prefix_cache = PrefixCache(max_bytes, kv_dtype=model.kv_dtype) if prefix_cache_mb > 0 else None
         self._sched = Scheduler(model, max_batch=max_batch, prefill_chunk=prefill_chunk,
                                 max_prefill_tokens=max_prefill_tokens, on_finish=on_finish,
                                 prefix_cache=self.prefix_cache)

@@ -10,8 +10,8 @@ import numpy as np
 from . import _C
 from ._C import LlamasError
 from .config import GPT2Config, read_json_object
-from .engine import (Request, SamplingOptions, Scheduler, check_max_new_tokens, check_prompt_logprobs,
-                     normalise_stop)
+from .engine import Request, SamplingOptions, Scheduler, check_max_new_tokens, normalise_stop
+from .request import check_top_n
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -153,12 +153,7 @@ class Model:
                                   values["frequency_penalty"], seed)
         check_max_new_tokens(max_new_tokens)
         stops = normalise_stop(stop)
-        batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
-        if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
-            batched, prompt = True, prompt.tolist()
-        prompts = list(prompt) if batched else [prompt]
-        if batched and len(prompts) == 0:
-            raise LlamasError("[generate] empty batch")
+        prompts, batched = _as_batch(prompt)
         as_text = [isinstance(p, str) for p in prompts]
         encoded = [self._encode_prompt(p) for p in prompts]
         if stream:
@@ -176,17 +171,12 @@ class Model:
 
         A str or a list of token ids returns a list with one entry per prompt token: None for the
         first (nothing precedes it), then `TokenLogprob(token_id, logprob, top)`. A list of prompts
-        returns a list of those lists. Runs through the same scheduler as generate, in chunks of
-        the context, and generates nothing. The sum of the entries' logprobs is the prompt's
+        returns a list of those lists. Runs through the same scheduler as generate, in bounded
+        chunks, and generates nothing. The sum of the entries' logprobs is the prompt's
         log-likelihood (its negative over the tokens after the first, the per-token loss).
         """
-        check_prompt_logprobs(top_logprobs)
-        if top_logprobs is None:
-            raise LlamasError("[score] top_logprobs must be an integer in [0, 20], got None")
-        batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
-        prompts = list(prompt) if batched else [prompt]
-        if batched and len(prompts) == 0:
-            raise LlamasError("[score] empty batch")
+        check_top_n(top_logprobs, "top_logprobs", "score", optional=False)
+        prompts, batched = _as_batch(prompt)
         encoded = [self._encode_prompt(p, "score") for p in prompts]
         # A scored chunk keeps its logits for every row: at most 512 prompt rows a step (GPT-2: 512 x
         # 50257 floats, 103 MB) and 8 sequences at once, so a long batch of long prompts streams
@@ -239,6 +229,16 @@ class Model:
                 out.clear()
         finally:
             sched.abort_all()  # a generator closed early frees its sequences' KV memory
+
+
+def _as_batch(prompt) -> tuple:
+    """(prompts, batched): a list of str or of id lists (or a 2-D id array) is a batch; a str or
+    one list of ids is a single prompt."""
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
+        return prompt.tolist(), True
+    if isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer)):
+        return list(prompt), True
+    return [prompt], False
 
 
 class GenerationStream:

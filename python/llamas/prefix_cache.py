@@ -15,9 +15,19 @@ equals output without one.
 from __future__ import annotations
 
 import collections
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
+
+from ._C import LlamasError
 
 BLOCK = 16  # positions per KV block (kv_cache.h: kKvBlockSize)
+
+
+def cache_bytes(prefix_cache_mb, op: str) -> int:
+    """A prefix-cache size in MiB (Engine's and create_app's prefix_cache_mb), checked, as bytes."""
+    if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
+            or not 0 <= prefix_cache_mb < 2 ** 40:
+        raise LlamasError(f"[{op}] prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
+    return int(prefix_cache_mb * 2 ** 20)
 
 
 class PrefixCache:
@@ -35,9 +45,6 @@ class PrefixCache:
         self.hit_tokens = 0       # prompt tokens served from the cache, in all
         self.queried_tokens = 0   # prompt tokens of the requests that looked
         self.evicted_blocks = 0
-
-    def __len__(self) -> int:
-        return len(self._blocks)
 
     @property
     def blocks(self) -> int:
@@ -70,12 +77,12 @@ class PrefixCache:
         for key in reversed(keys):
             self._blocks.move_to_end(key)
 
-    def insert(self, seq, tokens: Optional[Sequence[int]] = None) -> int:
-        """Caches the full blocks of a sequence's KV (its tokens so far, `seq.tokens` unless given);
-        returns how many blocks were new."""
+    def insert(self, seq) -> int:
+        """Caches the full blocks of a sequence's KV (of its tokens so far); returns how many blocks
+        were new."""
         if self.max_bytes == 0:
             return 0
-        tokens = seq.tokens if tokens is None else tokens
+        tokens = seq.tokens
         n_blocks = min(seq.length, len(tokens)) // BLOCK
         added, keys = 0, []
         for b, (key, chunk) in enumerate(self._keys(tokens, n_blocks)):

@@ -62,9 +62,7 @@ class SamplingOptions:
                     raise LlamasError(f"[generate] logit_bias keys must be token ids >= 0, got {token!r}")
                 bias[token] = _check_number(f"logit_bias[{token}]", value, -100.0, 100.0)
         self.logit_bias = bias
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                     or not 0 <= logprobs <= 20):
-            raise LlamasError(f"[generate] logprobs must be None or an integer in [0, 20], got {logprobs!r}")
+        check_top_n(logprobs, "logprobs")
         self.logprobs = logprobs
 
     def with_seed(self, seed: int) -> "SamplingOptions":
@@ -74,10 +72,18 @@ class SamplingOptions:
         return other
 
 
+def check_top_n(value, name: str, op: str = "generate", optional: bool = True) -> None:
+    """A count of most likely tokens to report (logprobs, prompt_logprobs, top_logprobs): an integer
+    in [0, 20], or None when optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        what = "None or an integer" if optional else "an integer"
+        raise LlamasError(f"[{op}] {name} must be {what} in [0, 20], got {value!r}")
+
+
 def check_prompt_logprobs(prompt_logprobs) -> None:
-    if prompt_logprobs is not None and (isinstance(prompt_logprobs, bool) or not isinstance(prompt_logprobs, int)
-                                        or not 0 <= prompt_logprobs <= 20):
-        raise LlamasError(f"[generate] prompt_logprobs must be None or an integer in [0, 20], got {prompt_logprobs!r}")
+    check_top_n(prompt_logprobs, "prompt_logprobs")
 
 
 def check_max_new_tokens(max_new_tokens, scoring: bool = False) -> None:

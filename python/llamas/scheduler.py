@@ -215,21 +215,26 @@ class Scheduler:
         if alive and leader.seq.length < n_blocks * BLOCK:
             slot.leader = leader
             return False
-        if alive:
-            try:
-                slot.seq.adopt(leader.seq.share_blocks(0, n_blocks), prompt[:n_blocks * BLOCK])
-            except Exception:  # compute the prompt instead
-                log.exception("sharing a sibling's prompt blocks failed")
-                return True
-            slot.fed = n_blocks * BLOCK
+        if alive and self._adopt(slot, lambda: leader.seq.share_blocks(0, n_blocks), "a sibling's prompt blocks"):
             self.shared_prompt_tokens += slot.fed
-            if slot.req.cached_tokens is not None:
-                slot.req.cached_tokens += slot.fed
+        return True  # (if the sibling is gone or sharing failed, it computes the prompt itself)
+
+    def _adopt(self, slot: _Slot, blocks, what: str) -> bool:
+        """Starts slot's fresh sequence from shared full blocks (`blocks()` gives their refs): its
+        prompt is fed up to them, and they count as cached. False (logged) if that failed."""
+        try:
+            refs = blocks()
+            slot.seq.adopt(refs, slot.req.prompt_ids[:len(refs) * BLOCK])
+        except Exception:
+            log.exception("adopting %s failed; computing the prompt instead", what)
+            return False
+        slot.fed = len(refs) * BLOCK
+        if slot.req.cached_tokens is not None:
+            slot.req.cached_tokens += slot.fed
         return True
 
     def _prefill_done(self, slot: _Slot) -> None:
-        key = tuple(slot.req.prompt_ids)
-        if self._prefilling.get(key) is slot:
+        if self._prefilling and self._prefilling.get(key := tuple(slot.req.prompt_ids)) is slot:
             del self._prefilling[key]
             for other in self.running:  # now, before this one's first token can end it and free the blocks
                 if other.leader is slot:
@@ -246,17 +251,8 @@ class Scheduler:
             cache.kv_dtype = self.model.kv_dtype
         prompt = slot.req.prompt_ids
         refs = cache.lookup(prompt, (len(prompt) - 1) // BLOCK)
-        if not refs:
-            return
-        n = len(refs) * BLOCK
-        try:
-            slot.seq.adopt(refs, prompt[:n])
-        except Exception:  # a cache that no longer fits this model: compute the prompt instead
-            log.exception("prefix cache: adopting %d blocks failed", len(refs))
-            self.prefix_cache.clear()
-            return
-        slot.fed = n
-        slot.req.cached_tokens = n
+        if refs and not self._adopt(slot, lambda: refs, "prefix-cache blocks"):
+            cache.clear()  # a cache that no longer fits this model
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> None:
         req = slot.req

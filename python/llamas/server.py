@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ._C import LlamasError
+from .prefix_cache import cache_bytes
 from .server_generation import _generate
 from .server_metrics import CONTENT_TYPE_LATEST, log_request
 from .server_protocol import (APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_chat,
@@ -133,9 +134,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
             isinstance(o, str) and o for o in cors_origins)):
         raise LlamasError(f"[serve] cors_origins must be a list of origins (e.g. ['http://localhost:3000'] or "
                           f"['*']), got {cors_origins!r}")
-    if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
-            or not 0 <= prefix_cache_mb < 2 ** 40:
-        raise LlamasError(f"[serve] prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
+    cache_bytes(prefix_cache_mb, "serve")  # checked now: a model loading in the background makes the Engine later
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
                         chat_template=chat_template, prefix_cache_mb=prefix_cache_mb)

@@ -113,7 +113,10 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     rec.update(prompt_tokens=prompt_tokens, n=n_total, stream=p.stream)
     choices = [_Choice(p.logprobs is not None) for _ in handles]
     # echo: each choice's text (and logprobs) starts with its prompt, as given or decoded from ids.
-    echoes = [_prompt_text(state.tokenizer, p, i // p.n) for i in range(len(handles))] if p.echo else None
+    echoes = None
+    if p.echo:
+        texts = [_prompt_text(state.tokenizer, p, pi) for pi in range(len(p.prompt_ids))]
+        echoes = [texts[i // p.n] for i in range(len(handles))]
 
     def finish_record():
         rec["completion_tokens"] = sum(h._req.completion_tokens for h in handles)
@@ -345,7 +348,7 @@ def completion_logprobs(tokenizer, lps, offset0: int) -> dict:
 
 
 def _prompt_text(tokenizer, p: GenParams, prompt_index: int) -> str:
-    prompt = p.prompts[prompt_index] if prompt_index < len(p.prompts) else None
+    prompt = p.prompts[prompt_index]
     if isinstance(prompt, str):
         return prompt
     return tokenizer.decode(p.prompt_ids[prompt_index]) if tokenizer is not None else ""
@@ -354,7 +357,7 @@ def _prompt_text(tokenizer, p: GenParams, prompt_index: int) -> str:
 def echo_logprobs(tokenizer, ids, scores) -> dict:
     """The prompt's part of an echoed completion's logprobs: one entry per prompt token, the first
     with null logprob and top_logprobs (nothing precedes it), offsets from the start of the text."""
-    lp = completion_logprobs(tokenizer, [s for s in (scores or [])[1:] if s is not None], 0)
+    lp = completion_logprobs(tokenizer, (scores or [None])[1:], 0)
     first = tokenizer.decode([ids[0]]) if tokenizer is not None else str(ids[0])
     lp["tokens"].insert(0, first)
     lp["token_logprobs"].insert(0, None)

@@ -11,6 +11,8 @@ as numpy arrays (bfloat16 as uint16 bit patterns, as safetensors_io writes them)
 from __future__ import annotations
 
 import io
+import json
+import os
 import pickle
 import struct
 import zipfile
@@ -19,6 +21,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from ._C import LlamasError
+from .safetensors_io import write_safetensors
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 # torch storage classes -> numpy dtype of their elements (bfloat16 as its uint16 bit pattern).
@@ -230,11 +233,6 @@ _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 def convert_folder(folder: str, force: bool = False, progress: Callable[[str], None] = lambda s: None) -> str:
     """Writes folder/model.safetensors from its pytorch_model.bin (or the shards its
     pytorch_model.bin.index.json names); returns the path written."""
-    import json
-    import os
-
-    from .safetensors_io import write_safetensors
-
     if not os.path.isdir(folder):
         raise LlamasError(f"[convert] {folder} is not a folder")
     out = os.path.join(folder, "model.safetensors")
