@@ -49,14 +49,20 @@ void init_model(py::module_& m) {
   py::class_<Sequence>(m, "Sequence", "One sequence being generated: KV cache, tokens so far, sampler.")
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
                        float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed,
-                       const std::map<int32_t, float>& logit_bias, int logprobs) {
+                       const std::map<int32_t, float>& logit_bias, int logprobs, int min_tokens,
+                       const std::vector<int32_t>& min_tokens_banned) {
              SamplingParams p;
              p.temperature = temperature, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
              p.repetition_penalty = repetition_penalty;
              p.presence_penalty = presence_penalty, p.frequency_penalty = frequency_penalty;
              p.logit_bias.assign(logit_bias.begin(), logit_bias.end());
              p.logprobs = logprobs;
+             p.min_tokens = min_tokens;
+             p.min_tokens_banned = min_tokens_banned;
              GPT2Config c = config_from_dict(config);
+             for (int32_t token : p.min_tokens_banned)
+               LLAMAS_CHECK(token < c.vocab_size, "sampling", "stop token ", token, " is outside the vocabulary [0, ",
+                            c.vocab_size, ")");
              for (auto& [token, bias] : p.logit_bias)
                LLAMAS_CHECK(token < c.vocab_size, "sampling", "logit_bias token ", token, " is outside the vocabulary [0, ",
                             c.vocab_size, ")");
@@ -65,7 +71,8 @@ void init_model(py::module_& m) {
            py::arg("config"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
            py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0,
-           py::arg("logit_bias") = std::map<int32_t, float>(), py::arg("logprobs") = -1)
+           py::arg("logit_bias") = std::map<int32_t, float>(), py::arg("logprobs") = -1, py::arg("min_tokens") = 0,
+           py::arg("min_tokens_banned") = std::vector<int32_t>())
       .def_property_readonly("last_logprob", [](const Sequence& s) { return s.sampler.last_logprob; },
                              "Log-probability of the last sampled token (when logprobs >= 0).")
       .def_property_readonly("last_top_logprobs", [](const Sequence& s) { return s.sampler.last_top_logprobs; },

@@ -24,6 +24,9 @@ void SamplingParams::validate() const {
   LLAMAS_CHECK(std::isfinite(frequency_penalty) && std::fabs(frequency_penalty) <= 2.0f, op,
                "frequency_penalty must be in [-2, 2], got ", frequency_penalty);
   LLAMAS_CHECK(logprobs >= -1 && logprobs <= 20, op, "logprobs must be in [0, 20], got ", logprobs);
+  LLAMAS_CHECK(min_tokens >= 0, op, "min_tokens must be >= 0, got ", min_tokens);
+  for (int32_t token : min_tokens_banned)
+    LLAMAS_CHECK(token >= 0, op, "a token held back until min_tokens must be an id >= 0, got ", token);
   for (auto& [token, bias] : logit_bias)
     LLAMAS_CHECK(token >= 0 && std::isfinite(bias) && std::fabs(bias) <= 100.0f, op, "logit_bias entry ", token,
                  ": ", bias, " must be a token id >= 0 with a bias in [-100, 100]");
@@ -120,7 +123,11 @@ int64_t inverse_cdf(double u, int64_t n, Weight w) {
     acc += w(i);
     if (u < acc) return i;
   }
-  return n - 1;
+  // u fell past the sum (rounding): the last candidate with any weight, never a zero-weight one
+  // (a token held back by min_tokens has weight 0, and GPT-2's end-of-text is the last id).
+  for (i = n - 1; i > 0 && !(w(i) > 0.0); --i) {
+  }
+  return i;
 }
 }  // namespace
 
@@ -159,6 +166,10 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   const SamplingParams& p = params_;
   for (auto& [token, bias] : p.logit_bias)
     if (token >= 0 && token < vocab) logits[token] += bias;
+  // context holds the prompt and every token generated and fed so far.
+  if (p.min_tokens > 0 && int64_t(context.size()) - n_prompt < p.min_tokens)
+    for (int32_t token : p.min_tokens_banned)
+      if (token >= 0 && token < vocab) logits[token] = -INFINITY;
   if (p.repetition_penalty != 1.0f) {
     std::vector<int32_t> seen(context);
     std::sort(seen.begin(), seen.end());

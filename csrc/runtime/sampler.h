@@ -18,6 +18,10 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;
   // OpenAI logit_bias: added to the logits before anything else (token id, bias in [-100, 100]).
   std::vector<std::pair<int32_t, float>> logit_bias;
+  // vLLM's min_tokens: while fewer than min_tokens tokens have been generated, these tokens (the
+  // end-of-text token and stop token ids) cannot be drawn (their logits become -inf, after the bias).
+  int min_tokens = 0;
+  std::vector<int32_t> min_tokens_banned;
   // -1: off; 0: the chosen token's log-probability; n > 0: also the n most likely (n <= 20).
   // Log-probabilities are of the model's distribution (raw logits, before bias and penalties).
   int logprobs = -1;

@@ -8,7 +8,7 @@ import sys
 import time
 
 from ._C import LlamasError
-from .cli_args import add_dtype_args, positive_int as _positive_int
+from .cli_args import add_dtype_args, non_negative_int as _non_negative_int, positive_int as _positive_int
 
 
 MODEL_HELP = ("Hugging Face model folder (config.json, model.safetensors, tokenizer files); "
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=None, help="penalise tokens already seen (1 = off; default: the model's, else 1)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                   help="stop at this token id (repeatable), as at the end-of-text token")
+    g.add_argument("--min-tokens", type=_non_negative_int, default=0, metavar="N",
+                   help="generate at least N tokens before any stop: end-of-text and stop token ids are held "
+                        "back and stop strings ignored until then (default 0)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the end-of-text token (generate --max-new-tokens tokens)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",
                    help="print token counts, time to first token and generation speed to stderr at the end")
@@ -136,7 +143,8 @@ def cmd_generate(args) -> int:
         stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                stop=args.stop or None, stream=True)
+                                stop=args.stop or None, stop_token_ids=args.stop_token_id,
+                                min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, stream=True)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -17,11 +17,12 @@ from .prefix_cache import PrefixCache, cache_bytes
 # The scheduler's names are re-exported: they lived here first, and model.py and callers import
 # them from llamas.engine.
 from .scheduler import (Chunk, Completion, Request, RequestStats, SamplingOptions, Scheduler,  # noqa: F401
-                        TokenLogprob, check_max_new_tokens, check_prompt_logprobs, normalise_stop)
+                        StopRules, TokenLogprob, check_max_new_tokens, check_prompt_logprobs, make_stop_rules,
+                        normalise_stop)
 
 __all__ = ["Engine", "RequestHandle", "EngineClosed", "QueueFull", "Prompt", "Chunk", "Completion", "Request",
            "RequestStats", "SamplingOptions", "Scheduler", "TokenLogprob", "check_max_new_tokens",
-           "check_prompt_logprobs", "normalise_stop"]
+           "check_prompt_logprobs", "normalise_stop", "StopRules", "make_stop_rules"]
 
 log = logging.getLogger("llamas.engine")
 
@@ -199,7 +200,9 @@ class Engine:
                      top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
                      stop=None, logit_bias=None, logprobs: Optional[int] = None,
-                     request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None) -> Tuple[Request, bool]:
+                     request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
+                     stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
+                     include_stop_str_in_output: bool = False) -> Tuple[Request, bool]:
         """Validates and encodes; returns (Request, prompt was text)."""
         options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                   frequency_penalty, seed, logit_bias, logprobs)
@@ -209,7 +212,8 @@ class Engine:
         bad = [t for t in options.logit_bias if t >= vocab]
         if bad:
             raise LlamasError(f"[generate] logit_bias token {bad[0]} is outside the vocabulary [0, {vocab})")
-        stops = normalise_stop(stop)
+        stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
+                                vocab, max_new_tokens)
         ids = self.model._encode_prompt(prompt)
         return (Request(ids, max_new_tokens, options, stops, request_id=request_id, prompt_logprobs=prompt_logprobs),
                 isinstance(prompt, str))
@@ -218,14 +222,17 @@ class Engine:
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
                stop=None, logit_bias=None, logprobs: Optional[int] = None,
-               request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None) -> RequestHandle:
+               request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
+               stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
+               include_stop_str_in_output: bool = False) -> RequestHandle:
         """Queues one request (same parameters as Model.generate, plus logit_bias {id: bias},
         logprobs: None, or n in [0, 20] for the chosen token's logprob and the top n, and
         prompt_logprobs: None, or n in [0, 20] to also score the prompt's tokens (the result's
         `prompt_logprobs`; max_new_tokens may then be 0)."""
         req, as_text = self.make_request(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                                          repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
-                                         logit_bias, logprobs, request_id, prompt_logprobs)
+                                         logit_bias, logprobs, request_id, prompt_logprobs, stop_token_ids,
+                                         min_tokens, ignore_eos, include_stop_str_in_output)
         return self.enqueue([(req, as_text, None)])[0]
 
     def enqueue(self, items) -> List[RequestHandle]:

@@ -10,7 +10,7 @@ import numpy as np
 from . import _C
 from ._C import LlamasError
 from .config import GPT2Config, read_json_object
-from .engine import Request, SamplingOptions, Scheduler, check_max_new_tokens, normalise_stop
+from .engine import Request, SamplingOptions, Scheduler, check_max_new_tokens, make_stop_rules
 from .request import check_top_n
 from .tokenizer import Tokenizer
 
@@ -133,15 +133,19 @@ class Model:
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                  repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False,
-                 presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None):
+                 presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None, min_tokens: int = 0, ignore_eos: bool = False,
+                 include_stop_str_in_output: bool = False):
         """Generates a continuation.
 
         A str prompt returns the generated str; a list of token ids returns the generated ids;
         a list of str (or of id lists) generates a batch and returns a list. With stream=True, a
         single prompt returns an iterator of text pieces (or of ids for id prompts). Generation
-        stops at the end-of-text token, at a stop string (which is not included) or after
-        max_new_tokens. temperature=0 is greedy decoding. A sampling parameter left as None takes
-        the model's generation_config.json value, else greedy / off.
+        stops at the end-of-text token (unless ignore_eos), at a token of stop_token_ids, at a
+        stop string (not included unless include_stop_str_in_output) or after max_new_tokens;
+        never at the first three before min_tokens tokens. temperature=0 is greedy decoding. A
+        sampling parameter left as None takes the model's generation_config.json value, else
+        greedy / off.
         """
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
@@ -152,7 +156,8 @@ class Model:
                                   values["repetition_penalty"], values["presence_penalty"],
                                   values["frequency_penalty"], seed)
         check_max_new_tokens(max_new_tokens)
-        stops = normalise_stop(stop)
+        stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
+                                self.config.vocab_size, max_new_tokens)
         prompts, batched = _as_batch(prompt)
         as_text = [isinstance(p, str) for p in prompts]
         encoded = [self._encode_prompt(p) for p in prompts]

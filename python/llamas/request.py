@@ -9,7 +9,7 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
 
@@ -104,6 +104,43 @@ def normalise_stop(stop) -> List[str]:
     return [s for s in stop if s]
 
 
+@dataclass(frozen=True)
+class StopRules:
+    """When a sequence ends before its budget: at a stop string (left out of the text unless
+    include_stop_str_in_output), at a stop token id or the end-of-text token (unless ignore_eos;
+    neither is in the output), and at none of these before min_tokens tokens: until then the stop
+    tokens cannot be drawn and stop strings are not looked for (vLLM's semantics)."""
+    strings: Tuple[str, ...] = ()
+    token_ids: Tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+
+def make_stop_rules(stop=None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
+                    include_stop_str_in_output: bool = False, vocab_size: Optional[int] = None,
+                    max_new_tokens: Optional[int] = None) -> StopRules:
+    """Validated StopRules (LlamasError naming the bad argument)."""
+    if stop_token_ids is None:
+        stop_token_ids = ()
+    if not isinstance(stop_token_ids, (list, tuple)) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stop_token_ids):
+        raise LlamasError(f"[generate] stop_token_ids must be a list of token ids >= 0, got {stop_token_ids!r}")
+    if vocab_size is not None:
+        bad = [t for t in stop_token_ids if t >= vocab_size]
+        if bad:
+            raise LlamasError(f"[generate] stop token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise LlamasError(f"[generate] min_tokens must be an integer >= 0, got {min_tokens!r}")
+    if max_new_tokens is not None and min_tokens > max_new_tokens:
+        raise LlamasError(f"[generate] min_tokens ({min_tokens}) must not exceed max_new_tokens ({max_new_tokens})")
+    for name, flag in (("ignore_eos", ignore_eos), ("include_stop_str_in_output", include_stop_str_in_output)):
+        if not isinstance(flag, bool):
+            raise LlamasError(f"[generate] {name} must be True or False, got {flag!r}")
+    return StopRules(tuple(normalise_stop(stop)), tuple(dict.fromkeys(stop_token_ids)), min_tokens, ignore_eos,
+                     include_stop_str_in_output)
+
+
 # ---- what a request produces -------------------------------------------------------------------
 @dataclass
 class TokenLogprob:
@@ -175,21 +212,22 @@ _ids = itertools.count(1)
 
 
 class Request:
-    """One sequence to generate: validated prompt ids, budget, sampling options, stop strings.
-    `sink(chunk)` is called from the thread that runs the scheduler.
+    """One sequence to generate: validated prompt ids, budget, sampling options, and stop strings or
+    StopRules. `sink(chunk)` is called from the thread that runs the scheduler.
 
     prompt_logprobs: None, or n in [0, 20]: score the prompt too (each prompt token's
     log-probability given the tokens before it, and the n most likely tokens there), delivered on
     the request's first chunk. max_new_tokens may then be 0: the prompt is only scored."""
 
     def __init__(self, prompt_ids: List[int], max_new_tokens: int, options: SamplingOptions,
-                 stop: Sequence[str] = (), sink: Optional[Callable[[Chunk], None]] = None,
+                 stop: Union[Sequence[str], StopRules] = (), sink: Optional[Callable[[Chunk], None]] = None,
                  request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None):
         self.id = request_id or f"req-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.options = options
-        self.stop = list(stop)
+        self.rules = stop if isinstance(stop, StopRules) else StopRules(tuple(stop))
+        self.stop = list(self.rules.strings)
         self.sink = sink
         self.prompt_logprobs = prompt_logprobs
         # Scores gathered while the prompt is fed; handed to the first chunk (then None again).

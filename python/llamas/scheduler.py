@@ -20,12 +20,13 @@ from . import _C
 from ._C import LlamasError
 from .prefix_cache import BLOCK, PrefixCache
 # The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
-from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, TokenLogprob,  # noqa: F401
-                      as_float32, check_max_new_tokens, check_prompt_logprobs, normalise_stop)
+from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
+                      as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
 from .streaming import TextStream
 
 __all__ = ["Scheduler", "Chunk", "Completion", "Request", "RequestStats", "SamplingOptions", "TokenLogprob",
-           "as_float32", "check_max_new_tokens", "check_prompt_logprobs", "normalise_stop"]
+           "StopRules", "as_float32", "check_max_new_tokens", "check_prompt_logprobs", "make_stop_rules",
+           "normalise_stop"]
 
 # The logger keeps the name it had before the scheduler left engine.py, so log filters still match.
 log = logging.getLogger("llamas.engine")
@@ -33,9 +34,9 @@ log = logging.getLogger("llamas.engine")
 
 class _Slot:
     """A running request: its native sequence and decoding state."""
-    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream", "leader")
+    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream", "leader", "stop_ids")
 
-    def __init__(self, req: Request, seq, budget: int, stream: Optional[TextStream]):
+    def __init__(self, req: Request, seq, budget: int, stream: Optional[TextStream], stop_ids: frozenset):
         self.req = req
         self.seq = seq
         self.leader: Optional[_Slot] = None  # a running request with the same prompt, prefilling it for both
@@ -44,6 +45,7 @@ class _Slot:
         self.produced = 0         # accepted tokens
         self.budget = budget
         self.stream = stream
+        self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
 
 
 class Scheduler:
@@ -171,20 +173,24 @@ class Scheduler:
             if req.cancelled:
                 self._finish_waiting(req, "cancelled")
                 continue
-            o = req.options
+            o, rules = req.options, req.rules
+            stop_ids = set(rules.token_ids)
+            if self._eos is not None and not rules.ignore_eos:
+                stop_ids.add(self._eos)
             try:
                 seq = _C.Sequence(self._native_config, o.temperature, o.top_k, o.top_p, o.min_p,
                                   o.repetition_penalty, o.presence_penalty, o.frequency_penalty, o.seed,
-                                  o.logit_bias, -1 if o.logprobs is None else o.logprobs)
+                                  o.logit_bias, -1 if o.logprobs is None else o.logprobs, rules.min_tokens,
+                                  sorted(stop_ids) if rules.min_tokens else [])
             except Exception as e:
                 req.stats.admitted = time.perf_counter()
                 self._finish_waiting(req, "error", str(e))
                 continue
             tok = self.model.tokenizer
-            stream = TextStream(tok, req.stop) if tok is not None else None
+            stream = TextStream(tok, req.stop, rules.include_stop_str_in_output) if tok is not None else None
             budget = min(req.max_new_tokens, self._ctx - len(req.prompt_ids) + 1)
             req.stats.admitted = time.perf_counter()
-            slot = _Slot(req, seq, budget, stream)
+            slot = _Slot(req, seq, budget, stream, frozenset(stop_ids))
             if self.prefix_cache is not None:
                 req.cached_tokens = 0
                 if req.prompt_logprobs is None:  # a scored prompt's every position is computed
@@ -266,10 +272,10 @@ class Scheduler:
             lp = [TokenLogprob(token, float(slot.seq.last_logprob),
                                [(int(i), float(p)) for i, p in slot.seq.last_top_logprobs])]
         stream = slot.stream
-        if self._eos is not None and token == self._eos:
+        if token in slot.stop_ids:  # (never drawn before min_tokens: the sampler holds them back)
             self._finish(slot, Chunk(stream.finish() if stream else "", [], None, "stop"))
             return
-        piece = stream.push(token) if stream is not None else ""
+        piece = stream.push(token, slot.produced + 1 >= req.rules.min_tokens) if stream is not None else ""
         if stream is not None and stream.stopped:
             self._finish(slot, Chunk(piece, [], None, "stop"))
             return

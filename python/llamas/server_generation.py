@@ -13,7 +13,7 @@ from starlette.responses import Response
 from ._C import LlamasError
 from .engine import EngineClosed, QueueFull
 from .engine import Request as EngineRequest
-from .engine import SamplingOptions
+from .engine import SamplingOptions, StopRules
 from .server_protocol import APIError, GenParams, bad
 from .server_sse import ChunkFormat, sse
 from .server_state import ResponseInbox, ServerState, _json, _record, send_now
@@ -74,6 +74,11 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     rec = _record(request)
     rec["id"] = rid
     budgets = [_budget(state, p, len(ids), "messages" if kind == "chat" else "prompt") for ids in p.prompt_ids]
+    if p.min_tokens > min(budgets):
+        raise bad(f"'min_tokens' ({p.min_tokens}) must not exceed the tokens this request may generate "
+                  f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
+    stops = StopRules(tuple(p.stop), tuple(dict.fromkeys(p.stop_token_ids)), p.min_tokens, p.ignore_eos,
+                      p.include_stop_str_in_output)
     n_total = len(p.prompt_ids) * p.n
     if n_total > state.max_batch + state.max_queue:
         raise bad(f"This request asks for {n_total} sequences; this server runs at most "
@@ -91,7 +96,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                 options = SamplingOptions(logprobs=p.logprobs, **s)
             except LlamasError as e:
                 raise bad(str(e)) from None
-            req = EngineRequest(ids, budgets[pi], options, p.stop, request_id=f"{rid}-{idx}",
+            req = EngineRequest(ids, budgets[pi], options, stops, request_id=f"{rid}-{idx}",
                                 prompt_logprobs=p.logprobs if p.echo else None)
             push = state.dispatcher.push
             if p.stream:

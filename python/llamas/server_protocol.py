@@ -16,6 +16,7 @@ MAX_N = 128                 # choices per prompt (OpenAI's limit)
 MAX_PROMPTS = 64            # prompts in one /v1/completions batch
 MAX_STOP = 16               # stop strings
 MAX_STOP_CHARS = 256        # characters in one stop string
+MAX_STOP_TOKEN_IDS = 64     # stop_token_ids
 MAX_LOGIT_BIAS = 1024       # entries in logit_bias
 MAX_MESSAGES = 4096
 MAX_COMPLETION_LOGPROBS = 5     # legacy completions: top-n alternatives
@@ -206,6 +207,11 @@ class GenParams:
     stream: bool = False
     include_usage: bool = False
     stop: List[str] = field(default_factory=list)
+    # vLLM's extra stop controls (see llamas.request.StopRules)
+    stop_token_ids: List[int] = field(default_factory=list)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     sampling: dict = field(default_factory=dict)
     logprobs: Optional[int] = None      # top-n alternatives; None = off
     echo: bool = False
@@ -214,7 +220,7 @@ class GenParams:
 COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
-    "logit_bias", "user",
+    "logit_bias", "user", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
@@ -234,6 +240,16 @@ def _common(body: dict, vocab: int, p: GenParams) -> None:
             raise bad("'stream_options' is only allowed when 'stream' is true.", "stream_options", "invalid_value")
         p.include_usage = get_bool(so, "include_usage", False)
     p.stop = get_stop(body)
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        check_token_ids(ids, vocab, "stop_token_ids")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise bad(f"'stop_token_ids' has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed.",
+                      "stop_token_ids", "invalid_value")
+        p.stop_token_ids = list(ids)
+    p.min_tokens = get_int(body, "min_tokens", 0, 0, 2 ** 31)
+    p.ignore_eos = get_bool(body, "ignore_eos", False)
+    p.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", False)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad(f"'seed' must be an integer, got {_typename(seed)}.", "seed", "invalid_type")

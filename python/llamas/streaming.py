@@ -8,9 +8,13 @@ REPLACEMENT = "\ufffd"
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), include_stop: bool = False):
         self._tokenizer = tokenizer
         self._stop = [s for s in stop if s]
+        self._include_stop = include_stop  # the text ends after the stop string instead of before it
+        # Characters of text pushed with check_stop=False: a stop string ending within them is not
+        # a stop (min_tokens), one that only starts there is.
+        self._unchecked = 0
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
         self._emitted = 0          # characters of the decoded text already handed out
@@ -22,8 +26,9 @@ class TextStream:
         self.stopped = False       # a stop string was found
         self.text = ""             # the final text once finished
 
-    def push(self, token_id: int) -> str:
-        """Adds a token; returns the newly safe text (possibly empty)."""
+    def push(self, token_id: int, check_stop: bool = True) -> str:
+        """Adds a token; returns the newly safe text (possibly empty). With check_stop=False the
+        text so far cannot end at a stop string (a request's first min_tokens tokens)."""
         self._ids.append(token_id)
         if self._incremental:
             tail = self._tokenizer.decode(self._ids[self._base:])
@@ -32,7 +37,9 @@ class TextStream:
                 self._base, self._base_text = len(self._ids), text
         else:
             text = self._tokenizer.decode(self._ids)
-        cut = self._find_stop(text) if self._stop else None
+        if not check_stop:
+            self._unchecked = len(text)
+        cut = self._find_stop(text) if self._stop and check_stop else None
         if cut is not None:
             self.stopped = True
             self.text = text[:cut]
@@ -66,8 +73,12 @@ class TextStream:
         start = max(0, self._emitted - self._longest_stop)
         for s in self._stop:
             i = text.find(s, start)
-            if i != -1 and (best is None or i < best):
-                best = i
+            while i != -1 and i + len(s) <= self._unchecked:  # wholly in unchecked text: not a stop
+                i = text.find(s, i + 1)
+            if i != -1:
+                end = i + len(s) if self._include_stop else i
+                if best is None or end < best:
+                    best = end
         return best
 
     def _stop_prefix_overlap(self, text: str) -> int:
