@@ -79,7 +79,8 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                   f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
     stops = StopRules(tuple(p.stop), tuple(dict.fromkeys(p.stop_token_ids)), p.min_tokens, p.ignore_eos,
                       p.include_stop_str_in_output)
-    n_total = len(p.prompt_ids) * p.n
+    per_prompt = max(p.n, p.best_of)  # sequences per prompt: best_of candidates, of which n are returned
+    n_total = len(p.prompt_ids) * per_prompt
     if n_total > state.max_batch + state.max_queue:
         raise bad(f"This request asks for {n_total} sequences; this server runs at most "
                   f"{state.max_batch + state.max_queue} at once.", "n", "invalid_value")
@@ -88,12 +89,14 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     items = []
     seed = p.sampling["seed"]
     for pi, ids in enumerate(p.prompt_ids):
-        for j in range(p.n):
-            idx = pi * p.n + j
+        for j in range(per_prompt):
+            idx = pi * per_prompt + j
             s = dict(p.sampling)
             s["seed"] = None if seed is None else (seed + j) & ((1 << 63) - 1)
+            # best_of ranks the candidates by their tokens' log-probabilities
+            logprobs = 0 if per_prompt > p.n and p.logprobs is None else p.logprobs
             try:
-                options = SamplingOptions(logprobs=p.logprobs, **s)
+                options = SamplingOptions(logprobs=logprobs, **s)
             except LlamasError as e:
                 raise bad(str(e)) from None
             req = EngineRequest(ids, budgets[pi], options, stops, request_id=f"{rid}-{idx}",
@@ -169,6 +172,9 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
             raise APIError(500, f"Generation failed: {r.error}", code="engine_error")
         if r.finish_reason == "cancelled":
             raise APIError(503, "The request was cancelled by the server.", code="cancelled")
+    completion_tokens = sum(r.completion_tokens for r in results)  # best_of: every candidate's
+    if per_prompt > p.n:
+        results = _best_of(results, per_prompt, p.n, keep_logprobs=p.logprobs is not None)
     tok = state.tokenizer
     out = []
     for i, r in enumerate(results):
@@ -187,10 +193,28 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                 _extend_logprobs(lp, completion_logprobs(tok, r.logprobs, len(echoes[i])))
             c = {"index": i, "text": echoes[i] + r.text, "logprobs": lp, "finish_reason": r.finish_reason}
         out.append(c)
-    completion_tokens = sum(r.completion_tokens for r in results)
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                   "created": created, "model": state.model_name, "choices": out,
                   "usage": _usage(prompt_tokens, completion_tokens, handles)})
+
+
+def _best_of(results: list, per_prompt: int, n: int, keep_logprobs: bool) -> list:
+    """The n best of each prompt's per_prompt candidates, best first: by mean log-probability per
+    generated token (OpenAI's ranking; a candidate that generated nothing ranks last), ties to the
+    earlier candidate."""
+    def mean_logprob(r) -> float:
+        lps = r.logprobs or []
+        return sum(t.logprob for t in lps) / len(lps) if lps else float("-inf")
+
+    chosen = []
+    for first in range(0, len(results), per_prompt):
+        group = results[first:first + per_prompt]
+        order = sorted(range(len(group)), key=lambda i: (-mean_logprob(group[i]), i))
+        chosen += [group[i] for i in order[:n]]
+    if not keep_logprobs:
+        for r in chosen:
+            r.logprobs = None
+    return chosen
 
 
 def _round(v):

@@ -215,6 +215,7 @@ class GenParams:
     sampling: dict = field(default_factory=dict)
     logprobs: Optional[int] = None      # top-n alternatives; None = off
     echo: bool = False
+    best_of: int = 1                    # completions: candidates per prompt, the n best returned (>= n)
 
 
 COMMON_FIELDS = {
@@ -318,8 +319,12 @@ def parse_completion(body: dict, vocab: int, has_tokenizer: bool) -> GenParams:
     p.max_tokens = get_int(body, "max_tokens", None, 0 if scoring else 1, 2 ** 31)
     p.default_max_tokens = 16
     best_of = get_int(body, "best_of", None, 1, MAX_N)
-    if best_of is not None and best_of != p.n:
-        raise bad("'best_of' is not supported (it must be null or equal to 'n').", "best_of", "unsupported_value")
+    if best_of is not None and best_of < p.n:
+        raise bad(f"'best_of' ({best_of}) must be at least 'n' ({p.n}).", "best_of", "invalid_value")
+    if best_of is not None and best_of > p.n and p.stream:
+        raise bad("'best_of' greater than 'n' cannot be streamed (the best choices are known only at the end).",
+                  "best_of", "invalid_value")
+    p.best_of = p.n if best_of is None else best_of
     if body.get("suffix") is not None:
         check_text(body["suffix"], "suffix")
         if body["suffix"]:

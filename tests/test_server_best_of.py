@@ -1,0 +1,90 @@
+"""`best_of` on /v1/completions: best_of candidates per prompt, the n with the highest mean
+log-probability per token returned, every candidate's tokens counted in usage."""
+import os
+
+import httpx
+import pytest
+
+import llamas
+
+HERE = os.path.dirname(__file__)
+TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
+PROMPTS = ["When shall we three meet again", "Fair is foul"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llamas.load(TINY)
+
+
+@pytest.fixture(scope="module")
+def http(model):
+    pytest.importorskip("uvicorn")
+    from test_server import ThreadServer
+    from llamas.server import create_app
+    with ThreadServer(create_app(model, max_batch=16)) as s:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            yield c
+
+
+def candidates(model, prompt, count, seed, max_tokens):
+    """Each candidate as the server samples it (choice j: seed + j), with its mean logprob."""
+    engine = llamas.Engine(model)
+    try:
+        out = []
+        for j in range(count):
+            r = engine.submit(prompt, max_new_tokens=max_tokens, temperature=1.0, seed=seed + j,
+                              logprobs=0).result()
+            lps = [t.logprob for t in r.logprobs]
+            out.append((sum(lps) / len(lps) if lps else float("-inf"), j, r))
+        return out
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("n, best_of", [(1, 3), (2, 5), (3, 3)])
+def test_best_of_returns_the_n_most_likely_candidates(http, model, n, best_of):
+    body = {"prompt": PROMPTS, "n": n, "best_of": best_of, "max_tokens": 10, "temperature": 1.0, "seed": 11}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == list(range(len(PROMPTS) * n))
+    total = 0
+    for pi, prompt in enumerate(PROMPTS):
+        cands = candidates(model, prompt, best_of, 11, 10)
+        total += sum(c[2].completion_tokens for c in cands)
+        # best_of = n is plain n: the choices in their own order
+        ranked = sorted(cands, key=lambda c: (-c[0], c[1]))[:n] if best_of > n else cands
+        got = out["choices"][pi * n:(pi + 1) * n]
+        assert [c["text"] for c in got] == [c[2].text for c in ranked]
+        assert [c["finish_reason"] for c in got] == [c[2].finish_reason for c in ranked]
+        assert all(c["logprobs"] is None for c in got)  # not asked for
+        if best_of > n:  # the ranking really chose: not simply the first n candidates
+            assert len({c[2].text for c in cands}) > 1
+    assert out["usage"]["completion_tokens"] == total  # every candidate's tokens
+
+
+def test_best_of_with_logprobs_reports_the_chosen_candidates(http, model):
+    body = {"prompt": PROMPTS[0], "best_of": 4, "max_tokens": 8, "temperature": 1.0, "seed": 3, "logprobs": 2}
+    out = http.post("/v1/completions", json=body).json()
+    best = max(candidates(model, PROMPTS[0], 4, 3, 8), key=lambda c: (c[0], -c[1]))
+    c = out["choices"][0]
+    assert c["text"] == best[2].text
+    assert c["logprobs"]["token_logprobs"] == pytest.approx([t.logprob for t in best[2].logprobs], abs=1e-6)
+    assert all(len(top) == 2 for top in c["logprobs"]["top_logprobs"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"n": 3, "best_of": 2}, "'best_of' (2) must be at least 'n' (3)"),
+    ({"best_of": 2, "stream": True}, "cannot be streamed"),
+    ({"best_of": 0}, "'best_of' must be at least 1"),
+    ({"best_of": 1000}, "'best_of' must be at most"),
+    ({"best_of": "2"}, "'best_of' must be an integer"),
+])
+def test_bad_best_of_is_refused(http, extra, message):
+    r = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, **extra})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"] and r.json()["error"]["param"] == "best_of"
+    # best_of equal to n streams as usual
+    r = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "best_of": 1, "stream": True})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
