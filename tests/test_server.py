@@ -3,6 +3,7 @@ limits, continuous batching, cancellation, memory, metrics, logs and SIGTERM. Se
 127.0.0.1 ports (uvicorn in a background thread, or `llamas serve` in a subprocess) and are shut
 down by each fixture."""
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -110,6 +111,14 @@ def metric(http, name: str, labels: str = "") -> float:
         if line.startswith(key + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+@contextlib.contextmanager
+def served_client(model, **app_kwargs):
+    """An httpx client of a ThreadServer running create_app(model, **app_kwargs)."""
+    with ThreadServer(create_app(model, **app_kwargs)) as s:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            yield c
 
 
 def assert_still_serving(http):

@@ -2,7 +2,6 @@
 log-probability per token returned, every candidate's tokens counted in usage."""
 import os
 
-import httpx
 import pytest
 
 import llamas
@@ -20,11 +19,9 @@ def model():
 @pytest.fixture(scope="module")
 def http(model):
     pytest.importorskip("uvicorn")
-    from test_server import ThreadServer
-    from llamas.server import create_app
-    with ThreadServer(create_app(model, max_batch=16)) as s:
-        with httpx.Client(base_url=s.url, timeout=60) as c:
-            yield c
+    from test_server import served_client
+    with served_client(model, max_batch=16) as c:
+        yield c
 
 
 def candidates(model, prompt, count, seed, max_tokens):

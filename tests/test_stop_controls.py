@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 import llamas
@@ -176,11 +175,9 @@ def test_cli_flags(model):
 @pytest.fixture(scope="module")
 def http(model):
     pytest.importorskip("uvicorn")
-    from test_server import ThreadServer
-    from llamas.server import create_app
-    with ThreadServer(create_app(model, max_batch=16)) as s:
-        with httpx.Client(base_url=s.url, timeout=60) as c:
-            yield c
+    from test_server import served_client
+    with served_client(model, max_batch=16) as c:
+        yield c
 
 
 def _stream_text(http, path, body):
