@@ -44,6 +44,9 @@ def test_prebuilt_text_frames_equal_json_dumps_of_the_chunk(kind, include_usage)
                     d["usage"] = None
                 assert fmt.text(index, text, reason) == sse(d) == fmt.frame([choice])
                 assert json.loads(fmt.text(index, text, reason)[6:]) == d
+                if include_usage:  # continuous_usage_stats: the choice's usage so far
+                    u = {"prompt_tokens": 7, "completion_tokens": index, "total_tokens": 7 + index}
+                    assert fmt.text(index, text, reason, u) == sse(dict(d, usage=u)) == fmt.frame([choice], u)
 
 
 # ---- engine thread -> event loop -------------------------------------------------------------------

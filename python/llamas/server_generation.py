@@ -282,17 +282,18 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
     async def emit(text: str, more_body: bool = True) -> None:
         await send({"type": "http.response.body", "body": text.encode(), "more_body": more_body})
 
+    usage = _ChoiceUsage(p, choices) if p.continuous_usage else (lambda idx: None)
     if kind == "chat":
         await emit("".join(fmt.frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                       "finish_reason": None}]) for i in range(len(handles))))
+                                       "finish_reason": None}], usage(i)) for i in range(len(handles))))
     if echoes is not None:
         # Each choice's prompt first. With logprobs its scores come with the choice's first chunk
         # (they exist once the prompt is fed), and _stream_events sends the prompt then.
         for i, ch in enumerate(choices):
             ch.offset = len(echoes[i])
         if p.logprobs is None:
-            await emit("".join(fmt.text(i, echoes[i], None) for i in range(len(handles)) if echoes[i]))
-    if len(handles) == 1 and choices[0].logprobs is None:
+            await emit("".join(fmt.text(i, echoes[i], None, usage(i)) for i in range(len(handles)) if echoes[i]))
+    if len(handles) == 1 and choices[0].logprobs is None and not p.continuous_usage:
         # One choice without logprobs (nearly every request): a token's event is written by the
         # engine's delivery callback itself while this task waits (see ResponseInbox).
         def direct(item) -> bool:
@@ -309,12 +310,26 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
             return True
         inbox.direct = direct
     try:
-        await _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit)
+        await _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit, usage)
     finally:
         inbox.direct = None  # the writer's closure holds the inbox: no cycle outlives the response
 
 
-async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit) -> None:
+class _ChoiceUsage:
+    """usage(idx): a choice's usage so far, for stream_options.continuous_usage_stats (vLLM's: its
+    prompt's tokens and the tokens it has sampled, counted by _stream_events as chunks arrive)."""
+
+    def __init__(self, p: GenParams, choices: list):
+        self._prompt = [len(p.prompt_ids[i // p.n]) for i in range(len(choices))]
+        self._choices = choices
+
+    def __call__(self, idx: int) -> dict:
+        prompt, done = self._prompt[idx], self._choices[idx].completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit,
+                         usage=lambda idx: None) -> None:
     remaining = len(handles)
     out = []
     while remaining:
@@ -325,7 +340,11 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
             ch = choices[idx]
             if echoes is not None and c.prompt_logprobs is not None and ch.logprobs is not None:
                 lp = echo_logprobs(tok, p.prompt_ids[idx // p.n], c.prompt_logprobs)
-                out.append(fmt.frame([{"index": idx, "text": echoes[idx], "logprobs": lp, "finish_reason": None}]))
+                out.append(fmt.frame([{"index": idx, "text": echoes[idx], "logprobs": lp, "finish_reason": None}],
+                                     usage(idx)))
+            # sampled tokens so far (the last also counts a stop token that is not in the output)
+            ch.completion_tokens = (handles[idx]._req.completion_tokens if c.finish_reason is not None
+                                    else ch.completion_tokens + len(c.token_ids))
             if c.finish_reason is not None:
                 remaining -= 1
                 if c.finish_reason in ("error", "cancelled"):
@@ -335,18 +354,18 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
                     continue
             if ch.logprobs is None or not c.logprobs:
                 if c.text or c.finish_reason is not None:
-                    out.append(fmt.text(idx, c.text, c.finish_reason))
+                    out.append(fmt.text(idx, c.text, c.finish_reason, usage(idx)))
                 continue
             if kind == "chat":
                 lp = chat_logprobs(tok, c.logprobs)
                 delta = {"content": c.text} if c.text else {}
                 out.append(fmt.frame([{"index": idx, "delta": delta, "logprobs": lp,
-                                       "finish_reason": c.finish_reason}]))
+                                       "finish_reason": c.finish_reason}], usage(idx)))
             else:
                 lp = completion_logprobs(tok, c.logprobs, ch.offset)
                 ch.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 out.append(fmt.frame([{"index": idx, "text": c.text, "logprobs": lp,
-                                       "finish_reason": c.finish_reason}]))
+                                       "finish_reason": c.finish_reason}], usage(idx)))
         if remaining and out:
             await emit("".join(out))
     if p.include_usage:

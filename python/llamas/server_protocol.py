@@ -206,6 +206,7 @@ class GenParams:
     default_max_tokens: Optional[int] = None
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False      # stream_options.continuous_usage_stats (with include_usage)
     stop: List[str] = field(default_factory=list)
     # vLLM's extra stop controls (see llamas.request.StopRules)
     stop_token_ids: List[int] = field(default_factory=list)
@@ -240,6 +241,8 @@ def _common(body: dict, vocab: int, p: GenParams) -> None:
         if not p.stream:
             raise bad("'stream_options' is only allowed when 'stream' is true.", "stream_options", "invalid_value")
         p.include_usage = get_bool(so, "include_usage", False)
+        # vLLM's: every chunk carries its choice's usage so far (with include_usage, as vLLM)
+        p.continuous_usage = get_bool(so, "continuous_usage_stats", False) and p.include_usage
     p.stop = get_stop(body)
     ids = body.get("stop_token_ids")
     if ids is not None:

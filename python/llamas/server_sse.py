@@ -41,8 +41,9 @@ class ChunkFormat:
             d["usage"] = usage
         return sse(d)
 
-    def text(self, index: int, text: str, finish_reason: Optional[str]) -> str:
-        """The frame of frame([choice]) for a choice with this text, no logprobs and this finish_reason."""
+    def text(self, index: int, text: str, finish_reason: Optional[str], usage: Optional[dict] = None) -> str:
+        """The frame of frame([choice], usage) for a choice with this text, no logprobs and this
+        finish_reason."""
         reason = "null" if finish_reason is None else _json_str(finish_reason)
         if not self._chat:
             body = ',"text":' + _json_str(text)
@@ -50,4 +51,7 @@ class ChunkFormat:
             body = ',"delta":{"content":' + _json_str(text) + "}"
         else:
             body = ',"delta":{}'
-        return f'{self._prefix}{index}{body},"logprobs":null,"finish_reason":{reason}{self._suffix}'
+        suffix = self._suffix
+        if usage is not None and self._include_usage:
+            suffix = '}],"usage":' + json.dumps(usage, separators=(",", ":")) + "}\n\n"
+        return f'{self._prefix}{index}{body},"logprobs":null,"finish_reason":{reason}{suffix}'

@@ -1,5 +1,7 @@
-"""`best_of` on /v1/completions: best_of candidates per prompt, the n with the highest mean
-log-probability per token returned, every candidate's tokens counted in usage."""
+"""Server extras: `best_of` on /v1/completions (best_of candidates per prompt, the n with the
+highest mean log-probability per token returned, every candidate's tokens counted in usage) and
+vLLM's `stream_options.continuous_usage_stats` (every streamed chunk carries its choice's usage)."""
+import json
 import os
 
 import pytest
@@ -85,3 +87,47 @@ def test_bad_best_of_is_refused(http, extra, message):
     # best_of equal to n streams as usual
     r = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "best_of": 1, "stream": True})
     assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+
+
+def _events(http, path, body):
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("extra", [{}, {"n": 2}, {"logprobs": 1}, {"echo": True}])
+def test_continuous_usage_counts_each_choice_as_it_streams(http, model, path, extra):
+    if path.endswith("chat/completions"):
+        if "echo" in extra:
+            return
+        base = {"messages": [{"role": "user", "content": PROMPTS[0]}]}
+        extra = {"logprobs": True, "top_logprobs": 1} if "logprobs" in extra else extra
+    else:
+        base = {"prompt": PROMPTS[0]}
+    body = {**base, **extra, "max_tokens": 9, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = _events(http, path, body)
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 9 * body.get("n", 1)
+    prompt_tokens = last["usage"]["prompt_tokens"]  # one prompt, counted once for all its choices
+    seen = {}
+    for e in chunks:
+        (choice,) = e["choices"]
+        u = e["usage"]
+        assert u["prompt_tokens"] == prompt_tokens and u["total_tokens"] == prompt_tokens + u["completion_tokens"]
+        if choice["index"] not in seen and u["completion_tokens"] == 0:
+            seen[choice["index"]] = 0  # the chat role chunk, or the echoed prompt
+            continue
+        assert u["completion_tokens"] > seen.get(choice["index"], 0)  # each chunk brings tokens
+        seen[choice["index"]] = u["completion_tokens"]
+    assert seen == {i: 9 for i in range(body.get("n", 1))}
+    # the text is the same as without the stats, and without include_usage there are none
+    plain = _events(http, path, {**body, "stream_options": {"include_usage": True}})
+    text = lambda evs: "".join(c.get("text") or c.get("delta", {}).get("content") or ""  # noqa: E731
+                               for e in evs for c in e["choices"])
+    assert text(plain) == text(events)
+    assert all(e["usage"] is None for e in plain[:-1])
+    none = _events(http, path, {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert all("usage" not in e for e in none) and text(none) == text(events)
