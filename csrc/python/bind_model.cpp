@@ -8,6 +8,7 @@
 #include "llamas/error.h"
 #include "models/gpt2.h"
 #include "python/convert.h"
+#include "runtime/json_constraint.h"
 
 namespace llamas {
 namespace python {
@@ -46,11 +47,29 @@ GPT2Config config_from_dict(const py::dict& d) {
 }
 
 void init_model(py::module_& m) {
+  py::class_<TokenBytes, std::shared_ptr<TokenBytes>>(
+      m, "TokenBytes", "Each token's bytes (empty for special tokens) and end-of-text: JSON mode's vocabulary.")
+      .def(py::init([](const std::vector<py::bytes>& bytes, int32_t eos) {
+             auto t = std::make_shared<TokenBytes>();
+             t->bytes.reserve(bytes.size());
+             for (const py::bytes& b : bytes) t->bytes.push_back(std::string(b));
+             t->eos = eos;
+             return t;
+           }),
+           py::arg("bytes"), py::arg("eos") = -1)
+      .def("__len__", [](const TokenBytes& t) { return t.bytes.size(); });
+  m.def("json_prefix", [](const py::bytes& text) {
+        JsonState state;
+        const bool ok = state.feed(std::string(text));
+        return py::make_tuple(ok, ok && state.complete());
+      }, py::arg("text"),
+      "(valid, complete): whether JSON mode could have produced these bytes, and whether they close the "
+      "object (the recogniser behind response_format json_object; for tests).");
   py::class_<Sequence>(m, "Sequence", "One sequence being generated: KV cache, tokens so far, sampler.")
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
                        float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed,
                        const std::map<int32_t, float>& logit_bias, int logprobs, int min_tokens,
-                       const std::vector<int32_t>& min_tokens_banned) {
+                       const std::vector<int32_t>& min_tokens_banned, std::shared_ptr<TokenBytes> json_vocab) {
              SamplingParams p;
              p.temperature = temperature, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
              p.repetition_penalty = repetition_penalty;
@@ -66,13 +85,15 @@ void init_model(py::module_& m) {
              for (auto& [token, bias] : p.logit_bias)
                LLAMAS_CHECK(token < c.vocab_size, "sampling", "logit_bias token ", token, " is outside the vocabulary [0, ",
                             c.vocab_size, ")");
-             return new Sequence(c, p, seed);
+             auto* seq = new Sequence(c, p, seed);
+             if (json_vocab) seq->sampler.constraint = std::make_unique<JsonConstraint>(json_vocab);
+             return seq;
            }),
            py::arg("config"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
            py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0,
            py::arg("logit_bias") = std::map<int32_t, float>(), py::arg("logprobs") = -1, py::arg("min_tokens") = 0,
-           py::arg("min_tokens_banned") = std::vector<int32_t>())
+           py::arg("min_tokens_banned") = std::vector<int32_t>(), py::arg("json_vocab") = nullptr)
       .def_property_readonly("last_logprob", [](const Sequence& s) { return s.sampler.last_logprob; },
                              "Log-probability of the last sampled token (when logprobs >= 0).")
       .def_property_readonly("last_top_logprobs", [](const Sequence& s) { return s.sampler.last_top_logprobs; },

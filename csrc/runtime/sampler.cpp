@@ -152,6 +152,12 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
 }
 
 int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
+  const int32_t chosen = draw(logits, vocab, context, n_prompt);
+  if (constraint) constraint->accept(chosen);
+  return chosen;
+}
+
+int32_t Sampler::draw(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
   // Log-probabilities of the raw distribution, before choose() biases and penalises the logits.
   const float log_norm = log_normaliser(logits, vocab, "sample");
@@ -170,6 +176,7 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   if (p.min_tokens > 0 && int64_t(context.size()) - n_prompt < p.min_tokens)
     for (int32_t token : p.min_tokens_banned)
       if (token >= 0 && token < vocab) logits[token] = -INFINITY;
+  if (constraint) constraint->mask(logits, vocab);
   if (p.repetition_penalty != 1.0f) {
     std::vector<int32_t> seen(context);
     std::sort(seen.begin(), seen.end());

@@ -3,6 +3,7 @@
 // xoshiro256** stream owned by the sequence, so the same seed gives the same tokens whether the
 // sequence runs alone or in a batch.
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -37,6 +38,15 @@ float log_normaliser(const float* logits, int64_t vocab, const char* op);
 // lower id.
 std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, float log_norm);
 
+// A rule on which tokens may come next (structured output, e.g. JSON mode): it sets the logits
+// of the tokens it forbids to -inf before each draw and is told each drawn token.
+class TokenConstraint {
+ public:
+  virtual ~TokenConstraint() = default;
+  virtual void mask(float* logits, int64_t vocab) const = 0;
+  virtual void accept(int32_t token) = 0;
+};
+
 class Sampler {
  public:
   Sampler(const SamplingParams& params, uint64_t seed);
@@ -44,12 +54,15 @@ class Sampler {
   // Filled by sample() when params().logprobs >= 0.
   float last_logprob = 0.0f;
   std::vector<std::pair<int32_t, float>> last_top_logprobs;
+  // Applied after the bias and min_tokens, before penalties; log-probabilities stay the raw ones.
+  std::unique_ptr<TokenConstraint> constraint;
   // Picks the next token from logits (modified in place). `context` is every token of the
   // sequence so far (prompt first), `n_prompt` how many of them are the prompt.
   int32_t sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
 
  private:
   float next_uniform();
+  int32_t draw(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   int32_t choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   SamplingParams params_;
   uint64_t state_[4];

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "back and stop strings ignored until then (default 0)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at the end-of-text token (generate --max-new-tokens tokens)")
+    g.add_argument("--json", action="store_true",
+                   help="JSON mode: hold the output to one JSON object (as response_format json_object)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",
                    help="print token counts, time to first token and generation speed to stderr at the end")
@@ -144,7 +146,8 @@ def cmd_generate(args) -> int:
                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 stop=args.stop or None, stop_token_ids=args.stop_token_id,
-                                min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, stream=True)
+                                min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, json_object=args.json,
+                                stream=True)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -38,7 +38,8 @@ class SamplingOptions:
     """Validated sampling parameters (shared by Model.generate, the CLI, Engine and the server)."""
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                 presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None, logprobs=None):
+                 presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None, logprobs=None,
+                 json_object=False):
         self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
@@ -64,6 +65,9 @@ class SamplingOptions:
         self.logit_bias = bias
         check_top_n(logprobs, "logprobs")
         self.logprobs = logprobs
+        if not isinstance(json_object, bool):
+            raise LlamasError(f"[generate] json_object must be True or False, got {json_object!r}")
+        self.json_object = json_object  # JSON mode: the output is held to one JSON object
 
     def with_seed(self, seed: int) -> "SamplingOptions":
         other = object.__new__(SamplingOptions)
@@ -228,6 +232,9 @@ class Request:
         self.options = options
         self.rules = stop if isinstance(stop, StopRules) else StopRules(tuple(stop))
         self.stop = list(self.rules.strings)
+        if getattr(options, "json_object", False) and self.rules.min_tokens:
+            # a closed object allows only end-of-text, which min_tokens would hold back
+            raise LlamasError("[generate] min_tokens cannot be combined with JSON mode")
         self.sink = sink
         self.prompt_logprobs = prompt_logprobs
         # Scores gathered while the prompt is fed; handed to the first chunk (then None again).

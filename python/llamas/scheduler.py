@@ -181,7 +181,8 @@ class Scheduler:
                 seq = _C.Sequence(self._native_config, o.temperature, o.top_k, o.top_p, o.min_p,
                                   o.repetition_penalty, o.presence_penalty, o.frequency_penalty, o.seed,
                                   o.logit_bias, -1 if o.logprobs is None else o.logprobs, rules.min_tokens,
-                                  sorted(stop_ids) if rules.min_tokens else [])
+                                  sorted(stop_ids) if rules.min_tokens else [],
+                                  self.model.json_vocab() if o.json_object else None)
             except Exception as e:
                 req.stats.admitted = time.perf_counter()
                 self._finish_waiting(req, "error", str(e))

@@ -224,10 +224,27 @@ COMMON_FIELDS = {
     "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
     "logit_bias", "user", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output",
 }
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "response_format"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
                                "response_format", "tools", "tool_choice", "parallel_tool_calls",
                                "store", "metadata", "service_tier"}
+
+
+def get_response_format(body: dict) -> bool:
+    """True for JSON mode ({"type": "json_object"}), False for text (or none)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return False
+    if not isinstance(rf, dict):
+        raise bad(f"'response_format' must be an object, got {_typename(rf)}.", "response_format", "invalid_type")
+    kind = rf.get("type")
+    if kind == "json_schema":
+        raise bad("'response_format' {\"type\": \"json_schema\"} is not supported; {\"type\": \"json_object\"} "
+                  "holds the output to a JSON object.", "response_format", "unsupported_value")
+    if kind not in ("text", "json_object") or len(rf) != 1:
+        raise bad("'response_format' must be {\"type\": \"text\"} or {\"type\": \"json_object\"}.",
+                  "response_format", "invalid_value")
+    return kind == "json_object"
 
 
 def _common(body: dict, vocab: int, p: GenParams) -> None:
@@ -272,7 +289,11 @@ def _common(body: dict, vocab: int, p: GenParams) -> None:
         frequency_penalty=get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=seed,
         logit_bias=get_logit_bias(body, vocab),
+        json_object=get_response_format(body),
     )
+    if p.sampling["json_object"] and p.min_tokens:
+        raise bad("'min_tokens' cannot be combined with 'response_format' json_object (a closed object allows "
+                  "only end-of-text).", "min_tokens", "invalid_value")
     get_str(body, "user")
 
 
@@ -395,9 +416,6 @@ def parse_chat(body: dict, vocab: int) -> tuple:
     elif body.get("top_logprobs") is not None:
         get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
         raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
-    rf = body.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text" or len(rf) != 1):
-        raise bad("only 'response_format' {\"type\": \"text\"} is supported.", "response_format", "unsupported_value")
     if body.get("tools"):
         raise bad("tools are not supported.", "tools", "unsupported_value")
     tc = body.get("tool_choice")

@@ -19,6 +19,20 @@ def _check_encodable(text) -> None:
         raise LlamasError(f"[tokenizer] the text is not valid Unicode: a lone surrogate at character {e.start}") from None
 
 
+def _byte_level_decoder() -> dict:
+    """GPT-2's byte-level alphabet: the character each byte is written as in the vocabulary, inverted
+    (printable Latin-1 bytes stand for themselves, the rest are shifted to U+0100 on)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + shift)] = b
+            shift += 1
+    return chars
+
+
 class Tokenizer:
     def __init__(self, backend, eos_token_id: Optional[int], source: str):
         self._tok = backend
@@ -57,6 +71,25 @@ class Tokenizer:
         new tokens instead of the whole sequence at every step."""
         backend = getattr(self._tok, "_tokenizer", self._tok)
         return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
+    def token_bytes(self) -> Optional[list]:
+        """Each token id's bytes (empty for added/special tokens such as end-of-text), for a
+        byte-level BPE tokenizer; None for any other kind (their tokens are not byte strings)."""
+        if not self.decodes_by_concatenation:
+            return None
+        backend = getattr(self._tok, "_tokenizer", self._tok)
+        special = set(backend.get_added_tokens_decoder()) if hasattr(backend, "get_added_tokens_decoder") else set()
+        if self.eos_token_id is not None:
+            special.add(self.eos_token_id)
+        to_byte = _byte_level_decoder()
+        out = []
+        for i in range(backend.get_vocab_size()):
+            token = backend.id_to_token(i)
+            if token is None or i in special or any(c not in to_byte for c in token):
+                out.append(b"")
+            else:
+                out.append(bytes(to_byte[c] for c in token))
+        return out
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,214 @@
+#include "runtime/json_constraint.h"
+
+#include <cmath>
+
+namespace llamas {
+namespace {
+
+constexpr const char* kLiterals[] = {"true", "false", "null"};
+
+bool is_digit(uint8_t b) { return b >= '0' && b <= '9'; }
+bool is_hex(uint8_t b) { return is_digit(b) || (b >= 'a' && b <= 'f') || (b >= 'A' && b <= 'F'); }
+
+}  // namespace
+
+bool JsonState::feed(const std::string& bytes) {
+  for (char c : bytes)
+    if (!feed(static_cast<uint8_t>(c))) return false;
+  return true;
+}
+
+bool JsonState::whitespace(uint8_t byte) {
+  if (byte != ' ' && byte != '\n' && byte != '\t' && byte != '\r') return false;
+  return ++ws_run_ <= kMaxWhitespace;
+}
+
+// A value starts (after '[', ',' in an array, ':' or at the top).
+bool JsonState::value(uint8_t byte) {
+  switch (byte) {
+    case '{':
+    case '[':
+      if (depth_ == kMaxDepth) return false;
+      stack_[depth_++] = char(byte);
+      mode_ = byte == '{' ? Mode::kObjectFirst : Mode::kArrayFirst;
+      return true;
+    case '"':
+      mode_ = Mode::kString, key_ = false;
+      return true;
+    case '-':
+      mode_ = Mode::kNumber, num_ = Num::kMinus;
+      return true;
+    case 't':
+    case 'f':
+    case 'n':
+      mode_ = Mode::kLiteral, literal_ = byte == 't' ? 0 : byte == 'f' ? 1 : 2, literal_pos_ = 1;
+      return true;
+    default:
+      if (!is_digit(byte)) return false;
+      mode_ = Mode::kNumber, num_ = byte == '0' ? Num::kZero : Num::kInt;
+      return true;
+  }
+}
+
+// '}' or ']' closing the innermost container.
+bool JsonState::close(uint8_t byte) {
+  if (depth_ == 0 || stack_[depth_ - 1] != (byte == '}' ? '{' : '[')) return false;
+  --depth_;
+  mode_ = depth_ == 0 ? Mode::kDone : Mode::kAfterValue;
+  return true;
+}
+
+bool JsonState::after_value(uint8_t byte) {
+  if (byte == ',') {
+    mode_ = stack_[depth_ - 1] == '{' ? Mode::kObjectKey : Mode::kValue;
+    return true;
+  }
+  return (byte == '}' || byte == ']') && close(byte);
+}
+
+bool JsonState::string_byte(uint8_t byte) {
+  switch (mode_) {
+    case Mode::kEscape:
+      if (byte == 'u') {
+        mode_ = Mode::kHex, count_ = 4;
+        return true;
+      }
+      mode_ = Mode::kString;
+      return byte == '"' || byte == '\\' || byte == '/' || byte == 'b' || byte == 'f' || byte == 'n' ||
+             byte == 'r' || byte == 't';
+    case Mode::kHex:
+      if (!is_hex(byte)) return false;
+      if (--count_ == 0) mode_ = Mode::kString;
+      return true;
+    case Mode::kUtf8:
+      if (byte < utf8_lo_ || byte > utf8_hi_) return false;
+      utf8_lo_ = 0x80, utf8_hi_ = 0xBF;
+      if (--count_ == 0) mode_ = Mode::kString;
+      return true;
+    default:
+      break;
+  }
+  if (byte == '"') {
+    mode_ = key_ ? Mode::kColon : Mode::kAfterValue;
+    return true;
+  }
+  if (byte == '\\') {
+    mode_ = Mode::kEscape;
+    return true;
+  }
+  if (byte < 0x20) return false;  // control characters must be escaped
+  if (byte < 0x80) return true;
+  // A UTF-8 lead byte: how many continuation bytes follow, and the range of the first of them
+  // (no overlong forms, no surrogates, nothing past U+10FFFF), so the text always decodes.
+  if (byte >= 0xC2 && byte <= 0xDF) count_ = 1;
+  else if (byte >= 0xE0 && byte <= 0xEF) count_ = 2;
+  else if (byte >= 0xF0 && byte <= 0xF4) count_ = 3;
+  else return false;
+  utf8_lo_ = byte == 0xE0 ? 0xA0 : byte == 0xF0 ? 0x90 : 0x80;
+  utf8_hi_ = byte == 0xED ? 0x9F : byte == 0xF4 ? 0x8F : 0xBF;
+  mode_ = Mode::kUtf8;
+  return true;
+}
+
+// One more byte of a number, or false when the number cannot take it.
+bool JsonState::number_byte(uint8_t byte) {
+  const bool digit = is_digit(byte);
+  switch (num_) {
+    case Num::kMinus:
+      if (!digit) return false;
+      num_ = byte == '0' ? Num::kZero : Num::kInt;
+      return true;
+    case Num::kZero:
+    case Num::kInt:
+      if (digit && num_ == Num::kInt) return true;
+      if (byte == '.') return num_ = Num::kDot, true;
+      if (byte == 'e' || byte == 'E') return num_ = Num::kExp, true;
+      return false;
+    case Num::kDot:
+      return digit && (num_ = Num::kFrac, true);
+    case Num::kFrac:
+      if (digit) return true;
+      if (byte == 'e' || byte == 'E') return num_ = Num::kExp, true;
+      return false;
+    case Num::kExp:
+      if (byte == '+' || byte == '-') return num_ = Num::kExpSign, true;
+      return digit && (num_ = Num::kExpDigits, true);
+    case Num::kExpSign:
+      return digit && (num_ = Num::kExpDigits, true);
+    case Num::kExpDigits:
+      return digit;
+  }
+  return false;
+}
+
+bool JsonState::feed(uint8_t byte) {
+  switch (mode_) {
+    case Mode::kString:
+    case Mode::kEscape:
+    case Mode::kHex:
+    case Mode::kUtf8:
+      return string_byte(byte);
+    case Mode::kLiteral: {
+      const char* word = kLiterals[literal_];
+      if (byte != uint8_t(word[literal_pos_])) return false;
+      if (word[++literal_pos_] == '\0') mode_ = Mode::kAfterValue, ws_run_ = 0;
+      return true;
+    }
+    case Mode::kNumber:
+      if (number_byte(byte)) return true;
+      // The number ends here if it is whole; the byte then belongs to what follows it.
+      if (num_ != Num::kZero && num_ != Num::kInt && num_ != Num::kFrac && num_ != Num::kExpDigits) return false;
+      mode_ = Mode::kAfterValue, ws_run_ = 0;
+      return feed(byte);
+    case Mode::kDone:
+      return false;
+    default:
+      break;
+  }
+  if (whitespace(byte)) return true;
+  if (ws_run_ > kMaxWhitespace) return false;
+  ws_run_ = 0;
+  switch (mode_) {
+    case Mode::kStart:
+      return byte == '{' && value(byte);  // the top level is an object
+    case Mode::kValue:
+      return value(byte);
+    case Mode::kArrayFirst:
+      return byte == ']' ? close(byte) : value(byte);
+    case Mode::kObjectFirst:
+      if (byte == '}') return close(byte);
+      [[fallthrough]];
+    case Mode::kObjectKey:
+      if (byte != '"') return false;
+      mode_ = Mode::kString, key_ = true;
+      return true;
+    case Mode::kColon:
+      return byte == ':' && (mode_ = Mode::kValue, true);
+    case Mode::kAfterValue:
+      return after_value(byte);
+    default:
+      return false;
+  }
+}
+
+void JsonConstraint::mask(float* logits, int64_t vocab) const {
+  const int64_t n = std::min<int64_t>(vocab, int64_t(vocab_->bytes.size()));
+  const bool done = state_.complete();
+  for (int64_t t = 0; t < n; ++t) {
+    if (t == vocab_->eos) {
+      if (!done) logits[t] = -INFINITY;
+      continue;
+    }
+    const std::string& b = vocab_->bytes[size_t(t)];
+    JsonState trial = state_;
+    if (done || b.empty() || !trial.feed(b)) logits[t] = -INFINITY;
+  }
+  for (int64_t t = n; t < vocab; ++t) logits[t] = -INFINITY;  // ids the tokenizer does not know
+}
+
+void JsonConstraint::accept(int32_t token) {
+  if (token >= 0 && size_t(token) < vocab_->bytes.size() && token != vocab_->eos)
+    state_.feed(vocab_->bytes[size_t(token)]);
+}
+
+}  // namespace llamas

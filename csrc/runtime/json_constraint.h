@@ -1,0 +1,71 @@
+#pragma once
+// JSON mode (OpenAI's response_format {"type": "json_object"}): generated text is held to one JSON
+// object (RFC 8259, UTF-8) byte by byte. Before each draw every token whose bytes would break the
+// grammar gets logit -inf; end-of-text is allowed only once the object is closed, and nothing else
+// then. Whitespace between tokens of the grammar is limited to kMaxWhitespace bytes in a row: room
+// for a newline and indentation 11 levels of 2 spaces deep, while a model that only pads is made to
+// write something else.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/sampler.h"
+
+namespace llamas {
+
+// Each token's bytes as the tokenizer decodes them (byte-level BPE), empty for special tokens.
+struct TokenBytes {
+  std::vector<std::string> bytes;
+  int32_t eos = -1;  // end-of-text, or -1
+};
+
+// The recogniser's state: a small value type, copied to try each token.
+class JsonState {
+ public:
+  static constexpr int kMaxDepth = 32;
+  static constexpr int kMaxWhitespace = 24;
+  // Consumes one byte; false if no JSON object can continue with it (the state is then
+  // unspecified: try bytes on a copy).
+  bool feed(uint8_t byte);
+  bool feed(const std::string& bytes);
+  // The top-level object is closed.
+  bool complete() const { return mode_ == Mode::kDone; }
+
+ private:
+  enum class Mode : uint8_t {
+    kStart, kValue, kArrayFirst, kObjectFirst, kObjectKey, kColon, kAfterValue, kString, kEscape, kHex,
+    kUtf8, kNumber, kLiteral, kDone
+  };
+  enum class Num : uint8_t { kMinus, kZero, kInt, kDot, kFrac, kExp, kExpSign, kExpDigits };
+  bool whitespace(uint8_t byte);
+  bool value(uint8_t byte);
+  bool after_value(uint8_t byte);
+  bool close(uint8_t byte);
+  bool string_byte(uint8_t byte);
+  bool number_byte(uint8_t byte);
+
+  Mode mode_ = Mode::kStart;
+  Num num_ = Num::kInt;
+  bool key_ = false;          // the string being read is an object key
+  uint8_t count_ = 0;         // hex digits or UTF-8 continuation bytes still expected
+  uint8_t utf8_lo_ = 0x80, utf8_hi_ = 0xBF;  // range of the next UTF-8 continuation byte
+  uint8_t literal_ = 0, literal_pos_ = 0;    // which of true/false/null, and how far
+  uint8_t ws_run_ = 0;
+  uint8_t depth_ = 0;
+  char stack_[kMaxDepth] = {};
+};
+
+// The constraint a sequence's sampler applies in JSON mode.
+class JsonConstraint : public TokenConstraint {
+ public:
+  explicit JsonConstraint(std::shared_ptr<const TokenBytes> vocab) : vocab_(std::move(vocab)) {}
+  void mask(float* logits, int64_t vocab) const override;
+  void accept(int32_t token) override;
+
+ private:
+  std::shared_ptr<const TokenBytes> vocab_;
+  JsonState state_;
+};
+
+}  // namespace llamas
