@@ -121,6 +121,19 @@ def served_client(model, **app_kwargs):
             yield c
 
 
+def wait_healthy(proc, url: str, timeout: float = 30) -> None:
+    """Waits until a `llamas serve` subprocess answers /health with 200 (fails if it exits)."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+
+
 def assert_still_serving(http):
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200, r.text
@@ -637,15 +650,7 @@ def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        wait_healthy(proc, url)
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         t_start = time.time()
         stream = iter(c.completions.create(model="medium", prompt=[1, 2, 3], max_tokens=120, temperature=0,

@@ -131,3 +131,53 @@ def test_continuous_usage_counts_each_choice_as_it_streams(http, model, path, ex
     assert all(e["usage"] is None for e in plain[:-1])
     none = _events(http, path, {**body, "stream_options": {"continuous_usage_stats": True}})
     assert all("usage" not in e for e in none) and text(none) == text(events)
+
+
+# ---- llamas serve --chat-template ---------------------------------------------------------------
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+
+
+def test_cli_chat_template_reads_a_file_or_the_template_itself(tmp_path):
+    from llamas._C import LlamasError
+    from llamas.cli_serve import _chat_template
+    f = tmp_path / "chat.jinja"
+    f.write_text(TEMPLATE)
+    assert _chat_template(str(f)) == TEMPLATE
+    assert _chat_template(TEMPLATE) == TEMPLATE
+    assert _chat_template(None) is None
+    with pytest.raises(LlamasError, match="neither a file nor a jinja2 template"):
+        _chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(LlamasError, match="not a valid jinja2 template"):
+        _chat_template("{% for m in messages %}")
+    (tmp_path / "bad.jinja").write_bytes(b"\xff{{ x }}")
+    with pytest.raises(LlamasError, match="cannot read --chat-template"):
+        _chat_template(str(tmp_path / "bad.jinja"))
+
+
+def test_serve_with_chat_template(tmp_path):
+    import subprocess
+    import sys
+
+    import httpx
+    from test_server import free_port, wait_healthy
+    f = tmp_path / "chat.jinja"
+    f.write_text(TEMPLATE)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llamas", "serve", "--model", TINY, "--port", str(port),
+                             "--chat-template", str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(proc, url)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        r = httpx.post(url + "/tokenize", json={"messages": messages})
+        assert r.status_code == 200
+        rendered = "<system>Be brief.\n<user>Hi\n<bot>"
+        assert r.json()["tokens"] == llamas.load(TINY).tokenizer.encode(rendered)
+        assert httpx.get(url + "/tokenizer_info").json()["chat_template"] == TEMPLATE
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    # a broken template stops `llamas serve` before it loads anything
+    r = subprocess.run([sys.executable, "-m", "llamas", "serve", "--model", TINY, "--port", str(free_port()),
+                        "--chat-template", "{% if %}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not a valid jinja2 template" in r.stderr and "Traceback" not in r.stderr

@@ -60,6 +60,10 @@ def add_parser(sub, model_help: str) -> None:
     s.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                         "browser (CORS); repeatable; default: none")
+    s.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="jinja2 chat template for /v1/chat/completions, a file or the template itself, instead of "
+                        "the model's tokenizer_config.json chat_template (default: the model's, else one "
+                        "'role: content' line per message)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level; one JSON line per request at info (logger llamas.server)")
 
@@ -81,6 +85,31 @@ def _api_key(args) -> str | None:
     return os.environ.get("LLAMAS_API_KEY") or None
 
 
+def _chat_template(arg: str | None) -> str | None:
+    """The --chat-template source: a file's text, or the argument itself when it looks like a template
+    (as vLLM reads it); compiled here so that a broken template stops the server before it loads."""
+    if arg is None:
+        return None
+    if os.path.isfile(arg):
+        try:
+            with open(arg, encoding="utf-8") as f:
+                source = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlamasError(f"[serve] cannot read --chat-template {arg}: {e}") from None
+    elif any(c in arg for c in "{}\n"):
+        source = arg
+    else:
+        raise LlamasError(f"[serve] --chat-template {arg!r} is neither a file nor a jinja2 template")
+    from jinja2 import TemplateError
+
+    from .server_chat import ChatTemplate
+    try:
+        ChatTemplate(source)
+    except TemplateError as e:
+        raise LlamasError(f"[serve] --chat-template is not a valid jinja2 template: {e}") from None
+    return source
+
+
 def run(args, model_path: str) -> int:
     try:
         import uvicorn
@@ -91,6 +120,7 @@ def run(args, model_path: str) -> int:
     import llamas
     if not os.path.isdir(model_path):
         raise LlamasError(f"[load] {model_path} is not a folder (expected a Hugging Face model folder)")
+    chat_template = _chat_template(args.chat_template)
     _check_listen(args.host, args.port)
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
@@ -100,7 +130,7 @@ def run(args, model_path: str) -> int:
     app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, api_key=_api_key(args),
                      model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk,
-                     prefix_cache_mb=args.prefix_cache_mb, cors_origins=args.cors_origin)
+                     prefix_cache_mb=args.prefix_cache_mb, cors_origins=args.cors_origin, chat_template=chat_template)
     state = app.state.llamas
 
     class Server(uvicorn.Server):
