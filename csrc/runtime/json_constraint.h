@@ -18,6 +18,11 @@ namespace llamas {
 struct TokenBytes {
   std::vector<std::string> bytes;
   int32_t eos = -1;  // end-of-text, or -1
+  // Tokens of printable ASCII other than '"' and '\\': inside a string they are always allowed and
+  // leave it a string, so the mask skips feeding them (most of a text vocabulary; filled by
+  // mark_plain()).
+  std::vector<uint8_t> plain;
+  void mark_plain();
 };
 
 // The recogniser's state: a small value type, copied to try each token.
@@ -31,6 +36,8 @@ class JsonState {
   bool feed(const std::string& bytes);
   // The top-level object is closed.
   bool complete() const { return mode_ == Mode::kDone; }
+  // Inside a string, between characters (not in an escape or a UTF-8 sequence).
+  bool in_string() const { return mode_ == Mode::kString; }
 
  private:
   enum class Mode : uint8_t {
