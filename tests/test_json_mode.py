@@ -130,6 +130,8 @@ def test_json_mode_needs_a_byte_level_tokenizer(monkeypatch):
         llamas.load(TINY).generate("x", max_new_tokens=4, json_object="yes")
     with pytest.raises(LlamasError, match="min_tokens cannot be combined with JSON mode"):
         llamas.load(TINY).generate("x", max_new_tokens=4, json_object=True, min_tokens=2)
+    with pytest.raises(LlamasError, match="ignore_eos cannot be combined with JSON mode"):
+        llamas.load(TINY).generate("x", max_new_tokens=4, json_object=True, ignore_eos=True)
 
 
 def test_cli_json_flag():
@@ -176,13 +178,14 @@ def test_server_json_mode(http, path):
     ({"type": "json_object", "extra": 1}, "must be {\"type\": \"text\"}"),
     ("json", "'response_format' must be an object"),
     ({"type": "json_object", "min_tokens": 2}, "'min_tokens' cannot be combined"),
+    ({"type": "json_object", "ignore_eos": True}, "'ignore_eos' cannot be combined"),
 ])
 def test_server_refuses_other_response_formats(http, value, message):
     for path, base in (("/v1/completions", {"prompt": "x"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
-        if isinstance(value, dict) and "min_tokens" in value:  # the combination, not the format, is refused
-            r = http.post(path, json={**base, "max_tokens": 4, "response_format": {"type": "json_object"},
-                                      "min_tokens": value["min_tokens"]})
+        extra = {k: v for k, v in value.items() if k in ("min_tokens", "ignore_eos")} if isinstance(value, dict) else {}
+        if extra:  # the combination, not the format, is refused
+            r = http.post(path, json={**base, "max_tokens": 4, "response_format": {"type": "json_object"}, **extra})
             assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
             continue
         r = http.post(path, json={**base, "max_tokens": 4, "response_format": value})

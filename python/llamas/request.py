@@ -232,9 +232,10 @@ class Request:
         self.options = options
         self.rules = stop if isinstance(stop, StopRules) else StopRules(tuple(stop))
         self.stop = list(self.rules.strings)
-        if getattr(options, "json_object", False) and self.rules.min_tokens:
-            # a closed object allows only end-of-text, which min_tokens would hold back
-            raise LlamasError("[generate] min_tokens cannot be combined with JSON mode")
+        if getattr(options, "json_object", False) and (self.rules.min_tokens or self.rules.ignore_eos):
+            # a closed object allows only end-of-text, which these would hold back or not stop at
+            what = "min_tokens" if self.rules.min_tokens else "ignore_eos"
+            raise LlamasError(f"[generate] {what} cannot be combined with JSON mode")
         self.sink = sink
         self.prompt_logprobs = prompt_logprobs
         # Scores gathered while the prompt is fed; handed to the first chunk (then None again).

@@ -291,9 +291,10 @@ def _common(body: dict, vocab: int, p: GenParams) -> None:
         logit_bias=get_logit_bias(body, vocab),
         json_object=get_response_format(body),
     )
-    if p.sampling["json_object"] and p.min_tokens:
-        raise bad("'min_tokens' cannot be combined with 'response_format' json_object (a closed object allows "
-                  "only end-of-text).", "min_tokens", "invalid_value")
+    for name, value in (("min_tokens", p.min_tokens), ("ignore_eos", p.ignore_eos)):
+        if p.sampling["json_object"] and value:
+            raise bad(f"'{name}' cannot be combined with 'response_format' json_object (a closed object allows "
+                      "only end-of-text).", name, "invalid_value")
     get_str(body, "user")
 
 
