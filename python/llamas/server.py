@@ -24,8 +24,8 @@ from ._C import LlamasError
 from .prefix_cache import cache_bytes
 from .server_generation import _generate
 from .server_metrics import CONTENT_TYPE_LATEST, log_request
-from .server_protocol import (APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_chat,
-                              parse_completion, parse_messages)
+from .server_chat import parse_chat, parse_messages
+from .server_protocol import APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_completion
 from .server_state import ServerState, _error, _json, _record
 
 log = logging.getLogger("llamas.server")

@@ -1,12 +1,20 @@
-"""Chat templates for the OpenAI-compatible server: the model's jinja2 `chat_template`, or a
-plain "role: content" layout when it has none."""
+"""Chat for the OpenAI-compatible server: the chat request's fields and messages, and the chat
+template (the model's jinja2 `chat_template`, or a plain "role: content" layout when it has none)."""
 from __future__ import annotations
 
 import json
 import os
 from typing import List, Optional
 
-from .server_protocol import bad
+from .server_protocol import (COMMON_FIELDS, GenParams, bad, check_text, check_unknown, get_bool, get_int, get_str,
+                              parse_common, typename)
+
+MAX_MESSAGES = 4096
+MAX_CHAT_TOP_LOGPROBS = 20
+ROLES = ("system", "developer", "user", "assistant", "tool")
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                               "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                               "store", "metadata", "service_tier"}
 
 
 PLAIN_TEMPLATE_DOC = 'each message as "role: content\\n", then "assistant:"'
@@ -74,3 +82,77 @@ class ChatTemplate:
         if tpl is not None and not isinstance(tpl, str):
             tpl = None
         return cls(tpl, token("bos_token"), token("eos_token"))
+
+
+# ---- the chat request --------------------------------------------------------------------------
+def parse_messages(messages, param: str = "messages") -> List[dict]:
+    if not isinstance(messages, list):
+        raise bad(f"'{param}' must be an array of messages, got {typename(messages)}.", param, "invalid_type")
+    if not messages:
+        raise bad(f"'{param}' must contain at least one message.", param, "invalid_value")
+    if len(messages) > MAX_MESSAGES:
+        raise bad(f"'{param}' has {len(messages)} messages; at most {MAX_MESSAGES}.", param, "invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"{param}[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{where}' must be an object, got {typename(m)}.", where, "invalid_type")
+        check_unknown(m, {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)[:40]}.",
+                      f"{where}.role", "invalid_value")
+        content = m.get("content")
+        if content is None:
+            if role != "assistant":
+                raise bad(f"'{where}.content' is required.", f"{where}.content", "missing_required_parameter")
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                pw = f"{where}.content[{j}]"
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise bad(f"'{pw}' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                              "only text is supported.", pw, "invalid_value")
+                check_unknown(part, {"type", "text"})
+                parts.append(check_text(part.get("text"), f"{pw}.text"))
+            content = "".join(parts)
+        else:
+            check_text(content, f"{where}.content")
+        msg = {"role": role, "content": content}
+        if m.get("name") is not None:
+            msg["name"] = check_text(m["name"], f"{where}.name")
+        if m.get("tool_calls"):
+            raise bad("tool calls are not supported.", f"{where}.tool_calls", "unsupported_value")
+        out.append(msg)
+    return out
+
+
+def parse_chat(body: dict, vocab: int) -> tuple:
+    check_unknown(body, CHAT_FIELDS)
+    if "messages" not in body:
+        raise bad("'messages' is required.", "messages", "missing_required_parameter")
+    messages = parse_messages(body["messages"])
+    p = GenParams(prompts=[])
+    parse_common(body, vocab, p)
+    mt = get_int(body, "max_tokens", None, 1, 2 ** 31)
+    mct = get_int(body, "max_completion_tokens", None, 1, 2 ** 31)
+    if mt is not None and mct is not None and mt != mct:
+        raise bad("give 'max_tokens' or 'max_completion_tokens', not both.", "max_completion_tokens", "invalid_value")
+    p.max_tokens = mct if mct is not None else mt
+    if get_bool(body, "logprobs", False):
+        p.logprobs = get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
+    elif body.get("top_logprobs") is not None:
+        get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
+        raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
+    if body.get("tools"):
+        raise bad("tools are not supported.", "tools", "unsupported_value")
+    tc = body.get("tool_choice")
+    if tc is not None and tc != "none":
+        raise bad("'tool_choice' must be null or \"none\" (tools are not supported).", "tool_choice", "unsupported_value")
+    get_bool(body, "parallel_tool_calls", False)
+    get_bool(body, "store", False)
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise bad("'metadata' must be an object.", "metadata", "invalid_type")
+    get_str(body, "service_tier")
+    return p, messages

@@ -14,6 +14,8 @@ from ._C import LlamasError
 from .engine import EngineClosed, QueueFull
 from .engine import Request as EngineRequest
 from .engine import SamplingOptions, StopRules
+from .server_choices import (best_of_choices, chat_logprobs, completion_logprobs, echo_logprobs, extend_logprobs,
+                             prompt_text)
 from .server_protocol import APIError, GenParams, bad
 from .server_sse import ChunkFormat, sse
 from .server_state import ResponseInbox, ServerState, _json, _record, send_now
@@ -129,7 +131,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     # echo: each choice's text (and logprobs) starts with its prompt, as given or decoded from ids.
     echoes = None
     if p.echo:
-        texts = [_prompt_text(state.tokenizer, p, pi) for pi in range(len(p.prompt_ids))]
+        texts = [prompt_text(state.tokenizer, p, pi) for pi in range(len(p.prompt_ids))]
         echoes = [texts[i // p.n] for i in range(len(handles))]
 
     def finish_record():
@@ -180,7 +182,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
             raise APIError(503, "The request was cancelled by the server.", code="cancelled")
     completion_tokens = sum(r.completion_tokens for r in results)  # best_of: every candidate's
     if per_prompt > p.n:
-        results = _best_of(results, per_prompt, p.n, keep_logprobs=p.logprobs is not None)
+        results = best_of_choices(results, per_prompt, p.n, keep_logprobs=p.logprobs is not None)
     tok = state.tokenizer
     out = []
     for i, r in enumerate(results):
@@ -196,31 +198,12 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
             lp = None
             if r.logprobs is not None:
                 lp = echo_logprobs(tok, p.prompt_ids[i // p.n], r.prompt_logprobs)
-                _extend_logprobs(lp, completion_logprobs(tok, r.logprobs, len(echoes[i])))
+                extend_logprobs(lp, completion_logprobs(tok, r.logprobs, len(echoes[i])))
             c = {"index": i, "text": echoes[i] + r.text, "logprobs": lp, "finish_reason": r.finish_reason}
         out.append(c)
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                   "created": created, "model": state.model_name, "choices": out,
                   "usage": _usage(prompt_tokens, completion_tokens, handles)})
-
-
-def _best_of(results: list, per_prompt: int, n: int, keep_logprobs: bool) -> list:
-    """The n best of each prompt's per_prompt candidates, best first: by mean log-probability per
-    generated token (OpenAI's ranking; a candidate that generated nothing ranks last), ties to the
-    earlier candidate."""
-    def mean_logprob(r) -> float:
-        lps = r.logprobs or []
-        return sum(t.logprob for t in lps) / len(lps) if lps else float("-inf")
-
-    chosen = []
-    for first in range(0, len(results), per_prompt):
-        group = results[first:first + per_prompt]
-        order = sorted(range(len(group)), key=lambda i: (-mean_logprob(group[i]), i))
-        chosen += [group[i] for i in order[:n]]
-    if not keep_logprobs:
-        for r in chosen:
-            r.logprobs = None
-    return chosen
 
 
 def _round(v):
@@ -379,60 +362,3 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
         out.append(fmt.frame([], _usage(prompt_tokens, completion_tokens, handles)))
     out.append("data: [DONE]\n\n")
     await emit("".join(out), more_body=False)
-
-
-# ---- responses --------------------------------------------------------------------------------
-def completion_logprobs(tokenizer, lps, offset0: int) -> dict:
-    """OpenAI legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset
-    (offsets into the generated text)."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = offset0
-    for lp in lps:
-        s = tokenizer.decode([lp.token_id]) if tokenizer is not None else str(lp.token_id)
-        tokens.append(s)
-        token_lps.append(lp.logprob)
-        top = {}
-        for tid, v in lp.top:
-            key = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
-            top.setdefault(key, v)
-        tops.append(top)
-        offsets.append(offset)
-        offset += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _prompt_text(tokenizer, p: GenParams, prompt_index: int) -> str:
-    prompt = p.prompts[prompt_index]
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.decode(p.prompt_ids[prompt_index]) if tokenizer is not None else ""
-
-
-def echo_logprobs(tokenizer, ids, scores) -> dict:
-    """The prompt's part of an echoed completion's logprobs: one entry per prompt token, the first
-    with null logprob and top_logprobs (nothing precedes it), offsets from the start of the text."""
-    lp = completion_logprobs(tokenizer, (scores or [None])[1:], 0)
-    first = tokenizer.decode([ids[0]]) if tokenizer is not None else str(ids[0])
-    lp["tokens"].insert(0, first)
-    lp["token_logprobs"].insert(0, None)
-    lp["top_logprobs"].insert(0, None)
-    lp["text_offset"] = [o + len(first) for o in lp["text_offset"]]
-    lp["text_offset"].insert(0, 0)
-    return lp
-
-
-def _extend_logprobs(lp: dict, more: dict) -> None:
-    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-        lp[key].extend(more[key])
-
-
-def chat_logprobs(tokenizer, lps) -> dict:
-    def entry(tid, v):
-        s = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
-        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
-    content = []
-    for lp in lps:
-        e = entry(lp.token_id, lp.logprob)
-        e["top_logprobs"] = [entry(t, v) for t, v in lp.top]
-        content.append(e)
-    return {"content": content}

@@ -18,11 +18,8 @@ MAX_STOP = 16               # stop strings
 MAX_STOP_CHARS = 256        # characters in one stop string
 MAX_STOP_TOKEN_IDS = 64     # stop_token_ids
 MAX_LOGIT_BIAS = 1024       # entries in logit_bias
-MAX_MESSAGES = 4096
 MAX_COMPLETION_LOGPROBS = 5     # legacy completions: top-n alternatives
-MAX_CHAT_TOP_LOGPROBS = 20
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _ERROR_TYPES = {
     400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -73,7 +70,7 @@ def parse_json_body(raw: bytes) -> dict:
 
 
 # ---- field checks -----------------------------------------------------------------------------
-def _typename(v) -> str:
+def typename(v) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
             dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
 
@@ -87,7 +84,7 @@ def check_unknown(body: dict, allowed) -> None:
 def check_text(value, param: str) -> str:
     """A str that is valid Unicode (JSON can smuggle in lone surrogates)."""
     if not isinstance(value, str):
-        raise bad(f"'{param}' must be a string, got {_typename(value)}.", param, "invalid_type")
+        raise bad(f"'{param}' must be a string, got {typename(value)}.", param, "invalid_type")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -100,7 +97,7 @@ def get_int(body: dict, name: str, default, lo: int, hi: int) -> Optional[int]:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(f"'{name}' must be an integer, got {_typename(v)} {json.dumps(v)[:40]}.", name, "invalid_type")
+        raise bad(f"'{name}' must be an integer, got {typename(v)} {json.dumps(v)[:40]}.", name, "invalid_type")
     if v < lo:
         raise bad(f"'{name}' must be at least {lo}, got {v}.", name, "invalid_value")
     if v > hi:
@@ -113,7 +110,7 @@ def get_float(body: dict, name: str, default, lo: float, hi: float, lo_open: boo
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise bad(f"'{name}' must be a number, got {_typename(v)}.", name, "invalid_type")
+        raise bad(f"'{name}' must be a number, got {typename(v)}.", name, "invalid_type")
     v = float(v)
     lb = "(" if lo_open else "["
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
@@ -129,7 +126,7 @@ def get_bool(body: dict, name: str, default: bool) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise bad(f"'{name}' must be a boolean, got {_typename(v)}.", name, "invalid_type")
+        raise bad(f"'{name}' must be a boolean, got {typename(v)}.", name, "invalid_type")
     return v
 
 
@@ -146,7 +143,7 @@ def get_stop(body: dict) -> List[str]:
         return []
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, list):
-        raise bad(f"'stop' must be a string or an array of strings, got {_typename(v)}.", "stop", "invalid_type")
+        raise bad(f"'stop' must be a string or an array of strings, got {typename(v)}.", "stop", "invalid_type")
     if len(items) > MAX_STOP:
         raise bad(f"'stop' has {len(items)} strings; at most {MAX_STOP} are allowed.", "stop", "invalid_value")
     out = []
@@ -164,7 +161,7 @@ def get_logit_bias(body: dict, vocab: int) -> Dict[int, float]:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise bad(f"'logit_bias' must be an object {{token id: bias}}, got {_typename(v)}.", "logit_bias", "invalid_type")
+        raise bad(f"'logit_bias' must be an object {{token id: bias}}, got {typename(v)}.", "logit_bias", "invalid_type")
     if len(v) > MAX_LOGIT_BIAS:
         raise bad(f"'logit_bias' has {len(v)} entries; at most {MAX_LOGIT_BIAS}.", "logit_bias", "invalid_value")
     out = {}
@@ -189,7 +186,7 @@ def check_token_ids(ids, vocab: int, param: str) -> List[int]:
         raise bad(f"'{param}' must be an array of token ids.", param, "invalid_type")
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int):
-            raise bad(f"'{param}' must contain integer token ids, got {_typename(t)}.", param, "invalid_type")
+            raise bad(f"'{param}' must contain integer token ids, got {typename(t)}.", param, "invalid_type")
         if not 0 <= t < vocab:
             raise bad(f"token id {t} in '{param}' is outside the vocabulary [0, {vocab}).", param, "invalid_value")
     return ids
@@ -225,9 +222,6 @@ COMMON_FIELDS = {
     "logit_bias", "user", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "response_format"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                               "response_format", "tools", "tool_choice", "parallel_tool_calls",
-                               "store", "metadata", "service_tier"}
 
 
 def get_response_format(body: dict) -> bool:
@@ -236,7 +230,7 @@ def get_response_format(body: dict) -> bool:
     if rf is None:
         return False
     if not isinstance(rf, dict):
-        raise bad(f"'response_format' must be an object, got {_typename(rf)}.", "response_format", "invalid_type")
+        raise bad(f"'response_format' must be an object, got {typename(rf)}.", "response_format", "invalid_type")
     kind = rf.get("type")
     if kind == "json_schema":
         raise bad("'response_format' {\"type\": \"json_schema\"} is not supported; {\"type\": \"json_object\"} "
@@ -247,7 +241,7 @@ def get_response_format(body: dict) -> bool:
     return kind == "json_object"
 
 
-def _common(body: dict, vocab: int, p: GenParams) -> None:
+def parse_common(body: dict, vocab: int, p: GenParams) -> None:
     p.n = get_int(body, "n", 1, 1, MAX_N)
     p.stream = get_bool(body, "stream", False)
     so = body.get("stream_options")
@@ -273,7 +267,7 @@ def _common(body: dict, vocab: int, p: GenParams) -> None:
     p.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", False)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad(f"'seed' must be an integer, got {_typename(seed)}.", "seed", "invalid_type")
+        raise bad(f"'seed' must be an integer, got {typename(seed)}.", "seed", "invalid_type")
     if seed is not None and not 0 <= seed < 2 ** 63:
         raise bad(f"'seed' must be in [0, 2^63), got {seed}.", "seed", "invalid_value")
     top_k = body.get("top_k")
@@ -327,10 +321,10 @@ def parse_completion(body: dict, vocab: int, has_tokenizer: bool) -> GenParams:
                 raise bad("'prompt' must not be empty.", "prompt", "invalid_value")
             check_token_ids(x, vocab, "prompt")
         else:
-            raise bad(f"'prompt' items must be strings or token id arrays, got {_typename(x)}.", "prompt", "invalid_type")
+            raise bad(f"'prompt' items must be strings or token id arrays, got {typename(x)}.", "prompt", "invalid_type")
         out.append(x)
     p = GenParams(prompts=out)
-    _common(body, vocab, p)
+    parse_common(body, vocab, p)
     p.echo = get_bool(body, "echo", False)
     lp = body.get("logprobs")
     if lp is not None:
@@ -355,76 +349,3 @@ def parse_completion(body: dict, vocab: int, has_tokenizer: bool) -> GenParams:
         if body["suffix"]:
             raise bad("'suffix' is not supported.", "suffix", "unsupported_value")
     return p
-
-
-def parse_messages(messages, param: str = "messages") -> List[dict]:
-    if not isinstance(messages, list):
-        raise bad(f"'{param}' must be an array of messages, got {_typename(messages)}.", param, "invalid_type")
-    if not messages:
-        raise bad(f"'{param}' must contain at least one message.", param, "invalid_value")
-    if len(messages) > MAX_MESSAGES:
-        raise bad(f"'{param}' has {len(messages)} messages; at most {MAX_MESSAGES}.", param, "invalid_value")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"{param}[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"'{where}' must be an object, got {_typename(m)}.", where, "invalid_type")
-        check_unknown(m, {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
-        role = m.get("role")
-        if role not in ROLES:
-            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)[:40]}.",
-                      f"{where}.role", "invalid_value")
-        content = m.get("content")
-        if content is None:
-            if role != "assistant":
-                raise bad(f"'{where}.content' is required.", f"{where}.content", "missing_required_parameter")
-            content = ""
-        elif isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                pw = f"{where}.content[{j}]"
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise bad(f"'{pw}' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
-                              "only text is supported.", pw, "invalid_value")
-                check_unknown(part, {"type", "text"})
-                parts.append(check_text(part.get("text"), f"{pw}.text"))
-            content = "".join(parts)
-        else:
-            check_text(content, f"{where}.content")
-        msg = {"role": role, "content": content}
-        if m.get("name") is not None:
-            msg["name"] = check_text(m["name"], f"{where}.name")
-        if m.get("tool_calls"):
-            raise bad("tool calls are not supported.", f"{where}.tool_calls", "unsupported_value")
-        out.append(msg)
-    return out
-
-
-def parse_chat(body: dict, vocab: int) -> tuple:
-    check_unknown(body, CHAT_FIELDS)
-    if "messages" not in body:
-        raise bad("'messages' is required.", "messages", "missing_required_parameter")
-    messages = parse_messages(body["messages"])
-    p = GenParams(prompts=[])
-    _common(body, vocab, p)
-    mt = get_int(body, "max_tokens", None, 1, 2 ** 31)
-    mct = get_int(body, "max_completion_tokens", None, 1, 2 ** 31)
-    if mt is not None and mct is not None and mt != mct:
-        raise bad("give 'max_tokens' or 'max_completion_tokens', not both.", "max_completion_tokens", "invalid_value")
-    p.max_tokens = mct if mct is not None else mt
-    if get_bool(body, "logprobs", False):
-        p.logprobs = get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
-    elif body.get("top_logprobs") is not None:
-        get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
-        raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
-    if body.get("tools"):
-        raise bad("tools are not supported.", "tools", "unsupported_value")
-    tc = body.get("tool_choice")
-    if tc is not None and tc != "none":
-        raise bad("'tool_choice' must be null or \"none\" (tools are not supported).", "tool_choice", "unsupported_value")
-    get_bool(body, "parallel_tool_calls", False)
-    get_bool(body, "store", False)
-    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
-        raise bad("'metadata' must be an object.", "metadata", "invalid_type")
-    get_str(body, "service_tier")
-    return p, messages
