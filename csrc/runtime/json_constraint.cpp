@@ -204,7 +204,14 @@ void JsonConstraint::mask(float* logits, int64_t vocab) const {
   const int64_t n = std::min<int64_t>(vocab, int64_t(vocab_->bytes.size()));
   const bool done = state_.complete();
   // GPT-2 124M, 50,257 tokens: feeding every token took 2.2-2.4 ms a step (10% of a decode step).
+  // Two shortcuts: inside a string plain ASCII tokens are allowed as they are, and a token whose
+  // first byte the state refuses is refused without feeding the rest (256 trials decide which).
   const bool skip_plain = state_.in_string() && vocab_->plain.size() == vocab_->bytes.size();
+  bool first_ok[256];
+  for (int b = 0; b < 256; ++b) {
+    JsonState trial = state_;
+    first_ok[b] = !done && trial.feed(uint8_t(b));
+  }
   for (int64_t t = 0; t < n; ++t) {
     if (t == vocab_->eos) {
       if (!done) logits[t] = -INFINITY;
@@ -212,8 +219,12 @@ void JsonConstraint::mask(float* logits, int64_t vocab) const {
     }
     if (skip_plain && vocab_->plain[size_t(t)]) continue;
     const std::string& b = vocab_->bytes[size_t(t)];
+    if (b.empty() || !first_ok[uint8_t(b[0])]) {
+      logits[t] = -INFINITY;
+      continue;
+    }
     JsonState trial = state_;
-    if (done || b.empty() || !trial.feed(b)) logits[t] = -INFINITY;
+    if (!trial.feed(b)) logits[t] = -INFINITY;
   }
   for (int64_t t = n; t < vocab; ++t) logits[t] = -INFINITY;  // ids the tokenizer does not know
 }
