@@ -193,3 +193,67 @@ def test_server_refuses_other_response_formats(http, value, message):
         assert message in r.json()["error"]["message"] and r.json()["error"]["param"] == "response_format"
     r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "response_format": {"type": "text"}})
     assert r.status_code == 200
+
+
+# ---- choices (vLLM's guided_choice) ---------------------------------------------------------------
+CHOICES = ["yes", "no", "yesterday", "maybe not", "caf\u00e9 \u2014 \U0001F600"]
+
+
+def test_the_output_is_exactly_one_choice(model):
+    engine = llamas.Engine(model)
+    try:
+        handles = [engine.submit("Is it so? Answer:", max_new_tokens=n, temperature=t, seed=seed, choices=CHOICES)
+                   for seed in range(10) for t in (0.0, 1.5) for n in (2, 24)]
+        results = [h.result() for h in handles]
+    finally:
+        engine.shutdown()
+    seen = set()
+    for r in results:
+        if r.finish_reason == "stop":
+            assert r.text in CHOICES, r.text
+            seen.add(r.text)
+        else:  # cut by max_new_tokens: the start of a choice (an unfinished character shows as U+FFFD)
+            assert r.finish_reason == "length" and any(c.startswith(r.text.rstrip("\ufffd")) for c in CHOICES), r.text
+    assert len(seen) >= 2  # sampling really chose among them
+    assert model.generate("x", max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                          repetition_penalty=1.0, choices=["only"]) == "only"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(choices=[]), "choices must be a non-empty list"),
+    (dict(choices="yes"), "choices must be a non-empty list"),
+    (dict(choices=["a", ""]), "choices must be a non-empty list"),
+    (dict(choices=["a", 3]), "choices must be a non-empty list"),
+    (dict(choices=[str(i) for i in range(65)]), "at most 64"),
+    (dict(choices=["x" * 1025]), "at most 1024"),
+    (dict(choices=["\ud800"]), "not valid Unicode"),
+    (dict(choices=["a"], json_object=True), "cannot be combined"),
+    (dict(choices=["a"], min_tokens=1), "min_tokens cannot be combined with choices"),
+    (dict(choices=["a"], ignore_eos=True), "ignore_eos cannot be combined with choices"),
+])
+def test_bad_choices_are_refused(kwargs, message):
+    with pytest.raises(LlamasError, match=message):
+        llamas.load(TINY).generate("x", max_new_tokens=4, **kwargs)
+
+
+def test_cli_choice_flag():
+    r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "Q:", "--choice", "alpha",
+                        "--choice", "beta gamma", "--seed", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout[:-1] in ("alpha", "beta gamma")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_server_guided_choice(http, path):
+    base = {"prompt": "Q:"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Q"}]}
+    body = {**base, "guided_choice": CHOICES, "max_tokens": 24, "seed": 3, "n": 4}
+    out = http.post(path, json=body).json()
+    texts = [c["text"] if "text" in c else c["message"]["content"] for c in out["choices"]]
+    assert all(t in CHOICES for t in texts) and all(c["finish_reason"] == "stop" for c in out["choices"])
+    for extra, message in (({"guided_choice": []}, "non-empty array"), ({"guided_choice": "yes"}, "non-empty array"),
+                           ({"guided_choice": ["a", 1]}, "must contain strings"), ({"guided_choice": [""]}, "not be empty"),
+                           ({"guided_choice": ["a"] * 65}, "at most 64"), ({"guided_choice": ["x" * 1025]}, "1024"),
+                           ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "cannot be combined"),
+                           ({"guided_choice": ["a"], "min_tokens": 1}, "'min_tokens' cannot be combined")):
+        r = http.post(path, json={**base, "max_tokens": 4, **extra})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (extra, r.text)

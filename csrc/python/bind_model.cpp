@@ -70,7 +70,8 @@ void init_model(py::module_& m) {
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
                        float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed,
                        const std::map<int32_t, float>& logit_bias, int logprobs, int min_tokens,
-                       const std::vector<int32_t>& min_tokens_banned, std::shared_ptr<TokenBytes> json_vocab) {
+                       const std::vector<int32_t>& min_tokens_banned, std::shared_ptr<TokenBytes> json_vocab,
+                       const std::vector<py::bytes>& choices, std::shared_ptr<TokenBytes> choice_vocab) {
              SamplingParams p;
              p.temperature = temperature, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
              p.repetition_penalty = repetition_penalty;
@@ -88,13 +89,18 @@ void init_model(py::module_& m) {
                             c.vocab_size, ")");
              auto* seq = new Sequence(c, p, seed);
              if (json_vocab) seq->sampler.constraint = std::make_unique<JsonConstraint>(json_vocab);
+             if (choice_vocab) {
+               std::vector<std::string> options(choices.begin(), choices.end());
+               seq->sampler.constraint = std::make_unique<ChoiceConstraint>(choice_vocab, std::move(options));
+             }
              return seq;
            }),
            py::arg("config"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
            py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0,
            py::arg("logit_bias") = std::map<int32_t, float>(), py::arg("logprobs") = -1, py::arg("min_tokens") = 0,
-           py::arg("min_tokens_banned") = std::vector<int32_t>(), py::arg("json_vocab") = nullptr)
+           py::arg("min_tokens_banned") = std::vector<int32_t>(), py::arg("json_vocab") = nullptr,
+           py::arg("choices") = std::vector<py::bytes>(), py::arg("choice_vocab") = nullptr)
       .def_property_readonly("last_logprob", [](const Sequence& s) { return s.sampler.last_logprob; },
                              "Log-probability of the last sampled token (when logprobs >= 0).")
       .def_property_readonly("last_top_logprobs", [](const Sequence& s) { return s.sampler.last_top_logprobs; },

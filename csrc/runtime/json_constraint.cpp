@@ -234,4 +234,39 @@ void JsonConstraint::accept(int32_t token) {
     state_.feed(vocab_->bytes[size_t(token)]);
 }
 
+void ChoiceConstraint::mask(float* logits, int64_t vocab) const {
+  const int64_t n = std::min<int64_t>(vocab, int64_t(vocab_->bytes.size()));
+  const size_t at = so_far_.size();
+  bool next_ok[256] = {};  // bytes some choice continues with
+  bool complete = false;
+  for (const std::string& c : choices_) {
+    if (c.compare(0, at, so_far_) != 0 || c.size() < at) continue;
+    if (c.size() == at) complete = true;
+    else next_ok[uint8_t(c[at])] = true;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    if (t == vocab_->eos) {
+      if (!complete) logits[t] = -INFINITY;
+      continue;
+    }
+    const std::string& b = vocab_->bytes[size_t(t)];
+    if (b.empty() || !next_ok[uint8_t(b[0])]) {
+      logits[t] = -INFINITY;
+      continue;
+    }
+    bool ok = false;
+    for (const std::string& c : choices_)
+      if (c.size() >= at + b.size() && c.compare(0, at, so_far_) == 0 && c.compare(at, b.size(), b) == 0) {
+        ok = true;
+        break;
+      }
+    if (!ok) logits[t] = -INFINITY;
+  }
+  for (int64_t t = n; t < vocab; ++t) logits[t] = -INFINITY;
+}
+
+void ChoiceConstraint::accept(int32_t token) {
+  if (token >= 0 && size_t(token) < vocab_->bytes.size() && token != vocab_->eos) so_far_ += vocab_->bytes[size_t(token)];
+}
+
 }  // namespace llamas

@@ -75,4 +75,19 @@ class JsonConstraint : public TokenConstraint {
   JsonState state_;
 };
 
+// vLLM's guided_choice: the output is exactly one of `choices` (their UTF-8 bytes). A token may come
+// next if the bytes so far plus its own are the start of some choice; end-of-text once they are one.
+class ChoiceConstraint : public TokenConstraint {
+ public:
+  ChoiceConstraint(std::shared_ptr<const TokenBytes> vocab, std::vector<std::string> choices)
+      : vocab_(std::move(vocab)), choices_(std::move(choices)) {}
+  void mask(float* logits, int64_t vocab) const override;
+  void accept(int32_t token) override;
+
+ private:
+  std::shared_ptr<const TokenBytes> vocab_;
+  std::vector<std::string> choices_;
+  std::string so_far_;
+};
+
 }  // namespace llamas

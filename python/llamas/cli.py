@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not stop at the end-of-text token (generate --max-new-tokens tokens)")
     g.add_argument("--json", action="store_true",
                    help="JSON mode: hold the output to one JSON object (as response_format json_object)")
+    g.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                   help="the output is exactly one of these strings (repeatable; vLLM's guided_choice)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",
                    help="print token counts, time to first token and generation speed to stderr at the end")
@@ -147,7 +149,7 @@ def cmd_generate(args) -> int:
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 stop=args.stop or None, stop_token_ids=args.stop_token_id,
                                 min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, json_object=args.json,
-                                stream=True)
+                                choices=args.choice, stream=True)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

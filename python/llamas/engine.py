@@ -202,12 +202,13 @@ class Engine:
                      stop=None, logit_bias=None, logprobs: Optional[int] = None,
                      request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                      stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
-                     include_stop_str_in_output: bool = False, json_object: bool = False) -> Tuple[Request, bool]:
+                     include_stop_str_in_output: bool = False, json_object: bool = False,
+                     choices=None) -> Tuple[Request, bool]:
         """Validates and encodes; returns (Request, prompt was text)."""
         options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                                  frequency_penalty, seed, logit_bias, logprobs, json_object)
-        if json_object:
-            self.model.json_vocab()  # refused here for a model whose tokenizer cannot do it
+                                  frequency_penalty, seed, logit_bias, logprobs, json_object, choices)
+        if json_object or choices:
+            self.model.constraint_vocab()  # refused here for a model whose tokenizer cannot do it
         check_prompt_logprobs(prompt_logprobs)
         check_max_new_tokens(max_new_tokens, scoring=prompt_logprobs is not None)
         vocab = self.model.config.vocab_size
@@ -226,7 +227,8 @@ class Engine:
                stop=None, logit_bias=None, logprobs: Optional[int] = None,
                request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
-               include_stop_str_in_output: bool = False, json_object: bool = False) -> RequestHandle:
+               include_stop_str_in_output: bool = False, json_object: bool = False,
+               choices=None) -> RequestHandle:
         """Queues one request (same parameters as Model.generate, plus logit_bias {id: bias},
         logprobs: None, or n in [0, 20] for the chosen token's logprob and the top n, and
         prompt_logprobs: None, or n in [0, 20] to also score the prompt's tokens (the result's
@@ -234,7 +236,7 @@ class Engine:
         req, as_text = self.make_request(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                                          repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
                                          logit_bias, logprobs, request_id, prompt_logprobs, stop_token_ids,
-                                         min_tokens, ignore_eos, include_stop_str_in_output, json_object)
+                                         min_tokens, ignore_eos, include_stop_str_in_output, json_object, choices)
         return self.enqueue([(req, as_text, None)])[0]
 
     def enqueue(self, items) -> List[RequestHandle]:

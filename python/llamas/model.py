@@ -47,7 +47,7 @@ class Model:
         self.path = path
         # Sampling defaults from the model folder's generation_config.json ({} = greedy).
         self.generation_config = dict(generation_config or {})
-        self._json_vocab = None  # JSON mode's native token table, built on first use
+        self._constraint_vocab = None  # JSON mode's and choices' native token table, built on first use
 
     @property
     def dtype(self) -> str:
@@ -136,7 +136,8 @@ class Model:
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False,
                  presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
                  stop_token_ids: Optional[Sequence[int]] = None, min_tokens: int = 0, ignore_eos: bool = False,
-                 include_stop_str_in_output: bool = False, json_object: bool = False):
+                 include_stop_str_in_output: bool = False, json_object: bool = False,
+                 choices: Optional[Sequence[str]] = None):
         """Generates a continuation.
 
         A str prompt returns the generated str; a list of token ids returns the generated ids;
@@ -145,7 +146,8 @@ class Model:
         stops at the end-of-text token (unless ignore_eos), at a token of stop_token_ids, at a
         stop string (not included unless include_stop_str_in_output) or after max_new_tokens;
         never at the first three before min_tokens tokens. json_object=True holds the output to one
-        JSON object (it ends at end-of-text once the object closes). temperature=0 is greedy decoding. A
+        JSON object (it ends at end-of-text once the object closes); choices=[...] to exactly one of
+        those strings (vLLM's guided_choice). temperature=0 is greedy decoding. A
         sampling parameter left as None takes the model's generation_config.json value, else
         greedy / off.
         """
@@ -156,9 +158,9 @@ class Model:
                   for k, v in given.items()}
         options = SamplingOptions(values["temperature"], values["top_k"], values["top_p"], values["min_p"],
                                   values["repetition_penalty"], values["presence_penalty"],
-                                  values["frequency_penalty"], seed, json_object=json_object)
-        if json_object:
-            self.json_vocab()
+                                  values["frequency_penalty"], seed, json_object=json_object, choices=choices)
+        if json_object or choices:
+            self.constraint_vocab()
         check_max_new_tokens(max_new_tokens)
         stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
                                 self.config.vocab_size, max_new_tokens)
@@ -174,17 +176,20 @@ class Model:
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
 
-    def json_vocab(self):
-        """The native table of token bytes JSON mode masks with (built once); LlamasError when the
-        tokenizer is not byte-level BPE or there is none."""
-        if self._json_vocab is None:
+    def constraint_vocab(self):
+        """The native table of token bytes that JSON mode and choices mask with (built once);
+        LlamasError when the tokenizer is not byte-level BPE, or there is no end-of-text token to
+        end a constrained output with."""
+        if self._constraint_vocab is None:
             tb = self.tokenizer.token_bytes() if self.tokenizer is not None else None
             if tb is None:
-                raise LlamasError("[generate] JSON mode needs a byte-level BPE tokenizer (GPT-2's); this model's "
-                                  + ("has none" if self.tokenizer is None else "is another kind"))
+                raise LlamasError("[generate] JSON mode and choices need a byte-level BPE tokenizer (GPT-2's); this "
+                                  "model's " + ("has none" if self.tokenizer is None else "is another kind"))
             eos = self.tokenizer.eos_token_id
-            self._json_vocab = _C.TokenBytes(tb, -1 if eos is None else eos)
-        return self._json_vocab
+            if eos is None:
+                raise LlamasError("[generate] JSON mode and choices need an end-of-text token; this tokenizer has none")
+            self._constraint_vocab = _C.TokenBytes(tb, eos)
+        return self._constraint_vocab
 
     def score(self, prompt: Union[Prompt, list], top_logprobs: int = 0):
         """Log-probabilities of a prompt's own tokens: for each token, log p(token | the tokens

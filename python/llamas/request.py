@@ -39,7 +39,7 @@ class SamplingOptions:
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None, logprobs=None,
-                 json_object=False):
+                 json_object=False, choices=None):
         self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
@@ -68,12 +68,37 @@ class SamplingOptions:
         if not isinstance(json_object, bool):
             raise LlamasError(f"[generate] json_object must be True or False, got {json_object!r}")
         self.json_object = json_object  # JSON mode: the output is held to one JSON object
+        self.choices = check_choices(choices)  # the output is exactly one of these (None: free)
+        if self.choices is not None and json_object:
+            raise LlamasError("[generate] choices and json_object cannot be combined")
 
     def with_seed(self, seed: int) -> "SamplingOptions":
         other = object.__new__(SamplingOptions)
         other.__dict__.update(self.__dict__)
         other.seed = seed & ((1 << 64) - 1)
         return other
+
+
+MAX_CHOICES = 64            # choices (vLLM's guided_choice)
+MAX_CHOICE_BYTES = 1024     # UTF-8 bytes of one choice
+
+
+def check_choices(choices) -> Optional[List[str]]:
+    """None, or a list of 1..MAX_CHOICES distinct non-empty strings of at most MAX_CHOICE_BYTES."""
+    if choices is None:
+        return None
+    if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise LlamasError(f"[generate] choices must be a non-empty list of non-empty strings, got {choices!r:.80}")
+    if len(choices) > MAX_CHOICES:
+        raise LlamasError(f"[generate] choices has {len(choices)} strings; at most {MAX_CHOICES}")
+    for c in choices:
+        try:
+            size = len(c.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise LlamasError(f"[generate] a choice is not valid Unicode text: {c!r:.40}") from None
+        if size > MAX_CHOICE_BYTES:
+            raise LlamasError(f"[generate] a choice has {size} UTF-8 bytes; at most {MAX_CHOICE_BYTES}")
+    return list(dict.fromkeys(choices))
 
 
 def check_top_n(value, name: str, op: str = "generate", optional: bool = True) -> None:
@@ -232,10 +257,13 @@ class Request:
         self.options = options
         self.rules = stop if isinstance(stop, StopRules) else StopRules(tuple(stop))
         self.stop = list(self.rules.strings)
-        if getattr(options, "json_object", False) and (self.rules.min_tokens or self.rules.ignore_eos):
-            # a closed object allows only end-of-text, which these would hold back or not stop at
+        constrained = "JSON mode" if getattr(options, "json_object", False) else \
+            "choices" if getattr(options, "choices", None) else None
+        if constrained and (self.rules.min_tokens or self.rules.ignore_eos):
+            # a closed object or a whole choice allows only end-of-text, which these would hold
+            # back or not stop at
             what = "min_tokens" if self.rules.min_tokens else "ignore_eos"
-            raise LlamasError(f"[generate] {what} cannot be combined with JSON mode")
+            raise LlamasError(f"[generate] {what} cannot be combined with {constrained}")
         self.sink = sink
         self.prompt_logprobs = prompt_logprobs
         # Scores gathered while the prompt is fed; handed to the first chunk (then None again).

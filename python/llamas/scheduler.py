@@ -182,7 +182,9 @@ class Scheduler:
                                   o.repetition_penalty, o.presence_penalty, o.frequency_penalty, o.seed,
                                   o.logit_bias, -1 if o.logprobs is None else o.logprobs, rules.min_tokens,
                                   sorted(stop_ids) if rules.min_tokens else [],
-                                  self.model.json_vocab() if o.json_object else None)
+                                  self.model.constraint_vocab() if o.json_object else None,
+                                  [c.encode() for c in o.choices] if o.choices else [],
+                                  self.model.constraint_vocab() if o.choices else None)
             except Exception as e:
                 req.stats.admitted = time.perf_counter()
                 self._finish_waiting(req, "error", str(e))

@@ -81,12 +81,13 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                   f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
     stops = StopRules(tuple(p.stop), tuple(dict.fromkeys(p.stop_token_ids)), p.min_tokens, p.ignore_eos,
                       p.include_stop_str_in_output)
-    if p.sampling.get("json_object"):
-        try:
-            state.model.json_vocab()
-        except LlamasError as e:
-            raise bad(f"'response_format' json_object is not available: {e}", "response_format",
-                      "unsupported_value") from None
+    constrained = (("response_format", p.sampling.get("json_object")), ("guided_choice", p.sampling.get("choices")))
+    for field, wanted in constrained:
+        if wanted:
+            try:
+                state.model.constraint_vocab()
+            except LlamasError as e:
+                raise bad(f"'{field}' is not available: {e}", field, "unsupported_value") from None
     per_prompt = max(p.n, p.best_of)  # sequences per prompt: best_of candidates, of which n are returned
     n_total = len(p.prompt_ids) * per_prompt
     if n_total > state.max_batch + state.max_queue:
