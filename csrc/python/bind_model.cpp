@@ -8,7 +8,7 @@
 #include "llamas/error.h"
 #include "models/gpt2.h"
 #include "python/convert.h"
-#include "runtime/json_constraint.h"
+#include "runtime/token_constraints.h"
 
 namespace llamas {
 namespace python {

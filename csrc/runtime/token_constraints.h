@@ -1,4 +1,5 @@
 #pragma once
+// Constraints on the next token, for structured output (the sampler's TokenConstraint).
 // JSON mode (OpenAI's response_format {"type": "json_object"}): generated text is held to one JSON
 // object (RFC 8259, UTF-8) byte by byte. Before each draw every token whose bytes would break the
 // grammar gets logit -inf; end-of-text is allowed only once the object is closed, and nothing else

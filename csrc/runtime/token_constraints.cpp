@@ -1,4 +1,4 @@
-#include "runtime/json_constraint.h"
+#include "runtime/token_constraints.h"
 
 #include <cmath>
 
