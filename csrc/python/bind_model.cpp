@@ -48,14 +48,9 @@ GPT2Config config_from_dict(const py::dict& d) {
 
 void init_model(py::module_& m) {
   py::class_<TokenBytes, std::shared_ptr<TokenBytes>>(
-      m, "TokenBytes", "Each token's bytes (empty for special tokens) and end-of-text: JSON mode's vocabulary.")
+      m, "TokenBytes", "Each token's bytes (empty for special tokens) and end-of-text: what JSON mode and choices mask.")
       .def(py::init([](const std::vector<py::bytes>& bytes, int32_t eos) {
-             auto t = std::make_shared<TokenBytes>();
-             t->bytes.reserve(bytes.size());
-             for (const py::bytes& b : bytes) t->bytes.push_back(std::string(b));
-             t->eos = eos;
-             t->mark_plain();
-             return t;
+             return std::make_shared<TokenBytes>(std::vector<std::string>(bytes.begin(), bytes.end()), eos);
            }),
            py::arg("bytes"), py::arg("eos") = -1)
       .def("__len__", [](const TokenBytes& t) { return t.bytes.size(); });
@@ -70,8 +65,8 @@ void init_model(py::module_& m) {
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
                        float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed,
                        const std::map<int32_t, float>& logit_bias, int logprobs, int min_tokens,
-                       const std::vector<int32_t>& min_tokens_banned, std::shared_ptr<TokenBytes> json_vocab,
-                       const std::vector<py::bytes>& choices, std::shared_ptr<TokenBytes> choice_vocab) {
+                       const std::vector<int32_t>& min_tokens_banned, std::shared_ptr<TokenBytes> constraint_vocab,
+                       bool json_object, const std::vector<py::bytes>& choices) {
              SamplingParams p;
              p.temperature = temperature, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
              p.repetition_penalty = repetition_penalty;
@@ -87,20 +82,22 @@ void init_model(py::module_& m) {
              for (auto& [token, bias] : p.logit_bias)
                LLAMAS_CHECK(token < c.vocab_size, "sampling", "logit_bias token ", token, " is outside the vocabulary [0, ",
                             c.vocab_size, ")");
+             LLAMAS_CHECK(!(json_object && !choices.empty()), "sampling", "json_object and choices cannot be combined");
+             LLAMAS_CHECK(constraint_vocab || (!json_object && choices.empty()), "sampling",
+                          "json_object and choices need constraint_vocab (the tokenizer's token bytes)");
              auto* seq = new Sequence(c, p, seed);
-             if (json_vocab) seq->sampler.constraint = std::make_unique<JsonConstraint>(json_vocab);
-             if (choice_vocab) {
-               std::vector<std::string> options(choices.begin(), choices.end());
-               seq->sampler.constraint = std::make_unique<ChoiceConstraint>(choice_vocab, std::move(options));
-             }
+             if (json_object) seq->sampler.constraint = std::make_unique<JsonConstraint>(constraint_vocab);
+             if (!choices.empty())
+               seq->sampler.constraint = std::make_unique<ChoiceConstraint>(
+                   constraint_vocab, std::vector<std::string>(choices.begin(), choices.end()));
              return seq;
            }),
            py::arg("config"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
            py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0,
            py::arg("logit_bias") = std::map<int32_t, float>(), py::arg("logprobs") = -1, py::arg("min_tokens") = 0,
-           py::arg("min_tokens_banned") = std::vector<int32_t>(), py::arg("json_vocab") = nullptr,
-           py::arg("choices") = std::vector<py::bytes>(), py::arg("choice_vocab") = nullptr)
+           py::arg("min_tokens_banned") = std::vector<int32_t>(), py::arg("constraint_vocab") = nullptr,
+           py::arg("json_object") = false, py::arg("choices") = std::vector<py::bytes>())
       .def_property_readonly("last_logprob", [](const Sequence& s) { return s.sampler.last_logprob; },
                              "Log-probability of the last sampled token (when logprobs >= 0).")
       .def_property_readonly("last_top_logprobs", [](const Sequence& s) { return s.sampler.last_top_logprobs; },

@@ -17,13 +17,12 @@ namespace llamas {
 
 // Each token's bytes as the tokenizer decodes them (byte-level BPE), empty for special tokens.
 struct TokenBytes {
+  TokenBytes(std::vector<std::string> token_bytes, int32_t eos_token);
   std::vector<std::string> bytes;
   int32_t eos = -1;  // end-of-text, or -1
   // Tokens of printable ASCII other than '"' and '\\': inside a string they are always allowed and
-  // leave it a string, so the mask skips feeding them (most of a text vocabulary; filled by
-  // mark_plain()).
+  // leave it a string, so the mask skips feeding them (most of a text vocabulary).
   std::vector<uint8_t> plain;
-  void mark_plain();
 };
 
 // The recogniser's state: a small value type, copied to try each token.

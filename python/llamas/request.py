@@ -256,7 +256,6 @@ class Request:
         self.max_new_tokens = max_new_tokens
         self.options = options
         self.rules = stop if isinstance(stop, StopRules) else StopRules(tuple(stop))
-        self.stop = list(self.rules.strings)
         constrained = "JSON mode" if getattr(options, "json_object", False) else \
             "choices" if getattr(options, "choices", None) else None
         if constrained and (self.rules.min_tokens or self.rules.ignore_eos):
@@ -274,3 +273,8 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.completion_tokens = 0
         self.stats = RequestStats(submitted=time.perf_counter())
+
+    @property
+    def stop(self) -> List[str]:
+        """The stop strings (the rest of the stop rules are in `rules`)."""
+        return list(self.rules.strings)

@@ -182,15 +182,14 @@ class Scheduler:
                                   o.repetition_penalty, o.presence_penalty, o.frequency_penalty, o.seed,
                                   o.logit_bias, -1 if o.logprobs is None else o.logprobs, rules.min_tokens,
                                   sorted(stop_ids) if rules.min_tokens else [],
-                                  self.model.constraint_vocab() if o.json_object else None,
-                                  [c.encode() for c in o.choices] if o.choices else [],
-                                  self.model.constraint_vocab() if o.choices else None)
+                                  self.model.constraint_vocab() if o.json_object or o.choices else None,
+                                  o.json_object, [c.encode() for c in o.choices] if o.choices else [])
             except Exception as e:
                 req.stats.admitted = time.perf_counter()
                 self._finish_waiting(req, "error", str(e))
                 continue
             tok = self.model.tokenizer
-            stream = TextStream(tok, req.stop, rules.include_stop_str_in_output) if tok is not None else None
+            stream = TextStream(tok, rules.strings, rules.include_stop_str_in_output) if tok is not None else None
             budget = min(req.max_new_tokens, self._ctx - len(req.prompt_ids) + 1)
             req.stats.admitted = time.perf_counter()
             slot = _Slot(req, seq, budget, stream, frozenset(stop_ids))

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from ._C import LlamasError
 from .engine import EngineClosed, QueueFull
 from .engine import Request as EngineRequest
-from .engine import SamplingOptions, StopRules
+from .engine import SamplingOptions, make_stop_rules
 from .server_choices import (best_of_choices, chat_logprobs, completion_logprobs, echo_logprobs, extend_logprobs,
                              prompt_text)
 from .server_protocol import APIError, GenParams, bad
@@ -79,8 +79,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     if p.min_tokens > min(budgets):
         raise bad(f"'min_tokens' ({p.min_tokens}) must not exceed the tokens this request may generate "
                   f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
-    stops = StopRules(tuple(p.stop), tuple(dict.fromkeys(p.stop_token_ids)), p.min_tokens, p.ignore_eos,
-                      p.include_stop_str_in_output)
+    stops = make_stop_rules(p.stop, p.stop_token_ids, p.min_tokens, p.ignore_eos, p.include_stop_str_in_output)
     constrained = (("response_format", p.sampling.get("json_object")), ("guided_choice", p.sampling.get("choices")))
     for field, wanted in constrained:
         if wanted:
