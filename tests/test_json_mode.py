@@ -173,8 +173,11 @@ def test_server_json_mode(http, path):
 
 
 @pytest.mark.parametrize("value, message", [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "json_schema\"} is not supported"),
-    ({"type": "xml"}, "must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "'response_format.json_schema.schema' is required"),
+    ({"type": "json_schema"}, "'response_format.json_schema' must be an object"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "a+"}}},
+     "'pattern' is not supported"),
+    ({"type": "xml"}, "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or"),
     ({"type": "json_object", "extra": 1}, "must be {\"type\": \"text\"}"),
     ("json", "'response_format' must be an object"),
     ({"type": "json_object", "min_tokens": 2}, "'min_tokens' cannot be combined"),

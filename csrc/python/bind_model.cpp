@@ -4,6 +4,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "llamas/error.h"
 #include "models/gpt2.h"
@@ -48,7 +49,7 @@ GPT2Config config_from_dict(const py::dict& d) {
 
 void init_model(py::module_& m) {
   py::class_<TokenBytes, std::shared_ptr<TokenBytes>>(
-      m, "TokenBytes", "Each token's bytes (empty for special tokens) and end-of-text: what JSON mode and choices mask.")
+      m, "TokenBytes", "Each token's bytes (empty for special tokens) and end-of-text: what structured output masks.")
       .def(py::init([](const std::vector<py::bytes>& bytes, int32_t eos) {
              return std::make_shared<TokenBytes>(std::vector<std::string>(bytes.begin(), bytes.end()), eos);
            }),
@@ -61,12 +62,54 @@ void init_model(py::module_& m) {
       }, py::arg("text"),
       "(valid, complete): whether JSON mode could have produced these bytes, and whether they close the "
       "object (the recogniser behind response_format json_object; for tests).");
+  py::class_<JsonSchema, std::shared_ptr<JsonSchema>>(
+      m, "JsonSchema", "A JSON Schema compiled to the node table structured output follows (see llamas.json_schema).")
+      .def(py::init<>())
+      .def("add_node",
+           [](JsonSchema& s, const std::string& kind, const std::vector<int32_t>& children,
+              const std::vector<py::bytes>& literals, const std::vector<bool>& required, int64_t min_count,
+              int64_t max_count, std::optional<double> lo, std::optional<double> hi, bool lo_exclusive,
+              bool hi_exclusive) {
+             static const std::map<std::string, SchemaNode::Kind> kinds = {
+                 {"anyOf", SchemaNode::Kind::kAnyOf},     {"enum", SchemaNode::Kind::kEnum},
+                 {"string", SchemaNode::Kind::kString},   {"integer", SchemaNode::Kind::kInteger},
+                 {"number", SchemaNode::Kind::kNumber},   {"object", SchemaNode::Kind::kObject},
+                 {"map", SchemaNode::Kind::kMap},         {"array", SchemaNode::Kind::kArray}};
+             auto k = kinds.find(kind);
+             LLAMAS_CHECK(k != kinds.end(), "json_schema", "unknown node kind '", kind, "'");
+             SchemaNode n;
+             n.kind = k->second, n.children = children;
+             n.literals.assign(literals.begin(), literals.end());
+             n.required.assign(required.begin(), required.end());
+             n.min_count = min_count, n.max_count = max_count;
+             n.has_lo = lo.has_value(), n.has_hi = hi.has_value();
+             n.lo = lo.value_or(0.0), n.hi = hi.value_or(0.0);
+             n.lo_exclusive = lo_exclusive, n.hi_exclusive = hi_exclusive;
+             s.nodes.push_back(std::move(n));
+             return int64_t(s.nodes.size()) - 1;
+           },
+           py::arg("kind"), py::arg("children") = std::vector<int32_t>(),
+           py::arg("literals") = std::vector<py::bytes>(), py::arg("required") = std::vector<bool>(),
+           py::arg("min_count") = 0, py::arg("max_count") = INT64_MAX, py::arg("lo") = std::nullopt,
+           py::arg("hi") = std::nullopt, py::arg("lo_exclusive") = false, py::arg("hi_exclusive") = false,
+           "Appends a node; returns its index.")
+      .def_readwrite("root", &JsonSchema::root)
+      .def("__len__", [](const JsonSchema& s) { return s.nodes.size(); })
+      .def("validate", &JsonSchema::validate, "Raises when an index, count or kind is inconsistent.")
+      .def("match", [](const std::shared_ptr<JsonSchema>& s, const py::bytes& text) {
+             SchemaState state(s);
+             const bool ok = state.feed(std::string(text));
+             return py::make_tuple(ok, ok && state.complete());
+           }, py::arg("text"),
+           "(valid, complete): whether structured output could have produced these bytes, and whether "
+           "they are a whole instance (for tests).");
   py::class_<Sequence>(m, "Sequence", "One sequence being generated: KV cache, tokens so far, sampler.")
       .def(py::init([](const py::dict& config, float temperature, int top_k, float top_p, float min_p,
                        float repetition_penalty, float presence_penalty, float frequency_penalty, uint64_t seed,
                        const std::map<int32_t, float>& logit_bias, int logprobs, int min_tokens,
                        const std::vector<int32_t>& min_tokens_banned, std::shared_ptr<TokenBytes> constraint_vocab,
-                       bool json_object, const std::vector<py::bytes>& choices) {
+                       bool json_object, const std::vector<py::bytes>& choices,
+                       std::shared_ptr<JsonSchema> json_schema) {
              SamplingParams p;
              p.temperature = temperature, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
              p.repetition_penalty = repetition_penalty;
@@ -82,14 +125,16 @@ void init_model(py::module_& m) {
              for (auto& [token, bias] : p.logit_bias)
                LLAMAS_CHECK(token < c.vocab_size, "sampling", "logit_bias token ", token, " is outside the vocabulary [0, ",
                             c.vocab_size, ")");
-             LLAMAS_CHECK(!(json_object && !choices.empty()), "sampling", "json_object and choices cannot be combined");
-             LLAMAS_CHECK(constraint_vocab || (!json_object && choices.empty()), "sampling",
-                          "json_object and choices need constraint_vocab (the tokenizer's token bytes)");
+             LLAMAS_CHECK(int(json_object) + int(!choices.empty()) + int(bool(json_schema)) <= 1, "sampling",
+                          "json_object, choices and json_schema cannot be combined");
+             LLAMAS_CHECK(constraint_vocab || (!json_object && choices.empty() && !json_schema), "sampling",
+                          "json_object, choices and json_schema need constraint_vocab (the tokenizer's token bytes)");
              auto* seq = new Sequence(c, p, seed);
              if (json_object) seq->sampler.constraint = std::make_unique<JsonConstraint>(constraint_vocab);
              if (!choices.empty())
                seq->sampler.constraint = std::make_unique<ChoiceConstraint>(
                    constraint_vocab, std::vector<std::string>(choices.begin(), choices.end()));
+             if (json_schema) seq->sampler.constraint = std::make_unique<SchemaConstraint>(constraint_vocab, json_schema);
              return seq;
            }),
            py::arg("config"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
@@ -97,7 +142,8 @@ void init_model(py::module_& m) {
            py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0,
            py::arg("logit_bias") = std::map<int32_t, float>(), py::arg("logprobs") = -1, py::arg("min_tokens") = 0,
            py::arg("min_tokens_banned") = std::vector<int32_t>(), py::arg("constraint_vocab") = nullptr,
-           py::arg("json_object") = false, py::arg("choices") = std::vector<py::bytes>())
+           py::arg("json_object") = false, py::arg("choices") = std::vector<py::bytes>(),
+           py::arg("json_schema") = nullptr)
       .def_property_readonly("last_logprob", [](const Sequence& s) { return s.sampler.last_logprob; },
                              "Log-probability of the last sampled token (when logprobs >= 0).")
       .def_property_readonly("last_top_logprobs", [](const Sequence& s) { return s.sampler.last_top_logprobs; },

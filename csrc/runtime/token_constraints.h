@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/json_schema.h"
 #include "runtime/sampler.h"
 
 namespace llamas {
@@ -88,6 +89,20 @@ class ChoiceConstraint : public TokenConstraint {
   std::shared_ptr<const TokenBytes> vocab_;
   std::vector<std::string> choices_;
   std::string so_far_;
+};
+
+// Structured output against a compiled JSON Schema (json_schema.h): the same mask, with the schema's
+// recogniser in place of JSON mode's.
+class SchemaConstraint : public TokenConstraint {
+ public:
+  SchemaConstraint(std::shared_ptr<const TokenBytes> vocab, std::shared_ptr<const JsonSchema> schema)
+      : vocab_(std::move(vocab)), state_(std::move(schema)) {}
+  void mask(float* logits, int64_t vocab) const override;
+  void accept(int32_t token) override;
+
+ private:
+  std::shared_ptr<const TokenBytes> vocab_;
+  SchemaState state_;
 };
 
 }  // namespace llamas

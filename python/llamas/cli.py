@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not stop at the end-of-text token (generate --max-new-tokens tokens)")
     g.add_argument("--json", action="store_true",
                    help="JSON mode: hold the output to one JSON object (as response_format json_object)")
+    g.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
+                   help="the output is an instance of this JSON Schema (a file, or the schema's JSON text; as "
+                        "response_format json_schema)")
     g.add_argument("--choice", action="append", default=None, metavar="TEXT",
                    help="the output is exactly one of these strings (repeatable; vLLM's guided_choice)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
@@ -125,6 +128,15 @@ def _read_prompt(args) -> str:
     return read_text(args.file if args.file is not None else args.prompt, "generate", "the prompt")
 
 
+def _json_schema_arg(value):
+    """--json-schema: the schema's JSON text as given, or read from the file it names."""
+    if value is None:
+        return None
+    if value.lstrip().startswith(("{", "[")) or value.strip() in ("true", "false"):
+        return value
+    return read_text(value, "generate", "the JSON schema")
+
+
 def read_text(source: str, op: str, what: str = "the text") -> str:
     """A UTF-8 file's text, or standard input's for "-"."""
     try:
@@ -149,7 +161,7 @@ def cmd_generate(args) -> int:
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 stop=args.stop or None, stop_token_ids=args.stop_token_id,
                                 min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, json_object=args.json,
-                                choices=args.choice, stream=True)
+                                choices=args.choice, json_schema=_json_schema_arg(args.json_schema), stream=True)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -137,7 +137,7 @@ class Model:
                  presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
                  stop_token_ids: Optional[Sequence[int]] = None, min_tokens: int = 0, ignore_eos: bool = False,
                  include_stop_str_in_output: bool = False, json_object: bool = False,
-                 choices: Optional[Sequence[str]] = None):
+                 choices: Optional[Sequence[str]] = None, json_schema=None):
         """Generates a continuation.
 
         A str prompt returns the generated str; a list of token ids returns the generated ids;
@@ -147,7 +147,8 @@ class Model:
         stop string (not included unless include_stop_str_in_output) or after max_new_tokens;
         never at the first three before min_tokens tokens. json_object=True holds the output to one
         JSON object (it ends at end-of-text once the object closes); choices=[...] to exactly one of
-        those strings (vLLM's guided_choice). temperature=0 is greedy decoding. A
+        those strings (vLLM's guided_choice); json_schema={...} (a dict, or its JSON text) to an
+        instance of that JSON Schema (see llamas.json_schema for what is supported). temperature=0 is greedy decoding. A
         sampling parameter left as None takes the model's generation_config.json value, else
         greedy / off.
         """
@@ -158,8 +159,9 @@ class Model:
                   for k, v in given.items()}
         options = SamplingOptions(values["temperature"], values["top_k"], values["top_p"], values["min_p"],
                                   values["repetition_penalty"], values["presence_penalty"],
-                                  values["frequency_penalty"], seed, json_object=json_object, choices=choices)
-        if json_object or choices:
+                                  values["frequency_penalty"], seed, json_object=json_object, choices=choices,
+                                  json_schema=json_schema)
+        if options.constrained:
             self.constraint_vocab()
         check_max_new_tokens(max_new_tokens)
         stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
@@ -177,17 +179,18 @@ class Model:
         return outputs if batched else outputs[0]
 
     def constraint_vocab(self):
-        """The native table of token bytes that JSON mode and choices mask with (built once);
+        """The native table of token bytes that structured output (JSON mode, json_schema, choices)
+        masks with (built once);
         LlamasError when the tokenizer is not byte-level BPE, or there is no end-of-text token to
         end a constrained output with."""
         if self._constraint_vocab is None:
             tb = self.tokenizer.token_bytes() if self.tokenizer is not None else None
             if tb is None:
-                raise LlamasError("[generate] JSON mode and choices need a byte-level BPE tokenizer (GPT-2's); this "
+                raise LlamasError("[generate] structured output needs a byte-level BPE tokenizer (GPT-2's); this "
                                   "model's " + ("has none" if self.tokenizer is None else "is another kind"))
             eos = self.tokenizer.eos_token_id
             if eos is None:
-                raise LlamasError("[generate] JSON mode and choices need an end-of-text token; this tokenizer has none")
+                raise LlamasError("[generate] structured output needs an end-of-text token; this tokenizer has none")
             self._constraint_vocab = _C.TokenBytes(tb, eos)
         return self._constraint_vocab
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
+from .json_schema import compile_json_schema
 
 
 # ---- sampling parameters -------------------------------------------------------------------------
@@ -39,7 +40,7 @@ class SamplingOptions:
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None, logprobs=None,
-                 json_object=False, choices=None):
+                 json_object=False, choices=None, json_schema=None):
         self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
@@ -69,8 +70,16 @@ class SamplingOptions:
             raise LlamasError(f"[generate] json_object must be True or False, got {json_object!r}")
         self.json_object = json_object  # JSON mode: the output is held to one JSON object
         self.choices = check_choices(choices)  # the output is exactly one of these (None: free)
-        if self.choices is not None and json_object:
-            raise LlamasError("[generate] choices and json_object cannot be combined")
+        # an instance of this JSON Schema (compiled; None: free)
+        self.json_schema = None if json_schema is None else compile_json_schema(json_schema)
+        if int(json_object) + (self.choices is not None) + (self.json_schema is not None) > 1:
+            raise LlamasError("[generate] json_object, choices and json_schema cannot be combined")
+
+    @property
+    def constrained(self) -> Optional[str]:
+        """The structured output this asks for, by name, or None."""
+        return "JSON mode" if self.json_object else "choices" if self.choices else \
+            "json_schema" if self.json_schema is not None else None
 
     def with_seed(self, seed: int) -> "SamplingOptions":
         other = object.__new__(SamplingOptions)
@@ -256,8 +265,7 @@ class Request:
         self.max_new_tokens = max_new_tokens
         self.options = options
         self.rules = stop if isinstance(stop, StopRules) else StopRules(tuple(stop))
-        constrained = "JSON mode" if getattr(options, "json_object", False) else \
-            "choices" if getattr(options, "choices", None) else None
+        constrained = options.constrained
         if constrained and (self.rules.min_tokens or self.rules.ignore_eos):
             # a closed object or a whole choice allows only end-of-text, which these would hold
             # back or not stop at

@@ -182,8 +182,8 @@ class Scheduler:
                                   o.repetition_penalty, o.presence_penalty, o.frequency_penalty, o.seed,
                                   o.logit_bias, -1 if o.logprobs is None else o.logprobs, rules.min_tokens,
                                   sorted(stop_ids) if rules.min_tokens else [],
-                                  self.model.constraint_vocab() if o.json_object or o.choices else None,
-                                  o.json_object, [c.encode() for c in o.choices] if o.choices else [])
+                                  self.model.constraint_vocab() if o.constrained else None,
+                                  o.json_object, [c.encode() for c in o.choices] if o.choices else [], o.json_schema)
             except Exception as e:
                 req.stats.admitted = time.perf_counter()
                 self._finish_waiting(req, "error", str(e))

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .request import MAX_CHOICE_BYTES, MAX_CHOICES
 from .scheduler import as_float32
 
 MAX_N = 128                 # choices per prompt (OpenAI's limit)
@@ -221,48 +220,9 @@ COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
     "logit_bias", "user", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-    "guided_choice",
+    "guided_choice", "guided_json",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "response_format"}
-
-
-def get_guided_choice(body: dict) -> Optional[List[str]]:
-    """vLLM's guided_choice: the output is exactly one of these strings."""
-    v = body.get("guided_choice")
-    if v is None:
-        return None
-    if not isinstance(v, list) or not v:
-        raise bad(f"'guided_choice' must be a non-empty array of strings, got {typename(v)}.", "guided_choice",
-                  "invalid_type" if not isinstance(v, list) else "invalid_value")
-    for c in v:
-        if not isinstance(c, str):
-            raise bad(f"'guided_choice' must contain strings, got {typename(c)}.", "guided_choice", "invalid_type")
-        check_text(c, "guided_choice")
-        if not c:
-            raise bad("'guided_choice' strings must not be empty.", "guided_choice", "invalid_value")
-    if len(v) > MAX_CHOICES:
-        raise bad(f"'guided_choice' has {len(v)} strings; at most {MAX_CHOICES}.", "guided_choice", "invalid_value")
-    if max(len(c.encode()) for c in v) > MAX_CHOICE_BYTES:
-        raise bad(f"a 'guided_choice' string has more than {MAX_CHOICE_BYTES} UTF-8 bytes.", "guided_choice",
-                  "invalid_value")
-    return v
-
-
-def get_response_format(body: dict) -> bool:
-    """True for JSON mode ({"type": "json_object"}), False for text (or none)."""
-    rf = body.get("response_format")
-    if rf is None:
-        return False
-    if not isinstance(rf, dict):
-        raise bad(f"'response_format' must be an object, got {typename(rf)}.", "response_format", "invalid_type")
-    kind = rf.get("type")
-    if kind == "json_schema":
-        raise bad("'response_format' {\"type\": \"json_schema\"} is not supported; {\"type\": \"json_object\"} "
-                  "holds the output to a JSON object.", "response_format", "unsupported_value")
-    if kind not in ("text", "json_object") or len(rf) != 1:
-        raise bad("'response_format' must be {\"type\": \"text\"} or {\"type\": \"json_object\"}.",
-                  "response_format", "invalid_value")
-    return kind == "json_object"
 
 
 def parse_common(body: dict, vocab: int, p: GenParams) -> None:
@@ -307,14 +267,9 @@ def parse_common(body: dict, vocab: int, p: GenParams) -> None:
         frequency_penalty=get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=seed,
         logit_bias=get_logit_bias(body, vocab),
-        json_object=get_response_format(body),
-        choices=get_guided_choice(body),
     )
-    if p.sampling["json_object"] and p.sampling["choices"]:
-        raise bad("'guided_choice' cannot be combined with 'response_format' json_object.", "guided_choice",
-                  "invalid_value")
-    constrained = "'response_format' json_object" if p.sampling["json_object"] else \
-        "'guided_choice'" if p.sampling["choices"] else None
+    from .server_guided import get_structured_output  # (it builds on this module's checks)
+    constrained = get_structured_output(body, p.sampling)
     for name, value in (("min_tokens", p.min_tokens), ("ignore_eos", p.ignore_eos)):
         if constrained and value:
             raise bad(f"'{name}' cannot be combined with {constrained} (a closed object or a whole choice allows "

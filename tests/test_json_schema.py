@@ -1,0 +1,300 @@
+"""Structured output against a JSON Schema (response_format json_schema, guided_json, json_schema=):
+the compiler's refusals, the native recogniser against the `jsonschema` validator (every prefix of
+an instance it accepts can be completed, whatever it completes validates), and generation held
+to it in Model.generate, Engine, the CLI and the server."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+import llamas
+from llamas._C import LlamasError
+from llamas.json_schema import compile_json_schema
+
+HERE = os.path.dirname(__file__)
+TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "email": {"type": ["string", "null"], "format": "email", "maxLength": 24},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
+        "ok": {"type": "boolean"},
+        "score": {"type": "number", "minimum": -1.5, "exclusiveMaximum": 2},
+    },
+    "required": ["name", "age", "ok", "score"],
+    "additionalProperties": False,
+}
+# Recursion through $defs, anyOf that only a later byte settles, a free-form map, const, nulls.
+TREE = {
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {"value": {"type": "integer", "exclusiveMinimum": -10, "maximum": 99},
+                           "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+            "required": ["value"],
+        },
+    },
+    "anyOf": [
+        {"$ref": "#/$defs/node"},
+        {"type": "object", "properties": {"value": {"type": "string", "maxLength": 4}, "kind": {"const": "leaf"}},
+         "required": ["value", "kind"]},
+        {"type": "object", "additionalProperties": {"type": "number"}},
+    ],
+}
+SCALARS = [
+    {"type": "integer", "minimum": -3, "maximum": 250},
+    {"type": "number"},
+    {"enum": [1, 12, 123, "x", None, True, {"a": [1]}]},
+    {"type": "string", "minLength": 2, "maxLength": 5},
+    {"type": "array", "items": {"type": "number", "minimum": 0.25, "maximum": 0.75}, "maxItems": 3},
+    True,
+]
+
+
+def accepts(compiled, text: str):
+    return compiled.match(text.encode())
+
+
+# ---- the compiler ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "string", "pattern": "a+"}, "at #: 'pattern' is not supported"),
+    ({"properties": {"a": {"type": "number", "multipleOf": 3}}}, "at #/properties/a: 'multipleOf' is not supported"),
+    ({"type": "array", "items": [{"type": "string"}]}, "tuple validation"),
+    ({"type": "array", "uniqueItems": True}, "'uniqueItems' is not supported"),
+    ({"not": {"type": "string"}}, "'not' is not supported"),
+    ({"type": "strng"}, "'type' must be one of"),
+    ({"type": "string", "minLength": -1}, "'minLength' must be a non-negative integer"),
+    ({"type": "integer", "maximum": "9"}, "'maximum' must be a finite number"),
+    ({"$ref": "#/$defs/missing"}, "points to nothing"),
+    ({"$ref": "https://example.com/schema"}, "must point into this schema"),
+    ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "'$ref' cycle"),
+    ({"$ref": "#", "type": "object"}, "keywords beside '$ref'"),
+    ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "'allOf' is supported with exactly one schema"),
+    ({"anyOf": []}, "'anyOf' must be a non-empty array"),
+    ({"type": "object", "properties": {f"p{i}": True for i in range(65)}}, "at most 64"),
+    ({"enum": list(range(5000))}, "at most 4096"),
+    ({"type": "object", "properties": {"a": False}, "required": ["a"]}, "admits no value"),
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "admits no value"),
+    ({"type": "integer", "minimum": 3, "maximum": 2}, "admits no value"),
+    ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "admits no value"),
+    ({"type": "string", "enum": [1, 2]}, "admits no value"),
+    (False, "admits no value"),
+    ("{not json", "not valid JSON"),
+    (3, "a schema must be an object or a boolean"),
+])
+def test_schemas_it_cannot_follow_are_refused_with_the_place(schema, message):
+    with pytest.raises(LlamasError, match=message.replace("$", r"\$").replace("[", r"\[")):
+        compile_json_schema(schema)
+
+
+def test_what_cannot_be_met_is_dropped_not_refused():
+    s = compile_json_schema({"type": "object", "properties": {"a": False, "b": {"type": "integer"}}})
+    assert accepts(s, '{"b":1}') == (True, True) and accepts(s, '{"a"')[0] is False
+    arr = compile_json_schema({"type": "array", "items": False})
+    assert accepts(arr, "[]") == (True, True) and accepts(arr, "[1")[0] is False
+    alt = compile_json_schema({"anyOf": [{"type": "string", "minLength": 3, "maxLength": 2}, {"type": "null"}]})
+    assert accepts(alt, "null") == (True, True) and accepts(alt, '"')[0] is False
+
+
+# ---- the recogniser -------------------------------------------------------------------------------
+@pytest.mark.parametrize("schema, valid, invalid, unwritten", [
+    (PERSON, ['{"name":"Bo","age":7,"ok":true,"score":1.99}',
+              '{\n  "name": "Bo",\n  "age": 120,\n  "email": null,\n  "tags": ["red"],\n  "ok": false,\n  "score": -1.5\n}'],
+     ['{"age":7}', '{"name":"","age":7,"ok":true,"score":0}', '{"name":"Bo","age":121', '{"name":"Bo","age":-1',
+      '{"name":"Bo","age":7,"ok":true,"score":2}', '{"name":"Bo","age":7,"ok":true,"score":-1.6',
+      '{"name":"Bo","age":7,"ok":true,"score":1,"x"', '{"name":"Bo","age":1.5', '{"name":"Bo","tags":[]'],
+     # valid, but not how structured output writes it: properties out of the schema's order, a
+     # leading zero, \u escapes, runs of spaces, \r, exponents beside bounds, integers as 1.0
+     ['{"age":7,"name":"Bo"', '{"name":"Bo","age":07', '{"name":"\\u0041"', '{  "name"', '{\r\n"name"',
+      '{"name":"Bo","age":7,"ok":true,"score":1e0}', '{"name":"Bo","age":7.0']),
+    (TREE, ['{"value":3}', '{"value":-9,"children":[{"value":1},{"value":2,"children":[]}]}',
+            '{"value":"abcd","kind":"leaf"}', '{"value":2.5}', '{}', '{"x":-1e5,"y":0}'],
+     ['{"value":-10,"children":[]}', '{"value":"abcde"', '{"value":"ab"}', '{"value":1,"children":[{},{},{}]}',
+      '{"value":"ab","kind":"tree"'], []),
+    (SCALARS[0], ["-3", "0", "250", "99"], ["-4", "251", "2500"], ["-0", "00", "1.0"]),
+    (SCALARS[2], ["1", "12", "123", '"x"', "null", "true", '{"a":[1]}'], ["2", "1234", '"y"', "false"],
+     ['{"a": [1]}']),
+    (SCALARS[4], ["[]", "[0.25,0.5,0.75]", "[0.3]"], ["[0.2]", "[0.8]", "[1]", "[0.5,0.5,0.5,0.5]"], ["[2.5e-1]"]),
+])
+def test_instances_and_near_misses(schema, valid, invalid, unwritten):
+    s = compile_json_schema(schema)
+    check = jsonschema.Draft202012Validator(schema)
+    for text in valid:
+        assert check.is_valid(json.loads(text)), text  # the cases themselves are right
+        assert accepts(s, text) == (True, True), text
+        for i in range(len(text)):
+            ok, complete = accepts(s, text[:i])
+            assert ok, (text, text[:i])
+            assert not complete or check.is_valid(json.loads(text[:i])), (text, text[:i])  # "2" of "250"
+    for text in invalid + unwritten:
+        try:
+            value = json.loads(text)
+        except ValueError:  # a prefix that no instance starts with
+            pass
+        else:
+            assert check.is_valid(value) is (text in unwritten), text
+        assert accepts(s, text) != (True, True), text
+
+
+def random_walk(schema, rng, soft_limit=120):
+    """Bytes drawn one at a time from those the recogniser allows, ending when it says the text is
+    complete (and a coin says stop), leaning towards closing once the text is long."""
+    s = compile_json_schema(schema)
+    text = b""
+    while True:
+        valid, complete = s.match(text)
+        assert valid
+        if complete and (rng.random() < 0.3 or len(text) > soft_limit):
+            return text
+        allowed = [b for b in range(256) if s.match(text + bytes([b]))[0]]
+        assert allowed or complete, text  # never a dead end
+        if not allowed:
+            return text
+        if len(text) > soft_limit:  # prefer what ends strings, numbers and containers
+            closing = [b for b in allowed if b in b'"}]' or s.match(text + bytes([b]))[1]]
+            allowed = closing or [b for b in allowed if b in b'",:0123456789'] or allowed
+        text += bytes([rng.choice(allowed)])
+        assert len(text) < 4000, text
+
+
+@pytest.mark.parametrize("schema", [PERSON, TREE] + SCALARS, ids=lambda s: str(s)[:30])
+def test_what_the_recogniser_completes_validates(schema):
+    rng = random.Random(7)
+    for _ in range(6):
+        text = random_walk(schema, rng)
+        jsonschema.validate(json.loads(text.decode("utf-8")), schema)
+
+
+# ---- generation -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["tiny", "bundled"])
+def model(request):
+    return llamas.load(TINY) if request.param == "tiny" else llamas.load()
+
+
+def check_output(text: str, finish_reason: str, schema) -> None:
+    if finish_reason == "stop":
+        jsonschema.validate(json.loads(text), schema)
+    else:
+        assert finish_reason == "length" and compile_json_schema(schema).match(text.encode())[0], text
+
+
+@pytest.mark.parametrize("schema", [PERSON, TREE], ids=["person", "tree"])
+def test_generated_text_is_always_an_instance(model, schema):
+    engine = llamas.Engine(model)
+    try:
+        handles = [engine.submit("Answer in JSON:", max_new_tokens=n, temperature=t, seed=seed, json_schema=schema)
+                   for seed in range(6) for t in (0.0, 1.0) for n in (10, 200)]
+        results = [h.result() for h in handles]
+        alone = engine.submit("Answer in JSON:", max_new_tokens=200, temperature=0.0, json_schema=schema).result()
+    finally:
+        engine.shutdown()
+    reasons = set()
+    for r in results:
+        check_output(r.text, r.finish_reason, schema)
+        reasons.add(r.finish_reason)
+    if schema is PERSON:  # (TREE's free-form keys can run on past 200 tokens, or it can end at once: "{}")
+        assert reasons == {"stop", "length"}
+    assert alone.text == results[1].text  # (seed 0, greedy, 200 tokens) alone or in the batch
+    g = dict(max_new_tokens=200, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+             json_schema=json.dumps(schema))  # the schema as JSON text works the same
+    assert model.generate("Answer in JSON:", **g) == alone.text
+    assert "".join(model.generate("Answer in JSON:", stream=True, **g)) == alone.text
+
+
+def test_bad_structured_output_arguments():
+    m = llamas.load(TINY)
+    for kwargs, message in (({"json_schema": {"type": "string", "pattern": "x"}}, "'pattern' is not supported"),
+                            ({"json_schema": {"type": "string"}, "json_object": True}, "cannot be combined"),
+                            ({"json_schema": {"type": "string"}, "choices": ["a"]}, "cannot be combined"),
+                            ({"json_schema": True, "min_tokens": 2}, "min_tokens cannot be combined with json_schema"),
+                            ({"json_schema": {1, 2}}, "not JSON data")):
+        with pytest.raises(LlamasError, match=message):
+            m.generate("x", max_new_tokens=4, **kwargs)
+
+
+def test_cli_json_schema_flag(tmp_path):
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(PERSON))
+    for source in (str(path), json.dumps(PERSON)):
+        r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "{", "--json-schema", source,
+                            "--seed", "1", "--max-new-tokens", "100", "--temperature", "0.8"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert compile_json_schema(PERSON).match(r.stdout[:-1].encode())[0], r.stdout
+    for source, message in ((str(tmp_path / "missing.json"), "cannot read the JSON schema"),
+                            ('{"type": "string", "pattern": "x"}', "'pattern' is not supported")):
+        r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "x", "--json-schema", source],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- server -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def http():
+    pytest.importorskip("uvicorn")
+    from test_server import served_client
+    with served_client(llamas.load(TINY), max_batch=16) as c:
+        yield c
+
+
+def response_format(schema):
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_server_json_schema(http, path):
+    base = {"prompt": "JSON:"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "JSON"}]}
+    for extra in ({"response_format": response_format(PERSON)}, {"guided_json": PERSON},
+                  {"guided_json": json.dumps(PERSON)}):
+        for stream in (False, True):
+            body = {**base, **extra, "max_tokens": 100, "seed": 5, "n": 2, "temperature": 0.9, "stream": stream}
+            if not stream:
+                out = http.post(path, json=body).json()
+                texts = [c["text"] if "text" in c else c["message"]["content"] for c in out["choices"]]
+                for c, t in zip(out["choices"], texts):
+                    check_output(t, c["finish_reason"], PERSON)
+                continue
+            pieces = {}
+            with http.stream("POST", path, json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        c = json.loads(line[6:])["choices"][0]
+                        piece = c["text"] if "text" in c else c["delta"].get("content", "")
+                        pieces[c["index"]] = pieces.get(c["index"], "") + (piece or "")
+            assert [pieces[i] for i in range(2)] == texts  # same seed, same text streamed or not
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"response_format": response_format({"type": "string", "pattern": "x"})}, "'pattern' is not supported"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}},
+     "Unrecognized request argument supplied: extra"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}},
+     "'response_format.json_schema.strict' must be a boolean"),
+    ({"guided_json": 5}, "'guided_json' must be a JSON Schema"),
+    ({"guided_json": "{oops"}, "not valid JSON"),
+    ({"guided_json": {"type": "object"}, "guided_choice": ["a"]}, "cannot be combined"),
+    ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"guided_json": {"type": "object"}, "ignore_eos": True}, "'ignore_eos' cannot be combined"),
+])
+def test_server_refuses_bad_schemas(http, extra, message):
+    for path, base in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = http.post(path, json={**base, "max_tokens": 4, **extra})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_openai_client_structured_output(http):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key="none", max_retries=0)
+    out = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=100, seed=2,
+                                         messages=[{"role": "user", "content": "Describe a person."}],
+                                         response_format=response_format(PERSON))
+    check_output(out.choices[0].message.content, out.choices[0].finish_reason, PERSON)
