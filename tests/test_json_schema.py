@@ -298,3 +298,104 @@ def test_openai_client_structured_output(http):
                                          messages=[{"role": "user", "content": "Describe a person."}],
                                          response_format=response_format(PERSON))
     check_output(out.choices[0].message.content, out.choices[0].finish_reason, PERSON)
+
+
+def random_schema(rng, depth=0):
+    """A schema from the supported keywords, nested a few levels (for the walks below)."""
+    kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "true"]
+    if depth < 3:
+        kinds += ["object", "object", "array", "anyOf", "map", "types"]
+    kind = rng.choice(kinds)
+    if kind == "string":
+        lo = rng.choice([None, 0, 1, 3])
+        hi = rng.choice([None, 3, 8]) if lo is None or lo <= 3 else None
+        return {"type": "string", **({"minLength": lo} if lo is not None else {}),
+                **({"maxLength": hi} if hi is not None else {})}
+    if kind in ("integer", "number"):
+        s = {"type": kind}
+        lo, hi = rng.choice([None, -5, 0, 0.5, 7]), rng.choice([None, 0.75, 9, 120, 1e6])
+        if lo is not None:
+            s["exclusiveMinimum" if rng.random() < 0.3 else "minimum"] = lo
+        if hi is not None and (lo is None or hi > lo + 1):
+            s["exclusiveMaximum" if rng.random() < 0.3 else "maximum"] = hi
+        return s
+    if kind in ("boolean", "null"):
+        return {"type": kind}
+    if kind == "enum":
+        return {"enum": rng.sample([1, 12, -3.5, "a", "ab", "b\u00e9", None, True, [1, "x"], {"k": None}],
+                                   rng.randint(1, 5))}
+    if kind == "const":
+        return {"const": rng.choice(["x", 0, {"a": [True]}, None])}
+    if kind == "true":
+        return True
+    if kind == "object":
+        names = rng.sample(["a", "b", "c\u00e9", "d e", 'q"x', "ab"], rng.randint(0, 4))
+        return {"type": "object", "properties": {n: random_schema(rng, depth + 1) for n in names},
+                "required": [n for n in names if rng.random() < 0.5],
+                **({"additionalProperties": False} if rng.random() < 0.5 else {})}
+    if kind == "array":
+        lo = rng.choice([0, 0, 1, 2])
+        return {"type": "array", "items": random_schema(rng, depth + 1), "minItems": lo,
+                **({"maxItems": lo + rng.randint(0, 3)} if rng.random() < 0.6 else {})}
+    if kind == "map":
+        return {"type": "object", "additionalProperties": random_schema(rng, depth + 1)}
+    if kind == "types":
+        return {"type": rng.sample(["string", "integer", "number", "null", "boolean", "array"], 2)}
+    # (oneOf is written as anyOf, as llama.cpp and xgrammar do: an output may match two alternatives)
+    return {"anyOf": [random_schema(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+
+
+def test_random_schemas_never_dead_end_and_always_validate():
+    rng = random.Random(11)
+    walked = 0
+    for _ in range(60):
+        schema = random_schema(rng)
+        try:
+            compile_json_schema(schema)
+        except LlamasError as e:  # only for a schema that admits nothing
+            assert "admits no value" in str(e), (schema, e)
+            assert not any(jsonschema.Draft202012Validator(schema).is_valid(v) for v in (None, 0, "", [], {}))
+            continue
+        for _ in range(2):
+            text = random_walk(schema, rng)
+            value = json.loads(text.decode("utf-8"))
+            assert jsonschema.Draft202012Validator(schema).is_valid(value), (schema, text)
+            walked += 1
+    assert walked >= 80
+
+
+def test_nesting_is_bounded_without_dead_ends():
+    deep = True
+    for _ in range(25):
+        deep = {"type": "array", "minItems": 1, "items": deep}
+    with pytest.raises(LlamasError, match="nest 26 deep at least; at most 24"):
+        compile_json_schema(deep)
+    # Recursion that may stop: the 24th level can only be the integer, never another array.
+    tree = compile_json_schema({"$defs": {"a": {"anyOf": [{"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/a"}},
+                                                           {"type": "integer"}]}}, "$ref": "#/$defs/a"})
+    assert accepts(tree, "[" * 23)[0] and not accepts(tree, "[" * 24)[0]
+    assert accepts(tree, "[" * 23 + "1" + "]" * 23) == (True, True)
+    obj = compile_json_schema({"type": "object", "properties": {"x": {"$ref": "#"}}})
+    assert accepts(obj, '{"x":' * 23 + "{}" + "}" * 23) == (True, True)
+    assert not accepts(obj, '{"x":' * 23 + '{"')[0]  # no room for x's value: only "}" is left
+
+
+def test_malformed_node_tables_are_refused():
+    from llamas import _C
+    for build, message in (
+            (lambda s: s.add_node("string", children=[5]), "not a node"),
+            (lambda s: s.add_node("enum"), "needs 1 to 65535 values"),
+            (lambda s: s.add_node("enum", literals=[b"b", b"a"]), "not sorted"),
+            (lambda s: s.add_node("object", literals=[b"a"]), "one name, child and required flag"),
+            (lambda s: s.add_node("array"), "one items node"),
+            (lambda s: s.add_node("string", min_count=3, max_count=2), "has counts"),
+            (lambda s: s.add_node("anyOf"), "no alternatives"),
+            (lambda s: s.add_node("string", min_depth=30), "levels of nesting")):
+        s = _C.JsonSchema()
+        build(s)
+        with pytest.raises(LlamasError, match=message):
+            s.validate()
+    with pytest.raises(LlamasError, match="unknown node kind"):
+        _C.JsonSchema().add_node("tuple")
+    with pytest.raises(LlamasError, match="1 to 65535 nodes"):
+        _C.JsonSchema().validate()

@@ -69,7 +69,7 @@ void init_model(py::module_& m) {
            [](JsonSchema& s, const std::string& kind, const std::vector<int32_t>& children,
               const std::vector<py::bytes>& literals, const std::vector<bool>& required, int64_t min_count,
               int64_t max_count, std::optional<double> lo, std::optional<double> hi, bool lo_exclusive,
-              bool hi_exclusive) {
+              bool hi_exclusive, int32_t min_depth) {
              static const std::map<std::string, SchemaNode::Kind> kinds = {
                  {"anyOf", SchemaNode::Kind::kAnyOf},     {"enum", SchemaNode::Kind::kEnum},
                  {"string", SchemaNode::Kind::kString},   {"integer", SchemaNode::Kind::kInteger},
@@ -85,6 +85,7 @@ void init_model(py::module_& m) {
              n.has_lo = lo.has_value(), n.has_hi = hi.has_value();
              n.lo = lo.value_or(0.0), n.hi = hi.value_or(0.0);
              n.lo_exclusive = lo_exclusive, n.hi_exclusive = hi_exclusive;
+             n.min_depth = min_depth;
              s.nodes.push_back(std::move(n));
              return int64_t(s.nodes.size()) - 1;
            },
@@ -92,6 +93,7 @@ void init_model(py::module_& m) {
            py::arg("literals") = std::vector<py::bytes>(), py::arg("required") = std::vector<bool>(),
            py::arg("min_count") = 0, py::arg("max_count") = INT64_MAX, py::arg("lo") = std::nullopt,
            py::arg("hi") = std::nullopt, py::arg("lo_exclusive") = false, py::arg("hi_exclusive") = false,
+           py::arg("min_depth") = 1,
            "Appends a node; returns its index.")
       .def_readwrite("root", &JsonSchema::root)
       .def("__len__", [](const JsonSchema& s) { return s.nodes.size(); })

@@ -29,11 +29,12 @@ bool is_digit(uint8_t b) { return b >= '0' && b <= '9'; }
 bool is_space(uint8_t b) { return b == ' ' || b == '\n' || b == '\t' || b == '\r'; }
 
 // Properties that may come next in an object: from `next` up to and including the first required
-// one (required properties are never skipped; the order is the schema's).
-uint64_t key_candidates(const SchemaNode& n, uint32_t next) {
+// one (required properties are never skipped; the order is the schema's), leaving out optional
+// ones whose values need more than `room` levels of nesting.
+uint64_t key_candidates(const JsonSchema& s, const SchemaNode& n, uint32_t next, int room) {
   uint64_t mask = 0;
   for (size_t i = next; i < n.literals.size(); ++i) {
-    mask |= uint64_t(1) << i;
+    if (n.required[i] || s.nodes[size_t(n.children[i])].min_depth <= room) mask |= uint64_t(1) << i;
     if (n.required[i]) break;
   }
   return mask;
@@ -67,6 +68,8 @@ void JsonSchema::validate() const {
   const int64_t n = int64_t(nodes.size());
   LLAMAS_CHECK(n > 0 && n < 65536, "json_schema", "a schema needs 1 to 65535 nodes, got ", n);
   LLAMAS_CHECK(root >= 0 && root < n, "json_schema", "root ", root, " is not a node");
+  LLAMAS_CHECK(nodes[size_t(root)].min_depth <= SchemaThread::kMaxDepth, "json_schema", "the root needs ",
+               nodes[size_t(root)].min_depth, " levels of nesting; at most ", SchemaThread::kMaxDepth);
   for (int64_t i = 0; i < n; ++i) {
     const SchemaNode& s = nodes[size_t(i)];
     for (int32_t c : s.children) {
@@ -76,6 +79,7 @@ void JsonSchema::validate() const {
     }
     LLAMAS_CHECK(s.min_count >= 0 && s.min_count <= s.max_count, "json_schema", "node ", i, " has counts ",
                  s.min_count, "..", s.max_count);
+    LLAMAS_CHECK(s.min_depth >= 1, "json_schema", "node ", i, " has min_depth ", s.min_depth);
     switch (s.kind) {
       case Kind::kAnyOf:
         LLAMAS_CHECK(!s.children.empty(), "json_schema", "anyOf node ", i, " has no alternatives");
@@ -117,8 +121,12 @@ SchemaState::SchemaState(std::shared_ptr<const JsonSchema> schema) : schema_(std
   threads_.push_back(t);
 }
 
+bool SchemaState::fits(const SchemaThread& t, int32_t node) const {
+  return t.depth + schema_->nodes[size_t(node)].min_depth <= SchemaThread::kMaxDepth;
+}
+
 bool SchemaState::push(SchemaThread& t, int32_t node) const {
-  if (t.depth == SchemaThread::kMaxDepth) return false;
+  if (!fits(t, node)) return false;
   t.frames[t.depth++] = SchemaFrame{uint16_t(node), kStart, 0, 0, 0};
   return true;
 }
@@ -143,6 +151,7 @@ bool SchemaState::start_value(SchemaThread& t, uint8_t byte, std::vector<SchemaT
     case Kind::kAnyOf:
       // Every alternative that takes this byte becomes a reading of its own.
       for (int32_t alt : n.children) {
+        if (t.depth - 1 + schema_->nodes[size_t(alt)].min_depth > SchemaThread::kMaxDepth) continue;
         SchemaThread fork = t;
         fork.frames[fork.depth - 1].node = uint16_t(alt);
         if (start_value(fork, byte, out)) out.push_back(fork);
@@ -287,7 +296,7 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
       [[fallthrough]];
     case kObjNext:
       if (byte != '"') return false;
-      f.b = key_candidates(n, f.a);
+      f.b = key_candidates(*schema_, n, f.a, SchemaThread::kMaxDepth - t.depth);
       f.mode = kObjKey, f.a = 0;
       return f.b != 0;
     case kObjColon:
@@ -296,13 +305,13 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
       return push(t, n.children[f.a - 1]);
     case kObjAfter:
       if (byte == '}') return may_close_object(n, f.a) && end_value(t);
-      if (byte != ',' || key_candidates(n, f.a) == 0) return false;
+      if (byte != ',' || key_candidates(*schema_, n, f.a, SchemaThread::kMaxDepth - t.depth) == 0) return false;
       return f.mode = kObjNext, true;
     case kMapOpen:
       if (byte == '}') return end_value(t);
       [[fallthrough]];
     case kMapNext:
-      if (byte != '"') return false;
+      if (byte != '"' || !fits(t, n.children[0])) return false;  // the key, then a value that fits
       f.mode = kMapColon;
       if (!push(t, n.children[1])) return false;
       t.frames[t.depth - 1].mode = kChars;  // the key's opening quote is this byte
@@ -323,7 +332,7 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
       return push(t, n.children[0]) && start_value(t, byte, out);
     case kArrAfter:
       if (byte == ']') return int64_t(f.a) >= n.min_count && end_value(t);
-      return byte == ',' && int64_t(f.a) < n.max_count && (f.mode = kArrNext, true);
+      return byte == ',' && int64_t(f.a) < n.max_count && fits(t, n.children[0]) && (f.mode = kArrNext, true);
     default:
       return false;
   }

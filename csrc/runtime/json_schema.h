@@ -32,6 +32,9 @@ struct SchemaNode {
   // integer, number: bounds (an integer's exclusive bounds arrive as inclusive ones).
   bool has_lo = false, has_hi = false, lo_exclusive = false, hi_exclusive = false;
   double lo = 0, hi = 0;
+  // Levels of nesting (frames) the shortest value of this node needs: a value is started only
+  // where it fits, so every prefix the recogniser accepts can still be closed within kMaxDepth.
+  int32_t min_depth = 1;
 };
 
 // The compiled schema: nodes[root] is the value the output must be.
@@ -88,6 +91,7 @@ class SchemaState {
   void step(const SchemaThread& t, uint8_t byte, std::vector<SchemaThread>& out) const;
   bool step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaThread>& out) const;
   bool start_value(SchemaThread& t, uint8_t byte, std::vector<SchemaThread>& out) const;
+  bool fits(const SchemaThread& t, int32_t node) const;
   bool push(SchemaThread& t, int32_t node) const;
   bool end_value(SchemaThread& t) const;
   bool can_end_frame(const SchemaFrame& f) const;

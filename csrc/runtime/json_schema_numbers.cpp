@@ -25,6 +25,7 @@ bool number_feasible(const SchemaNode& n, const SchemaFrame& f) {
   const uint8_t phase = f.aux & 0x7F;
   const bool neg = f.aux & kNegative;
   const uint32_t digits = digit_count(f);
+  if (digits == kMaxDigits) return accepting(phase) && in_bounds(n, number_value(f));  // it can only end
   const double v = double(f.b);
   // Magnitudes in [a, b] (b excluded when b_open) that the number can still take.
   auto check = [&](double a, double b, bool b_open) {

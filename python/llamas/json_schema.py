@@ -31,6 +31,7 @@ MAX_ENUM = 4096              # values of one enum / const set
 MAX_LITERAL_BYTES = 4096     # one enum value's JSON text
 MAX_PROPERTIES = 64          # of one object (the recogniser's candidate mask)
 MAX_INTEGER = 10 ** 18 - 1   # integers are written with at most 18 digits
+MAX_DEPTH = 24               # values open at once (the recogniser's stack)
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "format", "$anchor", "discriminator", "contentMediaType",
@@ -238,6 +239,8 @@ class _Compiler:
                             hi=None if hi is None and ihi == MAX_INTEGER else float(ihi))
         if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_open or hi_open))):
             return self.new("never")
+        if (lo is not None and lo >= 10 ** 18) or (hi is not None and hi <= -10 ** 18):
+            return self.new("never")  # a bounded number is written with at most 18 digits
         return self.new("number", lo=None if lo is None else float(lo), hi=None if hi is None else float(hi),
                         lo_exclusive=lo_open, hi_exclusive=hi_open)
 
@@ -339,6 +342,27 @@ class _Compiler:
                 n["max_count"] = 0
             elif n["kind"] == "map" and not ok[kids[0]]:
                 n.update(kind="object", children=[], literals=[], required=[])  # only {}
+        # levels of nesting each node's shortest value needs (least fixed point again)
+        depth = [math.inf] * len(nodes)
+        changed = True
+        while changed:
+            changed = False
+            for i, n in enumerate(nodes):
+                kids, kind = n["children"], n["kind"]
+                if kind in ("never", "alias") or not ok[i]:
+                    continue
+                if kind == "anyOf":
+                    d = min(depth[c] for c in kids)
+                elif kind == "object":
+                    d = 1 + max([depth[c] for c, req in zip(kids, n["required"]) if req], default=0)
+                elif kind == "array" and n["min_count"] > 0:
+                    d = 1 + depth[kids[0]]
+                else:
+                    d = 1
+                if d < depth[i]:
+                    depth[i], changed = d, True
+        if depth[root] > MAX_DEPTH:
+            raise LlamasError(f"[json_schema] the schema's values nest {depth[root]} deep at least; at most {MAX_DEPTH}")
         # the reachable nodes, renumbered from 0
         order, index, stack = [], {}, [root]
         while stack:
@@ -355,7 +379,7 @@ class _Compiler:
                 n = dict(n, kind="enum", literals=[b"null"])
             out.add_node(n["kind"], [index[c] for c in n["children"]], n["literals"], n["required"], n["min_count"],
                          2 ** 63 - 1 if n["max_count"] is None else n["max_count"], n["lo"], n["hi"],
-                         n["lo_exclusive"], n["hi_exclusive"])
+                         n["lo_exclusive"], n["hi_exclusive"], int(min(depth[i], 1000)) if ok[i] else 1000)
         out.root = 0
         out.validate()
         return out
