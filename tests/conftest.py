@@ -23,6 +23,16 @@ def one_engine_thread():
     llamas.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def tiny_http():
+    """An httpx client of a server on the tiny fixture model (16 sequences at once), one per module."""
+    pytest.importorskip("uvicorn")
+    import llamas
+    from test_server import served_client
+    with served_client(llamas.load(str(FIXTURES / "gpt2-tiny")), max_batch=16) as c:
+        yield c
+
+
 def _kernel_variants():
     from llamas import _C
     return list(_C.available_kernel_variants())

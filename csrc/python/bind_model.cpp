@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <tuple>
 
 #include "llamas/error.h"
 #include "models/gpt2.h"
@@ -69,12 +70,13 @@ void init_model(py::module_& m) {
            [](JsonSchema& s, const std::string& kind, const std::vector<int32_t>& children,
               const std::vector<py::bytes>& literals, const std::vector<bool>& required, int64_t min_count,
               int64_t max_count, std::optional<double> lo, std::optional<double> hi, bool lo_exclusive,
-              bool hi_exclusive, int32_t min_depth) {
+              bool hi_exclusive, int32_t min_depth, int32_t dfa) {
              static const std::map<std::string, SchemaNode::Kind> kinds = {
                  {"anyOf", SchemaNode::Kind::kAnyOf},     {"enum", SchemaNode::Kind::kEnum},
                  {"string", SchemaNode::Kind::kString},   {"integer", SchemaNode::Kind::kInteger},
                  {"number", SchemaNode::Kind::kNumber},   {"object", SchemaNode::Kind::kObject},
-                 {"map", SchemaNode::Kind::kMap},         {"array", SchemaNode::Kind::kArray}};
+                 {"map", SchemaNode::Kind::kMap},         {"array", SchemaNode::Kind::kArray},
+                 {"regex", SchemaNode::Kind::kRegex}};
              auto k = kinds.find(kind);
              LLAMAS_CHECK(k != kinds.end(), "json_schema", "unknown node kind '", kind, "'");
              SchemaNode n;
@@ -85,7 +87,7 @@ void init_model(py::module_& m) {
              n.has_lo = lo.has_value(), n.has_hi = hi.has_value();
              n.lo = lo.value_or(0.0), n.hi = hi.value_or(0.0);
              n.lo_exclusive = lo_exclusive, n.hi_exclusive = hi_exclusive;
-             n.min_depth = min_depth;
+             n.min_depth = min_depth, n.dfa = dfa;
              s.nodes.push_back(std::move(n));
              return int64_t(s.nodes.size()) - 1;
            },
@@ -93,8 +95,27 @@ void init_model(py::module_& m) {
            py::arg("literals") = std::vector<py::bytes>(), py::arg("required") = std::vector<bool>(),
            py::arg("min_count") = 0, py::arg("max_count") = INT64_MAX, py::arg("lo") = std::nullopt,
            py::arg("hi") = std::nullopt, py::arg("lo_exclusive") = false, py::arg("hi_exclusive") = false,
-           py::arg("min_depth") = 1,
+           py::arg("min_depth") = 1, py::arg("dfa") = -1,
            "Appends a node; returns its index.")
+      .def("add_dfa",
+           [](JsonSchema& s, const std::vector<bool>& accepting,
+              const std::vector<std::vector<std::tuple<uint32_t, uint32_t, int32_t>>>& edges,
+              const std::vector<int32_t>& dist) {
+             LLAMAS_CHECK(edges.size() == accepting.size(), "json_schema", "a DFA needs one edge list per state");
+             SchemaDfa d;
+             d.accepting.assign(accepting.begin(), accepting.end());
+             d.dist = dist;
+             d.first.push_back(0);
+             for (const auto& out : edges) {
+               for (const auto& [lo, hi, next] : out) d.edges.push_back({lo, hi, next});
+               d.first.push_back(uint32_t(d.edges.size()));
+             }
+             s.dfas.push_back(std::move(d));
+             return int64_t(s.dfas.size()) - 1;
+           },
+           py::arg("accepting"), py::arg("edges"), py::arg("dist"),
+           "Appends a DFA over code points (state 0 starts; edges [(lo, hi, next)] sorted per state); returns its "
+           "index.")
       .def_readwrite("root", &JsonSchema::root)
       .def("__len__", [](const JsonSchema& s) { return s.nodes.size(); })
       .def("validate", &JsonSchema::validate, "Raises when an index, count or kind is inconsistent.")

@@ -6,24 +6,13 @@
 #include <limits>
 
 #include "llamas/error.h"
-#include "runtime/json_schema_numbers.h"
+#include "runtime/json_schema_internal.h"
 
 namespace llamas {
 namespace {
 
 using Kind = SchemaNode::Kind;
-using namespace schema_numbers;
-
-// Frame modes. kStart: before the value's first byte. The rest name what the frame waits for.
-enum Mode : uint8_t {
-  kStart,
-  kChars, kEscape, kUtf8,                              // string
-  kNumber,                                             // integer, number (phase in aux)
-  kLiteral,                                            // enum
-  kObjOpen, kObjKey, kObjColon, kObjAfter, kObjNext,   // object: after '{', in a key, ...
-  kMapOpen, kMapColon, kMapAfter, kMapNext,            // map (free keys)
-  kArrOpen, kArrAfter, kArrNext,                       // array
-};
+using namespace schema_detail;
 
 bool is_digit(uint8_t b) { return b >= '0' && b <= '9'; }
 bool is_space(uint8_t b) { return b == ' ' || b == '\n' || b == '\t' || b == '\r'; }
@@ -67,6 +56,7 @@ std::pair<uint32_t, uint32_t> narrow(const std::vector<std::string>& lits, uint3
 void JsonSchema::validate() const {
   const int64_t n = int64_t(nodes.size());
   LLAMAS_CHECK(n > 0 && n < 65536, "json_schema", "a schema needs 1 to 65535 nodes, got ", n);
+  for (const SchemaDfa& d : dfas) d.validate();
   LLAMAS_CHECK(root >= 0 && root < n, "json_schema", "root ", root, " is not a node");
   LLAMAS_CHECK(nodes[size_t(root)].min_depth <= SchemaThread::kMaxDepth, "json_schema", "the root needs ",
                nodes[size_t(root)].min_depth, " levels of nesting; at most ", SchemaThread::kMaxDepth);
@@ -80,6 +70,8 @@ void JsonSchema::validate() const {
     LLAMAS_CHECK(s.min_count >= 0 && s.min_count <= s.max_count, "json_schema", "node ", i, " has counts ",
                  s.min_count, "..", s.max_count);
     LLAMAS_CHECK(s.min_depth >= 1, "json_schema", "node ", i, " has min_depth ", s.min_depth);
+    LLAMAS_CHECK(s.dfa < int64_t(dfas.size()) && (s.dfa < 0 || s.kind == Kind::kString || s.kind == Kind::kRegex),
+                 "json_schema", "node ", i, " has DFA ", s.dfa, " (", dfas.size(), " DFAs; strings and regex only)");
     switch (s.kind) {
       case Kind::kAnyOf:
         LLAMAS_CHECK(!s.children.empty(), "json_schema", "anyOf node ", i, " has no alternatives");
@@ -104,8 +96,31 @@ void JsonSchema::validate() const {
       case Kind::kArray:
         LLAMAS_CHECK(s.children.size() == 1, "json_schema", "array node ", i, " needs one items node");
         break;
+      case Kind::kRegex:
+        LLAMAS_CHECK(i == root && s.dfa >= 0, "json_schema", "regex node ", i, " must be the root and have a DFA");
+        break;
       default:
         break;
+    }
+  }
+}
+
+void SchemaDfa::validate() const {
+  const int32_t n = states();
+  LLAMAS_CHECK(n >= 1 && n < (1 << 24), "json_schema", "a DFA needs 1 to 2^24 - 1 states, got ", n);
+  LLAMAS_CHECK(first.size() == size_t(n) + 1 && dist.size() == size_t(n) && first[0] == 0 &&
+                   first[size_t(n)] == edges.size(),
+               "json_schema", "a DFA's tables disagree on its size");
+  for (int32_t st = 0; st < n; ++st) {
+    LLAMAS_CHECK(first[size_t(st)] <= first[size_t(st) + 1], "json_schema", "a DFA's edge offsets go backwards");
+    LLAMAS_CHECK(dist[size_t(st)] >= 0 && (dist[size_t(st)] == 0) == bool(accepting[size_t(st)]), "json_schema",
+                 "DFA state ", st, " has distance ", dist[size_t(st)], " to a match");
+    for (uint32_t e = first[size_t(st)]; e < first[size_t(st) + 1]; ++e) {
+      const Edge& x = edges[e];
+      LLAMAS_CHECK(x.lo <= x.hi && x.hi <= 0x10FFFF && x.next >= 0 && x.next < n, "json_schema", "DFA state ", st,
+                   " has an edge out of range");
+      LLAMAS_CHECK(e == first[size_t(st)] || edges[e - 1].hi < x.lo, "json_schema", "DFA state ", st,
+                   " has edges out of order or overlapping");
     }
   }
 }
@@ -118,6 +133,7 @@ SchemaState::SchemaState(std::shared_ptr<const JsonSchema> schema) : schema_(std
   schema_->validate();
   SchemaThread t;
   push(t, schema_->root);
+  if (schema_->nodes[size_t(schema_->root)].kind == Kind::kRegex) t.frames[0].mode = kRaw;  // no quotes, no spaces
   threads_.push_back(t);
 }
 
@@ -140,6 +156,7 @@ bool SchemaState::can_end_frame(const SchemaFrame& f) const {
   const SchemaNode& n = schema_->nodes[f.node];
   if (f.mode == kNumber) return accepting(f.aux & 0x7F) && in_bounds(n, number_value(f));
   if (f.mode == kLiteral) return n.literals[f.a & 0xFFFF].size() == f.b;
+  if (f.mode == kRaw) return raw_complete(*schema_, n, f);
   return false;
 }
 
@@ -187,6 +204,8 @@ bool SchemaState::start_value(SchemaThread& t, uint8_t byte, std::vector<SchemaT
       if (byte != '[') return false;
       f.mode = kArrOpen, f.a = 0;
       return true;
+    case Kind::kRegex:  // the root, read in kRaw from the start
+      return false;
   }
   return false;
 }
@@ -197,29 +216,13 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
   const SchemaNode& n = schema_->nodes[f.node];
   switch (f.mode) {
     case kChars:
-      if (byte == '"') return int64_t(f.a) >= n.min_count && end_value(t);
-      if (byte < 0x20 || int64_t(f.a) >= n.max_count) return false;
-      ++f.a;
-      if (byte == '\\') return f.mode = kEscape, true;
-      if (byte < 0x80) return true;
-      // A UTF-8 lead byte: how many continuation bytes follow and the range of the first (no
-      // overlong forms, no surrogates, nothing past U+10FFFF), as JSON mode.
-      if (byte >= 0xC2 && byte <= 0xDF) f.aux = 1;
-      else if (byte >= 0xE0 && byte <= 0xEF) f.aux = 2;
-      else if (byte >= 0xF0 && byte <= 0xF4) f.aux = 3;
-      else return false;
-      f.b = uint64_t(byte == 0xE0 ? 0xA0 : byte == 0xF0 ? 0x90 : 0x80) |
-            uint64_t(byte == 0xED ? 0x9F : byte == 0xF4 ? 0x8F : 0xBF) << 8;
-      return f.mode = kUtf8, true;
-    case kEscape:  // \uXXXX is not written: a lone surrogate would not decode
-      f.mode = kChars;
-      return byte == '"' || byte == '\\' || byte == '/' || byte == 'b' || byte == 'f' || byte == 'n' ||
-             byte == 'r' || byte == 't';
-    case kUtf8:
-      if (byte < (f.b & 0xFF) || byte > (f.b >> 8)) return false;
-      f.b = 0x80 | 0xBF << 8;
-      if (--f.aux == 0) f.mode = kChars;
-      return true;
+    case kEscape:
+    case kUtf8: {
+      const TextStep r = string_byte(*schema_, n, f, byte);
+      return r == TextStep::kClosed ? end_value(t) : r == TextStep::kTaken;
+    }
+    case kRaw:
+      return raw_byte(*schema_, n, f, byte);
     case kNumber: {
       const uint8_t phase = f.aux & 0x7F, sign = f.aux & kNegative;
       const bool integer = n.kind == Kind::kInteger, bounded = n.has_lo || n.has_hi;
@@ -391,6 +394,7 @@ int64_t SchemaState::plain_string_room() const {
   for (const SchemaThread& t : threads_) {
     if (t.depth == 0 || t.frames[t.depth - 1].mode != kChars) continue;
     const SchemaFrame& f = t.frames[t.depth - 1];
+    if (schema_->nodes[f.node].dfa >= 0) continue;  // a pattern decides what plain text fits
     room = std::max(room, schema_->nodes[f.node].max_count - int64_t(f.a));
   }
   return room;

@@ -18,8 +18,25 @@
 
 namespace llamas {
 
+// A DFA over Unicode code points (a regex's whole matches; built by llamas/regex_dfa.py): state 0
+// starts; only states from which a match can still be completed are kept.
+struct SchemaDfa {
+  struct Edge {
+    uint32_t lo, hi;  // code points, inclusive
+    int32_t next;
+  };
+  std::vector<uint32_t> first;  // state s's edges are edges[first[s], first[s + 1]), sorted by lo
+  std::vector<Edge> edges;
+  std::vector<uint8_t> accepting;
+  std::vector<int32_t> dist;    // fewest characters from the state to a match
+  int32_t states() const { return int32_t(accepting.size()); }
+  int32_t step(int32_t state, uint32_t cp) const;  // -1 when no edge takes cp
+  void validate() const;  // throws llamas::Error when the tables are inconsistent
+};
+
 struct SchemaNode {
-  enum class Kind : uint8_t { kAnyOf, kEnum, kString, kInteger, kNumber, kObject, kMap, kArray };
+  // kRegex: the whole output is text matching dfas[dfa] (vLLM's guided_regex); only as the root.
+  enum class Kind : uint8_t { kAnyOf, kEnum, kString, kInteger, kNumber, kObject, kMap, kArray, kRegex };
   Kind kind = Kind::kEnum;
   // anyOf: the alternatives (never anyOf themselves); object: each property's value; map: the
   // values' node; array: the items' node.
@@ -35,11 +52,13 @@ struct SchemaNode {
   // Levels of nesting (frames) the shortest value of this node needs: a value is started only
   // where it fits, so every prefix the recogniser accepts can still be closed within kMaxDepth.
   int32_t min_depth = 1;
+  int32_t dfa = -1;  // string: its pattern (JsonSchema::dfas), or -1; regex: its DFA
 };
 
 // The compiled schema: nodes[root] is the value the output must be.
 struct JsonSchema {
   std::vector<SchemaNode> nodes;
+  std::vector<SchemaDfa> dfas;
   int32_t root = 0;
   // Throws llamas::Error naming the node when a child index, count or bound is out of range.
   void validate() const;

@@ -1,7 +1,7 @@
-#include "runtime/json_schema_numbers.h"
+#include "runtime/json_schema_internal.h"
 
 namespace llamas {
-namespace schema_numbers {
+namespace schema_detail {
 namespace {
 
 using Kind = SchemaNode::Kind;
@@ -60,5 +60,5 @@ double number_value(const SchemaFrame& f) {
   return (f.aux & kNegative) ? -mag : mag;
 }
 
-}  // namespace schema_numbers
+}  // namespace schema_detail
 }  // namespace llamas

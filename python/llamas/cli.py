@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
                    help="the output is an instance of this JSON Schema (a file, or the schema's JSON text; as "
                         "response_format json_schema)")
+    g.add_argument("--regex", default=None, metavar="PATTERN",
+                   help="the output is a whole match of this regular expression (vLLM's guided_regex)")
     g.add_argument("--choice", action="append", default=None, metavar="TEXT",
                    help="the output is exactly one of these strings (repeatable; vLLM's guided_choice)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
@@ -161,7 +163,8 @@ def cmd_generate(args) -> int:
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 stop=args.stop or None, stop_token_ids=args.stop_token_id,
                                 min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, json_object=args.json,
-                                choices=args.choice, json_schema=_json_schema_arg(args.json_schema), stream=True)
+                                choices=args.choice, json_schema=_json_schema_arg(args.json_schema), regex=args.regex,
+                                stream=True)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

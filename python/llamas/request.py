@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
-from .json_schema import compile_json_schema
+from .json_schema import compile_guided_regex, compile_json_schema
 
 
 # ---- sampling parameters -------------------------------------------------------------------------
@@ -40,7 +40,7 @@ class SamplingOptions:
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None, logprobs=None,
-                 json_object=False, choices=None, json_schema=None):
+                 json_object=False, choices=None, json_schema=None, regex=None):
         self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
@@ -72,14 +72,21 @@ class SamplingOptions:
         self.choices = check_choices(choices)  # the output is exactly one of these (None: free)
         # an instance of this JSON Schema (compiled; None: free)
         self.json_schema = None if json_schema is None else compile_json_schema(json_schema)
-        if int(json_object) + (self.choices is not None) + (self.json_schema is not None) > 1:
-            raise LlamasError("[generate] json_object, choices and json_schema cannot be combined")
+        # text matching this regular expression (vLLM's guided_regex; compiled; None: free)
+        self.regex = None if regex is None else compile_guided_regex(regex)
+        if int(json_object) + (self.choices is not None) + (self.json_schema is not None) + (self.regex is not None) > 1:
+            raise LlamasError("[generate] json_object, choices, json_schema and regex cannot be combined")
 
     @property
     def constrained(self) -> Optional[str]:
         """The structured output this asks for, by name, or None."""
         return "JSON mode" if self.json_object else "choices" if self.choices else \
-            "json_schema" if self.json_schema is not None else None
+            "json_schema" if self.json_schema is not None else "regex" if self.regex is not None else None
+
+    @property
+    def recogniser(self):
+        """The compiled schema or regex the native sampler follows, or None."""
+        return self.json_schema if self.json_schema is not None else self.regex
 
     def with_seed(self, seed: int) -> "SamplingOptions":
         other = object.__new__(SamplingOptions)

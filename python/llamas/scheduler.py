@@ -183,7 +183,7 @@ class Scheduler:
                                   o.logit_bias, -1 if o.logprobs is None else o.logprobs, rules.min_tokens,
                                   sorted(stop_ids) if rules.min_tokens else [],
                                   self.model.constraint_vocab() if o.constrained else None,
-                                  o.json_object, [c.encode() for c in o.choices] if o.choices else [], o.json_schema)
+                                  o.json_object, [c.encode() for c in o.choices] if o.choices else [], o.recogniser)
             except Exception as e:
                 req.stats.admitted = time.perf_counter()
                 self._finish_waiting(req, "error", str(e))

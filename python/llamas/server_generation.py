@@ -81,7 +81,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                   f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
     stops = make_stop_rules(p.stop, p.stop_token_ids, p.min_tokens, p.ignore_eos, p.include_stop_str_in_output)
     constrained = (("response_format", p.sampling.get("json_object") or p.sampling.get("json_schema") is not None),
-                   ("guided_choice", p.sampling.get("choices")))
+                   ("guided_regex", p.sampling.get("regex") is not None), ("guided_choice", p.sampling.get("choices")))
     for field, wanted in constrained:
         if wanted:
             try:

@@ -1,11 +1,11 @@
 """Structured output in request bodies: response_format (json_object, json_schema), vLLM's
-guided_json and guided_choice; at most one of them per request."""
+guided_json, guided_regex and guided_choice; at most one of them per request."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
 from ._C import LlamasError
-from .json_schema import compile_json_schema
+from .json_schema import compile_guided_regex, compile_json_schema
 from .request import MAX_CHOICE_BYTES, MAX_CHOICES
 from .server_protocol import bad, check_text, check_unknown, typename
 
@@ -32,12 +32,13 @@ def get_guided_choice(body: dict) -> Optional[List[str]]:
     return v
 
 
-def _schema(schema, param: str):
-    """A JSON Schema compiled for structured output; its faults as a 400 naming `param`."""
+def _schema(schema, param: str, compile=compile_json_schema):
+    """A JSON Schema (or regex) compiled for structured output; its faults as a 400 naming `param`."""
     try:
-        return compile_json_schema(schema)
+        return compile(schema)
     except LlamasError as e:
-        raise bad(f"'{param}': {str(e).replace('[json_schema] ', '')}", param, "invalid_value") from None
+        message = str(e).replace("[json_schema] ", "").replace("[regex] ", "")
+        raise bad(f"'{param}': {message}", param, "invalid_value") from None
 
 
 def get_response_format(body: dict) -> Tuple[bool, Any]:
@@ -86,15 +87,21 @@ def get_guided_json(body: dict):
 
 
 def get_structured_output(body: dict, sampling: dict) -> Optional[str]:
-    """Fills sampling's json_object, json_schema and choices from the body; returns the one asked
-    for, as the message names it, or None."""
+    """Fills sampling's json_object, json_schema, regex and choices from the body; returns the one
+    asked for, as the message names it, or None."""
     sampling["choices"] = get_guided_choice(body)
     sampling["json_object"], schema = get_response_format(body)
     guided_json = get_guided_json(body)
     sampling["json_schema"] = schema if schema is not None else guided_json
+    regex = body.get("guided_regex")
+    if regex is not None:
+        check_text(regex, "guided_regex")
+        regex = _schema(regex, "guided_regex", compile_guided_regex)
+    sampling["regex"] = regex
     asked = [name for name, on in (("'response_format' json_object", sampling["json_object"]),
                                    ("'response_format' json_schema", schema is not None),
                                    ("'guided_json'", guided_json is not None),
+                                   ("'guided_regex'", regex is not None),
                                    ("'guided_choice'", sampling["choices"])) if on]
     if len(asked) > 1:
         raise bad(f"{asked[0]} cannot be combined with {asked[1]}.", asked[1].split("'")[1], "invalid_value")

@@ -1,0 +1,388 @@
+"""The JSON Schema compiler behind llamas.json_schema: keywords checked, $ref resolved, the node
+table of the native recogniser built (csrc/runtime/json_schema.h), then aliases removed, anyOf
+flattened, what admits no value pruned and each node's least nesting depth computed."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, List, Optional
+
+from . import _C
+from ._C import LlamasError
+from .regex_dfa import JSON_STRING, compile_regex
+
+MAX_NODES = 10_000
+MAX_ENUM = 4096              # values of one enum / const set
+MAX_LITERAL_BYTES = 4096     # one enum value's JSON text
+MAX_PROPERTIES = 64          # of one object (the recogniser's candidate mask)
+MAX_INTEGER = 10 ** 18 - 1   # integers are written with at most 18 digits
+MAX_DEPTH = 24               # values open at once (the recogniser's stack)
+
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+               "readOnly", "writeOnly", "format", "$anchor", "discriminator", "contentMediaType",
+               "contentEncoding", "$defs", "definitions"}
+TYPE_KEYWORDS = {
+    "string": {"minLength", "maxLength", "pattern"},
+    "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
+    "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
+    "array": {"items", "minItems", "maxItems", "uniqueItems"},
+    "object": {"properties", "required", "additionalProperties"},
+    "boolean": set(), "null": set(),
+}
+KNOWN = ANNOTATIONS | {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"} | \
+    set().union(*TYPE_KEYWORDS.values())
+
+
+def _fail(path: str, message: str) -> None:
+    raise LlamasError(f"[json_schema] at {path}: {message}")
+
+
+def _literal(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _is_type(value: Any, t: str) -> bool:
+    if t == "null":
+        return value is None
+    if t == "boolean":
+        return isinstance(value, bool)
+    if t == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or \
+            (isinstance(value, float) and value.is_integer())
+    if t == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t == "string":
+        return isinstance(value, str)
+    if t == "array":
+        return isinstance(value, list)
+    return isinstance(value, dict)
+
+
+def _count(schema: dict, key: str, path: str) -> Optional[int]:
+    v = schema.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        _fail(path, f"'{key}' must be a non-negative integer, got {v!r:.40}")
+    return v
+
+
+def _number(schema: dict, key: str, path: str):
+    v = schema.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        _fail(path, f"'{key}' must be a finite number, got {v!r:.40}")
+    return v
+
+
+class SchemaCompiler:
+    def __init__(self, document: Any):
+        self.document = document
+        self.nodes: List[Dict[str, Any]] = []
+        self.refs: Dict[str, int] = {}
+        self._any: Optional[int] = None
+        self._string: Optional[int] = None
+
+    def new(self, kind: str, **fields) -> int:
+        if len(self.nodes) >= MAX_NODES:
+            raise LlamasError(f"[json_schema] the schema compiles to more than {MAX_NODES} nodes")
+        node = dict(kind=kind, children=[], literals=[], required=[], min_count=0, max_count=None, lo=None, hi=None,
+                    lo_exclusive=False, hi_exclusive=False, dfa=None)
+        node.update(fields)
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def any(self) -> int:
+        """Any JSON value."""
+        if self._any is None:
+            self._any = self.new("anyOf")
+            scalars = self.new("enum", literals=[b"false", b"null", b"true"])
+            array = self.new("array", children=[self._any])
+            obj = self.new("map", children=[self._any, self.free_string()])
+            self.nodes[self._any]["children"] = [scalars, self.new("number"), self.free_string(), array, obj]
+        return self._any
+
+    def free_string(self) -> int:
+        if self._string is None:
+            self._string = self.new("string")
+        return self._string
+
+    def ref(self, ref: Any, path: str) -> int:
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            _fail(path, f"'$ref' must point into this schema ('#' or '#/...'), got {ref!r:.80}")
+        if ref not in self.refs:
+            self.refs[ref] = alias = self.new("alias")  # filled below; recursion lands here
+            target = self.document
+            for part in ref[2:].split("/") if ref != "#" else []:
+                part = part.replace("~1", "/").replace("~0", "~")
+                if isinstance(target, dict) and part in target:
+                    target = target[part]
+                elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                    target = target[int(part)]
+                else:
+                    _fail(path, f"'$ref' {ref!r:.80} points to nothing")
+            self.nodes[alias]["children"] = [self.compile(target, ref)]
+        return self.refs[ref]
+
+    def compile(self, schema: Any, path: str) -> int:
+        if schema is True:
+            return self.any()
+        if schema is False:
+            return self.new("never")
+        if not isinstance(schema, dict):
+            _fail(path, f"a schema must be an object or a boolean, got {type(schema).__name__}")
+        for key in schema:
+            if key not in KNOWN:
+                _fail(path, f"'{key}' is not supported")
+        constraining = [k for k in schema if k not in ANNOTATIONS]
+        if "$ref" in schema:
+            if len(constraining) > 1:
+                _fail(path, "keywords beside '$ref' are not supported")
+            return self.ref(schema["$ref"], path)
+        if "allOf" in schema:
+            alls = schema["allOf"]
+            if not isinstance(alls, list) or len(alls) != 1 or len(constraining) > 1:
+                _fail(path, "'allOf' is supported with exactly one schema and nothing beside it")
+            return self.compile(alls[0], f"{path}/allOf/0")
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                alts = schema[key]
+                if not isinstance(alts, list) or not alts:
+                    _fail(path, f"'{key}' must be a non-empty array of schemas")
+                if len(constraining) > 1:
+                    _fail(path, f"keywords beside '{key}' are not supported")
+                return self.new("anyOf", children=[self.compile(a, f"{path}/{key}/{i}") for i, a in enumerate(alts)])
+        types = schema.get("type")
+        if types is None:
+            # No type: the types whose keywords appear (a schema of only annotations is any value).
+            types = [t for t in ("object", "array", "string", "number") if TYPE_KEYWORDS[t] & set(schema)]
+            if not types and "enum" not in schema and "const" not in schema:
+                return self.any()
+        elif isinstance(types, str):
+            types = [types]
+        if not isinstance(types, list) or not all(isinstance(t, str) and t in TYPE_KEYWORDS for t in types):
+            _fail(path, f"'type' must be one of {sorted(TYPE_KEYWORDS)} or a list of them, got {types!r:.80}")
+        if "enum" in schema or "const" in schema:
+            return self.enum(schema, types, path)
+        nodes = [self.typed(schema, t, path) for t in dict.fromkeys(types)]
+        return nodes[0] if len(nodes) == 1 else self.new("anyOf", children=nodes)
+
+    def enum(self, schema: dict, types: List[str], path: str) -> int:
+        if "const" in schema:
+            values = [schema["const"]]
+        else:
+            values = schema["enum"]
+            if not isinstance(values, list):
+                _fail(path, "'enum' must be an array")
+        if types:
+            values = [v for v in values if any(_is_type(v, t) for t in types)]
+        literals = sorted({_literal(v) for v in values})
+        if len(literals) > MAX_ENUM:
+            _fail(path, f"'enum' has {len(literals)} values; at most {MAX_ENUM}")
+        for lit in literals:
+            if len(lit) > MAX_LITERAL_BYTES:
+                _fail(path, f"an 'enum' value's JSON is {len(lit)} bytes; at most {MAX_LITERAL_BYTES}")
+        return self.new("enum", literals=literals) if literals else self.new("never")
+
+    def typed(self, schema: dict, t: str, path: str) -> int:
+        if t == "null":
+            return self.new("enum", literals=[b"null"])
+        if t == "boolean":
+            return self.new("enum", literals=[b"false", b"true"])
+        if t == "string":
+            lo, hi = _count(schema, "minLength", path) or 0, _count(schema, "maxLength", path)
+            if hi is not None and lo > hi:
+                return self.new("never")
+            if "pattern" not in schema:
+                return self.new("string", min_count=lo, max_count=hi)
+            # The output is a whole match of the pattern (JSON Schema's is a search, so a whole match
+            # is one too), written with what a JSON string can hold without \u escapes.
+            dfa = compile_regex(schema["pattern"], JSON_STRING, f"at {path}: 'pattern'")
+            shortest = dfa.dist[0]
+            if hi is not None and shortest > hi:
+                return self.new("never")
+            if lo > shortest:
+                _fail(path, f"'minLength' beside 'pattern' is supported up to the pattern's shortest match "
+                            f"({shortest} characters), got {lo}")
+            return self.new("string", max_count=hi, dfa=dfa)
+        if t in ("integer", "number"):
+            return self.number(schema, t, path)
+        if t == "array":
+            return self.array(schema, path)
+        return self.object(schema, path)
+
+    def number(self, schema: dict, t: str, path: str) -> int:
+        lo, hi = _number(schema, "minimum", path), _number(schema, "maximum", path)
+        lo_x, hi_x = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+        lo_open = hi_open = False
+        # draft 4 spells them as booleans beside minimum / maximum; later drafts as numbers
+        if isinstance(lo_x, bool):
+            lo_open = lo_x and lo is not None
+        elif lo_x is not None:
+            lo_x = _number(schema, "exclusiveMinimum", path)
+            if lo is None or lo_x >= lo:
+                lo, lo_open = lo_x, True
+        if isinstance(hi_x, bool):
+            hi_open = hi_x and hi is not None
+        elif hi_x is not None:
+            hi_x = _number(schema, "exclusiveMaximum", path)
+            if hi is None or hi_x <= hi:
+                hi, hi_open = hi_x, True
+        if t == "integer":
+            # inclusive integer bounds, inside what 18 digits can write
+            ilo = -MAX_INTEGER if lo is None else max(-MAX_INTEGER, math.floor(lo) + 1 if lo_open else math.ceil(lo))
+            ihi = MAX_INTEGER if hi is None else min(MAX_INTEGER, math.ceil(hi) - 1 if hi_open else math.floor(hi))
+            if ilo > ihi:
+                return self.new("never")
+            return self.new("integer", lo=None if lo is None and ilo == -MAX_INTEGER else float(ilo),
+                            hi=None if hi is None and ihi == MAX_INTEGER else float(ihi))
+        if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_open or hi_open))):
+            return self.new("never")
+        if (lo is not None and lo >= 10 ** 18) or (hi is not None and hi <= -10 ** 18):
+            return self.new("never")  # a bounded number is written with at most 18 digits
+        return self.new("number", lo=None if lo is None else float(lo), hi=None if hi is None else float(hi),
+                        lo_exclusive=lo_open, hi_exclusive=hi_open)
+
+    def array(self, schema: dict, path: str) -> int:
+        if schema.get("uniqueItems") not in (None, False):
+            _fail(path, "'uniqueItems' is not supported")
+        lo, hi = _count(schema, "minItems", path) or 0, _count(schema, "maxItems", path)
+        if hi is not None and lo > hi:
+            return self.new("never")
+        items = schema.get("items", True)
+        if isinstance(items, list):
+            _fail(path, "'items' as an array (tuple validation) is not supported")
+        return self.new("array", children=[self.compile(items, f"{path}/items")], min_count=lo, max_count=hi)
+
+    def object(self, schema: dict, path: str) -> int:
+        props = schema.get("properties", {})
+        if not isinstance(props, dict):
+            _fail(path, "'properties' must be an object")
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            _fail(path, "'required' must be an array of strings")
+        extra = schema.get("additionalProperties", True)
+        if not props and not required and extra is not False:
+            # a free-form object: any keys, values of additionalProperties' schema
+            return self.new("map", children=[self.compile(extra, f"{path}/additionalProperties"), self.free_string()])
+        names = list(props) + [r for r in dict.fromkeys(required) if r not in props]
+        if len(names) > MAX_PROPERTIES:
+            _fail(path, f"an object with {len(names)} properties; at most {MAX_PROPERTIES}")
+        children = []
+        for name in names:
+            if name in props:
+                children.append(self.compile(props[name], f"{path}/properties/{name}"))
+            elif extra is False:
+                return self.new("never")  # a required property that may not appear
+            else:
+                children.append(self.compile(extra, f"{path}/additionalProperties"))
+        return self.new("object", children=children, literals=[json.dumps(n, ensure_ascii=False)[1:-1].encode()
+                                                               for n in names],
+                        required=[n in required for n in names])
+
+    # ---- after compiling: aliases out, anyOf flat, what admits no value pruned ----------------------
+    def finish(self, root: int) -> "_C.JsonSchema":
+        nodes = self.nodes
+
+        def target(i: int) -> int:
+            seen = set()
+            while nodes[i]["kind"] == "alias":
+                if i in seen:
+                    raise LlamasError("[json_schema] a '$ref' cycle with no schema in it")
+                seen.add(i)
+                i = nodes[i]["children"][0]
+            return i
+
+        for n in nodes:
+            n["children"] = [target(c) for c in n["children"]]
+        root = target(root)
+        for n in nodes:
+            if n["kind"] == "anyOf":
+                leaves, stack, seen = [], list(reversed(n["children"])), set()
+                while stack:
+                    c = stack.pop()
+                    if c in seen:
+                        continue
+                    seen.add(c)
+                    if nodes[c]["kind"] == "anyOf":
+                        stack.extend(reversed(nodes[c]["children"]))
+                    else:
+                        leaves.append(c)
+                n["children"] = leaves
+        ok = [False] * len(nodes)  # least fixed point: admits some value (recursion must bottom out)
+        changed = True
+        while changed:
+            changed = False
+            for i, n in enumerate(nodes):
+                if ok[i] or n["kind"] in ("never", "alias"):
+                    continue
+                kids = n["children"]
+                if n["kind"] == "anyOf":
+                    now = any(ok[c] for c in kids)
+                elif n["kind"] == "object":
+                    now = all(ok[c] for c, req in zip(kids, n["required"]) if req)
+                elif n["kind"] == "array":
+                    now = n["min_count"] == 0 or ok[kids[0]]
+                else:
+                    now = True
+                if now:
+                    ok[i] = changed = True
+        if not ok[root]:
+            raise LlamasError("[json_schema] the schema admits no value")
+        for n in nodes:
+            kids = n["children"]
+            if n["kind"] == "anyOf":
+                n["children"] = [c for c in kids if ok[c]]
+            elif n["kind"] == "object":
+                keep = [i for i, (c, req) in enumerate(zip(kids, n["required"])) if ok[c] or req]
+                for key in ("children", "literals", "required"):
+                    n[key] = [n[key][i] for i in keep]
+            elif n["kind"] == "array" and not ok[kids[0]]:
+                n["max_count"] = 0
+            elif n["kind"] == "map" and not ok[kids[0]]:
+                n.update(kind="object", children=[], literals=[], required=[])  # only {}
+        # levels of nesting each node's shortest value needs (least fixed point again)
+        depth = [math.inf] * len(nodes)
+        changed = True
+        while changed:
+            changed = False
+            for i, n in enumerate(nodes):
+                kids, kind = n["children"], n["kind"]
+                if kind in ("never", "alias") or not ok[i]:
+                    continue
+                if kind == "anyOf":
+                    d = min(depth[c] for c in kids)
+                elif kind == "object":
+                    d = 1 + max([depth[c] for c, req in zip(kids, n["required"]) if req], default=0)
+                elif kind == "array" and n["min_count"] > 0:
+                    d = 1 + depth[kids[0]]
+                else:
+                    d = 1
+                if d < depth[i]:
+                    depth[i], changed = d, True
+        if depth[root] > MAX_DEPTH:
+            raise LlamasError(f"[json_schema] the schema's values nest {depth[root]} deep at least; at most {MAX_DEPTH}")
+        # the reachable nodes, renumbered from 0
+        order, index, stack = [], {}, [root]
+        while stack:
+            i = stack.pop()
+            if i in index:
+                continue
+            index[i] = len(order)
+            order.append(i)
+            stack.extend(reversed(nodes[i]["children"]))
+        out = _C.JsonSchema()
+        dfas: Dict[int, int] = {}
+        for i in order:
+            d = nodes[i]["dfa"]
+            if d is not None and id(d) not in dfas:
+                dfas[id(d)] = out.add_dfa(d.accepting, d.edges, d.dist)
+            n = nodes[i]
+            if n["kind"] == "never":  # only under an array whose maxItems became 0: never written
+                n = dict(n, kind="enum", literals=[b"null"])
+            out.add_node(n["kind"], [index[c] for c in n["children"]], n["literals"], n["required"], n["min_count"],
+                         2 ** 63 - 1 if n["max_count"] is None else n["max_count"], n["lo"], n["hi"],
+                         n["lo_exclusive"], n["hi_exclusive"], int(min(depth[i], 1000)) if ok[i] else 1000,
+                         -1 if n["dfa"] is None else dfas[id(n["dfa"])])
+        out.root = 0
+        out.validate()
+        return out
