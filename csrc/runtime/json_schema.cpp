@@ -156,7 +156,7 @@ bool SchemaState::can_end_frame(const SchemaFrame& f) const {
   const SchemaNode& n = schema_->nodes[f.node];
   if (f.mode == kNumber) return accepting(f.aux & 0x7F) && in_bounds(n, number_value(f));
   if (f.mode == kLiteral) return n.literals[f.a & 0xFFFF].size() == f.b;
-  if (f.mode == kRaw) return raw_complete(*schema_, n, f);
+  if (f.mode == kRaw) return schema_detail::raw_complete(*schema_, n, f);
   return false;
 }
 
@@ -387,6 +387,23 @@ bool SchemaState::complete() const {
   for (const SchemaThread& t : threads_)
     if (t.depth == 0 || (t.depth == 1 && can_end_frame(t.frames[0]))) return true;
   return false;
+}
+
+const SchemaFrame* SchemaState::raw_frame() const {
+  if (threads_.size() != 1 || threads_[0].depth != 1 || threads_[0].frames[0].mode != kRaw) return nullptr;
+  return &threads_[0].frames[0];
+}
+
+bool SchemaState::raw_accepts(const SchemaFrame& f, const std::string& bytes) const {
+  SchemaFrame trial = f;
+  const SchemaNode& n = schema_->nodes[f.node];
+  for (char c : bytes)
+    if (!raw_byte(*schema_, n, trial, uint8_t(c))) return false;
+  return true;
+}
+
+bool SchemaState::raw_complete(const SchemaFrame& f) const {
+  return schema_detail::raw_complete(*schema_, schema_->nodes[f.node], f);
 }
 
 int64_t SchemaState::plain_string_room() const {

@@ -97,6 +97,12 @@ class SchemaState {
   // The most plain-ASCII characters (no quote, no backslash) any reading would take as the next
   // part of a string without a length limit in the way; 0 when none is inside such a string.
   int64_t plain_string_room() const;
+  // With a regex root (guided_regex) there is one reading of one frame, and what may follow
+  // depends on nothing else: that frame, or null for any other schema.
+  const SchemaFrame* raw_frame() const;
+  // Whether bytes can follow a regex root's frame (a copy is moved on; no readings are copied).
+  bool raw_accepts(const SchemaFrame& f, const std::string& bytes) const;
+  bool raw_complete(const SchemaFrame& f) const;
   // The readings of the bytes so far.
   const std::vector<SchemaThread>& readings() const { return threads_; }
   // The readings after one more byte (to: cleared first); false when none is left.

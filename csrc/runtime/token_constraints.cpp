@@ -10,6 +10,8 @@ namespace {
 // A second-byte table is built when fewer first bytes than this may come (16 x 256 trials of one
 // byte at most, ~0.1 ms).
 constexpr size_t kSecondByteTable = 16;
+// Cached token masks of a regex's states per sequence (GPT-2: 256 x ~6 KB).
+constexpr size_t kRawMaskCache = 256;
 
 constexpr const char* kLiterals[] = {"true", "false", "null"};
 
@@ -255,7 +257,31 @@ void JsonConstraint::accept(int32_t token) {
   if (const std::string* b = drawn_bytes(*vocab_, token)) state_.feed(*b);
 }
 
+void SchemaConstraint::mask_raw(const SchemaFrame& f, float* logits, int64_t vocab) const {
+  // (b holds the DFA state and the open UTF-8 character in bits 0-36 and 40-63; aux, at most 3,
+  // how many continuation bytes it still needs.)
+  const uint64_t key = f.b | uint64_t(f.aux) << 37;
+  auto it = raw_masks_.find(key);
+  if (it == raw_masks_.end()) {
+    if (raw_masks_.size() >= kRawMaskCache) raw_masks_.clear();  // ~6 KB each over GPT-2's vocabulary
+    bool first_ok[256];
+    for (int c = 0; c < 256; ++c) first_ok[c] = state_.raw_accepts(f, std::string(1, char(c)));
+    std::vector<bool> allowed(vocab_->bytes.size());
+    for (size_t t = 0; t < allowed.size(); ++t) {
+      const std::string& b = vocab_->bytes[t];
+      allowed[t] = int32_t(t) != vocab_->eos && !b.empty() && first_ok[uint8_t(b[0])] && state_.raw_accepts(f, b);
+    }
+    it = raw_masks_.emplace(key, std::move(allowed)).first;
+  }
+  const std::vector<bool>& allowed = it->second;
+  bool every_byte[256];
+  std::fill(every_byte, every_byte + 256, true);
+  mask_tokens(*vocab_, logits, vocab, state_.raw_complete(f), every_byte,
+              [&](int64_t t, const std::string&) { return bool(allowed[size_t(t)]); });
+}
+
 void SchemaConstraint::mask(float* logits, int64_t vocab) const {
+  if (const SchemaFrame* f = state_.raw_frame()) return mask_raw(*f, logits, vocab);
   // JSON mode's two shortcuts (a first-byte table; plain ASCII tokens that fit in the string being
   // written pass untried), and one more: where few first bytes may come (between values: a space,
   // a newline, a quote), a table of the second bytes each allows. GPT-2's 50,257 tokens include

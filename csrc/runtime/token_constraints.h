@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "runtime/json_schema.h"
@@ -101,8 +102,14 @@ class SchemaConstraint : public TokenConstraint {
   void accept(int32_t token) override;
 
  private:
+  void mask_raw(const SchemaFrame& f, float* logits, int64_t vocab) const;
+
   std::shared_ptr<const TokenBytes> vocab_;
   SchemaState state_;
+  // guided_regex: the tokens allowed in each state of the regex's frame (its DFA state and any
+  // unfinished UTF-8 character), computed on the first visit. A sequence comes back to the same
+  // few states again and again (a word-character loop is one state).
+  mutable std::unordered_map<uint64_t, std::vector<bool>> raw_masks_;
 };
 
 }  // namespace llamas
