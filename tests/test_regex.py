@@ -185,3 +185,25 @@ def test_server_guided_regex(http, path):
                            ({"guided_regex": "a", "ignore_eos": True}, "'ignore_eos' cannot be combined")):
         r = http.post(path, json={**base, "max_tokens": 4, **extra})
         assert r.status_code == 400 and message in r.json()["error"]["message"], (extra, r.text)
+
+
+def test_formats_are_written_in_their_syntax():
+    import datetime
+    import ipaddress
+    import uuid
+    from llamas.schema_compiler import FORMAT_PATTERNS
+    parse = {"uuid": uuid.UUID, "ipv4": ipaddress.IPv4Address, "time": datetime.time.fromisoformat,
+             "date-time": lambda v: datetime.datetime.fromisoformat(v[:8] + "01" + v[10:]),  # (day 31 of 30)
+             "date": lambda v: datetime.date.fromisoformat(v[:8] + "01"), "email": lambda v: v.index("@")}
+    rng = random.Random(4)
+    for fmt, pattern in FORMAT_PATTERNS.items():
+        s = compile_json_schema({"type": "string", "format": fmt})
+        for _ in range(4):
+            value = json.loads(walk(s, rng, limit=100).decode("utf-8"))
+            assert re.fullmatch(pattern, value, re.ASCII), (fmt, value)
+            parse[fmt](value)
+    # a minLength longer than the format allows leaves the format to the model; unknown formats too
+    long = compile_json_schema({"type": "string", "format": "uuid", "minLength": 40})
+    assert long.match(b'"' + b"x" * 40 + b'"') == (True, True)
+    assert compile_json_schema({"type": "string", "format": "hostname"}).match(b'"x y"') == (True, True)
+    assert compile_json_schema({"type": "string", "format": "date"}).match(b'"2026-13-01"')[0] is False

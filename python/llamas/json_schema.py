@@ -4,19 +4,20 @@ native recogniser (csrc/runtime/json_schema.h), which then masks every token tha
 the schema's instances.
 
 Supported: type (one or a list), enum, const, properties, required, additionalProperties, items,
-minItems, maxItems, minLength, maxLength, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
-anyOf, oneOf (generated as anyOf), allOf of one schema, $ref into the same document ($defs,
-definitions, any JSON pointer; recursion allowed), true / false schemas. Annotations (title,
-description, default, examples, format, ...) are ignored; pattern is followed (llamas/regex_dfa.py:
-the string is a whole match). Anything else (multipleOf, not,
-if/then/else, patternProperties, uniqueItems, prefixItems, ...) is refused with the keyword's name
-and where it is, rather than producing output the schema might reject.
+minItems, maxItems, minLength, maxLength, pattern (the string is a whole match; llamas.regex_parse
+has the syntax), minimum, maximum, exclusiveMinimum, exclusiveMaximum, anyOf, oneOf (generated as
+anyOf), allOf of one schema, $ref into the same document ($defs, definitions, any JSON pointer;
+recursion allowed), true / false schemas; format date-time, date, time, uuid, ipv4 and email as
+their syntax (schema_compiler.FORMAT_PATTERNS). Other annotations (title, description, default,
+examples, other formats, ...) are ignored. Anything else (multipleOf, not, if/then/else,
+patternProperties, uniqueItems, prefixItems, ...) is refused with the keyword's name and where it
+is, rather than producing output the schema might reject.
 
 How the output is written (all valid instances): properties in the schema's order, optional ones
 skippable, never ones the schema does not list; integers as plain digits (at most 18), numbers
-with bounds without an exponent and at most 18 digits; strings without \\u escapes; enum and const values in compact
-JSON; whitespace between tokens only as one space, or a newline and at most 20 spaces or tabs.
-Nesting is limited to 24 open values."""
+with bounds without an exponent and at most 18 digits; strings without \\u escapes; enum and
+const values in compact JSON; whitespace between tokens only as one space, or a newline and at
+most 20 spaces or tabs. Nesting is limited to 24 open values."""
 from __future__ import annotations
 
 import json
