@@ -335,15 +335,21 @@ def random_schema(rng, depth=0):
         return True
     if kind == "object":
         names = rng.sample(["a", "b", "c\u00e9", "d e", 'q"x', "ab"], rng.randint(0, 4))
+        counts = {}
+        if rng.random() < 0.3:
+            counts["minProperties"] = rng.randint(0, 3)
+        if rng.random() < 0.3:
+            counts["maxProperties"] = rng.randint(0, 3)
         return {"type": "object", "properties": {n: random_schema(rng, depth + 1) for n in names},
                 "required": [n for n in names if rng.random() < 0.5],
-                **({"additionalProperties": False} if rng.random() < 0.5 else {})}
+                **({"additionalProperties": False} if rng.random() < 0.5 else {}), **counts}
     if kind == "array":
         lo = rng.choice([0, 0, 1, 2])
         return {"type": "array", "items": random_schema(rng, depth + 1), "minItems": lo,
                 **({"maxItems": lo + rng.randint(0, 3)} if rng.random() < 0.6 else {})}
     if kind == "map":
-        return {"type": "object", "additionalProperties": random_schema(rng, depth + 1)}
+        return {"type": "object", "additionalProperties": random_schema(rng, depth + 1),
+                **({"minProperties": 1, "maxProperties": 2} if rng.random() < 0.4 else {})}
     if kind == "types":
         return {"type": rng.sample(["string", "integer", "number", "null", "boolean", "array"], 2)}
     # (oneOf is written as anyOf, as llama.cpp and xgrammar do: an output may match two alternatives)
@@ -404,3 +410,37 @@ def test_malformed_node_tables_are_refused():
         _C.JsonSchema().add_node("tuple")
     with pytest.raises(LlamasError, match="1 to 65535 nodes"):
         _C.JsonSchema().validate()
+
+
+def test_property_counts():
+    one_of = compile_json_schema({"type": "object", "properties": {"a": True, "b": True, "c": True},
+                                  "minProperties": 1, "maxProperties": 1, "additionalProperties": False})
+    assert accepts(one_of, '{"b":1}') == (True, True)
+    assert not accepts(one_of, "{}")[1] and not accepts(one_of, '{"a":1,')[0]
+    # two of three, in order: after "c" alone nothing is left, so "c" cannot come first
+    two = compile_json_schema({"type": "object", "properties": {"a": True, "b": True, "c": True},
+                               "minProperties": 2})
+    assert accepts(two, '{"a":1,"c":2}') == (True, True) and not accepts(two, '{"c"')[0]
+    assert not accepts(two, '{"a":1}')[1]
+    # optional ones cannot crowd out a required one under maxProperties
+    req = compile_json_schema({"type": "object", "properties": {"a": True, "b": True, "c": True},
+                               "required": ["c"], "maxProperties": 2})
+    assert accepts(req, '{"a":1,"c":2}') == (True, True) and not accepts(req, '{"a":1,"b"')[0]
+    m = compile_json_schema({"type": "object", "additionalProperties": {"type": "integer"},
+                             "minProperties": 1, "maxProperties": 2})
+    assert accepts(m, '{"x":1,"y":2}') == (True, True)
+    assert not accepts(m, "{}")[1] and not accepts(m, '{"x":1,"y":2,')[0]
+    with pytest.raises(LlamasError, match="admits no value"):
+        compile_json_schema({"type": "object", "properties": {"a": True}, "minProperties": 2,
+                             "additionalProperties": False})
+    with pytest.raises(LlamasError, match="above 255"):
+        compile_json_schema({"type": "object", "minProperties": 300})
+
+
+def test_compact_output_has_no_whitespace():
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}}
+    compact, spaced = compile_json_schema(schema, compact=True), compile_json_schema(schema)
+    assert compact.match(b'{"a":[1,2]}') == (True, True) and spaced.match(b'{ "a": [1, 2] }') == (True, True)
+    for text in (b' {', b'{ ', b'{"a" :', b'{"a": ', b'{"a":[1 ', b'{"a":[1,\n'):
+        assert not compact.match(text)[0] and spaced.match(text)[0], text
+    assert compact.match(b'{"a":[]}') == (True, True) and compile_json_schema(schema, compact=True) is compact

@@ -117,6 +117,7 @@ void init_model(py::module_& m) {
            "Appends a DFA over code points (state 0 starts; edges [(lo, hi, next)] sorted per state); returns its "
            "index.")
       .def_readwrite("root", &JsonSchema::root)
+      .def_readwrite("compact", &JsonSchema::compact, "No whitespace between JSON tokens.")
       .def("__len__", [](const JsonSchema& s) { return s.nodes.size(); })
       .def("validate", &JsonSchema::validate, "Raises when an index, count or kind is inconsistent.")
       .def("match", [](const std::shared_ptr<JsonSchema>& s, const py::bytes& text) {

@@ -17,22 +17,32 @@ using namespace schema_detail;
 bool is_digit(uint8_t b) { return b >= '0' && b <= '9'; }
 bool is_space(uint8_t b) { return b == ' ' || b == '\n' || b == '\t' || b == '\r'; }
 
-// Properties that may come next in an object: from `next` up to and including the first required
-// one (required properties are never skipped; the order is the schema's), leaving out optional
-// ones whose values need more than `room` levels of nesting.
-uint64_t key_candidates(const JsonSchema& s, const SchemaNode& n, uint32_t next, int room) {
+// Properties that may come next in an object with `count` written so far: from `next` up to and
+// including the first required one (required properties are never skipped; the order is the
+// schema's), leaving out optional ones whose values need more than `room` levels of nesting, and
+// any after which too few properties are left for minProperties (n.min_count) or the required
+// ones would pass maxProperties (n.max_count).
+uint64_t key_candidates(const JsonSchema& s, const SchemaNode& n, uint32_t next, uint32_t count, int room) {
+  const size_t total = n.literals.size();
+  if (int64_t(count) >= n.max_count) return 0;
+  int64_t required_after = 0;
+  for (size_t i = next; i < total; ++i) required_after += n.required[i];
   uint64_t mask = 0;
-  for (size_t i = next; i < n.literals.size(); ++i) {
-    if (n.required[i] || s.nodes[size_t(n.children[i])].min_depth <= room) mask |= uint64_t(1) << i;
+  for (size_t i = next; i < total; ++i) {
+    required_after -= n.required[i];
+    const bool fits = n.required[i] || s.nodes[size_t(n.children[i])].min_depth <= room;
+    const bool under_max = n.required[i] || int64_t(count) + 1 + required_after <= n.max_count;
+    const bool enough_left = int64_t(count) + 1 + int64_t(total - i - 1) >= n.min_count;
+    if (fits && under_max && enough_left) mask |= uint64_t(1) << i;
     if (n.required[i]) break;
   }
   return mask;
 }
 
-bool may_close_object(const SchemaNode& n, uint32_t next) {
+bool may_close_object(const SchemaNode& n, uint32_t next, uint32_t count) {
   for (size_t i = next; i < n.required.size(); ++i)
     if (n.required[i]) return false;
-  return true;
+  return int64_t(count) >= n.min_count;
 }
 
 // Sub-range of the sorted enum literals [lo, hi) (which agree on their first pos bytes) whose byte
@@ -272,7 +282,7 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
         const int i = __builtin_ctzll(m);
         const std::string& name = n.literals[size_t(i)];
         if (byte == '"' && name.size() == f.a) {
-          f.mode = kObjColon, f.a = uint32_t(i + 1), f.b = 0;
+          f.mode = kObjColon, f.a = uint32_t(i + 1), f.b = 0, ++f.aux;  // aux: properties written
           return true;
         }
         if (name.size() > f.a && uint8_t(name[f.a]) == byte) left |= uint64_t(1) << i;
@@ -285,6 +295,7 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
   }
   // Structural modes (and kStart) take whitespace.
   if (is_space(byte)) {
+    if (schema_->compact) return false;
     // Whitespace as llama.cpp's schema grammars allow it: one space, or a newline and at most
     // kMaxIndent spaces or tabs. A model that only pads is made to write something else.
     if (t.ws_run == 0 && (byte == ' ' || byte == '\n')) return t.ws_run = byte == ' ' ? 1 : 2, true;
@@ -295,11 +306,11 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
     case kStart:
       return start_value(t, byte, out);
     case kObjOpen:
-      if (byte == '}') return may_close_object(n, f.a) && end_value(t);
+      if (byte == '}') return may_close_object(n, f.a, f.aux) && end_value(t);
       [[fallthrough]];
     case kObjNext:
       if (byte != '"') return false;
-      f.b = key_candidates(*schema_, n, f.a, SchemaThread::kMaxDepth - t.depth);
+      f.b = key_candidates(*schema_, n, f.a, f.aux, SchemaThread::kMaxDepth - t.depth);
       f.mode = kObjKey, f.a = 0;
       return f.b != 0;
     case kObjColon:
@@ -307,15 +318,16 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
       f.mode = kObjAfter;
       return push(t, n.children[f.a - 1]);
     case kObjAfter:
-      if (byte == '}') return may_close_object(n, f.a) && end_value(t);
-      if (byte != ',' || key_candidates(*schema_, n, f.a, SchemaThread::kMaxDepth - t.depth) == 0) return false;
+      if (byte == '}') return may_close_object(n, f.a, f.aux) && end_value(t);
+      if (byte != ',' || key_candidates(*schema_, n, f.a, f.aux, SchemaThread::kMaxDepth - t.depth) == 0)
+        return false;
       return f.mode = kObjNext, true;
     case kMapOpen:
-      if (byte == '}') return end_value(t);
+      if (byte == '}') return n.min_count == 0 && end_value(t);
       [[fallthrough]];
-    case kMapNext:
-      if (byte != '"' || !fits(t, n.children[0])) return false;  // the key, then a value that fits
-      f.mode = kMapColon;
+    case kMapNext:  // the key, then a value that fits; aux: keys written
+      if (byte != '"' || !fits(t, n.children[0]) || int64_t(f.aux) >= n.max_count) return false;
+      f.mode = kMapColon, f.aux += f.aux < 255;  // (Python refuses minProperties past 255)
       if (!push(t, n.children[1])) return false;
       t.frames[t.depth - 1].mode = kChars;  // the key's opening quote is this byte
       return true;
@@ -324,8 +336,8 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
       f.mode = kMapAfter;
       return push(t, n.children[0]);
     case kMapAfter:
-      if (byte == '}') return end_value(t);
-      return byte == ',' && (f.mode = kMapNext, true);
+      if (byte == '}') return int64_t(f.aux) >= n.min_count && end_value(t);
+      return byte == ',' && int64_t(f.aux) < n.max_count && (f.mode = kMapNext, true);
     case kArrOpen:
       if (byte == ']') return n.min_count == 0 && end_value(t);
       [[fallthrough]];

@@ -45,7 +45,7 @@ struct SchemaNode {
   // written between the quotes.
   std::vector<std::string> literals;
   std::vector<uint8_t> required;  // object: per property
-  int64_t min_count = 0, max_count = INT64_MAX;  // string: characters; array: items
+  int64_t min_count = 0, max_count = INT64_MAX;  // string: characters; array: items; object, map: properties
   // integer, number: bounds (an integer's exclusive bounds arrive as inclusive ones).
   bool has_lo = false, has_hi = false, lo_exclusive = false, hi_exclusive = false;
   double lo = 0, hi = 0;
@@ -60,6 +60,7 @@ struct JsonSchema {
   std::vector<SchemaNode> nodes;
   std::vector<SchemaDfa> dfas;
   int32_t root = 0;
+  bool compact = false;  // no whitespace between tokens at all (tool calls: only the server reads them)
   // Throws llamas::Error naming the node when a child index, count or bound is out of range.
   void validate() const;
 };

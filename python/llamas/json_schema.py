@@ -62,7 +62,7 @@ def compile_guided_regex(pattern: Any) -> "_C.JsonSchema":
     return _cached("regex:" + pattern, build)
 
 
-def compile_json_schema(schema: Any) -> "_C.JsonSchema":
+def compile_json_schema(schema: Any, compact: bool = False) -> "_C.JsonSchema":
     """The native form of a JSON Schema (a dict, a bool, or its JSON text). Raises LlamasError naming
     the keyword and the place in the schema it cannot follow. The last 64 schemas are cached (a
     server sees the same one request after request)."""
@@ -83,7 +83,9 @@ def compile_json_schema(schema: Any) -> "_C.JsonSchema":
     def build():
         compiler = SchemaCompiler(schema)
         try:
-            return compiler.finish(compiler.compile(schema, "#"))
+            compiled = compiler.finish(compiler.compile(schema, "#"))
         except RecursionError:
             raise LlamasError("[json_schema] the schema nests too deeply") from None
-    return _cached("schema:" + key, build)
+        compiled.compact = compact
+        return compiled
+    return _cached(("compact:" if compact else "schema:") + key, build)

@@ -26,7 +26,7 @@ TYPE_KEYWORDS = {
     "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "array": {"items", "minItems", "maxItems", "uniqueItems"},
-    "object": {"properties", "required", "additionalProperties"},
+    "object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties"},
     "boolean": set(), "null": set(),
 }
 KNOWN = ANNOTATIONS | {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"} | \
@@ -288,9 +288,15 @@ class SchemaCompiler:
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             _fail(path, "'required' must be an array of strings")
         extra = schema.get("additionalProperties", True)
+        lo, hi = _count(schema, "minProperties", path) or 0, _count(schema, "maxProperties", path)
+        if lo > 255:
+            _fail(path, f"'minProperties' above 255 is not supported, got {lo}")
+        if hi is not None and lo > hi:
+            return self.new("never")
         if not props and not required and extra is not False:
             # a free-form object: any keys, values of additionalProperties' schema
-            return self.new("map", children=[self.compile(extra, f"{path}/additionalProperties"), self.free_string()])
+            return self.new("map", children=[self.compile(extra, f"{path}/additionalProperties"), self.free_string()],
+                            min_count=lo, max_count=hi)
         names = list(props) + [r for r in dict.fromkeys(required) if r not in props]
         if len(names) > MAX_PROPERTIES:
             _fail(path, f"an object with {len(names)} properties; at most {MAX_PROPERTIES}")
@@ -304,7 +310,7 @@ class SchemaCompiler:
                 children.append(self.compile(extra, f"{path}/additionalProperties"))
         return self.new("object", children=children, literals=[json.dumps(n, ensure_ascii=False)[1:-1].encode()
                                                                for n in names],
-                        required=[n in required for n in names])
+                        required=[n in required for n in names], min_count=lo, max_count=hi)
 
     # ---- after compiling: aliases out, anyOf flat, what admits no value pruned ----------------------
     def finish(self, root: int) -> "_C.JsonSchema":
@@ -345,8 +351,12 @@ class SchemaCompiler:
                 kids = n["children"]
                 if n["kind"] == "anyOf":
                     now = any(ok[c] for c in kids)
-                elif n["kind"] == "object":
-                    now = all(ok[c] for c, req in zip(kids, n["required"]) if req)
+                elif n["kind"] == "object":  # (only the schema's properties are written)
+                    now = all(ok[c] for c, req in zip(kids, n["required"]) if req) and \
+                        sum(ok[c] for c in kids) >= n["min_count"] and \
+                        (n["max_count"] is None or sum(n["required"]) <= n["max_count"])
+                elif n["kind"] == "map":
+                    now = n["min_count"] == 0 or ok[kids[0]]
                 elif n["kind"] == "array":
                     now = n["min_count"] == 0 or ok[kids[0]]
                 else:

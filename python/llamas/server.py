@@ -224,7 +224,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
             raise bad("This model has no tokenizer, so it cannot chat.", "messages", "invalid_value")
         p, messages = parse_chat(body, state.vocab)
         state.check_model(body)
-        text = state.chat_template.render(messages)
+        text = state.chat_template.render(messages, tools=p.tools.tools if p.tools is not None else None)
         ids = await _tokenize(state, text)
         if not ids:
             raise bad("The messages encode to no tokens.", "messages", "invalid_value")

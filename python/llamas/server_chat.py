@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from .server_protocol import (COMMON_FIELDS, GenParams, bad, check_text, check_unknown, get_bool, get_int, get_str,
                               parse_common, typename)
+from .server_tools import parse_tool_calls, parse_tools
 
 MAX_MESSAGES = 4096
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -46,14 +47,20 @@ class ChatTemplate:
     def is_plain(self) -> bool:
         return self._template is None
 
-    def render(self, messages: List[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: List[dict], add_generation_prompt: bool = True, tools: Optional[list] = None) -> str:
         if self._template is None:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            # tools as a first line of JSON; an assistant's earlier calls as JSON after its content
+            text = ""
+            if tools:
+                text = f"tools: {json.dumps([t['function'] for t in tools], ensure_ascii=False, separators=(',', ':'))}\n"
+            for m in messages:
+                calls = [c["function"] for c in m.get("tool_calls", ())]
+                text += f"{m['role']}: {m['content']}{json.dumps(calls, ensure_ascii=False) if calls else ''}\n"
             return text + "assistant:" if add_generation_prompt else text
         from jinja2 import TemplateError
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
         except TemplateError as e:
             raise bad(f"the chat template rejected the messages: {e}", "messages", "invalid_value") from None
         except Exception as e:  # a template bug must not become a 500 loop
@@ -122,8 +129,13 @@ def parse_messages(messages, param: str = "messages") -> List[dict]:
         msg = {"role": role, "content": content}
         if m.get("name") is not None:
             msg["name"] = check_text(m["name"], f"{where}.name")
-        if m.get("tool_calls"):
-            raise bad("tool calls are not supported.", f"{where}.tool_calls", "unsupported_value")
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise bad(f"'{where}.tool_calls' is only for assistant messages.", f"{where}.tool_calls",
+                          "invalid_value")
+            msg["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = check_text(m["tool_call_id"], f"{where}.tool_call_id")
         out.append(msg)
     return out
 
@@ -145,12 +157,16 @@ def parse_chat(body: dict, vocab: int) -> tuple:
     elif body.get("top_logprobs") is not None:
         get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
         raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
-    if body.get("tools"):
-        raise bad("tools are not supported.", "tools", "unsupported_value")
-    tc = body.get("tool_choice")
-    if tc is not None and tc != "none":
-        raise bad("'tool_choice' must be null or \"none\" (tools are not supported).", "tool_choice", "unsupported_value")
-    get_bool(body, "parallel_tool_calls", False)
+    s = p.sampling
+    constrained = s.get("json_object") or s.get("choices") or s.get("json_schema") is not None or \
+        s.get("regex") is not None
+    p.tools = parse_tools(body, bool(constrained))
+    if p.tools is not None and p.tools.schema is not None:
+        for name, value in (("min_tokens", p.min_tokens), ("ignore_eos", p.ignore_eos),
+                            ("logprobs", p.logprobs is not None)):
+            if value:
+                raise bad(f"'{name}' cannot be combined with a tool call ('tool_choice').", name, "invalid_value")
+        s["json_schema"] = p.tools.schema
     get_bool(body, "store", False)
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise bad("'metadata' must be an object.", "metadata", "invalid_type")

@@ -188,9 +188,14 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     out = []
     for i, r in enumerate(results):
         if kind == "chat":
-            c = {"index": i, "message": {"role": "assistant", "content": r.text},
+            message, reason = {"role": "assistant", "content": r.text}, r.finish_reason
+            calls = _tool_calls(p, r.text, reason)
+            if calls is not None:
+                message, reason = {"role": "assistant", "content": None, "tool_calls": calls}, \
+                    p.tools.finish_reason(reason)
+            c = {"index": i, "message": message,
                  "logprobs": chat_logprobs(tok, r.logprobs) if r.logprobs is not None else None,
-                 "finish_reason": r.finish_reason}
+                 "finish_reason": reason}
         elif echoes is None:
             c = {"index": i, "text": r.text,
                  "logprobs": completion_logprobs(tok, r.logprobs, 0) if r.logprobs is not None else None,
@@ -205,6 +210,26 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                   "created": created, "model": state.model_name, "choices": out,
                   "usage": _usage(prompt_tokens, completion_tokens, handles)})
+
+
+def _tool_calls(p: GenParams, text: str, reason: str):
+    """A reply held to a tool call, as OpenAI's tool_calls; None for any other reply, and for one
+    cut short (max_tokens, a stop string), whose text is then the content."""
+    if p.tools is None or p.tools.schema is None or reason != "stop":
+        return None
+    return p.tools.calls(text)
+
+
+def _tool_events(p: GenParams, fmt: ChunkFormat, idx: int, text: str, reason: str, usage) -> List[str]:
+    """A streamed tool call's events: its reply is held back until it is whole (a half-written JSON
+    call is not a call yet), then sent as one tool_calls delta and the finish chunk."""
+    calls = _tool_calls(p, text, reason)
+    if calls is None:
+        return [fmt.text(idx, text, reason, usage)]
+    delta = {"tool_calls": [dict(index=k, **call) for k, call in enumerate(calls)]}
+    return [fmt.frame([{"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}]),
+            fmt.frame([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": p.tools.finish_reason(reason)}],
+                      usage)]
 
 
 def _round(v):
@@ -283,7 +308,8 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
             ch.offset = len(echoes[i])
         if p.logprobs is None:
             await emit("".join(fmt.text(i, echoes[i], None, usage(i)) for i in range(len(handles)) if echoes[i]))
-    if len(handles) == 1 and choices[0].logprobs is None and not p.continuous_usage:
+    held = p.tools is not None and p.tools.schema is not None  # a tool call is sent whole (_tool_events)
+    if len(handles) == 1 and choices[0].logprobs is None and not p.continuous_usage and not held:
         # One choice without logprobs (nearly every request): a token's event is written by the
         # engine's delivery callback itself while this task waits (see ResponseInbox).
         def direct(item) -> bool:
@@ -321,6 +347,7 @@ class _ChoiceUsage:
 async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit,
                          usage=lambda idx: None) -> None:
     remaining = len(handles)
+    held = {} if p.tools is not None and p.tools.schema is not None else None  # tool calls' text so far
     out = []
     while remaining:
         out = []
@@ -342,6 +369,11 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
                     out.append(sse({"error": {"message": f"Generation failed: {msg}", "type": "server_error",
                                               "param": None, "code": "engine_error"}}))
                     continue
+            if held is not None:
+                held[idx] = held.get(idx, "") + c.text
+                if c.finish_reason is not None:
+                    out.extend(_tool_events(p, fmt, idx, held.pop(idx), c.finish_reason, usage(idx)))
+                continue
             if ch.logprobs is None or not c.logprobs:
                 if c.text or c.finish_reason is not None:
                     out.append(fmt.text(idx, c.text, c.finish_reason, usage(idx)))

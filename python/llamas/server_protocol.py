@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .scheduler import as_float32
 
@@ -214,6 +214,7 @@ class GenParams:
     logprobs: Optional[int] = None      # top-n alternatives; None = off
     echo: bool = False
     best_of: int = 1                    # completions: candidates per prompt, the n best returned (>= n)
+    tools: Any = None                   # chat: the request's server_tools.ToolPlan, or None
 
 
 COMMON_FIELDS = {
