@@ -3,7 +3,8 @@ guided_json): a schema is checked, its $refs resolved, and compiled into the nod
 native recogniser (csrc/runtime/json_schema.h), which then masks every token that would leave
 the schema's instances.
 
-Supported: type (one or a list), enum, const, properties, required, additionalProperties, items,
+Supported: type (one or a list), enum, const, properties, required, additionalProperties,
+minProperties, maxProperties, items,
 minItems, maxItems, minLength, maxLength, pattern (the string is a whole match; llamas.regex_parse
 has the syntax), minimum, maximum, exclusiveMinimum, exclusiveMaximum, anyOf, oneOf (generated as
 anyOf), allOf of one schema, $ref into the same document ($defs, definitions, any JSON pointer;
