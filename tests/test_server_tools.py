@@ -152,3 +152,18 @@ def test_bad_tool_requests(http, extra, message):
     r = http.post("/v1/chat/completions", json={"messages": bad_history, "max_tokens": 4})
     assert r.status_code == 400 and "only for assistant messages" in r.json()["error"]["message"]
     assert http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}).status_code == 200
+
+
+def test_structured_requests_are_counted(http):
+    def count(kind):
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith(f'llamas_structured_output_requests_total{{kind="{kind}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+    before = {k: count(k) for k in ("tool_call", "regex", "json_object")}
+    http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 8, "tools": TOOLS,
+                                            "tool_choice": "required"})
+    http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 8, "guided_regex": "a+"})
+    http.post("/v1/completions", json={"prompt": "x", "max_tokens": 8, "response_format": {"type": "json_object"}})
+    http.post("/v1/completions", json={"prompt": "x", "max_tokens": 8})
+    assert {k: count(k) - before[k] for k in before} == {"tool_call": 1, "regex": 1, "json_object": 1}

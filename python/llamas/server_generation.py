@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Awaitable, Callable, List
+from typing import Awaitable, Callable, List, Optional
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -75,6 +75,10 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     created = int(time.time())
     rec = _record(request)
     rec["id"] = rid
+    structured = _structured(p)
+    if structured is not None:
+        rec["structured"] = structured
+        state.metrics.structured.labels(structured).inc()
     budgets = [_budget(state, p, len(ids), "messages" if kind == "chat" else "prompt") for ids in p.prompt_ids]
     if p.min_tokens > min(budgets):
         raise bad(f"'min_tokens' ({p.min_tokens}) must not exceed the tokens this request may generate "
@@ -210,6 +214,15 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                   "created": created, "model": state.model_name, "choices": out,
                   "usage": _usage(prompt_tokens, completion_tokens, handles)})
+
+
+def _structured(p: GenParams) -> Optional[str]:
+    """The kind of structured output a request asks for (metrics, log line), or None."""
+    s = p.sampling
+    if p.tools is not None and p.tools.schema is not None:
+        return "tool_call"
+    return "json_object" if s.get("json_object") else "json_schema" if s.get("json_schema") is not None else \
+        "regex" if s.get("regex") is not None else "choice" if s.get("choices") else None
 
 
 def _tool_calls(p: GenParams, text: str, reason: str):

@@ -84,6 +84,9 @@ class ServerMetrics:
                              buckets=_LATENCY, registry=r)
         self.queue = Histogram("llamas_request_queue_time_seconds", "Time waiting before admission to the batch",
                                buckets=_LATENCY, registry=r)
+        self.structured = Counter("llamas_structured_output_requests",
+                                  "Generation requests held to a structure, by kind (json_object, json_schema, "
+                                  "regex, choice, tool_call)", ["kind"], registry=r)
 
         def engine_attr(name):
             def read():
