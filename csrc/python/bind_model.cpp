@@ -76,7 +76,8 @@ void init_model(py::module_& m) {
                  {"string", SchemaNode::Kind::kString},   {"integer", SchemaNode::Kind::kInteger},
                  {"number", SchemaNode::Kind::kNumber},   {"object", SchemaNode::Kind::kObject},
                  {"map", SchemaNode::Kind::kMap},         {"array", SchemaNode::Kind::kArray},
-                 {"regex", SchemaNode::Kind::kRegex}};
+                 {"regex", SchemaNode::Kind::kRegex},     {"rule", SchemaNode::Kind::kRule},
+                 {"sequence", SchemaNode::Kind::kSequence}, {"charset", SchemaNode::Kind::kCharSet}};
              auto k = kinds.find(kind);
              LLAMAS_CHECK(k != kinds.end(), "json_schema", "unknown node kind '", kind, "'");
              SchemaNode n;

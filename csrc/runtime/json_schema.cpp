@@ -25,8 +25,9 @@ bool is_space(uint8_t b) { return b == ' ' || b == '\n' || b == '\t' || b == '\r
 uint64_t key_candidates(const JsonSchema& s, const SchemaNode& n, uint32_t next, uint32_t count, int room) {
   const size_t total = n.literals.size();
   if (int64_t(count) >= n.max_count) return 0;
-  int64_t required_after = 0;
-  for (size_t i = next; i < total; ++i) required_after += n.required[i];
+  int64_t required_after = 0;  // (only maxProperties needs it)
+  if (n.max_count != INT64_MAX)
+    for (size_t i = next; i < total; ++i) required_after += n.required[i];
   uint64_t mask = 0;
   for (size_t i = next; i < total; ++i) {
     required_after -= n.required[i];
@@ -80,8 +81,10 @@ void JsonSchema::validate() const {
     LLAMAS_CHECK(s.min_count >= 0 && s.min_count <= s.max_count, "json_schema", "node ", i, " has counts ",
                  s.min_count, "..", s.max_count);
     LLAMAS_CHECK(s.min_depth >= 1, "json_schema", "node ", i, " has min_depth ", s.min_depth);
-    LLAMAS_CHECK(s.dfa < int64_t(dfas.size()) && (s.dfa < 0 || s.kind == Kind::kString || s.kind == Kind::kRegex),
-                 "json_schema", "node ", i, " has DFA ", s.dfa, " (", dfas.size(), " DFAs; strings and regex only)");
+    LLAMAS_CHECK(s.dfa < int64_t(dfas.size()) &&
+                     (s.dfa < 0 || s.kind == Kind::kString || s.kind == Kind::kRegex || s.kind == Kind::kCharSet),
+                 "json_schema", "node ", i, " has DFA ", s.dfa, " (", dfas.size(),
+                 " DFAs; strings, regex and character sets only)");
     switch (s.kind) {
       case Kind::kAnyOf:
         LLAMAS_CHECK(!s.children.empty(), "json_schema", "anyOf node ", i, " has no alternatives");
@@ -108,6 +111,19 @@ void JsonSchema::validate() const {
         break;
       case Kind::kRegex:
         LLAMAS_CHECK(i == root && s.dfa >= 0, "json_schema", "regex node ", i, " must be the root and have a DFA");
+        break;
+      case Kind::kRule:
+        for (int32_t c : s.children)
+          LLAMAS_CHECK(nodes[size_t(c)].kind == Kind::kSequence, "json_schema", "rule node ", i,
+                       " has an alternative that is not a sequence");
+        break;
+      case Kind::kSequence:
+        for (int32_t c : s.children)
+          LLAMAS_CHECK(nodes[size_t(c)].kind == Kind::kRule || nodes[size_t(c)].kind == Kind::kCharSet, "json_schema",
+                       "sequence node ", i, " has an element that is neither a rule nor a character set");
+        break;
+      case Kind::kCharSet:
+        LLAMAS_CHECK(s.dfa >= 0, "json_schema", "character set node ", i, " has no DFA");
         break;
       default:
         break;
@@ -141,6 +157,10 @@ bool SchemaThread::same(const SchemaThread& o) const {
 
 SchemaState::SchemaState(std::shared_ptr<const JsonSchema> schema) : schema_(std::move(schema)) {
   schema_->validate();
+  if (schema_->nodes[size_t(schema_->root)].kind == Kind::kRule) {
+    start_grammar();
+    return;
+  }
   SchemaThread t;
   push(t, schema_->root);
   if (schema_->nodes[size_t(schema_->root)].kind == Kind::kRegex) t.frames[0].mode = kRaw;  // no quotes, no spaces
@@ -215,6 +235,9 @@ bool SchemaState::start_value(SchemaThread& t, uint8_t byte, std::vector<SchemaT
       f.mode = kArrOpen, f.a = 0;
       return true;
     case Kind::kRegex:  // the root, read in kRaw from the start
+    case Kind::kRule:   // grammars are read in kGram frames
+    case Kind::kSequence:
+    case Kind::kCharSet:
       return false;
   }
   return false;
@@ -233,6 +256,8 @@ bool SchemaState::step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaTh
     }
     case kRaw:
       return raw_byte(*schema_, n, f, byte);
+    case kGram:
+      return grammar_byte(t, byte, out);
     case kNumber: {
       const uint8_t phase = f.aux & 0x7F, sign = f.aux & kNegative;
       const bool integer = n.kind == Kind::kInteger, bounded = n.has_lo || n.has_hi;

@@ -12,6 +12,7 @@
 // values in their compact JSON spelling. Whitespace between tokens: one space, or a newline and up
 // to kMaxIndent spaces or tabs (no \r).
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,7 +37,11 @@ struct SchemaDfa {
 
 struct SchemaNode {
   // kRegex: the whole output is text matching dfas[dfa] (vLLM's guided_regex); only as the root.
-  enum class Kind : uint8_t { kAnyOf, kEnum, kString, kInteger, kNumber, kObject, kMap, kArray, kRegex };
+  // A grammar (GBNF, llamas/grammar.py): kRule's children are its alternatives, each a kSequence
+  // of kRule and kCharSet children; a kCharSet takes one character of dfas[dfa] (state 0 to 1).
+  enum class Kind : uint8_t {
+    kAnyOf, kEnum, kString, kInteger, kNumber, kObject, kMap, kArray, kRegex, kRule, kSequence, kCharSet
+  };
   Kind kind = Kind::kEnum;
   // anyOf: the alternatives (never anyOf themselves); object: each property's value; map: the
   // values' node; array: the items' node.
@@ -81,13 +86,14 @@ struct SchemaThread {
   uint8_t ws_run = 0;  // whitespace since the last token: 0 none, 1 a space, 2 + n a newline and n more
   SchemaFrame frames[kMaxDepth] = {};
   bool same(const SchemaThread& o) const;
+
 };
 
 // All readings of the bytes so far (anyOf can leave several open: {"a": 1} and {"a": "x"} both
 // start with '{"a": '). At most kMaxThreads are kept.
 class SchemaState {
  public:
-  static constexpr int kMaxThreads = 8;
+  static constexpr int kMaxThreads = 16;
   static constexpr int kMaxIndent = 20;
   explicit SchemaState(std::shared_ptr<const JsonSchema> schema);
   // Consumes bytes; false (the state then unspecified: try on a copy) if no reading survives.
@@ -101,6 +107,8 @@ class SchemaState {
   // With a regex root (guided_regex) there is one reading of one frame, and what may follow
   // depends on nothing else: that frame, or null for any other schema.
   const SchemaFrame* raw_frame() const;
+  // The output follows a grammar (its readings repeat, so their masks are worth keeping).
+  bool grammar() const { return schema_->nodes[size_t(schema_->root)].kind == SchemaNode::Kind::kRule; }
   // Whether bytes can follow a regex root's frame (a copy is moved on; no readings are copied).
   bool raw_accepts(const SchemaFrame& f, const std::string& bytes) const;
   bool raw_complete(const SchemaFrame& f) const;
@@ -118,6 +126,11 @@ class SchemaState {
   bool step_frame(SchemaThread& t, uint8_t byte, std::vector<SchemaThread>& out) const;
   bool start_value(SchemaThread& t, uint8_t byte, std::vector<SchemaThread>& out) const;
   bool fits(const SchemaThread& t, int32_t node) const;
+  // Grammars (json_schema_grammar.cpp): a byte for the character set on top, and the readings that
+  // follow a position (rules replaced by their alternatives until a character set is next).
+  bool grammar_byte(SchemaThread& t, uint8_t byte, std::vector<SchemaThread>& out) const;
+  void expand(SchemaThread t, std::vector<SchemaThread>& out) const;
+  void start_grammar();
   bool push(SchemaThread& t, int32_t node) const;
   bool end_value(SchemaThread& t) const;
   bool can_end_frame(const SchemaFrame& f) const;

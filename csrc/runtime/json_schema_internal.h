@@ -18,6 +18,7 @@ enum Mode : uint8_t {
   kMapOpen, kMapColon, kMapAfter, kMapNext,            // map (free keys)
   kArrOpen, kArrAfter, kArrNext,                       // array
   kRaw,                                                // text matching a regex (the whole output)
+  kGram,                                               // a grammar rule's alternative (a: its next element)
 };
 
 // A number's phase (aux & 0x7F); aux & 0x80 is its minus sign.

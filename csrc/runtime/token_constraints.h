@@ -103,6 +103,7 @@ class SchemaConstraint : public TokenConstraint {
 
  private:
   void mask_raw(const SchemaFrame& f, float* logits, int64_t vocab) const;
+  void mask_uncached(float* logits, int64_t vocab) const;
 
   std::shared_ptr<const TokenBytes> vocab_;
   SchemaState state_;
@@ -110,6 +111,8 @@ class SchemaConstraint : public TokenConstraint {
   // unfinished UTF-8 character), computed on the first visit. A sequence comes back to the same
   // few states again and again (a word-character loop is one state).
   mutable std::unordered_map<uint64_t, std::vector<bool>> raw_masks_;
+  // Grammars: the mask of each set of readings met (keyed by their hash, checked whole).
+  mutable std::unordered_map<uint64_t, std::pair<std::vector<SchemaThread>, std::vector<bool>>> grammar_masks_;
 };
 
 }  // namespace llamas

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "response_format json_schema)")
     g.add_argument("--regex", default=None, metavar="PATTERN",
                    help="the output is a whole match of this regular expression (vLLM's guided_regex)")
+    g.add_argument("--grammar", default=None, metavar="FILE_OR_GBNF",
+                   help="the output is text this GBNF grammar derives from its 'root' rule (a file, or the "
+                        "grammar itself; llama.cpp's grammars, vLLM's guided_grammar)")
     g.add_argument("--choice", action="append", default=None, metavar="TEXT",
                    help="the output is exactly one of these strings (repeatable; vLLM's guided_choice)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
@@ -139,6 +142,13 @@ def _json_schema_arg(value):
     return read_text(value, "generate", "the JSON schema")
 
 
+def _grammar_arg(value):
+    """--grammar: the grammar's text as given (it has a '::='), or read from the file it names."""
+    if value is None or "::=" in value:
+        return value
+    return read_text(value, "generate", "the grammar")
+
+
 def read_text(source: str, op: str, what: str = "the text") -> str:
     """A UTF-8 file's text, or standard input's for "-"."""
     try:
@@ -164,7 +174,7 @@ def cmd_generate(args) -> int:
                                 stop=args.stop or None, stop_token_ids=args.stop_token_id,
                                 min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, json_object=args.json,
                                 choices=args.choice, json_schema=_json_schema_arg(args.json_schema), regex=args.regex,
-                                stream=True)
+                                grammar=_grammar_arg(args.grammar), stream=True)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -203,11 +203,11 @@ class Engine:
                      request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                      stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
                      include_stop_str_in_output: bool = False, json_object: bool = False,
-                     choices=None, json_schema=None, regex=None) -> Tuple[Request, bool]:
+                     choices=None, json_schema=None, regex=None, grammar=None) -> Tuple[Request, bool]:
         """Validates and encodes; returns (Request, prompt was text)."""
         options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                   frequency_penalty, seed, logit_bias, logprobs, json_object, choices, json_schema,
-                                  regex)
+                                  regex, grammar)
         if options.constrained:
             self.model.constraint_vocab()  # refused here for a model whose tokenizer cannot do it
         check_prompt_logprobs(prompt_logprobs)
@@ -229,7 +229,7 @@ class Engine:
                request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
                include_stop_str_in_output: bool = False, json_object: bool = False,
-               choices=None, json_schema=None, regex=None) -> RequestHandle:
+               choices=None, json_schema=None, regex=None, grammar=None) -> RequestHandle:
         """Queues one request (same parameters as Model.generate, plus logit_bias {id: bias},
         logprobs: None, or n in [0, 20] for the chosen token's logprob and the top n, and
         prompt_logprobs: None, or n in [0, 20] to also score the prompt's tokens (the result's
@@ -238,7 +238,7 @@ class Engine:
                                          repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
                                          logit_bias, logprobs, request_id, prompt_logprobs, stop_token_ids,
                                          min_tokens, ignore_eos, include_stop_str_in_output, json_object, choices,
-                                         json_schema, regex)
+                                         json_schema, regex, grammar)
         return self.enqueue([(req, as_text, None)])[0]
 
     def enqueue(self, items) -> List[RequestHandle]:

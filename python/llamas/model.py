@@ -137,7 +137,8 @@ class Model:
                  presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
                  stop_token_ids: Optional[Sequence[int]] = None, min_tokens: int = 0, ignore_eos: bool = False,
                  include_stop_str_in_output: bool = False, json_object: bool = False,
-                 choices: Optional[Sequence[str]] = None, json_schema=None, regex: Optional[str] = None):
+                 choices: Optional[Sequence[str]] = None, json_schema=None, regex: Optional[str] = None,
+                 grammar: Optional[str] = None):
         """Generates a continuation.
 
         A str prompt returns the generated str; a list of token ids returns the generated ids;
@@ -150,7 +151,8 @@ class Model:
         those strings (vLLM's guided_choice); json_schema={...} (a dict, or its JSON text) to an
         instance of that JSON Schema (see llamas.json_schema for what is supported); regex="..." to
         text that is a whole match of that regular expression (vLLM's guided_regex; the syntax is in
-        llamas.regex_dfa). temperature=0 is greedy decoding. A
+        llamas.regex_parse); grammar="root ::= ..." to text a GBNF grammar derives (llama.cpp's
+        grammars, vLLM's guided_grammar; see llamas.grammar). temperature=0 is greedy decoding. A
         sampling parameter left as None takes the model's generation_config.json value, else
         greedy / off.
         """
@@ -162,7 +164,7 @@ class Model:
         options = SamplingOptions(values["temperature"], values["top_k"], values["top_p"], values["min_p"],
                                   values["repetition_penalty"], values["presence_penalty"],
                                   values["frequency_penalty"], seed, json_object=json_object, choices=choices,
-                                  json_schema=json_schema, regex=regex)
+                                  json_schema=json_schema, regex=regex, grammar=grammar)
         if options.constrained:
             self.constraint_vocab()
         check_max_new_tokens(max_new_tokens)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
+from .grammar import compile_grammar
 from .json_schema import compile_guided_regex, compile_json_schema
 
 
@@ -40,7 +41,7 @@ class SamplingOptions:
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None, logprobs=None,
-                 json_object=False, choices=None, json_schema=None, regex=None):
+                 json_object=False, choices=None, json_schema=None, regex=None, grammar=None):
         self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
@@ -74,19 +75,27 @@ class SamplingOptions:
         self.json_schema = None if json_schema is None else compile_json_schema(json_schema)
         # text matching this regular expression (vLLM's guided_regex; compiled; None: free)
         self.regex = None if regex is None else compile_guided_regex(regex)
-        if int(json_object) + (self.choices is not None) + (self.json_schema is not None) + (self.regex is not None) > 1:
-            raise LlamasError("[generate] json_object, choices, json_schema and regex cannot be combined")
+        # text this GBNF grammar derives (vLLM's guided_grammar; compiled; None: free)
+        self.grammar = None if grammar is None else compile_grammar(grammar)
+        asked = [json_object, self.choices is not None, self.json_schema is not None, self.regex is not None,
+                 self.grammar is not None]
+        if sum(asked) > 1:
+            raise LlamasError("[generate] json_object, choices, json_schema, regex and grammar cannot be combined")
 
     @property
     def constrained(self) -> Optional[str]:
         """The structured output this asks for, by name, or None."""
         return "JSON mode" if self.json_object else "choices" if self.choices else \
-            "json_schema" if self.json_schema is not None else "regex" if self.regex is not None else None
+            "json_schema" if self.json_schema is not None else "regex" if self.regex is not None else \
+            "grammar" if self.grammar is not None else None
 
     @property
     def recogniser(self):
-        """The compiled schema or regex the native sampler follows, or None."""
-        return self.json_schema if self.json_schema is not None else self.regex
+        """The compiled schema, regex or grammar the native sampler follows, or None."""
+        for compiled in (self.json_schema, self.regex, self.grammar):
+            if compiled is not None:
+                return compiled
+        return None
 
     def with_seed(self, seed: int) -> "SamplingOptions":
         other = object.__new__(SamplingOptions)

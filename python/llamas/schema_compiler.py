@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import _C
 from ._C import LlamasError
@@ -97,6 +97,22 @@ def _format_dfa(name: str):
         _format_dfas[name] = compile_regex(FORMAT_PATTERNS[name], JSON_STRING, f"format {name!r}")
     return _format_dfas[name]
 
+
+
+def reachable(root: int, children) -> Tuple[List[int], Dict[int, int]]:
+    """The nodes reachable from root, depth first (root first), and each one's index in that order:
+    the native table holds only these, renumbered from 0."""
+    order: List[int] = []
+    index: Dict[int, int] = {}
+    stack = [root]
+    while stack:
+        i = stack.pop()
+        if i in index:
+            continue
+        index[i] = len(order)
+        order.append(i)
+        stack.extend(reversed(children(i)))
+    return order, index
 
 
 class SchemaCompiler:
@@ -398,15 +414,7 @@ class SchemaCompiler:
                     depth[i], changed = d, True
         if depth[root] > MAX_DEPTH:
             raise LlamasError(f"[json_schema] the schema's values nest {depth[root]} deep at least; at most {MAX_DEPTH}")
-        # the reachable nodes, renumbered from 0
-        order, index, stack = [], {}, [root]
-        while stack:
-            i = stack.pop()
-            if i in index:
-                continue
-            index[i] = len(order)
-            order.append(i)
-            stack.extend(reversed(nodes[i]["children"]))
+        order, index = reachable(root, lambda i: nodes[i]["children"])
         out = _C.JsonSchema()
         dfas: Dict[int, int] = {}
         for i in order:

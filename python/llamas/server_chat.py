@@ -159,7 +159,7 @@ def parse_chat(body: dict, vocab: int) -> tuple:
         raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
     s = p.sampling
     constrained = s.get("json_object") or s.get("choices") or s.get("json_schema") is not None or \
-        s.get("regex") is not None
+        s.get("regex") is not None or s.get("grammar") is not None
     p.tools = parse_tools(body, bool(constrained))
     if p.tools is not None and p.tools.schema is not None:
         for name, value in (("min_tokens", p.min_tokens), ("ignore_eos", p.ignore_eos),

@@ -85,7 +85,8 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                   f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
     stops = make_stop_rules(p.stop, p.stop_token_ids, p.min_tokens, p.ignore_eos, p.include_stop_str_in_output)
     constrained = (("response_format", p.sampling.get("json_object") or p.sampling.get("json_schema") is not None),
-                   ("guided_regex", p.sampling.get("regex") is not None), ("guided_choice", p.sampling.get("choices")))
+                   ("guided_regex", p.sampling.get("regex") is not None),
+                   ("guided_grammar", p.sampling.get("grammar") is not None), ("guided_choice", p.sampling.get("choices")))
     for field, wanted in constrained:
         if wanted:
             try:
@@ -222,7 +223,8 @@ def _structured(p: GenParams) -> Optional[str]:
     if p.tools is not None and p.tools.schema is not None:
         return "tool_call"
     return "json_object" if s.get("json_object") else "json_schema" if s.get("json_schema") is not None else \
-        "regex" if s.get("regex") is not None else "choice" if s.get("choices") else None
+        "regex" if s.get("regex") is not None else "grammar" if s.get("grammar") is not None else \
+        "choice" if s.get("choices") else None
 
 
 def _tool_calls(p: GenParams, text: str, reason: str):

@@ -1,10 +1,11 @@
 """Structured output in request bodies: response_format (json_object, json_schema), vLLM's
-guided_json, guided_regex and guided_choice; at most one of them per request."""
+guided_json, guided_regex, guided_grammar and guided_choice; at most one of them per request."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
 from ._C import LlamasError
+from .grammar import compile_grammar
 from .json_schema import compile_guided_regex, compile_json_schema
 from .request import MAX_CHOICE_BYTES, MAX_CHOICES
 from .server_protocol import bad, check_text, check_unknown, typename
@@ -37,7 +38,7 @@ def _schema(schema, param: str, compile=compile_json_schema):
     try:
         return compile(schema)
     except LlamasError as e:
-        message = str(e).replace("[json_schema] ", "").replace("[regex] ", "")
+        message = str(e).replace("[json_schema] ", "").replace("[regex] ", "").replace("[grammar] ", "")
         raise bad(f"'{param}': {message}", param, "invalid_value") from None
 
 
@@ -98,10 +99,16 @@ def get_structured_output(body: dict, sampling: dict) -> Optional[str]:
         check_text(regex, "guided_regex")
         regex = _schema(regex, "guided_regex", compile_guided_regex)
     sampling["regex"] = regex
+    grammar = body.get("guided_grammar")
+    if grammar is not None:
+        check_text(grammar, "guided_grammar")
+        grammar = _schema(grammar, "guided_grammar", compile_grammar)
+    sampling["grammar"] = grammar
     asked = [name for name, on in (("'response_format' json_object", sampling["json_object"]),
                                    ("'response_format' json_schema", schema is not None),
                                    ("'guided_json'", guided_json is not None),
                                    ("'guided_regex'", regex is not None),
+                                   ("'guided_grammar'", grammar is not None),
                                    ("'guided_choice'", sampling["choices"])) if on]
     if len(asked) > 1:
         raise bad(f"{asked[0]} cannot be combined with {asked[1]}.", asked[1].split("'")[1], "invalid_value")

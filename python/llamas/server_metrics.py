@@ -86,7 +86,7 @@ class ServerMetrics:
                                buckets=_LATENCY, registry=r)
         self.structured = Counter("llamas_structured_output_requests",
                                   "Generation requests held to a structure, by kind (json_object, json_schema, "
-                                  "regex, choice, tool_call)", ["kind"], registry=r)
+                                  "regex, grammar, choice, tool_call)", ["kind"], registry=r)
 
         def engine_attr(name):
             def read():

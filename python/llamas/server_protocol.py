@@ -221,7 +221,7 @@ COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
     "logit_bias", "user", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-    "guided_choice", "guided_json", "guided_regex",
+    "guided_choice", "guided_json", "guided_regex", "guided_grammar",
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "response_format"}
 
