@@ -6,6 +6,8 @@
 // then. Whitespace between tokens of the grammar is limited to kMaxWhitespace bytes in a row: room
 // for a newline and indentation 11 levels of 2 spaces deep, while a model that only pads is made to
 // write something else.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -115,4 +117,30 @@ class SchemaConstraint : public TokenConstraint {
   mutable std::unordered_map<uint64_t, std::pair<std::vector<SchemaThread>, std::vector<bool>>> grammar_masks_;
 };
 
+namespace constraint_detail {
+
+// The mask both constraints share: end-of-text stays only if eos_ok; any other token needs bytes
+// whose first byte is in first_ok and that fits(token, bytes); ids past the table are refused.
+template <typename Fits>
+inline void mask_tokens(const TokenBytes& table, float* logits, int64_t vocab, bool eos_ok, const bool (&first_ok)[256],
+                 Fits fits) {
+  const int64_t n = std::min<int64_t>(vocab, int64_t(table.bytes.size()));
+  for (int64_t t = 0; t < n; ++t) {
+    if (t == table.eos) {
+      if (!eos_ok) logits[t] = -INFINITY;
+      continue;
+    }
+    const std::string& b = table.bytes[size_t(t)];
+    if (b.empty() || !first_ok[uint8_t(b[0])] || !fits(t, b)) logits[t] = -INFINITY;
+  }
+  for (int64_t t = n; t < vocab; ++t) logits[t] = -INFINITY;  // ids the tokenizer does not know
+}
+
+// The bytes of a drawn token (end-of-text and ids past the table add none).
+inline const std::string* drawn_bytes(const TokenBytes& table, int32_t token) {
+  if (token < 0 || size_t(token) >= table.bytes.size() || token == table.eos) return nullptr;
+  return &table.bytes[size_t(token)];
+}
+
+}  // namespace constraint_detail
 }  // namespace llamas
