@@ -444,3 +444,34 @@ def test_compact_output_has_no_whitespace():
     for text in (b' {', b'{ ', b'{"a" :', b'{"a": ', b'{"a":[1 ', b'{"a":[1,\n'):
         assert not compact.match(text)[0] and spaced.match(text)[0], text
     assert compact.match(b'{"a":[]}') == (True, True) and compile_json_schema(schema, compact=True) is compact
+
+
+def test_server_structured_outputs_object(http):
+    """vLLM's structured_outputs (its guided_* fields since v0.12): json, regex, grammar, choice,
+    json_object; disable_any_whitespace writes compact JSON."""
+    base = {"prompt": "x", "max_tokens": 60, "seed": 3, "temperature": 1.0}
+    out = http.post("/v1/completions", json={**base, "structured_outputs": {"json": PERSON}}).json()["choices"][0]
+    check_output(out["text"], out["finish_reason"], PERSON)
+    out = http.post("/v1/completions", json={**base, "structured_outputs": {
+        "json": json.dumps(PERSON), "disable_any_whitespace": True}, "guided_decoding_backend": "xgrammar"}).json()
+    text = out["choices"][0]["text"]
+    assert compile_json_schema(PERSON, compact=True).match(text.encode())[0], text
+    out = http.post("/v1/completions", json={**base, "structured_outputs": {"regex": "[a-c]{2}\\d"}}).json()
+    assert re.fullmatch("[a-c]{2}\\d", out["choices"][0]["text"])
+    out = http.post("/v1/completions", json={**base, "structured_outputs": {"choice": ["up", "down"]}}).json()
+    assert out["choices"][0]["text"] in ("up", "down")
+    out = http.post("/v1/completions", json={**base, "structured_outputs": {"grammar": 'root ::= "a"+ "b"'}}).json()
+    assert re.fullmatch("a+b", out["choices"][0]["text"]) or out["choices"][0]["finish_reason"] == "length"
+    out = http.post("/v1/completions", json={**base, "structured_outputs": {"json_object": True}}).json()
+    assert out["choices"][0]["finish_reason"] == "length" or isinstance(json.loads(out["choices"][0]["text"]), dict)
+    for so, message in (({"json": PERSON, "regex": "a"}, "cannot be combined"),
+                        ({"whitespace_pattern": " *"}, "'structured_outputs.whitespace_pattern' is not supported"),
+                        ({"regex": "(a"}, "'structured_outputs.regex': the pattern: a '(' without its ')'"),
+                        ({"choice": []}, "'structured_outputs.choice' must be a non-empty array"),
+                        ({"json_object": "yes"}, "'structured_outputs.json_object' must be a boolean"),
+                        ({"regexp": "a"}, "Unrecognized request argument supplied: regexp"),
+                        ("json", "'structured_outputs' must be an object")):
+        r = http.post("/v1/completions", json={**base, "structured_outputs": so})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (so, r.text)
+    r = http.post("/v1/completions", json={**base, "structured_outputs": {"regex": "a"}, "guided_regex": "b"})
+    assert r.status_code == 400 and "cannot be combined" in r.json()["error"]["message"]

@@ -221,7 +221,8 @@ COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
     "logit_bias", "user", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-    "guided_choice", "guided_json", "guided_regex", "guided_grammar",
+    "guided_choice", "guided_json", "guided_regex", "guided_grammar", "structured_outputs",
+    "guided_decoding_backend",  # vLLM's choice of library: accepted and ignored (there is one here)
 }
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "response_format"}
 
