@@ -17,13 +17,22 @@ from test_server import TINY, ThreadServer, assert_still_serving
 VALUES = [None, True, False, 0, 1, -1, 2, 64, 10 ** 6, 10 ** 30, -10 ** 30, 2 ** 63, 2 ** 64, 0.5, -0.5, 1e308,
           1e-320, -0.0, "", "x", "When", "\ud800", "a\udfff", "\x00", [], [1], [[1]], ["a", "b"], [0, 511], [512],
           [-1], [1.5], {}, {"1": 100}, {"5": -100}, {"x": 1}, {"\ud800": 1}, ["\n"], [""], ["\ud800"], "a" * 5000,
-          [1] * 200, {"include_usage": True}, {"include_usage": "\ud800"}, {"type": "text"}, {"type": "\ud800"}]
+          [1] * 200, {"include_usage": True}, {"include_usage": "\ud800"}, {"type": "text"}, {"type": "\ud800"},
+          # structured output: schemas, patterns, grammars, tools, good and broken
+          {"type": "object", "properties": {"a": {"type": "integer"}}}, {"type": "string", "pattern": "(a"},
+          {"$ref": "#/nope"}, {"json": {"type": "string", "maxLength": 3}}, {"regex": "[a-c]+"}, {"grammar": 5},
+          "[a-c]{2}", "(?=x)", "a{99999}", 'root ::= "a" | "b"', "root ::= root", "root ::= [",
+          {"type": "json_schema", "json_schema": {"schema": {"enum": [1, 2]}}}, {"type": "json_object"},
+          [{"type": "function", "function": {"name": "f"}}], [{"type": "function", "function": {"name": "\ud800"}}],
+          "required", "auto", {"type": "function", "function": {"name": "f"}}]
 COMPLETION_KEYS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stop", "seed",
                    "logprobs", "echo", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                   "stream_options", "model", "suffix", "best_of", "user"]
+                   "stream_options", "model", "suffix", "best_of", "user", "guided_json", "guided_regex",
+                   "guided_grammar", "guided_choice", "structured_outputs", "response_format"]
 CHAT_KEYS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
              "logprobs", "top_logprobs", "logit_bias", "stream_options", "model", "response_format", "tools",
-             "tool_choice", "user"]
+             "tool_choice", "user", "parallel_tool_calls", "guided_regex", "guided_grammar", "structured_outputs",
+             "guided_decoding_backend"]
 MESSAGES = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
             [{"role": "x", "content": "hi"}], [{"role": "user"}], [{"content": "x"}], [{"role": "\ud800", "content": "x"}],
             [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user", "content": 5}], [], "hi"]
@@ -74,4 +83,32 @@ def test_random_requests_never_get_a_server_error(http, seed):
         elif isinstance(body, dict) and body.get("stream") is True:
             assert r.text.endswith("data: [DONE]\n\n"), (path, body, r.text[-300:])
     assert statuses.get(200, 0) >= 5 and statuses.get(400, 0) >= 100, statuses  # both kinds were exercised
+    assert_still_serving(http)
+
+
+def test_random_structured_requests(http):
+    """Tools, tool_choice and the structured-output fields drawn together (the walk above rarely
+    pairs them): never a 5xx, and a 200's tool calls carry JSON arguments."""
+    rng = random.Random(7)
+    tools = [None, [], [{"type": "function", "function": {"name": "f"}}],
+             [{"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
+                 "x": {"type": "integer", "maximum": 9}}, "required": ["x"]}}}, {"type": "function", "function": {
+                     "name": "h", "parameters": {"type": "string", "pattern": "[ab]+"}}}]]
+    choices = [None, "none", "auto", "required", {"type": "function", "function": {"name": "g"}}, "f", 3]
+    extras = [{}, {"guided_regex": "[a-c]{2}"}, {"response_format": {"type": "json_object"}},
+              {"structured_outputs": {"grammar": 'root ::= "x"+'}}, {"parallel_tool_calls": False}, {"stream": True},
+              {"n": 2}, {"logprobs": True}]
+    for _ in range(150):
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": rng.choice([4, 16]), "seed": 1}
+        for key, pool in (("tools", tools), ("tool_choice", choices)):
+            value = rng.choice(pool)
+            if value is not None:
+                body[key] = value
+        body.update(rng.choice(extras))
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code < 500, (body, r.text[:300])
+        if r.status_code == 200 and not body.get("stream"):
+            for choice in r.json()["choices"]:
+                for call in choice["message"].get("tool_calls") or []:
+                    json.loads(call["function"]["arguments"])
     assert_still_serving(http)
