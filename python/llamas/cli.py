@@ -87,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequences per step; t/s counts the tokens of all of them (a comma list runs each)")
     b.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
 
-    from . import cli_data, cli_serve, cli_train
+    from . import cli_batch, cli_data, cli_serve, cli_train
     cli_data.add_parser(sub)
     cli_train.add_parsers(sub, MODEL_HELP)
     cli_serve.add_parser(sub, MODEL_HELP)
+    cli_batch.add_parser(sub, MODEL_HELP)
     return parser
 
 
@@ -271,12 +272,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from . import cli_data, cli_serve, cli_train
+        from . import cli_batch, cli_data, cli_serve, cli_train
         commands = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "data": cli_data.run,
                     "convert": cmd_convert,
                     "train": cli_train.cmd_train,
                     "eval": lambda a: cli_train.cmd_eval(a, _model_path(a)),
-                    "serve": lambda a: cli_serve.run(a, _model_path(a))}
+                    "serve": lambda a: cli_serve.run(a, _model_path(a)),
+                    "run-batch": lambda a: cli_batch.run(a, _model_path(a))}
         return commands[args.command](args)
     except LlamasError as e:
         print(f"llamas: error: {e}", file=sys.stderr)
