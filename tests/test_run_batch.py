@@ -82,6 +82,7 @@ def test_bad_files_are_clear_errors(tmp_path):
     good.write_text(json.dumps(request("a", "/v1/completions", {"prompt": "x"})) + "\n")
     r = run_batch([], input_path=str(good), output=str(tmp_path / "no" / "such" / "dir.jsonl"))
     assert r.returncode == 2 and "cannot write" in r.stderr and "Traceback" not in r.stderr
-    r = run_batch([], input_path=str(tmp_path / "empty.jsonl") if (tmp_path / "empty.jsonl").write_text("") == 0
-                  else None)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = run_batch([], input_path=str(empty))
     assert r.returncode == 0 and r.stdout == "" and "0 requests" in r.stderr
