@@ -11,6 +11,7 @@ refused: the recogniser expands rules top-down, as llama.cpp's does. Rules that 
 at all are dropped; a grammar whose root cannot is refused."""
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -222,6 +223,7 @@ class _Builder:
         self.names: List[str] = []
         self.rule_nodes: Dict[str, int] = {}
         self.set_nodes: Dict[tuple, int] = {}
+        self.pending: List[str] = []
 
     def node(self, kind: str, children=None, chars=None, name: str = "") -> int:
         if len(self.kind) >= MAX_NODES:
@@ -233,12 +235,21 @@ class _Builder:
         return len(self.kind) - 1
 
     def rule(self, name: str) -> int:
+        """The rule's node; its alternatives are built by build() (a worklist, so that a long chain
+        of rules that name the next does not nest Python calls)."""
         if name not in self.rule_nodes:
             if name not in self.rules:
                 _fail(f"the rule {name!r} is used but not defined")
-            self.rule_nodes[name] = r = self.node("rule", name=name)
-            self.children[r] = [self.sequence(alt, name) for alt in self.rules[name]]
+            self.rule_nodes[name] = self.node("rule", name=name)
+            self.pending.append(name)
         return self.rule_nodes[name]
+
+    def build(self, root: str) -> int:
+        node = self.rule(root)
+        while self.pending:
+            name = self.pending.pop()
+            self.children[self.rule_nodes[name]] = [self.sequence(alt, name) for alt in self.rules[name]]
+        return node
 
     def anon(self, alts: List[List[int]], name: str) -> int:
         r = self.node("rule", name=name)
@@ -361,6 +372,7 @@ def _emit(b: _Builder, root: int) -> "_C.JsonSchema":
 
 
 _cache: "OrderedDict[str, _C.JsonSchema]" = OrderedDict()
+_cache_lock = threading.Lock()  # the server compiles in worker threads
 
 
 def compile_grammar(text) -> "_C.JsonSchema":
@@ -372,19 +384,22 @@ def compile_grammar(text) -> "_C.JsonSchema":
         raise LlamasError(f"[grammar] the grammar must be a string, got {type(text).__name__}")
     if len(text) > MAX_GRAMMAR_CHARS:
         _fail(f"the grammar has {len(text)} characters; at most {MAX_GRAMMAR_CHARS}")
-    if text in _cache:
-        _cache.move_to_end(text)
-        return _cache[text]
-    rules = _Parser(text).parse()
-    if "root" not in rules:
-        _fail("a grammar needs a rule named 'root' (what the whole output matches)")
-    builder = _Builder(rules)
+    with _cache_lock:
+        if text in _cache:
+            _cache.move_to_end(text)
+            return _cache[text]
     try:
-        root = builder.rule("root")
-    except RecursionError:
-        _fail("the grammar nests too deeply")
+        rules = _Parser(text).parse()
+        if "root" not in rules:
+            _fail("a grammar needs a rule named 'root' (what the whole output matches)")
+        builder = _Builder(rules)
+        root = builder.build("root")
+    except RecursionError:  # groups inside groups hundreds deep
+        _fail("the grammar nests too deeply (groups inside groups)")
     _analyse(builder, root)
-    compiled = _cache[text] = _emit(builder, root)
-    if len(_cache) > 64:
-        _cache.popitem(last=False)
+    compiled = _emit(builder, root)
+    with _cache_lock:
+        _cache[text] = compiled
+        if len(_cache) > 64:
+            _cache.popitem(last=False)
     return compiled

@@ -22,6 +22,7 @@ most 20 spaces or tabs. Nesting is limited to 24 open values."""
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -32,15 +33,19 @@ from .schema_compiler import SchemaCompiler
 
 _cache: "OrderedDict[str, _C.JsonSchema]" = OrderedDict()
 _CACHE_SIZE = 64
+_cache_lock = threading.Lock()  # the server compiles in worker threads
 
 
 def _cached(key: str, build) -> "_C.JsonSchema":
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    compiled = _cache[key] = build()
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    compiled = build()  # (outside the lock: two threads may compile one schema, the second is kept)
+    with _cache_lock:
+        _cache[key] = compiled
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
     return compiled
 
 
