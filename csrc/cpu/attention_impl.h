@@ -22,6 +22,10 @@ constexpr int kKeyVecs = kKvBlockSize / Vec::W;       // registers per block of 
 // (3 rows: 38-39, 4 rows: 38-40; interleaved calls), bit-identical.
 constexpr int kAttnRows = Vec::W == 16 ? 4 : Vec::W == 8 ? 6 : 2;
 constexpr int kMaxHeadDim = 256;
+// Partial sums per score (see RowGroup::block) and the registers they may take before the
+// chains run one after another: 16 of AVX2's 16 registers hold 8 accumulators, AVX-512's 32 hold 16.
+constexpr int kScoreChains = Vec::W == 16 ? 4 : 2;
+constexpr int kScoreRegisters = Vec::W == 16 ? 16 : 8;
 
 // The state of nrows consecutive query rows of one head, walked over the KV blocks in order.
 // nrows is a template parameter so that the per-row accumulators stay in registers: with a
@@ -59,36 +63,43 @@ struct RowGroup {
     // prefill attention (T=512, 12 heads of 64) ran ~15% faster without the ~128 prefetches per
     // head and block, and decode at contexts 80..976 the same or 5-10% faster; the hardware
     // prefetchers follow the contiguous 24 KiB runs a thread's heads make per block.
-    // Scores: two partial sums over even and odd d hide the FMA latency.
-    Vec s[nrows][2][kKeyVecs];
+    // Scores: kScoreChains partial sums over d (chain d % kScoreChains) hide the FMA latency: 2 with
+    // 8 lanes; with 16 lanes a block's 16 keys are one register per row, so a decode row has only
+    // its chains in flight: 4 chains (32 cycles of latency a block at 32 dims, not 64), with P V
+    // in 2 registers at a time below, took the bundled model's decode attention (context ~130,
+    // two Zen 4 cores, builds alternated) from 7.1-10.3 to 6.4 us a layer at one sequence and
+    // from 133-142 to 101-125 at sixteen; prefill attention (T = 512, 12 heads of 64) unchanged.
+    Vec s[nrows][kScoreChains][kKeyVecs];
     for (int r = 0; r < nrows; ++r)
-      for (int p = 0; p < 2; ++p)
+      for (int p = 0; p < kScoreChains; ++p)
         for (int v = 0; v < kKeyVecs; ++v) s[r][p][v] = Vec::zero();
-    auto score_dim = [&](int d, int parity) {
+    auto score_dim = [&](int d, int chain) {
       Vec kv[kKeyVecs];
       for (int v = 0; v < kKeyVecs; ++v) kv[v] = load_any(kt + d * kKvBlockSize + v * Vec::W);
       for (int r = 0; r < nrows; ++r) {
         Vec qd = Vec::set1(qs[r][d]);
-        for (int v = 0; v < kKeyVecs; ++v) s[r][parity][v] = Vec::fma(qd, kv[v], s[r][parity][v]);
+        for (int v = 0; v < kKeyVecs; ++v) s[r][chain][v] = Vec::fma(qd, kv[v], s[r][chain][v]);
       }
     };
-    if constexpr (nrows * kKeyVecs * 2 > 8) {
-      // Too many rows for both parities' sums in registers: the even dims first, then the odd
-      // ones. Each parity still sums its dims in ascending order, as the interleaved loop does.
-      for (int parity = 0; parity < 2; ++parity)
-        for (int dim = parity; dim < hd; dim += 2) score_dim(dim, parity);
+    if constexpr (nrows * kKeyVecs * kScoreChains > kScoreRegisters) {
+      // Too many rows for every chain's sums in registers: one chain's dims at a time. Each chain
+      // still sums its dims in ascending order, as the interleaved loop does.
+      for (int chain = 0; chain < kScoreChains; ++chain)
+        for (int dim = chain; dim < hd; dim += kScoreChains) score_dim(dim, chain);
     } else {
       int dim = 0;
-      for (; dim + 1 < hd; dim += 2) score_dim(dim, 0), score_dim(dim + 1, 1);
-      if (dim < hd) score_dim(dim, 0);
+      for (; dim + kScoreChains <= hd; dim += kScoreChains)
+        for (int c = 0; c < kScoreChains; ++c) score_dim(dim + c, c);
+      for (; dim < hd; ++dim) score_dim(dim, dim % kScoreChains);
     }
     for (int r = 0; r < nrows; ++r) {
       int64_t visible = pos[r] - blk_pos + 1;  // keys of this block at or before the row
       Vec sc[kKeyVecs];
       Vec vmax = Vec::set1(-INFINITY);
       for (int v = 0; v < kKeyVecs; ++v) {
-        sc[v] = Vec::select_first(clamp_lanes(visible - v * Vec::W), s[r][0][v] + s[r][1][v],
-                                  Vec::set1(-INFINITY));
+        Vec sum = s[r][0][v] + s[r][1][v];
+        if constexpr (kScoreChains == 4) sum = sum + (s[r][2][v] + s[r][3][v]);
+        sc[v] = Vec::select_first(clamp_lanes(visible - v * Vec::W), sum, Vec::set1(-INFINITY));
         vmax = Vec::max(vmax, sc[v]);
       }
       const float block_max = vmax.reduce_max();  // (a compare: std::fmax is a libm call here)
@@ -111,24 +122,14 @@ struct RowGroup {
     // O = O * corr + P V over the keys written so far (never past the group's last position).
     const int keys = int(imin(kKvBlockSize, last_pos - blk_pos + 1));
     // kPvVecs registers of head_dim per row at a time: nrows * kPvVecs independent FMA chains over
-    // the keys (one register per row, as before, left one 16-long chain per row in flight).
+    // the keys (one register per row, as before, left one 16-long chain per row in flight); then
+    // 2 at a time, so that a head of 2 registers (the bundled model's 32 dims with 16 lanes) keeps
+    // two chains, not one after the other. Each element's sum is the same either way.
     constexpr int kPvVecs = nrows * 4 <= 8 ? 4 : 2;
     int d = 0;
-    for (; d + kPvVecs * Vec::W <= hd; d += kPvVecs * Vec::W) {
-      Vec o[nrows][kPvVecs];
-      for (int r = 0; r < nrows; ++r)
-        for (int v = 0; v < kPvVecs; ++v) o[r][v] = Vec::load(acc_out[r] + d + v * Vec::W) * Vec::set1(corr[r]);
-      for (int j = 0; j < keys; ++j) {
-        Vec vj[kPvVecs];
-        for (int v = 0; v < kPvVecs; ++v) vj[v] = load_any(vb + int64_t(j) * hd + d + v * Vec::W);
-        for (int r = 0; r < nrows; ++r) {
-          const Vec p = Vec::set1(probs[r][j]);
-          for (int v = 0; v < kPvVecs; ++v) o[r][v] = Vec::fma(p, vj[v], o[r][v]);
-        }
-      }
-      for (int r = 0; r < nrows; ++r)
-        for (int v = 0; v < kPvVecs; ++v) o[r][v].store(acc_out[r] + d + v * Vec::W);
-    }
+    for (; d + kPvVecs * Vec::W <= hd; d += kPvVecs * Vec::W) pv_registers<kPvVecs>(d, hd, keys, vb);
+    if constexpr (kPvVecs > 2)
+      for (; d + 2 * Vec::W <= hd; d += 2 * Vec::W) pv_registers<2>(d, hd, keys, vb);
     // The rest (head_dim not a multiple of kPvVecs registers) one register at a time; acc_out is
     // padded to whole registers, so only the V loads need the lane count.
     for (; d < hd; d += Vec::W) {
@@ -141,6 +142,24 @@ struct RowGroup {
       }
       for (int r = 0; r < nrows; ++r) o[r].store(acc_out[r] + d);
     }
+  }
+
+  // O[:, d:d+V registers] = O * corr + P V over this block's keys, in ascending key order.
+  template <int V>
+  void pv_registers(int d, int hd, int keys, const KT* vb) {
+    Vec o[nrows][V];
+    for (int r = 0; r < nrows; ++r)
+      for (int v = 0; v < V; ++v) o[r][v] = Vec::load(acc_out[r] + d + v * Vec::W) * Vec::set1(corr[r]);
+    for (int j = 0; j < keys; ++j) {
+      Vec vj[V];
+      for (int v = 0; v < V; ++v) vj[v] = load_any(vb + int64_t(j) * hd + d + v * Vec::W);
+      for (int r = 0; r < nrows; ++r) {
+        const Vec p = Vec::set1(probs[r][j]);
+        for (int v = 0; v < V; ++v) o[r][v] = Vec::fma(p, vj[v], o[r][v]);
+      }
+    }
+    for (int r = 0; r < nrows; ++r)
+      for (int v = 0; v < V; ++v) o[r][v].store(acc_out[r] + d + v * Vec::W);
   }
 
   void finish(const AttentionArgs& a, int head, int64_t t0) {
