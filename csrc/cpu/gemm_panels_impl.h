@@ -119,13 +119,16 @@ void panels_few_rows(const GemmArgs& g) {
       if (pad4 < pad6) return panels_tiled<BT, 4, 3, true>(g, kFewRowRangesPerThread);
   }
   if constexpr (Vec::W == 16 && kGemmRows == 12) {
-    // 16 lanes (AVX-512): 12-row tiles and a last one of 4 or 8 rows when that is what is left,
-    // instead of a 12-row tile over 4-8 rows of padding (16 rows: a third of the FMAs were on
-    // padding, and the products ran at 111-136 GFLOP/s on two Zen 4 cores). The bundled model's
-    // 16-sequence step, medians of 60 steps, builds alternated 3 times: 2.59-2.75 -> 2.35-2.54 ms.
-    const int64_t left = g.M % 12;
-    if (left > 0 && left <= 4) return panels_tiled<BT, 12, 2, true, 4>(g, kFewRowRangesPerThread);
-    if (left > 4 && left <= 8) return panels_tiled<BT, 12, 2, true, 8>(g, kFewRowRangesPerThread);
+    // 16 lanes (AVX-512), 13-48 rows (M <= 12 runs panels_small_m): 8-row x 2-register tiles, a
+    // last one of 4 rows when 1-4 are left, except 17-20 rows: 12 + a last tile of 8. A 12-row
+    // tile over padding had taken a third of the 16-row products' FMAs (111-136 GFLOP/s on two
+    // Zen 4 cores). 1,000 calls per shape, panels warm, builds alternated 3 times: 16 rows as
+    // 8 + 8 against 12 + 4: 16 x 256 x 1024 166-188 -> 179-200 GFLOP/s, 16 x 1024 x 256 138-151 ->
+    // 156-180, 16 x 256 x 4096 185-190 -> 197-216; at 24-48 rows 8-row tiles against 12-row ones
+    // +2-7%; at 20 rows 12 + 8 beat 8 + 8 + 4 (156-159 against 138-154).
+    if (g.M > 16 && g.M <= 20) return panels_tiled<BT, 12, 2, true, 8>(g, kFewRowRangesPerThread);
+    if (g.M % 8 != 0 && g.M % 8 <= 4) return panels_tiled<BT, 8, 2, true, 4>(g, kFewRowRangesPerThread);
+    return panels_tiled<BT, 8, 2, true>(g, kFewRowRangesPerThread);
   }
   panels_tiled<BT, kGemmRows, 2, true>(g, kFewRowRangesPerThread);
 }
