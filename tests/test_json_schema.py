@@ -336,7 +336,7 @@ def random_schema(rng, depth=0):
     if kind == "object":
         names = rng.sample(["a", "b", "c\u00e9", "d e", 'q"x', "ab"], rng.randint(0, 4))
         counts = {}
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 and names:  # (free-form objects take minProperties up to 1 only)
             counts["minProperties"] = rng.randint(0, 3)
         if rng.random() < 0.3:
             counts["maxProperties"] = rng.randint(0, 3)
@@ -434,7 +434,9 @@ def test_property_counts():
         compile_json_schema({"type": "object", "properties": {"a": True}, "minProperties": 2,
                              "additionalProperties": False})
     with pytest.raises(LlamasError, match="above 255"):
-        compile_json_schema({"type": "object", "minProperties": 300})
+        compile_json_schema({"type": "object", "properties": {"a": True}, "minProperties": 300})
+    with pytest.raises(LlamasError, match="free-form keys could repeat"):
+        compile_json_schema({"type": "object", "minProperties": 2})
 
 
 def test_compact_output_has_no_whitespace():

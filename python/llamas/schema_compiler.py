@@ -310,7 +310,11 @@ class SchemaCompiler:
         if hi is not None and lo > hi:
             return self.new("never")
         if not props and not required and extra is not False:
-            # a free-form object: any keys, values of additionalProperties' schema
+            # a free-form object: any keys, values of additionalProperties' schema. Its keys are free
+            # strings, which could repeat, and a repeated key counts once: past 1, minProperties
+            # could be written and still not be met.
+            if lo > 1:
+                _fail(path, f"'minProperties' above 1 needs 'properties' (free-form keys could repeat), got {lo}")
             return self.new("map", children=[self.compile(extra, f"{path}/additionalProperties"), self.free_string()],
                             min_count=lo, max_count=hi)
         names = list(props) + [r for r in dict.fromkeys(required) if r not in props]
