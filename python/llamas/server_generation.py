@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Awaitable, Callable, List, Optional
+from typing import Awaitable, Callable, List
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,6 +18,7 @@ from .server_choices import (best_of_choices, chat_logprobs, completion_logprobs
                              prompt_text)
 from .server_protocol import APIError, GenParams, bad
 from .server_sse import ChunkFormat, sse
+from .server_tools import structured_kind, tool_calls, tool_events
 from .server_state import ResponseInbox, ServerState, _json, _record, send_now
 
 
@@ -75,7 +76,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     created = int(time.time())
     rec = _record(request)
     rec["id"] = rid
-    structured = _structured(p)
+    structured = structured_kind(p)
     if structured is not None:
         rec["structured"] = structured
         state.metrics.structured.labels(structured).inc()
@@ -194,7 +195,7 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     for i, r in enumerate(results):
         if kind == "chat":
             message, reason = {"role": "assistant", "content": r.text}, r.finish_reason
-            calls = _tool_calls(p, r.text, reason)
+            calls = tool_calls(p, r.text, reason)
             if calls is not None:
                 message, reason = {"role": "assistant", "content": None, "tool_calls": calls}, \
                     p.tools.finish_reason(reason)
@@ -215,36 +216,6 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                   "created": created, "model": state.model_name, "choices": out,
                   "usage": _usage(prompt_tokens, completion_tokens, handles)})
-
-
-def _structured(p: GenParams) -> Optional[str]:
-    """The kind of structured output a request asks for (metrics, log line), or None."""
-    s = p.sampling
-    if p.tools is not None and p.tools.schema is not None:
-        return "tool_call"
-    return "json_object" if s.get("json_object") else "json_schema" if s.get("json_schema") is not None else \
-        "regex" if s.get("regex") is not None else "grammar" if s.get("grammar") is not None else \
-        "choice" if s.get("choices") else None
-
-
-def _tool_calls(p: GenParams, text: str, reason: str):
-    """A reply held to a tool call, as OpenAI's tool_calls; None for any other reply, and for one
-    cut short (max_tokens, a stop string), whose text is then the content."""
-    if p.tools is None or p.tools.schema is None or reason != "stop":
-        return None
-    return p.tools.calls(text)
-
-
-def _tool_events(p: GenParams, fmt: ChunkFormat, idx: int, text: str, reason: str, usage) -> List[str]:
-    """A streamed tool call's events: its reply is held back until it is whole (a half-written JSON
-    call is not a call yet), then sent as one tool_calls delta and the finish chunk."""
-    calls = _tool_calls(p, text, reason)
-    if calls is None:
-        return [fmt.text(idx, text, reason, usage)]
-    delta = {"tool_calls": [dict(index=k, **call) for k, call in enumerate(calls)]}
-    return [fmt.frame([{"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}]),
-            fmt.frame([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": p.tools.finish_reason(reason)}],
-                      usage)]
 
 
 def _round(v):
@@ -323,7 +294,7 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
             ch.offset = len(echoes[i])
         if p.logprobs is None:
             await emit("".join(fmt.text(i, echoes[i], None, usage(i)) for i in range(len(handles)) if echoes[i]))
-    held = p.tools is not None and p.tools.schema is not None  # a tool call is sent whole (_tool_events)
+    held = p.tools is not None and p.tools.schema is not None  # a tool call is sent whole (tool_events)
     if len(handles) == 1 and choices[0].logprobs is None and not p.continuous_usage and not held:
         # One choice without logprobs (nearly every request): a token's event is written by the
         # engine's delivery callback itself while this task waits (see ResponseInbox).
@@ -387,7 +358,7 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
             if held is not None:
                 held[idx] = held.get(idx, "") + c.text
                 if c.finish_reason is not None:
-                    out.extend(_tool_events(p, fmt, idx, held.pop(idx), c.finish_reason, usage(idx)))
+                    out.extend(tool_events(p, fmt, idx, held.pop(idx), c.finish_reason, usage(idx)))
                 continue
             if ch.logprobs is None or not c.logprobs:
                 if c.text or c.finish_reason is not None:

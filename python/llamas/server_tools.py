@@ -146,3 +146,34 @@ def parse_tool_calls(calls: Any, where: str) -> List[dict]:
                                  "arguments": check_text(c["function"].get("arguments", "{}"),
                                                          f"{w}.function.arguments")}})
     return out
+
+
+# ---- answering (server_generation.py): p is the request's GenParams, fmt its ChunkFormat ---------
+def structured_kind(p) -> Optional[str]:
+    """The kind of structured output a request asks for (metrics, log line), or None."""
+    s = p.sampling
+    if p.tools is not None and p.tools.schema is not None:
+        return "tool_call"
+    return "json_object" if s.get("json_object") else "json_schema" if s.get("json_schema") is not None else \
+        "regex" if s.get("regex") is not None else "grammar" if s.get("grammar") is not None else \
+        "choice" if s.get("choices") else None
+
+
+def tool_calls(p, text: str, reason: str):
+    """A reply held to a tool call, as OpenAI's tool_calls; None for any other reply, and for one
+    cut short (max_tokens, a stop string), whose text is then the content."""
+    if p.tools is None or p.tools.schema is None or reason != "stop":
+        return None
+    return p.tools.calls(text)
+
+
+def tool_events(p, fmt, idx: int, text: str, reason: str, usage) -> List[str]:
+    """A streamed tool call's events: its reply is held back until it is whole (a half-written JSON
+    call is not a call yet), then sent as one tool_calls delta and the finish chunk."""
+    calls = tool_calls(p, text, reason)
+    if calls is None:
+        return [fmt.text(idx, text, reason, usage)]
+    delta = {"tool_calls": [dict(index=k, **call) for k, call in enumerate(calls)]}
+    return [fmt.frame([{"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}]),
+            fmt.frame([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": p.tools.finish_reason(reason)}],
+                      usage)]
