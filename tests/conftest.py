@@ -33,6 +33,21 @@ def tiny_http():
         yield c
 
 
+@pytest.fixture(scope="module")
+def http(tiny_http):
+    """The tiny-model server's client, for modules that have no server of their own (the ones
+    that do define their own `http`)."""
+    return tiny_http
+
+
+def run_llamas(*args, timeout: float = 120, **kwargs):
+    """`python -m llamas ARGS` in a subprocess: its CompletedProcess (text output captured)."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "llamas", *args], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
 def _kernel_variants():
     from llamas import _C
     return list(_C.available_kernel_variants())

@@ -7,12 +7,11 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 
 import llamas
+from conftest import run_llamas
 from llamas._C import LlamasError
 from llamas.grammar import _Parser, compile_grammar
 
@@ -190,18 +189,11 @@ def test_cli_grammar_flag(tmp_path):
     path = tmp_path / "list.gbnf"
     path.write_text(LIST)
     for source in (str(path), LIST):
-        r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "Q:", "--grammar", source,
-                            "--seed", "2", "--max-new-tokens", "40"], capture_output=True, text=True, timeout=120)
+        r = run_llamas("generate", "--model", TINY, "Q:", "--grammar", source, "--seed", "2", "--max-new-tokens", "40")
         assert r.returncode == 0, r.stderr
         assert compile_grammar(LIST).match(r.stdout[:-1].encode())[0], r.stdout
-    r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "Q:", "--grammar",
-                        'root ::= root "a" | "b"'], capture_output=True, text=True, timeout=120)
+    r = run_llamas("generate", "--model", TINY, "Q:", "--grammar", 'root ::= root "a" | "b"')
     assert r.returncode != 0 and "left recursion" in r.stderr and "Traceback" not in r.stderr
-
-
-@pytest.fixture(scope="module")
-def http(tiny_http):
-    return tiny_http
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

@@ -3,12 +3,11 @@ Python's json module, and generation held to it in Model.generate, Engine, the C
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 
 import llamas
+from conftest import run_llamas
 from llamas import _C
 from llamas._C import LlamasError
 
@@ -135,19 +134,13 @@ def test_json_mode_needs_a_byte_level_tokenizer(monkeypatch):
 
 
 def test_cli_json_flag():
-    r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "{", "--json", "--seed", "1",
-                        "--max-new-tokens", "40"], capture_output=True, text=True, timeout=120)
+    r = run_llamas("generate", "--model", TINY, "{", "--json", "--seed", "1", "--max-new-tokens", "40")
     assert r.returncode == 0, r.stderr
     text = r.stdout[:-1]
     assert _C.json_prefix(text.encode())[0], text
 
 
 # ---- server -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def http(tiny_http):
-    return tiny_http
-
-
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_server_json_mode(http, path):
     base = {"prompt": "JSON:"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "JSON"}]}
@@ -237,8 +230,7 @@ def test_bad_choices_are_refused(kwargs, message):
 
 
 def test_cli_choice_flag():
-    r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "Q:", "--choice", "alpha",
-                        "--choice", "beta gamma", "--seed", "1"], capture_output=True, text=True, timeout=120)
+    r = run_llamas("generate", "--model", TINY, "Q:", "--choice", "alpha", "--choice", "beta gamma", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout[:-1] in ("alpha", "beta gamma")
 

@@ -6,13 +6,12 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
 import jsonschema
 import pytest
 
 import llamas
+from conftest import run_llamas
 from llamas._C import LlamasError
 from llamas.json_schema import compile_json_schema
 
@@ -227,24 +226,17 @@ def test_cli_json_schema_flag(tmp_path):
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(PERSON))
     for source in (str(path), json.dumps(PERSON)):
-        r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "{", "--json-schema", source,
-                            "--seed", "1", "--max-new-tokens", "100", "--temperature", "0.8"],
-                           capture_output=True, text=True, timeout=120)
+        r = run_llamas("generate", "--model", TINY, "{", "--json-schema", source,
+                       "--seed", "1", "--max-new-tokens", "100", "--temperature", "0.8")
         assert r.returncode == 0, r.stderr
         assert compile_json_schema(PERSON).match(r.stdout[:-1].encode())[0], r.stdout
     for source, message in ((str(tmp_path / "missing.json"), "cannot read the JSON schema"),
                             ('{"type": "number", "multipleOf": 2}', "'multipleOf' is not supported")):
-        r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "x", "--json-schema", source],
-                           capture_output=True, text=True, timeout=120)
+        r = run_llamas("generate", "--model", TINY, "x", "--json-schema", source)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # ---- server -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def http(tiny_http):
-    return tiny_http
-
-
 def response_format(schema):
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
 

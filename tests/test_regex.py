@@ -5,13 +5,12 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
 import jsonschema
 import pytest
 
 import llamas
+from conftest import run_llamas
 from llamas._C import LlamasError
 from llamas.json_schema import compile_guided_regex, compile_json_schema
 from llamas.regex_dfa import compile_regex
@@ -156,18 +155,11 @@ def test_bad_regex_arguments():
 
 
 def test_cli_regex_flag():
-    r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "Q:", "--regex", r"[a-c]{3}\d",
-                        "--seed", "1", "--temperature", "1"], capture_output=True, text=True, timeout=120)
+    r = run_llamas("generate", "--model", TINY, "Q:", "--regex", r"[a-c]{3}\d", "--seed", "1", "--temperature", "1")
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(r"[a-c]{3}\d", r.stdout[:-1]), r.stdout
-    r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "Q:", "--regex", "(?!x)"],
-                       capture_output=True, text=True, timeout=120)
+    r = run_llamas("generate", "--model", TINY, "Q:", "--regex", "(?!x)")
     assert r.returncode != 0 and "lookaround" in r.stderr and "Traceback" not in r.stderr
-
-
-@pytest.fixture(scope="module")
-def http(tiny_http):
-    return tiny_http
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

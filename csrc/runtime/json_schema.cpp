@@ -1,9 +1,7 @@
 #include "runtime/json_schema.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <limits>
 
 #include "llamas/error.h"
 #include "runtime/json_schema_internal.h"
@@ -296,22 +294,26 @@ void SchemaState::step(const SchemaThread& t, uint8_t byte, std::vector<SchemaTh
   if (step_frame(next, byte, out)) out.push_back(next);
 }
 
-bool SchemaState::advance(const std::vector<SchemaThread>& from, uint8_t byte, std::vector<SchemaThread>& to) const {
-  to.clear();
-  for (const SchemaThread& t : from) step(t, byte, to);
+void SchemaState::keep_distinct(std::vector<SchemaThread>& readings) {
   // Readings that became the same are one; past kMaxThreads the rest are dropped (each kept one
   // is still a valid way on).
   size_t kept = 0;
-  for (size_t i = 0; i < to.size() && kept < size_t(kMaxThreads); ++i) {
+  for (size_t i = 0; i < readings.size() && kept < size_t(kMaxThreads); ++i) {
     bool dup = false;
-    for (size_t j = 0; j < kept && !dup; ++j) dup = to[j].same(to[i]);
+    for (size_t j = 0; j < kept && !dup; ++j) dup = readings[j].same(readings[i]);
     if (!dup) {
-      if (kept != i) to[kept] = to[i];
+      if (kept != i) readings[kept] = readings[i];
       ++kept;
     }
   }
-  to.resize(kept);
-  return kept > 0;
+  readings.resize(kept);
+}
+
+bool SchemaState::advance(const std::vector<SchemaThread>& from, uint8_t byte, std::vector<SchemaThread>& to) const {
+  to.clear();
+  for (const SchemaThread& t : from) step(t, byte, to);
+  keep_distinct(to);
+  return !to.empty();
 }
 
 bool SchemaState::accepts(const std::vector<SchemaThread>& from, const char* begin, const char* end,

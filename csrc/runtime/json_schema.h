@@ -116,6 +116,8 @@ class SchemaState {
   const std::vector<SchemaThread>& readings() const { return threads_; }
   // The readings after one more byte (to: cleared first); false when none is left.
   bool advance(const std::vector<SchemaThread>& from, uint8_t byte, std::vector<SchemaThread>& to) const;
+  // Drops repeated readings, and any past kMaxThreads.
+  static void keep_distinct(std::vector<SchemaThread>& readings);
   // Whether bytes [begin, end) can follow the readings `from`; a and b are scratch (kept by the
   // caller across calls so that trying a vocabulary of tokens allocates nothing).
   bool accepts(const std::vector<SchemaThread>& from, const char* begin, const char* end, std::vector<SchemaThread>& a,

@@ -60,18 +60,13 @@ bool SchemaState::grammar_byte(SchemaThread& t, uint8_t byte, std::vector<Schema
 }
 
 void SchemaState::start_grammar() {
-  std::vector<SchemaThread> all;
   for (int32_t alt : schema_->nodes[size_t(schema_->root)].children) {
     SchemaThread t;
     if (!push(t, alt)) continue;
     t.frames[0].mode = kGram;
-    expand(t, all);
+    expand(t, threads_);
   }
-  for (const SchemaThread& t : all) {  // as advance() keeps them: distinct, at most kMaxThreads
-    bool dup = false;
-    for (const SchemaThread& kept : threads_) dup |= kept.same(t);
-    if (!dup && threads_.size() < size_t(kMaxThreads)) threads_.push_back(t);
-  }
+  keep_distinct(threads_);
 }
 
 }  // namespace llamas

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "runtime/json_schema_internal.h"
+#include "runtime/json_text.h"
 
 namespace llamas {
 
@@ -57,18 +58,13 @@ bool sequence_feasible(const JsonSchema& s, const SchemaNode& n, const SchemaFra
   return false;
 }
 
-// A UTF-8 lead byte: how many continuation bytes follow and the range of the first (no overlong
-// forms, no surrogates, nothing past U+10FFFF), so the text always decodes.
-bool utf8_lead(SchemaFrame& f, uint8_t byte) {
-  uint32_t cp;
-  if (byte >= 0xC2 && byte <= 0xDF) f.aux = 1, cp = byte & 0x1F;
-  else if (byte >= 0xE0 && byte <= 0xEF) f.aux = 2, cp = byte & 0x0F;
-  else if (byte >= 0xF0 && byte <= 0xF4) f.aux = 3, cp = byte & 0x07;
-  else return false;
-  const uint64_t lo = byte == 0xE0 ? 0xA0 : byte == 0xF0 ? 0x90 : 0x80;
-  const uint64_t hi = byte == 0xED ? 0x9F : byte == 0xF4 ? 0x8F : 0xBF;
-  f.b = (f.b & ~kRangeMask) | lo | hi << 8;
-  set_code_point(f, cp);
+// A UTF-8 lead byte (json_text.h): the continuation count in aux, the next byte's range and the
+// character's first bits in b.
+bool start_utf8(SchemaFrame& f, uint8_t byte) {
+  uint8_t lo, hi;
+  if (!utf8_lead(byte, &f.aux, &lo, &hi)) return false;
+  f.b = (f.b & ~kRangeMask) | uint64_t(lo) | uint64_t(hi) << 8;
+  set_code_point(f, byte & (0x7F >> (f.aux + 1)));
   return true;
 }
 
@@ -81,14 +77,11 @@ bool utf8_continue(SchemaFrame& f, uint8_t byte, bool* done) {
   return true;
 }
 
-// What a backslash can start: the escapes JSON has, less \u (a lone surrogate would not decode).
-constexpr char kEscapes[] = "\"\\/bfnrt";
-constexpr uint32_t kEscaped[] = {'"', '\\', '/', 8, 12, 10, 13, 9};
-
-// A backslash was read: can a pattern take one of the characters an escape writes?
+// A backslash was read: can a pattern take one of the characters an escape writes? (JSON's
+// one-letter escapes; \u is not written: a lone surrogate would not decode.)
 bool escape_feasible(const JsonSchema& s, const SchemaNode& n, const SchemaFrame& f) {
   if (n.dfa < 0) return true;
-  for (uint32_t cp : kEscaped) {
+  for (uint32_t cp : kJsonEscaped) {
     SchemaFrame trial = f;
     if (take_char(s, n, trial, cp)) return true;
   }
@@ -105,10 +98,10 @@ TextStep string_byte(const JsonSchema& s, const SchemaNode& n, SchemaFrame& f, u
   auto result = [](bool ok) { return ok ? TextStep::kTaken : TextStep::kReject; };
   switch (f.mode) {
     case kEscape: {
-      const char* at = std::find(kEscapes, kEscapes + 8, char(byte));
-      if (at == kEscapes + 8) return TextStep::kReject;
+      const int32_t cp = json_escape(byte);
+      if (cp < 0) return TextStep::kReject;
       f.mode = kChars;
-      return result(take_char(s, n, f, kEscaped[at - kEscapes]));
+      return result(take_char(s, n, f, uint32_t(cp)));
     }
     case kUtf8: {
       bool done = false;
@@ -125,7 +118,7 @@ TextStep string_byte(const JsonSchema& s, const SchemaNode& n, SchemaFrame& f, u
   ++f.a;
   if (byte == '\\') return f.mode = kEscape, result(escape_feasible(s, n, f));
   if (byte < 0x80) return result(take_char(s, n, f, byte));
-  if (!utf8_lead(f, byte)) return TextStep::kReject;
+  if (!start_utf8(f, byte)) return TextStep::kReject;
   f.mode = kUtf8;
   return result(sequence_feasible(s, n, f));
 }
@@ -137,7 +130,7 @@ bool raw_byte(const JsonSchema& s, const SchemaNode& n, SchemaFrame& f, uint8_t 
     return done ? take_char(s, n, f, code_point(f)) : sequence_feasible(s, n, f);
   }
   if (byte < 0x80) return take_char(s, n, f, byte);
-  return utf8_lead(f, byte) && sequence_feasible(s, n, f);
+  return start_utf8(f, byte) && sequence_feasible(s, n, f);
 }
 
 bool raw_complete(const JsonSchema& s, const SchemaNode& n, const SchemaFrame& f) {

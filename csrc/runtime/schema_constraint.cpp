@@ -16,37 +16,23 @@ namespace {
 // byte at most, ~0.1 ms).
 constexpr size_t kSecondByteTable = 16;
 // Masks kept per sequence, of a regex's states or a grammar's sets of readings (GPT-2: ~6 KB each).
-constexpr size_t kRawMaskCache = 256;
+constexpr size_t kMaskCache = 256;
 }  // namespace
 
 void SchemaConstraint::mask_raw(const SchemaFrame& f, float* logits, int64_t vocab) const {
-  // (b holds the DFA state and the open UTF-8 character in bits 0-36 and 40-63; aux, at most 3,
-  // how many continuation bytes it still needs.)
-  const uint64_t key = f.b | uint64_t(f.aux) << 37;
-  auto it = raw_masks_.find(key);
-  if (it == raw_masks_.end()) {
-    if (raw_masks_.size() >= kRawMaskCache) raw_masks_.clear();  // ~6 KB each over GPT-2's vocabulary
-    bool first_ok[256];
-    for (int c = 0; c < 256; ++c) first_ok[c] = state_.raw_accepts(f, std::string(1, char(c)));
-    std::vector<bool> allowed(vocab_->bytes.size());
-    for (size_t t = 0; t < allowed.size(); ++t) {
-      const std::string& b = vocab_->bytes[t];
-      allowed[t] = int32_t(t) != vocab_->eos && !b.empty() && first_ok[uint8_t(b[0])] && state_.raw_accepts(f, b);
-    }
-    it = raw_masks_.emplace(key, std::move(allowed)).first;
-  }
-  const std::vector<bool>& allowed = it->second;
-  bool every_byte[256];
-  std::fill(every_byte, every_byte + 256, true);
-  mask_tokens(*vocab_, logits, vocab, state_.raw_complete(f), every_byte,
-              [&](int64_t t, const std::string&) { return bool(allowed[size_t(t)]); });
+  // A regex root's one frame walks each token's bytes itself: no readings to copy.
+  bool first_ok[256];
+  for (int c = 0; c < 256; ++c) first_ok[c] = state_.raw_accepts(f, std::string(1, char(c)));
+  mask_tokens(*vocab_, logits, vocab, state_.raw_complete(f), first_ok,
+              [&](int64_t, const std::string& bytes) { return state_.raw_accepts(f, bytes); });
 }
 
 void SchemaConstraint::mask(float* logits, int64_t vocab) const {
-  if (const SchemaFrame* f = state_.raw_frame()) return mask_raw(*f, logits, vocab);
-  if (!state_.grammar()) return mask_uncached(logits, vocab);
-  // A grammar comes back to the same readings over and over (every character of a string or a
-  // number leaves the stacks as they were): keep the mask of each set of readings met.
+  const SchemaFrame* raw = state_.raw_frame();
+  if (!raw && !state_.grammar()) return mask_uncached(logits, vocab);
+  // A regex (guided_regex) or a grammar comes back to the same readings over and over: a regex
+  // to its DFA's few states (a word-character loop is one state), a grammar's stacks every
+  // character of a string or a number. Keep the mask of each set of readings met.
   const std::vector<SchemaThread>& now = state_.readings();
   uint64_t key = 1469598103934665603ull;  // FNV-1a over the readings
   for (const SchemaThread& t : now) {
@@ -54,16 +40,17 @@ void SchemaConstraint::mask(float* logits, int64_t vocab) const {
     for (size_t i = 0; i < t.depth * sizeof(SchemaFrame); ++i) key = (key ^ p[i]) * 1099511628211ull;
     key = (key ^ (t.depth | t.ws_run << 8)) * 1099511628211ull;
   }
-  auto it = grammar_masks_.find(key);
-  bool hit = it != grammar_masks_.end() && it->second.first.size() == now.size();
+  auto it = masks_.find(key);
+  bool hit = it != masks_.end() && it->second.first.size() == now.size();
   for (size_t i = 0; hit && i < now.size(); ++i) hit = it->second.first[i].same(now[i]);
   if (!hit) {
-    if (grammar_masks_.size() >= kRawMaskCache) grammar_masks_.clear();
+    if (masks_.size() >= kMaskCache) masks_.clear();
     std::vector<float> trial(static_cast<size_t>(vocab), 0.0f);
-    mask_uncached(trial.data(), vocab);
+    if (raw) mask_raw(*raw, trial.data(), vocab);
+    else mask_uncached(trial.data(), vocab);
     std::vector<bool> allowed(static_cast<size_t>(vocab));
     for (int64_t t = 0; t < vocab; ++t) allowed[size_t(t)] = trial[size_t(t)] == 0.0f;
-    it = grammar_masks_.insert_or_assign(key, std::make_pair(now, std::move(allowed))).first;
+    it = masks_.insert_or_assign(key, std::make_pair(now, std::move(allowed))).first;
   }
   const std::vector<bool>& allowed = it->second.second;
   for (int64_t t = 0; t < vocab; ++t)

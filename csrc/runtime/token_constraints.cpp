@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "runtime/json_text.h"
+
 namespace llamas {
 
 using namespace constraint_detail;
@@ -78,8 +80,7 @@ bool JsonState::string_byte(uint8_t byte) {
         return true;
       }
       mode_ = Mode::kString;
-      return byte == '"' || byte == '\\' || byte == '/' || byte == 'b' || byte == 'f' || byte == 'n' ||
-             byte == 'r' || byte == 't';
+      return json_escape(byte) >= 0;
     case Mode::kHex:
       if (!is_hex(byte)) return false;
       if (--count_ == 0) mode_ = Mode::kString;
@@ -102,14 +103,7 @@ bool JsonState::string_byte(uint8_t byte) {
   }
   if (byte < 0x20) return false;  // control characters must be escaped
   if (byte < 0x80) return true;
-  // A UTF-8 lead byte: how many continuation bytes follow, and the range of the first of them
-  // (no overlong forms, no surrogates, nothing past U+10FFFF), so the text always decodes.
-  if (byte >= 0xC2 && byte <= 0xDF) count_ = 1;
-  else if (byte >= 0xE0 && byte <= 0xEF) count_ = 2;
-  else if (byte >= 0xF0 && byte <= 0xF4) count_ = 3;
-  else return false;
-  utf8_lo_ = byte == 0xE0 ? 0xA0 : byte == 0xF0 ? 0x90 : 0x80;
-  utf8_hi_ = byte == 0xED ? 0x9F : byte == 0xF4 ? 0x8F : 0xBF;
+  if (!utf8_lead(byte, &count_, &utf8_lo_, &utf8_hi_)) return false;
   mode_ = Mode::kUtf8;
   return true;
 }

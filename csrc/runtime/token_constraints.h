@@ -94,8 +94,8 @@ class ChoiceConstraint : public TokenConstraint {
   std::string so_far_;
 };
 
-// Structured output against a compiled JSON Schema (json_schema.h): the same mask, with the schema's
-// recogniser in place of JSON mode's.
+// Structured output against a compiled JSON Schema, regex or grammar (json_schema.h): the same
+// mask, with that recogniser in place of JSON mode's.
 class SchemaConstraint : public TokenConstraint {
  public:
   SchemaConstraint(std::shared_ptr<const TokenBytes> vocab, std::shared_ptr<const JsonSchema> schema)
@@ -109,17 +109,14 @@ class SchemaConstraint : public TokenConstraint {
 
   std::shared_ptr<const TokenBytes> vocab_;
   SchemaState state_;
-  // guided_regex: the tokens allowed in each state of the regex's frame (its DFA state and any
-  // unfinished UTF-8 character), computed on the first visit. A sequence comes back to the same
-  // few states again and again (a word-character loop is one state).
-  mutable std::unordered_map<uint64_t, std::vector<bool>> raw_masks_;
-  // Grammars: the mask of each set of readings met (keyed by their hash, checked whole).
-  mutable std::unordered_map<uint64_t, std::pair<std::vector<SchemaThread>, std::vector<bool>>> grammar_masks_;
+  // Regexes and grammars: the tokens allowed after each set of readings met (for a regex, its
+  // frame: the DFA state and any unfinished UTF-8 character), keyed by their hash, checked whole.
+  mutable std::unordered_map<uint64_t, std::pair<std::vector<SchemaThread>, std::vector<bool>>> masks_;
 };
 
 namespace constraint_detail {
 
-// The mask both constraints share: end-of-text stays only if eos_ok; any other token needs bytes
+// The mask every constraint shares: end-of-text stays only if eos_ok; any other token needs bytes
 // whose first byte is in first_ok and that fits(token, bytes); ids past the table are refused.
 template <typename Fits>
 inline void mask_tokens(const TokenBytes& table, float* logits, int64_t vocab, bool eos_ok, const bool (&first_ok)[256],

@@ -11,14 +11,13 @@ refused: the recogniser expands rules top-down, as llama.cpp's does. Rules that 
 at all are dropped; a grammar whose root cannot is refused."""
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 from . import _C
 from ._C import LlamasError
-from .regex_parse import ANY, Intervals, complement, intersect, normalise
-from .schema_compiler import reachable
+from .regex_parse import ANY, Intervals, class_set
+from .schema_compiler import cached, reachable
 
 MAX_NODES = 20_000
 MAX_REPEAT = 1_000
@@ -192,8 +191,7 @@ class _Parser:
                     if hi < lo:
                         self.fail("a character range out of order")
                 items.append((lo, hi))
-            items = normalise(items)
-            return ("chars", complement(items) if negate else intersect(items, ANY))
+            return ("chars", class_set(items, negate))
         if c == ".":
             self.i += 1
             return ("chars", ANY)
@@ -371,35 +369,25 @@ def _emit(b: _Builder, root: int) -> "_C.JsonSchema":
     return out
 
 
-_cache: "OrderedDict[str, _C.JsonSchema]" = OrderedDict()
-_cache_lock = threading.Lock()  # the server compiles in worker threads
-
-
 def compile_grammar(text) -> "_C.JsonSchema":
     """A GBNF grammar (its text) compiled for structured output; LlamasError names what is wrong
-    and where. The last 64 are cached."""
+    and where. The last 64 compiled are kept (schema_compiler.cached)."""
     if isinstance(text, _C.JsonSchema):
         return text
     if not isinstance(text, str):
         raise LlamasError(f"[grammar] the grammar must be a string, got {type(text).__name__}")
     if len(text) > MAX_GRAMMAR_CHARS:
         _fail(f"the grammar has {len(text)} characters; at most {MAX_GRAMMAR_CHARS}")
-    with _cache_lock:
-        if text in _cache:
-            _cache.move_to_end(text)
-            return _cache[text]
-    try:
-        rules = _Parser(text).parse()
-        if "root" not in rules:
-            _fail("a grammar needs a rule named 'root' (what the whole output matches)")
-        builder = _Builder(rules)
-        root = builder.build("root")
-    except RecursionError:  # groups inside groups hundreds deep
-        _fail("the grammar nests too deeply (groups inside groups)")
-    _analyse(builder, root)
-    compiled = _emit(builder, root)
-    with _cache_lock:
-        _cache[text] = compiled
-        if len(_cache) > 64:
-            _cache.popitem(last=False)
-    return compiled
+
+    def build():
+        try:
+            rules = _Parser(text).parse()
+            if "root" not in rules:
+                _fail("a grammar needs a rule named 'root' (what the whole output matches)")
+            builder = _Builder(rules)
+            root = builder.build("root")
+        except RecursionError:  # groups inside groups hundreds deep
+            _fail("the grammar nests too deeply (groups inside groups)")
+        _analyse(builder, root)
+        return _emit(builder, root)
+    return cached("grammar:" + text, build)

@@ -22,32 +22,12 @@ most 20 spaces or tabs. Nesting is limited to 24 open values."""
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from typing import Any
 
 from . import _C
 from ._C import LlamasError
 from .regex_dfa import compile_regex
-from .schema_compiler import SchemaCompiler
-
-_cache: "OrderedDict[str, _C.JsonSchema]" = OrderedDict()
-_CACHE_SIZE = 64
-_cache_lock = threading.Lock()  # the server compiles in worker threads
-
-
-def _cached(key: str, build) -> "_C.JsonSchema":
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    compiled = build()  # (outside the lock: two threads may compile one schema, the second is kept)
-    with _cache_lock:
-        _cache[key] = compiled
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return compiled
-
+from .schema_compiler import SchemaCompiler, cached
 
 def compile_guided_regex(pattern: Any) -> "_C.JsonSchema":
     """vLLM's guided_regex: the whole output is text matching this regular expression (the syntax of
@@ -65,7 +45,7 @@ def compile_guided_regex(pattern: Any) -> "_C.JsonSchema":
         out.root = 0
         out.validate()
         return out
-    return _cached("regex:" + pattern, build)
+    return cached("regex:" + pattern, build)
 
 
 def compile_json_schema(schema: Any, compact: bool = False) -> "_C.JsonSchema":
@@ -94,4 +74,4 @@ def compile_json_schema(schema: Any, compact: bool = False) -> "_C.JsonSchema":
             raise LlamasError("[json_schema] the schema nests too deeply") from None
         compiled.compact = compact
         return compiled
-    return _cached(("compact:" if compact else "schema:") + key, build)
+    return cached(("compact:" if compact else "schema:") + key, build)

@@ -47,7 +47,7 @@ class Model:
         self.path = path
         # Sampling defaults from the model folder's generation_config.json ({} = greedy).
         self.generation_config = dict(generation_config or {})
-        self._constraint_vocab = None  # JSON mode's and choices' native token table, built on first use
+        self._constraint_vocab = None  # structured output's native token table, built on first use
 
     @property
     def dtype(self) -> str:
@@ -183,10 +183,9 @@ class Model:
         return outputs if batched else outputs[0]
 
     def constraint_vocab(self):
-        """The native table of token bytes that structured output (JSON mode, json_schema, choices)
-        masks with (built once);
-        LlamasError when the tokenizer is not byte-level BPE, or there is no end-of-text token to
-        end a constrained output with."""
+        """The native table of token bytes that structured output (JSON mode, json_schema, regex,
+        grammar, choices) masks with (built once); LlamasError when the tokenizer is not byte-level
+        BPE, or there is no end-of-text token to end a constrained output with."""
         if self._constraint_vocab is None:
             tb = self.tokenizer.token_bytes() if self.tokenizer is not None else None
             if tb is None:

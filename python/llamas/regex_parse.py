@@ -57,6 +57,12 @@ def complement(a: Intervals) -> Intervals:
     return intersect(out, ANY)
 
 
+def class_set(items: Sequence[Tuple[int, int]], negate: bool) -> Intervals:
+    """A character class's code points ([...] or [^...]; regexes and grammars), characters only."""
+    items = normalise(items)
+    return complement(items) if negate else intersect(items, ANY)
+
+
 class RegexParser:
     """Recursive descent over the pattern's code points into (kind, ...) tuples:
     ("set", intervals), ("cat", [nodes]), ("alt", [nodes]), ("rep", node, min, max or None)."""
@@ -240,8 +246,7 @@ class RegexParser:
                 items.append((lo_set[0][0], hi_set[0][0]))
             else:
                 items.extend(lo_set)
-        items = normalise(items)
-        return complement(items) if negate else intersect(items, ANY)
+        return class_set(items, negate)
 
     def class_atom(self) -> Intervals:
         c = self.take()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _C
@@ -113,6 +115,26 @@ def reachable(root: int, children) -> Tuple[List[int], Dict[int, int]]:
         order.append(i)
         stack.extend(reversed(children(i)))
     return order, index
+
+
+_cache: "OrderedDict[str, _C.JsonSchema]" = OrderedDict()
+_CACHE_SIZE = 64
+_cache_lock = threading.Lock()  # the server compiles in worker threads
+
+
+def cached(key: str, build) -> "_C.JsonSchema":
+    """The compiled schema, regex or grammar for key, built by build() the first time; the last
+    64 are kept (a server sees the same one request after request)."""
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    compiled = build()  # (outside the lock: two threads may compile one schema, the second is kept)
+    with _cache_lock:
+        _cache[key] = compiled
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return compiled
 
 
 class SchemaCompiler:

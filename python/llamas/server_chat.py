@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from .server_protocol import (COMMON_FIELDS, GenParams, bad, check_text, check_unknown, get_bool, get_int, get_str,
                               parse_common, typename)
-from .server_tools import parse_tool_calls, parse_tools
+from .server_tools import calling, parse_tool_calls, parse_tools
 
 MAX_MESSAGES = 4096
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -157,16 +157,13 @@ def parse_chat(body: dict, vocab: int) -> tuple:
     elif body.get("top_logprobs") is not None:
         get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
         raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
-    s = p.sampling
-    constrained = s.get("json_object") or s.get("choices") or s.get("json_schema") is not None or \
-        s.get("regex") is not None or s.get("grammar") is not None
-    p.tools = parse_tools(body, bool(constrained))
-    if p.tools is not None and p.tools.schema is not None:
+    p.tools = parse_tools(body, p.constrained is not None)
+    if calling(p):
         for name, value in (("min_tokens", p.min_tokens), ("ignore_eos", p.ignore_eos),
                             ("logprobs", p.logprobs is not None)):
             if value:
                 raise bad(f"'{name}' cannot be combined with a tool call ('tool_choice').", name, "invalid_value")
-        s["json_schema"] = p.tools.schema
+        p.sampling["json_schema"] = p.tools.schema
     get_bool(body, "store", False)
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise bad("'metadata' must be an object.", "metadata", "invalid_type")

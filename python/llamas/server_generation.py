@@ -18,7 +18,7 @@ from .server_choices import (best_of_choices, chat_logprobs, completion_logprobs
                              prompt_text)
 from .server_protocol import APIError, GenParams, bad
 from .server_sse import ChunkFormat, sse
-from .server_tools import structured_kind, tool_calls, tool_events
+from .server_tools import STRUCTURED_FIELD, calling, structured_kind, tool_calls, tool_events
 from .server_state import ResponseInbox, ServerState, _json, _record, send_now
 
 
@@ -85,15 +85,12 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
         raise bad(f"'min_tokens' ({p.min_tokens}) must not exceed the tokens this request may generate "
                   f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
     stops = make_stop_rules(p.stop, p.stop_token_ids, p.min_tokens, p.ignore_eos, p.include_stop_str_in_output)
-    constrained = (("response_format", p.sampling.get("json_object") or p.sampling.get("json_schema") is not None),
-                   ("guided_regex", p.sampling.get("regex") is not None),
-                   ("guided_grammar", p.sampling.get("grammar") is not None), ("guided_choice", p.sampling.get("choices")))
-    for field, wanted in constrained:
-        if wanted:
-            try:
-                state.model.constraint_vocab()
-            except LlamasError as e:
-                raise bad(f"'{field}' is not available: {e}", field, "unsupported_value") from None
+    if structured is not None:
+        try:
+            state.model.constraint_vocab()
+        except LlamasError as e:
+            field = STRUCTURED_FIELD[structured]
+            raise bad(f"'{field}' is not available: {e}", field, "unsupported_value") from None
     per_prompt = max(p.n, p.best_of)  # sequences per prompt: best_of candidates, of which n are returned
     n_total = len(p.prompt_ids) * per_prompt
     if n_total > state.max_batch + state.max_queue:
@@ -294,7 +291,7 @@ async def _stream(state, kind, p, rid, created, handles, choices, inbox, prompt_
             ch.offset = len(echoes[i])
         if p.logprobs is None:
             await emit("".join(fmt.text(i, echoes[i], None, usage(i)) for i in range(len(handles)) if echoes[i]))
-    held = p.tools is not None and p.tools.schema is not None  # a tool call is sent whole (tool_events)
+    held = calling(p)  # a tool call is sent whole (tool_events)
     if len(handles) == 1 and choices[0].logprobs is None and not p.continuous_usage and not held:
         # One choice without logprobs (nearly every request): a token's event is written by the
         # engine's delivery callback itself while this task waits (see ResponseInbox).
@@ -333,7 +330,7 @@ class _ChoiceUsage:
 async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_tokens, echoes, emit,
                          usage=lambda idx: None) -> None:
     remaining = len(handles)
-    held = {} if p.tools is not None and p.tools.schema is not None else None  # tool calls' text so far
+    held = {} if calling(p) else None  # tool calls' text so far
     out = []
     while remaining:
         out = []

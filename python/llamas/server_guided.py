@@ -31,8 +31,9 @@ def get_choice(v, param: str = "guided_choice") -> Optional[List[str]]:
     return v
 
 
-def _schema(schema, param: str, compile=compile_json_schema):
-    """A JSON Schema (or regex) compiled for structured output; its faults as a 400 naming `param`."""
+def compile_field(schema, param: str, compile=compile_json_schema):
+    """A JSON Schema (regex, grammar) compiled for structured output; its faults as a 400 naming
+    `param`."""
     try:
         return compile(schema)
     except LlamasError as e:
@@ -65,7 +66,7 @@ def get_response_format(body: dict) -> Tuple[bool, Any]:
         if "schema" not in spec:
             raise bad("'response_format.json_schema.schema' is required.", "response_format",
                       "missing_required_parameter")
-        return False, _schema(spec["schema"], "response_format")
+        return False, compile_field(spec["schema"], "response_format")
     if kind not in ("text", "json_object") or len(rf) != 1:
         raise bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                   "{\"type\": \"json_schema\", \"json_schema\": {...}}.", "response_format", "invalid_value")
@@ -81,7 +82,7 @@ def get_json(v, param: str = "guided_json", compact: bool = False):
                   "invalid_type")
     if isinstance(v, str):
         check_text(v, param)
-    return _schema(v, param, lambda schema: compile_json_schema(schema, compact=compact))
+    return compile_field(v, param, lambda schema: compile_json_schema(schema, compact=compact))
 
 
 def get_text_spec(v, param: str, compile):
@@ -89,7 +90,7 @@ def get_text_spec(v, param: str, compile):
     if v is None:
         return None
     check_text(v, param)
-    return _schema(v, param, compile)
+    return compile_field(v, param, compile)
 
 
 STRUCTURED_OUTPUTS = {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace",

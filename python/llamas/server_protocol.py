@@ -215,6 +215,7 @@ class GenParams:
     echo: bool = False
     best_of: int = 1                    # completions: candidates per prompt, the n best returned (>= n)
     tools: Any = None                   # chat: the request's server_tools.ToolPlan, or None
+    constrained: Optional[str] = None   # the structured output asked for, as errors name it, or None
 
 
 COMMON_FIELDS = {
@@ -271,10 +272,10 @@ def parse_common(body: dict, vocab: int, p: GenParams) -> None:
         logit_bias=get_logit_bias(body, vocab),
     )
     from .server_guided import get_structured_output  # (it builds on this module's checks)
-    constrained = get_structured_output(body, p.sampling)
+    p.constrained = get_structured_output(body, p.sampling)
     for name, value in (("min_tokens", p.min_tokens), ("ignore_eos", p.ignore_eos)):
-        if constrained and value:
-            raise bad(f"'{name}' cannot be combined with {constrained} (a closed object or a whole choice allows "
+        if p.constrained and value:
+            raise bad(f"'{name}' cannot be combined with {p.constrained} (a closed object or a whole choice allows "
                       "only end-of-text).", name, "invalid_value")
     get_str(body, "user")
 

@@ -16,8 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-from ._C import LlamasError
 from .json_schema import compile_json_schema
+from .server_guided import compile_field
 from .server_protocol import bad, check_text, check_unknown, get_bool, typename
 
 MAX_TOOLS = 128
@@ -70,12 +70,8 @@ def _function(tool: Any, where: str) -> dict:
 
 
 def _compile(schema: Any, param: str):
-    try:
-        # compact: no whitespace between tokens; the server reads the call, nobody else does
-        return compile_json_schema(schema, compact=True)
-    except LlamasError as e:
-        raise bad(f"'{param}': {str(e).replace('[json_schema] ', '').replace('[regex] ', '')}", param,
-                  "invalid_value") from None
+    # compact: no whitespace between tokens; the server reads the call, nobody else does
+    return compile_field(schema, param, lambda s: compile_json_schema(s, compact=True))
 
 
 def parse_tools(body: dict, constrained: bool) -> Optional[ToolPlan]:
@@ -149,10 +145,20 @@ def parse_tool_calls(calls: Any, where: str) -> List[dict]:
 
 
 # ---- answering (server_generation.py): p is the request's GenParams, fmt its ChunkFormat ---------
+def calling(p) -> bool:
+    """The request's reply is held to a tool call (tool_choice "required" or a named function)."""
+    return p.tools is not None and p.tools.schema is not None
+
+
+# The request field each kind is named by in errors (a tool call's schema rides in json_schema).
+STRUCTURED_FIELD = {"json_object": "response_format", "json_schema": "response_format", "tool_call": "response_format",
+                    "regex": "guided_regex", "grammar": "guided_grammar", "choice": "guided_choice"}
+
+
 def structured_kind(p) -> Optional[str]:
     """The kind of structured output a request asks for (metrics, log line), or None."""
     s = p.sampling
-    if p.tools is not None and p.tools.schema is not None:
+    if calling(p):
         return "tool_call"
     return "json_object" if s.get("json_object") else "json_schema" if s.get("json_schema") is not None else \
         "regex" if s.get("regex") is not None else "grammar" if s.get("grammar") is not None else \
@@ -162,7 +168,7 @@ def structured_kind(p) -> Optional[str]:
 def tool_calls(p, text: str, reason: str):
     """A reply held to a tool call, as OpenAI's tool_calls; None for any other reply, and for one
     cut short (max_tokens, a stop string), whose text is then the content."""
-    if p.tools is None or p.tools.schema is None or reason != "stop":
+    if not calling(p) or reason != "stop":
         return None
     return p.tools.calls(text)
 
