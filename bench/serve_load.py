@@ -11,7 +11,8 @@ goes to the given or started local server only, and every loop is bounded by --d
 clients are bench/sse_client.py's (a plain http:// asyncio client that checks every streamed
 event), not httpx, and run on uvloop: on this 2-core machine the load generator's CPU per token
 is taken from the server (16 clients: 57-61 us per token on asyncio's loop, 48-50 on uvloop; 2-4%
-more output tokens/s).
+more output tokens/s). Against a llamas server it also prints the engine thread's account of a
+step from /metrics: sequences per step, forward time (of which waiting for the GIL) and host time.
 """
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ def merge_stats(a: dict, b: dict) -> dict:
     out = dict(b)  # rss: the latest
     for key in ("requests", "tokens", "elapsed", "client_cpu", "ttft", "tpot", "errors"):
         out[key] = a[key] + b[key]
+    out["engine"] = None if a["engine"] is None or b["engine"] is None else \
+        {k: a["engine"][k] + b["engine"][k] for k in a["engine"]}
     out["server_cpu"] = None if a["server_cpu"] is None or b["server_cpu"] is None else a["server_cpu"] + b["server_cpu"]
     return out
 
@@ -140,6 +143,37 @@ def run_loop(coro):
         except ImportError:
             pass
     return asyncio.run(coro)
+
+
+ENGINE_COUNTERS = ("llamas_engine_steps_total", "llamas_engine_step_sequences_total",
+                   "llamas_engine_forward_seconds_total", "llamas_engine_gil_wait_seconds_total",
+                   "llamas_engine_host_seconds_total")
+
+
+def engine_counters(url: str, api_key: str | None) -> dict | None:
+    """The server's engine step counters from /metrics (None if it has none: another server)."""
+    try:
+        r = httpx.get(url + "/metrics", timeout=10, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
+    except httpx.TransportError:
+        return None
+    found = {}
+    for line in r.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ENGINE_COUNTERS:
+            found[name] = float(value)
+    return found if len(found) == len(ENGINE_COUNTERS) else None
+
+
+def engine_split(before: dict | None, after: dict | None) -> dict | None:
+    """Steps, sequences per step and forward / host milliseconds per step between two scrapes."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    steps = d["llamas_engine_steps_total"]
+    return None if steps <= 0 else {"steps": steps, "rows": d["llamas_engine_step_sequences_total"],
+                                    "forward": d["llamas_engine_forward_seconds_total"],
+                                    "gil": d["llamas_engine_gil_wait_seconds_total"],
+                                    "host": d["llamas_engine_host_seconds_total"]}
 
 
 def per_token(cpu_s: float | None, tokens: int) -> str:
@@ -269,9 +303,11 @@ def main() -> int:
             for n in counts:
                 # CPU seconds per output token (server process; this load generator) do not depend
                 # on how much of the box other tenants take, unlike tokens/s.
+                engine0 = engine_counters(url, args.api_key)
                 cpu0, client0 = cpu_seconds(pid), time.process_time()
                 s = run_loop(run_clients(url, n, args.duration, args.max_tokens, args.api_key, prefix))
                 cpu1 = cpu_seconds(pid)
+                s["engine"] = engine_split(engine0, engine_counters(url, args.api_key))
                 s["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
                 s["client_cpu"] = time.process_time() - client0
                 total_requests += s["requests"]
@@ -314,6 +350,13 @@ def main() -> int:
             ratios = [r[n] / r[counts[0]] for r in per_round]
             each = ", ".join(f"{x:.2f}x" for x in ratios)
             print(f"{n} clients vs {counts[0]}, round by round: {each}; median {median(ratios):.2f}x")
+    if all(s.get("engine") for _, s in rows):
+        # The engine thread's own account (/metrics): a busy step is its forward (native, GIL
+        # released) plus the host time between forwards (Python, holding the GIL).
+        print("engine thread: " + "; ".join(
+            f"{n} clients {e['rows'] / e['steps']:.1f} sequences a step, forward {e['forward'] / e['steps'] * 1e3:.2f} ms"
+            f" (of which GIL wait {e['gil'] / e['steps'] * 1e3:.2f}) + host {e['host'] / e['steps'] * 1e3:.2f} ms a step"
+            for n, s in rows for e in [s["engine"]]))
     errors = [e for _, s in rows for e in s["errors"]]
     for e in sorted(set(errors))[:5]:
         print(f"  error: {e}")

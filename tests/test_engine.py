@@ -44,6 +44,11 @@ def test_engine_matches_generate_from_many_threads(model):
         handles = engine.enqueue([(req, as_text, None) for req, as_text in items])
         assert [h.result(timeout=30).text for h in handles] == [expected[p] for p in PROMPTS]
         assert engine.steps - steps0 < sum(h.result().completion_tokens for h in handles) / 2
+        # The engine thread's own account of its steps: every step counted, its sequences (more
+        # than one a step: batched), and seconds in forwards and between them.
+        t = engine.timing
+        assert t.steps == engine.steps and t.steps < t.rows <= t.steps * engine.max_batch
+        assert t.forward_seconds > 0 and 0 <= t.gil_wait_seconds <= t.forward_seconds and t.host_seconds > 0
         r = results[PROMPTS[0]]
         assert r.finish_reason == "length" and r.completion_tokens == 12 and len(r.token_ids) == 12
         assert r.prompt_tokens == len(model.tokenizer.encode(PROMPTS[0]))

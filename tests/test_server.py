@@ -573,6 +573,12 @@ def test_metrics_and_one_json_log_line_per_request(srv, http, caplog):
     assert metric(http, "llamas_allocator_bytes_reserved") >= metric(http, "llamas_allocator_bytes_in_use") > 0
     assert metric(http, "process_resident_memory_bytes") > metric(http, "llamas_allocator_bytes_in_use")
     assert metric(http, "llamas_requests_total", 'endpoint="/v1/completions",status="200"') > 0
+    # The engine thread's step counters: 5 tokens were generated above, each by one step.
+    steps = metric(http, "llamas_engine_steps_total")
+    assert steps >= 5 and metric(http, "llamas_engine_step_sequences_total") >= steps
+    forward = metric(http, "llamas_engine_forward_seconds_total")
+    assert forward > 0 and 0 <= metric(http, "llamas_engine_gil_wait_seconds_total") <= forward
+    assert metric(http, "llamas_engine_host_seconds_total") > 0
 
 
 # ---- loading, chat templates, shutdown ----------------------------------------------------------

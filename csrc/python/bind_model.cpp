@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
@@ -14,6 +15,10 @@
 
 namespace llamas {
 namespace python {
+
+// Seconds the last `step` called from this thread ran with the GIL released: the engine thread
+// subtracts it from the call's wall time to see how long getting the GIL back took.
+thread_local double t_last_step_seconds = 0;
 
 GPT2Config config_from_dict(const py::dict& d) {
   GPT2Config c;
@@ -56,6 +61,8 @@ void init_model(py::module_& m) {
            }),
            py::arg("bytes"), py::arg("eos") = -1)
       .def("__len__", [](const TokenBytes& t) { return t.bytes.size(); });
+  m.def("last_step_seconds", [] { return t_last_step_seconds; },
+        "Seconds the last Model.step called from this thread ran without the GIL (its forward alone).");
   m.def("json_prefix", [](const py::bytes& text) {
         JsonState state;
         const bool ok = state.feed(std::string(text));
@@ -253,8 +260,14 @@ void init_model(py::module_& m) {
           }
           steps.push_back(std::move(e));
         }
-        py::gil_scoped_release release;
-        return model.step(steps);
+        std::vector<int32_t> sampled;
+        {
+          py::gil_scoped_release release;
+          const auto start = std::chrono::steady_clock::now();
+          sampled = model.step(steps);
+          t_last_step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+        return sampled;
       }, py::arg("entries"),
       "Feeds each (sequence, ids, sample) entry in one batched forward; returns the sampled ids (-1 if not sampled).\n"
       "An entry (sequence, ids, sample, targets, top) also scores targets[i] (-1: none) as the token after ids[i],\n"

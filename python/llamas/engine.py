@@ -195,6 +195,11 @@ class Engine:
         """Batched forward steps run so far."""
         return self._steps
 
+    @property
+    def timing(self):
+        """The engine thread's time in forwards and between them (scheduler.StepTiming)."""
+        return self._sched.timing
+
     # ---- requests ---------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -311,6 +316,7 @@ class Engine:
                         for r in [slot.req for slot in sched.running] + list(sched.waiting):
                             r.cancelled = True
                     if not sched.has_work():
+                        sched.timing.last_end = None  # waiting for requests is not host time
                         if self._closing:
                             self._thread = None
                             return

@@ -48,6 +48,26 @@ class _Slot:
         self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
 
 
+class StepTiming:
+    """Where a busy engine thread's time goes: in batched forwards (`forward_seconds`, the native
+    step with the GIL released, and getting the GIL back after it) or between them
+    (`host_seconds`: scheduling, detokenising, stop strings and handing chunks out in Python,
+    counted only while requests keep the engine busy). `gil_wait_seconds`, part of the forward
+    time, is the wait for the GIL once the native step is done: another thread (a server's event
+    loop) held it. A host share that grows with the batch
+    points at Python, not the kernels. `rows`: sequences fed over all `steps` (mean batch size =
+    rows / steps)."""
+    __slots__ = ("steps", "rows", "forward_seconds", "gil_wait_seconds", "host_seconds", "last_end")
+
+    def __init__(self):
+        self.steps = 0
+        self.rows = 0
+        self.forward_seconds = 0.0
+        self.gil_wait_seconds = 0.0  # of forward_seconds: waiting for the GIL after the native step
+        self.host_seconds = 0.0
+        self.last_end: Optional[float] = None  # end of the last forward while busy (None: idle since)
+
+
 class Scheduler:
     """Admission, chunked prefill, batched steps, stop/EOS/length handling, detokenisation and
     release. Not thread-safe: one thread calls `add`, `step` and `abort_all` (Engine serialises)."""
@@ -74,6 +94,7 @@ class Scheduler:
         tok = model.tokenizer
         self._eos = tok.eos_token_id if tok is not None else None
         self._ctx = model.config.n_positions
+        self.timing = StepTiming()
 
     # ---- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -126,14 +147,24 @@ class Scheduler:
                 fed.append((slot, 0))
         if not entries:
             return self.has_work()
+        timing = self.timing
+        start = time.perf_counter()
+        if timing.last_end is not None:
+            timing.host_seconds += start - timing.last_end
         try:
             sampled = self.model._native.step(entries)
         except Exception as e:  # a failing forward fails the requests in it, not the engine
+            timing.last_end = None
             log.exception("engine step failed")
             for slot, _ in fed:
                 self._finish(slot, Chunk("", [], None, "error", error=str(e)))
             return self.has_work()
         now = time.perf_counter()
+        timing.steps += 1
+        timing.rows += len(entries)
+        timing.forward_seconds += now - start
+        timing.gil_wait_seconds += max(0.0, now - start - _C.last_step_seconds())
+        timing.last_end = now
         for (slot, n), entry, token in zip(fed, entries, sampled):
             slot.fed += n
             if n and slot.fed == len(slot.req.prompt_ids):

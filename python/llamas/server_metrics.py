@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the server)
 from prometheus_client import metrics as prometheus_metrics
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
@@ -67,6 +67,33 @@ class BatchHistogram:
         yield family
 
 
+class EngineTimingCollector:
+    """The engine thread's step counters (scheduler.StepTiming), read when /metrics is scraped:
+    steps, sequences fed, and seconds in forwards and between them. rate(host) / rate(forward)
+    is the Python share of a busy engine; rate(sequences) / rate(steps) the mean batch."""
+
+    def __init__(self, engine_fn: Callable[[], Optional[object]]):
+        self._engine_fn = engine_fn
+
+    def describe(self):
+        return []  # collected only when scraped (the engine may not exist yet)
+
+    def collect(self):
+        engine = self._engine_fn()
+        t = engine.timing if engine is not None else None
+        values = (("llamas_engine_steps", "Batched forward steps run", t.steps if t else 0),
+                  ("llamas_engine_step_sequences", "Sequences fed to those steps, in all (mean batch = this / steps)",
+                   t.rows if t else 0),
+                  ("llamas_engine_forward_seconds", "Seconds the engine thread spent in batched forwards",
+                   t.forward_seconds if t else 0.0),
+                  ("llamas_engine_gil_wait_seconds", "Of the forward seconds: waiting to take the GIL back after "
+                   "the native step (the event loop held it)", t.gil_wait_seconds if t else 0.0),
+                  ("llamas_engine_host_seconds", "Seconds the busy engine thread spent between forwards (Python: "
+                   "scheduling, detokenising, handing out tokens)", t.host_seconds if t else 0.0))
+        for name, doc, value in values:
+            yield CounterMetricFamily(name, doc, value=value)
+
+
 class ServerMetrics:
     def __init__(self, engine_fn: Callable[[], Optional[object]], memory_stats: Callable[[], dict]):
         r = self.registry = CollectorRegistry()
@@ -94,6 +121,7 @@ class ServerMetrics:
                 return getattr(e, name) if e is not None else 0
             return read
 
+        r.register(EngineTimingCollector(engine_fn))
         Gauge("llamas_requests_running", "Sequences in the running batch", registry=r).set_function(
             engine_attr("num_running"))
         Gauge("llamas_requests_waiting", "Sequences queued for admission", registry=r).set_function(
