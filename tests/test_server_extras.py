@@ -1,6 +1,7 @@
 """Server extras: `best_of` on /v1/completions (best_of candidates per prompt, the n with the
-highest mean log-probability per token returned, every candidate's tokens counted in usage) and
-vLLM's `stream_options.continuous_usage_stats` (every streamed chunk carries its choice's usage)."""
+highest mean log-probability per token returned, every candidate's tokens counted in usage),
+vLLM's `stream_options.continuous_usage_stats` (every streamed chunk carries its choice's usage), and
+vLLM's chat extras (add_generation_prompt, continue_final_message, chat_template_kwargs)."""
 import json
 import os
 
@@ -181,3 +182,110 @@ def test_serve_with_chat_template(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llamas", "serve", "--model", TINY, "--port", str(free_port()),
                         "--chat-template", "{% if %}"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "not a valid jinja2 template" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- vLLM's chat extras: add_generation_prompt, continue_final_message, chat_template_kwargs -------
+THINKING = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% if enable_thinking %}<think>{% endif %}{% endif %}")
+CHAT = [{"role": "user", "content": "Tell me of kings"}, {"role": "assistant", "content": "Once there was "}]
+
+
+@pytest.fixture(scope="module")
+def templated(model):
+    pytest.importorskip("uvicorn")
+    from test_server import served_client
+    with served_client(model, max_batch=4, chat_template=THINKING) as c:
+        yield c
+
+
+def tokens_of(http, **body):
+    r = http.post("/tokenize", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_chat_render_options_shape_the_prompt(templated, model):
+    enc = model.tokenizer.encode
+    user = CHAT[:1]
+    assert tokens_of(templated, messages=user) == enc("<user>Tell me of kings</user>\n<assistant>")
+    assert tokens_of(templated, messages=user, add_generation_prompt=False) == enc("<user>Tell me of kings</user>\n")
+    assert tokens_of(templated, messages=user, chat_template_kwargs={"enable_thinking": True}) == \
+        enc("<user>Tell me of kings</user>\n<assistant><think>")
+    # continue_final_message ends inside the assistant's message: its closing tag is cut (and the
+    # message's trailing space, as transformers' apply_chat_template does)
+    assert tokens_of(templated, messages=CHAT, continue_final_message=True) == \
+        enc("<user>Tell me of kings</user>\n<assistant>Once there was")
+    # the completion continues exactly that prompt
+    body = {"messages": CHAT, "continue_final_message": True, "max_tokens": 6, "temperature": 0}
+    r = templated.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    prompt = enc("<user>Tell me of kings</user>\n<assistant>Once there was")
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert r.json()["choices"][0]["message"]["content"] == model.tokenizer.decode(model.generate(prompt, max_new_tokens=6))
+
+
+def test_plain_template_continues_the_final_message(http, model):
+    r = http.post("/tokenize", json={"messages": CHAT, "continue_final_message": True})
+    assert r.json()["tokens"] == model.tokenizer.encode("user: Tell me of kings\nassistant: Once there was ")
+    r = http.post("/tokenize", json={"messages": CHAT[:1], "add_generation_prompt": False})
+    assert r.json()["tokens"] == model.tokenizer.encode("user: Tell me of kings\n")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"continue_final_message": True, "add_generation_prompt": True}, "cannot both be true"),
+    ({"continue_final_message": True, "messages": CHAT[:1]}, "last message to be the assistant's"),
+    ({"continue_final_message": True, "messages": [CHAT[0], {"role": "assistant", "content": "  "}]},
+     "with text to continue"),
+    ({"continue_final_message": "yes"}, "must be a boolean"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, "must be an object"),
+    ({"chat_template_kwargs": {"messages": []}}, "cannot set 'messages': the server sets it"),
+    ({"chat_template_kwargs": {"bad name": 1}}, "not a template variable name"),
+])
+def test_bad_chat_render_options_are_refused(templated, extra, message):
+    body = {"messages": CHAT, "max_tokens": 2, **extra}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        b = dict(body) if path != "/tokenize" else {k: v for k, v in body.items() if k != "max_tokens"}
+        r = templated.post(path, json=b)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)
+    assert templated.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}).status_code == 200
+
+
+def test_continue_final_message_refuses_a_template_that_rewrites_the_message(model):
+    pytest.importorskip("uvicorn")
+    from test_server import served_client
+    shouting = "{% for m in messages %}{{ m.content | upper }}\n{% endfor %}"
+    with served_client(model, chat_template=shouting) as c:
+        r = c.post("/v1/chat/completions", json={"messages": CHAT, "continue_final_message": True})
+        assert r.status_code == 400 and "does not write the last message's text" in r.json()["error"]["message"]
+
+
+# ---- X-Request-Id and /version -------------------------------------------------------------------
+def test_client_request_id_names_the_response(http):
+    body = {"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}
+    r = http.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-42"})
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-trace-42" and r.headers["x-request-id"] == "trace-42"
+    with http.stream("POST", "/v1/chat/completions", headers={"X-Request-Id": "trace-43"},
+                     json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}) as s:
+        assert s.headers["x-request-id"] == "trace-43"
+        ids = {json.loads(line[6:])["id"] for line in s.iter_lines() if line.startswith("data: {")}
+    assert ids == {"chatcmpl-trace-43"}
+    # without one the server makes an id, and still says it in the header
+    r = http.post("/v1/completions", json=body)
+    assert r.json()["id"] == "cmpl-" + r.headers["x-request-id"]
+    # other endpoints echo a client's id
+    assert http.get("/v1/models", headers={"X-Request-Id": "m-1"}).headers["x-request-id"] == "m-1"
+
+
+@pytest.mark.parametrize("value", ["x" * 129, "has space", "tab\tin"])
+def test_bad_request_id_is_refused(http, value):
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"X-Request-Id": value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id"
+    assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_version_is_open(model):
+    pytest.importorskip("uvicorn")
+    from test_server import served_client
+    with served_client(model, api_key="secret") as c:
+        assert c.get("/version").json() == {"version": llamas.__version__}
+        assert c.get("/v1/models").status_code == 401

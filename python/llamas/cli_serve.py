@@ -25,7 +25,8 @@ def add_parser(sub, model_help: str) -> None:
     s = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server with continuous batching",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /tokenize, /detokenize, /health, /metrics) with continuous batching. "
+                    "/v1/models, /tokenize, /detokenize, /tokenizer_info, /health, /metrics, /version) with continuous "
+                    "batching. "
                     "SIGTERM (or Ctrl-C) stops accepting, finishes running requests, then exits.",
         epilog="Example: llamas serve --model DIR, then use the openai client with "
                "base_url='http://127.0.0.1:8000/v1' and api_key='none'.")

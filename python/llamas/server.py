@@ -24,15 +24,16 @@ from ._C import LlamasError
 from .prefix_cache import cache_bytes
 from .server_generation import _generate
 from .server_metrics import CONTENT_TYPE_LATEST, log_request
-from .server_chat import parse_chat, parse_messages
+from .server_chat import RENDER_FIELDS, parse_chat, parse_messages, parse_render_options
 from .server_protocol import APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_completion
 from .server_state import ServerState, _error, _json, _record
 
 log = logging.getLogger("llamas.server")
 
 ENDPOINTS = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-             "/tokenizer_info", "/metrics")
-OPEN_PATHS = ("/health", "/metrics")      # answered without the API key
+             "/tokenizer_info", "/metrics", "/version")
+OPEN_PATHS = ("/health", "/metrics", "/version")  # answered without the API key
+MAX_REQUEST_ID = 128                      # characters of a client's X-Request-Id
 _THREAD_TOKENIZE_CHARS = 4096             # longer texts are tokenised off the event loop
 
 
@@ -59,14 +60,27 @@ class _Observe:
         t0 = time.perf_counter()
         rec = scope.setdefault("llamas.log", {})
         status = None
+        client_id = _client_request_id(scope)
 
         async def send_wrapper(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                rid = scope.get("llamas.request_id") or client_id
+                if isinstance(rid, str):  # echoed back, as vLLM's --enable-request-id-headers does
+                    message = dict(message, headers=[*message.get("headers", ()), (b"x-request-id", rid.encode())])
             await send(message)
 
         try:
+            if client_id is False:
+                e = bad(f"The X-Request-Id header must be 1-{MAX_REQUEST_ID} visible ASCII characters.",
+                        "X-Request-Id", "invalid_value")
+                await send_wrapper({"type": "http.response.start", "status": e.status,
+                                    "headers": [(b"content-type", b"application/json")]})
+                await send_wrapper({"type": "http.response.body", "body": json.dumps(e.body()).encode()})
+                return
+            if client_id is not None:
+                scope["llamas.request_id"] = client_id
             await self.app(scope, receive, send_wrapper)
         except Exception as e:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
@@ -86,6 +100,17 @@ class _Observe:
                           "status": code, "duration_s": round(time.perf_counter() - t0, 6)}
                 record.update({k: v for k, v in rec.items() if k != "id"})
                 log_request(record)
+
+
+def _client_request_id(scope):
+    """The request's X-Request-Id header: its value, None without one, False when it is not 1-128
+    visible ASCII characters (it becomes part of the response's id and header)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            if 0 < len(value) <= MAX_REQUEST_ID and all(0x21 <= c <= 0x7E for c in value):
+                return value.decode("ascii")
+            return False
+    return None
 
 
 def _app_class():
@@ -187,6 +212,11 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
                        headers=getattr(e, "headers", None))
         return _error(err)
 
+    @app.get("/version")
+    async def version():
+        from . import __version__
+        return _json({"version": __version__})
+
     @app.get("/health")
     async def health():
         if state.draining:
@@ -235,9 +265,9 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         body = await state.accept(request)
         if state.tokenizer is None:
             raise bad("This model has no tokenizer, so it cannot chat.", "messages", "invalid_value")
-        p, messages = await _parse(parse_chat, body, state.vocab)
+        p, messages, render = await _parse(parse_chat, body, state.vocab)
         state.check_model(body)
-        text = state.chat_template.render(messages, tools=p.tools.tools if p.tools is not None else None)
+        text = state.chat_template.render(messages, tools=p.tools.tools if p.tools is not None else None, **render)
         ids = await _tokenize(state, text)
         if not ids:
             raise bad("The messages encode to no tokens.", "messages", "invalid_value")
@@ -263,7 +293,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = await state.accept(request)
-        check_unknown(body, {"model", "prompt", "messages", "add_generation_prompt", "add_special_tokens"})
+        check_unknown(body, {"model", "prompt", "messages", "add_special_tokens"} | RENDER_FIELDS)
         state.check_model(body)
         if state.tokenizer is None:
             raise bad("This model has no tokenizer.", "prompt", "invalid_value")
@@ -276,7 +306,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
                 raise bad("'prompt' must be a string.", "prompt", "invalid_type")
         else:
             messages = parse_messages(body["messages"])
-            text = state.chat_template.render(messages, get_bool(body, "add_generation_prompt", True))
+            text = state.chat_template.render(messages, **parse_render_options(body, messages))
         ids = await _tokenize(state, text)
         return _json({"tokens": ids, "count": len(ids), "max_model_len": state.context})
 

@@ -13,9 +13,13 @@ from .server_tools import calling, parse_tool_calls, parse_tools
 MAX_MESSAGES = 4096
 MAX_CHAT_TOP_LOGPROBS = 20
 ROLES = ("system", "developer", "user", "assistant", "tool")
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                               "response_format", "tools", "tool_choice", "parallel_tool_calls",
-                               "store", "metadata", "service_tier"}
+# How the messages become the prompt (vLLM's chat extras), for chat completions and /tokenize.
+RENDER_FIELDS = {"add_generation_prompt", "continue_final_message", "chat_template_kwargs"}
+CHAT_FIELDS = COMMON_FIELDS | RENDER_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                                               "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                                               "store", "metadata", "service_tier"}
+# Names the template sees from the server: chat_template_kwargs may not replace them.
+_TEMPLATE_NAMES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception")
 
 
 PLAIN_TEMPLATE_DOC = 'each message as "role: content\\n", then "assistant:"'
@@ -47,7 +51,12 @@ class ChatTemplate:
     def is_plain(self) -> bool:
         return self._template is None
 
-    def render(self, messages: List[dict], add_generation_prompt: bool = True, tools: Optional[list] = None) -> str:
+    def render(self, messages: List[dict], add_generation_prompt: bool = True, tools: Optional[list] = None,
+               continue_final_message: bool = False, template_kwargs: Optional[dict] = None) -> str:
+        """The prompt for these messages. add_generation_prompt: end with the assistant's turn
+        opening; continue_final_message: end inside the last (assistant) message instead, so the
+        model continues its text (a prefilled answer); template_kwargs: extra variables for a
+        jinja2 template (the plain template has none)."""
         if self._template is None:
             # tools as a first line of JSON; an assistant's earlier calls as JSON after its content
             text = ""
@@ -56,15 +65,29 @@ class ChatTemplate:
             for m in messages:
                 calls = [c["function"] for c in m.get("tool_calls", ())]
                 text += f"{m['role']}: {m['content']}{json.dumps(calls, ensure_ascii=False) if calls else ''}\n"
+            if continue_final_message:
+                return text[:-1]  # the last message's line, open
             return text + "assistant:" if add_generation_prompt else text
         from jinja2 import TemplateError
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
+            text = self._template.render(**(template_kwargs or {}), messages=messages,
+                                         add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                                         eos_token=self.eos_token, tools=tools)
         except TemplateError as e:
             raise bad(f"the chat template rejected the messages: {e}", "messages", "invalid_value") from None
         except Exception as e:  # a template bug must not become a 500 loop
             raise bad(f"the chat template failed: {type(e).__name__}: {e}", "messages", "invalid_value") from None
+        if continue_final_message:
+            # Cut after the last message's text (as transformers' apply_chat_template does), dropping
+            # the end-of-turn marks the template wrote after it.
+            final = messages[-1]["content"].strip()
+            at = text.rfind(final)
+            if at < 0:
+                raise bad("continue_final_message: the chat template does not write the last message's text "
+                          "as given, so the prompt cannot end inside it.", "continue_final_message",
+                          "invalid_value")
+            text = text[:at + len(final)]
+        return text
 
     @classmethod
     def for_model_path(cls, path: Optional[str]) -> "ChatTemplate":
@@ -140,11 +163,40 @@ def parse_messages(messages, param: str = "messages") -> List[dict]:
     return out
 
 
+def parse_render_options(body: dict, messages: List[dict]) -> dict:
+    """ChatTemplate.render's keyword arguments from vLLM's chat extras: `add_generation_prompt` (default true), `continue_final_message`
+    (default false; the last message must be the assistant's, with text, and the two cannot both
+    be true) and `chat_template_kwargs` (extra template variables, e.g. {"enable_thinking": false})."""
+    cont = get_bool(body, "continue_final_message", False)
+    gen = get_bool(body, "add_generation_prompt", not cont)
+    if cont and gen:
+        raise bad("'continue_final_message' and 'add_generation_prompt' cannot both be true: the prompt ends either "
+                  "inside the last message or after it.", "continue_final_message", "invalid_value")
+    if cont:
+        last = messages[-1]
+        if last["role"] != "assistant" or not last["content"].strip():
+            raise bad("'continue_final_message' needs the last message to be the assistant's, with text to continue.",
+                      "continue_final_message", "invalid_value")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise bad(f"'chat_template_kwargs' must be an object, got {typename(kwargs)}.", "chat_template_kwargs",
+                      "invalid_type")
+        for name in kwargs:
+            if name in _TEMPLATE_NAMES or not name.isidentifier():
+                raise bad(f"'chat_template_kwargs' cannot set {name!r}"
+                          + (": the server sets it." if name in _TEMPLATE_NAMES else ": not a template variable name."),
+                          "chat_template_kwargs", "invalid_value")
+    return {"add_generation_prompt": gen, "continue_final_message": cont, "template_kwargs": kwargs}
+
+
 def parse_chat(body: dict, vocab: int) -> tuple:
+    """(GenParams, messages, render options) of a chat completion request."""
     check_unknown(body, CHAT_FIELDS)
     if "messages" not in body:
         raise bad("'messages' is required.", "messages", "missing_required_parameter")
     messages = parse_messages(body["messages"])
+    render = parse_render_options(body, messages)
     p = GenParams(prompts=[])
     parse_common(body, vocab, p)
     mt = get_int(body, "max_tokens", None, 1, 2 ** 31)
@@ -168,4 +220,4 @@ def parse_chat(body: dict, vocab: int) -> tuple:
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise bad("'metadata' must be an object.", "metadata", "invalid_type")
     get_str(body, "service_tier")
-    return p, messages
+    return p, messages, render

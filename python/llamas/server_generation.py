@@ -72,7 +72,11 @@ class _Choice:
 async def _generate(state: ServerState, request: Request, kind: str, p: GenParams) -> Response:
     """Runs every (prompt, choice) through the engine; answers JSON or SSE."""
     engine = state.require_engine()
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    # The client's X-Request-Id when it sent one (vLLM's way), else a fresh one; the response
+    # carries it back in its own X-Request-Id header.
+    base = request.scope.get("llamas.request_id") or uuid.uuid4().hex[:24]
+    request.scope["llamas.request_id"] = base
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + base
     created = int(time.time())
     rec = _record(request)
     rec["id"] = rid
