@@ -32,10 +32,12 @@ COMPLETION_KEYS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min
 CHAT_KEYS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
              "logprobs", "top_logprobs", "logit_bias", "stream_options", "model", "response_format", "tools",
              "tool_choice", "user", "parallel_tool_calls", "guided_regex", "guided_grammar", "structured_outputs",
-             "guided_decoding_backend"]
+             "guided_decoding_backend", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"]
 MESSAGES = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
             [{"role": "x", "content": "hi"}], [{"role": "user"}], [{"content": "x"}], [{"role": "\ud800", "content": "x"}],
-            [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user", "content": 5}], [], "hi"]
+            [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user", "content": 5}], [], "hi",
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once"}],
+            [{"role": "assistant", "content": "\ud800"}]]
 RAW_BODIES = [b"", b"{", b"[]", b"null", b"\xff\xfe", b'{"prompt": "a", "max_tokens": 2, "prompt": 5}', b"1e999",
               b'{"prompt":"\\ud800"}', b'{"prompt": "x", "\\udfff": 1}']
 
@@ -51,7 +53,7 @@ def random_request(rng: random.Random):
             body[rng.choice(["\ud800", "x" * 300, "", "prompt "])] = rng.choice(VALUES)
         return "/v1/completions", body
     if kind < 0.85:
-        body = {"messages": rng.choice(MESSAGES[:2]), "max_tokens": 3}
+        body = {"messages": rng.choice(MESSAGES[:2] + MESSAGES[-2:-1]), "max_tokens": 3}
         for k in rng.sample(CHAT_KEYS, rng.randint(1, 4)):
             body[k] = rng.choice(VALUES + MESSAGES)
         return "/v1/chat/completions", body
@@ -74,7 +76,10 @@ def test_random_requests_never_get_a_server_error(http, seed):
     for _ in range(400):
         path, body = random_request(rng)
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        r = http.post(path, content=content, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if rng.random() < 0.1:
+            headers["x-request-id"] = rng.choice([b"r-1", b"x" * 129, b"a b", "é".encode()])
+        r = http.post(path, content=content, headers=headers)
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
         if r.status_code != 200:
