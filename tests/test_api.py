@@ -339,3 +339,30 @@ def test_text_stream_decodes_incrementally_like_the_whole_sequence():
         stream = TextStream(tok)
         text = "".join(stream.push(i) for i in ids) + stream.finish()
         assert text == tok.decode(ids)
+
+
+def test_text_stream_with_the_bytes_table_gives_the_same_pieces():
+    # Once the tokenizer's bytes table exists (an Engine builds it), streams look tokens up in it
+    # instead of calling the tokenizer: every piece must be the same, stop strings, split UTF-8
+    # characters, end-of-text and ids past the tokenizer's vocabulary included.
+    from llamas.streaming import TextStream
+    from llamas.tokenizer import Tokenizer
+    plain = Tokenizer.from_folder(os.path.join(FIXTURES, "gpt2-tokenizer"))
+    tabled = Tokenizer.from_folder(os.path.join(FIXTURES, "gpt2-tokenizer"))
+    assert plain.piece_bytes(build=False) is None
+    table = tabled.piece_bytes()
+    assert len(table) == tabled.vocab_size and table[15496] == b"Hello" and table[995] == b" world"
+    assert table[tabled.eos_token_id] == b"<|endoftext|>"
+    rng = np.random.default_rng(1)
+    multibyte = plain.encode("naïve café — 日本語 🙂 é") * 3 + [tabled.eos_token_id, tabled.vocab_size + 3]
+    for trial in range(40):
+        ids = [int(i) for i in rng.integers(0, plain.vocab_size, 40)] if trial % 2 else \
+            [int(i) for i in rng.permutation(multibyte)]
+        stop = [["é"], ["日本", "\ufffd"], [" the", "é —"], []][trial % 4]
+        b, b_plain = TextStream(tabled, stop, include_stop=trial % 3 == 0), TextStream(plain, stop, include_stop=trial % 3 == 0)
+        assert b._pieces is table and b_plain._pieces is None
+        for i in ids:
+            assert b.push(i) == b_plain.push(i)
+            if b.stopped:
+                break
+        assert b.stopped == b_plain.stopped and b.finish() == b_plain.finish() and b.text == b_plain.text

@@ -160,6 +160,8 @@ class Engine:
                  on_step: Optional[Callable[[], None]] = None, idle_exit: float = 1.0,
                  prefix_cache_mb: float = 0.0):
         self.model = model
+        if model.tokenizer is not None:
+            model.tokenizer.piece_bytes()  # streams then decode by table lookup (see Tokenizer.piece_bytes)
         self.on_step = on_step
         self.max_queue = max_queue
         self.idle_exit = idle_exit

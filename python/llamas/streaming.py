@@ -23,6 +23,10 @@ class TextStream:
         self._incremental = bool(getattr(tokenizer, "decodes_by_concatenation", False))
         self._base = 0
         self._base_text = ""
+        # ... and with its bytes table, ids[_base:] are their bytes, kept here, decoded per push.
+        self._pieces = tokenizer.piece_bytes(build=False) if self._incremental and hasattr(tokenizer, "piece_bytes") \
+            else None
+        self._pending = b""
         self.stopped = False       # a stop string was found
         self.text = ""             # the final text once finished
 
@@ -30,7 +34,13 @@ class TextStream:
         """Adds a token; returns the newly safe text (possibly empty). With check_stop=False the
         text so far cannot end at a stop string (a request's first min_tokens tokens)."""
         self._ids.append(token_id)
-        if self._incremental:
+        if self._pieces is not None:
+            self._pending += self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
+            tail = self._pending.decode("utf-8", "replace")
+            text = self._base_text + tail
+            if not tail.endswith(REPLACEMENT):
+                self._base, self._base_text, self._pending = len(self._ids), text, b""
+        elif self._incremental:
             tail = self._tokenizer.decode(self._ids[self._base:])
             text = self._base_text + tail
             if not tail.endswith(REPLACEMENT):
