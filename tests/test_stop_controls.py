@@ -1,5 +1,6 @@
-"""vLLM's stop controls: stop_token_ids, min_tokens, ignore_eos and include_stop_str_in_output, in
-the sampler, the text stream, Model.generate / Engine.submit, the CLI and both server endpoints."""
+"""vLLM's stop controls: stop_token_ids, min_tokens, ignore_eos and include_stop_str_in_output (and
+skip_special_tokens, how an end-of-text drawn with ignore_eos reads), in the sampler, the text
+stream, Model.generate / Engine.submit, the CLI and both server endpoints."""
 import json
 import os
 import subprocess
@@ -82,6 +83,38 @@ def test_ignore_eos_generates_the_whole_budget(engine, model):
     assert eos not in r.token_ids
 
 
+def test_skip_special_tokens_leaves_end_of_text_out_of_the_text(engine, model):
+    eos = model.tokenizer.eos_token_id
+    assert eos in model.tokenizer.special_ids()
+    forced = dict(max_new_tokens=6, temperature=0.0, logit_bias={eos: 100.0}, ignore_eos=True)
+    kept = engine.submit(PROMPT, **forced).result()
+    skipped = engine.submit(PROMPT, **forced, skip_special_tokens=True).result()
+    assert skipped.token_ids == kept.token_ids == [eos] * 6 and skipped.completion_tokens == 6
+    assert (kept.text, skipped.text) == (model.tokenizer.decode([eos] * 6), "")
+    # ordinary tokens read the same either way, streamed or not
+    plain = model.generate(PROMPT, max_new_tokens=12, temperature=0.0)
+    assert model.generate(PROMPT, max_new_tokens=12, temperature=0.0, skip_special_tokens=True) == plain
+    assert "".join(model.generate(PROMPT, max_new_tokens=12, temperature=0.0, stream=True,
+                                  skip_special_tokens=True)) == plain
+    with pytest.raises(LlamasError, match="skip_special_tokens must be True or False"):
+        model.generate(PROMPT, max_new_tokens=4, skip_special_tokens="no")
+
+
+def test_text_stream_skips_special_tokens_with_and_without_the_bytes_table(model):
+    from llamas.tokenizer import Tokenizer
+    eos = model.tokenizer.eos_token_id
+    ids = model.tokenizer.encode(" a tale of kings") + [eos] + model.tokenizer.encode(" and more") + [eos]
+    expected = model.tokenizer.decode(ids, skip_special_tokens=True)
+    assert "<|endoftext|>" not in expected and " and more" in expected
+    plain = Tokenizer.from_folder(TINY)
+    tabled = Tokenizer.from_folder(TINY)
+    tabled.piece_bytes()
+    for tok in (plain, tabled):
+        stream = TextStream(tok, skip_special=True)
+        assert (stream._pieces is not None) == (tok is tabled)
+        assert "".join(stream.push(i) for i in ids) + stream.finish() == expected
+
+
 def test_stop_strings_wait_for_min_tokens_and_can_be_kept(model):
     ids = greedy_ids(model)
     text = model.tokenizer.decode(ids)
@@ -144,6 +177,7 @@ def test_text_stream_ignores_stops_wholly_before_the_check_and_keeps_them_on_req
     (dict(stop_token_ids=[True]), "stop_token_ids must be a list"),
     (dict(ignore_eos="yes"), "ignore_eos must be True or False"),
     (dict(include_stop_str_in_output=1), "include_stop_str_in_output must be True or False"),
+    (dict(skip_special_tokens=1), "skip_special_tokens must be True or False"),
 ])
 def test_bad_stop_controls_are_refused(model, engine, kwargs, message):
     with pytest.raises(LlamasError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -165,6 +199,11 @@ def test_cli_flags(model):
     assert r.returncode == 0, r.stderr
     assert r.stdout == model.generate(PROMPT, max_new_tokens=12, temperature=0.0, stop_token_ids=[t],
                                       min_tokens=12) + "\n"
+    eos = model.tokenizer.eos_token_id
+    r = run("--stop-token-id", str(t), "--min-tokens", "12", "--ignore-eos", "--skip-special-tokens")
+    assert r.returncode == 0 and r.stdout == model.generate(
+        PROMPT, max_new_tokens=12, temperature=0.0, stop_token_ids=[t], min_tokens=12, skip_special_tokens=True) + "\n"
+    assert model.tokenizer.decode([eos]) not in r.stdout
     for bad in (["--min-tokens", "-1"], ["--min-tokens", "13"], ["--stop-token-id", "512"], ["--stop-token-id", "x"]):
         r = run(*bad)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (bad, r.stderr)
@@ -216,6 +255,12 @@ def test_server_stop_controls_match_generate_and_stream(http, model, path):
         assert _stream_text(http, path, body) == (text, [choice["finish_reason"]]), case
         if case.get("ignore_eos"):
             assert (out["usage"]["completion_tokens"], choice["finish_reason"]) == (6, "length")
+            # six end-of-text tokens: no text by default (vLLM's skip_special_tokens), their text on request
+            assert text == ""
+            kept = http.post(path, json={**body, "skip_special_tokens": False}).json()["choices"][0]
+            kept_text = kept["text"] if "text" in kept else kept["message"]["content"]
+            assert kept_text == model.tokenizer.decode([eos] * 6)
+            assert _stream_text(http, path, {**body, "skip_special_tokens": False}) == (kept_text, ["length"])
         if case.get("min_tokens") == 3:
             assert (out["usage"]["completion_tokens"], choice["finish_reason"]) == (4, "stop")
         if path == "/v1/completions":
@@ -234,6 +279,7 @@ def test_server_stop_controls_match_generate_and_stream(http, model, path):
     ("stop_token_ids", list(range(65)), "at most 64"),
     ("ignore_eos", "true", "'ignore_eos' must be a boolean"),
     ("include_stop_str_in_output", 1, "'include_stop_str_in_output' must be a boolean"),
+    ("skip_special_tokens", "no", "'skip_special_tokens' must be a boolean"),
 ])
 def test_server_refuses_bad_stop_controls(http, field, value, message):
     for path, base in (("/v1/completions", {"prompt": PROMPT}),

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "back and stop strings ignored until then (default 0)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at the end-of-text token (generate --max-new-tokens tokens)")
+    g.add_argument("--skip-special-tokens", action="store_true",
+                   help="print no text for special tokens (an end-of-text drawn with --ignore-eos), as vLLM")
     g.add_argument("--json", action="store_true",
                    help="JSON mode: hold the output to one JSON object (as response_format json_object)")
     g.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
@@ -173,7 +175,8 @@ def cmd_generate(args) -> int:
                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 stop=args.stop or None, stop_token_ids=args.stop_token_id,
-                                min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, json_object=args.json,
+                                min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
+                                skip_special_tokens=args.skip_special_tokens, json_object=args.json,
                                 choices=args.choice, json_schema=_json_schema_arg(args.json_schema), regex=args.regex,
                                 grammar=_grammar_arg(args.grammar), stream=True)
         for piece in stream:

@@ -210,7 +210,8 @@ class Engine:
                      request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                      stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
                      include_stop_str_in_output: bool = False, json_object: bool = False,
-                     choices=None, json_schema=None, regex=None, grammar=None) -> Tuple[Request, bool]:
+                     choices=None, json_schema=None, regex=None, grammar=None,
+                     skip_special_tokens: bool = False) -> Tuple[Request, bool]:
         """Validates and encodes; returns (Request, prompt was text)."""
         options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                   frequency_penalty, seed, logit_bias, logprobs, json_object, choices, json_schema,
@@ -224,7 +225,7 @@ class Engine:
         if bad:
             raise LlamasError(f"[generate] logit_bias token {bad[0]} is outside the vocabulary [0, {vocab})")
         stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
-                                vocab, max_new_tokens)
+                                vocab, max_new_tokens, skip_special_tokens=skip_special_tokens)
         ids = self.model._encode_prompt(prompt)
         return (Request(ids, max_new_tokens, options, stops, request_id=request_id, prompt_logprobs=prompt_logprobs),
                 isinstance(prompt, str))
@@ -236,7 +237,8 @@ class Engine:
                request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
                include_stop_str_in_output: bool = False, json_object: bool = False,
-               choices=None, json_schema=None, regex=None, grammar=None) -> RequestHandle:
+               choices=None, json_schema=None, regex=None, grammar=None,
+               skip_special_tokens: bool = False) -> RequestHandle:
         """Queues one request (same parameters as Model.generate, plus logit_bias {id: bias},
         logprobs: None, or n in [0, 20] for the chosen token's logprob and the top n, and
         prompt_logprobs: None, or n in [0, 20] to also score the prompt's tokens (the result's
@@ -245,7 +247,7 @@ class Engine:
                                          repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
                                          logit_bias, logprobs, request_id, prompt_logprobs, stop_token_ids,
                                          min_tokens, ignore_eos, include_stop_str_in_output, json_object, choices,
-                                         json_schema, regex, grammar)
+                                         json_schema, regex, grammar, skip_special_tokens)
         return self.enqueue([(req, as_text, None)])[0]
 
     def enqueue(self, items) -> List[RequestHandle]:

@@ -138,7 +138,7 @@ class Model:
                  stop_token_ids: Optional[Sequence[int]] = None, min_tokens: int = 0, ignore_eos: bool = False,
                  include_stop_str_in_output: bool = False, json_object: bool = False,
                  choices: Optional[Sequence[str]] = None, json_schema=None, regex: Optional[str] = None,
-                 grammar: Optional[str] = None):
+                 grammar: Optional[str] = None, skip_special_tokens: bool = False):
         """Generates a continuation.
 
         A str prompt returns the generated str; a list of token ids returns the generated ids;
@@ -154,7 +154,8 @@ class Model:
         llamas.regex_parse); grammar="root ::= ..." to text a GBNF grammar derives (llama.cpp's
         grammars, vLLM's guided_grammar; see llamas.grammar). temperature=0 is greedy decoding. A
         sampling parameter left as None takes the model's generation_config.json value, else
-        greedy / off.
+        greedy / off. skip_special_tokens=True leaves special tokens' text (an end-of-text drawn
+        with ignore_eos) out of the text, as vLLM does by default; ids are unchanged.
         """
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
@@ -169,7 +170,7 @@ class Model:
             self.constraint_vocab()
         check_max_new_tokens(max_new_tokens)
         stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
-                                self.config.vocab_size, max_new_tokens)
+                                self.config.vocab_size, max_new_tokens, skip_special_tokens=skip_special_tokens)
         prompts, batched = _as_batch(prompt)
         as_text = [isinstance(p, str) for p in prompts]
         encoded = [self._encode_prompt(p) for p in prompts]

@@ -169,11 +169,12 @@ class StopRules:
     min_tokens: int = 0
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = False  # special tokens (end-of-text...) leave no text (vLLM's default)
 
 
 def make_stop_rules(stop=None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
                     include_stop_str_in_output: bool = False, vocab_size: Optional[int] = None,
-                    max_new_tokens: Optional[int] = None) -> StopRules:
+                    max_new_tokens: Optional[int] = None, *, skip_special_tokens: bool = False) -> StopRules:
     """Validated StopRules (LlamasError naming the bad argument)."""
     if stop_token_ids is None:
         stop_token_ids = ()
@@ -188,11 +189,12 @@ def make_stop_rules(stop=None, stop_token_ids=None, min_tokens: int = 0, ignore_
         raise LlamasError(f"[generate] min_tokens must be an integer >= 0, got {min_tokens!r}")
     if max_new_tokens is not None and min_tokens > max_new_tokens:
         raise LlamasError(f"[generate] min_tokens ({min_tokens}) must not exceed max_new_tokens ({max_new_tokens})")
-    for name, flag in (("ignore_eos", ignore_eos), ("include_stop_str_in_output", include_stop_str_in_output)):
+    for name, flag in (("ignore_eos", ignore_eos), ("include_stop_str_in_output", include_stop_str_in_output),
+                       ("skip_special_tokens", skip_special_tokens)):
         if not isinstance(flag, bool):
             raise LlamasError(f"[generate] {name} must be True or False, got {flag!r}")
     return StopRules(tuple(normalise_stop(stop)), tuple(dict.fromkeys(stop_token_ids)), min_tokens, ignore_eos,
-                     include_stop_str_in_output)
+                     include_stop_str_in_output, skip_special_tokens)
 
 
 # ---- what a request produces -------------------------------------------------------------------

@@ -220,7 +220,8 @@ class Scheduler:
                 self._finish_waiting(req, "error", str(e))
                 continue
             tok = self.model.tokenizer
-            stream = TextStream(tok, rules.strings, rules.include_stop_str_in_output) if tok is not None else None
+            stream = TextStream(tok, rules.strings, rules.include_stop_str_in_output,
+                                rules.skip_special_tokens) if tok is not None else None
             budget = min(req.max_new_tokens, self._ctx - len(req.prompt_ids) + 1)
             req.stats.admitted = time.perf_counter()
             slot = _Slot(req, seq, budget, stream, frozenset(stop_ids))

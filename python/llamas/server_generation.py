@@ -88,7 +88,8 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     if p.min_tokens > min(budgets):
         raise bad(f"'min_tokens' ({p.min_tokens}) must not exceed the tokens this request may generate "
                   f"({min(budgets)}: 'max_tokens' or what the context leaves).", "min_tokens", "invalid_value")
-    stops = make_stop_rules(p.stop, p.stop_token_ids, p.min_tokens, p.ignore_eos, p.include_stop_str_in_output)
+    stops = make_stop_rules(p.stop, p.stop_token_ids, p.min_tokens, p.ignore_eos, p.include_stop_str_in_output,
+                            skip_special_tokens=p.skip_special_tokens)
     if structured is not None:
         try:
             state.model.constraint_vocab()

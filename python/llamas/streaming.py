@@ -8,8 +8,9 @@ REPLACEMENT = "\ufffd"
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: Sequence[str] = (), include_stop: bool = False):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), include_stop: bool = False, skip_special: bool = False):
         self._tokenizer = tokenizer
+        self._skip_special = skip_special  # special tokens (end-of-text...) decode to no text
         self._stop = [s for s in stop if s]
         self._include_stop = include_stop  # the text ends after the stop string instead of before it
         # Characters of text pushed with check_stop=False: a stop string ending within them is not
@@ -24,8 +25,8 @@ class TextStream:
         self._base = 0
         self._base_text = ""
         # ... and with its bytes table, ids[_base:] are their bytes, kept here, decoded per push.
-        self._pieces = tokenizer.piece_bytes(build=False) if self._incremental and hasattr(tokenizer, "piece_bytes") \
-            else None
+        self._pieces = tokenizer.piece_bytes(build=False, skip_special=skip_special) \
+            if self._incremental and hasattr(tokenizer, "piece_bytes") else None
         self._pending = b""
         self.stopped = False       # a stop string was found
         self.text = ""             # the final text once finished
@@ -41,12 +42,12 @@ class TextStream:
             if not tail.endswith(REPLACEMENT):
                 self._base, self._base_text, self._pending = len(self._ids), text, b""
         elif self._incremental:
-            tail = self._tokenizer.decode(self._ids[self._base:])
+            tail = self._decode(self._ids[self._base:])
             text = self._base_text + tail
             if not tail.endswith(REPLACEMENT):
                 self._base, self._base_text = len(self._ids), text
         else:
-            text = self._tokenizer.decode(self._ids)
+            text = self._decode(self._ids)
         if not check_stop:
             self._unchecked = len(text)
         cut = self._find_stop(text) if self._stop and check_stop else None
@@ -63,6 +64,11 @@ class TextStream:
             safe = min(safe, len(text) - self._stop_prefix_overlap(text))
         self.text = text
         return self._take(text, safe)
+
+    def _decode(self, ids) -> str:
+        if self._skip_special:
+            return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids)
 
     def finish(self) -> str:
         """Flushes what was held back (the sequence ended without a stop string)."""

@@ -91,13 +91,25 @@ class Tokenizer:
                 out.append(bytes(to_byte[c] for c in token))
         return out
 
-    def piece_bytes(self, build: bool = True) -> Optional[list]:
+    def piece_bytes(self, build: bool = True, skip_special: bool = False) -> Optional[list]:
         """Each token id's bytes as decode() writes them (added and special tokens too: their text),
         for a byte-level BPE tokenizer whose every token maps to bytes; None otherwise (or, with
         build=False, when it has not been built yet). Built once (GPT-2's 50,257 tokens: ~0.1 s,
         so the long-lived Engine builds it, not a one-off generate): a stream then decodes a token
         by looking it up instead of calling the tokenizer (~5 us a token, 16 of them per server
         step), and decode(ids) == b"".join(table[i] for i in ids).decode("utf-8", "replace")."""
+        if skip_special:  # the same table with the special tokens' text taken out
+            table = self.piece_bytes(build)
+            if table is None:
+                return None
+            skipping = getattr(self, "_piece_bytes_skipping", None)
+            if skipping is None:
+                skipping = list(table)
+                for i in self.special_ids():
+                    if i < len(skipping):
+                        skipping[i] = b""
+                self._piece_bytes_skipping = skipping
+            return skipping
         cached = getattr(self, "_piece_bytes", False)
         if cached is not False or not build:
             return cached or None
@@ -140,8 +152,15 @@ class Tokenizer:
                 _check_encodable(text)
             raise
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def special_ids(self) -> frozenset:
+        """Ids of the special tokens (added tokens marked special, such as end-of-text), which
+        decode(..., skip_special_tokens=True) leaves out."""
+        backend = getattr(self._tok, "_tokenizer", self._tok)
+        added = backend.get_added_tokens_decoder() if hasattr(backend, "get_added_tokens_decoder") else {}
+        return frozenset(i for i, t in added.items() if getattr(t, "special", False))
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
