@@ -289,3 +289,27 @@ def test_version_is_open(model):
     with served_client(model, api_key="secret") as c:
         assert c.get("/version").json() == {"version": llamas.__version__}
         assert c.get("/v1/models").status_code == 401
+
+
+# ---- vLLM's truncate_prompt_tokens ------------------------------------------------------------------
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(http, model):
+    ids = model.tokenizer.encode(" ".join(PROMPTS * 4))
+    body = {"prompt": ids, "max_tokens": 5, "temperature": 0, "truncate_prompt_tokens": 7}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 7
+    assert r.json()["choices"][0]["text"] == model.tokenizer.decode(model.generate(ids[-7:], max_new_tokens=5))
+    # a prompt past the context fits once truncated; chat too
+    ctx = model.config.n_positions
+    long = (ids * (ctx // len(ids) + 2))[:ctx + 10]
+    assert http.post("/v1/completions", json={"prompt": long, "max_tokens": 2}).status_code == 400
+    r = http.post("/v1/completions", json={"prompt": long, "max_tokens": 2, "truncate_prompt_tokens": ctx - 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == ctx - 2
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                                 "truncate_prompt_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.parametrize("value, message", [(0, "at least 1"), (-2, "at least -1"), ("5", "must be an integer")])
+def test_bad_truncate_prompt_tokens_is_refused(http, value, message):
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "truncate_prompt_tokens": value})
+    assert r.status_code == 400 and message in r.json()["error"]["message"]

@@ -28,11 +28,13 @@ VALUES = [None, True, False, 0, 1, -1, 2, 64, 10 ** 6, 10 ** 30, -10 ** 30, 2 **
 COMPLETION_KEYS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stop", "seed",
                    "logprobs", "echo", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
                    "stream_options", "model", "suffix", "best_of", "user", "guided_json", "guided_regex",
-                   "guided_grammar", "guided_choice", "structured_outputs", "response_format"]
+                   "guided_grammar", "guided_choice", "structured_outputs", "response_format", "skip_special_tokens",
+                   "truncate_prompt_tokens"]
 CHAT_KEYS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
              "logprobs", "top_logprobs", "logit_bias", "stream_options", "model", "response_format", "tools",
              "tool_choice", "user", "parallel_tool_calls", "guided_regex", "guided_grammar", "structured_outputs",
-             "guided_decoding_backend", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"]
+             "guided_decoding_backend", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+             "skip_special_tokens", "truncate_prompt_tokens"]
 MESSAGES = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
             [{"role": "x", "content": "hi"}], [{"role": "user"}], [{"content": "x"}], [{"role": "\ud800", "content": "x"}],
             [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user", "content": 5}], [], "hi",

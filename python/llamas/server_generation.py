@@ -84,6 +84,9 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     if structured is not None:
         rec["structured"] = structured
         state.metrics.structured.labels(structured).inc()
+    if p.truncate_prompt_tokens is not None:  # the prompt's last N tokens (vLLM's left truncation)
+        keep = state.context if p.truncate_prompt_tokens == -1 else p.truncate_prompt_tokens
+        p.prompt_ids = [ids[-keep:] for ids in p.prompt_ids]
     budgets = [_budget(state, p, len(ids), "messages" if kind == "chat" else "prompt") for ids in p.prompt_ids]
     if p.min_tokens > min(budgets):
         raise bad(f"'min_tokens' ({p.min_tokens}) must not exceed the tokens this request may generate "

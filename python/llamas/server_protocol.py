@@ -211,6 +211,7 @@ class GenParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True    # vLLM's default: special tokens leave no text
+    truncate_prompt_tokens: Optional[int] = None  # vLLM's: keep only the prompt's last N tokens (-1: the context)
     sampling: dict = field(default_factory=dict)
     logprobs: Optional[int] = None      # top-n alternatives; None = off
     echo: bool = False
@@ -223,7 +224,7 @@ COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
     "logit_bias", "user", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-    "skip_special_tokens",
+    "skip_special_tokens", "truncate_prompt_tokens",
     "guided_choice", "guided_json", "guided_regex", "guided_grammar", "structured_outputs",
     "guided_decoding_backend",  # vLLM's choice of library: accepted and ignored (there is one here)
 }
@@ -255,6 +256,10 @@ def parse_common(body: dict, vocab: int, p: GenParams) -> None:
     p.ignore_eos = get_bool(body, "ignore_eos", False)
     p.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", False)
     p.skip_special_tokens = get_bool(body, "skip_special_tokens", True)
+    p.truncate_prompt_tokens = get_int(body, "truncate_prompt_tokens", None, -1, 2 ** 31)
+    if p.truncate_prompt_tokens == 0:
+        raise bad("'truncate_prompt_tokens' must be at least 1 (or -1: the model's context).", "truncate_prompt_tokens",
+                  "invalid_value")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad(f"'seed' must be an integer, got {typename(seed)}.", "seed", "invalid_type")
