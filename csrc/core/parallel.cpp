@@ -83,10 +83,7 @@ class ThreadPool {
     }
     // Wait only for pieces other threads are still running. Spin briefly, then yield the core: on
     // a busy machine a spinning caller would keep a descheduled worker from finishing its piece.
-    for (int spin = 0; done_.load(std::memory_order_acquire) != pieces; ++spin) {
-      if (spin < 256) LLAMAS_CPU_RELAX();
-      else std::this_thread::yield();
-    }
+    for (int spin = 0; done_.load(std::memory_order_acquire) != pieces; ++spin) spin_pause(spin);
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -199,6 +196,11 @@ ThreadPool& pool() {
 }
 
 }  // namespace
+
+void spin_pause(int spin) {
+  if (spin < 256) LLAMAS_CPU_RELAX();
+  else std::this_thread::yield();
+}
 
 void set_num_threads(int n) {
   LLAMAS_CHECK(n >= 1 && n <= 1024, "set_num_threads", "thread count must be in [1, 1024], got ", n);

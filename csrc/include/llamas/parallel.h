@@ -11,6 +11,10 @@ namespace llamas {
 void set_num_threads(int n);
 int num_threads();
 
+// One poll of a wait on another thread of a parallel region: a PAUSE for the first 256 polls
+// (~5 us), then a yield, so a descheduled thread being waited for gets the core back.
+void spin_pause(int spin);
+
 using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 // Runs fn(ctx, begin, end) over [0, n) split into up to pieces_per_thread x threads ranges whose
 // bounds are multiples of `grain` (except the last). One range per thread keeps each thread's
