@@ -54,9 +54,8 @@ class StepTiming:
     (`host_seconds`: scheduling, detokenising, stop strings and handing chunks out in Python,
     counted only while requests keep the engine busy). `gil_wait_seconds`, part of the forward
     time, is the wait for the GIL once the native step is done: another thread (a server's event
-    loop) held it. A host share that grows with the batch
-    points at Python, not the kernels. `rows`: sequences fed over all `steps` (mean batch size =
-    rows / steps)."""
+    loop) held it. A host share that grows with the batch points at Python, not the kernels.
+    `rows`: sequences fed over all `steps` (mean batch size = rows / steps)."""
     __slots__ = ("steps", "rows", "forward_seconds", "gil_wait_seconds", "host_seconds", "last_end")
 
     def __init__(self):
