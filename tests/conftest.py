@@ -40,6 +40,37 @@ def http(tiny_http):
     return tiny_http
 
 
+def submit_grid(model, prompt, seeds, temperatures, lengths, **constraint):
+    """The results of `prompt` through one Engine for every seed x temperature x max_new_tokens (in
+    that nesting order), all queued before any is read, so they run batched."""
+    import llamas
+    with llamas.Engine(model) as engine:
+        handles = [engine.submit(prompt, max_new_tokens=n, temperature=t, seed=s, **constraint)
+                   for s in seeds for t in temperatures for n in lengths]
+        return [h.result() for h in handles]
+
+
+def walk_recogniser(compiled, rng, limit, stop=0.25, closing=b"", settle=b"", max_len=4000):
+    """Bytes drawn one at a time from those a structured-output recogniser (`match(bytes)` ->
+    (valid, complete)) allows, until it says complete and a coin (probability `stop`) agrees. Every
+    prefix must be valid and, unless complete, have a next byte (no dead ends). Past `limit` bytes
+    it ends as soon as it can and prefers bytes in `closing` or that complete the text, then those
+    in `settle`."""
+    text = b""
+    while True:
+        ok, complete = compiled.match(text)
+        assert ok
+        allowed = [b for b in range(256) if compiled.match(text + bytes([b]))[0]]
+        assert allowed or complete, text  # never a dead end
+        if complete and (not allowed or rng.random() < stop or len(text) > limit):
+            return text
+        if len(text) > limit and (closing or settle):  # lean towards closing
+            ends = [b for b in allowed if b in closing or compiled.match(text + bytes([b]))[1]]
+            allowed = ends or [b for b in allowed if b in settle] or allowed
+        text += bytes([rng.choice(allowed)])
+        assert len(text) < max_len, text
+
+
 def run_llamas(*args, timeout: float = 120, **kwargs):
     """`python -m llamas ARGS` in a subprocess: its CompletedProcess (text output captured)."""
     import subprocess

@@ -11,7 +11,7 @@ import re
 import pytest
 
 import llamas
-from conftest import run_llamas
+from conftest import run_llamas, submit_grid, walk_recogniser
 from llamas._C import LlamasError
 from llamas.grammar import _Parser, compile_grammar
 
@@ -93,19 +93,7 @@ def freeze(item):
 
 
 def walk(compiled, rng, limit=80):
-    text = b""
-    while True:
-        ok, complete = compiled.match(text)
-        assert ok
-        allowed = [b for b in range(256) if compiled.match(text + bytes([b]))[0]]
-        assert allowed or complete, text  # never a dead end
-        if complete and (not allowed or rng.random() < 0.2 or len(text) > limit):
-            return text
-        if len(text) > limit:  # lean towards closing
-            closing = [b for b in allowed if b in b'.)}]"' or compiled.match(text + bytes([b]))[1]]
-            allowed = closing or allowed
-        text += bytes([rng.choice(allowed)])
-        assert len(text) < 2000, text
+    return walk_recogniser(compiled, rng, limit, stop=0.2, closing=b'.)}]"', max_len=2000)
 
 
 @pytest.mark.parametrize("name", list(GRAMMARS))
@@ -164,13 +152,7 @@ def model(request):
 
 def test_generated_text_is_a_sentence(model):
     matches = reference(LIST)
-    engine = llamas.Engine(model)
-    try:
-        handles = [engine.submit("Q:", max_new_tokens=n, temperature=t, seed=seed, grammar=LIST)
-                   for seed in range(5) for t in (0.0, 1.3) for n in (2, 40)]
-        results = [h.result() for h in handles]
-    finally:
-        engine.shutdown()
+    results = submit_grid(model, "Q:", range(5), (0.0, 1.3), (2, 40), grammar=LIST)
     reasons = set()
     for r in results:
         reasons.add(r.finish_reason)

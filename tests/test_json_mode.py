@@ -7,7 +7,7 @@ import random
 import pytest
 
 import llamas
-from conftest import run_llamas
+from conftest import run_llamas, submit_grid
 from llamas import _C
 from llamas._C import LlamasError
 
@@ -99,14 +99,8 @@ def check_output(text: str, finish_reason: str) -> None:
 
 
 def test_generated_text_is_always_json(model):
-    engine = llamas.Engine(model)
-    try:
-        handles = [engine.submit("Answer in JSON:", max_new_tokens=n, temperature=t, seed=seed, json_object=True)
-                   for seed in range(8) for t in (0.0, 1.0, 1.8) for n in (12, 120)]
-        results = [h.result() for h in handles]
-        alone = engine.submit("Answer in JSON:", max_new_tokens=120, temperature=0.0, json_object=True).result()
-    finally:
-        engine.shutdown()
+    results = submit_grid(model, "Answer in JSON:", range(8), (0.0, 1.0, 1.8), (12, 120), json_object=True)
+    alone, = submit_grid(model, "Answer in JSON:", [None], [0.0], [120], json_object=True)
     reasons = set()
     for r in results:
         check_output(r.text, r.finish_reason)
@@ -193,13 +187,7 @@ CHOICES = ["yes", "no", "yesterday", "maybe not", "caf\u00e9 \u2014 \U0001F600"]
 
 
 def test_the_output_is_exactly_one_choice(model):
-    engine = llamas.Engine(model)
-    try:
-        handles = [engine.submit("Is it so? Answer:", max_new_tokens=n, temperature=t, seed=seed, choices=CHOICES)
-                   for seed in range(10) for t in (0.0, 1.5) for n in (2, 24)]
-        results = [h.result() for h in handles]
-    finally:
-        engine.shutdown()
+    results = submit_grid(model, "Is it so? Answer:", range(10), (0.0, 1.5), (2, 24), choices=CHOICES)
     seen = set()
     for r in results:
         if r.finish_reason == "stop":

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 import llamas
-from conftest import run_llamas
+from conftest import run_llamas, submit_grid, walk_recogniser
 from llamas._C import LlamasError
 from llamas.json_schema import compile_json_schema
 
@@ -147,24 +147,10 @@ def test_instances_and_near_misses(schema, valid, invalid, unwritten):
 
 
 def random_walk(schema, rng, soft_limit=120):
-    """Bytes drawn one at a time from those the recogniser allows, ending when it says the text is
-    complete (and a coin says stop), leaning towards closing once the text is long."""
-    s = compile_json_schema(schema)
-    text = b""
-    while True:
-        valid, complete = s.match(text)
-        assert valid
-        if complete and (rng.random() < 0.3 or len(text) > soft_limit):
-            return text
-        allowed = [b for b in range(256) if s.match(text + bytes([b]))[0]]
-        assert allowed or complete, text  # never a dead end
-        if not allowed:
-            return text
-        if len(text) > soft_limit:  # prefer what ends strings, numbers and containers
-            closing = [b for b in allowed if b in b'"}]' or s.match(text + bytes([b]))[1]]
-            allowed = closing or [b for b in allowed if b in b'",:0123456789'] or allowed
-        text += bytes([rng.choice(allowed)])
-        assert len(text) < 4000, text
+    """A walk through the schema's recogniser, preferring past soft_limit what ends strings, numbers
+    and containers."""
+    return walk_recogniser(compile_json_schema(schema), rng, soft_limit, stop=0.3, closing=b'"}]',
+                           settle=b'",:0123456789')
 
 
 @pytest.mark.parametrize("schema", [PERSON, TREE] + SCALARS, ids=lambda s: str(s)[:30])
@@ -190,14 +176,8 @@ def check_output(text: str, finish_reason: str, schema) -> None:
 
 @pytest.mark.parametrize("schema", [PERSON, TREE], ids=["person", "tree"])
 def test_generated_text_is_always_an_instance(model, schema):
-    engine = llamas.Engine(model)
-    try:
-        handles = [engine.submit("Answer in JSON:", max_new_tokens=n, temperature=t, seed=seed, json_schema=schema)
-                   for seed in range(6) for t in (0.0, 1.0) for n in (10, 200)]
-        results = [h.result() for h in handles]
-        alone = engine.submit("Answer in JSON:", max_new_tokens=200, temperature=0.0, json_schema=schema).result()
-    finally:
-        engine.shutdown()
+    results = submit_grid(model, "Answer in JSON:", range(6), (0.0, 1.0), (10, 200), json_schema=schema)
+    alone, = submit_grid(model, "Answer in JSON:", [None], [0.0], [200], json_schema=schema)
     reasons = set()
     for r in results:
         check_output(r.text, r.finish_reason, schema)

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 import llamas
-from conftest import run_llamas
+from conftest import run_llamas, submit_grid, walk_recogniser
 from llamas._C import LlamasError
 from llamas.json_schema import compile_guided_regex, compile_json_schema
 from llamas.regex_dfa import compile_regex
@@ -60,17 +60,7 @@ def test_patterns_it_cannot_follow_are_refused(pattern, message):
 
 
 def walk(compiled, rng, limit=60):
-    """Bytes drawn from those the recogniser allows until it says complete (and a coin agrees)."""
-    text = b""
-    while True:
-        ok, complete = compiled.match(text)
-        assert ok
-        allowed = [b for b in range(256) if compiled.match(text + bytes([b]))[0]]
-        assert allowed or complete, text  # never a dead end
-        if complete and (not allowed or rng.random() < 0.25 or len(text) > limit):
-            return text
-        text += bytes([rng.choice(allowed)])
-        assert len(text) < 1000
+    return walk_recogniser(compiled, rng, limit, max_len=1000)
 
 
 @pytest.mark.parametrize("pattern, python", PATTERNS[:12], ids=[p for p, _ in PATTERNS[:12]])
@@ -119,16 +109,8 @@ def model(request):
 
 def test_generated_text_matches_the_regex(model):
     pattern = r"(Yes|No), \d{1,3} (apples|pears)\."
-    engine = llamas.Engine(model)
-    try:
-        handles = [engine.submit("Q:", max_new_tokens=n, temperature=t, seed=seed, regex=pattern)
-                   for seed in range(5) for t in (0.0, 1.2) for n in (3, 40)]
-        results = [h.result() for h in handles]
-        schema_handles = [engine.submit("Q:", max_new_tokens=150, temperature=1.0, seed=seed, json_schema=PATTERNED)
-                          for seed in range(4)]
-        schema_results = [h.result() for h in schema_handles]
-    finally:
-        engine.shutdown()
+    results = submit_grid(model, "Q:", range(5), (0.0, 1.2), (3, 40), regex=pattern)
+    schema_results = submit_grid(model, "Q:", range(4), (1.0,), (150,), json_schema=PATTERNED)
     reasons = set()
     for r in results:
         reasons.add(r.finish_reason)
