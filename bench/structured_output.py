@@ -24,20 +24,12 @@ try:  # the installed package, or else this checkout's python/ folder (with a bu
 except ImportError:
     sys.path.insert(0, os.path.join(HERE, "..", "python"))
     import llamas
+from llamas.grammar import JSON_GRAMMAR
 
 PERSON = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
           "properties": {"name": {"type": "string", "maxLength": 20},
                          "age": {"type": "integer", "minimum": 0, "maximum": 130},
                          "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
-JSON_GRAMMAR = r'''
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array  ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= "-"? ([0-9] | [1-9] [0-9]{1,5}) ("." [0-9]+)? ws
-ws ::= | " " | "\n" [ \t]{0,8}
-'''
 CASES = [
     ("none", {}),
     ("JSON mode", {"json_object": True}),

@@ -13,7 +13,7 @@ import pytest
 import llamas
 from conftest import run_llamas, submit_grid, walk_recogniser
 from llamas._C import LlamasError
-from llamas.grammar import _Parser, compile_grammar
+from llamas.grammar import JSON_GRAMMAR, _Parser, compile_grammar
 
 HERE = os.path.dirname(__file__)
 TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
@@ -24,22 +24,13 @@ answer ::= "yes" | "no" | num
 num ::= "-"? [1-9] [0-9]*   # a number
 ws ::= [ \t]?
 '''
-JSONISH = r'''
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array  ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= "-"? ([0-9] | [1-9] [0-9]{1,5}) ("." [0-9]+)? ws
-ws ::= | " " | "\n" [ \t]{0,8}
-'''
 NESTED = r'''
 root ::= expr
 expr ::= term (("+" | "-") term)*
 term ::= factor ("*" factor)*
 factor ::= [0-9]+ | "(" expr ")" | "caf\u00e9" | [\u4e00-\u4e09]
 '''
-GRAMMARS = {"list": LIST, "jsonish": JSONISH, "nested": NESTED}
+GRAMMARS = {"list": LIST, "jsonish": JSON_GRAMMAR, "nested": NESTED}
 
 
 def reference(grammar: str):
@@ -116,7 +107,7 @@ def test_hand_checked_sentences():
         assert s.match(text.encode()) == (True, whole), text
     for text in ("0.", "yes, no, 1, 2.", "no ,yes.", "yes.."):
         assert s.match(text.encode())[1] is False, text
-    j = compile_grammar(JSONISH)
+    j = compile_grammar(JSON_GRAMMAR)
     assert j.match(b'{"a": [1, 2.5, "x\\n"], "b": {"c": null}}') == (True, True)
     assert json.loads('{"a": [1, 2.5, "x\\n"], "b": {"c": null}}')
 

@@ -19,6 +19,18 @@ from ._C import LlamasError
 from .regex_parse import ANY, Intervals, class_set
 from .schema_compiler import cached, reachable
 
+# A JSON object in GBNF (after llama.cpp's grammars/json.gbnf): an example to start from, and the
+# grammar the tests and bench/structured_output.py hold output to.
+JSON_GRAMMAR = r'''
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= "-"? ([0-9] | [1-9] [0-9]{1,5}) ("." [0-9]+)? ws
+ws ::= | " " | "\n" [ \t]{0,8}
+'''
+
 MAX_NODES = 20_000
 MAX_REPEAT = 1_000
 MAX_GRAMMAR_CHARS = 100_000
