@@ -26,8 +26,20 @@ def finite_float(text: str) -> float:
     return value
 
 
+def add_engine_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The model and batching options a command that runs requests through an Engine takes
+    (serve, run-batch): --model, --dtype, --kv-dtype, --threads, --max-batch, --max-tokens."""
+    p.add_argument("--model", default=None, metavar="DIR", help=model_help)
+    add_dtype_args(p)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--max-batch", type=positive_int, default=16,
+                   help="sequences decoded together in one batched step (default 16)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context length)")
+
+
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
-    """--dtype and --kv-dtype, as llamas.load takes them (generate, bench, serve)."""
+    """--dtype and --kv-dtype, as llamas.load takes them (generate, bench, serve, run-batch, train eval)."""
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight precision (bfloat16 halves the bytes read per token)")
     p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],

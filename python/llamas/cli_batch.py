@@ -11,7 +11,7 @@ import uuid
 from typing import List, Optional, Tuple
 
 from ._C import LlamasError
-from .cli_args import add_dtype_args, finite_float, positive_int
+from .cli_args import add_engine_args, finite_float
 
 URLS = ("/v1/chat/completions", "/v1/completions")
 
@@ -29,15 +29,9 @@ def add_parser(sub, model_help: str) -> None:
     b.add_argument("-i", "--input", required=True, metavar="FILE", help="the requests (JSONL; - reads standard input)")
     b.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="where the results go (JSONL; - writes standard output)")
-    b.add_argument("--model", default=None, metavar="DIR", help=model_help)
-    add_dtype_args(b)
+    add_engine_args(b, model_help)
     b.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id request bodies may name (default: the model folder's name)")
-    b.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
-    b.add_argument("--max-batch", type=positive_int, default=16,
-                   help="sequences decoded together in one batched step (default 16)")
-    b.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="largest max_tokens a request may ask for (default: the model's context length)")
     b.add_argument("--prefix-cache-mb", type=finite_float, default=0.0, metavar="MB",
                    help="keep up to MB MiB of finished requests' KV blocks for requests that start the same way "
                         "(default 0: off)")

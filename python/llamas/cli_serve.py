@@ -10,7 +10,7 @@ import socket
 import sys
 
 from ._C import LlamasError
-from .cli_args import add_dtype_args, finite_float as _non_negative_float, positive_int as _positive_int
+from .cli_args import add_engine_args, finite_float as _non_negative_float, positive_int as _positive_int
 from .cli_args import non_negative_int as _non_negative_int
 
 
@@ -30,9 +30,7 @@ def add_parser(sub, model_help: str) -> None:
                     "SIGTERM (or Ctrl-C) stops accepting, finishes running requests, then exits.",
         epilog="Example: llamas serve --model DIR, then use the openai client with "
                "base_url='http://127.0.0.1:8000/v1' and api_key='none'.")
-    s.add_argument("--model", default=None, metavar="DIR", help=model_help)
-    add_dtype_args(s)
-    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    add_engine_args(s, model_help)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     key = s.add_mutually_exclusive_group()
@@ -42,12 +40,8 @@ def add_parser(sub, model_help: str) -> None:
     key.add_argument("--api-key-file", default=None, metavar="F", help="read the API key from file F (first line)")
     s.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: the model folder's name)")
-    s.add_argument("--max-batch", type=_positive_int, default=16,
-                   help="sequences decoded together in one batched step (default 16)")
     s.add_argument("--max-queue", type=_non_negative_int, default=256,
                    help="sequences that may wait for a place in the batch; beyond that requests get 429 (default 256)")
-    s.add_argument("--max-tokens", type=_positive_int, default=None,
-                   help="largest max_tokens a request may ask for (default: the model's context length)")
     s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                    help="larger request bodies get 413 (default 1048576)")
     s.add_argument("--prefill-chunk", type=_positive_int, default=128,
