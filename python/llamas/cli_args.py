@@ -39,7 +39,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
-    """--dtype and --kv-dtype, as llamas.load takes them (generate, bench, serve, run-batch, train eval)."""
+    """--dtype and --kv-dtype, as llamas.load takes them (generate, bench, and through add_engine_args serve, run-batch)."""
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight precision (bfloat16 halves the bytes read per token)")
     p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
