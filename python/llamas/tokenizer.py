@@ -72,24 +72,35 @@ class Tokenizer:
         backend = getattr(self._tok, "_tokenizer", self._tok)
         return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
 
+    def _added_tokens(self) -> dict:
+        """Added tokens (end-of-text and the like) by id, as the backend lists them."""
+        backend = getattr(self._tok, "_tokenizer", self._tok)
+        return backend.get_added_tokens_decoder() if hasattr(backend, "get_added_tokens_decoder") else {}
+
+    def _vocab_bytes(self) -> list:
+        """Each id's token as bytes through GPT-2's byte-level alphabet (None where the token is
+        missing or not written in that alphabet): walked once, for token_bytes and piece_bytes."""
+        cached = getattr(self, "_vocab_bytes_cache", None)
+        if cached is None:
+            backend = getattr(self._tok, "_tokenizer", self._tok)
+            to_byte = _byte_level_decoder()
+            cached = []
+            for i in range(backend.get_vocab_size()):
+                token = backend.id_to_token(i)
+                mapped = token is not None and all(c in to_byte for c in token)
+                cached.append(bytes(to_byte[c] for c in token) if mapped else None)
+            self._vocab_bytes_cache = cached
+        return cached
+
     def token_bytes(self) -> Optional[list]:
         """Each token id's bytes (empty for added/special tokens such as end-of-text), for a
         byte-level BPE tokenizer; None for any other kind (their tokens are not byte strings)."""
         if not self.decodes_by_concatenation:
             return None
-        backend = getattr(self._tok, "_tokenizer", self._tok)
-        special = set(backend.get_added_tokens_decoder()) if hasattr(backend, "get_added_tokens_decoder") else set()
+        special = set(self._added_tokens())
         if self.eos_token_id is not None:
             special.add(self.eos_token_id)
-        to_byte = _byte_level_decoder()
-        out = []
-        for i in range(backend.get_vocab_size()):
-            token = backend.id_to_token(i)
-            if token is None or i in special or any(c not in to_byte for c in token):
-                out.append(b"")
-            else:
-                out.append(bytes(to_byte[c] for c in token))
-        return out
+        return [b"" if b is None or i in special else b for i, b in enumerate(self._vocab_bytes())]
 
     def piece_bytes(self, build: bool = True, skip_special: bool = False) -> Optional[list]:
         """Each token id's bytes as decode() writes them (added and special tokens too: their text),
@@ -115,19 +126,16 @@ class Tokenizer:
             return cached or None
         table = None
         if self.decodes_by_concatenation:
-            backend = getattr(self._tok, "_tokenizer", self._tok)
-            added = backend.get_added_tokens_decoder() if hasattr(backend, "get_added_tokens_decoder") else {}
-            to_byte = _byte_level_decoder()
+            added = self._added_tokens()
             table = []
-            for i in range(backend.get_vocab_size()):
-                token = backend.id_to_token(i)
-                if token is None or (i not in added and any(c not in to_byte for c in token)):
-                    table = None  # a token that is not a byte string: decode it the tokenizer's way
-                    break
+            for i, b in enumerate(self._vocab_bytes()):
                 if i in added:
                     table.append(self._tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+                elif b is None:
+                    table = None  # a token that is not a byte string: decode it the tokenizer's way
+                    break
                 else:
-                    table.append(bytes(to_byte[c] for c in token))
+                    table.append(b)
         self._piece_bytes = table
         return table
 
@@ -158,9 +166,7 @@ class Tokenizer:
     def special_ids(self) -> frozenset:
         """Ids of the special tokens (added tokens marked special, such as end-of-text), which
         decode(..., skip_special_tokens=True) leaves out."""
-        backend = getattr(self._tok, "_tokenizer", self._tok)
-        added = backend.get_added_tokens_decoder() if hasattr(backend, "get_added_tokens_decoder") else {}
-        return frozenset(i for i, t in added.items() if getattr(t, "special", False))
+        return frozenset(i for i, t in self._added_tokens().items() if getattr(t, "special", False))
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
