@@ -1,7 +1,8 @@
 // Kernel table without Python: GEMM GFLOP/s at GPT-2 shapes for every kernel variant this CPU
 // runs, validated against the reference GEMM before timing, with B as stored (K, N) (packed per
-// call) and with B prepacked into panels (ops::pack_panels, as loaded models hold their weights).
-// Compare with numpy in bench/compare.py.
+// call) and with B prepacked into panels (ops::pack_panels, as loaded models hold their weights);
+// then bfloat16 panels with bfloat16 compute (GemmArgs::a_bf16), checked bit for bit against the
+// reference. Compare with numpy in bench/compare.py.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -32,8 +33,9 @@ int main() {
   const int shapes[][3] = {{256, 768, 2304}, {256, 768, 3072}, {256, 3072, 768}, {1, 768, 3072}, {256, 768, 50257}};
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
-  std::printf("threads: %d\n\n| variant | M x K x N | GFLOP/s | prepacked B GFLOP/s | max rel err vs reference |\n"
-              "|---|---|---|---|---|\n", num_threads());
+  std::printf("threads: %d\n\n| variant | M x K x N | GFLOP/s | prepacked B GFLOP/s | max rel err vs reference "
+              "| bf16 B, bf16 compute GFLOP/s | bf16 compute = reference |\n|---|---|---|---|---|---|---|\n",
+              num_threads());
   for (const std::string& variant : cpu::available_variants()) {
     cpu::set_variant(variant);
     for (auto& s : shapes) {
@@ -57,8 +59,18 @@ int main() {
       GemmArgs p = g;
       p.B = packed.data.raw(), p.b_layout = BLayout::Panels, p.ldb = K;
       double sec_packed = time_gemm(p, N > 10000 ? 3 : 9);
-      std::printf("| %s | %d x %d x %d | %.1f | %.1f | %.1e |\n", variant.c_str(), M, K, N,
-                  2.0 * M * K * N / sec / 1e9, 2.0 * M * K * N / sec_packed / 1e9, err);
+      ops::PackedMatrix packed_bf16 = ops::pack_panels(b_view, BLayout::KN, DType::BF16);
+      GemmArgs h = p;
+      h.B = packed_bf16.data.raw(), h.b_bf16 = true, h.a_bf16 = true;
+      cpu::kernels().gemm(h);
+      GemmArgs hr = h;
+      hr.M = std::min(M, 4), hr.C = R.data();
+      cpu::reference::gemm(hr);
+      const bool same = std::equal(C.begin(), C.begin() + size_t(hr.M) * N, R.begin());
+      double sec_bf16 = time_gemm(h, N > 10000 ? 3 : 9);
+      std::printf("| %s | %d x %d x %d | %.1f | %.1f | %.1e | %.1f | %s |\n", variant.c_str(), M, K, N,
+                  2.0 * M * K * N / sec / 1e9, 2.0 * M * K * N / sec_packed / 1e9, err,
+                  2.0 * M * K * N / sec_bf16 / 1e9, same ? "bit-identical" : "DIFFERS");
     }
   }
   return 0;

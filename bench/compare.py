@@ -98,6 +98,9 @@ def summarize(pre_t: list, steps: list, dec_totals: list, n_decode: int) -> dict
             "step_ms": 1e3 * median(steps)}
 
 
+BF16_COMPUTE = "bfloat16, bf16 compute"
+
+
 def llamas_runner(m, dtype: str, prompt: list[int]):
     """one(decode) for a loaded llamas model: a 512-token prefill, then `decode` greedy steps,
     each timed alone; returns (prefill s, step times, tokens)."""
@@ -125,16 +128,21 @@ def llamas_runner(m, dtype: str, prompt: list[int]):
     return one
 
 
+# llamas configurations, by the label the table shows in its dtype column.
+LLAMAS_CONFIGS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+                  BF16_COMPUTE: dict(dtype="bfloat16", compute_dtype="bfloat16")}
+
+
 def run_llamas(path: str, prompt: list[int]) -> dict:
-    """llamas float32 and bfloat16, loaded side by side, their runs interleaved (float32 first in
-    even rounds, bfloat16 in odd ones): the box drifts by +-20% over a minute, and the bfloat16
-    target is a ratio to float32. Returns {dtype: results}; "round_steps" holds each round's
-    median decode step time."""
+    """llamas float32, bfloat16 and bfloat16 with bfloat16 compute, loaded side by side, their runs
+    interleaved (the order reversed in odd rounds): the box drifts by +-20% over a minute, and the
+    bfloat16 target is a ratio to float32. Returns {label: results}; "round_steps" holds each
+    round's median decode step time."""
     ones, models = {}, {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype, kwargs in LLAMAS_CONFIGS.items():
         log(f"llamas {dtype}")
         try:
-            models[dtype] = llamas.load(path, dtype=dtype)
+            models[dtype] = llamas.load(path, **kwargs)
             ones[dtype] = llamas_runner(models[dtype], dtype, prompt)
             ones[dtype](8)                                # warm-up (pages the weights in)
         except Exception as e:  # noqa: BLE001
@@ -324,6 +332,15 @@ def model_section(path: str, limits: dict) -> tuple[list, dict]:
         compare_tokens(f"llamas {dtype}", r["tokens"], ref_tokens)
     settle()
 
+    # The same eager model with every buffer in bfloat16 (activations too): what bfloat16 compute
+    # is up against in PyTorch.
+    eager16 = TorchGPT2(weights, n_layer, n_head, eps, dtype=torch.bfloat16).eval()
+    results[("PyTorch eager", "bfloat16")] = run_torch_eager(eager16, prompt)
+    compare_tokens("PyTorch eager bfloat16", results[("PyTorch eager", "bfloat16")]["tokens"], ref_tokens)
+    del eager16
+    gc.collect()
+    settle()
+
     tuned = TorchGPT2(weights, n_layer, n_head, eps, tuned=True).eval()
     with torch.inference_mode():               # same logits as the plain model, prefill and decode
         a, ca = eager(torch.tensor([prompt[:32]]))
@@ -367,8 +384,9 @@ def model_section(path: str, limits: dict) -> tuple[list, dict]:
 
     bpt = {d: bytes_per_token(weights, d) for d in ("float32", "bfloat16")}
     for (eng, dt), r in results.items():
-        r["bound"] = limits["bw"] * 1e9 / bpt[dt]
-        r["bpt"] = bpt[dt]
+        weight_dtype = dt.split(",")[0]
+        r["bound"] = limits["bw"] * 1e9 / bpt[weight_dtype]
+        r["bpt"] = bpt[weight_dtype]
     llm_bytes = {d: llm[d]["weight_bytes"] for d in llm}
     return results, {"bpt": bpt, "llamas_weight_bytes": llm_bytes, "cfg": cfg}
 

@@ -192,6 +192,8 @@ def start_server(args) -> tuple:
         cmd += ["--dtype", args.dtype]
     if args.kv_dtype:
         cmd += ["--kv-dtype", args.kv_dtype]
+    if args.compute_dtype:
+        cmd += ["--compute-dtype", args.compute_dtype]
     if args.prefix_cache_mb:
         cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
     env = dict(os.environ)
@@ -231,6 +233,9 @@ def main() -> int:
                     help="--dtype of the server it starts (weights; default float32)")
     ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
                     help="--kv-dtype of the server it starts (KV cache; default: the weights' dtype)")
+    ap.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="--compute-dtype of the server it starts (matrix-product activations; bfloat16 needs "
+                         "--dtype bfloat16)")
     ap.add_argument("--prefix-cache-mb", type=float, default=0.0,
                     help="--prefix-cache-mb of the server it starts (default 0: off)")
     ap.add_argument("--shared-prefix-words", type=int, default=0, metavar="N",

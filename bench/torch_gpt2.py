@@ -21,12 +21,13 @@ class TorchGPT2(torch.nn.Module):
     in place (no torch.cat per step), matmul-softmax-matmul attention for the one-token decode
     step, and a pre-transposed (C, V) copy of wte for the lm_head GEMV."""
 
-    def __init__(self, weights: dict, n_layer: int, n_head: int, eps: float, tuned: bool = False):
+    def __init__(self, weights: dict, n_layer: int, n_head: int, eps: float, tuned: bool = False,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.n_layer, self.n_head, self.eps, self.tuned = n_layer, n_head, eps, tuned
 
-        def t(name):
-            return torch.from_numpy(np.array(weights[name], dtype=np.float32))   # a private copy
+        def t(name):  # a private copy, in `dtype` (bfloat16: every activation is bfloat16 too)
+            return torch.from_numpy(np.array(weights[name], dtype=np.float32)).to(dtype)
 
         self.register_buffer("wte", t("transformer.wte.weight"))
         self.register_buffer("wpe", t("transformer.wpe.weight"))

@@ -279,6 +279,19 @@ def test_cli_kv_dtype_flag():
     assert r.returncode == 2 and "--kv-dtype" in r.stderr
 
 
+def test_cli_compute_dtype_flag():
+    from llamas.server import create_app
+    fast = llamas.load(TINY, dtype="bfloat16", compute_dtype="bfloat16")
+    r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "12", "--dtype", "bfloat16",
+                "--compute-dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == fast.generate("When shall we", max_new_tokens=12)
+    r = run_cli("generate", "--model", TINY, "hi", "--compute-dtype", "bfloat16")  # float32 weights
+    assert r.returncode != 0 and "compute_dtype='bfloat16' needs bfloat16 weights" in r.stderr
+    with pytest.raises(llamas.LlamasError, match=r"\[serve\] compute_dtype='bfloat16' needs bfloat16 weights"):
+        create_app(TINY, compute_dtype="bfloat16")
+
+
 def test_cli_help_info_bench_and_errors():
     for sub in ("generate", "info", "bench"):
         r = run_cli(sub, "--help")

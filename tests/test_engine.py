@@ -150,8 +150,9 @@ def test_queue_limit_shutdown_and_bad_input(model):
                 e.submit("When", **kwargs)
         with pytest.raises(llamas.LlamasError, match="context length"):
             e.submit([1] * (model.config.n_positions + 1))
-    # Not draining: running requests are cancelled.
-    e = Engine(model)
+    # Not draining: running requests are cancelled (slow steps: at full speed the 100 tokens could
+    # all be out before shutdown is called, and the request would end with "length").
+    e = Engine(slow)
     h = e.submit("When shall we", max_new_tokens=100)
     next(h.chunks(timeout=30))
     e.shutdown(drain=False, timeout=10)

@@ -10,11 +10,13 @@
 //    place, and up to few_row_limit rows (decode, batched decode) run over all of K per tile.
 // Parts: gemm_tile_impl.h (constants, A panels, B runs, the microkernel), gemm_small_m_impl.h
 // (stored B, few rows), gemm_packed_impl.h (the blocked path), gemm_panels_impl.h (panels, few
-// rows); this file picks the path.
+// rows), gemm_bf16_dot_impl.h (bfloat16 activations); this file picks the path.
 #include "cpu/gemm_tile_impl.h"
 #include "cpu/gemm_small_m_impl.h"
 #include "cpu/gemm_packed_impl.h"
 #include "cpu/gemm_panels_impl.h"
+#include "cpu/gemm_bf16_dot_impl.h"
+#include "llamas/cpu_features.h"
 
 namespace {
 
@@ -54,6 +56,10 @@ void gemm_typed(const GemmArgs& g) {
 
 void gemm(const GemmArgs& g) {
   if (g.M == 0 || g.N == 0) return;
+  if (g.a_bf16) {
+    static const bool hardware = llamas::cpu_features().avx512_bf16;
+    return gemm_bf16_dot(g, hardware);
+  }
   if (g.b_bf16) gemm_typed<uint16_t>(g);
   else gemm_typed<float>(g);
 }

@@ -97,6 +97,35 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
   }
 }
 
+// A register tile's accumulators before its k loop: the bias (or 0) in the first k block, else the
+// C rows so far (rows past `rows` start at 0 and are never stored). lanes[j]: register j's columns.
+template <int R, int REGS>
+inline void start_tile(const GemmArgs& g, Vec (&acc)[R][REGS], int (&lanes)[REGS], const float* C, int rows, int cols,
+                       int64_t col0, bool first) {
+  for (int j = 0; j < REGS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
+  if (first && !g.accumulate) {
+    for (int j = 0; j < REGS; ++j) {
+      Vec start = g.bias ? load_lanes(g.bias + col0 + j * Vec::W, lanes[j]) : Vec::zero();
+      for (int i = 0; i < R; ++i) acc[i][j] = start;
+    }
+  } else {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < REGS; ++j) acc[i][j] = i < rows ? load_lanes(C + i * g.ldc + j * Vec::W, lanes[j]) : Vec::zero();
+  }
+}
+
+// Stores a tile's rows (GELU first after the last k block).
+template <int R, int REGS>
+inline void finish_tile(const GemmArgs& g, const Vec (&acc)[R][REGS], const int (&lanes)[REGS], float* C, int rows,
+                        bool last) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < REGS; ++j) {
+      Vec c = acc[i][j];
+      if (last && g.gelu) c = vgelu(c);
+      store_lanes(C + i * g.ldc + j * Vec::W, c, lanes[j]);
+    }
+}
+
 // W columns of the stored panels at column col (a multiple of W) and row k. A run past the last
 // panel (the tail of a tile wider than the panels left) reads the last panel instead: those lanes
 // are never stored. bfloat16 rows are interleaved (bf16_panel_slot), so
@@ -129,16 +158,7 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
                 int64_t next_row0 = 0, int next_shift = 0) {
   Vec acc[R][RUNS];
   int lanes[RUNS];
-  for (int j = 0; j < RUNS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
-  if (first && !g.accumulate) {
-    for (int j = 0; j < RUNS; ++j) {
-      Vec start = g.bias ? load_lanes(g.bias + col0 + j * Vec::W, lanes[j]) : Vec::zero();
-      for (int i = 0; i < R; ++i) acc[i][j] = start;
-    }
-  } else {
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < RUNS; ++j) acc[i][j] = i < rows ? load_lanes(C + i * g.ldc + j * Vec::W, lanes[j]) : Vec::zero();
-  }
+  start_tile(g, acc, lanes, C, rows, cols, col0, first);
   // One k step of the tile: W x RUNS columns of B against R broadcast rows of A.
   auto k_step = [&](int64_t k) __attribute__((always_inline)) {
     const float* a = Ap + k * R;
@@ -211,12 +231,7 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
       k_step(k);
     }
   }
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < RUNS; ++j) {
-      Vec c = acc[i][j];
-      if (last && g.gelu) c = vgelu(c);
-      store_lanes(C + i * g.ldc + j * Vec::W, c, lanes[j]);
-    }
+  finish_tile(g, acc, lanes, C, rows, last);
 }
 
 }  // namespace

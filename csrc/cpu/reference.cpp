@@ -27,11 +27,23 @@ static float b_at(const GemmArgs& g, int64_t k, int64_t n) {
 }
 
 void gemm(const GemmArgs& g) {
+  auto a_at = [&](int64_t m, int64_t k) {
+    const float a = g.a_trans ? g.A[k * g.lda + m] : g.A[m * g.lda + k];
+    return g.a_bf16 ? bf16_to_float(float_to_bf16(a)) : a;
+  };
   for (int64_t m = 0; m < g.M; ++m)
     for (int64_t n = 0; n < g.N; ++n) {
       float acc = g.accumulate ? g.C[m * g.ldc + n] : (g.bias ? g.bias[n] : 0.0f);
-      for (int64_t k = 0; k < g.K; ++k)
-        acc = std::fma(g.a_trans ? g.A[k * g.lda + m] : g.A[m * g.lda + k], b_at(g, k, n), acc);
+      if (g.a_bf16) {
+        // k pairs, the odd product first (one VDPBF16PS lane); an odd K's last pair adds 0 x 0.
+        for (int64_t k = 0; k < g.K; k += 2) {
+          const bool whole = k + 1 < g.K;
+          acc = std::fma(whole ? a_at(m, k + 1) : 0.0f, whole ? b_at(g, k + 1, n) : 0.0f, acc);
+          acc = std::fma(a_at(m, k), b_at(g, k, n), acc);
+        }
+      } else {
+        for (int64_t k = 0; k < g.K; ++k) acc = std::fma(a_at(m, k), b_at(g, k, n), acc);
+      }
       if (g.gelu) {
         float u = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
         acc = 0.5f * acc * (1.0f + std::tanh(u));

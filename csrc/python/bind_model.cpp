@@ -232,6 +232,11 @@ void init_model(py::module_& m) {
       .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },
                     [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_dtype(name, "load", "kv_dtype")); },
                     "Entry type of the KV caches it fills: 'float32' or 'bfloat16' (default: the weights' dtype).")
+      .def_property("compute_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.compute_dtype())); },
+                    [](GPT2Model& m, const std::string& name) {
+                      m.set_compute_dtype(parse_dtype(name, "load", "compute_dtype"));
+                    },
+                    "The dtype of the GEMMs' activations: 'float32' (default) or 'bfloat16' (bfloat16 weights only).")
       .def("forward", [](GPT2Model& model, IntArray ids) {
         LLAMAS_CHECK(ids.ndim() == 2, "forward", "ids must be a 2-D (B, T) integer array, got ", ids.ndim(), " dims");
         Tensor out;

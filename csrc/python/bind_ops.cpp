@@ -38,20 +38,27 @@ void init_ops(py::module_& m) {
   }, py::arg("a"), py::arg("b"), "a @ b for float32 (M, K) and (K, N) arrays.");
 
   ops.def("linear", [](FloatArray x, FloatArray w, std::optional<FloatArray> bias, bool gelu,
-                       const std::string& weight_layout, const std::string& weight_dtype, bool packed) {
+                       const std::string& weight_layout, const std::string& weight_dtype, bool packed,
+                       const std::string& compute_dtype) {
     BLayout layout = parse_layout(weight_layout);
     DType wd = parse_dtype(weight_dtype, "linear");
+    DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype");
     Tensor tx = view_of(x), tw = view_of(w);
     Tensor tb = bias ? view_of(*bias) : Tensor();
     return without_gil([&] {
-      if (packed) return ops::linear(tx, ops::pack_panels(tw, layout, wd), bias ? &tb : nullptr, gelu);
+      // bfloat16 compute runs over panels only (the layout its kernel reads pairs of k rows from).
+      if (packed || cd == DType::BF16)
+        return ops::linear(tx, ops::pack_panels(tw, layout, wd), bias ? &tb : nullptr, gelu, cd);
       return ops::linear(tx, ops::cast(tw, wd), layout, bias ? &tb : nullptr, gelu);
     });
   }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("gelu") = false,
      py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32", py::arg("packed") = false,
+     py::arg("compute_dtype") = "float32",
      "x @ w (+ bias) (then GELU). weight_layout 'in_out' is w (K, N) like GPT-2's Conv1D, 'out_in' is "
      "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first. packed=True first "
-     "packs w into the GEMM's panel layout, as loaded models hold their matrices.");
+     "packs w into the GEMM's panel layout, as loaded models hold their matrices. compute_dtype "
+     "'bfloat16' (bfloat16 weights only) also rounds x to bfloat16 and sums k in pairs, as VDPBF16PS "
+     "does (twice the multiply-adds per instruction on CPUs with AVX512_BF16).");
 
   py::class_<ops::PackedMatrix>(ops, "PackedWeight",
       "A weight matrix in the GEMM's panel layout, as loaded models hold theirs (from llamas.ops.pack).")
@@ -67,12 +74,15 @@ void init_ops(py::module_& m) {
     return ops::pack_panels(tw, layout, wd);
   }, py::arg("w"), py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32",
      "Packs w once into the GEMM's panel layout; llamas.ops.linear(x, packed) then never repacks it.");
-  ops.def("linear", [](FloatArray x, const ops::PackedMatrix& w, std::optional<FloatArray> bias, bool gelu) {
+  ops.def("linear", [](FloatArray x, const ops::PackedMatrix& w, std::optional<FloatArray> bias, bool gelu,
+                       const std::string& compute_dtype) {
+    DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype");
     Tensor tx = view_of(x);
     Tensor tb = bias ? view_of(*bias) : Tensor();
-    return without_gil([&] { return ops::linear(tx, w, bias ? &tb : nullptr, gelu); });
+    return without_gil([&] { return ops::linear(tx, w, bias ? &tb : nullptr, gelu, cd); });
   }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("gelu") = false,
-     "x @ w (+ bias) (then GELU) with w from llamas.ops.pack.");
+     py::arg("compute_dtype") = "float32",
+     "x @ w (+ bias) (then GELU) with w from llamas.ops.pack (compute_dtype as for the other form).");
 
   ops.def("layernorm", [](FloatArray x, FloatArray w, FloatArray b, float eps) {
     Tensor tx = view_of(x), tw = view_of(w), tb = view_of(b);
@@ -112,17 +122,26 @@ void init_ops(py::module_& m) {
      "reference=True the plain one). kv_dtype 'bfloat16' rounds k and v to bfloat16 first, as a bfloat16 "
      "KV cache stores them.");
 
-  ops.def("reference_matmul", [](FloatArray a, FloatArray b) {
+  ops.def("reference_matmul", [](FloatArray a, FloatArray b, const std::string& compute_dtype) {
     LLAMAS_CHECK(a.ndim() == 2 && b.ndim() == 2 && a.shape(1) == b.shape(0), "reference_matmul", "bad shapes");
+    const bool bf16 = parse_dtype(compute_dtype, "reference_matmul", "compute_dtype") == DType::BF16;
     Tensor out = Tensor::empty({a.shape(0), b.shape(1)}, DType::F32);
-    GemmArgs g;
-    g.M = a.shape(0), g.K = a.shape(1), g.N = b.shape(1);
-    g.A = a.data(), g.lda = g.K, g.B = b.data(), g.ldb = g.N, g.C = out.data<float>(), g.ldc = g.N;
+    Tensor tb = view_of(b);
     return without_gil([&] {
+      GemmArgs g;
+      g.M = a.shape(0), g.K = a.shape(1), g.N = b.shape(1);
+      g.A = a.data(), g.lda = g.K, g.B = b.data(), g.ldb = g.N, g.C = out.data<float>(), g.ldc = g.N;
+      ops::PackedMatrix panels;
+      if (bf16) {  // bfloat16 compute reads bfloat16 panels, as the kernel does
+        panels = ops::pack_panels(tb, BLayout::KN, DType::BF16);
+        g.B = panels.data.raw(), g.b_bf16 = true, g.b_layout = BLayout::Panels, g.ldb = g.K, g.a_bf16 = true;
+      }
       cpu::reference::gemm(g);
       return out;
     });
-  }, py::arg("a"), py::arg("b"), "The plain reference GEMM (one fma chain per element).");
+  }, py::arg("a"), py::arg("b"), py::arg("compute_dtype") = "float32",
+     "The plain reference GEMM (one fma chain per element). compute_dtype 'bfloat16': a and b rounded "
+     "to bfloat16, k summed in pairs as VDPBF16PS does.");
 
 }
 

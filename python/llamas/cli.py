@@ -112,7 +112,8 @@ def _load(args):
     import llamas
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
-    return llamas.load(_model_path(args), dtype=args.dtype, kv_dtype=args.kv_dtype)
+    return llamas.load(_model_path(args), dtype=args.dtype, kv_dtype=args.kv_dtype,
+                       compute_dtype=args.compute_dtype)
 
 
 def _batch_sizes(text: str) -> list:

@@ -69,6 +69,8 @@ def add_parsers(sub, default_model_help: str) -> None:
     e.add_argument("--seq", type=_positive_int, default=None, help="tokens per sequence (default: min(256, context))")
     e.add_argument("--max-batches", type=_positive_int, default=None, help="stop after N batches (default: all)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight precision")
+    e.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16)")
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -308,7 +310,7 @@ def cmd_eval(args, model_path: str) -> int:
     for flag in ("stride", "max_tokens", "kv_dtype"):
         if getattr(args, flag) is not None:
             raise LlamasError(f"[eval] --{flag.replace('_', '-')} applies to --file only")
-    model = llamas.load(model_path, dtype=args.dtype)
+    model = llamas.load(model_path, dtype=args.dtype, compute_dtype=args.compute_dtype)
     dataset = data.TokenDataset(args.data, args.split)
     _check_vocab(model, dataset)
     seq = args.seq or min(256, model.config.n_positions)
@@ -326,7 +328,7 @@ def _eval_text(args, model_path: str) -> int:
     import llamas
     from .cli import read_text
     from .text_eval import text_perplexity
-    model = llamas.load(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype)
+    model = llamas.load(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, compute_dtype=args.compute_dtype)
     if model.tokenizer is None:
         raise LlamasError("[eval] this model has no tokenizer, so it cannot read a text file")
     text = read_text(args.file, "eval")
@@ -349,5 +351,6 @@ def _eval_text(args, model_path: str) -> int:
 
     r = text_perplexity(model, ids, seq, stride, args.batch, progress)
     print(f"{args.file}: loss {r['nll']:.4f} nats/token, perplexity {r['perplexity']:.3f} ({r['tokens']:,} tokens, "
-          f"{r['windows']} windows of {seq} every {stride}; {model.dtype} weights, {model.kv_dtype} KV cache)")
+          f"{r['windows']} windows of {seq} every {stride}; {model.dtype} weights, {model.kv_dtype} KV cache, "
+          f"{model.compute_dtype} compute)")
     return 0

@@ -145,6 +145,7 @@ async def _parse(parse, body: dict, *args):
 def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str] = None, max_batch: int = 16,
                max_queue: int = 256, max_tokens: Optional[int] = None, max_body_bytes: int = 1 << 20,
                prefill_chunk: int = 128, dtype: str = "float32", kv_dtype: Optional[str] = None,
+               compute_dtype: str = "float32",
                chat_template: Optional[str] = None, prefix_cache_mb: float = 0.0,
                cors_origins: Optional[Sequence[str]] = None):
     """The OpenAI-compatible ASGI app.
@@ -153,8 +154,8 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     load in a background thread; /health answers 503 until the model is ready). api_key: require `Authorization: Bearer KEY` (not on /health
     and /metrics). max_batch: sequences in the running batch; max_queue: sequences waiting for a
     place (more: 429). max_tokens: the largest max_tokens a request may ask (default: the context).
-    max_body_bytes: larger bodies get 413. dtype, kv_dtype: as llamas.load's, when model is a
-    folder. chat_template: a jinja2 template overriding the model's. prefix_cache_mb: keep up to
+    max_body_bytes: larger bodies get 413. dtype, kv_dtype, compute_dtype: as llamas.load's, when
+    model is a folder. chat_template: a jinja2 template overriding the model's. prefix_cache_mb: keep up to
     this many MiB of finished requests' KV blocks for requests that start the same way (0: off).
     cors_origins: browser origins allowed to call the API (CORS; "*" for any; default none).
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
@@ -172,6 +173,9 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
             isinstance(o, str) and o for o in cors_origins)):
         raise LlamasError(f"[serve] cors_origins must be a list of origins (e.g. ['http://localhost:3000'] or "
                           f"['*']), got {cors_origins!r}")
+    if isinstance(model, (str, os.PathLike)):  # checked now, not when the background load fails
+        from .model import check_dtypes
+        check_dtypes(dtype, kv_dtype, compute_dtype, "serve")
     cache_bytes(prefix_cache_mb, "serve")  # checked now: a model loading in the background makes the Engine later
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
@@ -181,7 +185,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
 
         def load():
             import llamas
-            return llamas.load(path, dtype=dtype, kv_dtype=kv_dtype)
+            return llamas.load(path, dtype=dtype, kv_dtype=kv_dtype, compute_dtype=compute_dtype)
         state.load_async(load, path)
     elif callable(model):
         state.load_async(model, getattr(model, "__name__", "loader"))

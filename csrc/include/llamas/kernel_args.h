@@ -31,6 +31,9 @@ struct GemmArgs {
   int64_t ldc = 0;
   bool accumulate = false;   // C += A @ B instead of C = A @ B + bias
   bool gelu = false;         // apply GELU (tanh form) to the result
+  // A rounded to bfloat16 and summed in k pairs as VDPBF16PS does (cpu/gemm_bf16_dot_impl.h); only
+  // with bfloat16 B in panels and A not transposed.
+  bool a_bf16 = false;
 };
 
 // Every path (small-M streaming, packed blocked, any thread count) computes each C element as one

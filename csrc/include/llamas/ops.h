@@ -29,7 +29,9 @@ struct PackedMatrix {
 // Packs a float32 or bfloat16 matrix stored (K, N) or (N, K) into panels of `dtype` (made once at
 // load: a GEMM over panels reads B as it is stored and never packs it again).
 PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype);
-Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu);
+// compute BF16 (bfloat16 weights only): x is rounded to bfloat16 and summed in k pairs as
+// VDPBF16PS does (GemmArgs::a_bf16).
+Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu, DType compute = DType::F32);
 
 Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps);
 // x += delta; returns LN(x) (x is updated in place: it is the residual stream).
