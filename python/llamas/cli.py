@@ -250,6 +250,8 @@ def cmd_bench(args) -> int:
 
     params = cfg.num_parameters()
     dtype = model.dtype if model.kv_dtype == model.dtype else f"{model.dtype}, kv {model.kv_dtype}"
+    if model.compute_dtype != "float32":
+        dtype += f", compute {model.compute_dtype}"
     batched = args.batch != [1]
     print("| model | size | params | dtype | threads |" + (" batch |" if batched else "") + " test | t/s |")
     print("|---|---|---|---|---|" + ("---|" if batched else "") + "---|---|")
