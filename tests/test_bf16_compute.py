@@ -104,3 +104,12 @@ def test_load_rejects_bad_compute_dtype(case):
     with pytest.raises(llamas.LlamasError, match="compute_dtype must be 'float32' or 'bfloat16', got 'fp8'"):
         llamas.load(case.folder, dtype="bfloat16", compute_dtype="fp8")
     assert llamas.load(case.folder).compute_dtype == "float32"
+
+
+def test_info_says_how_bfloat16_compute_runs(variant):
+    native = llamas._C.bf16_dot_native()
+    assert llamas.info()["bfloat16_compute"].startswith("native" if native else "emulated")
+    if variant != "avx512":  # only the AVX-512 build can hold VDPBF16PS
+        assert not native
+    if native:
+        assert "avx512_bf16" in llamas.info()["cpu_features"]

@@ -13,6 +13,7 @@
 // gemm_impl.h's paths are. Part of gemm_impl.h.
 #include "cpu/gemm_tile_impl.h"
 #include "llamas/bfloat16.h"
+#include "llamas/cpu_features.h"
 
 #include <atomic>
 
@@ -204,6 +205,14 @@ template <bool kHw>
 void gemm_bf16_dot_as(const GemmArgs& g) {
   if (g.M <= kDotRows) dot_small_m<kDotRows, kHw>(g);
   else dot_blocked<kHw>(g);
+}
+
+bool bf16_dot_native() {
+#if defined(__AVX512BF16__)
+  return llamas::cpu_features().avx512_bf16;
+#else
+  return false;
+#endif
 }
 
 void gemm_bf16_dot(const GemmArgs& g, bool hardware) {

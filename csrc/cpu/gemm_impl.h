@@ -16,7 +16,6 @@
 #include "cpu/gemm_packed_impl.h"
 #include "cpu/gemm_panels_impl.h"
 #include "cpu/gemm_bf16_dot_impl.h"
-#include "llamas/cpu_features.h"
 
 namespace {
 
@@ -57,7 +56,7 @@ void gemm_typed(const GemmArgs& g) {
 void gemm(const GemmArgs& g) {
   if (g.M == 0 || g.N == 0) return;
   if (g.a_bf16) {
-    static const bool hardware = llamas::cpu_features().avx512_bf16;
+    static const bool hardware = bf16_dot_native();
     return gemm_bf16_dot(g, hardware);
   }
   if (g.b_bf16) gemm_typed<uint16_t>(g);

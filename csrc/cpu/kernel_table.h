@@ -45,6 +45,10 @@ struct KernelTable {
                              float* dqkv, int64_t B, int64_t T, int64_t H, int64_t hd, float scale);
   float (*sum_squares)(const float* x, int64_t n);
   void (*adamw)(float* p, const float* grad, float* m, float* v, int64_t n, const AdamWArgs& args);
+
+  // Whether GEMMs with bfloat16 activations (GemmArgs::a_bf16) run VDPBF16PS here (AVX512_BF16 in
+  // both the CPU and this variant's build), rather than the same sums as two FMAs a pair.
+  bool (*bf16_dot_native)();
 };
 
 // Longest training sequence: each thread's attention tiles hold 2 x 64 x T floats (2 MiB at 4096).

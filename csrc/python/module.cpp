@@ -74,6 +74,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_features", &cpu_features_dict);
   m.def("cpu_name", &cpu_name);
   m.def("kernel_variant", [] { return std::string(cpu::kernels().name); });
+  m.def("bf16_dot_native", [] { return cpu::kernels().bf16_dot_native(); },
+        "Whether bfloat16 compute runs VDPBF16PS with the current kernel variant (else two FMAs a pair).");
   m.def("available_kernel_variants", &cpu::available_variants);
   m.def("set_kernel_variant", &cpu::set_variant, py::arg("name"));
   m.def("profiler_enable", &profiler_enable, py::arg("on"));

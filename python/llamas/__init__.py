@@ -31,7 +31,7 @@ def memory_stats() -> dict:
 
 
 def info() -> dict:
-    """Version, CPU, kernel variant, threads and CUDA availability."""
+    """Version, CPU, kernel variant, how bfloat16 compute runs, threads and CUDA availability."""
     features = _C.cpu_features()
     return {
         "version": __version__,
@@ -39,6 +39,8 @@ def info() -> dict:
         "cpu_features": [name for name, on in features.items() if on],
         "kernel_variant": _C.kernel_variant(),
         "available_kernel_variants": list(_C.available_kernel_variants()),
+        "bfloat16_compute": ("native (VDPBF16PS)" if _C.bf16_dot_native()
+                             else "emulated (two FMAs a pair of k: same results, slower than float32 compute)"),
         "threads": _C.get_num_threads(),
         "cuda_available": _C.cuda_available(),
     }
