@@ -21,6 +21,7 @@ size_t dtype_size(DType dtype) {
     case DType::F32: return 4;
     case DType::BF16: return 2;
     case DType::I32: return 4;
+    case DType::I8: return 1;
   }
   return 0;
 }
@@ -30,6 +31,7 @@ const char* dtype_name(DType dtype) {
     case DType::F32: return "float32";
     case DType::BF16: return "bfloat16";
     case DType::I32: return "int32";
+    case DType::I8: return "int8";
   }
   return "?";
 }

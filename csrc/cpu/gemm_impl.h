@@ -24,13 +24,15 @@ void gemm_typed(const GemmArgs& g) {
   if (g.b_layout == BLayout::Panels) {
     if (g.M <= kGemmRows) return panels_small_m<BT, kGemmRows>(g);
     if (g.M <= few_row_limit<BT>()) return panels_few_rows<BT>(g);
-  } else if (g.M <= kSmallM && !g.a_trans) {
-    // 64 columns = a whole number of cache lines per thread range.
-    llamas::parallel_for(g.N, 64, [&](int64_t n0, int64_t n1) {
-      if (g.b_layout == BLayout::KN) small_m_kn<BT>(g, n0, n1);
-      else small_m_nk<BT>(g, n0, n1);
-    });
-    return;
+  } else if constexpr (!std::is_same_v<BT, int8_t>) {  // (int8 exists only as panels)
+    if (g.M <= kSmallM && !g.a_trans) {
+      // 64 columns = a whole number of cache lines per thread range.
+      llamas::parallel_for(g.N, 64, [&](int64_t n0, int64_t n1) {
+        if (g.b_layout == BLayout::KN) small_m_kn<BT>(g, n0, n1);
+        else small_m_nk<BT>(g, n0, n1);
+      });
+      return;
+    }
   }
   // Split rows for tall products whose B is small (weight gradients: M = 768..50257 against
   // K = B*T tokens): one range per thread, each packing its own A blocks and its own copy of B, so
@@ -59,7 +61,8 @@ void gemm(const GemmArgs& g) {
     static const bool hardware = bf16_dot_native();
     return gemm_bf16_dot(g, hardware);
   }
-  if (g.b_bf16) gemm_typed<uint16_t>(g);
+  if (g.b_i8) gemm_typed<int8_t>(g);
+  else if (g.b_bf16) gemm_typed<uint16_t>(g);
   else gemm_typed<float>(g);
 }
 

@@ -19,6 +19,19 @@ void pack_a(const GemmArgs& g, float* Ap) {
 template <typename BT>
 void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, float* Bp) {
   const BT* B = static_cast<const BT*>(g.B);
+  if constexpr (std::is_same_v<BT, int8_t>) {
+    // int8 panels (the only int8 layout): dequantized W columns at a time, each weight q * scale
+    // as the few-row tiles form it in registers, so both paths sum the same float32 values.
+    for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += Vec::W) {
+      const int8_t* src = panel_run<int8_t>(g, jc + j, pc);
+      const float* scales = i8_run_scales(g, jc + j);
+      float* dst = Bp + (j / kNR) * kc * kNR + j % kNR;
+      for (int64_t k = 0; k < kc; ++k)
+        (Vec::load_i8(src + k * kPanelWidth) * Vec::load(scales + (pc + k) / llamas::kI8Block * kPanelWidth))
+            .store(dst + k * kNR);
+    }
+    return;
+  }
   if constexpr (std::is_same_v<BT, uint16_t>) {
     if (g.b_layout == BLayout::Panels) {
       // Stored bfloat16 panels (float32 ones are read in place) are already runs of 16 columns;
@@ -38,47 +51,49 @@ void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, f
       return;
     }
   }
-  if (g.b_layout == BLayout::KN) {
-    // Eight rows at a time, panel by panel: each panel gets 8 x 64 contiguous bytes, each source
-    // row 64. Walking down a whole column panel touches a new page per row (ldb = 9 KiB at
-    // N = 2304); writing one row across all panels hits 32 streams 16 KiB apart that alias in L1.
-    // Either took 12% of a 256x768x2304 product.
-    const int64_t padded = (nc + kNR - 1) / kNR * kNR;  // the last panel is zero-filled
-    // Each row segment is only nc floats (2 KiB) before the walk jumps 8 rows on, too short for
-    // the hardware prefetcher to catch: each line of this group asks for the same line of the next
-    // group's 8 rows (one prefetch per 8 loads). `matmul` 1-6% faster at GPT-2's shapes
-    // (interleaved calls, 2 threads); asking 2 or 3 groups ahead was no better.
-    for (int64_t k0 = 0; k0 < kc; k0 += 8) {
-      const int64_t k1 = imin(kc, k0 + 8), k2 = imin(kc, k1 + 8);
-      for (int64_t j = 0; j < padded; j += Vec::W) {
-        if (j % 16 == 0 && j < nc)
-          for (int64_t k = k1; k < k2; ++k) __builtin_prefetch(B + (pc + k) * g.ldb + jc + j);
-        const int cols = clamp_lanes(nc - j);  // 0 past nc
-        float* dst = Bp + (j / kNR) * kc * kNR + j % kNR;
-        for (int64_t k = k0; k < k1; ++k) {
-          const BT* src = B + (pc + k) * g.ldb + jc + j;
-          Vec v = cols == Vec::W ? load_any(src) : cols > 0 ? load_any_partial(src, cols) : Vec::zero();
-          v.store(dst + k * kNR);
+  if constexpr (!std::is_same_v<BT, int8_t>) {  // (int8 exists only as panels)
+    if (g.b_layout == BLayout::KN) {
+      // Eight rows at a time, panel by panel: each panel gets 8 x 64 contiguous bytes, each source
+      // row 64. Walking down a whole column panel touches a new page per row (ldb = 9 KiB at
+      // N = 2304); writing one row across all panels hits 32 streams 16 KiB apart that alias in L1.
+      // Either took 12% of a 256x768x2304 product.
+      const int64_t padded = (nc + kNR - 1) / kNR * kNR;  // the last panel is zero-filled
+      // Each row segment is only nc floats (2 KiB) before the walk jumps 8 rows on, too short for
+      // the hardware prefetcher to catch: each line of this group asks for the same line of the next
+      // group's 8 rows (one prefetch per 8 loads). `matmul` 1-6% faster at GPT-2's shapes
+      // (interleaved calls, 2 threads); asking 2 or 3 groups ahead was no better.
+      for (int64_t k0 = 0; k0 < kc; k0 += 8) {
+        const int64_t k1 = imin(kc, k0 + 8), k2 = imin(kc, k1 + 8);
+        for (int64_t j = 0; j < padded; j += Vec::W) {
+          if (j % 16 == 0 && j < nc)
+            for (int64_t k = k1; k < k2; ++k) __builtin_prefetch(B + (pc + k) * g.ldb + jc + j);
+          const int cols = clamp_lanes(nc - j);  // 0 past nc
+          float* dst = Bp + (j / kNR) * kc * kNR + j % kNR;
+          for (int64_t k = k0; k < k1; ++k) {
+            const BT* src = B + (pc + k) * g.ldb + jc + j;
+            Vec v = cols == Vec::W ? load_any(src) : cols > 0 ? load_any_partial(src, cols) : Vec::zero();
+            v.store(dst + k * kNR);
+          }
         }
       }
+      return;
     }
-    return;
-  }
-  // B stored (N, K): W x W blocks transposed in registers.
-  for (int64_t jr = 0; jr < nc; jr += kNR) {
-    float* panel = Bp + (jr / kNR) * kc * kNR;
-    for (int half = 0; half < 2; ++half) {
-      int64_t col = jc + jr + half * Vec::W;
-      int cols = clamp_lanes(jc + nc - col);
-      for (int64_t k = 0; k < kc; k += Vec::W) {
-        int kk = clamp_lanes(kc - k);
-        Vec t[Vec::W];
-        for (int i = 0; i < Vec::W; ++i) {
-          const BT* src = B + (col + i) * g.ldb + pc + k;
-          t[i] = i >= cols ? Vec::zero() : (kk == Vec::W ? load_any(src) : load_any_partial(src, kk));
+    // B stored (N, K): W x W blocks transposed in registers.
+    for (int64_t jr = 0; jr < nc; jr += kNR) {
+      float* panel = Bp + (jr / kNR) * kc * kNR;
+      for (int half = 0; half < 2; ++half) {
+        int64_t col = jc + jr + half * Vec::W;
+        int cols = clamp_lanes(jc + nc - col);
+        for (int64_t k = 0; k < kc; k += Vec::W) {
+          int kk = clamp_lanes(kc - k);
+          Vec t[Vec::W];
+          for (int i = 0; i < Vec::W; ++i) {
+            const BT* src = B + (col + i) * g.ldb + pc + k;
+            t[i] = i >= cols ? Vec::zero() : (kk == Vec::W ? load_any(src) : load_any_partial(src, kk));
+          }
+          transpose_square(t);
+          for (int j = 0; j < kk; ++j) t[j].store(panel + (k + j) * kNR + half * Vec::W);
         }
-        transpose_square(t);
-        for (int j = 0; j < kk; ++j) t[j].store(panel + (k + j) * kNR + half * Vec::W);
       }
     }
   }

@@ -130,12 +130,22 @@ inline void finish_tile(const GemmArgs& g, const Vec (&acc)[R][REGS], const int 
 // panel (the tail of a tile wider than the panels left) reads the last panel instead: those lanes
 // are never stored. bfloat16 rows are interleaved (bf16_panel_slot), so
 // for them this is the row of col's whole panel, read with load_bf16_panel.
+// int8 panels are records of i8_panel_bytes (rows, then their scales: i8_run_scales).
 template <typename BT>
 inline const BT* panel_run(const GemmArgs& g, int64_t col, int64_t k) {
   const int64_t p = imin(col / kPanelWidth, (g.N - 1) / kPanelWidth);
+  if constexpr (std::is_same_v<BT, int8_t>)
+    return static_cast<const int8_t*>(g.B) + p * llamas::i8_panel_bytes(g.K) + k * kPanelWidth + col % kPanelWidth;
   const BT* row = static_cast<const BT*>(g.B) + (p * g.K + k) * kPanelWidth;
   if constexpr (std::is_same_v<BT, uint16_t>) return row;
   else return row + col % kPanelWidth;
+}
+
+// The scales of the int8 run at column col: block b's at + b * kPanelWidth (same clamp as panel_run).
+inline const float* i8_run_scales(const GemmArgs& g, int64_t col) {
+  const int64_t p = imin(col / kPanelWidth, (g.N - 1) / kPanelWidth);
+  const int8_t* panel = static_cast<const int8_t*>(g.B) + p * llamas::i8_panel_bytes(g.K);
+  return reinterpret_cast<const float*>(panel + g.K * kPanelWidth) + col % kPanelWidth;
 }
 
 // One R x (RUNS * W) tile of C over kc steps of k: A is a packed panel [k][R]; B is RUNS runs of W
@@ -159,10 +169,24 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
   Vec acc[R][RUNS];
   int lanes[RUNS];
   start_tile(g, acc, lanes, C, rows, cols, col0, first);
+  // int8 runs (row-0 runs of int8 panels): their scale rows.
+  const float* scales[std::is_same_v<BT, int8_t> ? RUNS : 1];
+  if constexpr (std::is_same_v<BT, int8_t>)
+    for (int j = 0; j < RUNS; ++j) scales[j] = i8_run_scales(g, col0 + j * Vec::W);
   // One k step of the tile: W x RUNS columns of B against R broadcast rows of A.
   auto k_step = [&](int64_t k) __attribute__((always_inline)) {
     const float* a = Ap + k * R;
-    if constexpr (std::is_same_v<BT, uint16_t>) {
+    if constexpr (std::is_same_v<BT, int8_t>) {
+      // int8: each weight is q * scale as a float32 product (one rounding; the reference and the
+      // blocked path's dequantized blocks form the same), then the same FMA chain as float32.
+      Vec b[RUNS];
+      for (int j = 0; j < RUNS; ++j)
+        b[j] = Vec::load_i8(B[j] + k * ldbk) * Vec::load(scales[j] + (k / llamas::kI8Block) * kPanelWidth);
+      for (int i = 0; i < R; ++i) {
+        Vec ai = Vec::set1(a[i]);
+        for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);
+      }
+    } else if constexpr (std::is_same_v<BT, uint16_t>) {
       // bfloat16: widen and use one panel row at a time. Widening all of a tile's panels first held
       // RUNS widened registers next to the accumulators, and GCC spilled them. One or two rows'
       // broadcasts are made once per k step; more would not fit beside the accumulators.

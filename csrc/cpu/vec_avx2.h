@@ -37,6 +37,10 @@ struct Vec {
     out[0].v = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     out[1].v = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
   }
+  // 8 int8 (half an int8 panel row) as floats.
+  static Vec load_i8(const int8_t* p) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+  }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store_partial(float* p, int n) const { _mm256_maskstore_ps(p, tail_mask(n), v); }
 

@@ -30,6 +30,10 @@ struct Vec {
     const __m512i slot = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     out[0].v = _mm512_permutexvar_ps(slot, load_bf16(row).v);
   }
+  // 16 int8 (an int8 panel row) as floats.
+  static Vec load_i8(const int8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
 

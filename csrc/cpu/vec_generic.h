@@ -45,6 +45,11 @@ struct Vec {
   static void load_bf16_panel(const uint16_t* row, Vec* out) {
     for (int i = 0; i < W; ++i) out[0].v[i] = bf16_to_float(row[2 * i]), out[1].v[i] = bf16_to_float(row[2 * i + 1]);
   }
+  static Vec load_i8(const int8_t* p) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.v[i] = float(p[i]);
+    return r;
+  }
   void store(float* p) const { std::memcpy(p, v, sizeof(v)); }
   void store_partial(float* p, int n) const {
     for (int i = 0; i < n; ++i) p[i] = v[i];

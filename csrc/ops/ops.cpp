@@ -32,7 +32,7 @@ void require_cpu(const Tensor& t, const char* op) {
 
 // y = x @ B (+ bias) (GELU) for a float32 (M, K) x whose K the caller checked against B (N columns).
 Tensor run_linear(const Tensor& x, int64_t N, const void* B, bool b_bf16, BLayout layout, int64_t ldb,
-                  const Tensor* bias, bool gelu, bool a_bf16 = false) {
+                  const Tensor* bias, bool gelu, bool a_bf16 = false, bool b_i8 = false) {
   if (bias) {
     require_f32(*bias, "linear", "bias");
     LLAMAS_CHECK(bias->numel() == N, "linear", "bias must have ", N, " elements, got ", bias->describe());
@@ -44,7 +44,7 @@ Tensor run_linear(const Tensor& x, int64_t N, const void* B, bool b_bf16, BLayou
   g.B = B, g.b_bf16 = b_bf16, g.b_layout = layout, g.ldb = ldb;
   g.bias = bias ? bias->data<float>() : nullptr;
   g.C = out.data<float>(), g.ldc = N;
-  g.gelu = gelu, g.a_bf16 = a_bf16;
+  g.gelu = gelu, g.a_bf16 = a_bf16, g.b_i8 = b_i8;
   gemm(g, x.device());
   return out;
 }
@@ -149,7 +149,9 @@ PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype) {
   require_cpu(w, "pack_panels");
   LLAMAS_CHECK(w.ndim() == 2 && (w.dtype() == DType::F32 || w.dtype() == DType::BF16) && layout != BLayout::Panels,
                "pack_panels", "expects a 2-D float32 or bfloat16 matrix stored (K, N) or (N, K), got ", w.describe());
-  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "pack_panels", "panels are float32 or bfloat16");
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::I8, "pack_panels",
+               "panels are float32, bfloat16 or int8");
+  if (dtype == DType::I8) return pack_panels_i8(w, layout);
   PackedMatrix p;
   p.K = layout == BLayout::KN ? w.dim(0) : w.dim(1);
   p.N = layout == BLayout::KN ? w.dim(1) : w.dim(0);
@@ -168,7 +170,7 @@ Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool g
   LLAMAS_CHECK(compute == DType::F32 || w.dtype() == DType::BF16, "linear",
                "bfloat16 compute needs bfloat16 weights, got ", dtype_name(w.dtype()), " ones");
   return run_linear(x, w.N, w.data.raw(), w.dtype() == DType::BF16, BLayout::Panels, w.K, bias, gelu,
-                    compute == DType::BF16);
+                    compute == DType::BF16, w.dtype() == DType::I8);
 }
 
 Tensor matmul(const Tensor& a, const Tensor& b) {

@@ -41,13 +41,14 @@ void init_ops(py::module_& m) {
                        const std::string& weight_layout, const std::string& weight_dtype, bool packed,
                        const std::string& compute_dtype) {
     BLayout layout = parse_layout(weight_layout);
-    DType wd = parse_dtype(weight_dtype, "linear");
+    DType wd = parse_weight_dtype(weight_dtype, "linear", "weight_dtype");
     DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype");
     Tensor tx = view_of(x), tw = view_of(w);
     Tensor tb = bias ? view_of(*bias) : Tensor();
     return without_gil([&] {
-      // bfloat16 compute runs over panels only (the layout its kernel reads pairs of k rows from).
-      if (packed || cd == DType::BF16)
+      // bfloat16 compute runs over panels only (the layout its kernel reads pairs of k rows from),
+      // and int8 weights exist only as panels.
+      if (packed || cd == DType::BF16 || wd == DType::I8)
         return ops::linear(tx, ops::pack_panels(tw, layout, wd), bias ? &tb : nullptr, gelu, cd);
       return ops::linear(tx, ops::cast(tw, wd), layout, bias ? &tb : nullptr, gelu);
     });
@@ -55,7 +56,8 @@ void init_ops(py::module_& m) {
      py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32", py::arg("packed") = false,
      py::arg("compute_dtype") = "float32",
      "x @ w (+ bias) (then GELU). weight_layout 'in_out' is w (K, N) like GPT-2's Conv1D, 'out_in' is "
-     "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first. packed=True first "
+     "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first, 'int8' quantizes it "
+     "(per column, 32 rows at a time: llamas.ops.dequantize shows the values used). packed=True first "
      "packs w into the GEMM's panel layout, as loaded models hold their matrices. compute_dtype "
      "'bfloat16' (bfloat16 weights only) also rounds x to bfloat16 and sums k in pairs, as VDPBF16PS "
      "does (twice the multiply-adds per instruction on CPUs with AVX512_BF16).");
@@ -68,12 +70,17 @@ void init_ops(py::module_& m) {
       .def_property_readonly("nbytes", [](const ops::PackedMatrix& p) { return p.data.nbytes(); });
   ops.def("pack", [](FloatArray w, const std::string& weight_layout, const std::string& weight_dtype) {
     BLayout layout = parse_layout(weight_layout);
-    DType wd = parse_dtype(weight_dtype, "pack");
+    DType wd = parse_weight_dtype(weight_dtype, "pack", "weight_dtype");
     Tensor tw = view_of(w);
     py::gil_scoped_release release;
     return ops::pack_panels(tw, layout, wd);
   }, py::arg("w"), py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32",
-     "Packs w once into the GEMM's panel layout; llamas.ops.linear(x, packed) then never repacks it.");
+     "Packs w once into the GEMM's panel layout; llamas.ops.linear(x, packed) then never repacks it. "
+     "weight_dtype 'int8' quantizes: each column's weights 32 rows at a time as int8 times one float32 "
+     "scale (their largest magnitude / 127).");
+  ops.def("dequantize", [](const ops::PackedMatrix& p) {
+    return without_gil([&] { return ops::dequantize_panels(p); });
+  }, py::arg("packed"), "The float32 (K, N) weights int8 panels stand for (q * scale, as the GEMM forms them).");
   ops.def("linear", [](FloatArray x, const ops::PackedMatrix& w, std::optional<FloatArray> bias, bool gelu,
                        const std::string& compute_dtype) {
     DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype");

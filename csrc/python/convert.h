@@ -32,6 +32,13 @@ inline DType parse_dtype(const std::string& name, const char* op, const char* fi
   fail(op, field, " must be 'float32' or 'bfloat16', got '", name, "'");
 }
 
+// A weight dtype: float32, bfloat16 or int8 (quantized panels, see i8_panel_bytes).
+inline DType parse_weight_dtype(const std::string& name, const char* op, const char* field = "dtype") {
+  if (name == "int8") return DType::I8;
+  if (name == "float32" || name == "bfloat16") return parse_dtype(name, op, field);
+  fail(op, field, " must be 'float32', 'bfloat16' or 'int8', got '", name, "'");
+}
+
 // A GPT-2 config from the dict of llamas.GPT2Config.to_native() (bind_model.cpp).
 GPT2Config config_from_dict(const py::dict& d);
 

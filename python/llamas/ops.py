@@ -4,6 +4,7 @@
     llamas.ops.linear(x, w, bias, gelu=True)
     p = llamas.ops.pack(w)                  # the panel layout loaded models hold their weights in
     llamas.ops.linear(x, p, bias)           # ... used without repacking
+    q = llamas.ops.pack(w, weight_dtype="int8")   # quantized; llamas.ops.dequantize(q) = what it stands for
     llamas.ops.layernorm(x, weight, bias, eps=1e-5)
     llamas.ops.attention(q, k, v)           # causal, (B, H, T, D)
     llamas.ops.gelu(x), llamas.ops.softmax(x)
@@ -19,6 +20,7 @@ gelu = _ops.gelu
 softmax = _ops.softmax
 reference_matmul = _ops.reference_matmul
 pack = _ops.pack
+dequantize = _ops.dequantize
 PackedWeight = _ops.PackedWeight
 
 

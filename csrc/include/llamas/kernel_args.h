@@ -16,14 +16,23 @@ constexpr int64_t kPanelWidth = 16;
 // lanes, and widening to float32 is one shift and one mask (AVX2) instead of two 16-to-32-bit
 // conversions and two shifts: decode streams bfloat16 weights with half the instructions.
 constexpr int64_t bf16_panel_slot(int64_t c) { return 2 * (c % 8) + c / 8; }
+// int8 panels (weights quantized at load, as llama.cpp's Q8_0 but per column): a panel is K rows
+// of 16 int8 (column c at byte c), then ceil(K / 32) rows of 16 float32 scales. Column c's weight
+// at k is q * scale[k / 32][c], with scale = (max |w| over those 32 k) / 127 and q = w / scale
+// rounded to nearest (ties to even). 1.125 bytes a weight.
+constexpr int64_t kI8Block = 32;
+constexpr int64_t i8_panel_bytes(int64_t K) {
+  return K * kPanelWidth + (K + kI8Block - 1) / kI8Block * kPanelWidth * 4;
+}
 
 struct GemmArgs {
   int64_t M = 0, N = 0, K = 0;
   const float* A = nullptr;  // (M, K), row stride lda; with a_trans, stored (K, M), row stride lda
   int64_t lda = 0;
   bool a_trans = false;      // weight gradients: dW = X^T @ dY reads X (rows, in) as A^T
-  const void* B = nullptr;   // float32 or bfloat16 (uint16) elements
+  const void* B = nullptr;   // float32, bfloat16 (uint16) or int8 (Panels only) elements
   bool b_bf16 = false;
+  bool b_i8 = false;         // int8 panels with block scales (see i8_panel_bytes)
   BLayout b_layout = BLayout::KN;
   int64_t ldb = 0;           // row stride of B as stored (unused for Panels)
   const float* bias = nullptr;  // (N) or null; ignored when accumulate is set

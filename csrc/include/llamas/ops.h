@@ -28,7 +28,11 @@ struct PackedMatrix {
 };
 // Packs a float32 or bfloat16 matrix stored (K, N) or (N, K) into panels of `dtype` (made once at
 // load: a GEMM over panels reads B as it is stored and never packs it again).
+// dtype int8 quantizes (see i8_panel_bytes): pack_panels_i8.
 PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype);
+PackedMatrix pack_panels_i8(const Tensor& w, BLayout layout);
+// The float32 (K, N) matrix int8 panels stand for: q * scale, as the GEMM forms each weight.
+Tensor dequantize_panels(const PackedMatrix& p);
 // compute BF16 (bfloat16 weights only): x is rounded to bfloat16 and summed in k pairs as
 // VDPBF16PS does (GemmArgs::a_bf16).
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu, DType compute = DType::F32);

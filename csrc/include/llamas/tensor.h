@@ -10,7 +10,7 @@
 
 namespace llamas {
 
-enum class DType : uint8_t { F32, BF16, I32 };
+enum class DType : uint8_t { F32, BF16, I32, I8 };
 enum class Device : uint8_t { CPU, CUDA };
 
 size_t dtype_size(DType dtype);
