@@ -229,7 +229,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
     ap.add_argument("--max-batch", type=int, default=16, help="--max-batch of the server it starts (default 16)")
     ap.add_argument("--threads", type=int, default=None, help="--threads of the server it starts")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "int8"],
                     help="--dtype of the server it starts (weights; default float32)")
     ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
                     help="--kv-dtype of the server it starts (KV cache; default: the weights' dtype)")

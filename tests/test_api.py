@@ -292,6 +292,15 @@ def test_cli_compute_dtype_flag():
         create_app(TINY, compute_dtype="bfloat16")
 
 
+def test_cli_int8_dtype():
+    quantized = llamas.load(TINY, dtype="int8")
+    r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "12", "--dtype", "int8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == quantized.generate("When shall we", max_new_tokens=12)
+    r = run_cli("bench", "--model", TINY, "--dtype", "int8", "-p", "8", "-n", "4", "-r", "1")
+    assert r.returncode == 0 and "| int8, kv bfloat16 |" in r.stdout, r.stdout + r.stderr
+
+
 def test_cli_help_info_bench_and_errors():
     for sub in ("generate", "info", "bench"):
         r = run_cli(sub, "--help")

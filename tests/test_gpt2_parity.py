@@ -217,13 +217,14 @@ def test_kv_dtype_defaults_to_the_weights_and_can_be_chosen(case, model):
         llamas.load(case.folder, kv_dtype="float16")
 
 
-@pytest.mark.parametrize("kv_dtype,compute_dtype", [("float32", "float32"), ("bfloat16", "float32"),
-                                                    ("bfloat16", "bfloat16")])
-def test_decode_rows_equal_prefill_rows(case, kv_dtype, compute_dtype):
+@pytest.mark.parametrize("dtype,kv_dtype,compute_dtype", [
+    ("bfloat16", "float32", "float32"), ("bfloat16", "bfloat16", "float32"), ("bfloat16", "bfloat16", "bfloat16"),
+    ("int8", "bfloat16", "float32"), ("int8", "float32", "float32")])
+def test_decode_rows_equal_prefill_rows(case, dtype, kv_dtype, compute_dtype):
     # Decoding reads the keys and values the cache stored (rounded or not) exactly as a prefill
     # over the same tokens does, and a one-row product sums as a many-row one (bfloat16 compute
-    # too), so greedy decode is the argmax chain of one forward pass.
-    m = llamas.load(case.folder, dtype="bfloat16", kv_dtype=kv_dtype, compute_dtype=compute_dtype)
+    # and int8 weights too), so greedy decode is the argmax chain of one forward pass.
+    m = llamas.load(case.folder, dtype=dtype, kv_dtype=kv_dtype, compute_dtype=compute_dtype)
     prompt = case.input_ids[0, :5].tolist()
     out = m.generate(prompt, max_new_tokens=8)
     logits = m.forward(np.array([prompt + out[:-1]], dtype=np.int32))[0]

@@ -70,3 +70,65 @@ def test_int8_rejects_bad_input():
         ops.dequantize(ops.pack(w, weight_dtype="bfloat16"))
     with pytest.raises(llamas.LlamasError, match=r"input must be \(M, 8\)"):
         ops.linear(rand(2, 7), ops.pack(w, weight_dtype="int8"))
+
+
+# ---- models loaded with dtype="int8" ----------------------------------------------------------
+import shutil  # noqa: E402
+
+from test_gpt2_parity import Case, MODELS, read_safetensors, write_safetensors  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request, fixtures_dir):
+    return Case(fixtures_dir / request.param)
+
+
+def test_int8_model_is_the_float32_model_of_its_dequantized_weights(case, tmp_path):
+    """The int8 model's logits are bit for bit those of a float32 model whose matrices are the
+    dequantized int8 weights (Conv1D matrices quantized along their input rows, wte along its
+    rows, as the tied lm_head reads it; token embeddings come from the same values): all of the
+    int8 model's error is the quantization's."""
+    tensors, meta = read_safetensors(case.folder / "model.safetensors")
+    for name, (dtype, shape, raw) in tensors.items():
+        w = np.frombuffer(raw, np.float32).reshape(shape)
+        if name.endswith("wte.weight"):
+            tensors[name] = (dtype, shape, np.ascontiguousarray(quantize_definition(np.ascontiguousarray(w.T)).T).tobytes())
+        elif len(shape) == 2 and not name.endswith("wpe.weight"):
+            tensors[name] = (dtype, shape, quantize_definition(w).tobytes())
+    folder = tmp_path / "dequantized"
+    shutil.copytree(case.folder, folder)
+    write_safetensors(folder / "model.safetensors", tensors, meta)
+    q = llamas.load(case.folder, dtype="int8", kv_dtype="float32")
+    np.testing.assert_array_equal(q.forward(case.input_ids), llamas.load(folder).forward(case.input_ids))
+
+
+def test_int8_model_close_to_float32(case):
+    m = llamas.load(case.folder, dtype="int8")
+    assert (m.dtype, m.kv_dtype, m.compute_dtype) == ("int8", "bfloat16", "float32")  # int8 is a weight format
+    f32 = llamas.load(case.folder)
+    assert m.weight_bytes < 0.5 * f32.weight_bytes
+    got = m.forward(case.input_ids).astype(np.float64)
+    ref = case.logits.astype(np.float64)
+    diff = np.abs(got - ref)
+    # A quantization step is max |w| / 127 of each 32 weights, coarser than bfloat16's 2^-8 of each
+    # weight where one weight of the block is much larger than the rest (these random fixtures'
+    # largest error: 1.4 at a logit scale of 12.5); argmaxes may only flip where the float32 gap is
+    # within twice the error.
+    assert diff.max() < 0.15 * case.scale, f"int8 max |diff| {diff.max():.3g} >= {0.15 * case.scale:.3g}"
+    top2 = np.sort(ref, axis=-1)[..., -2:]
+    agree = got.argmax(-1) == ref.argmax(-1)
+    assert np.all(agree | (top2[..., 1] - top2[..., 0] <= 2 * diff.max(axis=-1)))
+    assert agree.mean() >= 0.75
+    # Rows alone equal the batch; a float32 KV cache can be chosen.
+    for row in range(case.input_ids.shape[0]):
+        np.testing.assert_array_equal(m.forward(case.input_ids[row:row + 1])[0], got[row].astype(np.float32))
+    assert llamas.load(case.folder, dtype="int8", kv_dtype="float32").kv_dtype == "float32"
+
+
+def test_int8_model_rejects_bad_combinations(case):
+    with pytest.raises(llamas.LlamasError, match="dtype must be 'float32', 'bfloat16' or 'int8', got 'int4'"):
+        llamas.load(case.folder, dtype="int4")
+    with pytest.raises(llamas.LlamasError, match=r"compute_dtype='bfloat16' needs bfloat16 weights"):
+        llamas.load(case.folder, dtype="int8", compute_dtype="bfloat16")
+    with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32' or 'bfloat16'"):
+        llamas.load(case.folder, dtype="int8", kv_dtype="int8")

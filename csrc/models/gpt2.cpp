@@ -15,7 +15,10 @@ Sequence::Sequence(const GPT2Config& c, const SamplingParams& params, uint64_t s
     : cache(int(c.n_layer), int(c.n_head), int(c.n_embd / c.n_head), c.n_positions), sampler(params, seed) {}
 
 GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights)
-    : config_(config), weights_(std::move(weights)), kv_dtype_(weights_.dtype) {
+    // The KV cache keeps the weights' dtype; int8 weights keep bfloat16 entries (int8 is only a
+    // weight format here).
+    : config_(config), weights_(std::move(weights)),
+      kv_dtype_(weights_.dtype == DType::I8 ? DType::BF16 : weights_.dtype) {
   config_.validate();
   LLAMAS_CHECK(int64_t(weights_.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights_.layers.size(),
                " layers, config says ", config_.n_layer);
@@ -55,6 +58,7 @@ void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayo
   g.M = rows, g.K = K;
   if (packed.defined()) {
     g.N = packed.N, g.B = packed.data.raw(), g.b_bf16 = packed.dtype() == DType::BF16;
+    g.b_i8 = packed.dtype() == DType::I8;
     g.b_layout = BLayout::Panels, g.ldb = K;
     g.a_bf16 = a_bf16 && g.b_bf16;
   } else {

@@ -110,12 +110,13 @@ class WeightReader {
 
 GPT2Weights load_gpt2_weights(const std::vector<std::string>& paths, const GPT2Config& c, DType dtype) {
   c.validate();
-  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "load", "dtype must be float32 or bfloat16");
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::I8, "load",
+               "dtype must be float32, bfloat16 or int8");
   WeightReader r(paths);
   const int64_t C = c.n_embd, F = c.ffn();
   const DType f32 = DType::F32;
   // The stored matrices: float32 for a float32 model (what training and saving read), as stored
-  // (no copy) for a bfloat16 one, whose forward pass reads only the bfloat16 panels.
+  // (no copy) for a bfloat16 or int8 one, whose forward pass reads only its panels.
   auto matrix = [&](const std::string& name, const std::vector<int64_t>& shape) {
     return dtype == f32 ? r.get(name, shape, f32) : r.get(name, shape);
   };

@@ -374,6 +374,10 @@ void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Te
     if (wte_panels->dtype() == DType::F32) {
       const float* src = wte_panels->data.data<float>() + base + v % kPanelWidth;
       for (int64_t c = 0; c < C; ++c) dst[c] = src[c * kPanelWidth];
+    } else if (wte_panels->dtype() == DType::I8) {  // q * scale, as the lm_head GEMM forms it
+      const int8_t* q = wte_panels->data.data<int8_t>() + (v / kPanelWidth) * i8_panel_bytes(C);
+      const float* scales = reinterpret_cast<const float*>(q + C * kPanelWidth) + v % kPanelWidth;
+      for (int64_t c = 0; c < C; ++c) dst[c] = float(q[c * kPanelWidth + v % kPanelWidth]) * scales[c / kI8Block * kPanelWidth];
     } else {
       const uint16_t* src = wte_panels->data.data<uint16_t>() + base + bf16_panel_slot(v % kPanelWidth);
       for (int64_t c = 0; c < C; ++c) dst[c] = bf16_to_float(src[c * kPanelWidth]);

@@ -221,7 +221,7 @@ void init_model(py::module_& m) {
   py::class_<GPT2Model>(m, "GPT2Model")
       .def(py::init([](const py::dict& config, const std::vector<std::string>& weight_files, const std::string& dtype) {
              GPT2Config c = config_from_dict(config);
-             DType dt = parse_dtype(dtype, "load");
+             DType dt = parse_weight_dtype(dtype, "load");
              py::gil_scoped_release release;
              return new GPT2Model(c, load_gpt2_weights(weight_files, c, dt));
            }),

@@ -42,10 +42,11 @@ def add_engine_args(p: argparse.ArgumentParser, model_help: str) -> None:
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
     """--dtype, --kv-dtype and --compute-dtype, as llamas.load takes them (generate, bench, and
     through add_engine_args serve, run-batch)."""
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weight precision (bfloat16 halves the bytes read per token)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="weight precision (bfloat16 halves the bytes read per token; int8 quantizes them at "
+                        "load to 1.125 bytes a weight)")
     p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="KV-cache precision (default: same as --dtype; bfloat16 halves the cache's memory "
+                   help="KV-cache precision (default: same as --dtype, bfloat16 for int8; bfloat16 halves the cache's memory "
                         "and the bytes attention reads per token)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16; "
