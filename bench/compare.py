@@ -130,7 +130,7 @@ def llamas_runner(m, dtype: str, prompt: list[int]):
 
 # llamas configurations, by the label the table shows in its dtype column.
 LLAMAS_CONFIGS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-                  BF16_COMPUTE: dict(dtype="bfloat16", compute_dtype="bfloat16")}
+                  BF16_COMPUTE: dict(dtype="bfloat16", compute_dtype="bfloat16"), "int8": dict(dtype="int8")}
 
 
 def run_llamas(path: str, prompt: list[int]) -> dict:
@@ -264,14 +264,15 @@ def run_hf(hf, prompt: list[int]) -> dict:
 
 def bytes_per_token(weights: dict, dtype: str) -> int:
     """Weight bytes one batch-1 decode step has to read: every matrix (incl. wte for the tied
-    lm_head) in the compute dtype, every vector in float32; wpe contributes one row only."""
-    mat_bytes = 2 if dtype == "bfloat16" else 4
+    lm_head) in the weights' dtype (int8: 1 byte a weight + a float32 scale per 32), every vector in
+    float32; wpe contributes one row only."""
+    mat_bytes = {"bfloat16": 2, "int8": 1.125}.get(dtype, 4)
     total = 0
     for name, a in weights.items():
         if name == "transformer.wpe.weight":
             total += a.shape[1] * 4
         elif a.ndim == 2:
-            total += a.size * mat_bytes
+            total += int(a.size * mat_bytes)
         else:
             total += a.size * 4
     return total
@@ -382,7 +383,7 @@ def model_section(path: str, limits: dict) -> tuple[list, dict]:
             traceback.print_exc()
     gc.collect()
 
-    bpt = {d: bytes_per_token(weights, d) for d in ("float32", "bfloat16")}
+    bpt = {d: bytes_per_token(weights, d) for d in ("float32", "bfloat16", "int8")}
     for (eng, dt), r in results.items():
         weight_dtype = dt.split(",")[0]
         r["bound"] = limits["bw"] * 1e9 / bpt[weight_dtype]

@@ -68,11 +68,11 @@ def print_report(ctx) -> None:
           "transformers: GPT2LMHeadModel.generate(do_sample=False, min_new_tokens=N), decode steps timed by a "
           "LogitsProcessor; its prefill is one forward pass with logits_to_keep=1.")
     bpt = ctx.extra["bpt"]
-    print(f"\nBandwidth bound: weight bytes per decoded token float32 {bpt['float32'] / 1e6:.1f} MB, "
-          f"bfloat16 {bpt['bfloat16'] / 1e6:.1f} MB (llamas reports weight_bytes "
+    print("\nBandwidth bound: weight bytes per decoded token "
+          + ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in bpt.items()) + " (llamas reports weight_bytes "
           + ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in ctx.extra["llamas_weight_bytes"].items())
-          + f"); at {ctx.limits['bw']:.1f} GB/s: float32 {ctx.limits['bw'] * 1e9 / bpt['float32']:.1f} tok/s, "
-          f"bfloat16 {ctx.limits['bw'] * 1e9 / bpt['bfloat16']:.1f} tok/s. (KV-cache reads, ~"
+          + f"); at {ctx.limits['bw']:.1f} GB/s: "
+          + ", ".join(f"{d} {ctx.limits['bw'] * 1e9 / b:.1f} tok/s" for d, b in bpt.items()) + ". (KV-cache reads, ~"
           f"{2 * ctx.extra['cfg']['n_layer'] * (ctx.prompt_len + ctx.decode_tokens / 2) * ctx.extra['cfg']['n_embd'] * 4 / 1e6:.0f} MB/token "
           "at fp32 on average here, are not counted.)\n")
 
@@ -86,6 +86,7 @@ def print_report(ctx) -> None:
     worst_p = min((g_p / g_n for _, _, g_p, g_n, _, _ in ctx.gemm if g_n > 0), default=nan)
     t_rows.append(["(info) prepacked-B GEMM >= 1.0x numpy", f"worst {worst_p:.2f}x", mark(worst_p >= 1.0)])
     l16c = ctx.model_rows.get(("llamas", "bfloat16, bf16 compute"))
+    l8 = ctx.model_rows.get(("llamas", "int8"))
     eager16 = ctx.model_rows.get(("PyTorch eager", "bfloat16"))
     tuned = ctx.model_rows.get(("PyTorch eager, tuned", "float32"))
 
@@ -109,6 +110,7 @@ def print_report(ctx) -> None:
     at_least("bf16-compute prefill >= 1.2x PyTorch eager", l16c, eager, "prefill")
     at_least("(info) bf16-compute prefill >= 1.2x PyTorch eager bfloat16", l16c, eager16, "prefill")
     at_least("(info) bf16-compute decode >= 1.2x PyTorch eager bfloat16", l16c, eager16, "decode")
+    at_least("(info) int8 decode >= 1.5x llamas bf16 decode", l8, l16, "decode", need=1.5)
     # The same targets against the stronger eager baseline, for information.
     at_least("(info) fp32 decode >= 1.2x tuned PyTorch eager", l32, tuned, "decode")
     at_least("(info) fp32 prefill >= 1.2x tuned PyTorch eager", l32, tuned, "prefill")
