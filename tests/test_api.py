@@ -287,8 +287,8 @@ def test_cli_compute_dtype_flag():
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == fast.generate("When shall we", max_new_tokens=12)
     r = run_cli("generate", "--model", TINY, "hi", "--compute-dtype", "bfloat16")  # float32 weights
-    assert r.returncode != 0 and "compute_dtype='bfloat16' needs bfloat16 weights" in r.stderr
-    with pytest.raises(llamas.LlamasError, match=r"\[serve\] compute_dtype='bfloat16' needs bfloat16 weights"):
+    assert r.returncode != 0 and "compute_dtype='bfloat16' needs bfloat16 or int8 weights" in r.stderr
+    with pytest.raises(llamas.LlamasError, match=r"\[serve\] compute_dtype='bfloat16' needs bfloat16 or int8 weights"):
         create_app(TINY, compute_dtype="bfloat16")
 
 

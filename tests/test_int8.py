@@ -60,12 +60,27 @@ def test_int8_products_equal_float32_over_the_dequantized_weights(variant, layou
                                   ops.linear(x[:7], packed, bias))
 
 
+@pytest.mark.parametrize("k", [7, 64, 301])
+def test_int8_with_bfloat16_compute_is_the_pair_sum_of_the_dequantized_weights(variant, k):
+    # bfloat16 compute over int8 panels: each weight q * scale rounded to bfloat16, then the pair
+    # sums of test_bf16_compute's definition; decode's chunked conversion and the blocked path's
+    # per-block one give the same bits at every row count.
+    from test_bf16_compute import pair_sum_definition
+    n = 75
+    x, w, bias = rand(130, k, seed=5), rand(k, n, seed=6, scale=0.1), rand(n, seed=7)
+    packed = ops.pack(w, weight_dtype="int8")
+    want = pair_sum_definition(x, ops.dequantize(packed), bias)
+    for m in [1, 2, 3, 5, 12, 13, 16, 20, 40, 130]:
+        got = ops.linear(x[:m], packed, bias, compute_dtype="bfloat16")
+        np.testing.assert_array_equal(got, want[:m], err_msg=f"m={m}")
+
+
 def test_int8_rejects_bad_input():
     w = rand(8, 5)
     with pytest.raises(llamas.LlamasError, match="weight_dtype must be 'float32', 'bfloat16' or 'int8', got 'int4'"):
         ops.pack(w, weight_dtype="int4")
-    with pytest.raises(llamas.LlamasError, match="bfloat16 compute needs bfloat16 weights, got int8"):
-        ops.linear(rand(2, 8), ops.pack(w, weight_dtype="int8"), compute_dtype="bfloat16")
+    with pytest.raises(llamas.LlamasError, match="bfloat16 compute needs bfloat16 or int8 weights, got float32"):
+        ops.linear(rand(2, 8), ops.pack(w), compute_dtype="bfloat16")
     with pytest.raises(llamas.LlamasError, match="dequantize.*expects int8 panels, got bfloat16"):
         ops.dequantize(ops.pack(w, weight_dtype="bfloat16"))
     with pytest.raises(llamas.LlamasError, match=r"input must be \(M, 8\)"):
@@ -119,6 +134,9 @@ def test_int8_model_close_to_float32(case):
     agree = got.argmax(-1) == ref.argmax(-1)
     assert np.all(agree | (top2[..., 1] - top2[..., 0] <= 2 * diff.max(axis=-1)))
     assert agree.mean() >= 0.75
+    # With bfloat16 compute on top (each dequantized weight and activation rounded to bfloat16).
+    both = llamas.load(case.folder, dtype="int8", compute_dtype="bfloat16").forward(case.input_ids).astype(np.float64)
+    assert np.abs(both - ref).max() < 0.15 * case.scale
     # Rows alone equal the batch; a float32 KV cache can be chosen.
     for row in range(case.input_ids.shape[0]):
         np.testing.assert_array_equal(m.forward(case.input_ids[row:row + 1])[0], got[row].astype(np.float32))
@@ -128,7 +146,5 @@ def test_int8_model_close_to_float32(case):
 def test_int8_model_rejects_bad_combinations(case):
     with pytest.raises(llamas.LlamasError, match="dtype must be 'float32', 'bfloat16' or 'int8', got 'int4'"):
         llamas.load(case.folder, dtype="int4")
-    with pytest.raises(llamas.LlamasError, match=r"compute_dtype='bfloat16' needs bfloat16 weights"):
-        llamas.load(case.folder, dtype="int8", compute_dtype="bfloat16")
     with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32' or 'bfloat16'"):
         llamas.load(case.folder, dtype="int8", kv_dtype="int8")

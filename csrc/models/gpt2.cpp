@@ -33,17 +33,17 @@ void GPT2Model::set_kv_dtype(DType dtype) {
 void GPT2Model::set_compute_dtype(DType dtype) {
   LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "gpt2", "compute_dtype must be float32 or bfloat16, got ",
                dtype_name(dtype));
-  LLAMAS_CHECK(dtype == DType::F32 || (weights_.dtype == DType::BF16 && weights_.packed()), "gpt2",
-               "compute_dtype bfloat16 needs bfloat16 weights (load with dtype='bfloat16'); these are ",
-               dtype_name(weights_.dtype));
+  LLAMAS_CHECK(dtype == DType::F32 || (weights_.dtype != DType::F32 && weights_.packed()), "gpt2",
+               "compute_dtype bfloat16 needs bfloat16 or int8 weights (load with dtype='bfloat16' or 'int8'); "
+               "these are ", dtype_name(weights_.dtype));
   compute_dtype_ = dtype;
 }
 
 void GPT2Model::set_weights(GPT2Weights weights) {
   LLAMAS_CHECK(int64_t(weights.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights.layers.size(),
                " layers, config says ", config_.n_layer);
-  LLAMAS_CHECK(compute_dtype_ == DType::F32 || (weights.dtype == DType::BF16 && weights.packed()), "gpt2",
-               "this model computes in bfloat16 and needs bfloat16 weights, got ", dtype_name(weights.dtype));
+  LLAMAS_CHECK(compute_dtype_ == DType::F32 || (weights.dtype != DType::F32 && weights.packed()), "gpt2",
+               "this model computes in bfloat16 and needs bfloat16 or int8 weights, got ", dtype_name(weights.dtype));
   weights_ = std::move(weights);
 }
 
@@ -51,7 +51,7 @@ namespace {
 
 // y = x @ W (+ bias) (GELU) over `rows` rows: W's panels when the model was loaded, else W as
 // stored (`layout`: Conv1D matrices are (K, N), the tied lm_head (N, K)).
-// a_bf16: the model's compute_dtype is bfloat16 (bfloat16 panels only: set_compute_dtype checks).
+// a_bf16: the model's compute_dtype is bfloat16 (bfloat16 or int8 panels: set_compute_dtype checks).
 void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayout layout,
                  const ops::PackedMatrix& packed, const Tensor* bias, bool gelu, float* y, bool a_bf16) {
   GemmArgs g;
@@ -60,7 +60,7 @@ void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayo
     g.N = packed.N, g.B = packed.data.raw(), g.b_bf16 = packed.dtype() == DType::BF16;
     g.b_i8 = packed.dtype() == DType::I8;
     g.b_layout = BLayout::Panels, g.ldb = K;
-    g.a_bf16 = a_bf16 && g.b_bf16;
+    g.a_bf16 = a_bf16 && (g.b_bf16 || g.b_i8);
   } else {
     g.N = layout == BLayout::KN ? w.dim(1) : w.dim(0), g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16;
     g.b_layout = layout, g.ldb = w.dim(1);

@@ -167,8 +167,8 @@ Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool g
   LLAMAS_CHECK(w.defined(), "linear", "packed weight is empty");
   LLAMAS_CHECK(x.ndim() == 2 && x.dim(1) == w.K, "linear", "input must be (M, ", w.K, "), got ", x.describe());
   LLAMAS_CHECK(compute == DType::F32 || compute == DType::BF16, "linear", "compute dtype must be float32 or bfloat16");
-  LLAMAS_CHECK(compute == DType::F32 || w.dtype() == DType::BF16, "linear",
-               "bfloat16 compute needs bfloat16 weights, got ", dtype_name(w.dtype()), " ones");
+  LLAMAS_CHECK(compute == DType::F32 || w.dtype() == DType::BF16 || w.dtype() == DType::I8, "linear",
+               "bfloat16 compute needs bfloat16 or int8 weights, got ", dtype_name(w.dtype()), " ones");
   return run_linear(x, w.N, w.data.raw(), w.dtype() == DType::BF16, BLayout::Panels, w.K, bias, gelu,
                     compute == DType::BF16, w.dtype() == DType::I8);
 }

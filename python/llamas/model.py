@@ -374,8 +374,9 @@ def check_dtypes(dtype: str, kv_dtype: Optional[str], compute_dtype: str, op: st
                           f"got {kv_dtype!r}")
     if compute_dtype not in ("float32", "bfloat16"):
         raise LlamasError(f"[{op}] compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
-    if compute_dtype == "bfloat16" and dtype != "bfloat16":
-        raise LlamasError(f"[{op}] compute_dtype='bfloat16' needs bfloat16 weights: pass dtype='bfloat16' too")
+    if compute_dtype == "bfloat16" and dtype == "float32":
+        raise LlamasError(f"[{op}] compute_dtype='bfloat16' needs bfloat16 or int8 weights: pass dtype='bfloat16' "
+                          "(or 'int8') too")
 
 
 def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[str] = None,
