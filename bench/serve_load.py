@@ -235,7 +235,7 @@ def main() -> int:
                     help="--kv-dtype of the server it starts (KV cache; default: the weights' dtype)")
     ap.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
                     help="--compute-dtype of the server it starts (matrix-product activations; bfloat16 needs "
-                         "--dtype bfloat16)")
+                         "--dtype bfloat16 or int8)")
     ap.add_argument("--prefix-cache-mb", type=float, default=0.0,
                     help="--prefix-cache-mb of the server it starts (default 0: off)")
     ap.add_argument("--shared-prefix-words", type=int, default=0, metavar="N",

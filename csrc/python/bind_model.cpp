@@ -236,7 +236,7 @@ void init_model(py::module_& m) {
                     [](GPT2Model& m, const std::string& name) {
                       m.set_compute_dtype(parse_dtype(name, "load", "compute_dtype"));
                     },
-                    "The dtype of the GEMMs' activations: 'float32' (default) or 'bfloat16' (bfloat16 weights only).")
+                    "The dtype of the GEMMs' activations: 'float32' (default) or 'bfloat16' (bfloat16 or int8 weights).")
       .def("forward", [](GPT2Model& model, IntArray ids) {
         LLAMAS_CHECK(ids.ndim() == 2, "forward", "ids must be a 2-D (B, T) integer array, got ", ids.ndim(), " dims");
         Tensor out;

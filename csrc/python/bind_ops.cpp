@@ -59,7 +59,7 @@ void init_ops(py::module_& m) {
      "w (N, K) like nn.Linear. weight_dtype 'bfloat16' rounds w to bfloat16 first, 'int8' quantizes it "
      "(per column, 32 rows at a time: llamas.ops.dequantize shows the values used). packed=True first "
      "packs w into the GEMM's panel layout, as loaded models hold their matrices. compute_dtype "
-     "'bfloat16' (bfloat16 weights only) also rounds x to bfloat16 and sums k in pairs, as VDPBF16PS "
+     "'bfloat16' (bfloat16 or int8 weights) also rounds x to bfloat16 and sums k in pairs, as VDPBF16PS "
      "does (twice the multiply-adds per instruction on CPUs with AVX512_BF16).");
 
   py::class_<ops::PackedMatrix>(ops, "PackedWeight",

@@ -49,5 +49,5 @@ def add_dtype_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache precision (default: same as --dtype, bfloat16 for int8; bfloat16 halves the cache's memory "
                         "and the bytes attention reads per token)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16; "
+                   help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16 or int8; "
                         "about twice the prefill speed on CPUs with AVX512_BF16)")

@@ -70,7 +70,7 @@ def add_parsers(sub, default_model_help: str) -> None:
     e.add_argument("--max-batches", type=_positive_int, default=None, help="stop after N batches (default: all)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="weight precision")
     e.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16)")
+                   help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16 or int8)")
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
 

@@ -33,7 +33,7 @@ PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype);
 PackedMatrix pack_panels_i8(const Tensor& w, BLayout layout);
 // The float32 (K, N) matrix int8 panels stand for: q * scale, as the GEMM forms each weight.
 Tensor dequantize_panels(const PackedMatrix& p);
-// compute BF16 (bfloat16 weights only): x is rounded to bfloat16 and summed in k pairs as
+// compute BF16 (bfloat16 or int8 weights): x is rounded to bfloat16 and summed in k pairs as
 // VDPBF16PS does (GemmArgs::a_bf16).
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu, DType compute = DType::F32);
 
