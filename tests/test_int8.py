@@ -85,6 +85,11 @@ def test_int8_rejects_bad_input():
         ops.dequantize(ops.pack(w, weight_dtype="bfloat16"))
     with pytest.raises(llamas.LlamasError, match=r"input must be \(M, 8\)"):
         ops.linear(rand(2, 7), ops.pack(w, weight_dtype="int8"))
+    for bad in (np.nan, np.inf):  # would poison (or silently clamp) a whole block: refused
+        v = w.copy()
+        v[5, 3] = bad
+        with pytest.raises(llamas.LlamasError, match=r"int8 weights must be finite, got (nan|inf) at row 5 of column 3"):
+            ops.pack(v, weight_dtype="int8")
 
 
 # ---- models loaded with dtype="int8" ----------------------------------------------------------
@@ -141,6 +146,21 @@ def test_int8_model_close_to_float32(case):
     for row in range(case.input_ids.shape[0]):
         np.testing.assert_array_equal(m.forward(case.input_ids[row:row + 1])[0], got[row].astype(np.float32))
     assert llamas.load(case.folder, dtype="int8", kv_dtype="float32").kv_dtype == "float32"
+
+
+def test_int8_load_names_a_tensor_that_cannot_be_quantized(case, tmp_path):
+    tensors, meta = read_safetensors(case.folder / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("h.1.mlp.c_fc.weight"))
+    dtype, shape, raw = tensors[name]
+    w = np.frombuffer(raw, np.float32).copy()
+    w[7] = np.nan
+    tensors[name] = (dtype, shape, w.tobytes())
+    folder = tmp_path / "corrupt"
+    shutil.copytree(case.folder, folder)
+    write_safetensors(folder / "model.safetensors", tensors, meta)
+    with pytest.raises(llamas.LlamasError, match=r"tensor '.*h\.1\.mlp\.c_fc\.weight'.*must be finite, got nan"):
+        llamas.load(folder, dtype="int8")
+    llamas.load(folder)  # float32 loads it (and would propagate the NaN, as transformers does)
 
 
 def test_int8_model_rejects_bad_combinations(case):

@@ -85,8 +85,13 @@ class WeightReader {
   // Packs a matrix, then drops the mapping's pages packing touched (when t is a view of it; they
   // read the file again if touched): without this they would stay resident beside the panels
   // (RSS twice the weights at 124M while loading, ~950 MB).
-  ops::PackedMatrix pack(const Tensor& t, BLayout layout, DType dtype) {
-    ops::PackedMatrix p = ops::pack_panels(t, layout, dtype);
+  ops::PackedMatrix pack(const Tensor& t, BLayout layout, DType dtype, const std::string& name) {
+    ops::PackedMatrix p;
+    try {
+      p = ops::pack_panels(t, layout, dtype);
+    } catch (const Error& e) {  // (int8 quantization refuses non-finite weights): name the tensor
+      fail("load", where(), ": tensor '", prefix_ + name, "': ", e.what());
+    }
     for (const SafetensorsFile& f : files_) f.release_pages(t.raw(), t.nbytes());  // (only its own file's)
     return p;
   }
@@ -123,7 +128,7 @@ GPT2Weights load_gpt2_weights(const std::vector<std::string>& paths, const GPT2C
   GPT2Weights w;
   w.dtype = dtype;
   w.wte = matrix("wte.weight", {c.vocab_size, C});
-  w.lm_head_p = r.pack(w.wte, BLayout::NK, dtype);
+  w.lm_head_p = r.pack(w.wte, BLayout::NK, dtype, "wte.weight");
   w.wpe = r.get("wpe.weight", {c.n_positions, C}, f32);
   w.lnf_w = r.get("ln_f.weight", {C}, f32);
   w.lnf_b = r.get("ln_f.bias", {C}, f32);
@@ -142,10 +147,10 @@ GPT2Weights load_gpt2_weights(const std::vector<std::string>& paths, const GPT2C
     l.fc_b = r.get(p + "mlp.c_fc.bias", {F}, f32);
     l.mlp_proj_w = matrix(p + "mlp.c_proj.weight", {F, C});
     l.mlp_proj_b = r.get(p + "mlp.c_proj.bias", {C}, f32);
-    l.attn_p = r.pack(l.attn_w, BLayout::KN, dtype);
-    l.attn_proj_p = r.pack(l.attn_proj_w, BLayout::KN, dtype);
-    l.fc_p = r.pack(l.fc_w, BLayout::KN, dtype);
-    l.mlp_proj_p = r.pack(l.mlp_proj_w, BLayout::KN, dtype);
+    l.attn_p = r.pack(l.attn_w, BLayout::KN, dtype, p + "attn.c_attn.weight");
+    l.attn_proj_p = r.pack(l.attn_proj_w, BLayout::KN, dtype, p + "attn.c_proj.weight");
+    l.fc_p = r.pack(l.fc_w, BLayout::KN, dtype, p + "mlp.c_fc.weight");
+    l.mlp_proj_p = r.pack(l.mlp_proj_w, BLayout::KN, dtype, p + "mlp.c_proj.weight");
     w.layers.push_back(std::move(l));
   }
   return w;

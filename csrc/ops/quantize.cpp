@@ -32,7 +32,14 @@ void quantize_panels(const Src* src, BLayout layout, const PackedMatrix& p, int6
       const int64_t b1 = std::min(K, b0 + kI8Block);
       float amax[kPanelWidth] = {};
       for (int64_t k = b0; k < b1; ++k)
-        for (int64_t j = 0; j < cols; ++j) amax[j] = std::max(amax[j], std::fabs(at(k, n0 + j)));
+        for (int64_t j = 0; j < cols; ++j) {
+          const float w = at(k, n0 + j);
+          // A NaN or infinity would turn its whole block into NaN or a silent 127 * scale: a
+          // corrupt checkpoint is refused instead (float32 and bfloat16 weights propagate it).
+          LLAMAS_CHECK(std::isfinite(w), "quantize", "int8 weights must be finite, got ", w, " at row ", k,
+                       " of column ", n0 + j, " (as (in, out))");
+          amax[j] = std::max(amax[j], std::fabs(w));
+        }
       for (int64_t j = 0; j < cols; ++j) {
         const float scale = amax[j] / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
         scales[b0 / kI8Block * kPanelWidth + j] = scale;
