@@ -252,10 +252,10 @@ def test_bfloat16_kv_cache_holds_half_the_bytes(case):
     assert sizes["float32"][1] == 2 * sizes["bfloat16"][1]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_save_keeps_the_checkpoint_values(case, tmp_path, dtype):
     # A loaded model computes from its packed panels; what it saves are the checkpoint's own
-    # tensors, unchanged (a bfloat16 model does not round the float32 file it came from).
+    # tensors, unchanged (a bfloat16 or int8 model does not round the float32 file it came from).
     loaded = llamas.load(case.folder, dtype=dtype)
     loaded.save(tmp_path / "saved")
     original, _ = read_safetensors(case.folder / "model.safetensors")
