@@ -573,6 +573,11 @@ def test_metrics_and_one_json_log_line_per_request(srv, http, caplog):
     assert metric(http, "llamas_allocator_bytes_reserved") >= metric(http, "llamas_allocator_bytes_in_use") > 0
     assert metric(http, "process_resident_memory_bytes") > metric(http, "llamas_allocator_bytes_in_use")
     assert metric(http, "llamas_requests_total", 'endpoint="/v1/completions",status="200"') > 0
+    info = next(line for line in text.splitlines() if line.startswith("llamas_model_info{"))
+    for label in ('dtype="float32"', 'kv_dtype="float32"', 'compute_dtype="float32"',
+                  f'kernel_variant="{llamas._C.kernel_variant()}"', f'version="{llamas.__version__}"'):
+        assert label in info, (label, info)
+    assert info.endswith(" 1.0")
     # The engine thread's step counters: 5 tokens were generated above, each by one step.
     steps = metric(http, "llamas_engine_steps_total")
     assert steps >= 5 and metric(http, "llamas_engine_step_sequences_total") >= steps

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the server)
 from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
@@ -111,6 +111,8 @@ class ServerMetrics:
                              buckets=_LATENCY, registry=r)
         self.queue = Histogram("llamas_request_queue_time_seconds", "Time waiting before admission to the batch",
                                buckets=_LATENCY, registry=r)
+        self.model_info = Info("llamas_model", "The served model and the precisions it computes in (set once "
+                               "it has loaded)", registry=r)
         self.structured = Counter("llamas_structured_output_requests",
                                   "Generation requests held to a structure, by kind (json_object, json_schema, "
                                   "regex, grammar, choice, tool_call)", ["kind"], registry=r)
@@ -153,6 +155,14 @@ class ServerMetrics:
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux /proc): the
         # RSS a leak would grow, beside the allocator's own view of it.
         ProcessCollector(registry=r)
+
+    def describe_model(self, name: str, model) -> None:
+        """llamas_model_info{...} 1: which model, its weight, KV-cache and compute dtypes, and the
+        kernels running it (an operator's first question when two servers' numbers differ)."""
+        from . import _C, __version__
+        self.model_info.info({"model": name, "dtype": model.dtype, "kv_dtype": model.kv_dtype,
+                              "compute_dtype": model.compute_dtype, "kernel_variant": _C.kernel_variant(),
+                              "bf16_dot_native": str(bool(_C.bf16_dot_native())).lower(), "version": __version__})
 
     def on_finish(self, req) -> None:
         """Engine hook (engine thread): one finished sequence."""

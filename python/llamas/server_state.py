@@ -180,6 +180,7 @@ class ServerState:
         self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue,
                              prefill_chunk=self.prefill_chunk, on_finish=self.metrics.on_finish,
                              on_step=self.dispatcher.flush, prefix_cache_mb=self.prefix_cache_mb)
+        self.metrics.describe_model(self.model_name, model)
         self.ready = True
 
     def load_async(self, loader, what: str) -> threading.Thread:
