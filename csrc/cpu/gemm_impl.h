@@ -16,6 +16,7 @@
 #include "cpu/gemm_packed_impl.h"
 #include "cpu/gemm_panels_impl.h"
 #include "cpu/gemm_bf16_dot_impl.h"
+#include "llamas/error.h"
 
 namespace {
 
@@ -56,6 +57,10 @@ void gemm_typed(const GemmArgs& g) {
 }
 
 void gemm(const GemmArgs& g) {
+  // (The ops layer only builds these; a caller that does not would read the wrong layout.)
+  LLAMAS_CHECK(!g.b_i8 || g.b_layout == BLayout::Panels, "gemm", "int8 weights exist only as panels");
+  LLAMAS_CHECK(!g.a_bf16 || ((g.b_bf16 || g.b_i8) && g.b_layout == BLayout::Panels && !g.a_trans), "gemm",
+               "bfloat16 compute needs bfloat16 or int8 panels and A stored as rows");
   if (g.M == 0 || g.N == 0) return;
   if (g.a_bf16) {
     static const bool hardware = bf16_dot_native();
