@@ -231,7 +231,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="--threads of the server it starts")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "int8"],
                     help="--dtype of the server it starts (weights; default float32)")
-    ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+    ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "int8"],
                     help="--kv-dtype of the server it starts (KV cache; default: the weights' dtype)")
     ap.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
                     help="--compute-dtype of the server it starts (matrix-product activations; bfloat16 needs "

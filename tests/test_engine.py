@@ -190,7 +190,7 @@ def test_a_finished_request_is_freed_without_the_cyclic_collector(model):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
 def test_decode_steps_match_the_forward_pass_across_kv_blocks(kv_dtype):
     # A decoding sequence's new key and value are written by the attention kernel itself, per
     # head, in the thread that then reads them (prompt chunks are written before attention). Each

@@ -213,13 +213,14 @@ def test_kv_dtype_defaults_to_the_weights_and_can_be_chosen(case, model):
     full_kv = llamas.load(case.folder, dtype="bfloat16", kv_dtype="float32")
     assert full_kv.kv_dtype == "float32"
     assert not np.array_equal(full_kv.forward(case.input_ids), llamas.load(case.folder, dtype="bfloat16").forward(case.input_ids))
-    with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32' or 'bfloat16'"):
+    with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32', 'bfloat16' or 'int8'"):
         llamas.load(case.folder, kv_dtype="float16")
 
 
 @pytest.mark.parametrize("dtype,kv_dtype,compute_dtype", [
     ("bfloat16", "float32", "float32"), ("bfloat16", "bfloat16", "float32"), ("bfloat16", "bfloat16", "bfloat16"),
-    ("int8", "bfloat16", "float32"), ("int8", "float32", "float32"), ("int8", "bfloat16", "bfloat16")])
+    ("int8", "bfloat16", "float32"), ("int8", "float32", "float32"), ("int8", "bfloat16", "bfloat16"),
+    ("int8", "int8", "bfloat16"), ("bfloat16", "int8", "float32")])
 def test_decode_rows_equal_prefill_rows(case, dtype, kv_dtype, compute_dtype):
     # Decoding reads the keys and values the cache stored (rounded or not) exactly as a prefill
     # over the same tokens does, and a one-row product sums as a many-row one (bfloat16 compute
@@ -305,7 +306,7 @@ def test_gpt2_tokenizer(fixtures_dir):
     assert tok.decode(tok.encode(text)) == text
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
 def test_prefix_rows_bit_identical_at_every_length(case, kv_dtype):
     # Prefill attention serves query rows in groups (6 on AVX2), and the rows left over one at a
     # time, as decode does: a prompt cut at any length must give bit for bit the rows it gives

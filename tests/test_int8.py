@@ -166,5 +166,50 @@ def test_int8_load_names_a_tensor_that_cannot_be_quantized(case, tmp_path):
 def test_int8_model_rejects_bad_combinations(case):
     with pytest.raises(llamas.LlamasError, match="dtype must be 'float32', 'bfloat16' or 'int8', got 'int4'"):
         llamas.load(case.folder, dtype="int4")
-    with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32' or 'bfloat16'"):
-        llamas.load(case.folder, dtype="int8", kv_dtype="int8")
+    with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32', 'bfloat16' or 'int8'.*got 'int4'"):
+        llamas.load(case.folder, dtype="int8", kv_dtype="int4")
+
+
+# ---- int8 KV cache ------------------------------------------------------------------------------
+def quantize_heads(x):
+    """(B, H, T, D) -> what an int8 KV cache stands for: each (b, h, t) vector as int8 times
+    max |x| / 127 (rounded to nearest even)."""
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inverse = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
+    return np.clip(np.rint(x * inverse), -127, 127).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("t,d", [(1, 24), (17, 64), (33, 59), (97, 32)])
+def test_attention_int8_kv(variant, t, d):
+    """An int8 KV cache: the kernel equals exact attention over the quantized k and v (scores
+    scaled per key, probabilities per value), within the float32 2x rule."""
+    from test_kernels import attention_ref
+    q, k, v = rand(2, 3, t, d, seed=40), rand(2, 3, t, d, seed=41), rand(2, 3, t, d, seed=42)
+    out = ops.attention(q, k, v, kv_dtype="int8")
+    kq, vq = quantize_heads(k), quantize_heads(v)
+    exact = attention_ref(q, kq, vq)
+    naive_err = np.abs(attention_ref(q, kq, vq, np.float32) - exact).max()
+    assert np.abs(out - exact).max() <= 2 * naive_err + 1e-6
+    assert np.abs(out - attention_ref(q, k, v)).max() > 1e-4  # the quantization is really there
+
+
+def test_int8_kv_cache_bytes_and_accuracy(case):
+    f32 = llamas.load(case.folder)
+    m = llamas.load(case.folder, kv_dtype="int8")
+    assert m.kv_dtype == "int8"
+    got = m.forward(case.input_ids).astype(np.float64)
+    assert np.abs(got - case.logits.astype(np.float64)).max() < 0.15 * case.scale
+    cfg = m.config
+    head_dim = cfg.n_embd // cfg.n_head
+    seqs = {}
+    for name, model in (("float32", f32), ("int8", m)):
+        seq = llamas._C.Sequence(model.config.to_native(), seed=0)
+        model._native.step([(seq, case.input_ids[0, :20].tolist(), True)])
+        seqs[name] = seq
+    blocks = seqs["int8"].kv_blocks
+    assert seqs["float32"].kv_blocks == blocks > 0
+    # Per block and layer, keys and values: 16 positions x n_head x (head_dim int8 + a float32 scale).
+    assert seqs["int8"].kv_bytes == blocks * cfg.n_layer * 2 * 16 * cfg.n_head * (head_dim + 4)
+    assert seqs["float32"].kv_bytes == blocks * cfg.n_layer * 2 * 16 * cfg.n_head * head_dim * 4
+    for seq in seqs.values():
+        seq.release()

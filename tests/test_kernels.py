@@ -231,7 +231,7 @@ def test_attention_bfloat16_kv(variant, t, d):
     assert not np.array_equal(out, ops.attention(q, k, v))
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("t,d", [(1, 7), (19, 64), (40, 33)])
 def test_attention_against_reference_kernel(variant, kv_dtype, t, d):
     """The tiled online-softmax kernel against the plain reference kernel on the same paged blocks."""
@@ -246,7 +246,7 @@ def test_attention_rejects_bad_input():
         ops.attention(rand(1, 2, 3, 4), rand(1, 2, 3, 4), rand(1, 2, 3, 5))
     with pytest.raises(llamas.LlamasError, match="head dimension"):
         ops.attention(rand(1, 1, 2, 300), rand(1, 1, 2, 300), rand(1, 1, 2, 300))
-    with pytest.raises(llamas.LlamasError, match="dtype must be 'float32' or 'bfloat16', got 'float16'"):
+    with pytest.raises(llamas.LlamasError, match="kv_dtype must be 'float32', 'bfloat16' or 'int8', got 'float16'"):
         ops.attention(rand(1, 1, 2, 4), rand(1, 1, 2, 4), rand(1, 1, 2, 4), kv_dtype="float16")
 
 

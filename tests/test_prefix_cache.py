@@ -36,7 +36,7 @@ def decode(model, seq, first_ids, steps):
 
 
 # ---- shared blocks -----------------------------------------------------------------------------
-@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
 def test_adopted_blocks_give_the_same_tokens_as_a_full_prefill(kv_dtype):
     model = llamas.load(TINY, kv_dtype=kv_dtype)
     cfg = model.config.to_native()

@@ -4,8 +4,11 @@
 // unnormalised output O), so the T x T score matrix never exists. A few query rows share each
 // key/value load; every row's arithmetic is the same whether it runs alone (decode) or in a group
 // (prefill), so decode and prefill give bit-identical rows. KV entries (KT) are float32 or bfloat16,
-// widened in registers as they are loaded.
+// widened in registers as they are loaded, or int8: a block's 16 scores are then multiplied by
+// their keys' scales, and its probabilities by their values' scales before P V (their sum, the
+// softmax's denominator, is taken before), so the scales cost two multiplies per row and block.
 #include <cmath>
+#include <type_traits>
 
 #include "llamas/allocator.h"
 #include "llamas/kv_block.h"
@@ -58,6 +61,13 @@ struct RowGroup {
     const int hd = a.head_dim;
     const KT* kt = static_cast<const KT*>(a.k_blocks[blk]) + int64_t(head) * hd * kKvBlockSize;
     const KT* vb = static_cast<const KT*>(a.v_blocks[blk]) + int64_t(head) * kKvBlockSize * hd;
+    constexpr bool kInt8 = std::is_same_v<KT, int8_t>;
+    const float* k_scales = nullptr;
+    const float* v_scales = nullptr;
+    if constexpr (kInt8) {
+      k_scales = llamas::kv_i8_scales(static_cast<const int8_t*>(a.k_blocks[blk]), a.n_head, hd) + head * kKvBlockSize;
+      v_scales = llamas::kv_i8_scales(static_cast<const int8_t*>(a.v_blocks[blk]), a.n_head, hd) + head * kKvBlockSize;
+    }
     const int64_t blk_pos = blk * kKvBlockSize;
     // No software prefetch of the next block: measured with and without (this machine, float32),
     // prefill attention (T=512, 12 heads of 64) ran ~15% faster without the ~128 prefetches per
@@ -99,6 +109,7 @@ struct RowGroup {
       for (int v = 0; v < kKeyVecs; ++v) {
         Vec sum = s[r][0][v] + s[r][1][v];
         if constexpr (kScoreChains == 4) sum = sum + (s[r][2][v] + s[r][3][v]);
+        if constexpr (kInt8) sum = sum * Vec::load(k_scales + v * Vec::W);
         sc[v] = Vec::select_first(clamp_lanes(visible - v * Vec::W), sum, Vec::set1(-INFINITY));
         vmax = Vec::max(vmax, sc[v]);
       }
@@ -114,6 +125,7 @@ struct RowGroup {
       for (int v = 0; v < kKeyVecs; ++v) {
         Vec p = vexp(sc[v] - m);
         psum = psum + p;
+        if constexpr (kInt8) p = p * Vec::load(v_scales + v * Vec::W);  // (lanes past the written keys: never read)
         p.store(probs[r] + v * Vec::W);
       }
       run_sum[r] = run_sum[r] * corr[r] + psum.reduce_add();
@@ -231,9 +243,12 @@ void attention(const AttentionArgs* seqs, int n_seqs) {
       int64_t t0 = (local % groups) * kAttnRows;
       if (a.n_query == 1) {  // decode: this range's run of heads of this sequence together
         const int64_t run_end = imin(i1, first_item[s + 1]);
-        if (a.kv_bf16) attention_heads<uint16_t>(a, head, head + int(run_end - item), 0);
+        if (a.kv_i8) attention_heads<int8_t>(a, head, head + int(run_end - item), 0);
+        else if (a.kv_bf16) attention_heads<uint16_t>(a, head, head + int(run_end - item), 0);
         else attention_heads<float>(a, head, head + int(run_end - item), 0);
         item = run_end - 1;
+      } else if (a.kv_i8) {
+        attention_group<int8_t>(a, head, t0);
       } else if (a.kv_bf16) {
         attention_group<uint16_t>(a, head, t0);
       } else {

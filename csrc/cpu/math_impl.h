@@ -37,6 +37,12 @@ inline Vec load_any(const float* p) { return Vec::load(p); }
 inline Vec load_any(const uint16_t* p) { return Vec::load_bf16(p); }
 inline Vec load_any_partial(const float* p, int n) { return Vec::load_partial(p, n); }
 inline Vec load_any_partial(const uint16_t* p, int n) { return Vec::load_bf16_partial(p, n); }
+inline Vec load_any(const int8_t* p) { return Vec::load_i8(p); }
+inline Vec load_any_partial(const int8_t* p, int n) {
+  int8_t lanes[Vec::W] = {};
+  for (int i = 0; i < n; ++i) lanes[i] = p[i];
+  return Vec::load_i8(lanes);
+}
 
 // Own min/max instead of std::min: a variant file must not instantiate shared inline templates
 // (the linker could keep its AVX-512 copy for everyone).

@@ -60,9 +60,16 @@ void gemm(const GemmArgs& g) {
 void attention(const AttentionArgs& a) {
   const int hd = a.head_dim;
   if (a.new_k) {
-    if (a.kv_bf16) kv_write_new_position<uint16_t>(a, 0, a.n_head);
+    if (a.kv_i8) kv_write_new_position<int8_t>(a, 0, a.n_head);
+    else if (a.kv_bf16) kv_write_new_position<uint16_t>(a, 0, a.n_head);
     else kv_write_new_position<float>(a, 0, a.n_head);
   }
+  // Entry i of a region (int8: q * the scale of head h, position j).
+  auto entry = [&](const void* region, int64_t i, int h, int64_t j) {
+    if (!a.kv_i8) return element(region, i, a.kv_bf16);
+    const int8_t* q = static_cast<const int8_t*>(region);
+    return float(q[i]) * kv_i8_scales(q, a.n_head, hd)[h * kKvBlockSize + j % kKvBlockSize];
+  };
   for (int64_t t = 0; t < a.n_query; ++t) {
     const int64_t pos = a.first_pos + t;
     for (int h = 0; h < a.n_head; ++h) {
@@ -73,7 +80,7 @@ void attention(const AttentionArgs& a) {
         const void* kb = a.k_blocks[j / kKvBlockSize];
         const int64_t k0 = int64_t(h) * hd * kKvBlockSize + j % kKvBlockSize;
         float s = 0.f;
-        for (int d = 0; d < hd; ++d) s += q[d] * element(kb, k0 + d * kKvBlockSize, a.kv_bf16);
+        for (int d = 0; d < hd; ++d) s += q[d] * entry(kb, k0 + d * kKvBlockSize, h, j);
         scores[j] = s * a.scale;
         max_score = std::fmax(max_score, scores[j]);
       }
@@ -84,7 +91,7 @@ void attention(const AttentionArgs& a) {
       for (int64_t j = 0; j <= pos; ++j) {
         const void* vb = a.v_blocks[j / kKvBlockSize];
         const int64_t v0 = (int64_t(h) * kKvBlockSize + j % kKvBlockSize) * hd;
-        for (int d = 0; d < hd; ++d) out[d] += scores[j] / total * element(vb, v0 + d, a.kv_bf16);
+        for (int d = 0; d < hd; ++d) out[d] += scores[j] / total * entry(vb, v0 + d, h, j);
       }
     }
   }

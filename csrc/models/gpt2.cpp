@@ -25,8 +25,8 @@ GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights)
 }
 
 void GPT2Model::set_kv_dtype(DType dtype) {
-  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "gpt2", "kv_dtype must be float32 or bfloat16, got ",
-               dtype_name(dtype));
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::I8, "gpt2",
+               "kv_dtype must be float32, bfloat16 or int8, got ", dtype_name(dtype));
   kv_dtype_ = dtype;
 }
 
@@ -199,7 +199,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       a.out = attd + first_row[s] * C, a.out_stride = C;
       a.k_blocks = chunks[s].cache->key_blocks(int(l));
       a.v_blocks = chunks[s].cache->value_blocks(int(l));
-      a.kv_bf16 = chunks[s].cache->dtype() == DType::BF16;
+      a.kv_bf16 = chunks[s].cache->dtype() == DType::BF16, a.kv_i8 = chunks[s].cache->dtype() == DType::I8;
       a.scale = scale;
       if (chunks[s].n == 1) a.new_k = a.q + C, a.new_v = a.q + 2 * C;
     }

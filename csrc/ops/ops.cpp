@@ -278,7 +278,7 @@ namespace {
 // through the cache's own writer (a position's heads gathered into rows first).
 template <typename T_>
 void fill_kv_blocks(const float* kd, const float* vd, int64_t b, int64_t H, int64_t T, int64_t D, T_* kb, T_* vb) {
-  const int64_t block_entries = H * D * kKvBlockSize;
+  const int64_t block_entries = kv_region_bytes(sizeof(T_), H, D) / int64_t(sizeof(T_));
   std::vector<float> krow(H * D), vrow(H * D);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < H; ++h) {
@@ -299,8 +299,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dty
   require_f32(k, op, "k");
   require_f32(v, op, "v");
   require_cpu(q, op);
-  LLAMAS_CHECK(kv_dtype == DType::F32 || kv_dtype == DType::BF16, op, "kv_dtype must be float32 or bfloat16, got ",
-               dtype_name(kv_dtype));
+  LLAMAS_CHECK(kv_dtype == DType::F32 || kv_dtype == DType::BF16 || kv_dtype == DType::I8, op,
+               "kv_dtype must be float32, bfloat16 or int8, got ", dtype_name(kv_dtype));
   LLAMAS_CHECK(q.ndim() == 4, op, "q must be (B, H, T, D), got ", q.describe());
   LLAMAS_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), op, "q, k, v shapes differ: ", q.describe(),
                ", ", k.describe(), ", ", v.describe());
@@ -309,8 +309,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dty
   Tensor out = Tensor::empty(q.shape(), DType::F32);
   if (B * H * T == 0) return out;
   const int64_t n_blocks = (T + kKvBlockSize - 1) / kKvBlockSize;
-  const int64_t block_entries = H * D * kKvBlockSize;
   const size_t entry_bytes = dtype_size(kv_dtype);
+  const int64_t block_entries = kv_region_bytes(int64_t(entry_bytes), H, D) / int64_t(entry_bytes);  // (int8: + scales)
   // Re-lay q and out as (T, H*D) rows and k, v as paged blocks, per batch element.
   Tensor qrows = Tensor::empty({B, T, H * D}, DType::F32);
   Tensor orows = Tensor::empty({B, T, H * D}, DType::F32);
@@ -326,7 +326,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dty
         std::memcpy(qr + t * H * D + h * D, qd + ((b * H + h) * T + t) * D, D * sizeof(float));
     char* kb = static_cast<char*>(kblocks.raw()) + b * n_blocks * block_entries * entry_bytes;
     char* vb = static_cast<char*>(vblocks.raw()) + b * n_blocks * block_entries * entry_bytes;
-    if (kv_dtype == DType::BF16)
+    if (kv_dtype == DType::I8)
+      fill_kv_blocks(k.data<float>(), v.data<float>(), b, H, T, D, reinterpret_cast<int8_t*>(kb),
+                     reinterpret_cast<int8_t*>(vb));
+    else if (kv_dtype == DType::BF16)
       fill_kv_blocks(k.data<float>(), v.data<float>(), b, H, T, D, reinterpret_cast<uint16_t*>(kb),
                      reinterpret_cast<uint16_t*>(vb));
     else
@@ -343,7 +346,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, DType kv_dty
     a.out = orows.data<float>() + b * T * H * D, a.out_stride = H * D;
     a.k_blocks = kptr.data() + b * n_blocks;
     a.v_blocks = vptr.data() + b * n_blocks;
-    a.kv_bf16 = kv_dtype == DType::BF16;
+    a.kv_bf16 = kv_dtype == DType::BF16, a.kv_i8 = kv_dtype == DType::I8;
     a.scale = 1.0f / std::sqrt(float(D));
   }
   if (reference)

@@ -230,8 +230,9 @@ void init_model(py::module_& m) {
       .def_property_readonly("weight_bytes", [](const GPT2Model& m) { return m.weights().bytes(); })
       .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
       .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },
-                    [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_dtype(name, "load", "kv_dtype")); },
-                    "Entry type of the KV caches it fills: 'float32' or 'bfloat16' (default: the weights' dtype).")
+                    [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_weight_dtype(name, "load", "kv_dtype")); },
+                    "Entry type of the KV caches it fills: 'float32', 'bfloat16' or 'int8' (default: the weights' "
+                    "dtype; bfloat16 for int8 weights).")
       .def_property("compute_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.compute_dtype())); },
                     [](GPT2Model& m, const std::string& name) {
                       m.set_compute_dtype(parse_dtype(name, "load", "compute_dtype"));

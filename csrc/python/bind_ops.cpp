@@ -121,13 +121,13 @@ void init_ops(py::module_& m) {
   }, py::arg("x"), "Softmax over the last dimension.");
 
   ops.def("attention", [](FloatArray q, FloatArray k, FloatArray v, const std::string& kv_dtype, bool reference) {
-    DType kd = parse_dtype(kv_dtype, "attention");
+    DType kd = parse_weight_dtype(kv_dtype, "attention", "kv_dtype");
     Tensor tq = view_of(q), tk = view_of(k), tv = view_of(v);
     return without_gil([&] { return ops::attention(tq, tk, tv, kd, reference); });
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_dtype") = "float32", py::arg("reference") = false,
      "Causal scaled dot-product attention on (B, H, T, D) arrays (the fused, tiled kernel, or with "
      "reference=True the plain one). kv_dtype 'bfloat16' rounds k and v to bfloat16 first, as a bfloat16 "
-     "KV cache stores them.");
+     "KV cache stores them; 'int8' quantizes each head's key and value vectors (scale max |x| / 127).");
 
   ops.def("reference_matmul", [](FloatArray a, FloatArray b, const std::string& compute_dtype) {
     LLAMAS_CHECK(a.ndim() == 2 && b.ndim() == 2 && a.shape(1) == b.shape(0), "reference_matmul", "bad shapes");

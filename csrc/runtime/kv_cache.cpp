@@ -34,8 +34,6 @@ void KvCache::release_block(void* handle) {
 
 KvCache::KvCache(int n_layer, int n_head, int head_dim, int64_t max_positions)
     : n_layer_(n_layer), n_head_(n_head), head_dim_(head_dim), max_positions_(max_positions) {
-  layer_entries_ = size_t(n_head) * head_dim * kKvBlockSize;
-  block_entries_ = layer_entries_ * 2 * n_layer;
   key_ptrs_.resize(n_layer);
   value_ptrs_.resize(n_layer);
 }
@@ -43,8 +41,8 @@ KvCache::KvCache(int n_layer, int n_head, int head_dim, int64_t max_positions)
 KvCache::~KvCache() { clear(); }
 
 void KvCache::set_dtype(DType dtype) {
-  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "kv_cache", "KV cache entries must be float32 or bfloat16, got ",
-               dtype_name(dtype));
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::I8, "kv_cache",
+               "KV cache entries must be float32, bfloat16 or int8, got ", dtype_name(dtype));
   LLAMAS_CHECK(blocks_.empty() || dtype == dtype_, "kv_cache", "this KV cache holds ", dtype_name(dtype_),
                " entries; it can only change dtype while empty (asked for ", dtype_name(dtype), ")");
   dtype_ = dtype;
@@ -65,7 +63,7 @@ void KvCache::reserve(int64_t n) {
 
 void KvCache::push_block(void* block) {
   blocks_.push_back(block);
-  const size_t layer_bytes = layer_entries_ * dtype_size(dtype_);
+  const size_t layer_bytes = size_t(kv_region_bytes(int64_t(dtype_size(dtype_)), n_head_, head_dim_));
   char* e = entries(block);
   for (int l = 0; l < n_layer_; ++l) {
     key_ptrs_[l].push_back(e + (2 * l) * layer_bytes);
@@ -107,6 +105,7 @@ void KvCache::write_typed(int layer, int64_t pos, const float* k, const float* v
 
 void KvCache::write(int layer, int64_t pos, const float* k, const float* v) {
   if (dtype_ == DType::BF16) write_typed<uint16_t>(layer, pos, k, v);
+  else if (dtype_ == DType::I8) write_typed<int8_t>(layer, pos, k, v);
   else write_typed<float>(layer, pos, k, v);
 }
 

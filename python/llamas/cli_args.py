@@ -45,9 +45,9 @@ def add_dtype_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
                    help="weight precision (bfloat16 halves the bytes read per token; int8 quantizes them at "
                         "load to 1.125 bytes a weight)")
-    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "int8"],
                    help="KV-cache precision (default: same as --dtype, bfloat16 for int8; bfloat16 halves the cache's memory "
-                        "and the bytes attention reads per token)")
+                        "and the bytes attention reads per token; int8 quarters them)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16 or int8; "
                         "about twice the prefill speed on CPUs with AVX512_BF16)")

@@ -62,7 +62,7 @@ def add_parsers(sub, default_model_help: str) -> None:
                         "counted once, so it has at least seq - stride tokens of context")
     e.add_argument("--max-tokens", type=_positive_int, default=None,
                    help="with --file: evaluate only the first N tokens of the text")
-    e.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+    e.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "int8"],
                    help="with --file: KV-cache precision (default: same as --dtype)")
     e.add_argument("--split", default="val", help="split to evaluate (default val)")
     e.add_argument("--batch", type=_positive_int, default=8, help="sequences per batch (default 8)")

@@ -369,9 +369,9 @@ def check_dtypes(dtype: str, kv_dtype: Optional[str], compute_dtype: str, op: st
     """Raises LlamasError naming the field when load's dtype arguments are not a valid choice."""
     if dtype not in ("float32", "bfloat16", "int8"):
         raise LlamasError(f"[{op}] dtype must be 'float32', 'bfloat16' or 'int8', got {dtype!r}")
-    if kv_dtype is not None and kv_dtype not in ("float32", "bfloat16"):
-        raise LlamasError(f"[{op}] kv_dtype must be 'float32' or 'bfloat16' (or None: the weights' default), "
-                          f"got {kv_dtype!r}")
+    if kv_dtype is not None and kv_dtype not in ("float32", "bfloat16", "int8"):
+        raise LlamasError(f"[{op}] kv_dtype must be 'float32', 'bfloat16' or 'int8' (or None: the weights' "
+                          f"default), got {kv_dtype!r}")
     if compute_dtype not in ("float32", "bfloat16"):
         raise LlamasError(f"[{op}] compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
     if compute_dtype == "bfloat16" and dtype == "float32":
@@ -387,9 +387,10 @@ def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[
     float32 weights are memory-mapped, not copied; dtype="bfloat16" converts the matrices once
     (halving the bytes each decoded token reads); dtype="int8" quantizes them once (each column's
     weights 32 rows at a time as int8 times a float32 scale: 1.125 bytes a weight; activations stay
-    float32). kv_dtype ('float32' or 'bfloat16', default: the same as dtype, bfloat16 for int8) is
-    what the KV cache stores: bfloat16 halves its memory and the bytes attention reads per token, at
-    bfloat16 rounding of keys and values. compute_dtype="bfloat16" (with dtype="bfloat16") also
+    float32). kv_dtype ('float32', 'bfloat16' or 'int8'; default: the same as dtype, bfloat16 for
+    int8) is what the KV cache stores: bfloat16 halves its memory and the bytes attention reads per
+    token, at bfloat16 rounding of keys and values; int8 quarters them (plus a float32 scale per
+    head and position), each head's key and value vectors quantized as int8 weights are. compute_dtype="bfloat16" (with dtype="bfloat16") also
     rounds each matrix product's activations to bfloat16 and sums them in k pairs, as the
     AVX512_BF16 instruction VDPBF16PS does: prefill about twice as fast on CPUs that have it (Zen 4,
     Sapphire Rapids), bit-identical results elsewhere (emulated, slower), at one more bfloat16

@@ -58,8 +58,14 @@ struct AdamWArgs {
 
 // KV cache blocks hold kKvBlockSize consecutive positions of one sequence, for every head:
 // keys transposed, [head][head_dim][kKvBlockSize] (a register of keys' scores per head_dim
-// step), values as [head][kKvBlockSize][head_dim]; entries float32 or bfloat16 (kv_bf16).
+// step), values as [head][kKvBlockSize][head_dim]; entries float32 or bfloat16 (kv_bf16), or
+// int8 (kv_i8): then each of the two regions is followed by float32 scales [head][kKvBlockSize],
+// and an entry is q * the scale of its head and position (see kv_block.h).
 constexpr int kKvBlockSize = 16;
+// Bytes of one layer's keys (or values) in a block: n_head * head_dim * 16 entries (+ int8 scales).
+constexpr int64_t kv_region_bytes(int64_t entry_bytes, int64_t n_head, int64_t head_dim) {
+  return n_head * head_dim * kKvBlockSize * entry_bytes + (entry_bytes == 1 ? n_head * kKvBlockSize * 4 : 0);
+}
 
 struct AttentionArgs {
   int n_head = 0, head_dim = 0;
@@ -72,6 +78,7 @@ struct AttentionArgs {
   const void* const* k_blocks = nullptr;  // block b holds positions [b*16, b*16+16)
   const void* const* v_blocks = nullptr;
   bool kv_bf16 = false;                    // block entries are bfloat16 (else float32)
+  bool kv_i8 = false;                      // block entries are int8 with scales (see kv_region_bytes)
   float scale = 1.0f;
   // Decode (n_query == 1) only: the new position's key and value rows (n_head * head_dim floats,
   // head-major). The kernel writes each head's into its block (position first_pos) just before

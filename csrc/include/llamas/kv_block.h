@@ -3,26 +3,66 @@
 // transposed, [head][head_dim][kKvBlockSize]; values [head][kKvBlockSize][head_dim]): the one
 // place that layout is written, for the model's KvCache, ops::attention's temporary cache and
 // decode attention's own writes (AttentionArgs::new_k).
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "llamas/bfloat16.h"
 #include "llamas/kernel_args.h"
 
 namespace llamas {
 
+// An int8 region's scales (after its n_head * head_dim * 16 entries): [head][kKvBlockSize].
+inline float* kv_i8_scales(int8_t* region, int n_head, int head_dim) {
+  return reinterpret_cast<float*>(region + int64_t(n_head) * head_dim * kKvBlockSize);
+}
+inline const float* kv_i8_scales(const int8_t* region, int n_head, int head_dim) {
+  return reinterpret_cast<const float*>(region + int64_t(n_head) * head_dim * kKvBlockSize);
+}
+
+// One head's head_dim values at x as int8 (stride apart) and their scale, max |x| / 127 (as int8
+// weights are quantized, over a head's vector instead of 32 rows). A NaN or infinity makes the
+// scale non-finite, so the entries read back non-finite, as a float32 cache would hold them.
+inline float kv_quantize_head(const float* x, int head_dim, int8_t* q, int64_t stride) {
+  float amax = 0.0f;
+  for (int d = 0; d < head_dim; ++d) {
+    const float a = std::fabs(x[d]);
+    amax = (a > amax || a != a) ? a : amax;
+  }
+  const float scale = amax / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+  for (int d = 0; d < head_dim; ++d) {
+    const float r = std::nearbyint(x[d] * inverse);
+    q[d * stride] = int8_t(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : (r == r ? r : 0.0f));
+  }
+  return scale;
+}
+
 // Position `slot` (0..kKvBlockSize-1) of a block: heads [h0, h1)'s keys k[h * head_dim + d] and
-// values v[...], rounded to the block's entry type T (float or bfloat16 as uint16_t).
+// values v[...], rounded to the block's entry type T (float, bfloat16 as uint16_t, or int8 with a
+// scale per head and position; n_head, the heads a region holds, places int8's scales).
 template <typename T>
 inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, int head_dim, int64_t slot,
-                                 const float* k, const float* v) {
-  for (int h = h0; h < h1; ++h) {
-    const float* kh = k + int64_t(h) * head_dim;
-    const float* vh = v + int64_t(h) * head_dim;
-    T* kt = key_block + int64_t(h) * head_dim * kKvBlockSize + slot;
-    T* vrow = value_block + (int64_t(h) * kKvBlockSize + slot) * head_dim;
-    for (int d = 0; d < head_dim; ++d) {
-      kt[d * kKvBlockSize] = float_as<T>(kh[d]);
-      vrow[d] = float_as<T>(vh[d]);
+                                 const float* k, const float* v, int n_head = 0) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    float* k_scales = kv_i8_scales(key_block, n_head, head_dim);
+    float* v_scales = kv_i8_scales(value_block, n_head, head_dim);
+    for (int h = h0; h < h1; ++h) {
+      k_scales[h * kKvBlockSize + slot] = kv_quantize_head(k + int64_t(h) * head_dim, head_dim,
+                                                           key_block + int64_t(h) * head_dim * kKvBlockSize + slot,
+                                                           kKvBlockSize);
+      v_scales[h * kKvBlockSize + slot] = kv_quantize_head(v + int64_t(h) * head_dim, head_dim,
+                                                           value_block + (int64_t(h) * kKvBlockSize + slot) * head_dim, 1);
+    }
+  } else {
+    for (int h = h0; h < h1; ++h) {
+      const float* kh = k + int64_t(h) * head_dim;
+      const float* vh = v + int64_t(h) * head_dim;
+      T* kt = key_block + int64_t(h) * head_dim * kKvBlockSize + slot;
+      T* vrow = value_block + (int64_t(h) * kKvBlockSize + slot) * head_dim;
+      for (int d = 0; d < head_dim; ++d) {
+        kt[d * kKvBlockSize] = float_as<T>(kh[d]);
+        vrow[d] = float_as<T>(vh[d]);
+      }
     }
   }
 }
@@ -30,7 +70,7 @@ inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, i
 template <typename T>
 inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot, const float* k,
                            const float* v) {
-  kv_block_write_heads(key_block, value_block, 0, n_head, head_dim, slot, k, v);
+  kv_block_write_heads(key_block, value_block, 0, n_head, head_dim, slot, k, v, n_head);
 }
 
 // A decode step's new key and value (AttentionArgs::new_k, new_v) for heads [h0, h1), into the
@@ -41,7 +81,7 @@ inline void kv_write_new_position(const AttentionArgs& a, int h0, int h1) {
   const int64_t blk = a.first_pos / kKvBlockSize;
   kv_block_write_heads(static_cast<T*>(const_cast<void*>(a.k_blocks[blk])),
                        static_cast<T*>(const_cast<void*>(a.v_blocks[blk])), h0, h1, a.head_dim,
-                       a.first_pos % kKvBlockSize, a.new_k, a.new_v);
+                       a.first_pos % kKvBlockSize, a.new_k, a.new_v, a.n_head);
 }
 
 }  // namespace llamas
