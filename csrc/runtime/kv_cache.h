@@ -59,7 +59,7 @@ class KvCache {
   static void release_block(void* block);
 
   static int64_t blocks_in_use();      // over all caches in the process
-  static int64_t bytes_in_use();       // their bytes (blocks of bfloat16 caches count half)
+  static int64_t bytes_in_use();       // their bytes (bfloat16 blocks count half, int8 ones a quarter + scales)
   size_t bytes_per_block() const {
     return size_t(2 * n_layer_ * kv_region_bytes(int64_t(dtype_size(dtype_)), n_head_, head_dim_));
   }

@@ -130,7 +130,7 @@ class ServerMetrics:
             engine_attr("num_waiting"))
         Gauge("llamas_kv_cache_blocks_in_use", "KV-cache blocks (16 positions each) in use in this process",
               registry=r).set_function(lambda: memory_stats()["kv_cache_blocks_in_use"])
-        Gauge("llamas_kv_cache_bytes_in_use", "Bytes of those KV-cache blocks (bfloat16 caches hold half)",
+        Gauge("llamas_kv_cache_bytes_in_use", "Bytes of those KV-cache blocks (bfloat16 caches hold half, int8 ones about a quarter)",
               registry=r).set_function(lambda: memory_stats()["kv_cache_bytes_in_use"])
         Gauge("llamas_allocator_bytes_in_use", "Caching allocator: bytes handed out", registry=r).set_function(
             lambda: memory_stats()["bytes_in_use"])
