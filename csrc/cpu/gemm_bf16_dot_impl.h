@@ -1,6 +1,7 @@
 #pragma once
-// GEMM with bfloat16 activations over bfloat16 weight panels (GemmArgs::a_bf16: a model loaded with
-// compute_dtype="bfloat16"). A's values are rounded to bfloat16 (nearest, ties to even) and each C
+// GEMM with bfloat16 activations over bfloat16 weight panels, or int8 ones whose weights q * scale
+// are rounded to bfloat16 first (GemmArgs::a_bf16: a model loaded with compute_dtype="bfloat16").
+// A's values are rounded to bfloat16 (nearest, ties to even) and each C
 // element is one float32 chain over k pairs, ascending, from the bias (or C):
 //     c = (c + a[2p+1] b[2p+1]) + a[2p] b[2p]
 // which is what one lane of VDPBF16PS computes (the odd product first: checked against 10^6 random
