@@ -16,8 +16,6 @@
 #include "llamas/bfloat16.h"
 #include "llamas/cpu_features.h"
 
-#include <atomic>
-
 namespace {
 
 // Tile of the blocked path: rows x panels of 16 columns (24 accumulators on AVX-512; the FMA
@@ -199,7 +197,8 @@ void dot_small_m(const GemmArgs& g) {
   constexpr bool kInt8 = std::is_same_v<BT, int8_t>;
   const int64_t pairs = (g.K + 1) / 2;
   llamas::parallel_for(g.N, P * kPanelWidth, [&](int64_t n0, int64_t n1) {
-    ScratchBuffer rows(static_cast<size_t>(R * pairs + 1)), panel(static_cast<size_t>(R * pairs + 1));
+    // (One row is its own panel: no rows to round first.)
+    ScratchBuffer rows(R == 1 ? 0 : static_cast<size_t>(R * pairs + 1)), panel(static_cast<size_t>(R * pairs + 1));
     ScratchBuffer converted(kInt8 && !kHw ? size_t(P * 2 * kI8ChunkPairs * kPanelWidth / 2) : 0);
     uint32_t* rows_data = reinterpret_cast<uint32_t*>(rows.data);
     uint32_t* a = reinterpret_cast<uint32_t*>(panel.data);
@@ -246,20 +245,18 @@ void dot_blocked(const GemmArgs& g) {
   const int r_last = left == 0 ? R : left <= 4 ? 4 : left <= 8 ? 8 : R;
   ScratchBuffer Ap(static_cast<size_t>(panels * R * pairs + 1));
   uint32_t* a_panels = reinterpret_cast<uint32_t*>(Ap.data);
-  std::atomic<int64_t> next_panel{0}, packed{0};
+  SharedPanelPack packing;
   llamas::parallel_for(g.N, P * kPanelWidth, [&](int64_t n0, int64_t n1) {
     {
       ScratchBuffer rows(static_cast<size_t>(R * pairs + 1));
       uint32_t* rows_data = reinterpret_cast<uint32_t*>(rows.data);
-      for (int64_t p; (p = next_panel.fetch_add(1, std::memory_order_relaxed)) < panels;) {
+      packing.run(panels, [&](int64_t p) {
         uint32_t* dst = a_panels + p * R * pairs;
         if (p < panels - 1 || r_last == R) pack_pairs_panel<R>(g, p * R, rows_data, dst);
         else if (r_last == 8) pack_pairs_panel<8>(g, p * R, rows_data, dst);
         else pack_pairs_panel<4>(g, p * R, rows_data, dst);
-        packed.fetch_add(1, std::memory_order_release);
-      }
+      });
     }
-    for (int spin = 0; packed.load(std::memory_order_acquire) < panels; ++spin) llamas::spin_pause(spin);
     ScratchBuffer converted(kInt8 ? size_t(kKC * kNC / 2) : 0);
     uint16_t* block = reinterpret_cast<uint16_t*>(converted.data);
     for (int64_t jc = n0; jc < n1; jc += kNC) {

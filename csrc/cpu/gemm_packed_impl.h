@@ -23,12 +23,10 @@ void pack_b(const GemmArgs& g, int64_t pc, int64_t kc, int64_t jc, int64_t nc, f
     // int8 panels (the only int8 layout): dequantized W columns at a time, each weight q * scale
     // as the few-row tiles form it in registers, so both paths sum the same float32 values.
     for (int64_t j = 0; j < (nc + kNR - 1) / kNR * kNR; j += Vec::W) {
-      const int8_t* src = panel_run<int8_t>(g, jc + j, pc);
+      const int8_t* run = panel_run<int8_t>(g, jc + j, 0);
       const float* scales = i8_run_scales(g, jc + j);
       float* dst = Bp + (j / kNR) * kc * kNR + j % kNR;
-      for (int64_t k = 0; k < kc; ++k)
-        (Vec::load_i8(src + k * kPanelWidth) * Vec::load(scales + (pc + k) / llamas::kI8Block * kPanelWidth))
-            .store(dst + k * kNR);
+      for (int64_t k = 0; k < kc; ++k) dequantized_run_row(run, scales, pc + k).store(dst + k * kNR);
     }
     return;
   }

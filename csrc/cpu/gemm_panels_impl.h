@@ -3,8 +3,6 @@
 // server's batched decode (a few tiles). Part of gemm_impl.h.
 #include "cpu/gemm_tile_impl.h"
 
-#include <atomic>
-
 namespace {
 
 // ---- Panels: B stored in the GEMM's own layout (ops::pack_panels) ----------------------------
@@ -35,20 +33,14 @@ void panels_tiled(const GemmArgs& g, int pieces) {
   // thread waited: 16-sequence steps 1.68 -> 1.52, 1.98 -> 1.85 and 1.99 -> 1.83 ms (medians of
   // 5-8, builds alternated, three runs).
   const bool shared_pack = !row_is_panel && panels > 1;
-  std::atomic<int64_t> next_panel{0}, packed{0};
+  SharedPanelPack packing;
   if (!row_is_panel && !shared_pack)
     for (int64_t p = 0; p < panels; ++p) pack(p);
   constexpr int64_t kCols = RUNS * Vec::W;
   int next_shift = 0;
   while ((int64_t(2) << next_shift) <= panels) ++next_shift;
   llamas::parallel_for(g.N, kCols, [&](int64_t n0, int64_t n1) {
-    if (shared_pack) {
-      for (int64_t p; (p = next_panel.fetch_add(1, std::memory_order_relaxed)) < panels;) {
-        pack(p);
-        packed.fetch_add(1, std::memory_order_release);
-      }
-      for (int spin = 0; packed.load(std::memory_order_acquire) < panels; ++spin) llamas::spin_pause(spin);
-    }
+    if (shared_pack) packing.run(panels, pack);
     const BT* runs[RUNS];
     const BT* next[RUNS];
     for (int j = 0; j < RUNS; ++j) next[j] = panel_run<BT>(g, n0 + j * Vec::W, 0);

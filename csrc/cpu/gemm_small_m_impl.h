@@ -23,12 +23,7 @@ void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
   const uintptr_t b_at = reinterpret_cast<uintptr_t>(B + n0) & 4095;
   const uintptr_t s_at = reinterpret_cast<uintptr_t>(stage.data) & 4095;
   float* C = stage.data + ((b_at + 2048 - s_at) & 4095) / 4;  // (both 4-byte aligned)
-  for (int64_t m = 0; m < g.M; ++m) {
-    float* c = C + m * pitch;
-    const float* init = g.accumulate ? g.C + m * g.ldc + n0 : g.bias ? g.bias + n0 : nullptr;
-    if (init) std::memcpy(c, init, width * sizeof(float));
-    else std::memset(c, 0, width * sizeof(float));
-  }
+  start_rows(g, n0, n1, C, pitch);
   for (int64_t k = 0; k < g.K; k += kRows) {
     int kk = int(imin(kRows, g.K - k));
     const BT* b0 = B + k * g.ldb + n0;

@@ -2,6 +2,7 @@
 // The GEMM's building blocks, written once against Vec (see gemm_impl.h): constants, scratch
 // buffers, edge loads and stores, A panel packing, panel runs of B and the register-tile
 // microkernel every blocked path runs.
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -43,15 +44,20 @@ inline void store_lanes(float* p, Vec v, int lanes) {
   else if (lanes > 0) v.store_partial(p, lanes);
 }
 
-// C[m, n0:n1] = bias or 0 before the FMA chains start (not with accumulate).
-inline void init_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
-  if (g.accumulate) return;
+// Columns [n0, n1) of every row's starting values, into rows `pitch` floats apart at dst: C's own
+// values with accumulate, else the bias or 0.
+inline void start_rows(const GemmArgs& g, int64_t n0, int64_t n1, float* dst, int64_t pitch) {
   for (int64_t m = 0; m < g.M; ++m) {
-    float* c = g.C + m * g.ldc;
-    if (g.bias) std::memcpy(c + n0, g.bias + n0, (n1 - n0) * sizeof(float));
-    else std::memset(c + n0, 0, (n1 - n0) * sizeof(float));
+    float* c = dst + m * pitch;
+    const float* from = g.accumulate ? g.C + m * g.ldc + n0 : g.bias ? g.bias + n0 : nullptr;
+    if (from == c) continue;
+    if (from) std::memcpy(c, from, (n1 - n0) * sizeof(float));
+    else std::memset(c, 0, (n1 - n0) * sizeof(float));
   }
 }
+
+// C[m, n0:n1] = bias or 0 before the FMA chains start (with accumulate, C stays as it is).
+inline void init_rows(const GemmArgs& g, int64_t n0, int64_t n1) { start_rows(g, n0, n1, g.C + n0, g.ldc); }
 
 inline void gelu_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
   if (!g.gelu) return;
@@ -148,6 +154,26 @@ inline const float* i8_run_scales(const GemmArgs& g, int64_t col) {
   return reinterpret_cast<const float*>(panel + g.K * kPanelWidth) + col % kPanelWidth;
 }
 
+// Row k of an int8 run as float32 weights, q * scale (one rounding): what the few-row tiles use in
+// registers and the blocked path's dequantized B blocks hold, so both sum the same values.
+inline Vec dequantized_run_row(const int8_t* run, const float* scales, int64_t k) {
+  return Vec::load_i8(run + k * kPanelWidth) * Vec::load(scales + k / llamas::kI8Block * kPanelWidth);
+}
+
+// Row panels of A packed by the threads of one parallel region together: each claims the next
+// panel, and then waits until all are packed (every column range reads every panel).
+struct SharedPanelPack {
+  std::atomic<int64_t> next{0}, packed{0};
+  template <typename Pack>
+  void run(int64_t panels, Pack&& pack) {
+    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < panels;) {
+      pack(p);
+      packed.fetch_add(1, std::memory_order_release);
+    }
+    for (int spin = 0; packed.load(std::memory_order_acquire) < panels; ++spin) llamas::spin_pause(spin);
+  }
+};
+
 // One R x (RUNS * W) tile of C over kc steps of k: A is a packed panel [k][R]; B is RUNS runs of W
 // columns with k stride ldbk (a packed block: Bp + j * W, kNR; Panels: columns of the stored
 // panels, 16; bfloat16 panels: one whole interleaved panel row per kPanelWidth / W runs, so those
@@ -177,11 +203,10 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
   auto k_step = [&](int64_t k) __attribute__((always_inline)) {
     const float* a = Ap + k * R;
     if constexpr (std::is_same_v<BT, int8_t>) {
-      // int8: each weight is q * scale as a float32 product (one rounding; the reference and the
-      // blocked path's dequantized blocks form the same), then the same FMA chain as float32.
+      // int8: each weight is q * scale as a float32 product, then the same FMA chain as float32.
+      // (ldbk is kPanelWidth: int8 runs are only the stored panels' own.)
       Vec b[RUNS];
-      for (int j = 0; j < RUNS; ++j)
-        b[j] = Vec::load_i8(B[j] + k * ldbk) * Vec::load(scales[j] + (k / llamas::kI8Block) * kPanelWidth);
+      for (int j = 0; j < RUNS; ++j) b[j] = dequantized_run_row(B[j], scales[j], k);
       for (int i = 0; i < R; ++i) {
         Vec ai = Vec::set1(a[i]);
         for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);

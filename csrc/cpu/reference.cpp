@@ -19,11 +19,7 @@ static float element(const void* base, int64_t i, bool bf16) {
 }
 
 static float b_at(const GemmArgs& g, int64_t k, int64_t n) {
-  if (g.b_i8) {  // int8 panels: q * scale of column n's block k / 32
-    const int8_t* panel = static_cast<const int8_t*>(g.B) + (n / kPanelWidth) * i8_panel_bytes(g.K);
-    const float* scales = reinterpret_cast<const float*>(panel + g.K * kPanelWidth);
-    return float(panel[k * kPanelWidth + n % kPanelWidth]) * scales[k / kI8Block * kPanelWidth + n % kPanelWidth];
-  }
+  if (g.b_i8) return i8_panel_weight(static_cast<const int8_t*>(g.B), g.K, k, n);
   int64_t idx = g.b_layout == BLayout::KN   ? k * g.ldb + n
                 : g.b_layout == BLayout::NK ? n * g.ldb + k
                                             : ((n / kPanelWidth) * g.K + k) * kPanelWidth +

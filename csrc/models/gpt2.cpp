@@ -30,10 +30,15 @@ void GPT2Model::set_kv_dtype(DType dtype) {
   kv_dtype_ = dtype;
 }
 
+namespace {
+// bfloat16 compute reads bfloat16 or int8 panels only (gemm_bf16_dot_impl.h).
+bool computes_in_bf16(const GPT2Weights& w) { return w.dtype != DType::F32 && w.packed(); }
+}  // namespace
+
 void GPT2Model::set_compute_dtype(DType dtype) {
   LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "gpt2", "compute_dtype must be float32 or bfloat16, got ",
                dtype_name(dtype));
-  LLAMAS_CHECK(dtype == DType::F32 || (weights_.dtype != DType::F32 && weights_.packed()), "gpt2",
+  LLAMAS_CHECK(dtype == DType::F32 || computes_in_bf16(weights_), "gpt2",
                "compute_dtype bfloat16 needs bfloat16 or int8 weights (load with dtype='bfloat16' or 'int8'); "
                "these are ", dtype_name(weights_.dtype));
   compute_dtype_ = dtype;
@@ -42,7 +47,7 @@ void GPT2Model::set_compute_dtype(DType dtype) {
 void GPT2Model::set_weights(GPT2Weights weights) {
   LLAMAS_CHECK(int64_t(weights.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights.layers.size(),
                " layers, config says ", config_.n_layer);
-  LLAMAS_CHECK(compute_dtype_ == DType::F32 || (weights.dtype != DType::F32 && weights.packed()), "gpt2",
+  LLAMAS_CHECK(compute_dtype_ == DType::F32 || computes_in_bf16(weights), "gpt2",
                "this model computes in bfloat16 and needs bfloat16 or int8 weights, got ", dtype_name(weights.dtype));
   weights_ = std::move(weights);
 }
@@ -60,7 +65,7 @@ void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayo
     g.N = packed.N, g.B = packed.data.raw(), g.b_bf16 = packed.dtype() == DType::BF16;
     g.b_i8 = packed.dtype() == DType::I8;
     g.b_layout = BLayout::Panels, g.ldb = K;
-    g.a_bf16 = a_bf16 && (g.b_bf16 || g.b_i8);
+    g.a_bf16 = a_bf16;
   } else {
     g.N = layout == BLayout::KN ? w.dim(1) : w.dim(0), g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16;
     g.b_layout = layout, g.ldb = w.dim(1);

@@ -111,8 +111,8 @@ class GPT2Model {
   void set_kv_dtype(DType dtype);
   // The dtype a GEMM's activations take (default float32): bfloat16 rounds them and sums k in
   // pairs as VDPBF16PS does (cpu/gemm_bf16_dot_impl.h), twice the multiply-adds per instruction
-  // on CPUs with AVX512_BF16. Needs bfloat16 weights; the attention, norms and KV cache stay as
-  // they are.
+  // on CPUs with AVX512_BF16. Needs bfloat16 or int8 weights; the attention, norms and KV cache
+  // stay as they are.
   DType compute_dtype() const { return compute_dtype_; }
   void set_compute_dtype(DType dtype);
   // Swaps in other weights for the same config (the trainer moves them into one flat buffer).

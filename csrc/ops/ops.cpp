@@ -12,6 +12,7 @@
 #include "llamas/bfloat16.h"
 #include "llamas/cuda.h"
 #include "llamas/error.h"
+#include "llamas/int8.h"
 #include "llamas/parallel.h"
 #include "llamas/profiler.h"
 #include "ops/checks.h"
@@ -279,9 +280,7 @@ void embedding(const int32_t* ids, const int64_t* positions, int64_t n, const Te
       const float* src = wte_panels->data.data<float>() + base + v % kPanelWidth;
       for (int64_t c = 0; c < C; ++c) dst[c] = src[c * kPanelWidth];
     } else if (wte_panels->dtype() == DType::I8) {  // q * scale, as the lm_head GEMM forms it
-      const int8_t* q = wte_panels->data.data<int8_t>() + (v / kPanelWidth) * i8_panel_bytes(C);
-      const float* scales = reinterpret_cast<const float*>(q + C * kPanelWidth) + v % kPanelWidth;
-      for (int64_t c = 0; c < C; ++c) dst[c] = float(q[c * kPanelWidth + v % kPanelWidth]) * scales[c / kI8Block * kPanelWidth];
+      for (int64_t c = 0; c < C; ++c) dst[c] = i8_panel_weight(wte_panels->data.data<int8_t>(), C, c, v);
     } else {
       const uint16_t* src = wte_panels->data.data<uint16_t>() + base + bf16_panel_slot(v % kPanelWidth);
       for (int64_t c = 0; c < C; ++c) dst[c] = bf16_to_float(src[c * kPanelWidth]);

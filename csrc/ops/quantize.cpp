@@ -7,6 +7,7 @@
 
 #include "llamas/bfloat16.h"
 #include "llamas/error.h"
+#include "llamas/int8.h"
 #include "llamas/ops.h"
 #include "llamas/parallel.h"
 
@@ -30,24 +31,16 @@ void quantize_panels(const Src* src, BLayout layout, const PackedMatrix& p, int6
     const int64_t n0 = panel * kPanelWidth, cols = std::min(kPanelWidth, N - n0);
     for (int64_t b0 = 0; b0 < K; b0 += kI8Block) {
       const int64_t b1 = std::min(K, b0 + kI8Block);
-      float amax[kPanelWidth] = {};
-      for (int64_t k = b0; k < b1; ++k)
-        for (int64_t j = 0; j < cols; ++j) {
-          const float w = at(k, n0 + j);
+      for (int64_t j = 0; j < cols; ++j) {
+        float block[kI8Block];
+        for (int64_t k = b0; k < b1; ++k) {
+          block[k - b0] = at(k, n0 + j);
           // A NaN or infinity would turn its whole block into NaN or a silent 127 * scale: a
           // corrupt checkpoint is refused instead (float32 and bfloat16 weights propagate it).
-          LLAMAS_CHECK(std::isfinite(w), "quantize", "int8 weights must be finite, got ", w, " at row ", k,
-                       " of column ", n0 + j, " (as (in, out))");
-          amax[j] = std::max(amax[j], std::fabs(w));
+          LLAMAS_CHECK(std::isfinite(block[k - b0]), "quantize", "int8 weights must be finite, got ", block[k - b0],
+                       " at row ", k, " of column ", n0 + j, " (as (in, out))");
         }
-      for (int64_t j = 0; j < cols; ++j) {
-        const float scale = amax[j] / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-        scales[b0 / kI8Block * kPanelWidth + j] = scale;
-        for (int64_t k = b0; k < b1; ++k) {
-          // |w| <= amax, so |w / scale| <= 127 up to one rounding: the clamp only catches that.
-          const float r = std::nearbyint(at(k, n0 + j) * inverse);
-          q[k * kPanelWidth + j] = int8_t(std::max(-127.0f, std::min(127.0f, r)));
-        }
+        scales[b0 / kI8Block * kPanelWidth + j] = quantize_int8(block, b1 - b0, 1, q + b0 * kPanelWidth + j, kPanelWidth);
       }
     }
   }
@@ -72,14 +65,8 @@ Tensor dequantize_panels(const PackedMatrix& p) {
   LLAMAS_CHECK(p.defined() && p.dtype() == DType::I8, "dequantize", "expects int8 panels, got ",
                p.defined() ? dtype_name(p.dtype()) : "an empty matrix");
   Tensor out = Tensor::empty({p.K, p.N}, DType::F32);
-  const int64_t record = i8_panel_bytes(p.K);
-  for (int64_t n = 0; n < p.N; ++n) {
-    const int8_t* q = p.data.data<int8_t>() + (n / kPanelWidth) * record;
-    const float* scales = reinterpret_cast<const float*>(q + p.K * kPanelWidth);
-    for (int64_t k = 0; k < p.K; ++k)
-      out.data<float>()[k * p.N + n] =
-          float(q[k * kPanelWidth + n % kPanelWidth]) * scales[k / kI8Block * kPanelWidth + n % kPanelWidth];
-  }
+  for (int64_t k = 0; k < p.K; ++k)
+    for (int64_t n = 0; n < p.N; ++n) out.data<float>()[k * p.N + n] = i8_panel_weight(p.data.data<int8_t>(), p.K, k, n);
   return out;
 }
 

@@ -221,7 +221,7 @@ void init_model(py::module_& m) {
   py::class_<GPT2Model>(m, "GPT2Model")
       .def(py::init([](const py::dict& config, const std::vector<std::string>& weight_files, const std::string& dtype) {
              GPT2Config c = config_from_dict(config);
-             DType dt = parse_weight_dtype(dtype, "load");
+             DType dt = parse_dtype(dtype, "load", "dtype", true);
              py::gil_scoped_release release;
              return new GPT2Model(c, load_gpt2_weights(weight_files, c, dt));
            }),
@@ -230,7 +230,7 @@ void init_model(py::module_& m) {
       .def_property_readonly("weight_bytes", [](const GPT2Model& m) { return m.weights().bytes(); })
       .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
       .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },
-                    [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_weight_dtype(name, "load", "kv_dtype")); },
+                    [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_dtype(name, "load", "kv_dtype", true)); },
                     "Entry type of the KV caches it fills: 'float32', 'bfloat16' or 'int8' (default: the weights' "
                     "dtype; bfloat16 for int8 weights).")
       .def_property("compute_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.compute_dtype())); },

@@ -41,7 +41,7 @@ void init_ops(py::module_& m) {
                        const std::string& weight_layout, const std::string& weight_dtype, bool packed,
                        const std::string& compute_dtype) {
     BLayout layout = parse_layout(weight_layout);
-    DType wd = parse_weight_dtype(weight_dtype, "linear", "weight_dtype");
+    DType wd = parse_dtype(weight_dtype, "linear", "weight_dtype", true);
     DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype");
     Tensor tx = view_of(x), tw = view_of(w);
     Tensor tb = bias ? view_of(*bias) : Tensor();
@@ -70,7 +70,7 @@ void init_ops(py::module_& m) {
       .def_property_readonly("nbytes", [](const ops::PackedMatrix& p) { return p.data.nbytes(); });
   ops.def("pack", [](FloatArray w, const std::string& weight_layout, const std::string& weight_dtype) {
     BLayout layout = parse_layout(weight_layout);
-    DType wd = parse_weight_dtype(weight_dtype, "pack", "weight_dtype");
+    DType wd = parse_dtype(weight_dtype, "pack", "weight_dtype", true);
     Tensor tw = view_of(w);
     py::gil_scoped_release release;
     return ops::pack_panels(tw, layout, wd);
@@ -121,7 +121,7 @@ void init_ops(py::module_& m) {
   }, py::arg("x"), "Softmax over the last dimension.");
 
   ops.def("attention", [](FloatArray q, FloatArray k, FloatArray v, const std::string& kv_dtype, bool reference) {
-    DType kd = parse_weight_dtype(kv_dtype, "attention", "kv_dtype");
+    DType kd = parse_dtype(kv_dtype, "attention", "kv_dtype", true);
     Tensor tq = view_of(q), tk = view_of(k), tv = view_of(v);
     return without_gil([&] { return ops::attention(tq, tk, tv, kd, reference); });
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_dtype") = "float32", py::arg("reference") = false,

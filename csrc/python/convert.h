@@ -26,17 +26,14 @@ inline Tensor view_of(const FloatArray& a) {
 }
 
 // "float32" or "bfloat16"; anything else fails naming the op and the argument.
-inline DType parse_dtype(const std::string& name, const char* op, const char* field = "dtype") {
+// with_int8: weights and KV caches also take int8 (quantized, see i8_panel_bytes, kv_region_bytes);
+// a compute dtype does not.
+inline DType parse_dtype(const std::string& name, const char* op, const char* field = "dtype", bool with_int8 = false) {
   if (name == "float32") return DType::F32;
   if (name == "bfloat16") return DType::BF16;
+  if (with_int8 && name == "int8") return DType::I8;
+  if (with_int8) fail(op, field, " must be 'float32', 'bfloat16' or 'int8', got '", name, "'");
   fail(op, field, " must be 'float32' or 'bfloat16', got '", name, "'");
-}
-
-// A weight dtype: float32, bfloat16 or int8 (quantized panels, see i8_panel_bytes).
-inline DType parse_weight_dtype(const std::string& name, const char* op, const char* field = "dtype") {
-  if (name == "int8") return DType::I8;
-  if (name == "float32" || name == "bfloat16") return parse_dtype(name, op, field);
-  fail(op, field, " must be 'float32', 'bfloat16' or 'int8', got '", name, "'");
 }
 
 // A GPT-2 config from the dict of llamas.GPT2Config.to_native() (bind_model.cpp).

@@ -41,7 +41,7 @@ struct GemmArgs {
   bool accumulate = false;   // C += A @ B instead of C = A @ B + bias
   bool gelu = false;         // apply GELU (tanh form) to the result
   // A rounded to bfloat16 and summed in k pairs as VDPBF16PS does (cpu/gemm_bf16_dot_impl.h); only
-  // with bfloat16 B in panels and A not transposed.
+  // with bfloat16 or int8 B in panels and A not transposed.
   bool a_bf16 = false;
 };
 

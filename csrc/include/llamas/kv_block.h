@@ -3,11 +3,11 @@
 // transposed, [head][head_dim][kKvBlockSize]; values [head][kKvBlockSize][head_dim]): the one
 // place that layout is written, for the model's KvCache, ops::attention's temporary cache and
 // decode attention's own writes (AttentionArgs::new_k).
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include "llamas/bfloat16.h"
+#include "llamas/int8.h"
 #include "llamas/kernel_args.h"
 
 namespace llamas {
@@ -20,23 +20,6 @@ inline const float* kv_i8_scales(const int8_t* region, int n_head, int head_dim)
   return reinterpret_cast<const float*>(region + int64_t(n_head) * head_dim * kKvBlockSize);
 }
 
-// One head's head_dim values at x as int8 (stride apart) and their scale, max |x| / 127 (as int8
-// weights are quantized, over a head's vector instead of 32 rows). A NaN or infinity makes the
-// scale non-finite, so the entries read back non-finite, as a float32 cache would hold them.
-inline float kv_quantize_head(const float* x, int head_dim, int8_t* q, int64_t stride) {
-  float amax = 0.0f;
-  for (int d = 0; d < head_dim; ++d) {
-    const float a = std::fabs(x[d]);
-    amax = (a > amax || a != a) ? a : amax;
-  }
-  const float scale = amax / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-  for (int d = 0; d < head_dim; ++d) {
-    const float r = std::nearbyint(x[d] * inverse);
-    q[d * stride] = int8_t(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : (r == r ? r : 0.0f));
-  }
-  return scale;
-}
-
 // Position `slot` (0..kKvBlockSize-1) of a block: heads [h0, h1)'s keys k[h * head_dim + d] and
 // values v[...], rounded to the block's entry type T (float, bfloat16 as uint16_t, or int8 with a
 // scale per head and position; n_head, the heads a region holds, places int8's scales).
@@ -47,11 +30,11 @@ inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, i
     float* k_scales = kv_i8_scales(key_block, n_head, head_dim);
     float* v_scales = kv_i8_scales(value_block, n_head, head_dim);
     for (int h = h0; h < h1; ++h) {
-      k_scales[h * kKvBlockSize + slot] = kv_quantize_head(k + int64_t(h) * head_dim, head_dim,
-                                                           key_block + int64_t(h) * head_dim * kKvBlockSize + slot,
-                                                           kKvBlockSize);
-      v_scales[h * kKvBlockSize + slot] = kv_quantize_head(v + int64_t(h) * head_dim, head_dim,
-                                                           value_block + (int64_t(h) * kKvBlockSize + slot) * head_dim, 1);
+      k_scales[h * kKvBlockSize + slot] = quantize_int8(k + int64_t(h) * head_dim, head_dim, 1,
+                                                        key_block + int64_t(h) * head_dim * kKvBlockSize + slot,
+                                                        kKvBlockSize);
+      v_scales[h * kKvBlockSize + slot] = quantize_int8(v + int64_t(h) * head_dim, head_dim, 1,
+                                                        value_block + (int64_t(h) * kKvBlockSize + slot) * head_dim, 1);
     }
   } else {
     for (int h = h0; h < h1; ++h) {

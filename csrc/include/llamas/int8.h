@@ -1,0 +1,38 @@
+#pragma once
+// int8 quantization, shared by the weights' panels (ops/quantize.cpp) and the int8 KV cache
+// (kv_block.h): a vector as int8 times one float32 scale, max |x| / 127, q = x / scale rounded to
+// nearest (ties to even).
+#include <cmath>
+#include <cstdint>
+
+#include "llamas/kernel_args.h"
+
+namespace llamas {
+
+// x[0..n) (stride x_stride) into q (stride q_stride); returns the scale (0 for an all-zero x). A
+// NaN or infinity makes the scale non-finite, so the entries read back non-finite, as float32
+// would hold them (the weights' quantizer refuses such weights before it gets here).
+inline float quantize_int8(const float* x, int64_t n, int64_t x_stride, int8_t* q, int64_t q_stride) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i * x_stride]);
+    amax = (a > amax || a != a) ? a : amax;
+  }
+  const float scale = amax / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    // |x| <= amax, so |x / scale| <= 127 up to one rounding: the clamp only catches that (and NaN).
+    const float r = std::nearbyint(x[i * x_stride] * inverse);
+    q[i * q_stride] = int8_t(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : (r == r ? r : 0.0f));
+  }
+  return scale;
+}
+
+// Weight (k, n) of int8 panels (see i8_panel_bytes): q * the scale of its column and 32-row block,
+// the float32 product every GEMM path forms.
+inline float i8_panel_weight(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
+  const int8_t* panel = panels + (n / kPanelWidth) * i8_panel_bytes(K);
+  const float* scales = reinterpret_cast<const float*>(panel + K * kPanelWidth);
+  return float(panel[k * kPanelWidth + n % kPanelWidth]) * scales[k / kI8Block * kPanelWidth + n % kPanelWidth];
+}
+
+}  // namespace llamas
