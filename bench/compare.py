@@ -135,10 +135,10 @@ LLAMAS_CONFIGS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bflo
 
 
 def run_llamas(path: str, prompt: list[int]) -> dict:
-    """llamas float32, bfloat16 and bfloat16 with bfloat16 compute, loaded side by side, their runs
-    interleaved (the order reversed in odd rounds): the box drifts by +-20% over a minute, and the
-    bfloat16 target is a ratio to float32. Returns {label: results}; "round_steps" holds each
-    round's median decode step time."""
+    """llamas in every LLAMAS_CONFIGS precision, loaded side by side, their runs interleaved (the
+    order reversed in odd rounds): the box drifts by +-20% over a minute, and the bfloat16 target
+    is a ratio to float32. Returns {label: results}; "round_steps" holds each round's median
+    decode step time."""
     ones, models = {}, {}
     for dtype, kwargs in LLAMAS_CONFIGS.items():
         log(f"llamas {dtype}")

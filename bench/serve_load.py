@@ -37,6 +37,7 @@ except ImportError:
     _SOURCE_TREE = os.path.join(HERE, "..", "python")
     sys.path.insert(0, _SOURCE_TREE)
     import llamas  # noqa: F401
+from llamas.dtypes import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES  # noqa: E402
 REQUEST_TIMEOUT_S = 120   # a stalled server shows as an error, not a hung benchmark
 PROMPTS = ["When shall we three meet again", "Now is the winter of our discontent", "Friends, Romans, countrymen",
            "To be, or not to be, that is the question", "O Romeo, Romeo, wherefore art thou", "Alas, poor Yorick"]
@@ -229,11 +230,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
     ap.add_argument("--max-batch", type=int, default=16, help="--max-batch of the server it starts (default 16)")
     ap.add_argument("--threads", type=int, default=None, help="--threads of the server it starts")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "int8"],
+    ap.add_argument("--dtype", default=None, choices=WEIGHT_DTYPES,
                     help="--dtype of the server it starts (weights; default float32)")
-    ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+    ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
                     help="--kv-dtype of the server it starts (KV cache; default: the weights' dtype)")
-    ap.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+    ap.add_argument("--compute-dtype", default=None, choices=COMPUTE_DTYPES,
                     help="--compute-dtype of the server it starts (matrix-product activations; bfloat16 needs "
                          "--dtype bfloat16 or int8)")
     ap.add_argument("--prefix-cache-mb", type=float, default=0.0,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .dtypes import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -40,14 +42,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
-    """--dtype, --kv-dtype and --compute-dtype, as llamas.load takes them (generate, bench, and
-    through add_engine_args serve, run-batch)."""
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+    """--dtype, --kv-dtype and --compute-dtype, as llamas.load takes them (generate, bench, eval,
+    and through add_engine_args serve, run-batch)."""
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
                    help="weight precision (bfloat16 halves the bytes read per token; int8 quantizes them at "
                         "load to 1.125 bytes a weight)")
-    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
                    help="KV-cache precision (default: same as --dtype, bfloat16 for int8; bfloat16 halves the cache's memory "
                         "and the bytes attention reads per token; int8 quarters them)")
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES,
                    help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16 or int8; "
                         "about twice the prefill speed on CPUs with AVX512_BF16)")

@@ -8,7 +8,7 @@ import sys
 import time
 
 from ._C import LlamasError
-from .cli_args import positive_int as _positive_int, non_negative_int as _non_negative_int, finite_float as _finite_float
+from .cli_args import add_dtype_args, positive_int as _positive_int, non_negative_int as _non_negative_int, finite_float as _finite_float
 
 
 def add_parsers(sub, default_model_help: str) -> None:
@@ -62,15 +62,11 @@ def add_parsers(sub, default_model_help: str) -> None:
                         "counted once, so it has at least seq - stride tokens of context")
     e.add_argument("--max-tokens", type=_positive_int, default=None,
                    help="with --file: evaluate only the first N tokens of the text")
-    e.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "int8"],
-                   help="with --file: KV-cache precision (default: same as --dtype)")
     e.add_argument("--split", default="val", help="split to evaluate (default val)")
     e.add_argument("--batch", type=_positive_int, default=8, help="sequences per batch (default 8)")
     e.add_argument("--seq", type=_positive_int, default=None, help="tokens per sequence (default: min(256, context))")
     e.add_argument("--max-batches", type=_positive_int, default=None, help="stop after N batches (default: all)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="weight precision")
-    e.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16 or int8)")
+    add_dtype_args(e)  # (--kv-dtype applies with --file only: cmd_eval says so)
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
 

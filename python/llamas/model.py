@@ -10,6 +10,7 @@ import numpy as np
 from . import _C
 from ._C import LlamasError
 from .config import GPT2Config, read_json_object
+from .dtypes import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, one_of
 from .engine import Request, SamplingOptions, Scheduler, check_max_new_tokens, make_stop_rules
 from .request import check_top_n
 from .tokenizer import Tokenizer
@@ -55,8 +56,8 @@ class Model:
 
     @property
     def kv_dtype(self) -> str:
-        """Entry type of the KV caches ('float32' or 'bfloat16'; the weights' dtype unless load
-        was given kv_dtype)."""
+        """Entry type of the KV caches ('float32', 'bfloat16' or 'int8'; the weights' dtype, or
+        bfloat16 for int8 weights, unless load was given kv_dtype)."""
         return self._native.kv_dtype
 
     @property
@@ -367,13 +368,13 @@ def _weight_files(path: str) -> list:
 
 def check_dtypes(dtype: str, kv_dtype: Optional[str], compute_dtype: str, op: str = "load") -> None:
     """Raises LlamasError naming the field when load's dtype arguments are not a valid choice."""
-    if dtype not in ("float32", "bfloat16", "int8"):
-        raise LlamasError(f"[{op}] dtype must be 'float32', 'bfloat16' or 'int8', got {dtype!r}")
-    if kv_dtype is not None and kv_dtype not in ("float32", "bfloat16", "int8"):
-        raise LlamasError(f"[{op}] kv_dtype must be 'float32', 'bfloat16' or 'int8' (or None: the weights' "
-                          f"default), got {kv_dtype!r}")
-    if compute_dtype not in ("float32", "bfloat16"):
-        raise LlamasError(f"[{op}] compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise LlamasError(f"[{op}] dtype must be {one_of(WEIGHT_DTYPES)}, got {dtype!r}")
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise LlamasError(f"[{op}] kv_dtype must be {one_of(KV_DTYPES)} (or None: the weights' default), "
+                          f"got {kv_dtype!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise LlamasError(f"[{op}] compute_dtype must be {one_of(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     if compute_dtype == "bfloat16" and dtype == "float32":
         raise LlamasError(f"[{op}] compute_dtype='bfloat16' needs bfloat16 or int8 weights: pass dtype='bfloat16' "
                           "(or 'int8') too")
@@ -390,11 +391,11 @@ def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[
     float32). kv_dtype ('float32', 'bfloat16' or 'int8'; default: the same as dtype, bfloat16 for
     int8) is what the KV cache stores: bfloat16 halves its memory and the bytes attention reads per
     token, at bfloat16 rounding of keys and values; int8 quarters them (plus a float32 scale per
-    head and position), each head's key and value vectors quantized as int8 weights are. compute_dtype="bfloat16" (with dtype="bfloat16") also
-    rounds each matrix product's activations to bfloat16 and sums them in k pairs, as the
-    AVX512_BF16 instruction VDPBF16PS does: prefill about twice as fast on CPUs that have it (Zen 4,
-    Sapphire Rapids), bit-identical results elsewhere (emulated, slower), at one more bfloat16
-    rounding per product."""
+    head and position), each head's key and value vectors quantized as int8 weights are.
+    compute_dtype="bfloat16" (with dtype "bfloat16" or "int8") also rounds each matrix product's
+    activations to bfloat16 and sums them in k pairs, as the AVX512_BF16 instruction VDPBF16PS
+    does: prefill about twice as fast on CPUs that have it (Zen 4, Sapphire Rapids), bit-identical
+    results elsewhere (emulated, slower), at one more bfloat16 rounding per product."""
     check_dtypes(dtype, kv_dtype, compute_dtype)
     path = default_model_path() if path is None else os.fspath(path)
     if not os.path.isdir(path):
