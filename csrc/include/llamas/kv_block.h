@@ -25,7 +25,7 @@ inline const float* kv_i8_scales(const int8_t* region, int n_head, int head_dim)
 // scale per head and position; n_head, the heads a region holds, places int8's scales).
 template <typename T>
 inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, int head_dim, int64_t slot,
-                                 const float* k, const float* v, int n_head = 0) {
+                                 const float* k, const float* v, int n_head) {
   if constexpr (std::is_same_v<T, int8_t>) {
     float* k_scales = kv_i8_scales(key_block, n_head, head_dim);
     float* v_scales = kv_i8_scales(value_block, n_head, head_dim);
