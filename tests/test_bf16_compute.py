@@ -73,8 +73,8 @@ def test_linear_bfloat16_compute_rejects_bad_input():
         ops.linear(x, w, compute_dtype="bfloat16")
     with pytest.raises(llamas.LlamasError, match="bfloat16 compute needs bfloat16 or int8 weights"):
         ops.linear(x, ops.pack(w), compute_dtype="bfloat16")
-    with pytest.raises(llamas.LlamasError, match="compute_dtype must be 'float32' or 'bfloat16', got 'int8'"):
-        ops.linear(x, w, weight_dtype="bfloat16", compute_dtype="int8")
+    with pytest.raises(llamas.LlamasError, match="compute_dtype must be 'float32', 'bfloat16' or 'int8', got 'fp8'"):
+        ops.linear(x, w, weight_dtype="bfloat16", compute_dtype="fp8")
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -101,7 +101,7 @@ def test_model_close_to_float32_and_rows_alone_equal_the_batch(case):
 def test_load_rejects_bad_compute_dtype(case):
     with pytest.raises(llamas.LlamasError, match=r"compute_dtype='bfloat16' needs bfloat16 or int8 weights"):
         llamas.load(case.folder, compute_dtype="bfloat16")
-    with pytest.raises(llamas.LlamasError, match="compute_dtype must be 'float32' or 'bfloat16', got 'fp8'"):
+    with pytest.raises(llamas.LlamasError, match="compute_dtype must be 'float32', 'bfloat16' or 'int8', got 'fp8'"):
         llamas.load(case.folder, dtype="bfloat16", compute_dtype="fp8")
     assert llamas.load(case.folder).compute_dtype == "float32"
 

@@ -220,7 +220,7 @@ def test_kv_dtype_defaults_to_the_weights_and_can_be_chosen(case, model):
 @pytest.mark.parametrize("dtype,kv_dtype,compute_dtype", [
     ("bfloat16", "float32", "float32"), ("bfloat16", "bfloat16", "float32"), ("bfloat16", "bfloat16", "bfloat16"),
     ("int8", "bfloat16", "float32"), ("int8", "float32", "float32"), ("int8", "bfloat16", "bfloat16"),
-    ("int8", "int8", "bfloat16"), ("bfloat16", "int8", "float32")])
+    ("int8", "int8", "bfloat16"), ("bfloat16", "int8", "float32"), ("int8", "bfloat16", "int8"), ("int8", "int8", "int8")])
 def test_decode_rows_equal_prefill_rows(case, dtype, kv_dtype, compute_dtype):
     # Decoding reads the keys and values the cache stored (rounded or not) exactly as a prefill
     # over the same tokens does, and a one-row product sums as a many-row one (bfloat16 compute

@@ -122,6 +122,20 @@ def test_int8_model_is_the_float32_model_of_its_dequantized_weights(case, tmp_pa
     np.testing.assert_array_equal(q.forward(case.input_ids), llamas.load(folder).forward(case.input_ids))
 
 
+def assert_close_to_float32(got, case):
+    """An int8 model's logits against transformers' float32 ones. A quantization step is max |w| /
+    127 of each 32 weights, coarser than bfloat16's 2^-8 of each weight where one weight of the
+    block is much larger than the rest (these random fixtures' largest error: 1.4 at a logit scale
+    of 12.5); argmaxes may only flip where the float32 gap is within twice the error."""
+    ref = case.logits.astype(np.float64)
+    diff = np.abs(got - ref)
+    assert diff.max() < 0.15 * case.scale, f"int8 max |diff| {diff.max():.3g} >= {0.15 * case.scale:.3g}"
+    top2 = np.sort(ref, axis=-1)[..., -2:]
+    agree = got.argmax(-1) == ref.argmax(-1)
+    assert np.all(agree | (top2[..., 1] - top2[..., 0] <= 2 * diff.max(axis=-1)))
+    assert agree.mean() >= 0.75
+
+
 def test_int8_model_close_to_float32(case):
     m = llamas.load(case.folder, dtype="int8")
     assert (m.dtype, m.kv_dtype, m.compute_dtype) == ("int8", "bfloat16", "float32")  # int8 is a weight format
@@ -129,16 +143,7 @@ def test_int8_model_close_to_float32(case):
     assert m.weight_bytes < 0.5 * f32.weight_bytes
     got = m.forward(case.input_ids).astype(np.float64)
     ref = case.logits.astype(np.float64)
-    diff = np.abs(got - ref)
-    # A quantization step is max |w| / 127 of each 32 weights, coarser than bfloat16's 2^-8 of each
-    # weight where one weight of the block is much larger than the rest (these random fixtures'
-    # largest error: 1.4 at a logit scale of 12.5); argmaxes may only flip where the float32 gap is
-    # within twice the error.
-    assert diff.max() < 0.15 * case.scale, f"int8 max |diff| {diff.max():.3g} >= {0.15 * case.scale:.3g}"
-    top2 = np.sort(ref, axis=-1)[..., -2:]
-    agree = got.argmax(-1) == ref.argmax(-1)
-    assert np.all(agree | (top2[..., 1] - top2[..., 0] <= 2 * diff.max(axis=-1)))
-    assert agree.mean() >= 0.75
+    assert_close_to_float32(got, case)
     # With bfloat16 compute on top (each dequantized weight and activation rounded to bfloat16).
     both = llamas.load(case.folder, dtype="int8", compute_dtype="bfloat16").forward(case.input_ids).astype(np.float64)
     assert np.abs(both - ref).max() < 0.15 * case.scale

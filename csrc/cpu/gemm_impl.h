@@ -10,12 +10,14 @@
 //    place, and up to few_row_limit rows (decode, batched decode) run over all of K per tile.
 // Parts: gemm_tile_impl.h (constants, A panels, B runs, the microkernel), gemm_small_m_impl.h
 // (stored B, few rows), gemm_packed_impl.h (the blocked path), gemm_panels_impl.h (panels, few
-// rows), gemm_bf16_dot_impl.h (bfloat16 activations); this file picks the path.
+// rows), gemm_bf16_dot_impl.h (bfloat16 activations), gemm_i8_dot_impl.h (int8 activations); this
+// file picks the path.
 #include "cpu/gemm_tile_impl.h"
 #include "cpu/gemm_small_m_impl.h"
 #include "cpu/gemm_packed_impl.h"
 #include "cpu/gemm_panels_impl.h"
 #include "cpu/gemm_bf16_dot_impl.h"
+#include "cpu/gemm_i8_dot_impl.h"
 #include "llamas/error.h"
 
 namespace {
@@ -61,7 +63,13 @@ void gemm(const GemmArgs& g) {
   LLAMAS_CHECK(!g.b_i8 || g.b_layout == BLayout::Panels, "gemm", "int8 weights exist only as panels");
   LLAMAS_CHECK(!g.a_bf16 || ((g.b_bf16 || g.b_i8) && g.b_layout == BLayout::Panels && !g.a_trans), "gemm",
                "bfloat16 compute needs bfloat16 or int8 panels and A stored as rows");
+  LLAMAS_CHECK(!g.a_i8 || (g.b_i8 && g.b_layout == BLayout::Panels && !g.a_trans && !g.a_bf16), "gemm",
+               "int8 compute needs int8 panels and A stored as rows");
   if (g.M == 0 || g.N == 0) return;
+  if (g.a_i8) {
+    static const bool hardware = i8_dot_native();
+    return gemm_i8_dot(g, hardware);
+  }
   if (g.a_bf16) {
     static const bool hardware = bf16_dot_native();
     return gemm_bf16_dot(g, hardware);

@@ -49,6 +49,9 @@ struct KernelTable {
   // Whether GEMMs with bfloat16 activations (GemmArgs::a_bf16) run VDPBF16PS here (AVX512_BF16 in
   // both the CPU and this variant's build), rather than the same sums as two FMAs a pair.
   bool (*bf16_dot_native)();
+  // Whether GEMMs with int8 activations (GemmArgs::a_i8) run VPDPBUSD here (AVX512_VNNI and
+  // AVX512_VBMI in the CPU, and a compiler that targets them), rather than plain integer loops.
+  bool (*i8_dot_native)();
 };
 
 // Longest training sequence: each thread's attention tiles hold 2 x 64 x T floats (2 MiB at 4096).

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -32,10 +33,26 @@ void gemm(const GemmArgs& g) {
     const float a = g.a_trans ? g.A[k * g.lda + m] : g.A[m * g.lda + k];
     return g.a_bf16 ? bf16_to_float(float_to_bf16(a)) : a;
   };
-  for (int64_t m = 0; m < g.M; ++m)
+  const int64_t blocks = (g.K + kI8Block - 1) / kI8Block;
+  std::vector<int8_t> qa(static_cast<size_t>(blocks * kI8Block));
+  std::vector<float> sa(static_cast<size_t>(blocks));
+  for (int64_t m = 0; m < g.M; ++m) {
+    if (g.a_i8)  // row m's 32-k blocks quantized as the weights are
+      for (int64_t b = 0; b < blocks; ++b)
+        sa[b] = quantize_int8(g.A + m * g.lda + b * kI8Block, std::min(kI8Block, g.K - b * kI8Block), 1,
+                              qa.data() + b * kI8Block, 1);
     for (int64_t n = 0; n < g.N; ++n) {
       float acc = g.accumulate ? g.C[m * g.ldc + n] : (g.bias ? g.bias[n] : 0.0f);
-      if (g.a_bf16) {
+      if (g.a_i8) {
+        // One fma per block: its exact integer dot times the activations' and the weights' scales.
+        const int8_t* panels = static_cast<const int8_t*>(g.B);
+        for (int64_t b = 0; b < blocks; ++b) {
+          int32_t dot = 0;
+          for (int64_t k = b * kI8Block; k < std::min(g.K, (b + 1) * kI8Block); ++k)
+            dot += int32_t(qa[k]) * i8_panel_q(panels, g.K, k, n);
+          acc = std::fma(float(dot), sa[b] * i8_panel_scale(panels, g.K, b * kI8Block, n), acc);
+        }
+      } else if (g.a_bf16) {
         // k pairs, the odd product first (one VDPBF16PS lane); an odd K's last pair adds 0 x 0.
         for (int64_t k = 0; k < g.K; k += 2) {
           const bool whole = k + 1 < g.K;
@@ -51,6 +68,7 @@ void gemm(const GemmArgs& g) {
       }
       g.C[m * g.ldc + n] = acc;
     }
+  }
 }
 
 void attention(const AttentionArgs& a) {

@@ -13,7 +13,7 @@ namespace cpu {
 const KernelTable* avx512_kernel_table() {
   static const KernelTable table = {kVariantName, gemm, layernorm, residual_layernorm, gelu, softmax, add, attention,
       column_sum, layernorm_backward, gelu_backward, cross_entropy, attention_forward, attention_backward,
-      sum_squares, adamw, bf16_dot_native};
+      sum_squares, adamw, bf16_dot_native, i8_dot_native};
   return &table;
 }
 

@@ -31,24 +31,31 @@ void GPT2Model::set_kv_dtype(DType dtype) {
 }
 
 namespace {
-// bfloat16 compute reads bfloat16 or int8 panels only (gemm_bf16_dot_impl.h).
-bool computes_in_bf16(const GPT2Weights& w) { return w.dtype != DType::F32 && w.packed(); }
+// Whether the weights can run with `compute` activations: bfloat16 compute reads bfloat16 or int8
+// panels only (gemm_bf16_dot_impl.h), int8 compute int8 panels (gemm_i8_dot_impl.h).
+bool computes_in(DType compute, const GPT2Weights& w) {
+  if (compute == DType::BF16) return w.dtype != DType::F32 && w.packed();
+  if (compute == DType::I8) return w.dtype == DType::I8 && w.packed();
+  return true;
+}
 }  // namespace
 
 void GPT2Model::set_compute_dtype(DType dtype) {
-  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16, "gpt2", "compute_dtype must be float32 or bfloat16, got ",
-               dtype_name(dtype));
-  LLAMAS_CHECK(dtype == DType::F32 || computes_in_bf16(weights_), "gpt2",
+  LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::I8, "gpt2",
+               "compute_dtype must be float32, bfloat16 or int8, got ", dtype_name(dtype));
+  LLAMAS_CHECK(dtype != DType::BF16 || computes_in(dtype, weights_), "gpt2",
                "compute_dtype bfloat16 needs bfloat16 or int8 weights (load with dtype='bfloat16' or 'int8'); "
                "these are ", dtype_name(weights_.dtype));
+  LLAMAS_CHECK(dtype != DType::I8 || computes_in(dtype, weights_), "gpt2",
+               "compute_dtype int8 needs int8 weights (load with dtype='int8'); these are ", dtype_name(weights_.dtype));
   compute_dtype_ = dtype;
 }
 
 void GPT2Model::set_weights(GPT2Weights weights) {
   LLAMAS_CHECK(int64_t(weights.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights.layers.size(),
                " layers, config says ", config_.n_layer);
-  LLAMAS_CHECK(compute_dtype_ == DType::F32 || computes_in_bf16(weights), "gpt2",
-               "this model computes in bfloat16 and needs bfloat16 or int8 weights, got ", dtype_name(weights.dtype));
+  LLAMAS_CHECK(computes_in(compute_dtype_, weights), "gpt2", "this model computes in ", dtype_name(compute_dtype_),
+               " and cannot take ", dtype_name(weights.dtype), " weights");
   weights_ = std::move(weights);
 }
 
@@ -56,16 +63,16 @@ namespace {
 
 // y = x @ W (+ bias) (GELU) over `rows` rows: W's panels when the model was loaded, else W as
 // stored (`layout`: Conv1D matrices are (K, N), the tied lm_head (N, K)).
-// a_bf16: the model's compute_dtype is bfloat16 (bfloat16 or int8 panels: set_compute_dtype checks).
+// compute: the model's compute_dtype (its panels suit it: set_compute_dtype checks).
 void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayout layout,
-                 const ops::PackedMatrix& packed, const Tensor* bias, bool gelu, float* y, bool a_bf16) {
+                 const ops::PackedMatrix& packed, const Tensor* bias, bool gelu, float* y, DType compute) {
   GemmArgs g;
   g.M = rows, g.K = K;
   if (packed.defined()) {
     g.N = packed.N, g.B = packed.data.raw(), g.b_bf16 = packed.dtype() == DType::BF16;
     g.b_i8 = packed.dtype() == DType::I8;
     g.b_layout = BLayout::Panels, g.ldb = K;
-    g.a_bf16 = a_bf16;
+    g.a_bf16 = compute == DType::BF16, g.a_i8 = compute == DType::I8;
   } else {
     g.N = layout == BLayout::KN ? w.dim(1) : w.dim(0), g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16;
     g.b_layout = layout, g.ldb = w.dim(1);
@@ -82,7 +89,6 @@ void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayo
 void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   const GPT2Config& c = config_;
   const int64_t C = c.n_embd, F = c.ffn(), H = c.n_head, hd = C / H, V = c.vocab_size;
-  const bool bf16_compute = compute_dtype_ == DType::BF16;
   int64_t R = 0, logit_rows = 0;
   for (auto& ch : chunks) {
     LLAMAS_CHECK(ch.n > 0, "gpt2", "a sequence chunk must have at least one token");
@@ -169,7 +175,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     // +2.5% (median -3%), 4 sequences -3% to -11%, 8 sequences -7% to +7%, 1 sequence +1.5%.
     {
       ProfileRegion region("attn.qkv");
-      linear_rows(lnd, R, C, w.attn_w, BLayout::KN, w.attn_p, &w.attn_b, false, qkvd, bf16_compute);
+      linear_rows(lnd, R, C, w.attn_w, BLayout::KN, w.attn_p, &w.attn_b, false, qkvd, compute_dtype_);
     }
     // Prompt chunks' keys and values go into the cache here; a decoding sequence's one new
     // position is written by the attention kernel (AttentionArgs::new_k), per head, in the thread
@@ -214,7 +220,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     }
     {
       ProfileRegion region("attn.proj");
-      linear_rows(attd, R, C, w.attn_proj_w, BLayout::KN, w.attn_proj_p, &w.attn_proj_b, false, deltad, bf16_compute);
+      linear_rows(attd, R, C, w.attn_proj_w, BLayout::KN, w.attn_proj_p, &w.attn_proj_b, false, deltad, compute_dtype_);
     }
     {
       ProfileRegion region("ln_2");
@@ -223,11 +229,11 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
     }
     {
       ProfileRegion region("mlp.fc");
-      linear_rows(lnd, R, C, w.fc_w, BLayout::KN, w.fc_p, &w.fc_b, true, fcd, bf16_compute);
+      linear_rows(lnd, R, C, w.fc_w, BLayout::KN, w.fc_p, &w.fc_b, true, fcd, compute_dtype_);
     }
     {
       ProfileRegion region("mlp.proj");
-      linear_rows(fcd, R, F, w.mlp_proj_w, BLayout::KN, w.mlp_proj_p, &w.mlp_proj_b, false, deltad, bf16_compute);
+      linear_rows(fcd, R, F, w.mlp_proj_w, BLayout::KN, w.mlp_proj_p, &w.mlp_proj_b, false, deltad, compute_dtype_);
     }
   }
   for (auto& ch : chunks) ch.cache->set_length(ch.cache->length() + ch.n);
@@ -250,7 +256,7 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
   }
   ProfileRegion region("lm_head");
   linear_rows(hidden.data<float>(), logit_rows, C, weights_.wte, BLayout::NK, weights_.lm_head_p, nullptr, false,
-              logits, bf16_compute);
+              logits, compute_dtype_);
 }
 
 Tensor GPT2Model::forward(const int32_t* ids, int64_t batch, int64_t T) {

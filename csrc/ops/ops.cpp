@@ -23,7 +23,7 @@ namespace {
 
 // y = x @ B (+ bias) (GELU) for a float32 (M, K) x whose K the caller checked against B (N columns).
 Tensor run_linear(const Tensor& x, int64_t N, const void* B, bool b_bf16, BLayout layout, int64_t ldb,
-                  const Tensor* bias, bool gelu, bool a_bf16 = false, bool b_i8 = false) {
+                  const Tensor* bias, bool gelu, DType compute = DType::F32, bool b_i8 = false) {
   if (bias) {
     require_f32(*bias, "linear", "bias");
     LLAMAS_CHECK(bias->numel() == N, "linear", "bias must have ", N, " elements, got ", bias->describe());
@@ -35,7 +35,7 @@ Tensor run_linear(const Tensor& x, int64_t N, const void* B, bool b_bf16, BLayou
   g.B = B, g.b_bf16 = b_bf16, g.b_layout = layout, g.ldb = ldb;
   g.bias = bias ? bias->data<float>() : nullptr;
   g.C = out.data<float>(), g.ldc = N;
-  g.gelu = gelu, g.a_bf16 = a_bf16, g.b_i8 = b_i8;
+  g.gelu = gelu, g.a_bf16 = compute == DType::BF16, g.a_i8 = compute == DType::I8, g.b_i8 = b_i8;
   gemm(g, x.device());
   return out;
 }
@@ -152,16 +152,23 @@ PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype) {
   return p;
 }
 
+void check_compute_dtype(DType compute, DType weights, const char* op) {
+  LLAMAS_CHECK(compute == DType::F32 || compute == DType::BF16 || compute == DType::I8, op,
+               "compute dtype must be float32, bfloat16 or int8, got ", dtype_name(compute));
+  LLAMAS_CHECK(compute != DType::BF16 || weights == DType::BF16 || weights == DType::I8, op,
+               "bfloat16 compute needs bfloat16 or int8 weights, got ", dtype_name(weights), " ones");
+  LLAMAS_CHECK(compute != DType::I8 || weights == DType::I8, op, "int8 compute needs int8 weights, got ",
+               dtype_name(weights), " ones");
+}
+
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu, DType compute) {
   require_f32(x, "linear", "input");
   require_cpu(x, "linear");
   LLAMAS_CHECK(w.defined(), "linear", "packed weight is empty");
   LLAMAS_CHECK(x.ndim() == 2 && x.dim(1) == w.K, "linear", "input must be (M, ", w.K, "), got ", x.describe());
-  LLAMAS_CHECK(compute == DType::F32 || compute == DType::BF16, "linear", "compute dtype must be float32 or bfloat16");
-  LLAMAS_CHECK(compute == DType::F32 || w.dtype() == DType::BF16 || w.dtype() == DType::I8, "linear",
-               "bfloat16 compute needs bfloat16 or int8 weights, got ", dtype_name(w.dtype()), " ones");
-  return run_linear(x, w.N, w.data.raw(), w.dtype() == DType::BF16, BLayout::Panels, w.K, bias, gelu,
-                    compute == DType::BF16, w.dtype() == DType::I8);
+  check_compute_dtype(compute, w.dtype(), "linear");
+  return run_linear(x, w.N, w.data.raw(), w.dtype() == DType::BF16, BLayout::Panels, w.K, bias, gelu, compute,
+                    w.dtype() == DType::I8);
 }
 
 Tensor matmul(const Tensor& a, const Tensor& b) {

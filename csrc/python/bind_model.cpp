@@ -235,9 +235,10 @@ void init_model(py::module_& m) {
                     "dtype; bfloat16 for int8 weights).")
       .def_property("compute_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.compute_dtype())); },
                     [](GPT2Model& m, const std::string& name) {
-                      m.set_compute_dtype(parse_dtype(name, "load", "compute_dtype"));
+                      m.set_compute_dtype(parse_dtype(name, "load", "compute_dtype", true));
                     },
-                    "The dtype of the GEMMs' activations: 'float32' (default) or 'bfloat16' (bfloat16 or int8 weights).")
+                    "The dtype of the GEMMs' activations: 'float32' (default), 'bfloat16' (bfloat16 or int8 weights) "
+                    "or 'int8' (int8 weights).")
       .def("forward", [](GPT2Model& model, IntArray ids) {
         LLAMAS_CHECK(ids.ndim() == 2, "forward", "ids must be a 2-D (B, T) integer array, got ", ids.ndim(), " dims");
         Tensor out;

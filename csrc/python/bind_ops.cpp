@@ -42,13 +42,13 @@ void init_ops(py::module_& m) {
                        const std::string& compute_dtype) {
     BLayout layout = parse_layout(weight_layout);
     DType wd = parse_dtype(weight_dtype, "linear", "weight_dtype", true);
-    DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype");
+    DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype", true);
     Tensor tx = view_of(x), tw = view_of(w);
     Tensor tb = bias ? view_of(*bias) : Tensor();
     return without_gil([&] {
       // bfloat16 compute runs over panels only (the layout its kernel reads pairs of k rows from),
       // and int8 weights exist only as panels.
-      if (packed || cd == DType::BF16 || wd == DType::I8)
+      if (packed || cd != DType::F32 || wd == DType::I8)
         return ops::linear(tx, ops::pack_panels(tw, layout, wd), bias ? &tb : nullptr, gelu, cd);
       return ops::linear(tx, ops::cast(tw, wd), layout, bias ? &tb : nullptr, gelu);
     });
@@ -60,7 +60,9 @@ void init_ops(py::module_& m) {
      "(per column, 32 rows at a time: llamas.ops.dequantize shows the values used). packed=True first "
      "packs w into the GEMM's panel layout, as loaded models hold their matrices. compute_dtype "
      "'bfloat16' (bfloat16 or int8 weights) also rounds x to bfloat16 and sums k in pairs, as VDPBF16PS "
-     "does (twice the multiply-adds per instruction on CPUs with AVX512_BF16).");
+     "does (twice the multiply-adds per instruction on CPUs with AVX512_BF16). compute_dtype 'int8' (int8 "
+     "weights) quantizes x as the weights are, 32 k at a time, and scales each block's integer dot by "
+     "both scales (W8A8, as llama.cpp's Q8_0; VPDPBUSD on CPUs with AVX512_VNNI).");
 
   py::class_<ops::PackedMatrix>(ops, "PackedWeight",
       "A weight matrix in the GEMM's panel layout, as loaded models hold theirs (from llamas.ops.pack).")
@@ -83,7 +85,7 @@ void init_ops(py::module_& m) {
   }, py::arg("packed"), "The float32 (K, N) weights int8 panels stand for (q * scale, as the GEMM forms them).");
   ops.def("linear", [](FloatArray x, const ops::PackedMatrix& w, std::optional<FloatArray> bias, bool gelu,
                        const std::string& compute_dtype) {
-    DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype");
+    DType cd = parse_dtype(compute_dtype, "linear", "compute_dtype", true);
     Tensor tx = view_of(x);
     Tensor tb = bias ? view_of(*bias) : Tensor();
     return without_gil([&] { return ops::linear(tx, w, bias ? &tb : nullptr, gelu, cd); });
@@ -131,7 +133,7 @@ void init_ops(py::module_& m) {
 
   ops.def("reference_matmul", [](FloatArray a, FloatArray b, const std::string& compute_dtype) {
     LLAMAS_CHECK(a.ndim() == 2 && b.ndim() == 2 && a.shape(1) == b.shape(0), "reference_matmul", "bad shapes");
-    const bool bf16 = parse_dtype(compute_dtype, "reference_matmul", "compute_dtype") == DType::BF16;
+    const DType cd = parse_dtype(compute_dtype, "reference_matmul", "compute_dtype", true);
     Tensor out = Tensor::empty({a.shape(0), b.shape(1)}, DType::F32);
     Tensor tb = view_of(b);
     return without_gil([&] {
@@ -139,16 +141,19 @@ void init_ops(py::module_& m) {
       g.M = a.shape(0), g.K = a.shape(1), g.N = b.shape(1);
       g.A = a.data(), g.lda = g.K, g.B = b.data(), g.ldb = g.N, g.C = out.data<float>(), g.ldc = g.N;
       ops::PackedMatrix panels;
-      if (bf16) {  // bfloat16 compute reads bfloat16 panels, as the kernel does
-        panels = ops::pack_panels(tb, BLayout::KN, DType::BF16);
-        g.B = panels.data.raw(), g.b_bf16 = true, g.b_layout = BLayout::Panels, g.ldb = g.K, g.a_bf16 = true;
+      if (cd != DType::F32) {  // bfloat16 (int8) compute reads bfloat16 (int8) panels, as the kernel does
+        panels = ops::pack_panels(tb, BLayout::KN, cd);
+        g.B = panels.data.raw(), g.b_layout = BLayout::Panels, g.ldb = g.K;
+        g.b_bf16 = g.a_bf16 = cd == DType::BF16;
+        g.b_i8 = g.a_i8 = cd == DType::I8;
       }
       cpu::reference::gemm(g);
       return out;
     });
   }, py::arg("a"), py::arg("b"), py::arg("compute_dtype") = "float32",
      "The plain reference GEMM (one fma chain per element). compute_dtype 'bfloat16': a and b rounded "
-     "to bfloat16, k summed in pairs as VDPBF16PS does.");
+     "to bfloat16, k summed in pairs as VDPBF16PS does; 'int8': a and b quantized per 32 k (b per "
+     "column), one fma per block of the block's integer dot times both scales.");
 
 }
 

@@ -50,6 +50,7 @@ static py::dict cpu_features_dict() {
   d["avx512dq"] = f.avx512dq;
   d["avx512_bf16"] = f.avx512_bf16;
   d["avx512_vnni"] = f.avx512_vnni;
+  d["avx512_vbmi"] = f.avx512_vbmi;
   d["avx512_fp16"] = f.avx512_fp16;
   return d;
 }
@@ -76,6 +77,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_variant", [] { return std::string(cpu::kernels().name); });
   m.def("bf16_dot_native", [] { return cpu::kernels().bf16_dot_native(); },
         "Whether bfloat16 compute runs VDPBF16PS with the current kernel variant (else two FMAs a pair).");
+  m.def("i8_dot_native", [] { return cpu::kernels().i8_dot_native(); },
+        "Whether int8 compute runs VPDPBUSD with the current kernel variant (else plain integer loops).");
   m.def("available_kernel_variants", &cpu::available_variants);
   m.def("set_kernel_variant", &cpu::set_variant, py::arg("name"));
   m.def("profiler_enable", &profiler_enable, py::arg("on"));

@@ -41,6 +41,8 @@ def info() -> dict:
         "available_kernel_variants": list(_C.available_kernel_variants()),
         "bfloat16_compute": ("native (VDPBF16PS)" if _C.bf16_dot_native()
                              else "emulated (two FMAs a pair of k: same results, slower than float32 compute)"),
+        "int8_compute": ("native (VPDPBUSD)" if _C.i8_dot_native()
+                         else "emulated (integer loops: same results, slower than float32 compute)"),
         "threads": _C.get_num_threads(),
         "cuda_available": _C.cuda_available(),
     }

@@ -52,4 +52,5 @@ def add_dtype_args(p: argparse.ArgumentParser) -> None:
                         "and the bytes attention reads per token; int8 quarters them)")
     p.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES,
                    help="precision of the matrix products' activations (bfloat16 needs --dtype bfloat16 or int8; "
-                        "about twice the prefill speed on CPUs with AVX512_BF16)")
+                        "about twice the prefill speed on CPUs with AVX512_BF16; int8 needs --dtype int8: "
+                        "W8A8, faster still on CPUs with AVX512_VNNI)")

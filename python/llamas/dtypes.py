@@ -2,7 +2,7 @@
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")   # dtype: int8 quantizes at load
 KV_DTYPES = ("float32", "bfloat16", "int8")       # kv_dtype: the KV cache's entries
-COMPUTE_DTYPES = ("float32", "bfloat16")          # compute_dtype: the matrix products' activations
+COMPUTE_DTYPES = ("float32", "bfloat16", "int8")  # compute_dtype: the matrix products' activations
 
 
 def one_of(names) -> str:

@@ -162,7 +162,8 @@ class ServerMetrics:
         from . import _C, __version__
         self.model_info.info({"model": name, "dtype": model.dtype, "kv_dtype": model.kv_dtype,
                               "compute_dtype": model.compute_dtype, "kernel_variant": _C.kernel_variant(),
-                              "bf16_dot_native": str(bool(_C.bf16_dot_native())).lower(), "version": __version__})
+                              "bf16_dot_native": str(bool(_C.bf16_dot_native())).lower(),
+                              "i8_dot_native": str(bool(_C.i8_dot_native())).lower(), "version": __version__})
 
     def on_finish(self, req) -> None:
         """Engine hook (engine thread): one finished sequence."""

@@ -13,6 +13,7 @@ struct CpuFeatures {
   bool avx512dq = false;
   bool avx512_bf16 = false;
   bool avx512_vnni = false;
+  bool avx512_vbmi = false;
   bool avx512_fp16 = false;
 };
 

@@ -27,12 +27,18 @@ inline float quantize_int8(const float* x, int64_t n, int64_t x_stride, int8_t* 
   return scale;
 }
 
-// Weight (k, n) of int8 panels (see i8_panel_bytes): q * the scale of its column and 32-row block,
-// the float32 product every GEMM path forms.
-inline float i8_panel_weight(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
+// Weight (k, n) of int8 panels (see i8_panel_bytes): its q, and the scale of its column and 32-row block.
+inline int8_t i8_panel_q(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
+  return panels[(n / kPanelWidth) * i8_panel_bytes(K) + k * kPanelWidth + n % kPanelWidth];
+}
+inline float i8_panel_scale(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
   const int8_t* panel = panels + (n / kPanelWidth) * i8_panel_bytes(K);
-  const float* scales = reinterpret_cast<const float*>(panel + K * kPanelWidth);
-  return float(panel[k * kPanelWidth + n % kPanelWidth]) * scales[k / kI8Block * kPanelWidth + n % kPanelWidth];
+  return reinterpret_cast<const float*>(panel + K * kPanelWidth)[k / kI8Block * kPanelWidth + n % kPanelWidth];
+}
+
+// q * scale: the float32 product every GEMM path with float32 or bfloat16 activations forms.
+inline float i8_panel_weight(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
+  return float(i8_panel_q(panels, K, k, n)) * i8_panel_scale(panels, K, k, n);
 }
 
 }  // namespace llamas

@@ -43,6 +43,9 @@ struct GemmArgs {
   // A rounded to bfloat16 and summed in k pairs as VDPBF16PS does (cpu/gemm_bf16_dot_impl.h); only
   // with bfloat16 or int8 B in panels and A not transposed.
   bool a_bf16 = false;
+  // A quantized to int8 per 32-k block as the weights are, and each block's integer dot scaled by
+  // both scales (W8A8, cpu/gemm_i8_dot_impl.h); only with int8 B in panels and A not transposed.
+  bool a_i8 = false;
 };
 
 // Every path (small-M streaming, packed blocked, any thread count) computes each C element as one

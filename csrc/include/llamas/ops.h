@@ -34,8 +34,12 @@ PackedMatrix pack_panels_i8(const Tensor& w, BLayout layout);
 // The float32 (K, N) matrix int8 panels stand for: q * scale, as the GEMM forms each weight.
 Tensor dequantize_panels(const PackedMatrix& p);
 // compute BF16 (bfloat16 or int8 weights): x is rounded to bfloat16 and summed in k pairs as
-// VDPBF16PS does (GemmArgs::a_bf16).
+// VDPBF16PS does (GemmArgs::a_bf16). compute I8 (int8 weights): x is quantized per 32-k block and
+// each block's integer dot scaled (GemmArgs::a_i8).
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu, DType compute = DType::F32);
+// Throws (naming op) unless weights of `weights` dtype can run with `compute` activations: float32
+// with any, bfloat16 with bfloat16 or int8 weights, int8 with int8 weights.
+void check_compute_dtype(DType compute, DType weights, const char* op);
 
 Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps);
 // x += delta; returns LN(x) (x is updated in place: it is the residual stream).
