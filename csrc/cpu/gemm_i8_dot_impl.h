@@ -92,9 +92,64 @@ inline void quantize_rows(const GemmArgs& g, int64_t m0, int64_t m1, const I8Row
   }
 }
 
+// Exactly fused a * b + c in every lane: Vec::fma where the variant has FMA (the generic variant's
+// Vec::fma is a multiply and an add on CPUs without one).
+inline Vec fused_fma(Vec a, Vec b, Vec c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return Vec::fma(a, b, c);
+#else
+  alignas(64) float x[Vec::W], y[Vec::W], z[Vec::W];
+  a.store(x), b.store(y), c.store(z);
+  for (int l = 0; l < Vec::W; ++l) z[l] = std::fma(x[l], y[l], z[l]);
+  return Vec::load(z);
+#endif
+}
+
+// The integer dots of one block, k in [k0, k_end), of R quantized rows (row pointers qa) against P
+// panels (B[j]: q rows as stored): dot[i][16 j + c] for panel j's column c.
+template <int R, int P>
+inline void block_dots(const int8_t* const (&qa)[R], int64_t k0, int64_t k_end, const int8_t* const (&B)[P],
+                       int32_t (&dot)[R][P * kPanelWidth]) {
+#if defined(__AVX2__)
+  // VPMADDWD over pairs of k: a panel's rows k and k + 1 interleaved and widened to int16, each
+  // 32-bit lane of A the pair (a[k], a[k + 1]); products and pair sums are exact in int32. An odd
+  // block end reads one row past it (the next block's, or the scales after K) against a[k + 1] = 0
+  // (rows are zero to their stride). AVX2, 2 threads, 256 x 768 x 2304: 134 GFLOP/s, against 11.6
+  // with the plain loops below (float32 compute: ~190).
+  __m256i acc[R][2 * P];
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < 2 * P; ++r) acc[i][r] = _mm256_setzero_si256();
+  for (int64_t k = k0; k < k_end; k += 2) {
+    __m256i w[2 * P];
+    for (int j = 0; j < P; ++j) {
+      const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B[j] + k * kPanelWidth));
+      const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B[j] + (k + 1) * kPanelWidth));
+      w[2 * j] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1));      // columns 0-7
+      w[2 * j + 1] = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(r0, r1));  // columns 8-15
+    }
+    for (int i = 0; i < R; ++i) {
+      const uint32_t pair = uint32_t(uint16_t(int16_t(qa[i][k]))) | uint32_t(uint16_t(int16_t(qa[i][k + 1]))) << 16;
+      const __m256i ai = _mm256_set1_epi32(int32_t(pair));
+      for (int r = 0; r < 2 * P; ++r) acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_madd_epi16(w[r], ai));
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < 2 * P; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(&dot[i][8 * r]), acc[i][r]);
+#else
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < P * kPanelWidth; ++c) dot[i][c] = 0;
+  for (int64_t k = k0; k < k_end; ++k)
+    for (int i = 0; i < R; ++i) {
+      const int32_t ai = qa[i][k];
+      for (int j = 0; j < P; ++j)
+        for (int c = 0; c < kPanelWidth; ++c) dot[i][j * kPanelWidth + c] += ai * B[j][k * kPanelWidth + c];
+    }
+#endif
+}
+
 // One R x (P panels) tile of C over blocks [b0, b1): rows row0.. of the quantized A (rows past M
 // read row M - 1; they are never stored), B[j] / S[j] panel j's q rows and scales (panel_run,
-// i8_run_scales). Plain integer loops (any variant).
+// i8_run_scales). Without VNNI (any variant).
 template <int R, int P>
 void i8_tile(const GemmArgs& g, const I8Rows& a, int64_t row0, int64_t b0, int64_t b1, const int8_t* const (&B)[P],
              const float* const (&S)[P], float* C, int rows, int cols, int64_t col0, bool first, bool last) {
@@ -102,26 +157,24 @@ void i8_tile(const GemmArgs& g, const I8Rows& a, int64_t row0, int64_t b0, int64
   Vec acc[R][kRegs];
   int lanes[kRegs];
   start_tile(g, acc, lanes, C, rows, cols, col0, first);
+  const int8_t* qa[R];
   int64_t row[R];
-  for (int i = 0; i < R; ++i) row[i] = imin(row0 + i, g.M - 1);
+  for (int i = 0; i < R; ++i) row[i] = imin(row0 + i, g.M - 1), qa[i] = a.q + row[i] * a.stride;
   for (int64_t b = b0; b < b1; ++b) {
-    int32_t dot[R][P * kPanelWidth] = {};
-    for (int64_t k = b * kI8Block; k < imin(g.K, (b + 1) * kI8Block); ++k)
-      for (int i = 0; i < R; ++i) {
-        const int32_t ai = a.q[row[i] * a.stride + k];
-        for (int j = 0; j < P; ++j)
-          for (int c = 0; c < kPanelWidth; ++c) dot[i][j * kPanelWidth + c] += ai * B[j][k * kPanelWidth + c];
-      }
-    // One fused multiply-add a lane, as VFMADD rounds it (std::fma: the generic variant's Vec::fma is
-    // a multiply and an add where the CPU has no FMA).
+    alignas(64) int32_t dot[R][P * kPanelWidth];
+    const int64_t k0 = b * kI8Block, k_end = imin(g.K, k0 + kI8Block);
+#if defined(__AVX2__)
+    block_dots<R, P>(qa, k0, k_end + (k_end - k0) % 2, B, dot);
+#else
+    block_dots<R, P>(qa, k0, k_end, B, dot);
+#endif
     for (int i = 0; i < R; ++i) {
-      const float sa = a.scale[row[i] * a.blocks + b];
+      const Vec sa = Vec::set1(a.scale[row[i] * a.blocks + b]);
       for (int r = 0; r < kRegs; ++r) {
-        alignas(64) float c[Vec::W];
-        acc[i][r].store(c);
+        alignas(64) float d[Vec::W];
+        for (int l = 0; l < Vec::W; ++l) d[l] = float(dot[i][r * Vec::W + l]);
         const float* sw = S[r * Vec::W / kPanelWidth] + b * kPanelWidth + r * Vec::W % kPanelWidth;
-        for (int l = 0; l < Vec::W; ++l) c[l] = std::fma(float(dot[i][r * Vec::W + l]), sw[l] * sa, c[l]);
-        acc[i][r] = Vec::load(c);
+        acc[i][r] = fused_fma(Vec::load(d), Vec::load(sw) * sa, acc[i][r]);
       }
     }
   }
