@@ -131,7 +131,8 @@ def llamas_runner(m, dtype: str, prompt: list[int]):
 # llamas configurations, by the label the table shows in its dtype column.
 LLAMAS_CONFIGS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
                   BF16_COMPUTE: dict(dtype="bfloat16", compute_dtype="bfloat16"), "int8": dict(dtype="int8"),
-                  "int8, bf16 compute": dict(dtype="int8", compute_dtype="bfloat16")}
+                  "int8, bf16 compute": dict(dtype="int8", compute_dtype="bfloat16"),
+                  "int8, int8 compute": dict(dtype="int8", compute_dtype="int8")}
 
 
 def run_llamas(path: str, prompt: list[int]) -> dict:

@@ -87,6 +87,7 @@ def print_report(ctx) -> None:
     t_rows.append(["(info) prepacked-B GEMM >= 1.0x numpy", f"worst {worst_p:.2f}x", mark(worst_p >= 1.0)])
     l16c = ctx.model_rows.get(("llamas", "bfloat16, bf16 compute"))
     l8 = ctx.model_rows.get(("llamas", "int8"))
+    l8c = ctx.model_rows.get(("llamas", "int8, int8 compute"))
     eager16 = ctx.model_rows.get(("PyTorch eager", "bfloat16"))
     tuned = ctx.model_rows.get(("PyTorch eager, tuned", "float32"))
 
@@ -111,6 +112,7 @@ def print_report(ctx) -> None:
     at_least("(info) bf16-compute prefill >= 1.2x PyTorch eager bfloat16", l16c, eager16, "prefill")
     at_least("(info) bf16-compute decode >= 1.2x PyTorch eager bfloat16", l16c, eager16, "decode")
     at_least("(info) int8 decode >= 1.5x llamas bf16 decode", l8, l16, "decode", need=1.5)
+    at_least("(info) int8-compute prefill >= 1.2x llamas bf16-compute prefill", l8c, l16c, "prefill")
     # The same targets against the stronger eager baseline, for information.
     at_least("(info) fp32 decode >= 1.2x tuned PyTorch eager", l32, tuned, "decode")
     at_least("(info) fp32 prefill >= 1.2x tuned PyTorch eager", l32, tuned, "prefill")
