@@ -146,3 +146,31 @@ def test_load_rejects_int8_compute_without_int8_weights(case):
     with pytest.raises(llamas.LlamasError, match="compute_dtype int8 needs int8 weights"):
         m._native.compute_dtype = "int8"
     assert m.compute_dtype == "float32"
+
+
+CHECK_EMULATED = """
+import numpy as np, llamas
+from llamas import ops
+rng = np.random.default_rng(0)
+assert llamas.info()["int8_compute"].startswith("emulated"), llamas.info()
+assert llamas.info()["bfloat16_compute"].startswith("emulated"), llamas.info()
+for m, k, n in [(1, 301, 75), (5, 64, 33), (16, 256, 70), (37, 513, 40)]:
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    for cd in ("int8", "bfloat16"):
+        got = ops.linear(x, w, weight_dtype=cd, compute_dtype=cd)
+        assert np.array_equal(got, ops.reference_matmul(x, w, compute_dtype=cd)), (m, k, n, cd)
+print("ok")
+"""
+
+
+@pytest.mark.skipif("avx512" not in llamas._C.available_kernel_variants(), reason="no AVX-512 here")
+def test_avx512_variant_without_the_dot_instructions_gives_the_same_bits():
+    # LLAMAS_EMULATE_DOT=1 runs the avx512 variant as on an AVX-512 CPU without VNNI or BF16
+    # (Skylake-X): its integer dots (VPMADDWD) and FMA pair sums, against the definition.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, LLAMAS_KERNEL="avx512", LLAMAS_EMULATE_DOT="1")
+    out = subprocess.run([sys.executable, "-c", CHECK_EMULATED], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

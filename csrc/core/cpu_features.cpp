@@ -1,6 +1,7 @@
 #include "llamas/cpu_features.h"
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -57,6 +58,14 @@ CpuFeatures detect() { return CpuFeatures{}; }
 const CpuFeatures& cpu_features() {
   static const CpuFeatures features = detect();
   return features;
+}
+
+bool emulate_dot_instructions() {
+  static const bool emulate = [] {
+    const char* env = std::getenv("LLAMAS_EMULATE_DOT");
+    return env && *env && std::string(env) != "0";
+  }();
+  return emulate;
 }
 
 std::string cpu_name() {

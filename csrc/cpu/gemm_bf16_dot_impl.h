@@ -308,7 +308,7 @@ void gemm_bf16_dot_as(const GemmArgs& g) {
 
 bool bf16_dot_native() {
 #if defined(__AVX512BF16__)
-  return llamas::cpu_features().avx512_bf16;
+  return llamas::cpu_features().avx512_bf16 && !llamas::emulate_dot_instructions();
 #else
   return false;
 #endif

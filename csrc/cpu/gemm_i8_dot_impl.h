@@ -324,7 +324,7 @@ void i8_blocked(const GemmArgs& g) {
 
 bool i8_dot_native() {
 #if LLAMAS_I8_DOT_HW
-  return llamas::cpu_features().avx512_vnni && llamas::cpu_features().avx512_vbmi;
+  return llamas::cpu_features().avx512_vnni && llamas::cpu_features().avx512_vbmi && !llamas::emulate_dot_instructions();
 #else
   return false;
 #endif

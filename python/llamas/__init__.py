@@ -42,7 +42,7 @@ def info() -> dict:
         "bfloat16_compute": ("native (VDPBF16PS)" if _C.bf16_dot_native()
                              else "emulated (two FMAs a pair of k: same results, slower than float32 compute)"),
         "int8_compute": ("native (VPDPBUSD)" if _C.i8_dot_native()
-                         else "emulated (integer loops: same results, slower than float32 compute)"),
+                         else "emulated (integer dots without VPDPBUSD: same results, slower than float32 compute)"),
         "threads": _C.get_num_threads(),
         "cuda_available": _C.cuda_available(),
     }

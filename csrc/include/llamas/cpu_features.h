@@ -19,6 +19,10 @@ struct CpuFeatures {
 
 // What the CPU and the operating system support (CPUID plus XGETBV for the saved register state).
 const CpuFeatures& cpu_features();
+// LLAMAS_EMULATE_DOT=1: bfloat16 and int8 compute take their emulated paths (the FMA pair sums,
+// the integer dots) even where the CPU has VDPBF16PS or VPDPBUSD, as a CPU without them would:
+// how the tests reach those paths of the avx512 variant on a Zen 4. Read once.
+bool emulate_dot_instructions();
 // The CPU model string from CPUID, or the architecture name elsewhere.
 std::string cpu_name();
 
