@@ -290,6 +290,16 @@ def test_cli_compute_dtype_flag():
     assert r.returncode != 0 and "compute_dtype='bfloat16' needs bfloat16 or int8 weights" in r.stderr
     with pytest.raises(llamas.LlamasError, match=r"\[serve\] compute_dtype='bfloat16' needs bfloat16 or int8 weights"):
         create_app(TINY, compute_dtype="bfloat16")
+    # int8 compute (W8A8) with int8 weights; bfloat16 weights cannot take it.
+    w8a8 = llamas.load(TINY, dtype="int8", compute_dtype="int8")
+    r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "12", "--dtype", "int8",
+                "--compute-dtype", "int8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == w8a8.generate("When shall we", max_new_tokens=12)
+    r = run_cli("generate", "--model", TINY, "hi", "--dtype", "bfloat16", "--compute-dtype", "int8")
+    assert r.returncode != 0 and "compute_dtype='int8' needs int8 weights" in r.stderr
+    with pytest.raises(llamas.LlamasError, match=r"\[serve\] compute_dtype='int8' needs int8 weights"):
+        create_app(TINY, dtype="bfloat16", compute_dtype="int8")
 
 
 def test_cli_int8_dtype():

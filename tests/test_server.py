@@ -575,7 +575,8 @@ def test_metrics_and_one_json_log_line_per_request(srv, http, caplog):
     assert metric(http, "llamas_requests_total", 'endpoint="/v1/completions",status="200"') > 0
     info = next(line for line in text.splitlines() if line.startswith("llamas_model_info{"))
     for label in ('dtype="float32"', 'kv_dtype="float32"', 'compute_dtype="float32"',
-                  f'kernel_variant="{llamas._C.kernel_variant()}"', f'version="{llamas.__version__}"'):
+                  f'kernel_variant="{llamas._C.kernel_variant()}"', f'version="{llamas.__version__}"',
+                  f'i8_dot_native="{str(llamas._C.i8_dot_native()).lower()}"'):
         assert label in info, (label, info)
     assert info.endswith(" 1.0")
     # The engine thread's step counters: 5 tokens were generated above, each by one step.
