@@ -77,6 +77,22 @@ def test_linear_int8_compute_rows_alone_equal_the_batch(variant):
     np.testing.assert_array_equal(plain, w8a8_definition(x, np.ascontiguousarray(w.T), bias))
 
 
+def test_linear_int8_compute_same_bits_at_any_thread_count(variant):
+    x, w = rand(50, 300, seed=11), rand(300, 170, seed=12, scale=0.1)
+    packed = ops.pack(w, weight_dtype="int8")
+    before = llamas.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            llamas.set_num_threads(threads)
+            outs.append([ops.linear(x[:m], packed, compute_dtype="int8") for m in (1, 5, 50)])
+    finally:
+        llamas.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_linear_int8_compute_close_to_float32():
     # Per-block scales keep the error near int8 weights' own: ~1% of the output scale here.
     x, w = rand(64, 768, seed=7), rand(768, 300, seed=8, scale=0.05)
