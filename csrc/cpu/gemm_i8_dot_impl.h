@@ -181,16 +181,13 @@ void i8_tile(const GemmArgs& g, const I8Rows& a, int64_t row0, int64_t b0, int64
   finish_tile(g, acc, lanes, C, rows, last);
 }
 
-// The blocked path's next column tile, whose q rows [k0, k0 + 4 lines_per_panel) of P panels (one
-// 64-byte line holds 4 rows of a panel) the row tiles of this one ask for, lines [begin, end) each,
-// one a quad. Without it a 16-row product with its weights out of L2 (a server's batched decode
-// step: the weights and the KV cache go round L3) took 9-12 us more a call at the bundled model's
-// shapes (16 x 256 x 1024: 23.7 us with the weights in L2, 35.6 cycling through 64 matrices).
+// The next column tile's lines (NextTileLines) and its scales. Without them a 16-row product with
+// its weights out of L2 (a server's batched decode step: the weights and the KV cache go round L3)
+// took 9-12 us more a call at the bundled model's shapes (16 x 256 x 1024: 23.7 us with the
+// weights in L2, 35.6 cycling through 64 matrices).
 template <int P>
-struct I8NextTile {
-  const int8_t* panels[P];
+struct I8NextTile : NextTileLines<P> {
   const float* scales[P];
-  int64_t k0 = 0, lines_per_panel = 0, begin = 0, end = 0;
 };
 
 #if LLAMAS_I8_DOT_HW
@@ -223,16 +220,12 @@ LLAMAS_VNNI_FN void i8_tile_hw(const GemmArgs& g, const I8Rows& a, int64_t row0,
   const int64_t quads = (g.K + 3) / 4;
   __m512i dot[R][P];
   // Rows k..k+3 of the tile's panels against R broadcast quads of A.
-  int64_t fetch = next ? next->begin : 0;
+  typename NextTileLines<P>::Cursor fetch(next);
   if (next && next->begin == 0)  // the next tile's scales of these blocks
     for (int j = 0; j < P; ++j)
       for (int64_t b = b0; b < b1; ++b) __builtin_prefetch(next->scales[j] + b * kPanelWidth);
   auto quad_step = [&](int64_t k) __attribute__((always_inline, target("avx512vnni,avx512vbmi"))) {
-    if (next && fetch < next->end) {  // one line of the next tile's q rows a quad
-      const int64_t line = fetch++;
-      __builtin_prefetch(next->panels[line / next->lines_per_panel] +
-                         (next->k0 + 4 * (line % next->lines_per_panel)) * kPanelWidth);
-    }
+    fetch.fetch();  // one line of the next tile's q rows a quad
     __m512i w[P];
     for (int j = 0; j < P; ++j)
       w[j] = _mm512_xor_si512(_mm512_permutexvar_epi8(index, _mm512_loadu_si512(B[j] + k * kPanelWidth)), flip);
@@ -337,15 +330,14 @@ void i8_blocked(const GemmArgs& g) {
           I8NextTile<P> next;
           const bool fetch_next = row_tiles <= kI8FetchRowTiles && jr + P * kPanelWidth < nc;
           if (fetch_next) {
-            i8_panels_at(g, jc + jr + P * kPanelWidth, next.panels, next.scales);
-            next.k0 = b0 * kI8Block, next.lines_per_panel = (imin(g.K, b1 * kI8Block) - next.k0 + 3) / 4;
+            const int8_t* rows0[P];
+            i8_panels_at(g, jc + jr + P * kPanelWidth, rows0, next.scales);
+            for (int j = 0; j < P; ++j) next.panels[j] = reinterpret_cast<const char*>(rows0[j] + b0 * kI8Block * kPanelWidth);
+            next.lines_per_panel = (imin(g.K, b1 * kI8Block) - b0 * kI8Block + 3) / 4;
           }
           for (int64_t ir = 0; ir < g.M; ir += R) {
             const int rows = int(imin(R, g.M - ir));
-            if (fetch_next) {
-              const int64_t lines = P * next.lines_per_panel, tile = ir / R;
-              next.begin = tile * lines / row_tiles, next.end = (tile + 1) * lines / row_tiles;
-            }
+            if (fetch_next) next.share(ir / R, row_tiles);
             const I8NextTile<P>* n = fetch_next ? &next : nullptr;
             float* c_rows = c + ir * g.ldc;
             if (rows > 4 || R <= 4) i8_tile_as<R, P, kHw>(g, a, ir, b0, b1, B, S, c_rows, rows, cols, jc + jr, first, last, n);

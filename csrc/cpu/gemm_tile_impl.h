@@ -174,6 +174,41 @@ struct SharedPanelPack {
   }
 };
 
+// A batched decode step's products stream their weights from L3 or DRAM once, then serve a few
+// row tiles from L1. The row tiles of one column tile share the fetching of the next column tile's
+// weights of this k pass, lines [begin, end) each, one line a k step (one line holds a pair of
+// bfloat16 panel rows or a quad of int8 ones); panels[j] is the next tile's panel j at the pass's
+// first row. (The float32 tiles do the same through micro_tile's kStreamB.)
+template <int P>
+struct NextTileLines {
+  const char* panels[P];
+  int64_t lines_per_panel = 0, begin = 0, end = 0;
+  // Sets begin and end to row tile `tile`'s share of the lines among `tiles`.
+  void share(int64_t tile, int64_t tiles) {
+    begin = tile * P * lines_per_panel / tiles, end = (tile + 1) * P * lines_per_panel / tiles;
+  }
+  // A tile's walk over its share: fetch() asks for the next line, if any (no division per step: one
+  // per k step had doubled a 16-row bfloat16-compute product's time).
+  struct Cursor {
+    const NextTileLines* tiles = nullptr;
+    const char* at = nullptr;
+    int64_t left = 0, left_in_panel = 0;
+    int panel = 0;
+    explicit Cursor(const NextTileLines* t) : tiles(t) {
+      if (!t || t->end <= t->begin || t->lines_per_panel <= 0) return;
+      panel = int(t->begin / t->lines_per_panel);
+      const int64_t offset = t->begin % t->lines_per_panel;
+      at = t->panels[panel] + offset * 64, left = t->end - t->begin, left_in_panel = t->lines_per_panel - offset;
+    }
+    void fetch() {
+      if (left <= 0) return;
+      __builtin_prefetch(at);
+      at += 64, --left;
+      if (--left_in_panel == 0 && left > 0) at = tiles->panels[++panel], left_in_panel = tiles->lines_per_panel;
+    }
+  };
+};
+
 // One R x (RUNS * W) tile of C over kc steps of k: A is a packed panel [k][R]; B is RUNS runs of W
 // columns with k stride ldbk (a packed block: Bp + j * W, kNR; Panels: columns of the stored
 // panels, 16; bfloat16 panels: one whole interleaved panel row per kPanelWidth / W runs, so those
