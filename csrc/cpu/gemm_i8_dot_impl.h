@@ -8,7 +8,8 @@
 // The block's integer dot is exact (|dot| <= 32 x 127^2 < 2^24, so its float is too), so every
 // path, variant and thread count gives the same bits, and a row's result does not depend on the
 // other rows (batch-invariant). With AVX512_VNNI one VPDPBUSD does 64 multiply-adds where
-// VDPBF16PS does 32 and an FMA 16; elsewhere plain integer loops form the same dots.
+// VDPBF16PS does 32 and an FMA 16; elsewhere VPMADDWD over pairs of k (AVX2) or plain integer
+// loops (generic) form the same dots.
 // VPDPBUSD multiplies unsigned by signed bytes: the weights are made unsigned by flipping their
 // sign bit (w + 128), and each block's dot starts from -128 x (the block's sum of qa), which the
 // quantizer keeps beside the scale. Part of gemm_impl.h.
