@@ -11,7 +11,11 @@ Q8_0; also run with bfloat16 and with int8 compute). Neither program is installe
 llama-bench comes from a llama.cpp build (its source is in the llama-cpp-python sdist on PyPI,
 vendor/llama.cpp: `cmake -B build -DGGML_NATIVE=ON && cmake --build build --target llama-bench`).
 The two engines run in turn per pairing, round after round (--rounds), each in its own process,
-with the same thread count: this box drifts by +-20% over minutes, so compare the ratios."""
+with the same thread count: this box drifts by +-20% over minutes, so compare the ratios.
+
+With --batched-bench PATH (llama.cpp's llama-batched-bench, same build, target llama-batched-bench)
+it also measures batched decode: --batch sequences generating --gen-tokens each from a 1-token
+prompt, aggregate tokens/s (llama-batched-bench's S_TG against `llamas bench -p 1 --batch N`)."""
 import argparse
 import json
 import os
@@ -40,13 +44,32 @@ def llama_bench(path: str, gguf: str, threads: int, pp: int, tg: int, reps: int)
     return rates
 
 
+def llama_batched_bench(path: str, gguf: str, threads: int, tg: int, batch: int) -> float:
+    """Aggregate decode tokens/s of `batch` sequences (llama-batched-bench's S_TG column)."""
+    cmd = [path, "-m", gguf, "-t", str(threads), "-c", str(batch * (tg + 2) + 64), "-b", "2048", "-ub", "512",
+           "-npp", "1", "-ntg", str(tg), "-npl", str(batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama-batched-bench failed ({out.returncode}): {out.stderr[-2000:]}")
+    header = None
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "S_TG t/s" in cells:
+            header = cells
+        elif header and len(cells) == len(header) and cells[header.index("B")] == str(batch):
+            return float(cells[header.index("S_TG t/s")])
+    raise RuntimeError(f"llama-batched-bench printed no row for {batch} sequences: {out.stdout[-2000:]}")
+
+
 ROW = re.compile(r"\|\s*(pp|tg)\d+\s*\|\s*([0-9.]+)\s*±")
 
 
-def llamas_bench(model: str, dtype: str, compute: str, threads: int, pp: int, tg: int, reps: int) -> dict:
-    """{"pp": tok/s, "tg": tok/s} from `llamas bench` (its table rows) in a process of its own."""
+def llamas_bench(model: str, dtype: str, compute: str, threads: int, pp: int, tg: int, reps: int,
+                 batch: int = 1) -> dict:
+    """{"pp": tok/s, "tg": tok/s} from `llamas bench` (its table rows) in a process of its own; with
+    batch > 1, the aggregate rates of that many sequences."""
     cmd = [sys.executable, "-m", "llamas", "bench", "--model", model, "--dtype", dtype, "--compute-dtype", compute,
-           "--threads", str(threads), "-p", str(pp), "-n", str(tg), "-r", str(reps)]
+           "--threads", str(threads), "-p", str(pp), "-n", str(tg), "-r", str(reps), "--batch", str(batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"llamas bench failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -65,9 +88,16 @@ def main() -> int:
     p.add_argument("-n", "--gen-tokens", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3, help="repetitions inside each engine's run")
     p.add_argument("--rounds", type=int, default=2, help="runs of every engine in turn; medians are reported")
+    p.add_argument("--batched-bench", metavar="PATH",
+                   help="llama.cpp's llama-batched-bench: also compare batched decode (--batch sequences)")
+    p.add_argument("--batch", type=int, default=16, help="sequences for the batched-decode comparison (default 16)")
     args = p.parse_args()
     if not os.access(args.llama_bench, os.X_OK):
         p.error(f"--llama-bench {args.llama_bench!r} is not an executable file")
+    if args.batched_bench is not None and not os.access(args.batched_bench, os.X_OK):
+        p.error(f"--batched-bench {args.batched_bench!r} is not an executable file")
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
     ggufs = {}
     for item in args.gguf:
         dtype, sep, path = item.partition("=")
@@ -82,32 +112,49 @@ def main() -> int:
     results = {}  # (engine label) -> {"pp": [...], "tg": [...]}
     for rnd in range(args.rounds):
         for dtype, gguf in ggufs.items():
-            runs = [(f"llama.cpp {os.path.basename(gguf)}", lambda g=gguf: llama_bench(
-                args.llama_bench, g, args.threads, args.prompt_tokens, args.gen_tokens, args.repetitions))]
+            def llama_cpp(g=gguf):
+                rates = llama_bench(args.llama_bench, g, args.threads, args.prompt_tokens, args.gen_tokens,
+                                    args.repetitions)
+                if args.batched_bench:
+                    rates["batch"] = llama_batched_bench(args.batched_bench, g, args.threads, args.gen_tokens,
+                                                         args.batch)
+                return rates
+
+            def ours(w, c):
+                rates = llamas_bench(args.model, w, c, args.threads, args.prompt_tokens, args.gen_tokens,
+                                     args.repetitions)
+                if args.batched_bench:
+                    rates["batch"] = llamas_bench(args.model, w, c, args.threads, 1, args.gen_tokens,
+                                                  args.repetitions, args.batch)["tg"]
+                return rates
+
+            runs = [(f"llama.cpp {os.path.basename(gguf)}", llama_cpp)]
             for weights, compute in PAIRS[dtype]:
                 runs.append((f"llamas {weights}" + (f", {compute} compute" if compute != "float32" else ""),
-                             lambda w=weights, c=compute: llamas_bench(args.model, w, c, args.threads,
-                                                                       args.prompt_tokens, args.gen_tokens,
-                                                                       args.repetitions)))
+                             lambda w=weights, c=compute: ours(w, c)))
             for label, run in (runs if rnd % 2 == 0 else runs[::-1]):
                 print(f"# round {rnd + 1}/{args.rounds}: {label}", file=sys.stderr, flush=True)
                 rates = run()
-                slot = results.setdefault((dtype, label), {"pp": [], "tg": []})
-                for key in ("pp", "tg"):
+                slot = results.setdefault((dtype, label), {"pp": [], "tg": [], "batch": []})
+                for key in slot:
                     slot[key].append(rates.get(key, float("nan")))
 
     pp, tg = f"pp{args.prompt_tokens}", f"tg{args.gen_tokens}"
+    keys = ["pp", "tg"] + (["batch"] if args.batched_bench else [])
+    names = {"pp": pp, "tg": tg, "batch": f"{tg} x{args.batch}"}
     print(f"\n{args.threads} threads, medians of {args.rounds} rounds (each of {args.repetitions} repetitions); "
-          "ratio: llamas / llama.cpp at the same weight precision\n")
-    print(f"| engine | {pp} tok/s | {tg} tok/s | {pp} ratio | {tg} ratio |")
-    print("|---|---|---|---|---|")
+          "ratio: llamas / llama.cpp at the same weight precision"
+          + (f"; {names['batch']}: {args.batch} sequences' aggregate decode" if args.batched_bench else "") + "\n")
+    print("| engine | " + " | ".join(f"{names[k]} tok/s" for k in keys) + " | "
+          + " | ".join(f"{names[k]} ratio" for k in keys) + " |")
+    print("|---|" + "---|" * (2 * len(keys)))
     for dtype in ggufs:
         rows = [(label, r) for (d, label), r in results.items() if d == dtype]
-        base = {k: statistics.median(rows[0][1][k]) for k in ("pp", "tg")}
+        base = {k: statistics.median(rows[0][1][k]) for k in keys}
         for label, r in rows:
-            med = {k: statistics.median(r[k]) for k in ("pp", "tg")}
-            print(f"| {label} | {med['pp']:.1f} | {med['tg']:.1f} | {med['pp'] / base['pp']:.2f}x | "
-                  f"{med['tg'] / base['tg']:.2f}x |")
+            med = {k: statistics.median(r[k]) for k in keys}
+            print(f"| {label} | " + " | ".join(f"{med[k]:.1f}" for k in keys) + " | "
+                  + " | ".join(f"{med[k] / base[k]:.2f}x" for k in keys) + " |")
     return 0
 
 

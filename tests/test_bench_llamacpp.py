@@ -66,3 +66,38 @@ def test_refuses_bad_flags(tmp_path):
     assert r.returncode == 2 and "is not a file" in r.stderr
     r = run("--llama-bench", exe, "--model", TINY)
     assert r.returncode == 2 and "give at least one --gguf" in r.stderr
+
+
+def fake_batched_bench(tmp_path, s_tg=450.0):
+    """An executable that prints llama-batched-bench's table for whatever -npl it is given."""
+    path = tmp_path / "llama-batched-bench"
+    path.write_text(f"""#!/bin/sh
+npl=1
+while [ $# -gt 0 ]; do [ "$1" = "-npl" ] && npl=$2; shift; done
+echo "|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |"
+echo "|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|"
+echo "|     1 |      4 | $npl |     80 |    0.010 |   100.00 |    0.100 |   {s_tg} |    0.110 |   400.00 |"
+""")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_batched_decode_column(tmp_path):
+    assert compare_llamacpp.llama_batched_bench(fake_batched_bench(tmp_path), "m.gguf", 2, 4, 16) == 450.0
+    gguf = tmp_path / "tiny-f32.gguf"
+    gguf.write_bytes(b"GGUF")
+    r = run("--llama-bench", fake_llama_bench(tmp_path, pp=100.0, tg=10.0), "--batched-bench",
+            fake_batched_bench(tmp_path, s_tg=20.0), "--batch", "3", "--model", TINY, "--gguf", f"float32={gguf}",
+            "-p", "8", "-n", "4", "-r", "1", "--rounds", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| engine | pp8 tok/s | tg4 tok/s | tg4 x3 tok/s |")
+    base = [c.strip() for c in lines[1].split("|")[1:-1]]
+    assert base[0] == "llama.cpp tiny-f32.gguf" and base[3] == "20.0" and base[6] == "1.00x"
+    ours = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert ours[0] == "llamas float32" and float(ours[3]) > 0
+    r = run("--llama-bench", fake_llama_bench(tmp_path), "--batched-bench", str(tmp_path / "nope"),
+            "--model", TINY, "--gguf", f"float32={gguf}")
+    assert r.returncode == 2 and "--batched-bench" in r.stderr and "is not an executable file" in r.stderr
+    r = run("--llama-bench", fake_llama_bench(tmp_path), "--batch", "0", "--model", TINY, "--gguf", f"float32={gguf}")
+    assert r.returncode == 2 and "--batch must be at least 1, got 0" in r.stderr
