@@ -112,9 +112,10 @@ inline __m512i dequantized_pairs_index() {
 // in registers, ~9 instructions a pair and panel against ~30 through i8_rows_as_bf16's rows.
 // (Not inlined: see dot_blocked.)
 template <int R, int P, bool kHw, typename BT = uint16_t>
-__attribute__((noinline)) void dot_tile(const GemmArgs& g, int64_t p0, int64_t p1, const uint32_t* Ap, const BT* const (&B)[P], float* C,
-              int rows, int cols, int64_t col0, bool first, bool last, const float* const* b_scales = nullptr,
-              const NextTileLines<P>* next = nullptr) {
+__attribute__((noinline)) void dot_tile(const GemmArgs& g, int64_t p0, int64_t p1, const uint32_t* Ap,
+                                        const BT* const (&B)[P], float* C, int rows, int cols, int64_t col0,
+                                        bool first, bool last, const float* const* b_scales = nullptr,
+                                        const NextTileLines<P>* next = nullptr) {
   constexpr int kRegs = P * kDotPerPanel;
   Vec acc[R][kRegs];
   int lanes[kRegs];

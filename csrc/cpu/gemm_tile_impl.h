@@ -187,8 +187,7 @@ struct NextTileLines {
   void share(int64_t tile, int64_t tiles) {
     begin = tile * P * lines_per_panel / tiles, end = (tile + 1) * P * lines_per_panel / tiles;
   }
-  // A tile's walk over its share: fetch() asks for the next line, if any (no division per step: one
-  // per k step had doubled a 16-row bfloat16-compute product's time).
+  // A tile's walk over its share: fetch() asks for the next line, if any, with no division per step.
   struct Cursor {
     const NextTileLines* tiles = nullptr;
     const char* at = nullptr;
