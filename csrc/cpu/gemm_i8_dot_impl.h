@@ -221,11 +221,11 @@ LLAMAS_VNNI_FN void i8_tile_hw(const GemmArgs& g, const I8Rows& a, int64_t row0,
   const __m512i index = quad_index(), flip = _mm512_set1_epi8(char(0x80));
   const int64_t quads = (g.K + 3) / 4;
   __m512i dot[R][P];
-  // Rows k..k+3 of the tile's panels against R broadcast quads of A.
   typename NextTileLines<P>::Cursor fetch(next);
   if (next && next->begin == 0)  // the next tile's scales of these blocks
     for (int j = 0; j < P; ++j)
       for (int64_t b = b0; b < b1; ++b) __builtin_prefetch(next->scales[j] + b * kPanelWidth);
+  // Rows k..k+3 of the tile's panels against R broadcast quads of A.
   auto quad_step = [&](int64_t k) __attribute__((always_inline, target("avx512vnni,avx512vbmi"))) {
     fetch.fetch();  // one line of the next tile's q rows a quad
     __m512i w[P];
