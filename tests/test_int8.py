@@ -28,6 +28,8 @@ def quantize_definition(w):
 def test_dequantized_weights_are_the_definition(k, n):
     w = rand(k, n, seed=1, scale=0.1)
     w[:, 0] = 0.0                                 # an all-zero column: scale 0, weights 0, no NaN
+    if n > 1:                                     # ties: scale 1 (max 127), halves round to even
+        w[:, 1] = np.resize(np.array([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5], np.float32), k)
     packed = ops.pack(w, weight_dtype="int8")
     assert (packed.dtype, packed.in_features, packed.out_features) == ("int8", k, n)
     panels, blocks = (n + 15) // 16, (k + 31) // 32
@@ -40,6 +42,8 @@ def test_dequantized_weights_are_the_definition(k, n):
                                                           weight_dtype="int8")), got)
     step = np.abs(w).reshape(-1, n).max(axis=0) / 127
     assert np.all(np.abs(got - w) <= step / 2 + 1e-7)
+    if n > 1 and k >= 7:
+        assert got[:7, 1].tolist() == [127.0, 0.0, 2.0, 2.0, 0.0, -2.0, 126.0]
 
 
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
