@@ -6,10 +6,21 @@ import pytest
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+# The parity fixtures: random-weight GPT-2 models with transformers' logits and greedy ids.
+PARITY_MODELS = ["gpt2-tiny", "gpt2-odd", "gpt2-scaled"]
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """tests/fixtures (small committed models and tokenizers; rebuilt by tools/make_fixtures.py)."""
     return FIXTURES
+
+
+@pytest.fixture(scope="module", params=PARITY_MODELS)
+def case(request, fixtures_dir):
+    """One parity fixture (test_gpt2_parity.Case): its folder, reference logits and greedy ids."""
+    from test_gpt2_parity import Case
+    return Case(fixtures_dir / request.param)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import llamas
 from llamas import ops
 
 from conftest import rand  # noqa: E402  (the `variant` fixture is in conftest.py too)
-from test_gpt2_parity import Case, MODELS
 
 
 def to_bf16(x):
@@ -77,11 +76,6 @@ def test_linear_bfloat16_compute_rejects_bad_input():
         ops.linear(x, w, weight_dtype="bfloat16", compute_dtype="fp8")
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def case(request, fixtures_dir):
-    return Case(fixtures_dir / request.param)
-
-
 def test_model_close_to_float32_and_rows_alone_equal_the_batch(case):
     m = llamas.load(case.folder, dtype="bfloat16", compute_dtype="bfloat16")
     assert (m.dtype, m.kv_dtype, m.compute_dtype) == ("bfloat16", "bfloat16", "bfloat16")
@@ -106,10 +100,13 @@ def test_load_rejects_bad_compute_dtype(case):
     assert llamas.load(case.folder).compute_dtype == "float32"
 
 
-def test_info_says_how_bfloat16_compute_runs(variant):
-    native = llamas._C.bf16_dot_native()
-    assert llamas.info()["bfloat16_compute"].startswith("native" if native else "emulated")
-    if variant != "avx512":  # only the AVX-512 build can hold VDPBF16PS
+@pytest.mark.parametrize("key,native_fn,features", [
+    ("bfloat16_compute", "bf16_dot_native", {"avx512_bf16"}),            # VDPBF16PS
+    ("int8_compute", "i8_dot_native", {"avx512_vnni", "avx512_vbmi"})])  # VPDPBUSD (int8 compute)
+def test_info_says_how_each_dot_instruction_runs(variant, key, native_fn, features):
+    native = getattr(llamas._C, native_fn)()
+    assert llamas.info()[key].startswith("native" if native else "emulated")
+    if variant != "avx512":  # only the AVX-512 build can hold these instructions
         assert not native
     if native:
-        assert "avx512_bf16" in llamas.info()["cpu_features"]
+        assert features <= set(llamas.info()["cpu_features"])

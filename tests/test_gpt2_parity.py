@@ -13,7 +13,6 @@ import pytest
 import llamas
 from llamas.tokenizer import Tokenizer
 
-MODELS = ["gpt2-tiny", "gpt2-odd", "gpt2-scaled"]
 NEW_TOKENS = 20
 
 
@@ -32,11 +31,6 @@ class Case:
         """What llamas should return: the reference ids up to (excluding) the first EOS."""
         ids = self.greedy_ids[row].tolist()
         return ids[:ids.index(self.eos)] if self.eos in ids else ids
-
-
-@pytest.fixture(scope="module", params=MODELS)
-def case(request, fixtures_dir):
-    return Case(fixtures_dir / request.param)
 
 
 @pytest.fixture(scope="module")

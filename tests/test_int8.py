@@ -99,12 +99,7 @@ def test_int8_rejects_bad_input():
 # ---- models loaded with dtype="int8" ----------------------------------------------------------
 import shutil  # noqa: E402
 
-from test_gpt2_parity import Case, MODELS, read_safetensors, write_safetensors  # noqa: E402
-
-
-@pytest.fixture(scope="module", params=MODELS)
-def case(request, fixtures_dir):
-    return Case(fixtures_dir / request.param)
+from test_gpt2_parity import read_safetensors, write_safetensors  # noqa: E402
 
 
 def test_int8_model_is_the_float32_model_of_its_dequantized_weights(case, tmp_path):

@@ -11,7 +11,6 @@ import llamas
 from llamas import ops
 
 from conftest import rand  # noqa: E402  (the `variant` fixture is in conftest.py too)
-from test_gpt2_parity import Case, MODELS  # noqa: E402
 from test_int8 import assert_close_to_float32  # noqa: E402
 
 
@@ -125,20 +124,6 @@ def test_linear_int8_compute_rejects_bad_input():
         ops.linear(x, w, weight_dtype="int8", compute_dtype="int4")
     with pytest.raises(llamas.LlamasError, match="input must be"):
         ops.linear(rand(3, 9), ops.pack(w, weight_dtype="int8"), compute_dtype="int8")
-
-
-def test_info_says_how_int8_compute_runs(variant):
-    native = llamas._C.i8_dot_native()
-    assert llamas.info()["int8_compute"].startswith("native" if native else "emulated")
-    if variant != "avx512":  # only the AVX-512 build can hold VPDPBUSD
-        assert not native
-    if native:
-        assert {"avx512_vnni", "avx512_vbmi"} <= set(llamas.info()["cpu_features"])
-
-
-@pytest.fixture(scope="module", params=MODELS)
-def case(request, fixtures_dir):
-    return Case(fixtures_dir / request.param)
 
 
 def test_model_close_to_float32_and_rows_alone_equal_the_batch(case):
