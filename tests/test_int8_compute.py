@@ -2,7 +2,7 @@
 products; csrc/cpu/gemm_i8_dot_impl.h). Each row of x is quantized per 32-k block as the weights
 are, each block's integer dot is exact, and one fused multiply-add per block scales it by both
 scales. The kernel is checked bit for bit against that definition written in numpy, on every kernel
-variant (avx512 runs VPDPBUSD where the CPU has AVX512_VNNI and VBMI, the others integer loops) and
+variant (avx512 runs VPDPBUSD where the CPU has AVX512_VNNI, the others integer dots without it) and
 every row count's path, and the model against float32."""
 import numpy as np
 import pytest
@@ -149,12 +149,16 @@ def test_load_rejects_int8_compute_without_int8_weights(case):
     assert m.compute_dtype == "float32"
 
 
-CHECK_EMULATED = """
+CHECK_HIDDEN = """
+import sys
 import numpy as np, llamas
 from llamas import ops
 rng = np.random.default_rng(0)
-assert llamas.info()["int8_compute"].startswith("emulated"), llamas.info()
-assert llamas.info()["bfloat16_compute"].startswith("emulated"), llamas.info()
+hidden = set(sys.argv[1].split(","))
+info = llamas.info()
+assert not hidden & set(info["cpu_features"]), info
+assert info["int8_compute"].startswith("emulated" if "avx512_vnni" in hidden else "native"), info
+assert info["bfloat16_compute"].startswith("emulated" if "avx512_bf16" in hidden else "native"), info
 for m, k, n in [(1, 301, 75), (5, 64, 33), (16, 256, 70), (37, 513, 40)]:
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
@@ -165,13 +169,28 @@ print("ok")
 """
 
 
-@pytest.mark.skipif("avx512" not in llamas._C.available_kernel_variants(), reason="no AVX-512 here")
-def test_avx512_variant_without_the_dot_instructions_gives_the_same_bits():
-    # LLAMAS_EMULATE_DOT=1 runs the avx512 variant as on an AVX-512 CPU without VNNI or BF16
-    # (Skylake-X): its integer dots (VPMADDWD) and FMA pair sums, against the definition.
+@pytest.mark.skipif(not {"avx512f", "avx512_vnni", "avx512_vbmi", "avx512_bf16"} <= set(llamas.info()["cpu_features"]),
+                    reason="needs a CPU with AVX-512 VNNI, VBMI and BF16 to hide them from")
+@pytest.mark.parametrize("hidden", ["avx512_bf16,avx512_vnni", "avx512_vbmi"])
+def test_avx512_variant_without_some_instructions_gives_the_same_bits(hidden):
+    # LLAMAS_CPU_HIDE runs the avx512 variant as on a CPU without those features: without VNNI and
+    # BF16 (Skylake-X) the integer dots (VPMADDWD) and the FMA pair sums; without VBMI (Cascade Lake)
+    # VPDPBUSD with its operands transposed by two shuffles instead of VPERMB. Against the definition.
     import os
     import subprocess
     import sys
-    env = dict(os.environ, LLAMAS_KERNEL="avx512", LLAMAS_EMULATE_DOT="1")
-    out = subprocess.run([sys.executable, "-c", CHECK_EMULATED], capture_output=True, text=True, env=env, timeout=120)
+    env = dict(os.environ, LLAMAS_KERNEL="avx512", LLAMAS_CPU_HIDE=hidden)
+    out = subprocess.run([sys.executable, "-c", CHECK_HIDDEN, hidden], capture_output=True, text=True, env=env,
+                         timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+def test_cpu_hide_reports_an_unknown_feature():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, LLAMAS_CPU_HIDE="avx9000")
+    out = subprocess.run([sys.executable, "-c", "import llamas; print(llamas._C.kernel_variant())"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == llamas._C.kernel_variant()
+    assert "LLAMAS_CPU_HIDE names an unknown CPU feature 'avx9000' (ignored)" in out.stderr

@@ -1,8 +1,10 @@
 #include "llamas/cpu_features.h"
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -55,17 +57,54 @@ CpuFeatures detect() { return CpuFeatures{}; }
 
 }  // namespace
 
+namespace {
+
+constexpr const char* kFeatureNames[] = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                         "avx512_bf16", "avx512_vnni", "avx512_vbmi", "avx512_fp16"};
+
+bool* feature_flag(CpuFeatures& f, const std::string& name) {
+  bool* flags[] = {&f.avx2, &f.fma, &f.f16c, &f.avx512f, &f.avx512bw, &f.avx512vl, &f.avx512dq,
+                   &f.avx512_bf16, &f.avx512_vnni, &f.avx512_vbmi, &f.avx512_fp16};
+  for (size_t i = 0; i < sizeof(kFeatureNames) / sizeof(kFeatureNames[0]); ++i)
+    if (name == kFeatureNames[i]) return flags[i];
+  return nullptr;
+}
+
+// Clears the features LLAMAS_CPU_HIDE names; an unknown name is reported on stderr (at first use,
+// before any kernel runs, where an exception would have nowhere to go) and otherwise ignored.
+CpuFeatures without_hidden(CpuFeatures f) {
+  const char* env = std::getenv("LLAMAS_CPU_HIDE");
+  if (!env) return f;
+  std::string list(env);
+  for (size_t start = 0; start <= list.size();) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    const std::string name = list.substr(start, end - start);
+    if (!name.empty()) {
+      if (bool* flag = feature_flag(f, name)) *flag = false;
+      else std::fprintf(stderr, "llamas: LLAMAS_CPU_HIDE names an unknown CPU feature '%s' (ignored)\n", name.c_str());
+    }
+    start = end + 1;
+  }
+  return f;
+}
+
+}  // namespace
+
 const CpuFeatures& cpu_features() {
-  static const CpuFeatures features = detect();
+  static const CpuFeatures features = without_hidden(detect());
   return features;
 }
 
-bool emulate_dot_instructions() {
-  static const bool emulate = [] {
-    const char* env = std::getenv("LLAMAS_EMULATE_DOT");
-    return env && *env && std::string(env) != "0";
-  }();
-  return emulate;
+const char* const* cpu_feature_names(int* count) {
+  *count = int(sizeof(kFeatureNames) / sizeof(kFeatureNames[0]));
+  return kFeatureNames;
+}
+
+bool has_cpu_feature(const std::string& name) {
+  CpuFeatures copy = cpu_features();
+  const bool* flag = feature_flag(copy, name);
+  return flag && *flag;
 }
 
 std::string cpu_name() {

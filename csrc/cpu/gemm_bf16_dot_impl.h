@@ -330,7 +330,7 @@ void gemm_bf16_dot_as(const GemmArgs& g) {
 
 bool bf16_dot_native() {
 #if defined(__AVX512BF16__)
-  return llamas::cpu_features().avx512_bf16 && !llamas::emulate_dot_instructions();
+  return llamas::cpu_features().avx512_bf16;
 #else
   return false;
 #endif

@@ -49,8 +49,8 @@ struct KernelTable {
   // Whether GEMMs with bfloat16 activations (GemmArgs::a_bf16) run VDPBF16PS here (AVX512_BF16 in
   // both the CPU and this variant's build), rather than the same sums as two FMAs a pair.
   bool (*bf16_dot_native)();
-  // Whether GEMMs with int8 activations (GemmArgs::a_i8) run VPDPBUSD here (AVX512_VNNI and
-  // AVX512_VBMI in the CPU, and a compiler that targets them), rather than plain integer loops.
+  // Whether GEMMs with int8 activations (GemmArgs::a_i8) run VPDPBUSD here (AVX512_VNNI in the
+  // CPU and a compiler that targets it), rather than integer dots without it.
   bool (*i8_dot_native)();
 };
 

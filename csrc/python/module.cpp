@@ -39,19 +39,10 @@ static py::dict memory_stats_dict() {
 }
 
 static py::dict cpu_features_dict() {
-  const CpuFeatures& f = cpu_features();
   py::dict d;
-  d["avx2"] = f.avx2;
-  d["fma"] = f.fma;
-  d["f16c"] = f.f16c;
-  d["avx512f"] = f.avx512f;
-  d["avx512bw"] = f.avx512bw;
-  d["avx512vl"] = f.avx512vl;
-  d["avx512dq"] = f.avx512dq;
-  d["avx512_bf16"] = f.avx512_bf16;
-  d["avx512_vnni"] = f.avx512_vnni;
-  d["avx512_vbmi"] = f.avx512_vbmi;
-  d["avx512_fp16"] = f.avx512_fp16;
+  int count = 0;
+  const char* const* names = cpu_feature_names(&count);
+  for (int i = 0; i < count; ++i) d[names[i]] = has_cpu_feature(names[i]);
   return d;
 }
 

@@ -17,12 +17,15 @@ struct CpuFeatures {
   bool avx512_fp16 = false;
 };
 
-// What the CPU and the operating system support (CPUID plus XGETBV for the saved register state).
+// What the CPU and the operating system support (CPUID plus XGETBV for the saved register state),
+// less the features LLAMAS_CPU_HIDE names (a comma list of cpu_feature_names, e.g.
+// "avx512_bf16,avx512_vnni"): the kernels then run as on a CPU without them. That is how the tests
+// reach, on a Zen 4, the paths a Skylake-X (no VNNI, no BF16) or a Cascade Lake (no VBMI) takes.
 const CpuFeatures& cpu_features();
-// LLAMAS_EMULATE_DOT=1: bfloat16 and int8 compute take their emulated paths (the FMA pair sums,
-// the integer dots) even where the CPU has VDPBF16PS or VPDPBUSD, as a CPU without them would:
-// how the tests reach those paths of the avx512 variant on a Zen 4. Read once.
-bool emulate_dot_instructions();
+// The feature names, in CpuFeatures order (also the keys of llamas._C.cpu_features()), and whether
+// cpu_features() has the named one (false for an unknown name).
+const char* const* cpu_feature_names(int* count);
+bool has_cpu_feature(const std::string& name);
 // The CPU model string from CPUID, or the architecture name elsewhere.
 std::string cpu_name();
 
