@@ -158,6 +158,8 @@ hidden = set(sys.argv[1].split(","))
 info = llamas.info()
 assert not hidden & set(info["cpu_features"]), info
 assert info["int8_compute"].startswith("emulated" if "avx512_vnni" in hidden else "native"), info
+if "avx512_vbmi" in hidden:
+    assert "two shuffles" in info["int8_compute"], info
 assert info["bfloat16_compute"].startswith("emulated" if "avx512_bf16" in hidden else "native"), info
 for m, k, n in [(1, 301, 75), (5, 64, 33), (16, 256, 70), (37, 513, 40)]:
     x = rng.standard_normal((m, k)).astype(np.float32)

@@ -31,7 +31,7 @@ def memory_stats() -> dict:
 
 
 def info() -> dict:
-    """Version, CPU, kernel variant, how bfloat16 compute runs, threads and CUDA availability."""
+    """Version, CPU, kernel variant, how bfloat16 and int8 compute run, threads and CUDA availability."""
     features = _C.cpu_features()
     return {
         "version": __version__,
@@ -41,7 +41,8 @@ def info() -> dict:
         "available_kernel_variants": list(_C.available_kernel_variants()),
         "bfloat16_compute": ("native (VDPBF16PS)" if _C.bf16_dot_native()
                              else "emulated (two FMAs a pair of k: same results, slower than float32 compute)"),
-        "int8_compute": ("native (VPDPBUSD)" if _C.i8_dot_native()
+        "int8_compute": (("native (VPDPBUSD, operands ordered by VPERMB)" if features.get("avx512_vbmi")
+                          else "native (VPDPBUSD, operands ordered by two shuffles)") if _C.i8_dot_native()
                          else "emulated (integer dots without VPDPBUSD: same results, slower than float32 compute)"),
         "threads": _C.get_num_threads(),
         "cuda_available": _C.cuda_available(),
