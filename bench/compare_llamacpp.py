@@ -109,7 +109,7 @@ def main() -> int:
     if not ggufs:
         p.error("give at least one --gguf DTYPE=FILE")
 
-    results = {}  # (engine label) -> {"pp": [...], "tg": [...]}
+    results = {}  # (weight dtype, engine label) -> {"pp": [...], "tg": [...], "batch": [...]}: one per round
     for rnd in range(args.rounds):
         for dtype, gguf in ggufs.items():
             def llama_cpp(g=gguf):

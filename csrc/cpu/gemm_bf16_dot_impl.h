@@ -290,7 +290,7 @@ void dot_blocked(const GemmArgs& g) {
             // into this loop with the fetching, it ran at half speed.
             NextTileLines<P> next;
             const int64_t row_tiles = (imin(g.M, ic + kMC) - ic + R - 1) / R;
-            const bool fetch_next = !kInt8 && R == 8 && jr + P * kPanelWidth < nc;
+            const bool fetch_next = kHw && !kInt8 && g.M <= kBatchedDecodeRows && jr + P * kPanelWidth < nc;
             if (fetch_next) {
               for (int j = 0; j < P; ++j)
                 next.panels[j] = reinterpret_cast<const char*>(panel_run<uint16_t>(g, jc + jr + (P + j) * kPanelWidth, 2 * pc));
@@ -320,11 +320,10 @@ void dot_blocked(const GemmArgs& g) {
 // Up to 48 rows (a server's batched decode step) in 8-row tiles (a last of 4): 16 rows as 8 + 8
 // instead of 12 + 4. Bundled-model shapes, 500 warm calls, builds alternated 4 times (GFLOP/s):
 // 16 x 1024 x 256 271-276 -> 295-303; 16 x 256 x 1024, 16 x 256 x 4096 and 24 x 768 x 2304 level.
-constexpr int64_t kFewDotRows = 48;
 template <bool kHw, typename BT>
 void gemm_bf16_dot_as(const GemmArgs& g) {
   if (g.M <= kDotRows) dot_small_m<kDotRows, kHw, BT>(g);
-  else if (Vec::W == 16 && g.M <= kFewDotRows) dot_blocked<kHw, BT, 8>(g);
+  else if (Vec::W == 16 && g.M <= kBatchedDecodeRows) dot_blocked<kHw, BT, 8>(g);
   else dot_blocked<kHw, BT>(g);
 }
 

@@ -70,8 +70,9 @@ inline void quantize_rows(const GemmArgs& g, int64_t m0, int64_t m1, const I8Row
         const __m512 lo = _mm512_maskz_loadu_ps(m_lo, x + k0), hi = _mm512_maskz_loadu_ps(m_hi, x + k0 + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
         if (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) amax = NAN;
-        scale = amax / 127.0f;
-        const __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        const llamas::Int8Scale s = llamas::int8_scale(amax);
+        scale = s.scale;
+        const __m512 inverse = _mm512_set1_ps(s.inverse);
         auto to_q = [&](__m512 v) {
           __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
           r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN (inf x 0) -> 0
@@ -120,7 +121,7 @@ inline void block_dots(const int8_t* const (&qa)[R], int64_t k0, int64_t k_end, 
   __m256i acc[R][2 * P];
   for (int i = 0; i < R; ++i)
     for (int r = 0; r < 2 * P; ++r) acc[i][r] = _mm256_setzero_si256();
-  for (int64_t k = k0; k < k_end; k += 2) {
+  for (int64_t k = k0; k < k_end; k += 2) {  // (an odd count's last pair reads a[k + 1] = 0)
     __m256i w[2 * P];
     for (int j = 0; j < P; ++j) {
       const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B[j] + k * kPanelWidth));
@@ -163,12 +164,8 @@ void i8_tile(const GemmArgs& g, const I8Rows& a, int64_t row0, int64_t b0, int64
   for (int i = 0; i < R; ++i) row[i] = imin(row0 + i, g.M - 1), qa[i] = a.q + row[i] * a.stride;
   for (int64_t b = b0; b < b1; ++b) {
     alignas(64) int32_t dot[R][P * kPanelWidth];
-    const int64_t k0 = b * kI8Block, k_end = imin(g.K, k0 + kI8Block);
-#if defined(__AVX2__)
-    block_dots<R, P>(qa, k0, k_end + (k_end - k0) % 2, B, dot);
-#else
-    block_dots<R, P>(qa, k0, k_end, B, dot);
-#endif
+    const int64_t k0 = b * kI8Block;
+    block_dots<R, P>(qa, k0, imin(g.K, k0 + kI8Block), B, dot);
     for (int i = 0; i < R; ++i) {
       const Vec sa = Vec::set1(a.scale[row[i] * a.blocks + b]);
       for (int r = 0; r < kRegs; ++r) {
@@ -331,7 +328,6 @@ void i8_small_m(const GemmArgs& g) {
 // More rows (prefill, batched decode): the threads quantize A together (each claiming the next 8
 // rows), then each column range runs blocks of 8 k-blocks (256 k: a 2-panel strip is 8 KiB, in L1
 // under every row tile) over all rows, R-row tiles (a last of 2 or 4 rows when that is all left).
-constexpr int64_t kI8FetchRowTiles = 8;  // up to 48 rows
 template <bool kHw>
 void i8_blocked(const GemmArgs& g) {
   constexpr int R = kHw ? 6 : 4, P = kHw ? 2 : 1;
@@ -353,10 +349,11 @@ void i8_blocked(const GemmArgs& g) {
           i8_panels_at(g, jc + jr, B, S);
           const int cols = int(imin(P * kPanelWidth, nc - jr));
           float* c = g.C + jc + jr;
-          // Few row tiles (batched decode): they share the fetching of the next column tile.
+          // A batched decode step's few row tiles share the fetching of the next column tile (the
+          // VPDPBUSD tiles: the integer loops are not bound by their loads).
           const int64_t row_tiles = (g.M + R - 1) / R;
           I8NextTile<P> next;
-          const bool fetch_next = row_tiles <= kI8FetchRowTiles && jr + P * kPanelWidth < nc;
+          const bool fetch_next = kHw && g.M <= kBatchedDecodeRows && jr + P * kPanelWidth < nc;
           if (fetch_next) {
             const int8_t* rows0[P];
             i8_panels_at(g, jc + jr + P * kPanelWidth, rows0, next.scales);

@@ -21,6 +21,9 @@ constexpr int64_t kKC = 256;       // packed B micro-panel: 256 x 2W floats = 16
 constexpr int64_t kMC = 120;       // packed A block: 120 x 256 floats = 120 KiB, in L2
 constexpr int64_t kNC = 512;       // packed B block: 256 x 512 floats = 512 KiB, in L2/L3
 constexpr int64_t kSmallM = 8;     // at or below this many rows, stream B instead of packing it
+// Up to this many rows a product is a server's batched decode step (bfloat16 and int8 compute run
+// it in few-row tiles that fetch the next column tile's weights: NextTileLines).
+constexpr int64_t kBatchedDecodeRows = 48;
 
 struct ScratchBuffer {
   float* data = nullptr;

@@ -31,12 +31,10 @@ void GPT2Model::set_kv_dtype(DType dtype) {
 }
 
 namespace {
-// Whether the weights can run with `compute` activations: bfloat16 compute reads bfloat16 or int8
-// panels only (gemm_bf16_dot_impl.h), int8 compute int8 panels (gemm_i8_dot_impl.h).
+// Whether the weights can run with `compute` activations: bfloat16 and int8 compute read panels
+// only (gemm_bf16_dot_impl.h, gemm_i8_dot_impl.h), of the dtypes ops::compute_fits allows.
 bool computes_in(DType compute, const GPT2Weights& w) {
-  if (compute == DType::BF16) return w.dtype != DType::F32 && w.packed();
-  if (compute == DType::I8) return w.dtype == DType::I8 && w.packed();
-  return true;
+  return compute == DType::F32 || (w.packed() && ops::compute_fits(compute, w.dtype));
 }
 }  // namespace
 

@@ -152,13 +152,10 @@ PackedMatrix pack_panels(const Tensor& w, BLayout layout, DType dtype) {
   return p;
 }
 
-void check_compute_dtype(DType compute, DType weights, const char* op) {
-  LLAMAS_CHECK(compute == DType::F32 || compute == DType::BF16 || compute == DType::I8, op,
-               "compute dtype must be float32, bfloat16 or int8, got ", dtype_name(compute));
-  LLAMAS_CHECK(compute != DType::BF16 || weights == DType::BF16 || weights == DType::I8, op,
-               "bfloat16 compute needs bfloat16 or int8 weights, got ", dtype_name(weights), " ones");
-  LLAMAS_CHECK(compute != DType::I8 || weights == DType::I8, op, "int8 compute needs int8 weights, got ",
-               dtype_name(weights), " ones");
+bool compute_fits(DType compute, DType weights) {
+  if (compute == DType::BF16) return weights == DType::BF16 || weights == DType::I8;
+  if (compute == DType::I8) return weights == DType::I8;
+  return compute == DType::F32;
 }
 
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu, DType compute) {
@@ -166,7 +163,10 @@ Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool g
   require_cpu(x, "linear");
   LLAMAS_CHECK(w.defined(), "linear", "packed weight is empty");
   LLAMAS_CHECK(x.ndim() == 2 && x.dim(1) == w.K, "linear", "input must be (M, ", w.K, "), got ", x.describe());
-  check_compute_dtype(compute, w.dtype(), "linear");
+  LLAMAS_CHECK(compute == DType::F32 || compute == DType::BF16 || compute == DType::I8, "linear",
+               "compute dtype must be float32, bfloat16 or int8, got ", dtype_name(compute));
+  LLAMAS_CHECK(compute_fits(compute, w.dtype()), "linear", dtype_name(compute), " compute needs ",
+               compute == DType::BF16 ? "bfloat16 or int8" : "int8", " weights, got ", dtype_name(w.dtype()), " ones");
   return run_linear(x, w.N, w.data.raw(), w.dtype() == DType::BF16, BLayout::Panels, w.K, bias, gelu, compute,
                     w.dtype() == DType::I8);
 }

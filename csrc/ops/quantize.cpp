@@ -1,6 +1,7 @@
 // int8 weight panels (see i8_panel_bytes in kernel_args.h): each column's weights, 32 k at a time,
-// scaled by their largest magnitude / 127 and rounded to int8. Done once at load; the GEMM turns
-// each weight back into q * scale in float32 (cpu/gemm_tile_impl.h).
+// scaled by their largest magnitude / 127 and rounded to int8 (llamas/int8.h). Done once at load;
+// the GEMM turns each weight back into q * scale in float32 (cpu/gemm_tile_impl.h), or, with int8
+// compute, sums q against the activations' q (cpu/gemm_i8_dot_impl.h).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -40,8 +41,8 @@ bool quantize_block(const float (&tile)[kI8Block][kPanelWidth], int64_t rows, in
     }
   if (!finite) return false;
   for (int j = 0; j < kPanelWidth; ++j) {
-    scales[j] = amax[j] / 127.0f;
-    inverse[j] = scales[j] > 0.0f ? 1.0f / scales[j] : 0.0f;
+    const Int8Scale s = int8_scale(amax[j]);
+    scales[j] = s.scale, inverse[j] = s.inverse;
   }
   for (int64_t k = 0; k < rows; ++k) {
     int8_t* out = q + k * kPanelWidth;
@@ -69,7 +70,6 @@ bool quantize_block(const float (&tile)[kI8Block][kPanelWidth], int64_t rows, in
 template <typename Src>
 void quantize_panels(const Src* src, BLayout layout, const PackedMatrix& p, int64_t p0, int64_t p1) {
   const int64_t K = p.K, N = p.N, record = i8_panel_bytes(K);
-  auto at = [&](int64_t k, int64_t n) { return as_float(layout == BLayout::KN ? src[k * N + n] : src[n * K + k]); };
   for (int64_t panel = p0; panel < p1; ++panel) {
     int8_t* q = p.data.data<int8_t>() + panel * record;
     float* scales = reinterpret_cast<float*>(q + K * kPanelWidth);
@@ -90,8 +90,8 @@ void quantize_panels(const Src* src, BLayout layout, const PackedMatrix& p, int6
       // checkpoint is refused instead (float32 and bfloat16 weights propagate it).
       for (int64_t j = 0; j < cols; ++j)
         for (int64_t k = b0; k < b1; ++k)
-          LLAMAS_CHECK(std::isfinite(at(k, n0 + j)), "quantize", "int8 weights must be finite, got ", at(k, n0 + j),
-                       " at row ", k, " of column ", n0 + j, " (as (in, out))");
+          LLAMAS_CHECK(std::isfinite(tile[k - b0][j]), "quantize", "int8 weights must be finite, got ",
+                       tile[k - b0][j], " at row ", k, " of column ", n0 + j, " (as (in, out))");
     }
   }
 }

@@ -37,9 +37,9 @@ Tensor dequantize_panels(const PackedMatrix& p);
 // VDPBF16PS does (GemmArgs::a_bf16). compute I8 (int8 weights): x is quantized per 32-k block and
 // each block's integer dot scaled (GemmArgs::a_i8).
 Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool gelu, DType compute = DType::F32);
-// Throws (naming op) unless weights of `weights` dtype can run with `compute` activations: float32
-// with any, bfloat16 with bfloat16 or int8 weights, int8 with int8 weights.
-void check_compute_dtype(DType compute, DType weights, const char* op);
+// Whether weights of dtype `weights` (in panels) can run with `compute` activations: float32 with
+// any, bfloat16 with bfloat16 or int8 weights, int8 with int8 weights. (linear and the models check it.)
+bool compute_fits(DType compute, DType weights);
 
 Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps);
 // x += delta; returns LN(x) (x is updated in place: it is the residual stream).
