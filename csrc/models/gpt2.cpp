@@ -14,6 +14,13 @@ namespace llamas {
 Sequence::Sequence(const GPT2Config& c, const SamplingParams& params, uint64_t seed)
     : cache(int(c.n_layer), int(c.n_head), int(c.n_embd / c.n_head), c.n_positions), sampler(params, seed) {}
 
+void Sequence::truncate(int64_t n) {
+  LLAMAS_CHECK(n >= 0 && n <= int64_t(tokens.size()), "kv_cache", "cannot truncate a sequence of ", tokens.size(),
+               " tokens to ", n);
+  cache.truncate(n);
+  tokens.resize(size_t(n));
+}
+
 GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights)
     // The KV cache keeps the weights' dtype; int8 weights keep bfloat16 entries (int8 is only a
     // weight format here).
@@ -290,8 +297,9 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     LLAMAS_CHECK(!e.tokens.empty(), "step", "entry ", i, " has no tokens");
     for (size_t j = 0; j < i; ++j)
       LLAMAS_CHECK(entries[j].seq != e.seq, "step", "a sequence appears twice in one step");
-    const bool all_rows = !e.targets.empty();
-    if (all_rows) {
+    LLAMAS_CHECK(!e.argmax_rows || e.targets.empty(), "step", "entry ", i, " asks for both targets and argmax rows");
+    const bool all_rows = !e.targets.empty() || e.argmax_rows;
+    if (!e.targets.empty()) {
       LLAMAS_CHECK(e.targets.size() == e.tokens.size(), "step", "entry ", i, " has ", e.targets.size(),
                    " targets for ", e.tokens.size(), " tokens (one per token, -1 for none)");
       LLAMAS_CHECK(e.score_top >= 0 && e.score_top <= 20, "step", "score_top must be in [0, 20], got ", e.score_top);
@@ -313,6 +321,12 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     s.tokens.insert(s.tokens.end(), entries[i].tokens.begin(), entries[i].tokens.end());
     if (entries[i].sample && s.n_prompt < 0) s.n_prompt = int64_t(s.tokens.size());
     if (!entries[i].targets.empty()) s.scores.assign(n_scored[i], TokenScore{});
+    if (entries[i].argmax_rows) {
+      s.row_argmax.resize(entries[i].tokens.size() - 1);
+      for (size_t t = 0; t + 1 < entries[i].tokens.size(); ++t)
+        s.row_argmax[t] = greedy_token(logits.data<float>() + (first_row[i] + int64_t(t)) * config_.vocab_size,
+                                       config_.vocab_size, "step");
+    }
   }
   ProfileRegion region("sampling");
   ProfileScope scope("sample");
@@ -338,7 +352,8 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     for (int64_t i = i0; i < i1; ++i) {
       if (!entries[i].sample) continue;
       Sequence& s = *entries[i].seq;
-      const int64_t last_row = first_row[i] + (entries[i].targets.empty() ? 0 : int64_t(entries[i].tokens.size()) - 1);
+      const bool all_rows = !entries[i].targets.empty() || entries[i].argmax_rows;
+      const int64_t last_row = first_row[i] + (all_rows ? int64_t(entries[i].tokens.size()) - 1 : 0);
       out[i] = s.sampler.sample(logits.data<float>() + last_row * config_.vocab_size, config_.vocab_size, s.tokens,
                                 s.n_prompt);
     }

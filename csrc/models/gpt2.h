@@ -83,6 +83,11 @@ struct Sequence {
   // The scores of the last step that fed this sequence with targets (StepEntry::targets), one per
   // target >= 0, in position order.
   std::vector<TokenScore> scores;
+  // The greedy token after each fed token but the last, from the last step that fed this sequence
+  // with StepEntry::argmax_rows (speculative decoding checks its drafts against them).
+  std::vector<int32_t> row_argmax;
+  // Back to its first n tokens (cache and tokens): drops rejected drafts.
+  void truncate(int64_t n);
 };
 
 // One entry of a batched step: feed `tokens` to `seq` (appending to its cache) and, if `sample`,
@@ -96,6 +101,9 @@ struct StepEntry {
   bool sample = true;
   std::vector<int32_t> targets;
   int score_top = 0;
+  // Every row's logits, and the greedy token after each token but the last into seq->row_argmax
+  // (the last row is sampled as usual): a speculative step verifying its drafts.
+  bool argmax_rows = false;
 };
 
 class GPT2Model {

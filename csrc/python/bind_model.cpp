@@ -185,6 +185,11 @@ void init_model(py::module_& m) {
              for (const TokenScore& t : s.scores) out.append(py::make_tuple(t.token, t.logprob, t.top));
              return out;
            }, "[(token id, log-probability, [(id, log-probability)] top)] of the last step's targets.")
+      .def_property_readonly("row_argmax", [](const Sequence& s) { return s.row_argmax; },
+                             "The greedy token after each fed token but the last, from the last step that fed it "
+                             "with argmax_rows.")
+      .def("truncate", &Sequence::truncate, py::arg("n"),
+           "Keeps the first n tokens (and their KV positions): drops rejected speculative drafts.")
       .def_property_readonly("length", [](const Sequence& s) { return s.cache.length(); })
       .def_property_readonly("kv_blocks", [](const Sequence& s) { return s.cache.blocks(); })
       .def_property_readonly("kv_bytes", [](const Sequence& s) { return s.cache.blocks() * s.cache.bytes_per_block(); })
@@ -253,13 +258,15 @@ void init_model(py::module_& m) {
         std::vector<py::object> keep;  // sequences stay alive while the GIL is released
         for (py::handle h : entries) {
           py::tuple t = py::reinterpret_borrow<py::tuple>(h);
-          LLAMAS_CHECK(t.size() == 3 || t.size() == 5, "step",
-                       "each entry is (sequence, token ids, sample) or (sequence, token ids, sample, targets, top)");
+          LLAMAS_CHECK(t.size() == 3 || t.size() == 4 || t.size() == 5, "step",
+                       "each entry is (sequence, token ids, sample), (sequence, token ids, sample, argmax_rows) or "
+                       "(sequence, token ids, sample, targets, top)");
           StepEntry e;
           keep.push_back(py::reinterpret_borrow<py::object>(t[0]));
           e.seq = t[0].cast<Sequence*>();
           e.tokens = t[1].cast<std::vector<int32_t>>();
           e.sample = t[2].cast<bool>();
+          if (t.size() == 4) e.argmax_rows = t[3].cast<bool>();
           if (t.size() == 5) {
             e.targets = t[3].cast<std::vector<int32_t>>();
             e.score_top = t[4].cast<int>();
@@ -278,7 +285,8 @@ void init_model(py::module_& m) {
       }, py::arg("entries"),
       "Feeds each (sequence, ids, sample) entry in one batched forward; returns the sampled ids (-1 if not sampled).\n"
       "An entry (sequence, ids, sample, targets, top) also scores targets[i] (-1: none) as the token after ids[i],\n"
-      "into the sequence's `scores`.");
+      "into the sequence's `scores`; (sequence, ids, sample, True) also puts the greedy token after each id but\n"
+      "the last into its `row_argmax`.");
 }
 
 }  // namespace python

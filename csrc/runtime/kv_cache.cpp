@@ -109,6 +109,21 @@ void KvCache::write(int layer, int64_t pos, const float* k, const float* v) {
   else write_typed<float>(layer, pos, k, v);
 }
 
+void KvCache::truncate(int64_t n) {
+  LLAMAS_CHECK(n >= 0 && n <= length_, "kv_cache", "cannot truncate ", length_, " positions to ", n);
+  const int64_t keep = (n + kKvBlockSize - 1) / kKvBlockSize;
+  LLAMAS_CHECK(n % kKvBlockSize == 0 || as_block(blocks_[keep - 1])->refs.load(std::memory_order_relaxed) == 1,
+               "kv_cache", "cannot truncate to position ", n, ": its block is shared with another sequence or the "
+               "prefix cache");
+  while (blocks() > keep) {
+    release_block(blocks_.back());
+    blocks_.pop_back();
+    for (auto& v : key_ptrs_) v.pop_back();
+    for (auto& v : value_ptrs_) v.pop_back();
+  }
+  length_ = n;
+}
+
 void KvCache::clear() {
   for (void* b : blocks_) release_block(b);
   blocks_.clear();

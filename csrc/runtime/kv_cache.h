@@ -38,6 +38,10 @@ class KvCache {
   // dtype) for a layer.
   void write(int layer, int64_t pos, const float* k, const float* v);
   void set_length(int64_t n) { length_ = n; }
+  // Drops positions [n, length) (speculative decoding's rejected drafts): blocks past position n
+  // go back. The block position n falls in is written again next, so it must be this cache's own
+  // (not shared with another sequence or the prefix cache).
+  void truncate(int64_t n);
   // One layer's blocks, entries of dtype().
   const void* const* key_blocks(int layer) const { return key_ptrs_[layer].data(); }
   const void* const* value_blocks(int layer) const { return value_ptrs_[layer].data(); }

@@ -151,6 +151,17 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
   return top;
 }
 
+int32_t greedy_token(const float* logits, int64_t vocab, const char* op) {
+  int64_t best = 0;
+  bool nan = logits[0] != logits[0];
+  for (int64_t i = 1; i < vocab; ++i) {
+    if (logits[i] > logits[best]) best = i;
+    nan |= logits[i] != logits[i];
+  }
+  LLAMAS_CHECK(!nan, op, kNotFinite);
+  return int32_t(best);
+}
+
 int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   const int32_t chosen = draw(logits, vocab, context, n_prompt);
   if (constraint) constraint->accept(chosen);
@@ -197,14 +208,7 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   // A temperature so small that 1/T overflows (subnormal T) is greedy too: the softmax of logits/T
   // is then all its mass on the maximum.
   if (p.temperature == 0.0f || p.top_k == 1 || !std::isfinite(1.0f / p.temperature)) {
-    int64_t best = 0;
-    bool nan = logits[0] != logits[0];
-    for (int64_t i = 1; i < vocab; ++i) {
-      if (logits[i] > logits[best]) best = i;
-      nan |= logits[i] != logits[i];
-    }
-    LLAMAS_CHECK(!nan, "sample", kNotFinite);
-    return int32_t(best);
+    return greedy_token(logits, vocab, "sample");
   }
   // Candidates: every token (ids empty: candidate i is token i), or with top_k the k best by logit
   // (descending, lower id first on ties), unordered.

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "grammar itself; llama.cpp's grammars, vLLM's guided_grammar)")
     g.add_argument("--choice", action="append", default=None, metavar="TEXT",
                    help="the output is exactly one of these strings (repeatable; vLLM's guided_choice)")
+    g.add_argument("--speculative-ngram", type=_non_negative_int, default=0, metavar="K",
+                   help="greedy decoding only: draft up to K tokens a step from earlier text that the last tokens "
+                        "repeat (prompt lookup decoding) and keep those the model agrees with; the same output in "
+                        "fewer steps where text repeats itself (default 0: off; 4-8 is typical)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",
                    help="print token counts, time to first token and generation speed to stderr at the end")
@@ -179,7 +183,8 @@ def cmd_generate(args) -> int:
                                 min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
                                 skip_special_tokens=args.skip_special_tokens, json_object=args.json,
                                 choices=args.choice, json_schema=_json_schema_arg(args.json_schema), regex=args.regex,
-                                grammar=_grammar_arg(args.grammar), stream=True)
+                                grammar=_grammar_arg(args.grammar), speculative_ngram=args.speculative_ngram,
+                                stream=True)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -52,6 +52,10 @@ def add_parser(sub, model_help: str) -> None:
                         "tokens (a shared system prompt, the earlier turns of a chat, one context scored with "
                         "several continuations) skips computing them; usage reports them as cached_tokens "
                         "(default 0: off)")
+    s.add_argument("--speculative-ngram", type=_non_negative_int, default=0, metavar="K",
+                   help="draft up to K tokens a step for greedy requests from earlier text that their last tokens "
+                        "repeat (prompt lookup decoding, vLLM's ngram method) and keep those the model agrees "
+                        "with: the same output in fewer steps; used while at most 4 sequences run (default 0: off)")
     s.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                         "browser (CORS); repeatable; default: none")
@@ -125,7 +129,8 @@ def run(args, model_path: str) -> int:
     app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, compute_dtype=args.compute_dtype,
                      api_key=_api_key(args), model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk,
-                     prefix_cache_mb=args.prefix_cache_mb, cors_origins=args.cors_origin, chat_template=chat_template)
+                     prefix_cache_mb=args.prefix_cache_mb, cors_origins=args.cors_origin, chat_template=chat_template,
+                     speculative_ngram=args.speculative_ngram)
     state = app.state.llamas
 
     class Server(uvicorn.Server):

@@ -152,13 +152,15 @@ class Engine:
     there after every step (the server uses it to wake its event loop once per step, not once per
     chunk). The thread starts on the first submit and exits when idle for `idle_exit` seconds (it starts
     again on the next submit), so an unused Engine holds no thread. `shutdown()` stops accepting
-    and (by default) lets running requests finish.
+    and (by default) lets running requests finish. speculative_ngram=K drafts up to K tokens a step
+    for greedy requests by n-gram lookup (llamas.speculative; 0: off): the same output in fewer steps
+    where the text repeats itself.
     """
 
     def __init__(self, model, max_batch: int = 16, max_queue: Optional[int] = None, prefill_chunk: int = 128,
                  max_prefill_tokens: Optional[int] = 512, on_finish: Optional[Callable[[Request], None]] = None,
                  on_step: Optional[Callable[[], None]] = None, idle_exit: float = 1.0,
-                 prefix_cache_mb: float = 0.0):
+                 prefix_cache_mb: float = 0.0, speculative_ngram: int = 0):
         self.model = model
         if model.tokenizer is not None:
             model.tokenizer.piece_bytes()  # streams then decode by table lookup (see Tokenizer.piece_bytes)
@@ -171,7 +173,7 @@ class Engine:
         self.prefix_cache = PrefixCache(max_bytes, kv_dtype=model.kv_dtype) if prefix_cache_mb > 0 else None
         self._sched = Scheduler(model, max_batch=max_batch, prefill_chunk=prefill_chunk,
                                 max_prefill_tokens=max_prefill_tokens, on_finish=on_finish,
-                                prefix_cache=self.prefix_cache)
+                                prefix_cache=self.prefix_cache, speculative_ngram=speculative_ngram)
         self._cond = threading.Condition()
         self._inbox: collections.deque = collections.deque()
         self._thread: Optional[threading.Thread] = None

@@ -13,6 +13,7 @@ from .config import GPT2Config, read_json_object
 from .dtypes import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, one_of
 from .engine import Request, SamplingOptions, Scheduler, check_max_new_tokens, make_stop_rules
 from .request import check_top_n
+from .speculative import check_speculative_ngram
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -146,7 +147,7 @@ class Model:
                  stop_token_ids: Optional[Sequence[int]] = None, min_tokens: int = 0, ignore_eos: bool = False,
                  include_stop_str_in_output: bool = False, json_object: bool = False,
                  choices: Optional[Sequence[str]] = None, json_schema=None, regex: Optional[str] = None,
-                 grammar: Optional[str] = None, skip_special_tokens: bool = False):
+                 grammar: Optional[str] = None, skip_special_tokens: bool = False, speculative_ngram: int = 0):
         """Generates a continuation.
 
         A str prompt returns the generated str; a list of token ids returns the generated ids;
@@ -164,6 +165,9 @@ class Model:
         sampling parameter left as None takes the model's generation_config.json value, else
         greedy / off. skip_special_tokens=True leaves special tokens' text (an end-of-text drawn
         with ignore_eos) out of the text, as vLLM does by default; ids are unchanged.
+        speculative_ngram=K (greedy only; 0: off) drafts up to K tokens a step from earlier text that
+        the last tokens repeat (prompt lookup decoding) and keeps those greedy decoding agrees with:
+        the same output, in fewer steps where the text repeats itself (llamas.speculative).
         """
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
@@ -177,6 +181,7 @@ class Model:
         if options.constrained:
             self.constraint_vocab()
         check_max_new_tokens(max_new_tokens)
+        check_speculative_ngram(speculative_ngram, "generate")
         stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
                                 self.config.vocab_size, max_new_tokens, skip_special_tokens=skip_special_tokens)
         prompts, batched = _as_batch(prompt)
@@ -185,9 +190,9 @@ class Model:
         if stream:
             if batched:
                 raise LlamasError("[generate] stream=True takes a single prompt, not a batch")
-            return GenerationStream(self._events([encoded[0]], max_new_tokens, options, stops), as_text[0],
-                                    len(encoded[0]))
-        results = self._run(encoded, max_new_tokens, options, stops)
+            return GenerationStream(self._events([encoded[0]], max_new_tokens, options, stops, speculative_ngram),
+                                    as_text[0], len(encoded[0]))
+        results = self._run(encoded, max_new_tokens, options, stops, speculative_ngram)
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
 
@@ -239,21 +244,21 @@ class Model:
         results = [c.prompt_logprobs for c in chunks]
         return results if batched else results[0]
 
-    def _run(self, prompts, max_new_tokens, options, stops) -> list["_Result"]:
+    def _run(self, prompts, max_new_tokens, options, stops, speculative_ngram=0) -> list["_Result"]:
         results = [_Result() for _ in prompts]
-        for index, piece, token in self._events(prompts, max_new_tokens, options, stops):
+        for index, piece, token in self._events(prompts, max_new_tokens, options, stops, speculative_ngram):
             if piece:
                 results[index].text += piece
             if token is not None:
                 results[index].ids.append(token)
         return results
 
-    def _events(self, prompts, max_new_tokens, options, stops):
+    def _events(self, prompts, max_new_tokens, options, stops, speculative_ngram=0):
         """Yields (prompt index, new text piece, accepted token id or None) as generation runs.
         Drives the same Scheduler as llamas.Engine and the server, synchronously: every prompt is
         admitted at once and prefilled whole, then batched decode steps run over the live ones."""
         sched = Scheduler(self, max_batch=len(prompts), prefill_chunk=self.config.n_positions,
-                          max_prefill_tokens=None)
+                          max_prefill_tokens=None, speculative_ngram=speculative_ngram)
         out: list = []
         for i, ids in enumerate(prompts):
             sched.add(Request(ids, max_new_tokens, options, stops, sink=lambda c, i=i: out.append((i, c))))

@@ -27,6 +27,7 @@ from .server_metrics import CONTENT_TYPE_LATEST, log_request
 from .server_chat import RENDER_FIELDS, parse_chat, parse_messages, parse_render_options
 from .server_protocol import APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_completion
 from .server_state import ServerState, _error, _json, _record
+from .speculative import check_speculative_ngram
 
 log = logging.getLogger("llamas.server")
 
@@ -147,7 +148,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
                prefill_chunk: int = 128, dtype: str = "float32", kv_dtype: Optional[str] = None,
                compute_dtype: str = "float32",
                chat_template: Optional[str] = None, prefix_cache_mb: float = 0.0,
-               cors_origins: Optional[Sequence[str]] = None):
+               cors_origins: Optional[Sequence[str]] = None, speculative_ngram: int = 0):
     """The OpenAI-compatible ASGI app.
 
     model: a loaded `llamas.Model`, a model folder, or a function returning a Model (the last two
@@ -158,6 +159,8 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     model is a folder. chat_template: a jinja2 template overriding the model's. prefix_cache_mb: keep up to
     this many MiB of finished requests' KV blocks for requests that start the same way (0: off).
     cors_origins: browser origins allowed to call the API (CORS; "*" for any; default none).
+    speculative_ngram: draft up to this many tokens a step for greedy requests by n-gram lookup
+    (llamas.speculative; the same output in fewer steps where the text repeats; 0: off).
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
     from contextlib import asynccontextmanager
@@ -177,9 +180,11 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         from .model import check_dtypes
         check_dtypes(dtype, kv_dtype, compute_dtype, "serve")
     cache_bytes(prefix_cache_mb, "serve")  # checked now: a model loading in the background makes the Engine later
+    check_speculative_ngram(speculative_ngram, "serve")
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
-                        chat_template=chat_template, prefix_cache_mb=prefix_cache_mb)
+                        chat_template=chat_template, prefix_cache_mb=prefix_cache_mb,
+                        speculative_ngram=speculative_ngram)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
 

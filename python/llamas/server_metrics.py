@@ -89,7 +89,11 @@ class EngineTimingCollector:
                   ("llamas_engine_gil_wait_seconds", "Of the forward seconds: waiting to take the GIL back after "
                    "the native step (the event loop held it)", t.gil_wait_seconds if t else 0.0),
                   ("llamas_engine_host_seconds", "Seconds the busy engine thread spent between forwards (Python: "
-                   "scheduling, detokenising, handing out tokens)", t.host_seconds if t else 0.0))
+                   "scheduling, detokenising, handing out tokens)", t.host_seconds if t else 0.0),
+                  ("llamas_spec_decode_draft_tokens", "Speculative draft tokens fed to verifying steps "
+                   "(--speculative-ngram)", t.draft_tokens if t else 0),
+                  ("llamas_spec_decode_accepted_tokens", "Of the draft tokens: those greedy decoding agreed with "
+                   "(acceptance rate = this / draft tokens)", t.accepted_tokens if t else 0))
         for name, doc, value in values:
             yield CounterMetricFamily(name, doc, value=value)
 

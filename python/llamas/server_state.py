@@ -143,7 +143,7 @@ class ServerState:
 
     def __init__(self, *, model_name: Optional[str], api_key: Optional[str], max_batch: int,
                  max_queue: int, max_tokens: Optional[int], max_body_bytes: int, prefill_chunk: int,
-                 chat_template: Optional[str], prefix_cache_mb: float = 0.0):
+                 chat_template: Optional[str], prefix_cache_mb: float = 0.0, speculative_ngram: int = 0):
         self.model = None
         self.engine: Optional[Engine] = None
         self.tokenizer = None
@@ -155,6 +155,7 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         self.prefill_chunk = prefill_chunk
         self.prefix_cache_mb = prefix_cache_mb
+        self.speculative_ngram = speculative_ngram
         self.chat_template_source = chat_template
         self.chat_template: Optional[ChatTemplate] = None
         self.ready = False
@@ -179,7 +180,8 @@ class ServerState:
             self.model_name = os.path.basename(os.path.normpath(model.path)) if model.path else "llamas"
         self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue,
                              prefill_chunk=self.prefill_chunk, on_finish=self.metrics.on_finish,
-                             on_step=self.dispatcher.flush, prefix_cache_mb=self.prefix_cache_mb)
+                             on_step=self.dispatcher.flush, prefix_cache_mb=self.prefix_cache_mb,
+                             speculative_ngram=self.speculative_ngram)
         self.metrics.describe_model(self.model_name, model)
         self.ready = True
 

@@ -1,0 +1,215 @@
+"""Speculative decoding by n-gram lookup (speculative_ngram): the drafter, the native verifying step
+(Sequence.row_argmax, Sequence.truncate), and that greedy output is token for token the same with
+and without it in Model.generate, llamas.Engine, the server and the CLI, while drafts are accepted."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llamas
+from llamas._C import LlamasError
+from llamas.request import Request, SamplingOptions, make_stop_rules
+from llamas.scheduler import Scheduler
+from llamas.speculative import MAX_DRAFT_TOKENS, NgramDrafter, accepted_tokens
+
+HERE = os.path.dirname(__file__)
+TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
+ODD = os.path.join(HERE, "fixtures", "gpt2-odd")
+# Prompts whose greedy continuations (random-weight fixtures, vocabulary 512) loop, so drafts are made
+# and accepted, and one that does not repeat itself.
+PROMPTS = ["When shall we three meet again", "a b a b a b a b", "In thunder, lightning, or in rain?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llamas.load(TINY)
+
+
+def run_scheduler(model, prompt_ids, n, k, **options):
+    """Greedy (unless options say otherwise) ids of one request through a Scheduler, and its timing."""
+    sched = Scheduler(model, max_batch=4, prefill_chunk=1024, max_prefill_tokens=None, speculative_ngram=k)
+    out, finish = [], []
+    rules = make_stop_rules(None, None, 0, True, False, model.config.vocab_size, n)
+
+    def sink(chunk):
+        out.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            finish.append(chunk.finish_reason)
+    sched.add(Request(prompt_ids, n, SamplingOptions(**options), rules, sink=sink))
+    while sched.step():
+        pass
+    return out, finish[0], sched.timing
+
+
+# ---- the drafter ------------------------------------------------------------------------------------
+def test_drafts_follow_the_longest_earlier_ngram():
+    d = NgramDrafter([1, 2, 3, 9, 9, 2, 3, 7, 8, 5, 1, 2, 3])
+    # "1 2 3" occurred at the start, followed by 9 9 2 3 ...; "2 3" alone last by 7 8
+    assert d.drafts(4) == [9, 9, 2, 3]
+    d.append(4)  # "2 3 4" / "3 4" / "4" never occurred
+    assert d.drafts(4) == []
+    assert NgramDrafter([5, 6, 7]).drafts(3) == []
+    assert NgramDrafter([1, 2, 1, 2]).drafts(0) == []
+
+
+def test_drafts_continue_a_loop_past_the_end_of_the_text():
+    # "x y x y": the last "x y" occurred two tokens back, so the drafts are the loop x y x y ...
+    assert NgramDrafter([7, 1, 2, 1, 2]).drafts(5) == [1, 2, 1, 2, 1]
+    assert NgramDrafter([3, 3, 3]).drafts(4) == [3, 3, 3, 3]
+
+
+def test_accepted_tokens_stop_at_the_first_disagreement():
+    assert accepted_tokens([5, 6, 7], [5, 6, 7], 8) == [5, 6, 7, 8]   # all agreed: then the sampled one
+    assert accepted_tokens([5, 6, 7], [5, 9, 7], 8) == [5, 9]         # greedy's own token at the mismatch
+    assert accepted_tokens([5], [4], 8) == [4]
+
+
+# ---- the native verifying step ----------------------------------------------------------------------
+def test_row_argmax_is_what_decoding_one_token_at_a_time_picks(tiny):
+    cfg = tiny.config.to_native()
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    s = llamas._C.Sequence(cfg)
+    greedy = [tiny._native.step([(s, ids, True)])[0]]
+    for _ in range(8):
+        greedy.append(tiny._native.step([(s, [greedy[-1]], True)])[0])
+    v = llamas._C.Sequence(cfg)
+    tiny._native.step([(v, ids, True)])
+    wrong = [(t + 1) % tiny.config.vocab_size for t in greedy[1:5]]
+    sampled = tiny._native.step([(v, [greedy[0]] + wrong, True, True)])[0]
+    # each row's greedy token follows the fed tokens, right or wrong: row 0 is after the true token
+    assert v.row_argmax[0] == greedy[1] and len(v.row_argmax) == 4
+    v.truncate(len(ids) + 1)  # keep the true token, drop the wrong drafts
+    assert v.length == len(ids) + 1 and v.tokens == ids + [greedy[0]]
+    assert tiny._native.step([(v, [v.row_argmax[0]], True)])[0] == greedy[2]
+    # drafts that are all right: every row agrees, and the sampled token is the one after them
+    w = llamas._C.Sequence(cfg)
+    tiny._native.step([(w, ids, True)])
+    sampled = tiny._native.step([(w, greedy[:5], True, True)])[0]
+    assert w.row_argmax == greedy[1:5] and sampled == greedy[5]
+
+
+def test_truncate_refuses_positions_it_does_not_hold_and_shared_blocks(tiny):
+    cfg = tiny.config.to_native()
+    ids = list(range(40))
+    s = llamas._C.Sequence(cfg)
+    tiny._native.step([(s, ids, True)])
+    for bad in (-1, 41):
+        with pytest.raises(LlamasError, match="truncate"):
+            s.truncate(bad)
+    shared = s.share_blocks(0, 2)  # positions 0-31 are now also held elsewhere
+    with pytest.raises(LlamasError, match="shared"):
+        s.truncate(20)
+    s.truncate(32)  # a block boundary: nothing shared is written again
+    assert s.length == 32 and s.kv_blocks == 2
+    del shared
+    s.truncate(20)
+    assert s.length == 20 and len(s.tokens) == 20
+
+
+# ---- the same output -------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [TINY, ODD])
+@pytest.mark.parametrize("k", [1, 4, MAX_DRAFT_TOKENS])
+def test_greedy_output_is_the_same_with_speculation(path, k):
+    model = llamas.load(path)
+    accepted = 0
+    for prompt in PROMPTS:
+        ids = model.tokenizer.encode(prompt)
+        for n in (1, 2, 7, 60):
+            plain, plain_finish, _ = run_scheduler(model, ids, n, 0, temperature=0.0)
+            fast, fast_finish, timing = run_scheduler(model, ids, n, k, temperature=0.0)
+            assert fast == plain and fast_finish == plain_finish, (prompt, n)
+            accepted += timing.accepted_tokens
+            assert timing.accepted_tokens <= timing.draft_tokens
+    assert accepted > 0  # the test would pass with speculation doing nothing otherwise
+
+
+@pytest.mark.parametrize("kwargs", [dict(dtype="bfloat16", compute_dtype="bfloat16"), dict(kv_dtype="bfloat16"),
+                                    dict(dtype="int8", compute_dtype="int8", kv_dtype="int8")])
+def test_other_precisions_give_the_same_output_too(kwargs):
+    model = llamas.load(TINY, **kwargs)
+    ids = model.tokenizer.encode(PROMPTS[1])
+    plain, _, _ = run_scheduler(model, ids, 60, 0, temperature=0.0)
+    fast, _, timing = run_scheduler(model, ids, 60, 8, temperature=0.0)
+    assert fast == plain and timing.accepted_tokens > 0
+
+
+def test_generate_and_engine_agree_with_plain_greedy_at_the_context_end(tiny):
+    ctx = tiny.config.n_positions
+    long_prompt = (tiny.tokenizer.encode("a b a b ") * ctx)[:ctx - 5]
+    plain = tiny.generate(long_prompt, max_new_tokens=64, temperature=0.0)
+    assert len(plain) <= 6  # the context ends the generation, with drafts or without
+    assert tiny.generate(long_prompt, max_new_tokens=64, temperature=0.0, speculative_ngram=8) == plain
+    batch = [tiny.tokenizer.encode(p) for p in PROMPTS]
+    want = tiny.generate(batch, max_new_tokens=40, temperature=0.0)
+    assert tiny.generate(batch, max_new_tokens=40, temperature=0.0, speculative_ngram=6) == want
+    text = tiny.generate(PROMPTS[1], max_new_tokens=40, temperature=0.0, stop=[" b"])
+    assert tiny.generate(PROMPTS[1], max_new_tokens=40, temperature=0.0, stop=[" b"], speculative_ngram=6) == text
+    streamed = "".join(tiny.generate(PROMPTS[0], max_new_tokens=40, temperature=0.0, stream=True, speculative_ngram=4))
+    assert streamed == tiny.generate(PROMPTS[0], max_new_tokens=40, temperature=0.0)
+    with llamas.Engine(tiny, speculative_ngram=4, prefix_cache_mb=4) as engine:
+        for _ in range(2):  # the second run starts from the prefix cache's blocks
+            handles = [engine.submit(p, max_new_tokens=30, temperature=0.0) for p in PROMPTS]
+            assert [h.result().text for h in handles] == [tiny.generate(p, max_new_tokens=30, temperature=0.0)
+                                                        for p in PROMPTS]
+
+
+def test_requests_that_are_not_plain_greedy_are_not_speculated(tiny):
+    ids = tiny.tokenizer.encode(PROMPTS[1])
+    for options in ({"temperature": 0.8, "seed": 3}, {"temperature": 0.0, "repetition_penalty": 1.3},
+                    {"temperature": 0.0, "logit_bias": {5: 2.0}}, {"temperature": 0.0, "logprobs": 2}):
+        plain, _, _ = run_scheduler(tiny, ids, 30, 0, **options)
+        fast, _, timing = run_scheduler(tiny, ids, 30, 8, **options)
+        assert fast == plain and timing.draft_tokens == 0, options
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_DRAFT_TOKENS + 1, 2.0, True, "4", None])
+def test_bad_speculative_ngram_values_are_refused(tiny, bad):
+    with pytest.raises(LlamasError, match="speculative_ngram"):
+        tiny.generate("x", max_new_tokens=2, speculative_ngram=bad)
+    with pytest.raises(LlamasError, match="speculative_ngram"):
+        llamas.Engine(tiny, speculative_ngram=bad)
+    pytest.importorskip("fastapi")
+    from llamas.server import create_app
+    with pytest.raises(LlamasError, match="speculative_ngram"):
+        create_app(tiny, speculative_ngram=bad)
+
+
+# ---- server and CLI ---------------------------------------------------------------------------------
+def test_the_server_speculates_and_reports_it_in_metrics(tiny):
+    pytest.importorskip("uvicorn")
+    from test_server import served_client
+    body = {"prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0}
+    with served_client(tiny) as plain:
+        want = plain.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with served_client(tiny, speculative_ngram=6) as http:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        assert r.json()["usage"]["completion_tokens"] == 40
+        metrics = http.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("llamas_spec_decode_")}
+    assert 0 < values["llamas_spec_decode_accepted_tokens_total"] <= values["llamas_spec_decode_draft_tokens_total"]
+
+
+def test_cli_generate_speculative_ngram(tiny):
+    cmd = [sys.executable, "-m", "llamas", "generate", "--model", TINY, "--temperature", "0", "--max-new-tokens", "30"]
+    plain = subprocess.run(cmd + [PROMPTS[1]], capture_output=True, text=True, timeout=120)
+    fast = subprocess.run(cmd + ["--speculative-ngram", "6", PROMPTS[1]], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    bad = subprocess.run(cmd + ["--speculative-ngram", "100", PROMPTS[1]], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "speculative_ngram" in bad.stderr and "Traceback" not in bad.stderr
+    assert "--speculative-ngram" in subprocess.run([sys.executable, "-m", "llamas", "serve", "--help"],
+                                                   capture_output=True, text=True, timeout=60).stdout
+
+
+def test_rows_verified_together_equal_rows_decoded_alone(tiny):
+    """The property speculation rests on, at the logits: a chunk's rows are bit-identical to the same
+    tokens decoded one at a time (each row's logits through forward, its last position)."""
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    greedy = tiny.generate(ids, max_new_tokens=12, temperature=0.0)
+    full = tiny.forward([ids + greedy])[0]
+    steps = [tiny.forward([ids + greedy[:i]])[0][-1] for i in range(len(greedy) + 1)]
+    np.testing.assert_array_equal(full[len(ids) - 1:], np.stack(steps))
