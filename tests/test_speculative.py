@@ -1,6 +1,7 @@
 """Speculative decoding by n-gram lookup (speculative_ngram): the drafter, the native verifying step
 (Sequence.row_argmax, Sequence.truncate), and that greedy output is token for token the same with
 and without it in Model.generate, llamas.Engine, the server and the CLI, while drafts are accepted."""
+import json
 import os
 import subprocess
 import sys
@@ -187,6 +188,11 @@ def test_the_server_speculates_and_reports_it_in_metrics(tiny):
         r = http.post("/v1/completions", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
         assert r.json()["usage"]["completion_tokens"] == 40
+        # streamed: a verifying step hands out several tokens; the events carry them in order
+        streamed = http.post("/v1/completions", json={**body, "stream": True}).text
+        events = [json.loads(e[6:]) for e in streamed.split("\n\n") if e.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in events if c["choices"]) == want
+        assert streamed.rstrip().endswith("data: [DONE]")
         metrics = http.get("/metrics").text
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
               if line.startswith("llamas_spec_decode_")}
