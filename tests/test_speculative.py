@@ -13,7 +13,7 @@ import llamas
 from llamas._C import LlamasError
 from llamas.request import Request, SamplingOptions, make_stop_rules
 from llamas.scheduler import Scheduler
-from llamas.speculative import MAX_DRAFT_TOKENS, NgramDrafter, accepted_tokens
+from llamas.speculative import MAX_DRAFT_TOKENS, NgramDrafter, Speculation, accepted_tokens
 
 HERE = os.path.dirname(__file__)
 TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
@@ -65,6 +65,15 @@ def test_accepted_tokens_stop_at_the_first_disagreement():
     assert accepted_tokens([5, 6, 7], [5, 6, 7], 8) == [5, 6, 7, 8]   # all agreed: then the sampled one
     assert accepted_tokens([5, 6, 7], [5, 9, 7], 8) == [5, 9]         # greedy's own token at the mismatch
     assert accepted_tokens([5], [4], 8) == [4]
+
+
+def test_the_draft_length_follows_the_acceptance():
+    spec = Speculation([1, 2, 1, 2], 4)
+    assert spec.draft_len == 4
+    assert spec.verified([1, 2, 1, 2], [1, 2, 9, 9], 5) == [1, 2, 9] and spec.draft_len == 3  # 2 taken: ask for 3
+    assert spec.verified([1, 2, 1], [1, 2, 1], 7) == [1, 2, 1, 7] and spec.draft_len == 4     # all taken: one more
+    assert spec.verified([1, 2, 1, 2], [1, 2, 1, 2], 3) == [1, 2, 1, 2, 3] and spec.draft_len == 4  # never past K
+    assert spec.verified([6], [5], 0) == [5] and spec.draft_len == 1
 
 
 # ---- the native verifying step ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .prefix_cache import BLOCK, PrefixCache
 # The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
 from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
                       as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
-from .speculative import SPECULATE_MAX_BATCH, NgramDrafter, accepted_tokens, check_speculative_ngram
+from .speculative import SPECULATE_MAX_BATCH, Speculation, can_speculate, check_speculative_ngram
 from .streaming import TextStream
 
 __all__ = ["Scheduler", "Chunk", "Completion", "Request", "RequestStats", "SamplingOptions", "TokenLogprob",
@@ -35,8 +35,7 @@ log = logging.getLogger("llamas.engine")
 
 class _Slot:
     """A running request: its native sequence and decoding state."""
-    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream", "leader", "stop_ids", "drafter",
-                 "draft_len")
+    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream", "leader", "stop_ids", "spec")
 
     def __init__(self, req: Request, seq, budget: int, stream: Optional[TextStream], stop_ids: frozenset):
         self.req = req
@@ -48,8 +47,7 @@ class _Slot:
         self.budget = budget
         self.stream = stream
         self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
-        self.drafter: Optional[NgramDrafter] = None  # a greedy request's n-gram drafts (speculative_ngram)
-        self.draft_len = 0        # drafts to ask for next (adapts to how many were accepted)
+        self.spec: Optional[Speculation] = None  # a greedy request's n-gram drafts (speculative_ngram)
 
 
 class StepTiming:
@@ -154,7 +152,7 @@ class Scheduler:
                     entries.append((slot.seq, chunk, sample, targets, slot.req.prompt_logprobs))
                 fed.append((slot, n))
             else:
-                drafts = self._drafts(slot) if slot.drafter is not None else ()
+                drafts = self._drafts(slot) if slot.spec is not None else ()
                 if drafts:
                     entries.append((slot.seq, [slot.next_token] + drafts, True, True))
                     timing.draft_tokens += len(drafts)
@@ -188,16 +186,9 @@ class Scheduler:
                 slot.req.prompt_scores.extend(TokenLogprob(int(t), float(lp), [(int(i), float(v)) for i, v in top])
                                               for t, lp, top in slot.seq.scores)
             if len(entry) == 4:  # a speculative step: the drafts greedy decoding agrees with, then its own token
-                tokens = accepted_tokens(entry[1][1:], slot.seq.row_argmax, token)
+                tokens = slot.spec.verified(entry[1][1:], slot.seq.row_argmax, token)
                 timing.accepted_tokens += len(tokens) - 1
-                # The next draft length follows the acceptance: one more after a step that took every
-                # draft (up to K), else one past what was accepted. Each draft is a row of arithmetic;
-                # the bundled model (a step bound by arithmetic and per-op costs, not memory) decoded
-                # greedily 0.66-0.74x as fast at a fixed K of 4-8, 1.00-1.24x so (bench/speculative.py).
-                drafted = len(entry[1]) - 1
-                slot.draft_len = (min(self.speculative_ngram, slot.draft_len + 1) if len(tokens) > drafted
-                                  else len(tokens))
-                slot.seq.truncate(slot.seq.length - (len(entry[1]) - len(tokens)))  # rejected drafts' positions  # rejected drafts' positions
+                slot.seq.truncate(slot.seq.length - (len(entry[1]) - len(tokens)))  # rejected drafts' positions
                 for t in tokens:
                     if not self._on_token(slot, t, now):
                         break
@@ -254,9 +245,8 @@ class Scheduler:
             budget = min(req.max_new_tokens, self._ctx - len(req.prompt_ids) + 1)
             req.stats.admitted = time.perf_counter()
             slot = _Slot(req, seq, budget, stream, frozenset(stop_ids))
-            if self.speculative_ngram and self._can_speculate(req):
-                slot.drafter = NgramDrafter(req.prompt_ids)
-                slot.draft_len = self.speculative_ngram
+            if self.speculative_ngram and can_speculate(req):
+                slot.spec = Speculation(req.prompt_ids, self.speculative_ngram)
             if self.prefix_cache is not None:
                 req.cached_tokens = 0
                 if req.prompt_logprobs is None:  # a scored prompt's every position is computed
@@ -326,23 +316,12 @@ class Scheduler:
         if refs and not self._adopt(slot, lambda: refs, "prefix-cache blocks"):
             cache.clear()  # a cache that no longer fits this model
 
-    @staticmethod
-    def _can_speculate(req: Request) -> bool:
-        """Greedy requests whose next token is the plain argmax of the logits: no penalties, biases,
-        structure, min_tokens or log-probabilities (those change or report per-token choices)."""
-        o = req.options
-        greedy = o.temperature == 0 or o.top_k == 1
-        return (greedy and o.repetition_penalty == 1 and o.presence_penalty == 0 and o.frequency_penalty == 0
-                and not o.logit_bias and not o.constrained and o.logprobs is None and req.rules.min_tokens == 0
-                and req.prompt_logprobs is None)
-
     def _drafts(self, slot: _Slot) -> list:
         """Drafts for a decoding slot: none while many sequences run (their step is bound by
         arithmetic, not by reading the weights); never past its token budget or the context."""
         if len(self.running) > SPECULATE_MAX_BATCH:
             return []
-        room = min(slot.draft_len, slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1)
-        return slot.drafter.drafts(room)
+        return slot.spec.drafts(min(slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> bool:
         """Hands one generated token on; False when it ended the request."""
@@ -370,8 +349,8 @@ class Scheduler:
             self._finish(slot, Chunk(piece + tail, [token], lp, "length"))
             return False
         slot.next_token = token
-        if slot.drafter is not None:
-            slot.drafter.append(token)
+        if slot.spec is not None:
+            slot.spec.drafter.append(token)
         self._emit(req, Chunk(piece, [token], lp))
         return True
 
