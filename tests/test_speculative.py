@@ -135,6 +135,33 @@ def test_greedy_output_is_the_same_with_speculation(path, k):
     assert accepted > 0  # the test would pass with speculation doing nothing otherwise
 
 
+VARIANT_CHECK = """
+import sys, llamas
+from test_speculative import ODD, PROMPTS, run_scheduler
+assert llamas.info()["kernel_variant"] == sys.argv[1], llamas.info()["kernel_variant"]
+model = llamas.load(ODD)
+for prompt in PROMPTS:
+    ids = model.tokenizer.encode(prompt)
+    plain, _, _ = run_scheduler(model, ids, 40, 0, temperature=0.0)
+    fast, _, _ = run_scheduler(model, ids, 40, 6, temperature=0.0)
+    assert fast == plain, prompt
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("variant", ["avx2", "generic"])
+def test_other_kernel_variants_give_the_same_output(variant):
+    # Each variant's attention groups rows differently (AVX2 6, generic 2): a verifying chunk's rows
+    # must still equal rows decoded one at a time.
+    if variant not in llamas.info()["available_kernel_variants"]:
+        pytest.skip(f"{variant} cannot run here")
+    paths = [HERE] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, LLAMAS_KERNEL=variant, PYTHONPATH=os.pathsep.join(paths))
+    out = subprocess.run([sys.executable, "-c", VARIANT_CHECK, variant], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("kwargs", [dict(dtype="bfloat16", compute_dtype="bfloat16"), dict(kv_dtype="bfloat16"),
                                     dict(dtype="int8", compute_dtype="int8", kv_dtype="int8")])
 def test_other_precisions_give_the_same_output_too(kwargs):
