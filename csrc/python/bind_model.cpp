@@ -185,9 +185,24 @@ void init_model(py::module_& m) {
              for (const TokenScore& t : s.scores) out.append(py::make_tuple(t.token, t.logprob, t.top));
              return out;
            }, "[(token id, log-probability, [(id, log-probability)] top)] of the last step's targets.")
-      .def_property_readonly("row_argmax", [](const Sequence& s) { return s.row_argmax; },
-                             "The greedy token after each fed token but the last, from the last step that fed it "
-                             "with argmax_rows.")
+      .def_property_readonly("verified", [](const Sequence& s) { return s.verified; },
+                             "The accepted drafts and the token after them, from the last step that verified drafts "
+                             "for this sequence.")
+      .def("verify_logits", [](Sequence& s, FloatArray logits, const std::vector<int32_t>& drafts,
+                                const std::vector<int32_t>& context) {
+             LLAMAS_CHECK(logits.ndim() == 2 && logits.shape(0) == py::ssize_t(drafts.size()) + 1, "sample",
+                          "verify_logits needs (len(drafts) + 1, vocab) logits");
+             std::vector<float> rows(logits.data(), logits.data() + logits.size());
+             return s.sampler.verify(rows.data(), logits.shape(1), drafts, context, 0);
+           }, py::arg("logits"), py::arg("drafts"), py::arg("context"),
+           "For tests: this sequence's sampler verifying drafts against given logits rows (row r follows the "
+           "context without its last len(drafts) - r tokens; the context ends with the drafts).")
+      .def("sample_logits", [](Sequence& s, FloatArray logits, const std::vector<int32_t>& context) {
+             LLAMAS_CHECK(logits.ndim() == 1, "sample", "sample_logits needs one row of logits");
+             std::vector<float> row(logits.data(), logits.data() + logits.size());
+             return s.sampler.sample(row.data(), logits.shape(0), context, 0);
+           }, py::arg("logits"), py::arg("context"),
+           "For tests: this sequence's sampler drawing from given logits after the context.")
       .def("truncate", &Sequence::truncate, py::arg("n"),
            "Keeps the first n tokens (and their KV positions): drops rejected speculative drafts.")
       .def_property_readonly("length", [](const Sequence& s) { return s.cache.length(); })
@@ -259,14 +274,14 @@ void init_model(py::module_& m) {
         for (py::handle h : entries) {
           py::tuple t = py::reinterpret_borrow<py::tuple>(h);
           LLAMAS_CHECK(t.size() == 3 || t.size() == 4 || t.size() == 5, "step",
-                       "each entry is (sequence, token ids, sample), (sequence, token ids, sample, argmax_rows) or "
+                       "each entry is (sequence, token ids, sample), (sequence, token ids, sample, verify_drafts) or "
                        "(sequence, token ids, sample, targets, top)");
           StepEntry e;
           keep.push_back(py::reinterpret_borrow<py::object>(t[0]));
           e.seq = t[0].cast<Sequence*>();
           e.tokens = t[1].cast<std::vector<int32_t>>();
           e.sample = t[2].cast<bool>();
-          if (t.size() == 4) e.argmax_rows = t[3].cast<bool>();
+          if (t.size() == 4) e.verify_drafts = t[3].cast<bool>();
           if (t.size() == 5) {
             e.targets = t[3].cast<std::vector<int32_t>>();
             e.score_top = t[4].cast<int>();
@@ -285,8 +300,8 @@ void init_model(py::module_& m) {
       }, py::arg("entries"),
       "Feeds each (sequence, ids, sample) entry in one batched forward; returns the sampled ids (-1 if not sampled).\n"
       "An entry (sequence, ids, sample, targets, top) also scores targets[i] (-1: none) as the token after ids[i],\n"
-      "into the sequence's `scores`; (sequence, ids, sample, True) also puts the greedy token after each id but\n"
-      "the last into its `row_argmax`.");
+      "into the sequence's `scores`; (sequence, ids, True, True) verifies ids[1:] as speculative drafts into its\n"
+      "`verified` (accepted drafts, then the token after them; the step returns the last).");
 }
 
 }  // namespace python

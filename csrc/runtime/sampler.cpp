@@ -179,7 +179,9 @@ int32_t Sampler::draw(float* logits, int64_t vocab, const std::vector<int32_t>& 
   return chosen;
 }
 
-int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
+Sampler::Candidates Sampler::candidates(float* logits, int64_t vocab, const std::vector<int32_t>& context,
+                                       int64_t n_prompt) {
+  Candidates c;
   const SamplingParams& p = params_;
   for (auto& [token, bias] : p.logit_bias)
     if (token >= 0 && token < vocab) logits[token] += bias;
@@ -208,7 +210,8 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   // A temperature so small that 1/T overflows (subnormal T) is greedy too: the softmax of logits/T
   // is then all its mass on the maximum.
   if (p.temperature == 0.0f || p.top_k == 1 || !std::isfinite(1.0f / p.temperature)) {
-    return greedy_token(logits, vocab, "sample");
+    c.greedy = greedy_token(logits, vocab, "sample");
+    return c;
   }
   // Candidates: every token (ids empty: candidate i is token i), or with top_k the k best by logit
   // (descending, lower id first on ties), unordered.
@@ -253,8 +256,8 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
     n = kept;
   }
   if (p.top_p >= 1.0f) {
-    const double u = double(next_uniform()) * total;
-    return token_of(inverse_cdf(u, n, [&](int64_t i) { return double(probs[i]); }));
+    c.ids = std::move(ids), c.probs = std::move(probs), c.n = n, c.total = total;
+    return c;
   }
   // top-p: sort only as many of the best candidates as the nucleus needs: 64, then 4x more.
   std::vector<int32_t> order = iota_ids(n);
@@ -275,8 +278,56 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
   }
   total = 0.0;
   for (int64_t i = 0; i < n; ++i) total += probs[order[i]];
-  const double u = double(next_uniform()) * total;
-  return token_of(order[inverse_cdf(u, n, [&](int64_t i) { return double(probs[order[i]]); })]);
+  c.ids = std::move(ids), c.probs = std::move(probs), c.order = std::move(order), c.n = n, c.total = total;
+  return c;
 }
+
+int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
+  const Candidates c = candidates(logits, vocab, context, n_prompt);
+  if (c.greedy >= 0) return c.greedy;
+  const double u = double(next_uniform()) * c.total;
+  return c.token(inverse_cdf(u, c.n, [&](int64_t i) { return c.weight(i); }));
+}
+
+std::vector<int32_t> Sampler::verify(float* rows, int64_t vocab, const std::vector<int32_t>& drafts,
+                                     const std::vector<int32_t>& context, int64_t n_prompt) {
+  LLAMAS_CHECK(constraint == nullptr && params_.logprobs < 0 && params_.min_tokens == 0, "sample",
+               "speculative drafts cannot be verified for a sequence with structured output, logprobs or "
+               "min_tokens");
+  LLAMAS_CHECK(context.size() >= drafts.size(), "sample", "the context must end with the drafts");
+  std::vector<int32_t> out;
+  std::vector<int32_t> ctx(context.begin(), context.end() - int64_t(drafts.size()));
+  for (size_t r = 0; r < drafts.size(); ++r) {
+    const Candidates c = candidates(rows + int64_t(r) * vocab, vocab, ctx, n_prompt);
+    const int32_t draft = drafts[r];
+    if (c.greedy >= 0) {  // a point mass: the draft is right or greedy's own token replaces it
+      out.push_back(c.greedy);
+      if (c.greedy != draft) return out;
+      ctx.push_back(draft);
+      continue;
+    }
+    // The draft is a point mass q = [draft]: accept it with probability p(draft) (min(1, p / q)),
+    // else draw from the residual max(0, p - q), i.e. p without the draft, renormalised. Each
+    // position's token then has exactly p's distribution (speculative sampling, Leviathan et al.).
+    double w_draft = 0.0;
+    int64_t at = -1;
+    for (int64_t i = 0; i < c.n; ++i)
+      if (c.token(i) == draft) {
+        w_draft = c.weight(i), at = i;
+        break;
+      }
+    if (double(next_uniform()) * c.total < w_draft) {
+      out.push_back(draft);
+      ctx.push_back(draft);
+      continue;
+    }
+    const double u = double(next_uniform()) * (c.total - w_draft);
+    out.push_back(c.token(inverse_cdf(u, c.n, [&](int64_t i) { return i == at ? 0.0 : c.weight(i); })));
+    return out;
+  }
+  out.push_back(sample(rows + int64_t(drafts.size()) * vocab, vocab, context, n_prompt));
+  return out;
+}
+
 
 }  // namespace llamas

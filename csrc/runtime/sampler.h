@@ -61,8 +61,35 @@ class Sampler {
   // Picks the next token from logits (modified in place). `context` is every token of the
   // sequence so far (prompt first), `n_prompt` how many of them are the prompt.
   int32_t sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
+  // Speculative decoding: rows holds drafts.size() + 1 rows of logits, row r after the context
+  // without its last drafts.size() - r tokens (`context` ends with the drafts). Returns the
+  // accepted drafts and the token after them: greedy, the drafts up to the first that is not the
+  // argmax, then the argmax there (or the token after the last draft); sampling, each draft kept
+  // with its probability, else a token from the rest of the distribution, so every position's
+  // token has the distribution sample() draws from. Not for structured output, logprobs or
+  // min_tokens (refused). Rows are modified in place.
+  std::vector<int32_t> verify(float* rows, int64_t vocab, const std::vector<int32_t>& drafts,
+                              const std::vector<int32_t>& context, int64_t n_prompt);
 
  private:
+  // What a draw chooses from: the greedy token (greedy >= 0), or n candidates with weights summing
+  // to total (candidate i: token(i), weight(i); top-p orders them).
+  struct Candidates {
+    int32_t greedy = -1;
+    std::vector<int32_t> ids;    // empty: candidate j is token j
+    std::vector<float> probs;
+    std::vector<int32_t> order;  // top-p: the candidates' positions in ids / probs, best first
+    int64_t n = 0;
+    double total = 0.0;
+    int32_t token(int64_t i) const {
+      const int64_t j = order.empty() ? i : order[i];
+      return ids.empty() ? int32_t(j) : ids[j];
+    }
+    double weight(int64_t i) const { return double(probs[order.empty() ? i : order[i]]); }
+  };
+  // Every rule of choose() up to the draw: bias, min_tokens, constraint, penalties, temperature,
+  // top-k, min-p, top-p.
+  Candidates candidates(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   float next_uniform();
   int32_t draw(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   int32_t choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);

@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--choice", action="append", default=None, metavar="TEXT",
                    help="the output is exactly one of these strings (repeatable; vLLM's guided_choice)")
     g.add_argument("--speculative-ngram", type=_non_negative_int, default=0, metavar="K",
-                   help="greedy decoding only: draft up to K tokens a step from earlier text that the last tokens "
-                        "repeat (prompt lookup decoding) and keep those the model agrees with; the same output in "
-                        "fewer steps where text repeats itself (default 0: off; 4-8 is typical)")
+                   help="draft up to K tokens a step from earlier text that the last tokens repeat (prompt "
+                        "lookup decoding) and verify them in one step: greedy output is unchanged, sampled output "
+                        "has the same distribution; fewer steps where text repeats itself (default 0: off; 4-8 "
+                        "is typical)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",
                    help="print token counts, time to first token and generation speed to stderr at the end")

@@ -165,9 +165,11 @@ class Model:
         sampling parameter left as None takes the model's generation_config.json value, else
         greedy / off. skip_special_tokens=True leaves special tokens' text (an end-of-text drawn
         with ignore_eos) out of the text, as vLLM does by default; ids are unchanged.
-        speculative_ngram=K (greedy only; 0: off) drafts up to K tokens a step from earlier text that
-        the last tokens repeat (prompt lookup decoding) and keeps those greedy decoding agrees with:
-        the same output, in fewer steps where the text repeats itself (llamas.speculative).
+        speculative_ngram=K (0: off) drafts up to K tokens a step from earlier text that the last
+        tokens repeat (prompt lookup decoding) and verifies them in one step (llamas.speculative):
+        greedy output is unchanged and sampled output has the same distribution (other draws for a
+        seed), in fewer steps where the text repeats itself. Not with structured output, logprobs
+        or min_tokens (those decode as usual).
         """
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,

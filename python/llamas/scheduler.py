@@ -47,7 +47,7 @@ class _Slot:
         self.budget = budget
         self.stream = stream
         self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
-        self.spec: Optional[Speculation] = None  # a greedy request's n-gram drafts (speculative_ngram)
+        self.spec: Optional[Speculation] = None  # the request's n-gram drafts (speculative_ngram)
 
 
 class StepTiming:
@@ -76,8 +76,9 @@ class StepTiming:
 class Scheduler:
     """Admission, chunked prefill, batched steps, stop/EOS/length handling, detokenisation and
     release. Not thread-safe: one thread calls `add`, `step` and `abort_all` (Engine serialises).
-    speculative_ngram=K (0: off) drafts up to K tokens a step for greedy requests by n-gram lookup
-    (llamas.speculative): the same tokens, fewer steps where the text repeats itself."""
+    speculative_ngram=K (0: off) drafts up to K tokens a step by n-gram lookup (llamas.speculative):
+    greedy requests get the same tokens and sampled ones the same distribution, in fewer steps
+    where the text repeats itself."""
 
     def __init__(self, model, max_batch: int = 16, prefill_chunk: int = 128,
                  max_prefill_tokens: Optional[int] = 512,
@@ -185,8 +186,9 @@ class Scheduler:
             if len(entry) == 5:
                 slot.req.prompt_scores.extend(TokenLogprob(int(t), float(lp), [(int(i), float(v)) for i, v in top])
                                               for t, lp, top in slot.seq.scores)
-            if len(entry) == 4:  # a speculative step: the drafts greedy decoding agrees with, then its own token
-                tokens = slot.spec.verified(entry[1][1:], slot.seq.row_argmax, token)
+            if len(entry) == 4:  # a speculative step: the drafts the sampler kept, then the token after them
+                tokens = slot.seq.verified
+                slot.spec.verified(len(entry[1]) - 1, len(tokens))
                 timing.accepted_tokens += len(tokens) - 1
                 slot.seq.truncate(slot.seq.length - (len(entry[1]) - len(tokens)))  # rejected drafts' positions
                 for t in tokens:
