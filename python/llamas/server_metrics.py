@@ -92,7 +92,7 @@ class EngineTimingCollector:
                    "scheduling, detokenising, handing out tokens)", t.host_seconds if t else 0.0),
                   ("llamas_spec_decode_draft_tokens", "Speculative draft tokens fed to verifying steps "
                    "(--speculative-ngram)", t.draft_tokens if t else 0),
-                  ("llamas_spec_decode_accepted_tokens", "Of the draft tokens: those greedy decoding agreed with "
+                  ("llamas_spec_decode_accepted_tokens", "Of the draft tokens: those the sampler kept "
                    "(acceptance rate = this / draft tokens)", t.accepted_tokens if t else 0))
         for name, doc, value in values:
             yield CounterMetricFamily(name, doc, value=value)
