@@ -66,7 +66,9 @@ def random_request(rng: random.Random):
 
 @pytest.fixture(scope="module")
 def http():
-    with ThreadServer(create_app(llamas.load(TINY), max_batch=16, max_tokens=16)) as s:
+    # Speculation on: every request it can verify (sampled or greedy, with penalties, biases, stops,
+    # n > 1) also runs the drafting, verifying and truncating path.
+    with ThreadServer(create_app(llamas.load(TINY), max_batch=16, max_tokens=16, speculative_ngram=4)) as s:
         with httpx.Client(base_url=s.url, timeout=30) as c:
             yield c
 
@@ -119,3 +121,4 @@ def test_random_structured_requests(http):
                 for call in choice["message"].get("tool_calls") or []:
                     json.loads(call["function"]["arguments"])
     assert_still_serving(http)
+
