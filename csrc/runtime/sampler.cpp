@@ -329,5 +329,4 @@ std::vector<int32_t> Sampler::verify(float* rows, int64_t vocab, const std::vect
   return out;
 }
 
-
 }  // namespace llamas

@@ -201,7 +201,7 @@ class Engine:
 
     @property
     def timing(self):
-        """The engine thread's time in forwards and between them (scheduler.StepTiming)."""
+        """The engine thread's time in forwards and between them (step_timing.StepTiming)."""
         return self._sched.timing
 
     # ---- requests ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .prefix_cache import BLOCK, PrefixCache
 from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
                       as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
 from .speculative import SPECULATE_MAX_BATCH, Speculation, can_speculate, check_speculative_ngram
+from .step_timing import StepTiming  # noqa: F401  (scheduler.StepTiming, as before)
 from .streaming import TextStream
 
 __all__ = ["Scheduler", "Chunk", "Completion", "Request", "RequestStats", "SamplingOptions", "TokenLogprob",
@@ -48,29 +49,6 @@ class _Slot:
         self.stream = stream
         self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
         self.spec: Optional[Speculation] = None  # the request's n-gram drafts (speculative_ngram)
-
-
-class StepTiming:
-    """Where a busy engine thread's time goes: in batched forwards (`forward_seconds`, the native
-    step with the GIL released, and getting the GIL back after it) or between them
-    (`host_seconds`: scheduling, detokenising, stop strings and handing chunks out in Python,
-    counted only while requests keep the engine busy). `gil_wait_seconds`, part of the forward
-    time, is the wait for the GIL once the native step is done: another thread (a server's event
-    loop) held it. A host share that grows with the batch points at Python, not the kernels.
-    `rows`: sequences fed over all `steps` (mean batch size = rows / steps). `draft_tokens` and
-    `accepted_tokens`: speculative drafts fed and accepted (their ratio is the acceptance rate)."""
-    __slots__ = ("steps", "rows", "forward_seconds", "gil_wait_seconds", "host_seconds", "last_end", "draft_tokens",
-                 "accepted_tokens")
-
-    def __init__(self):
-        self.steps = 0
-        self.rows = 0
-        self.forward_seconds = 0.0
-        self.gil_wait_seconds = 0.0  # of forward_seconds: waiting for the GIL after the native step
-        self.host_seconds = 0.0
-        self.last_end: Optional[float] = None  # end of the last forward while busy (None: idle since)
-        self.draft_tokens = 0
-        self.accepted_tokens = 0
 
 
 class Scheduler:

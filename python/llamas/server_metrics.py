@@ -68,7 +68,7 @@ class BatchHistogram:
 
 
 class EngineTimingCollector:
-    """The engine thread's step counters (scheduler.StepTiming), read when /metrics is scraped:
+    """The engine thread's step counters (step_timing.StepTiming), read when /metrics is scraped:
     steps, sequences fed, and seconds in forwards and between them. rate(host) / rate(forward)
     is the Python share of a busy engine; rate(sequences) / rate(steps) the mean batch."""
 
