@@ -84,6 +84,18 @@ def test_linear_packed_panels_bit_identical(variant, layout, dtype, n):
         np.testing.assert_array_equal(packed, plain)
 
 
+@pytest.mark.parametrize("dtype,n", [("float32", 1811), ("bfloat16", 3611), ("int8", 7211)])
+def test_few_rows_of_a_large_matrix_equal_rows_alone(variant, dtype, n):
+    # 5-12 rows of a matrix over 2 MiB take the wide few-row tiles without the next-tile fetches
+    # (smaller ones, above, take them): each row must still be what it gives alone.
+    k = 301
+    x, w = rand(12, k, seed=21), rand(k, n, seed=22, scale=0.1)
+    for m in (5, 6, 7, 8, 9, 12):
+        batch = ops.linear(x[:m], w, weight_dtype=dtype, packed=True)
+        for i in (0, m - 1):
+            np.testing.assert_array_equal(ops.linear(x[i:i + 1], w, weight_dtype=dtype, packed=True)[0], batch[i])
+
+
 def test_linear_packed_matches_numpy(variant):
     x, w, bias = rand(9, 130, seed=14), rand(130, 45, seed=15, scale=0.1), rand(45, seed=16)
     out = ops.linear(x, w, bias, packed=True)
