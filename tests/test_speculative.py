@@ -267,6 +267,31 @@ def test_requests_the_sampler_cannot_verify_are_not_speculated(tiny):
         assert fast == plain and timing.draft_tokens == 0, options
 
 
+def run_batch(model, prompts, n, k):
+    sched = Scheduler(model, max_batch=len(prompts), prefill_chunk=1024, max_prefill_tokens=None, speculative_ngram=k)
+    outs = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        rules = make_stop_rules(None, None, 0, True, False, model.config.vocab_size, n)
+        sched.add(Request(model.tokenizer.encode(p), n, SamplingOptions(temperature=0.0), rules,
+                          sink=lambda c, i=i: outs[i].extend(c.token_ids)))
+    while sched.step():
+        pass
+    return outs, sched.timing
+
+
+def test_drafts_at_any_batch_only_where_the_weights_stream_from_memory(tiny, monkeypatch):
+    import llamas.scheduler
+    prompts = PROMPTS * 3  # 9 sequences: more than SPECULATE_MAX_BATCH
+    plain, _ = run_batch(tiny, prompts, 40, 0)
+    cached, timing = run_batch(tiny, prompts, 40, 6)  # a small model: no drafts while 9 run
+    assert cached == plain and timing.draft_tokens == 0
+    # a model "too large for the cache": drafts for all, at most STREAMING_MAX_DRAFT_ROWS a step
+    monkeypatch.setattr(llamas.scheduler, "STREAMING_WEIGHT_BYTES", 0)
+    streamed, timing = run_batch(tiny, prompts, 40, 6)
+    assert streamed == plain and timing.accepted_tokens > 0
+    assert timing.draft_tokens <= llamas.scheduler.STREAMING_MAX_DRAFT_ROWS * timing.steps
+
+
 @pytest.mark.parametrize("bad", [-1, MAX_DRAFT_TOKENS + 1, 2.0, True, "4", None])
 def test_bad_speculative_ngram_values_are_refused(tiny, bad):
     with pytest.raises(LlamasError, match="speculative_ngram"):

@@ -22,7 +22,8 @@ from .prefix_cache import BLOCK, PrefixCache
 # The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
 from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
                       as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
-from .speculative import SPECULATE_MAX_BATCH, Speculation, can_speculate, check_speculative_ngram
+from .speculative import (SPECULATE_MAX_BATCH, STREAMING_MAX_DRAFT_ROWS, STREAMING_WEIGHT_BYTES, Speculation,
+                          can_speculate, check_speculative_ngram)
 from .step_timing import StepTiming  # noqa: F401  (scheduler.StepTiming, as before)
 from .streaming import TextStream
 
@@ -82,6 +83,7 @@ class Scheduler:
         self._eos = tok.eos_token_id if tok is not None else None
         self._ctx = model.config.n_positions
         self.timing = StepTiming()
+        self._streams_weights = getattr(model, "weight_bytes", 0) > STREAMING_WEIGHT_BYTES
 
     # ---- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -107,6 +109,7 @@ class Scheduler:
             return self.has_work()
         entries, fed = [], []
         timing = self.timing
+        draft_rows = STREAMING_MAX_DRAFT_ROWS if self._streams_weights else SPECULATE_MAX_BATCH * self.speculative_ngram
         budget = self.max_prefill_tokens
         prefilling = False
         for slot in self.running:
@@ -131,8 +134,9 @@ class Scheduler:
                     entries.append((slot.seq, chunk, sample, targets, slot.req.prompt_logprobs))
                 fed.append((slot, n))
             else:
-                drafts = self._drafts(slot) if slot.spec is not None else ()
+                drafts = self._drafts(slot, draft_rows) if slot.spec is not None else ()
                 if drafts:
+                    draft_rows -= len(drafts)
                     entries.append((slot.seq, [slot.next_token] + drafts, True, True))
                     timing.draft_tokens += len(drafts)
                 else:
@@ -296,12 +300,13 @@ class Scheduler:
         if refs and not self._adopt(slot, lambda: refs, "prefix-cache blocks"):
             cache.clear()  # a cache that no longer fits this model
 
-    def _drafts(self, slot: _Slot) -> list:
-        """Drafts for a decoding slot: none while many sequences run (their step is bound by
-        arithmetic, not by reading the weights); never past its token budget or the context."""
-        if len(self.running) > SPECULATE_MAX_BATCH:
+    def _drafts(self, slot: _Slot, rows_left: int) -> list:
+        """Drafts for a decoding slot, at most rows_left: a model whose weights fit in cache makes
+        none while many sequences run (its step is then bound by arithmetic, and a draft is a row more
+        of it); never past the slot's token budget or the context."""
+        if len(self.running) > SPECULATE_MAX_BATCH and not self._streams_weights:
             return []
-        return slot.spec.drafts(min(slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
+        return slot.spec.drafts(min(rows_left, slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> bool:
         """Hands one generated token on; False when it ended the request."""
