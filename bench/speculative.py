@@ -69,11 +69,14 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         llamas.set_num_threads(args.threads)
+    if not os.path.isfile(args.text):
+        ap.error(f"no text at {args.text}: pass --text FILE (a UTF-8 text to take the prompts from)")
     model = llamas.load(args.model, dtype=args.dtype) if args.model else llamas.load(dtype=args.dtype)
     with open(args.text, encoding="utf-8") as f:
         work = prompts(model.tokenizer, f.read(), args.prompts)
+    greedy = args.temperature == 0
     ks = [0] + [int(k) for k in args.k.split(",")]
-    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    how = "greedy" if greedy else f"temperature {args.temperature}"
     print(f"model {args.model or 'bundled'} ({args.dtype}), {llamas.get_num_threads()} threads, "
           f"{args.prompts} prompts a workload, {args.max_new_tokens} {how} tokens each, {args.rounds} rounds\n")
     print("| workload | K | tok/s | vs K=0 | steps per token | drafts per step | accepted | same tokens |")
@@ -87,11 +90,9 @@ def main() -> int:
             for k in (ks if r % 2 == 0 else ks[::-1]):
                 for i, p in enumerate(ps):
                     toks, secs, steps, drafts, acc = decode(model, p, args.max_new_tokens, k, args.temperature, i)
-                    if args.temperature > 0:
-                        pass
-                    elif k == 0:
+                    if greedy and k == 0:
                         reference.setdefault(i, toks)
-                    elif i in reference and toks != reference[i]:
+                    elif greedy and i in reference and toks != reference[i]:
                         same[k] = False
                     t = totals[k]
                     t[0] += len(toks) - 1
@@ -100,17 +101,13 @@ def main() -> int:
                     t[3] += drafts
                     t[4] += acc
         base = totals[0][0] / totals[0][1]
-
-        def same_text(k):
-            return "n/a (sampled)" if args.temperature > 0 else "yes" if same[k] else "NO"
         for k in ks:
             n, secs, steps, drafts, acc = totals[k]
             rate = n / secs
+            kept = f"{acc / drafts:.0%}" if drafts else "-"
+            same_text = "yes" if same[k] else "NO" if greedy else "n/a (sampled)"
             print(f"| {name} | {k} | {rate:.1f} | {rate / base:.2f}x | {steps / max(n, 1):.2f} | "
-                  f"{drafts / max(steps, 1):.2f} | {acc / drafts:.0%} | {same_text(k)} |"
-                  if drafts else
-                  f"| {name} | {k} | {rate:.1f} | {rate / base:.2f}x | {steps / max(n, 1):.2f} | 0 | - | "
-                  f"{same_text(k)} |")
+                  f"{drafts / max(steps, 1):.2f} | {kept} | {same_text} |")
     return 0
 
 

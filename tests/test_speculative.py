@@ -281,6 +281,7 @@ def run_batch(model, prompts, n, k):
 
 def test_drafts_at_any_batch_only_where_the_weights_stream_from_memory(tiny, monkeypatch):
     import llamas.scheduler
+    import llamas.speculative
     prompts = PROMPTS * 3  # 9 sequences: more than SPECULATE_MAX_BATCH
     plain, _ = run_batch(tiny, prompts, 40, 0)
     cached, timing = run_batch(tiny, prompts, 40, 6)  # a small model: no drafts while 9 run
@@ -289,7 +290,7 @@ def test_drafts_at_any_batch_only_where_the_weights_stream_from_memory(tiny, mon
     monkeypatch.setattr(llamas.scheduler, "STREAMING_WEIGHT_BYTES", 0)
     streamed, timing = run_batch(tiny, prompts, 40, 6)
     assert streamed == plain and timing.accepted_tokens > 0
-    assert timing.draft_tokens <= llamas.scheduler.STREAMING_MAX_DRAFT_ROWS * timing.steps
+    assert timing.draft_tokens <= llamas.speculative.STREAMING_MAX_DRAFT_ROWS * timing.steps
 
 
 @pytest.mark.parametrize("bad", [-1, MAX_DRAFT_TOKENS + 1, 2.0, True, "4", None])

@@ -129,6 +129,19 @@ int64_t inverse_cdf(double u, int64_t n, Weight w) {
   }
   return i;
 }
+
+// The greedy choice: the largest logit, the lowest id on ties; NaN anywhere is an error.
+int32_t greedy_token(const float* logits, int64_t vocab) {
+  int64_t best = 0;
+  bool nan = logits[0] != logits[0];
+  for (int64_t i = 1; i < vocab; ++i) {
+    if (logits[i] > logits[best]) best = i;
+    nan |= logits[i] != logits[i];
+  }
+  LLAMAS_CHECK(!nan, "sample", kNotFinite);
+  return int32_t(best);
+}
+
 }  // namespace
 
 float log_normaliser(const float* logits, int64_t vocab, const char* op) {
@@ -149,17 +162,6 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
   std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), ByLogit{logits});
   for (int i = 0; i < n_top; ++i) top.push_back({ids[i], logits[ids[i]] - log_norm});
   return top;
-}
-
-int32_t greedy_token(const float* logits, int64_t vocab, const char* op) {
-  int64_t best = 0;
-  bool nan = logits[0] != logits[0];
-  for (int64_t i = 1; i < vocab; ++i) {
-    if (logits[i] > logits[best]) best = i;
-    nan |= logits[i] != logits[i];
-  }
-  LLAMAS_CHECK(!nan, op, kNotFinite);
-  return int32_t(best);
 }
 
 int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
@@ -210,7 +212,7 @@ Sampler::Candidates Sampler::candidates(float* logits, int64_t vocab, const std:
   // A temperature so small that 1/T overflows (subnormal T) is greedy too: the softmax of logits/T
   // is then all its mass on the maximum.
   if (p.temperature == 0.0f || p.top_k == 1 || !std::isfinite(1.0f / p.temperature)) {
-    c.greedy = greedy_token(logits, vocab, "sample");
+    c.greedy = greedy_token(logits, vocab);
     return c;
   }
   // Candidates: every token (ids empty: candidate i is token i), or with top_k the k best by logit

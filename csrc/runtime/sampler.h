@@ -37,8 +37,6 @@ float log_normaliser(const float* logits, int64_t vocab, const char* op);
 // The n most likely tokens of logits as (token id, log-probability), highest first, ties to the
 // lower id.
 std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, float log_norm);
-// The greedy choice: the largest logit, the lowest id on ties; NaN anywhere is an error naming `op`.
-int32_t greedy_token(const float* logits, int64_t vocab, const char* op);
 
 // A rule on which tokens may come next (structured output, e.g. JSON mode): it sets the logits
 // of the tokens it forbids to -inf before each draw and is told each drawn token.

@@ -22,8 +22,8 @@ from .prefix_cache import BLOCK, PrefixCache
 # The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
 from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
                       as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
-from .speculative import (SPECULATE_MAX_BATCH, STREAMING_MAX_DRAFT_ROWS, STREAMING_WEIGHT_BYTES, Speculation,
-                          can_speculate, check_speculative_ngram)
+from .speculative import (STREAMING_WEIGHT_BYTES, Speculation, can_speculate, check_speculative_ngram,
+                          step_draft_rows)
 from .step_timing import StepTiming  # noqa: F401  (scheduler.StepTiming, as before)
 from .streaming import TextStream
 
@@ -109,7 +109,7 @@ class Scheduler:
             return self.has_work()
         entries, fed = [], []
         timing = self.timing
-        draft_rows = STREAMING_MAX_DRAFT_ROWS if self._streams_weights else SPECULATE_MAX_BATCH * self.speculative_ngram
+        draft_rows = step_draft_rows(self._streams_weights, len(self.running), self.speculative_ngram)
         budget = self.max_prefill_tokens
         prefilling = False
         for slot in self.running:
@@ -134,7 +134,7 @@ class Scheduler:
                     entries.append((slot.seq, chunk, sample, targets, slot.req.prompt_logprobs))
                 fed.append((slot, n))
             else:
-                drafts = self._drafts(slot, draft_rows) if slot.spec is not None else ()
+                drafts = self._drafts(slot, draft_rows) if slot.spec is not None and draft_rows is not None else ()
                 if drafts:
                     draft_rows -= len(drafts)
                     entries.append((slot.seq, [slot.next_token] + drafts, True, True))
@@ -301,11 +301,8 @@ class Scheduler:
             cache.clear()  # a cache that no longer fits this model
 
     def _drafts(self, slot: _Slot, rows_left: int) -> list:
-        """Drafts for a decoding slot, at most rows_left: a model whose weights fit in cache makes
-        none while many sequences run (its step is then bound by arithmetic, and a draft is a row more
-        of it); never past the slot's token budget or the context."""
-        if len(self.running) > SPECULATE_MAX_BATCH and not self._streams_weights:
-            return []
+        """Drafts for a decoding slot: at most rows_left (the step's allowance, step_draft_rows), never
+        past the slot's token budget or the context."""
         return slot.spec.drafts(min(rows_left, slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> bool:

@@ -23,7 +23,7 @@ K; else one past the accepted count).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # Longest and shortest n-gram looked up (vLLM's prompt_lookup_max / prompt_lookup_min).
 NGRAM_MAX = 3
@@ -84,6 +84,16 @@ class NgramDrafter:
                     out.append(out[len(out) - (len(toks) - at)])
                 return out
         return []
+
+
+def step_draft_rows(streams_weights: bool, running: int, max_drafts: int) -> Optional[int]:
+    """The draft rows one step may add, or None when it makes no drafts: a model whose weights fit
+    in cache drafts only while at most SPECULATE_MAX_BATCH sequences run (its step is then bound by
+    arithmetic, and a draft is a row more of it); one whose weights stream from DRAM at any batch
+    size, up to STREAMING_MAX_DRAFT_ROWS a step."""
+    if streams_weights:
+        return STREAMING_MAX_DRAFT_ROWS
+    return running * max_drafts if running <= SPECULATE_MAX_BATCH else None
 
 
 def can_speculate(req) -> bool:
