@@ -105,7 +105,7 @@ def main() -> int:
             n, secs, steps, drafts, acc = totals[k]
             rate = n / secs
             kept = f"{acc / drafts:.0%}" if drafts else "-"
-            same_text = "yes" if same[k] else "NO" if greedy else "n/a (sampled)"
+            same_text = ("yes" if same[k] else "NO") if greedy else "n/a (sampled)"
             print(f"| {name} | {k} | {rate:.1f} | {rate / base:.2f}x | {steps / max(n, 1):.2f} | "
                   f"{drafts / max(steps, 1):.2f} | {kept} | {same_text} |")
     return 0
