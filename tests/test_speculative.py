@@ -1,6 +1,7 @@
 """Speculative decoding by n-gram lookup (speculative_ngram): the drafter, the native verifying step
-(Sequence.row_argmax, Sequence.truncate), and that greedy output is token for token the same with
-and without it in Model.generate, llamas.Engine, the server and the CLI, while drafts are accepted."""
+(Sequence.row_argmax, Sequence.truncate), and that output, greedy or sampled from a seed, is token for
+token the same with and without it in Model.generate, llamas.Engine, the server and the CLI, while
+drafts are accepted."""
 import json
 import os
 import subprocess
@@ -252,11 +253,47 @@ def test_greedy_with_penalties_and_bias_is_the_same_too(tiny):
     assert accepted > 0
 
 
-def test_sampled_requests_are_speculated_and_reproducible(tiny):
-    ids = tiny.tokenizer.encode(PROMPTS[1])
-    runs = [run_scheduler(tiny, ids, 40, 8, temperature=0.6, top_p=0.9, seed=11) for _ in range(2)]
-    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 40   # the same seed, the same tokens
-    assert runs[0][2].draft_tokens > 0
+SAMPLED = [dict(temperature=0.6, top_p=0.9), dict(temperature=1.0), dict(temperature=0.3, top_k=5, min_p=0.05),
+           dict(temperature=0.8, repetition_penalty=1.2, presence_penalty=0.3, logit_bias={5: 1.5})]
+
+
+@pytest.mark.parametrize("options", SAMPLED)
+def test_sampled_output_is_the_same_with_speculation(tiny, options):
+    # Each position's token comes from the same single draw as without drafts, so a seed gives the
+    # same tokens whatever the drafts were and however many a step verified.
+    accepted = 0
+    for seed in range(4):
+        for prompt in PROMPTS:
+            ids = tiny.tokenizer.encode(prompt)
+            plain, _, _ = run_scheduler(tiny, ids, 40, 0, seed=seed, **options)
+            for k in (2, 8):
+                fast, _, timing = run_scheduler(tiny, ids, 40, k, seed=seed, **options)
+                assert fast == plain, (seed, prompt, k)
+                accepted += timing.accepted_tokens
+    assert accepted > 0
+
+
+def test_verifying_draws_what_sampling_one_token_at_a_time_draws(tiny):
+    """Sequence.verify_logits against sample_logits row by row from the same seed: the same tokens,
+    up to and including the first position whose draw is not the draft."""
+    cfg = tiny.config.to_native()
+    rng = np.random.default_rng(9)
+    vocab = 8
+    kept = 0
+    for seed in range(300):
+        logits = rng.normal(0.0, 1.5, size=(4, vocab)).astype(np.float32)
+        drafts = [int(np.argmax(row)) for row in logits[:3]]
+        context = [1, 3] + drafts
+        got = llamas._C.Sequence(cfg, seed=seed, temperature=0.8).verify_logits(logits.copy(), drafts, context)
+        plain = llamas._C.Sequence(cfg, seed=seed, temperature=0.8)
+        want = []
+        for r in range(4):
+            want.append(plain.sample_logits(logits[r].copy(), context[:2 + r]))
+            if r == 3 or want[-1] != drafts[r]:
+                break
+        assert got == want, seed
+        kept += len(got) - 1
+    assert kept > 100  # drafts were kept often enough for the later positions to be checked
 
 
 def test_requests_the_sampler_cannot_verify_are_not_speculated(tiny):

@@ -297,35 +297,20 @@ std::vector<int32_t> Sampler::verify(float* rows, int64_t vocab, const std::vect
                "speculative drafts cannot be verified for a sequence with structured output, logprobs or "
                "min_tokens");
   LLAMAS_CHECK(context.size() >= drafts.size(), "sample", "the context must end with the drafts");
+  // Each position draws its token exactly as decoding one token at a time would (choose(): the
+  // same candidates, the same single uniform from the stream), and the drafts stand until the
+  // first one that draw does not pick. A draft is then kept with its probability under the
+  // request's distribution, and a rejected position's token comes from the rest of it: speculative
+  // sampling (Leviathan et al.) with a point-mass draft, coupled to plain sampling's draw. Every
+  // generated token takes one uniform, as without drafts, so the output is the same tokens as
+  // decoding without speculation, for a seed or greedy alike, however many drafts a step verifies.
   std::vector<int32_t> out;
   std::vector<int32_t> ctx(context.begin(), context.end() - int64_t(drafts.size()));
   for (size_t r = 0; r < drafts.size(); ++r) {
-    const Candidates c = candidates(rows + int64_t(r) * vocab, vocab, ctx, n_prompt);
-    const int32_t draft = drafts[r];
-    if (c.greedy >= 0) {  // a point mass: the draft is right or greedy's own token replaces it
-      out.push_back(c.greedy);
-      if (c.greedy != draft) return out;
-      ctx.push_back(draft);
-      continue;
-    }
-    // The draft is a point mass q = [draft]: accept it with probability p(draft) (min(1, p / q)),
-    // else draw from the residual max(0, p - q), i.e. p without the draft, renormalised. Each
-    // position's token then has exactly p's distribution (speculative sampling, Leviathan et al.).
-    double w_draft = 0.0;
-    int64_t at = -1;
-    for (int64_t i = 0; i < c.n; ++i)
-      if (c.token(i) == draft) {
-        w_draft = c.weight(i), at = i;
-        break;
-      }
-    if (double(next_uniform()) * c.total < w_draft) {
-      out.push_back(draft);
-      ctx.push_back(draft);
-      continue;
-    }
-    const double u = double(next_uniform()) * (c.total - w_draft);
-    out.push_back(c.token(inverse_cdf(u, c.n, [&](int64_t i) { return i == at ? 0.0 : c.weight(i); })));
-    return out;
+    const int32_t token = choose(rows + int64_t(r) * vocab, vocab, ctx, n_prompt);
+    out.push_back(token);
+    if (token != drafts[r]) return out;
+    ctx.push_back(token);
   }
   out.push_back(sample(rows + int64_t(drafts.size()) * vocab, vocab, context, n_prompt));
   return out;

@@ -61,11 +61,10 @@ class Sampler {
   int32_t sample(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   // Speculative decoding: rows holds drafts.size() + 1 rows of logits, row r after the context
   // without its last drafts.size() - r tokens (`context` ends with the drafts). Returns the
-  // accepted drafts and the token after them: greedy, the drafts up to the first that is not the
-  // argmax, then the argmax there (or the token after the last draft); sampling, each draft kept
-  // with its probability, else a token from the rest of the distribution, so every position's
-  // token has the distribution sample() draws from. Not for structured output, logprobs or
-  // min_tokens (refused). Rows are modified in place.
+  // accepted drafts and the token after them: the drafts up to the first that the position's own
+  // draw (the argmax, or the one uniform sample() would take there) does not pick, then that
+  // draw's token, or the token after the last draft: the same tokens as decoding one at a time.
+  // Not for structured output, logprobs or min_tokens (refused). Rows are modified in place.
   std::vector<int32_t> verify(float* rows, int64_t vocab, const std::vector<int32_t>& drafts,
                               const std::vector<int32_t>& context, int64_t n_prompt);
 

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the output is exactly one of these strings (repeatable; vLLM's guided_choice)")
     g.add_argument("--speculative-ngram", type=_non_negative_int, default=0, metavar="K",
                    help="draft up to K tokens a step from earlier text that the last tokens repeat (prompt "
-                        "lookup decoding) and verify them in one step: greedy output is unchanged, sampled output "
-                        "has the same distribution; fewer steps where text repeats itself (default 0: off; 4-8 "
+                        "lookup decoding) and verify them in one step: the output is the same tokens (greedy, or "
+                        "sampled from a --seed); fewer steps where text repeats itself (default 0: off; 4-8 "
                         "is typical)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",

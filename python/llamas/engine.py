@@ -153,8 +153,8 @@ class Engine:
     chunk). The thread starts on the first submit and exits when idle for `idle_exit` seconds (it starts
     again on the next submit), so an unused Engine holds no thread. `shutdown()` stops accepting
     and (by default) lets running requests finish. speculative_ngram=K drafts up to K tokens a step
-    by n-gram lookup (llamas.speculative; 0: off): greedy output unchanged, sampled output with the
-    same distribution, in fewer steps where the text repeats itself.
+    by n-gram lookup (llamas.speculative; 0: off): the same tokens, greedy or sampled from a seed,
+    in fewer steps where the text repeats itself.
     """
 
     def __init__(self, model, max_batch: int = 16, max_queue: Optional[int] = None, prefill_chunk: int = 128,

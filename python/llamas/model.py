@@ -167,8 +167,7 @@ class Model:
         with ignore_eos) out of the text, as vLLM does by default; ids are unchanged.
         speculative_ngram=K (0: off) drafts up to K tokens a step from earlier text that the last
         tokens repeat (prompt lookup decoding) and verifies them in one step (llamas.speculative):
-        greedy output is unchanged and sampled output has the same distribution (other draws for a
-        seed), in fewer steps where the text repeats itself. Not with structured output, logprobs
+        the output is the same tokens, greedy or sampled from a seed, in fewer steps where the text repeats itself. Not with structured output, logprobs
         or min_tokens (those decode as usual).
         """
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,

@@ -56,8 +56,8 @@ class Scheduler:
     """Admission, chunked prefill, batched steps, stop/EOS/length handling, detokenisation and
     release. Not thread-safe: one thread calls `add`, `step` and `abort_all` (Engine serialises).
     speculative_ngram=K (0: off) drafts up to K tokens a step by n-gram lookup (llamas.speculative):
-    greedy requests get the same tokens and sampled ones the same distribution, in fewer steps
-    where the text repeats itself."""
+    requests get the same tokens (greedy, or sampled from a seed), in fewer steps where the text
+    repeats itself."""
 
     def __init__(self, model, max_batch: int = 16, prefill_chunk: int = 128,
                  max_prefill_tokens: Optional[int] = 512,

@@ -160,8 +160,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     this many MiB of finished requests' KV blocks for requests that start the same way (0: off).
     cors_origins: browser origins allowed to call the API (CORS; "*" for any; default none).
     speculative_ngram: draft up to this many tokens a step by n-gram lookup (llamas.speculative;
-    greedy output unchanged, sampled output of the same distribution, in fewer steps where text
-    repeats; 0: off).
+    the same tokens, greedy or sampled from a seed, in fewer steps where text repeats; 0: off).
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
     from contextlib import asynccontextmanager

@@ -6,12 +6,13 @@ NGRAM_MIN) that ends the text so far and occurred before, and proposes the token
 that earlier occurrence as drafts. The scheduler feeds the last token and the drafts as one chunk,
 and the sampler verifies them against that step's logits (Sampler::verify, `Sequence.verified`):
 greedy keeps the drafts up to the first that is not the argmax and adds the argmax there (or the
-token after the last draft); sampling keeps each draft with its probability under the request's
-distribution, else draws from the rest of it. The rejected drafts' KV positions are dropped
+token after the last draft); sampling draws each position's token with the one uniform that
+decoding it alone would take, and keeps the drafts up to the first that draw does not pick (a draft
+is so kept with its probability under the request's distribution: speculative sampling with a
+point-mass draft, coupled to plain sampling). The rejected drafts' KV positions are dropped
 (`Sequence.truncate`). A chunk's rows give bit-identical logits to the same tokens decoded one at a
-time (see the README's design paragraph), so greedy output is exactly what decoding one token at a
-time gives, and sampled output has exactly the same distribution (not the same draws: the random
-stream is used differently).
+time (see the README's design paragraph), so the output, greedy or sampled from a seed, is exactly
+what decoding one token at a time gives.
 
 It pays where a step is bound by reading the weights (one sequence of GPT-2 124M reads 475 MB a
 token, and 9 rows cost about what 1 does), and costs arithmetic where the batch already keeps the
