@@ -14,7 +14,8 @@ import llamas
 from llamas._C import LlamasError
 from llamas.request import Request, SamplingOptions, make_stop_rules
 from llamas.scheduler import Scheduler
-from llamas.speculative import MAX_DRAFT_TOKENS, NgramDrafter, Speculation
+from llamas.speculative import (MAX_DRAFT_TOKENS, MAX_STEP_ROWS, PROBE_AFTER, AcceptancePrior, NgramDrafter, Speculation,
+                                StepCost, plan_drafts)
 
 HERE = os.path.dirname(__file__)
 TINY = os.path.join(HERE, "fixtures", "gpt2-tiny")
@@ -27,6 +28,23 @@ PROMPTS = ["When shall we three meet again", "a b a b a b a b", "In thunder, lig
 @pytest.fixture(scope="module")
 def tiny():
     return llamas.load(TINY)
+
+
+class FreeRows(StepCost):
+    """Rows cost nothing: the planner gives a sequence every draft likely enough, whatever this box's
+    timings (the tiny fixtures' verifying steps cost ~1.9x a one-row step, so the measured costs
+    would often say no drafts, and these tests need drafts made)."""
+    def __init__(self, row_cost=0.0):
+        super().__init__(0.0)
+
+    def observe(self, rows, seconds):
+        super().observe(1, 1.0)
+
+
+@pytest.fixture(autouse=True)
+def free_rows(monkeypatch):
+    import llamas.scheduler
+    monkeypatch.setattr(llamas.scheduler, "StepCost", FreeRows)
 
 
 def run_scheduler(model, prompt_ids, n, k, ignore_eos=True, **options):
@@ -63,17 +81,62 @@ def test_drafts_continue_a_loop_past_the_end_of_the_text():
     assert NgramDrafter([3, 3, 3]).drafts(4) == [3, 3, 3, 3]
 
 
-def test_the_draft_length_follows_the_acceptance():
-    spec = Speculation([1, 2, 1, 2], 4)
-    assert spec.draft_len == 4
-    spec.verified(4, 3)   # 2 of 4 drafts taken (and one more token): ask for 3
-    assert spec.draft_len == 3
-    spec.verified(3, 4)   # all taken: one more
-    assert spec.draft_len == 4
-    spec.verified(4, 5)   # never past K
-    assert spec.draft_len == 4
-    spec.verified(1, 1)   # none taken: one draft
-    assert spec.draft_len == 1
+def test_the_acceptance_rate_follows_the_verifications_and_drifts_back_when_idle():
+    prior = AcceptancePrior()
+    spec = Speculation([1, 2, 1, 2], 4, prior)
+    assert spec.rate == 0.5 and spec.offer(10) == [1, 2, 1, 2] and spec.offer(3) == [1, 2, 1]
+    for _ in range(5):
+        spec.verified(4, 5)   # all kept
+    high = spec.rate
+    assert high > 0.8 and prior.rate > 0.5  # the common rate learns from every sequence's drafts
+    spec.verified(4, 1)       # none kept: one judged, rejected
+    assert spec.rate < high
+    for _ in range(8):
+        spec.verified(2, 1)
+    low = spec.rate
+    assert low < 0.35 < prior.rate
+    for _ in range(PROBE_AFTER - 1):
+        spec.idle()           # offered drafts and given none: back towards the common rate
+    assert low < spec.rate < prior.rate and not spec.probe_due
+    spec.idle()
+    assert spec.probe_due     # so the scheduler gives it one draft
+    spec.verified(1, 1)
+    assert not spec.probe_due
+    other = Speculation([5, 6], 4, prior)  # a new sequence starts from the common rate
+    assert other.rate == pytest.approx(prior.rate)
+
+
+def test_step_cost_estimates_untimed_row_counts_from_timed_ones():
+    cost = StepCost(0.3)
+    assert cost.estimate(4) is None
+    cost.observe(1, 1.0)
+    assert cost.estimate(1) == 1.0 and cost.estimate(3) == pytest.approx(1.6)  # the prior: 0.3 a row
+    cost.observe(3, 2.0)
+    assert cost.estimate(2) == pytest.approx(1.5)    # between timed neighbours
+    assert cost.estimate(5) == pytest.approx(3.0)    # past them, their slope
+    cost.observe(3, 3.0)                             # new timings move the mean by a quarter
+    assert cost.estimate(3) == pytest.approx(2.25)
+    cost.observe(0, 1.0), cost.observe(MAX_STEP_ROWS + 1, 1.0), cost.observe(2, 0.0)  # ignored
+    assert cost.estimate(2) == pytest.approx(1.625)
+
+
+def test_plan_drafts_takes_the_drafts_that_raise_tokens_per_second():
+    flat = StepCost(0.0)
+    flat.observe(1, 1.0)
+    assert plan_drafts(flat, 1, [(0.9, 6)]) == [6]           # free rows: every likely draft
+    assert plan_drafts(flat, 1, [(0.5, 32)]) == [5]          # up to 0.5^i >= MIN_DRAFT_GAIN
+    steep = StepCost(1.0)                                    # a row costs a whole step
+    steep.observe(1, 1.0)
+    assert plan_drafts(steep, 1, [(0.9, 6)]) == [0]
+    cached = StepCost(0.3)
+    cached.observe(1, 1.0)
+    assert plan_drafts(cached, 1, [(0.2, 8)]) == [0]         # (1 + 0.2) / 1.3 < 1
+    assert plan_drafts(cached, 1, [(0.95, 8)]) == [8]
+    # two sequences: the likelier drafts first, within one step's rows
+    plan = plan_drafts(cached, 2, [(0.9, 8), (0.4, 8)])
+    assert plan[0] > plan[1]
+    assert plan_drafts(flat, MAX_STEP_ROWS, [(0.9, 4)]) == [0]  # the step is already as large as planned
+    assert plan_drafts(StepCost(0.3), 1, [(0.9, 4)]) == [0]       # nothing timed yet
 
 
 # ---- the native verifying step ----------------------------------------------------------------------
@@ -316,18 +379,36 @@ def run_batch(model, prompts, n, k):
     return outs, sched.timing
 
 
-def test_drafts_at_any_batch_only_where_the_weights_stream_from_memory(tiny, monkeypatch):
+def test_the_scheduler_drafts_as_its_step_cost_says(tiny, monkeypatch):
     import llamas.scheduler
-    import llamas.speculative
-    prompts = PROMPTS * 3  # 9 sequences: more than SPECULATE_MAX_BATCH
+    prompts = PROMPTS * 3  # 9 sequences
     plain, _ = run_batch(tiny, prompts, 40, 0)
-    cached, timing = run_batch(tiny, prompts, 40, 6)  # a small model: no drafts while 9 run
-    assert cached == plain and timing.draft_tokens == 0
-    # a model "too large for the cache": drafts for all, at most STREAMING_MAX_DRAFT_ROWS a step
-    monkeypatch.setattr(llamas.scheduler, "STREAMING_WEIGHT_BYTES", 0)
-    streamed, timing = run_batch(tiny, prompts, 40, 6)
-    assert streamed == plain and timing.accepted_tokens > 0
-    assert timing.draft_tokens <= llamas.speculative.STREAMING_MAX_DRAFT_ROWS * timing.steps
+
+    class Cost(FreeRows):  # a fixed share of a step per row, whatever this box's timings
+        def __init__(self, row_cost):
+            StepCost.__init__(self, row_cost)
+    monkeypatch.setattr(llamas.scheduler, "StepCost", lambda row_cost: Cost(1.0))   # a row costs a step
+    costly, timing = run_batch(tiny, prompts, 40, 6)
+    # only probes: one draft after PROBE_AFTER steps without any
+    assert costly == plain and 0 < timing.draft_tokens <= len(prompts) * (40 // PROBE_AFTER)
+    monkeypatch.setattr(llamas.scheduler, "StepCost", lambda row_cost: Cost(0.0))   # rows are free
+    free, timing = run_batch(tiny, prompts, 40, 6)
+    assert free == plain and timing.accepted_tokens > 0
+    assert timing.draft_tokens <= timing.steps * 6 * len(prompts)
+
+
+def test_the_scheduler_times_decode_steps_only(tiny, monkeypatch):
+    import llamas.scheduler
+    monkeypatch.setattr(llamas.scheduler, "StepCost", StepCost)  # the real one
+    sched = Scheduler(tiny, max_batch=2, prefill_chunk=1024, max_prefill_tokens=None, speculative_ngram=4)
+    rules = make_stop_rules(None, None, 0, True, False, tiny.config.vocab_size, 30)
+    sched.add(Request(tiny.tokenizer.encode(PROMPTS[1]), 30, SamplingOptions(temperature=0.0), rules, sink=lambda c: None))
+    sched.step()  # the prompt (9 rows): not timed
+    assert sched.step_cost.estimate(1) is None
+    while sched.step():
+        pass
+    timed = [r for r in range(1, MAX_STEP_ROWS + 1) if sched.step_cost._t[r] is not None]
+    assert 1 in timed and max(timed) <= 5  # one row a step, or one and its drafts (at most 4)
 
 
 @pytest.mark.parametrize("bad", [-1, MAX_DRAFT_TOKENS + 1, 2.0, True, "4", None])

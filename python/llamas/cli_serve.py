@@ -55,8 +55,8 @@ def add_parser(sub, model_help: str) -> None:
     s.add_argument("--speculative-ngram", type=_non_negative_int, default=0, metavar="K",
                    help="draft up to K tokens a step from earlier text that a request's last tokens repeat "
                         "(prompt lookup decoding, vLLM's ngram method) and verify them in one step: the same tokens, "
-                        "greedy or sampled from a seed; a model that fits in cache drafts "
-                        "while at most 4 sequences run (default 0: off)")
+                        "greedy or sampled from a seed; drafts are made only where "
+                        "the step times measured so far say they pay (default 0: off)")
     s.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                         "browser (CORS); repeatable; default: none")

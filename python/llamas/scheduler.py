@@ -22,8 +22,8 @@ from .prefix_cache import BLOCK, PrefixCache
 # The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
 from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
                       as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
-from .speculative import (STREAMING_WEIGHT_BYTES, Speculation, can_speculate, check_speculative_ngram,
-                          step_draft_rows)
+from .speculative import (CACHED_ROW_COST, STREAMING_ROW_COST, STREAMING_WEIGHT_BYTES, AcceptancePrior, Speculation,
+                          StepCost, can_speculate, check_speculative_ngram, plan_drafts, worth_planning)
 from .step_timing import StepTiming  # noqa: F401  (scheduler.StepTiming, as before)
 from .streaming import TextStream
 
@@ -83,7 +83,11 @@ class Scheduler:
         self._eos = tok.eos_token_id if tok is not None else None
         self._ctx = model.config.n_positions
         self.timing = StepTiming()
-        self._streams_weights = getattr(model, "weight_bytes", 0) > STREAMING_WEIGHT_BYTES
+        streams_weights = getattr(model, "weight_bytes", 0) > STREAMING_WEIGHT_BYTES
+        # What a decode step costs against its rows, learnt from the steps run (speculative drafts' planning).
+        self.step_cost = StepCost(STREAMING_ROW_COST if streams_weights else CACHED_ROW_COST)
+        self.acceptance = AcceptancePrior()  # all sequences' drafts' acceptance
+        self._timed_step = None  # (start, rows) of the last decode-only step, timed when the next starts
 
     # ---- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -109,7 +113,7 @@ class Scheduler:
             return self.has_work()
         entries, fed = [], []
         timing = self.timing
-        draft_rows = step_draft_rows(self._streams_weights, len(self.running), self.speculative_ngram)
+        offers = []  # (entry index, slot) of decoding sequences that speculate
         budget = self.max_prefill_tokens
         prefilling = False
         for slot in self.running:
@@ -134,19 +138,20 @@ class Scheduler:
                     entries.append((slot.seq, chunk, sample, targets, slot.req.prompt_logprobs))
                 fed.append((slot, n))
             else:
-                drafts = self._drafts(slot, draft_rows) if slot.spec is not None and draft_rows is not None else ()
-                if drafts:
-                    draft_rows -= len(drafts)
-                    entries.append((slot.seq, [slot.next_token] + drafts, True, True))
-                    timing.draft_tokens += len(drafts)
-                else:
-                    entries.append((slot.seq, [slot.next_token], True))
+                if slot.spec is not None:
+                    offers.append((len(entries), slot))
+                entries.append((slot.seq, [slot.next_token], True))
                 fed.append((slot, 0))
         if not entries:
             return self.has_work()
+        if offers and not prefilling:  # (a step with prompt rows is not what the cost model times)
+            self._add_drafts(entries, offers)
         start = time.perf_counter()
         if timing.last_end is not None:
             timing.host_seconds += start - timing.last_end
+            if self._timed_step is not None:  # the last step, from its start to this one's
+                self.step_cost.observe(self._timed_step[1], start - self._timed_step[0])
+        self._timed_step = None if prefilling else (start, sum(len(e[1]) for e in entries))
         try:
             sampled = self.model._native.step(entries)
         except Exception as e:  # a failing forward fails the requests in it, not the engine
@@ -156,10 +161,11 @@ class Scheduler:
                 self._finish(slot, Chunk("", [], None, "error", error=str(e)))
             return self.has_work()
         now = time.perf_counter()
+        native = _C.last_step_seconds()
         timing.steps += 1
         timing.rows += len(entries)
         timing.forward_seconds += now - start
-        timing.gil_wait_seconds += max(0.0, now - start - _C.last_step_seconds())
+        timing.gil_wait_seconds += max(0.0, now - start - native)
         timing.last_end = now
         for (slot, n), entry, token in zip(fed, entries, sampled):
             slot.fed += n
@@ -230,7 +236,7 @@ class Scheduler:
             req.stats.admitted = time.perf_counter()
             slot = _Slot(req, seq, budget, stream, frozenset(stop_ids))
             if self.speculative_ngram and can_speculate(req):
-                slot.spec = Speculation(req.prompt_ids, self.speculative_ngram)
+                slot.spec = Speculation(req.prompt_ids, self.speculative_ngram, self.acceptance)
             if self.prefix_cache is not None:
                 req.cached_tokens = 0
                 if req.prompt_logprobs is None:  # a scored prompt's every position is computed
@@ -300,10 +306,28 @@ class Scheduler:
         if refs and not self._adopt(slot, lambda: refs, "prefix-cache blocks"):
             cache.clear()  # a cache that no longer fits this model
 
-    def _drafts(self, slot: _Slot, rows_left: int) -> list:
-        """Drafts for a decoding slot: at most rows_left (the step's allowance, step_draft_rows), never
-        past the slot's token budget or the context."""
-        return slot.spec.drafts(min(rows_left, slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
+    def _add_drafts(self, entries: list, spec_slots: list) -> None:
+        """Gives drafts to the entries (each one row now) of the speculating slots that plan_drafts
+        picks, and one to any slot whose probe is due. Drafts never reach past a slot's token budget
+        or the context."""
+        def offer(slot):
+            return slot.spec.offer(min(slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
+        cost, rows = self.step_cost, len(entries)
+        if worth_planning(cost, rows, max(slot.spec.rate for _, slot in spec_slots)):
+            offers = [(i, slot, offer(slot)) for i, slot in spec_slots]
+            offers = [o for o in offers if o[2]]
+            counts = plan_drafts(cost, rows, [(slot.spec.rate, len(d)) for _, slot, d in offers])
+        else:  # no draft could pay: only the probes need the drafter
+            offers = [(i, slot, None) for i, slot in spec_slots]
+            counts = [0] * len(offers)
+        for (i, slot, drafts), n in zip(offers, counts):
+            if n == 0 and slot.spec.probe_due:
+                drafts, n = offer(slot), 1
+            if n and drafts:
+                entries[i] = (slot.seq, [slot.next_token] + drafts[:n], True, True)
+                self.timing.draft_tokens += n
+            else:
+                slot.spec.idle()
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> bool:
         """Hands one generated token on; False when it ended the request."""

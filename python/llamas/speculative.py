@@ -14,29 +14,47 @@ point-mass draft, coupled to plain sampling). The rejected drafts' KV positions 
 time (see the README's design paragraph), so the output, greedy or sampled from a seed, is exactly
 what decoding one token at a time gives.
 
-It pays where a step is bound by reading the weights (one sequence of GPT-2 124M reads 475 MB a
-token, and 9 rows cost about what 1 does), and costs arithmetic where the batch already keeps the
-cores busy: for a model whose weights fit in cache the scheduler drafts only while few sequences
-run (`SPECULATE_MAX_BATCH`), for a larger one at any batch, up to STREAMING_MAX_DRAFT_ROWS draft
-rows a step (124M, greedy, random weights: 8 sequences 1.54x, 16 sequences 1.60x), and each
-sequence's draft length follows its acceptance (one more after a step that took every draft, up to
-K; else one past the accepted count).
+Whether drafts pay depends on what a row costs, which the engine measures as it runs (`StepCost`:
+a decode step's time against its rows), and on how often a sequence's drafts are right (each
+`Speculation`'s acceptance rate, learnt from its verifications). Before each step `plan_drafts`
+gives the drafts to the sequences and positions most likely kept, as many as raise the step's
+expected tokens per second: one sequence of GPT-2 124M reads 475 MB of weights a step whatever
+its rows, so it takes every likely draft; the bundled model, whose weights sit in cache, pays
+~0.3 of a one-row step per extra row, so it drafts only where its drafts are usually right, and
+not at all for text that does not repeat.
 """
 from __future__ import annotations
 
+import bisect
 from typing import Dict, List, Optional, Sequence, Tuple
 
 # Longest and shortest n-gram looked up (vLLM's prompt_lookup_max / prompt_lookup_min).
 NGRAM_MAX = 3
 NGRAM_MIN = 1
-# Most drafts per step a caller may ask for, and the running sequences above which none are made.
+# Most drafts per step a caller may ask for.
 MAX_DRAFT_TOKENS = 32
-SPECULATE_MAX_BATCH = 4
+# Rows a planned step may reach: the step cost is learnt up to here.
+MAX_STEP_ROWS = 64
 # A model with more weight bytes than this reads them from DRAM every step (this machine's L3 is
-# 32 MiB), so a step's time hardly grows with its rows: drafts are made at any batch size, up to
-# STREAMING_MAX_DRAFT_ROWS of them a step.
+# 32 MiB), so a row more costs little: the cost model's guess for rows it has not timed yet, as a
+# share of a step's time per extra row, is STREAMING_ROW_COST for those, CACHED_ROW_COST for
+# models that fit in cache (bundled model, one sequence: 2 rows 1.30-1.38x a 1-row step, 4 rows
+# 1.7-1.95x, 8 rows 2.0-2.15x; GPT-2 124M: 16 rows ~1.3x).
 STREAMING_WEIGHT_BYTES = 64 << 20
-STREAMING_MAX_DRAFT_ROWS = 16
+STREAMING_ROW_COST = 0.02
+CACHED_ROW_COST = 0.3
+# A draft is worth a row only if it is at least this likely to be kept.
+MIN_DRAFT_GAIN = 0.02
+# A sequence's acceptance rate: its kept and judged drafts, each verification weighted
+# ACCEPTANCE_DECAY times the next (n-gram drafts come in runs: a quoted passage, then new text),
+# plus PRIOR_DRAFTS judged at the rate of all sequences' drafts (`AcceptancePrior`). A step that
+# could have drafted for a sequence but did not multiplies its counts by IDLE_DECAY, so its rate
+# drifts back to the common one; after PROBE_AFTER such steps in a row it gets one draft anyway,
+# so that both rates keep learning while drafts do not pay (a row more in 1 step of 33).
+ACCEPTANCE_DECAY = 0.7
+IDLE_DECAY = 0.85
+PRIOR_DRAFTS = 2.0
+PROBE_AFTER = 32
 
 
 def check_speculative_ngram(value, where: str) -> int:
@@ -87,14 +105,88 @@ class NgramDrafter:
         return []
 
 
-def step_draft_rows(streams_weights: bool, running: int, max_drafts: int) -> Optional[int]:
-    """The draft rows one step may add, or None when it makes no drafts: a model whose weights fit
-    in cache drafts only while at most SPECULATE_MAX_BATCH sequences run (its step is then bound by
-    arithmetic, and a draft is a row more of it); one whose weights stream from DRAM at any batch
-    size, up to STREAMING_MAX_DRAFT_ROWS a step."""
-    if streams_weights:
-        return STREAMING_MAX_DRAFT_ROWS
-    return running * max_drafts if running <= SPECULATE_MAX_BATCH else None
+class StepCost:
+    """A decode step's time against the rows it feeds, learnt from the steps the engine runs: per
+    row count, the mean of its last steps' times (each new one weighted 1/4), a step's time being
+    from its start to the next step's start (its forward and the host work on its tokens). A row
+    count not timed yet is estimated from its nearest timed neighbours, linearly between them, past
+    the largest by the slope of the two largest, or by `row_cost` (a share of a step's time per
+    extra row) where fewer than two are timed."""
+    __slots__ = ("row_cost", "_t", "_timed")
+
+    def __init__(self, row_cost: float):
+        self.row_cost = row_cost
+        self._t: List[Optional[float]] = [None] * (MAX_STEP_ROWS + 1)
+        self._timed: List[int] = []  # the row counts timed, ascending
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if 0 < rows <= MAX_STEP_ROWS and seconds > 0.0:
+            old = self._t[rows]
+            if old is None:
+                bisect.insort(self._timed, rows)
+                self._t[rows] = seconds
+            else:
+                self._t[rows] = old + 0.25 * (seconds - old)
+
+    def estimate(self, rows: int) -> Optional[float]:
+        """Seconds for a step of `rows` rows; None before any step was timed."""
+        t = self._t
+        if 0 < rows <= MAX_STEP_ROWS and t[rows] is not None:
+            return t[rows]
+        timed = self._timed
+        if not timed:
+            return None
+        i = bisect.bisect_left(timed, rows)  # timed[i - 1] < rows < timed[i]
+        if 0 < i < len(timed):
+            below, above = timed[i - 1], timed[i]
+            return t[below] + (t[above] - t[below]) * (rows - below) / (above - below)
+        near = timed[i - 1] if i else timed[0]
+        slope = self.row_cost * t[near]
+        if i >= 2:  # past the largest timed count: the slope of the two largest
+            prev = timed[i - 2]
+            slope = max(0.0, (t[near] - t[prev]) / (near - prev))
+        return max(t[near] + slope * (rows - near), 1e-9)
+
+
+def worth_planning(cost: StepCost, base_rows: int, best_rate: float) -> bool:
+    """Whether a step of base_rows rows could gain from drafts at all: its likeliest first draft
+    (best_rate) adds at least 0.8 of the tokens per second a row more costs. (Python's planning
+    costs 5-20 us a step, which one sequence of the bundled model decodes in ~400; a sampled story's
+    drafts, kept 15-20% of the time, fail this before any planning.)"""
+    base, more = cost.estimate(base_rows), cost.estimate(base_rows + 1)
+    return base is not None and best_rate * base >= 0.8 * base_rows * (more - base)
+
+
+def plan_drafts(cost: StepCost, base_rows: int, offers: Sequence[Tuple[float, int]]) -> List[int]:
+    """How many drafts each offer gets in a step of base_rows rows without them. An offer is
+    (acceptance rate a, drafts available); its i-th draft is kept with probability a^i (all before
+    it kept), which is the tokens it adds. The most likely drafts over all offers go first, and the
+    step takes as many as maximise expected tokens over estimated time (none if no step was timed)."""
+    counts = [0] * len(offers)
+    base = cost.estimate(base_rows)
+    if base is None or not offers or base_rows >= MAX_STEP_ROWS:
+        return counts
+    if not worth_planning(cost, base_rows, max(rate for rate, _ in offers)):
+        return counts
+    gains = []
+    for i, (rate, available) in enumerate(offers):
+        g = 1.0
+        for _ in range(available):
+            g *= rate
+            if g < MIN_DRAFT_GAIN:
+                break
+            gains.append((g, i))
+    gains.sort(key=lambda x: -x[0])
+    del gains[max(0, MAX_STEP_ROWS - base_rows):]
+    tokens, best, take = float(base_rows), base_rows / base, 0
+    for x, (g, _) in enumerate(gains, 1):
+        tokens += g
+        value = tokens / cost.estimate(base_rows + x)
+        if value > best:
+            best, take = value, x
+    for _, i in gains[:take]:
+        counts[i] += 1
+    return counts
 
 
 def can_speculate(req) -> bool:
@@ -104,34 +196,60 @@ def can_speculate(req) -> bool:
     return (not o.constrained and o.logprobs is None and req.rules.min_tokens == 0 and req.prompt_logprobs is None)
 
 
+class AcceptancePrior:
+    """The rate at which all of a scheduler's sequences' drafts were kept (decayed by 0.99 a
+    verification): where a sequence's own record starts from and drifts back to."""
+    __slots__ = ("kept", "tried")
+
+    def __init__(self):
+        self.kept, self.tried = 1.0, 2.0  # one half, until drafts are judged
+
+    @property
+    def rate(self) -> float:
+        return self.kept / self.tried
+
+    def add(self, kept: int, tried: int) -> None:
+        self.kept = self.kept * 0.99 + kept
+        self.tried = self.tried * 0.99 + tried
+
+
 class Speculation:
-    """One sequence's speculative state: its drafter and how many drafts to ask for next. The
-    draft length follows the acceptance: one more after a step that took every draft (up to
-    max_drafts), else one past what was accepted. Each draft is a row of arithmetic: the bundled
-    model (a step bound by arithmetic and per-op costs, not memory) decoded greedily 0.66-0.74x as
-    fast at a fixed K of 4-8, and 1.00-1.24x as fast so (bench/speculative.py)."""
-    __slots__ = ("drafter", "max_drafts", "draft_len", "misses", "pause")
+    """One sequence's speculative state: its drafter and its drafts' acceptance rate (see
+    ACCEPTANCE_DECAY), which plan_drafts weighs against the step cost."""
+    __slots__ = ("drafter", "max_drafts", "prior", "kept", "tried", "idle_steps")
 
-    def __init__(self, prompt: Sequence[int], max_drafts: int):
+    def __init__(self, prompt: Sequence[int], max_drafts: int, prior: Optional[AcceptancePrior] = None):
         self.drafter = NgramDrafter(prompt)
-        self.max_drafts = self.draft_len = max_drafts
-        self.misses = 0  # verifying steps in a row that kept no draft
-        self.pause = 0   # steps to decode without drafts before trying again
+        self.max_drafts = max_drafts
+        self.prior = prior if prior is not None else AcceptancePrior()
+        self.kept = 0.0   # drafts kept, decayed
+        self.tried = 0.0  # drafts judged (kept, or the first one rejected), decayed
+        self.idle_steps = 0  # steps in a row that had drafts for it and gave it none
 
-    def drafts(self, room: int) -> List[int]:
-        if self.pause > 0:
-            self.pause -= 1
-            return []
-        return self.drafter.drafts(min(self.draft_len, room))
+    @property
+    def rate(self) -> float:
+        return (self.kept + PRIOR_DRAFTS * self.prior.rate) / (self.tried + PRIOR_DRAFTS)
+
+    @property
+    def probe_due(self) -> bool:
+        return self.idle_steps >= PROBE_AFTER
+
+    def offer(self, room: int) -> List[int]:
+        """Up to max_drafts (and room) drafts the drafter has for the next step."""
+        return self.drafter.drafts(min(self.max_drafts, room))
+
+    def idle(self) -> None:
+        """A step had drafts for this sequence and gave it none."""
+        self.kept *= IDLE_DECAY
+        self.tried *= IDLE_DECAY
+        self.idle_steps += 1
 
     def verified(self, n_drafts: int, n_tokens: int) -> None:
-        """A verifying step of n_drafts drafts produced n_tokens tokens (the accepted drafts and one
-        more): the next draft length. After steps that kept nothing, drafting pauses for 1, 3, 7, ...
-        up to 31 steps: text that does not repeat (a sampled story: 13-19% of drafts kept) then costs
-        a verifying row now and then instead of every step."""
-        self.draft_len = min(self.max_drafts, self.draft_len + 1) if n_tokens > n_drafts else n_tokens
-        if n_tokens > 1:
-            self.misses = 0
-        else:
-            self.misses += 1
-            self.pause = min(2 ** self.misses - 1, 31)
+        """A verifying step of n_drafts drafts produced n_tokens tokens (the kept drafts and one
+        more): n_tokens - 1 drafts kept, and one more judged if that was not all of them."""
+        kept = n_tokens - 1
+        tried = kept + (1 if kept < n_drafts else 0)
+        self.kept = self.kept * ACCEPTANCE_DECAY + kept
+        self.tried = self.tried * ACCEPTANCE_DECAY + tried
+        self.prior.add(kept, tried)
+        self.idle_steps = 0
