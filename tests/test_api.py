@@ -233,7 +233,7 @@ def test_cli_generate_reads_the_prompt_from_stdin_or_a_file(model, tmp_path):
     assert r.returncode == 0 and r.stdout.rstrip("\n") == want, r.stderr
     n_prompt = len(model.tokenizer.encode("When shall we"))
     assert re.search(rf"\[stats\] prompt {n_prompt} tokens, generated 12 in [0-9.]+ s; time to first token [0-9.]+ ms, "
-                     r"then [0-9.]+ tokens/s", r.stderr), r.stderr
+                     r"then [0-9.]+ tokens/s; 12 forward steps$", r.stderr.strip()), r.stderr
     (tmp_path / "bad.txt").write_bytes(b"ok \xff")
     for args, fragment in ((["x", "--file", str(tmp_path / "p.txt")], "not both"),
                            ([], "no prompt: give it as an argument, or with --file"),
@@ -252,6 +252,7 @@ def test_stream_counts_what_it_produced(model):
     assert text == model.generate("When shall we", max_new_tokens=12)
     assert s["prompt_tokens"] == len(model.tokenizer.encode("When shall we")) and s["generated_tokens"] == 12
     assert 0 <= s["time_to_first_token_s"] <= s["total_s"]
+    assert s["steps"] == 12 and s["draft_tokens"] == s["accepted_tokens"] == 0  # a prefill, then 11 decode steps
     ids = list(model.generate([5, 6, 7], max_new_tokens=4, stream=True))
     assert ids == model.generate([5, 6, 7], max_new_tokens=4)
     gc.collect()

@@ -4,6 +4,7 @@ token the same with and without it in Model.generate, llamas.Engine, the server 
 drafts are accepted."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -448,9 +449,13 @@ def test_the_server_speculates_and_reports_it_in_metrics(tiny):
 def test_cli_generate_speculative_ngram(tiny):
     cmd = [sys.executable, "-m", "llamas", "generate", "--model", TINY, "--temperature", "0", "--max-new-tokens", "30"]
     plain = subprocess.run(cmd + [PROMPTS[1]], capture_output=True, text=True, timeout=120)
-    fast = subprocess.run(cmd + ["--speculative-ngram", "6", PROMPTS[1]], capture_output=True, text=True, timeout=120)
+    fast = subprocess.run(cmd + ["--speculative-ngram", "6", "--stats", PROMPTS[1]], capture_output=True, text=True,
+                          timeout=120)
     assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
     assert fast.stdout == plain.stdout
+    # --stats: the steps taken and the drafts fed (how many depends on this box's step timings)
+    m = re.search(r"; (\d+) forward steps, (\d+) speculative drafts(, \d+% kept)?$", fast.stderr.strip())
+    assert m and 1 <= int(m.group(1)) <= 30, fast.stderr
     bad = subprocess.run(cmd + ["--speculative-ngram", "100", PROMPTS[1]], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "speculative_ngram" in bad.stderr and "Traceback" not in bad.stderr
     assert "--speculative-ngram" in subprocess.run([sys.executable, "-m", "llamas", "serve", "--help"],

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "is typical)")
     g.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
     g.add_argument("--stats", action="store_true",
-                   help="print token counts, time to first token and generation speed to stderr at the end")
+                   help="print token counts, time to first token, generation speed and the forward steps taken "
+                        "(with --speculative-ngram, the drafts fed and kept) to stderr at the end")
 
     c = sub.add_parser("convert", help="write model.safetensors from a folder's pytorch_model.bin",
                        description="Write FOLDER/model.safetensors from FOLDER/pytorch_model.bin (or the shards of "
@@ -198,6 +199,10 @@ def cmd_generate(args) -> int:
             line += f"; time to first token {ttft * 1e3:.1f} ms"
             if n > 1:
                 line += f", then {(n - 1) / max(total - ttft, 1e-9):.1f} tokens/s"
+        line += f"; {s['steps']} forward steps"
+        if args.speculative_ngram:
+            drafts, kept = s["draft_tokens"], s["accepted_tokens"]
+            line += f", {drafts} speculative drafts" + (f", {kept / drafts:.0%} kept" if drafts else "")
         print(line, file=sys.stderr)
     if args.profile:
         print(prof.table(), file=sys.stderr)

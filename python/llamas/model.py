@@ -191,8 +191,9 @@ class Model:
         if stream:
             if batched:
                 raise LlamasError("[generate] stream=True takes a single prompt, not a batch")
-            return GenerationStream(self._events([encoded[0]], max_new_tokens, options, stops, speculative_ngram),
-                                    as_text[0], len(encoded[0]))
+            timings: list = []  # the scheduler's StepTiming, for stats()
+            return GenerationStream(self._events([encoded[0]], max_new_tokens, options, stops, speculative_ngram,
+                                                 timings.append), as_text[0], len(encoded[0]), timings)
         results = self._run(encoded, max_new_tokens, options, stops, speculative_ngram)
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
@@ -254,12 +255,15 @@ class Model:
                 results[index].ids.append(token)
         return results
 
-    def _events(self, prompts, max_new_tokens, options, stops, speculative_ngram=0):
+    def _events(self, prompts, max_new_tokens, options, stops, speculative_ngram=0, on_timing=None):
         """Yields (prompt index, new text piece, accepted token id or None) as generation runs.
         Drives the same Scheduler as llamas.Engine and the server, synchronously: every prompt is
-        admitted at once and prefilled whole, then batched decode steps run over the live ones."""
+        admitted at once and prefilled whole, then batched decode steps run over the live ones.
+        on_timing, if given, is called with the scheduler's StepTiming first."""
         sched = Scheduler(self, max_batch=len(prompts), prefill_chunk=self.config.n_positions,
                           max_prefill_tokens=None, speculative_ngram=speculative_ngram)
+        if on_timing is not None:
+            on_timing(sched.timing)
         out: list = []
         for i, ids in enumerate(prompts):
             sched.add(Request(ids, max_new_tokens, options, stops, sink=lambda c, i=i: out.append((i, c))))
@@ -291,11 +295,13 @@ def _as_batch(prompt) -> tuple:
 class GenerationStream:
     """What `generate(..., stream=True)` returns: an iterator of text pieces (or token ids for an id
     prompt) that also counts what it produced. `stats()` gives prompt_tokens, generated_tokens
-    (accepted ones), time_to_first_token_s and total_s (from the first next() call); closing it
-    (or dropping it) early frees the sequence's KV memory."""
+    (accepted ones), time_to_first_token_s and total_s (from the first next() call), and the
+    forward steps it took with the speculative drafts fed and accepted in them; closing it (or
+    dropping it) early frees the sequence's KV memory."""
 
-    def __init__(self, events, as_text: bool, prompt_tokens: int):
+    def __init__(self, events, as_text: bool, prompt_tokens: int, timings: Optional[list] = None):
         self._events = events
+        self._timings = timings if timings is not None else []
         self._as_text = as_text
         self.prompt_tokens = prompt_tokens
         self.generated_tokens = 0
@@ -332,9 +338,11 @@ class GenerationStream:
     def stats(self) -> dict:
         end = self._end if self._end is not None else time.perf_counter()
         start = self._start if self._start is not None else end
+        t = self._timings[0] if self._timings else None
         return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "time_to_first_token_s": None if self._first is None else self._first - start,
-                "total_s": end - start}
+                "total_s": end - start, "steps": t.steps if t else 0,
+                "draft_tokens": t.draft_tokens if t else 0, "accepted_tokens": t.accepted_tokens if t else 0}
 
 
 class _Result:
