@@ -151,7 +151,8 @@ class Scheduler:
             timing.host_seconds += start - timing.last_end
             if self._timed_step is not None:  # the last step, from its start to this one's
                 self.step_cost.observe(self._timed_step[1], start - self._timed_step[0])
-        self._timed_step = None if prefilling else (start, sum(len(e[1]) for e in entries))
+        # (timed only for the draft planning: a scheduler that never drafts skips the bookkeeping)
+        self._timed_step = (start, sum(len(e[1]) for e in entries)) if self.speculative_ngram and not prefilling else None
         try:
             sampled = self.model._native.step(entries)
         except Exception as e:  # a failing forward fails the requests in it, not the engine
