@@ -101,7 +101,7 @@ async def one_request(client: StreamClient, body: dict, stats: dict) -> None:
 
 
 async def run_clients(url: str, clients: int, duration: float, max_tokens: int, api_key: str | None,
-                      prefix: str = "") -> dict:
+                      prefix: str = "", temperature: float = 0.8) -> dict:
     stats = {"requests": 0, "tokens": 0, "ttft": [], "tpot": [], "errors": []}
     deadline = time.perf_counter() + duration
 
@@ -110,7 +110,7 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
         try:
             k = 0
             while time.perf_counter() < deadline:
-                body = {"prompt": prefix + PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
+                body = {"prompt": prefix + PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": temperature,
                         "seed": i * 100003 + k, "stream": True, "stream_options": {"include_usage": True}}
                 await one_request(c, body, stats)
                 k += 1
@@ -197,6 +197,8 @@ def start_server(args) -> tuple:
         cmd += ["--compute-dtype", args.compute_dtype]
     if args.prefix_cache_mb:
         cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+    if args.speculative_ngram:
+        cmd += ["--speculative-ngram", str(args.speculative_ngram)]
     env = dict(os.environ)
     if _SOURCE_TREE:  # llamas came from this checkout's python/ folder: the server must too
         env["PYTHONPATH"] = os.pathsep.join([_SOURCE_TREE, env.get("PYTHONPATH", "")])
@@ -239,6 +241,10 @@ def main() -> int:
                          "--dtype bfloat16 or int8)")
     ap.add_argument("--prefix-cache-mb", type=float, default=0.0,
                     help="--prefix-cache-mb of the server it starts (default 0: off)")
+    ap.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
+                    help="--speculative-ngram of the server it starts (default 0: off)")
+    ap.add_argument("--temperature", type=float, default=0.8,
+                    help="the requests' temperature (default 0.8; each request has its own seed)")
     ap.add_argument("--shared-prefix-words", type=int, default=0, metavar="N",
                     help="start every prompt with the same N words (a shared system prompt; 0: none)")
     ap.add_argument("--url", default=None, help="use this running server instead of starting one")
@@ -259,6 +265,8 @@ def main() -> int:
         ap.error("--warmup and --settle must be >= 0")
     if args.shared_prefix_words < 0 or args.prefix_cache_mb < 0:
         ap.error("--shared-prefix-words and --prefix-cache-mb must be >= 0")
+    if not 0 <= args.speculative_ngram <= 32 or not 0 <= args.temperature <= 2:
+        ap.error("--speculative-ngram must be in [0, 32] and --temperature in [0, 2]")
     words = " ".join(PROMPTS).split()
     prefix = " ".join(words[i % len(words)] for i in range(args.shared_prefix_words))
     prefix = prefix + "\n" if prefix else ""
@@ -289,12 +297,12 @@ def main() -> int:
         # later (a KV block is touched as far as its sequences have reached), as do the Python and
         # C heaps (bundled model: +4 MB over ~35 s at 16 clients, then flat over 1,000 requests).
         # A leak never settles: it runs the whole --settle and still shows below.
-        run_loop(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key, prefix))
+        run_loop(run_clients(url, max(counts), args.warmup, args.max_tokens, args.api_key, prefix, args.temperature))
         warmed = args.warmup
         rss_before = rss_mib(pid)
         quiet = 0
         while rss_before is not None and warmed < args.warmup + args.settle and quiet < 2:
-            run_loop(run_clients(url, max(counts), 3.0, args.max_tokens, args.api_key, prefix))
+            run_loop(run_clients(url, max(counts), 3.0, args.max_tokens, args.api_key, prefix, args.temperature))
             warmed += 3.0
             rss_now = rss_mib(pid)
             quiet = quiet + 1 if rss_now is not None and rss_now < rss_before * 1.0025 else 0
@@ -311,7 +319,7 @@ def main() -> int:
                 # on how much of the box other tenants take, unlike tokens/s.
                 engine0 = engine_counters(url, args.api_key)
                 cpu0, client0 = cpu_seconds(pid), time.process_time()
-                s = run_loop(run_clients(url, n, args.duration, args.max_tokens, args.api_key, prefix))
+                s = run_loop(run_clients(url, n, args.duration, args.max_tokens, args.api_key, prefix, args.temperature))
                 cpu1 = cpu_seconds(pid)
                 s["engine"] = engine_split(engine0, engine_counters(url, args.api_key))
                 s["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
@@ -337,7 +345,8 @@ def main() -> int:
     base = rows[0][1]["tokens"] / rows[0][1]["elapsed"]
     print(f"max_tokens={args.max_tokens}, {args.duration:g} s per client count and round ({args.rounds} "
           f"round{'s' if args.rounds > 1 else ''}), streaming completions, "
-          f"temperature 0.8" + (f", a shared prefix of {args.shared_prefix_words} words" if prefix else "")
+          f"temperature {args.temperature:g}" + (f", speculative_ngram {args.speculative_ngram}"
+                                                  if args.speculative_ngram else "") + (f", a shared prefix of {args.shared_prefix_words} words" if prefix else "")
           + (f", prefix cache {args.prefix_cache_mb:g} MiB" if args.prefix_cache_mb else ""))
     print("| clients | requests | req/s | output tok/s | vs first | TTFT p50 ms | TTFT p99 ms | "
           "TPOT p50 ms | TPOT p99 ms | errors | server CPU us/token | client CPU us/token | RSS after MiB |")

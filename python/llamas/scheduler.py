@@ -22,8 +22,9 @@ from .prefix_cache import BLOCK, PrefixCache
 # The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
 from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
                       as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
-from .speculative import (CACHED_ROW_COST, STREAMING_ROW_COST, STREAMING_WEIGHT_BYTES, AcceptancePrior, Speculation,
-                          StepCost, can_speculate, check_speculative_ngram, plan_drafts, worth_planning)
+from .speculative import (CACHED_ROW_COST, PEAK_FLOPS_PER_THREAD, PROBE_AFTER, STREAMING_ROW_COST,
+                          STREAMING_WEIGHT_BYTES, AcceptancePrior, Speculation, StepCost, can_speculate,
+                          check_speculative_ngram, plan_drafts, worth_planning)
 from .step_timing import StepTiming  # noqa: F401  (scheduler.StepTiming, as before)
 from .streaming import TextStream
 
@@ -50,6 +51,18 @@ class _Slot:
         self.stream = stream
         self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
         self.spec: Optional[Speculation] = None  # the request's n-gram drafts (speculative_ngram)
+
+
+def _row_seconds(model) -> float:
+    """The least time a row of a step can take: the model's matrix weights' multiply-adds at the
+    threads' FMA peak (speculative.PEAK_FLOPS_PER_THREAD; 0 for an object without a config)."""
+    try:
+        c = model.config
+        weights = c.num_parameters() - c.n_positions * c.n_embd  # (position embeddings: no product)
+        speedup = {"bfloat16": 2, "int8": 4}.get(getattr(model, "compute_dtype", "float32"), 1)
+        return 2.0 * weights / (PEAK_FLOPS_PER_THREAD * speedup * _C.get_num_threads())
+    except Exception:
+        return 0.0
 
 
 class Scheduler:
@@ -85,8 +98,9 @@ class Scheduler:
         self.timing = StepTiming()
         streams_weights = getattr(model, "weight_bytes", 0) > STREAMING_WEIGHT_BYTES
         # What a decode step costs against its rows, learnt from the steps run (speculative drafts' planning).
-        self.step_cost = StepCost(STREAMING_ROW_COST if streams_weights else CACHED_ROW_COST)
+        self.step_cost = StepCost(STREAMING_ROW_COST if streams_weights else CACHED_ROW_COST, _row_seconds(model))
         self.acceptance = AcceptancePrior()  # all sequences' drafts' acceptance
+        self._steps_without_drafts = 0  # speculating steps in a row that made none (probes)
         self._timed_step = None  # (start, rows) of the last decode-only step, timed when the next starts
 
     # ---- queue ------------------------------------------------------------------------------
@@ -309,26 +323,37 @@ class Scheduler:
 
     def _add_drafts(self, entries: list, spec_slots: list) -> None:
         """Gives drafts to the entries (each one row now) of the speculating slots that plan_drafts
-        picks, and one to any slot whose probe is due. Drafts never reach past a slot's token budget
-        or the context."""
+        picks. After PROBE_AFTER steps in a row without a draft, the slot idle longest that has
+        drafts gets one: a probe, so that the acceptance rates keep learning. One probe row in
+        PROBE_AFTER + 1 steps whatever the batch: probing each sequence that often cost the bundled
+        model's 16-sequence steps ~5% (its 17th row takes a tile pass of its own: +20% a step).
+        Drafts never reach past a slot's token budget or the context."""
         def offer(slot):
             return slot.spec.offer(min(slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
         cost, rows = self.step_cost, len(entries)
+        given = 0
         if worth_planning(cost, rows, max(slot.spec.rate for _, slot in spec_slots)):
             offers = [(i, slot, offer(slot)) for i, slot in spec_slots]
             offers = [o for o in offers if o[2]]
             counts = plan_drafts(cost, rows, [(slot.spec.rate, len(d)) for _, slot, d in offers])
-        else:  # no draft could pay: only the probes need the drafter
-            offers = [(i, slot, None) for i, slot in spec_slots]
-            counts = [0] * len(offers)
-        for (i, slot, drafts), n in zip(offers, counts):
-            if n == 0 and slot.spec.probe_due:
-                drafts, n = offer(slot), 1
-            if n and drafts:
-                entries[i] = (slot.seq, [slot.next_token] + drafts[:n], True, True)
-                self.timing.draft_tokens += n
-            else:
+            for (i, slot, drafts), n in zip(offers, counts):
+                if n:
+                    entries[i] = (slot.seq, [slot.next_token] + drafts[:n], True, True)
+                    given += n
+                else:
+                    slot.spec.idle()
+        else:  # no draft could pay
+            for _, slot in spec_slots:
                 slot.spec.idle()
+        self._steps_without_drafts = 0 if given else self._steps_without_drafts + 1
+        if self._steps_without_drafts > PROBE_AFTER:
+            for i, slot in sorted(spec_slots, key=lambda s: -s[1].spec.idle_steps):
+                drafts = offer(slot)
+                if drafts:
+                    entries[i] = (slot.seq, [slot.next_token, drafts[0]], True, True)
+                    given, self._steps_without_drafts = 1, 0
+                    break
+        self.timing.draft_tokens += given
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> bool:
         """Hands one generated token on; False when it ended the request."""

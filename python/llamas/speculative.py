@@ -28,7 +28,8 @@ from __future__ import annotations
 import bisect
 from typing import Dict, List, Optional, Sequence, Tuple
 
-# Longest and shortest n-gram looked up (vLLM's prompt_lookup_max / prompt_lookup_min).
+# Longest and shortest n-gram looked up (vLLM's prompt_lookup_max / prompt_lookup_min; NgramDrafter
+# is written for these two).
 NGRAM_MAX = 3
 NGRAM_MIN = 1
 # Most drafts per step a caller may ask for.
@@ -43,14 +44,21 @@ MAX_STEP_ROWS = 64
 STREAMING_WEIGHT_BYTES = 64 << 20
 STREAMING_ROW_COST = 0.02
 CACHED_ROW_COST = 0.3
+# The least a row can cost: its multiply-adds (2 flops a matrix weight) at this many flop/s a
+# thread (float32 FMA peak of an AVX-512 core at ~3 GHz, ~96 GFLOP/s; bfloat16 compute x2, int8
+# x4). Rows timed at step sizes measured minutes apart can look free or cheaper than that (this box
+# drifts by +-30%: bundled model, 16 sequences, t(16) 4.1 ms and t(18) 3.0 ms), and a planner that
+# believed it drafted 0.6 rows a step at 22% kept: 0.81-0.97x the tok/s without drafts.
+PEAK_FLOPS_PER_THREAD = 100e9
 # A draft is worth a row only if it is at least this likely to be kept.
 MIN_DRAFT_GAIN = 0.02
 # A sequence's acceptance rate: its kept and judged drafts, each verification weighted
 # ACCEPTANCE_DECAY times the next (n-gram drafts come in runs: a quoted passage, then new text),
 # plus PRIOR_DRAFTS judged at the rate of all sequences' drafts (`AcceptancePrior`). A step that
 # could have drafted for a sequence but did not multiplies its counts by IDLE_DECAY, so its rate
-# drifts back to the common one; after PROBE_AFTER such steps in a row it gets one draft anyway,
-# so that both rates keep learning while drafts do not pay (a row more in 1 step of 33).
+# drifts back to the common one. After PROBE_AFTER steps in a row without drafts, the scheduler
+# gives one draft to the sequence idle longest (a probe), so that the rates keep learning while
+# drafts do not pay: one row more in 33 steps.
 ACCEPTANCE_DECAY = 0.7
 IDLE_DECAY = 0.85
 PRIOR_DRAFTS = 2.0
@@ -67,42 +75,56 @@ def check_speculative_ngram(value, where: str) -> int:
 
 
 class NgramDrafter:
-    """The text so far (prompt and accepted tokens) of one sequence and, for each n, where each
-    n-gram was last followed by a token: lookup and update are O(1) per token."""
-    __slots__ = ("tokens", "_follower")
+    """The text so far (prompt and accepted tokens) of one sequence and, for n = 1, 2, 3, where each
+    n-gram was last followed by a token: lookup and update are O(1) per token. An n-gram's key is
+    its ids packed into one int (21 bits each), not a tuple: every speculating sequence updates the
+    tables on every token, and tuple keys cost a 16-sequence batch ~3% of its steps. (Ids past 2^21
+    could share a key: that would only make a draft that verification rejects.)"""
+    __slots__ = ("tokens", "_f1", "_f2", "_f3")
 
     def __init__(self, prompt: Sequence[int]):
         self.tokens: List[int] = []
-        self._follower: Dict[int, Dict[Tuple[int, ...], int]] = {n: {} for n in range(NGRAM_MIN, NGRAM_MAX + 1)}
+        self._f1: Dict[int, int] = {}
+        self._f2: Dict[int, int] = {}
+        self._f3: Dict[int, int] = {}
         for t in prompt:
             self.append(t)
 
     def append(self, token: int) -> None:
         toks = self.tokens
         i = len(toks)
-        for n, table in self._follower.items():
-            if i >= n:
-                table[tuple(toks[i - n:i])] = i  # the n-gram ending before position i is followed by token i
+        if i:  # the n-grams ending before position i are followed by token i
+            a = toks[-1]
+            self._f1[a] = i
+            if i >= 2:
+                ab = (toks[-2] << 21) | a
+                self._f2[ab] = i
+                if i >= 3:
+                    self._f3[(toks[-3] << 42) | ab] = i
         toks.append(token)
 
     def drafts(self, limit: int) -> List[int]:
         """`limit` tokens: those that followed the latest earlier occurrence of the longest n-gram
         ending the text (continued as a loop where they reach its end); [] when none occurred."""
         toks = self.tokens
-        if limit <= 0:
+        n = len(toks)
+        if limit <= 0 or n < 2:
             return []
-        for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
-            if len(toks) <= n:
-                continue
-            at = self._follower[n].get(tuple(toks[-n:]))
-            if at is not None:
-                # The tokens after the earlier occurrence; where they run into the text's end (the
-                # occurrence overlaps the last n tokens: a loop of period len - at), the loop goes on.
-                out = toks[at:at + limit]
-                while len(out) < limit:
-                    out.append(out[len(out) - (len(toks) - at)])
-                return out
-        return []
+        a = toks[-1]
+        ab = (toks[-2] << 21) | a
+        at = self._f3.get((toks[-3] << 42) | ab) if n > 3 else None
+        if at is None:
+            at = self._f2.get(ab) if n > 2 else None
+            if at is None:
+                at = self._f1.get(a)
+        if at is None:
+            return []
+        # The tokens after the earlier occurrence; where they run into the text's end (the
+        # occurrence overlaps the last tokens: a loop of period n - at), the loop goes on.
+        out = toks[at:at + limit]
+        while len(out) < limit:
+            out.append(out[len(out) - (n - at)])
+        return out
 
 
 class StepCost:
@@ -111,11 +133,13 @@ class StepCost:
     from its start to the next step's start (its forward and the host work on its tokens). A row
     count not timed yet is estimated from its nearest timed neighbours, linearly between them, past
     the largest by the slope of the two largest, or by `row_cost` (a share of a step's time per
-    extra row) where fewer than two are timed."""
-    __slots__ = ("row_cost", "_t", "_timed")
+    extra row) where fewer than two are timed. `min_row_seconds`: the floor on what an extra row
+    costs (see PEAK_FLOPS_PER_THREAD), which `with_rows` applies."""
+    __slots__ = ("row_cost", "min_row_seconds", "_t", "_timed")
 
-    def __init__(self, row_cost: float):
+    def __init__(self, row_cost: float, min_row_seconds: float = 0.0):
         self.row_cost = row_cost
+        self.min_row_seconds = min_row_seconds
         self._t: List[Optional[float]] = [None] * (MAX_STEP_ROWS + 1)
         self._timed: List[int] = []  # the row counts timed, ascending
 
@@ -148,13 +172,19 @@ class StepCost:
         return max(t[near] + slope * (rows - near), 1e-9)
 
 
+def with_rows(cost: StepCost, base_rows: int, base: float, extra: int) -> float:
+    """Estimated seconds for a step of base_rows rows (base seconds) with `extra` rows more: never
+    less than base plus the floor on their cost."""
+    return base + max(cost.estimate(base_rows + extra) - base, extra * cost.min_row_seconds)
+
+
 def worth_planning(cost: StepCost, base_rows: int, best_rate: float) -> bool:
     """Whether a step of base_rows rows could gain from drafts at all: its likeliest first draft
     (best_rate) adds at least 0.8 of the tokens per second a row more costs. (Python's planning
     costs 5-20 us a step, which one sequence of the bundled model decodes in ~400; a sampled story's
     drafts, kept 15-20% of the time, fail this before any planning.)"""
-    base, more = cost.estimate(base_rows), cost.estimate(base_rows + 1)
-    return base is not None and best_rate * base >= 0.8 * base_rows * (more - base)
+    base = cost.estimate(base_rows)
+    return base is not None and best_rate * base >= 0.8 * base_rows * (with_rows(cost, base_rows, base, 1) - base)
 
 
 def plan_drafts(cost: StepCost, base_rows: int, offers: Sequence[Tuple[float, int]]) -> List[int]:
@@ -181,7 +211,7 @@ def plan_drafts(cost: StepCost, base_rows: int, offers: Sequence[Tuple[float, in
     tokens, best, take = float(base_rows), base_rows / base, 0
     for x, (g, _) in enumerate(gains, 1):
         tokens += g
-        value = tokens / cost.estimate(base_rows + x)
+        value = tokens / with_rows(cost, base_rows, base, x)
         if value > best:
             best, take = value, x
     for _, i in gains[:take]:
@@ -224,15 +254,11 @@ class Speculation:
         self.prior = prior if prior is not None else AcceptancePrior()
         self.kept = 0.0   # drafts kept, decayed
         self.tried = 0.0  # drafts judged (kept, or the first one rejected), decayed
-        self.idle_steps = 0  # steps in a row that had drafts for it and gave it none
+        self.idle_steps = 0  # steps since its last verification that gave it no drafts
 
     @property
     def rate(self) -> float:
         return (self.kept + PRIOR_DRAFTS * self.prior.rate) / (self.tried + PRIOR_DRAFTS)
-
-    @property
-    def probe_due(self) -> bool:
-        return self.idle_steps >= PROBE_AFTER
 
     def offer(self, room: int) -> List[int]:
         """Up to max_drafts (and room) drafts the drafter has for the next step."""
