@@ -113,10 +113,21 @@ def test_step_cost_estimates_untimed_row_counts_from_timed_ones():
     cost.observe(3, 2.0)
     assert cost.estimate(2) == pytest.approx(1.5)    # between timed neighbours
     assert cost.estimate(5) == pytest.approx(3.0)    # past them, their slope
-    cost.observe(3, 3.0)                             # new timings move the mean by a quarter
-    assert cost.estimate(3) == pytest.approx(2.25)
     cost.observe(0, 1.0), cost.observe(MAX_STEP_ROWS + 1, 1.0), cost.observe(2, 0.0)  # ignored
-    assert cost.estimate(2) == pytest.approx(1.625)
+    assert cost.estimate(2) == pytest.approx(1.5)
+
+
+def test_step_cost_follows_the_box_drift_without_losing_the_shape():
+    cost = StepCost(0.3)
+    for _ in range(20):
+        cost.observe(1, 1.0), cost.observe(4, 2.0)
+    assert cost.estimate(4) / cost.estimate(1) == pytest.approx(2.0)
+    for _ in range(20):
+        cost.observe(1, 1.5)   # the box slows down by half; 4-row steps are not run meanwhile
+    assert cost.estimate(1) == pytest.approx(1.5, rel=0.02)
+    # a 4-row step is still twice a 1-row one (raw means would say 2.0 against 1.5: rows look cheap)
+    assert cost.estimate(4) / cost.estimate(1) == pytest.approx(2.0, rel=0.1)
+    assert cost.estimate(4) > 2.7
 
 
 def test_plan_drafts_takes_the_drafts_that_raise_tokens_per_second():
@@ -406,7 +417,7 @@ def test_the_scheduler_times_decode_steps_only(tiny, monkeypatch):
     assert sched.step_cost.estimate(1) is None
     while sched.step():
         pass
-    timed = [r for r in range(1, MAX_STEP_ROWS + 1) if sched.step_cost._t[r] is not None]
+    timed = [r for r in range(1, MAX_STEP_ROWS + 1) if sched.step_cost._shape[r] is not None]
     assert 1 in timed and max(timed) <= 5  # one row a step, or one and its drafts (at most 4)
 
 

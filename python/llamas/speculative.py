@@ -128,48 +128,56 @@ class NgramDrafter:
 
 
 class StepCost:
-    """A decode step's time against the rows it feeds, learnt from the steps the engine runs: per
-    row count, the mean of its last steps' times (each new one weighted 1/4), a step's time being
-    from its start to the next step's start (its forward and the host work on its tokens). A row
-    count not timed yet is estimated from its nearest timed neighbours, linearly between them, past
-    the largest by the slope of the two largest, or by `row_cost` (a share of a step's time per
-    extra row) where fewer than two are timed. `min_row_seconds`: the floor on what an extra row
-    costs (see PEAK_FLOPS_PER_THREAD), which `with_rows` applies."""
-    __slots__ = ("row_cost", "min_row_seconds", "_t", "_timed")
+    """A decode step's time against the rows it feeds, learnt from the steps the engine runs (a
+    step's time: from its start to the next step's start, its forward and the host work on its
+    tokens). It is kept as speed x shape: `shape[R]`, the relative cost of R rows, moves slowly
+    (each step of R rows weighs 1/20), and `speed` follows every step (1/4), so the box's drift
+    (+-30% over minutes here) moves every estimate together. Comparing raw means per row count
+    compared a fresh t(16) with a t(18) timed minutes before (4.1 against 3.0 ms) and made rows look
+    free. A row count not timed yet is estimated from its nearest timed neighbours, linearly
+    between them, past the largest by the slope of the two largest, or by `row_cost` (a share of
+    a step's time per extra row) where fewer than two are timed. `min_row_seconds`: the floor on
+    what an extra row costs (see PEAK_FLOPS_PER_THREAD), which `with_rows` applies."""
+    __slots__ = ("row_cost", "min_row_seconds", "speed", "_shape", "_timed")
 
     def __init__(self, row_cost: float, min_row_seconds: float = 0.0):
         self.row_cost = row_cost
         self.min_row_seconds = min_row_seconds
-        self._t: List[Optional[float]] = [None] * (MAX_STEP_ROWS + 1)
+        self.speed: Optional[float] = None  # seconds per unit of shape
+        self._shape: List[Optional[float]] = [None] * (MAX_STEP_ROWS + 1)
         self._timed: List[int] = []  # the row counts timed, ascending
 
     def observe(self, rows: int, seconds: float) -> None:
-        if 0 < rows <= MAX_STEP_ROWS and seconds > 0.0:
-            old = self._t[rows]
-            if old is None:
-                bisect.insort(self._timed, rows)
-                self._t[rows] = seconds
-            else:
-                self._t[rows] = old + 0.25 * (seconds - old)
+        if not (0 < rows <= MAX_STEP_ROWS and seconds > 0.0):
+            return
+        shape = self._shape
+        if self.speed is None:
+            self.speed = seconds
+        if shape[rows] is None:
+            bisect.insort(self._timed, rows)
+            shape[rows] = seconds / self.speed
+            return
+        self.speed += 0.25 * (seconds / shape[rows] - self.speed)
+        shape[rows] += 0.05 * (seconds / self.speed - shape[rows])
 
     def estimate(self, rows: int) -> Optional[float]:
         """Seconds for a step of `rows` rows; None before any step was timed."""
-        t = self._t
-        if 0 < rows <= MAX_STEP_ROWS and t[rows] is not None:
-            return t[rows]
-        timed = self._timed
-        if not timed:
+        shape = self._shape
+        if self.speed is None:
             return None
+        if 0 < rows <= MAX_STEP_ROWS and shape[rows] is not None:
+            return self.speed * shape[rows]
+        timed = self._timed
         i = bisect.bisect_left(timed, rows)  # timed[i - 1] < rows < timed[i]
         if 0 < i < len(timed):
             below, above = timed[i - 1], timed[i]
-            return t[below] + (t[above] - t[below]) * (rows - below) / (above - below)
+            return self.speed * (shape[below] + (shape[above] - shape[below]) * (rows - below) / (above - below))
         near = timed[i - 1] if i else timed[0]
-        slope = self.row_cost * t[near]
+        slope = self.row_cost * shape[near]
         if i >= 2:  # past the largest timed count: the slope of the two largest
             prev = timed[i - 2]
-            slope = max(0.0, (t[near] - t[prev]) / (near - prev))
-        return max(t[near] + slope * (rows - near), 1e-9)
+            slope = max(0.0, (shape[near] - shape[prev]) / (near - prev))
+        return max(self.speed * (shape[near] + slope * (rows - near)), 1e-9)
 
 
 def with_rows(cost: StepCost, base_rows: int, base: float, extra: int) -> float:
