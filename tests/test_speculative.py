@@ -44,8 +44,8 @@ class FreeRows(StepCost):
 
 @pytest.fixture(autouse=True)
 def free_rows(monkeypatch):
-    import llamas.scheduler
-    monkeypatch.setattr(llamas.scheduler, "StepCost", FreeRows)
+    import llamas.speculative
+    monkeypatch.setattr(llamas.speculative, "StepCost", FreeRows)
 
 
 def run_scheduler(model, prompt_ids, n, k, ignore_eos=True, **options):
@@ -390,34 +390,34 @@ def run_batch(model, prompts, n, k):
 
 
 def test_the_scheduler_drafts_as_its_step_cost_says(tiny, monkeypatch):
-    import llamas.scheduler
+    import llamas.speculative
     prompts = PROMPTS * 3  # 9 sequences
     plain, _ = run_batch(tiny, prompts, 40, 0)
 
     class Cost(FreeRows):  # a fixed share of a step per row, whatever this box's timings
         def __init__(self, row_cost):
             StepCost.__init__(self, row_cost)
-    monkeypatch.setattr(llamas.scheduler, "StepCost", lambda *args: Cost(1.0))   # a row costs a step
+    monkeypatch.setattr(llamas.speculative, "StepCost", lambda *args: Cost(1.0))   # a row costs a step
     costly, timing = run_batch(tiny, prompts, 40, 6)
     # only probes: one draft after PROBE_AFTER steps without any, whatever the batch
     assert costly == plain and 0 < timing.draft_tokens <= timing.steps // (PROBE_AFTER + 1)
-    monkeypatch.setattr(llamas.scheduler, "StepCost", lambda *args: Cost(0.0))   # rows are free
+    monkeypatch.setattr(llamas.speculative, "StepCost", lambda *args: Cost(0.0))   # rows are free
     free, timing = run_batch(tiny, prompts, 40, 6)
     assert free == plain and timing.accepted_tokens > 0
     assert timing.draft_tokens <= timing.steps * 6 * len(prompts)
 
 
 def test_the_scheduler_times_decode_steps_only(tiny, monkeypatch):
-    import llamas.scheduler
-    monkeypatch.setattr(llamas.scheduler, "StepCost", StepCost)  # the real one
+    import llamas.speculative
+    monkeypatch.setattr(llamas.speculative, "StepCost", StepCost)  # the real one
     sched = Scheduler(tiny, max_batch=2, prefill_chunk=1024, max_prefill_tokens=None, speculative_ngram=4)
     rules = make_stop_rules(None, None, 0, True, False, tiny.config.vocab_size, 30)
     sched.add(Request(tiny.tokenizer.encode(PROMPTS[1]), 30, SamplingOptions(temperature=0.0), rules, sink=lambda c: None))
     sched.step()  # the prompt (9 rows): not timed
-    assert sched.step_cost.estimate(1) is None
+    assert sched.planner.step_cost.estimate(1) is None
     while sched.step():
         pass
-    timed = [r for r in range(1, MAX_STEP_ROWS + 1) if sched.step_cost._shape[r] is not None]
+    timed = [r for r in range(1, MAX_STEP_ROWS + 1) if sched.planner.step_cost._shape[r] is not None]
     assert 1 in timed and max(timed) <= 5  # one row a step, or one and its drafts (at most 4)
 
 

@@ -22,9 +22,7 @@ from .prefix_cache import BLOCK, PrefixCache
 # The request types lived here first; callers import them from llamas.scheduler and llamas.engine.
 from .request import (Chunk, Completion, Request, RequestStats, SamplingOptions, StopRules, TokenLogprob,  # noqa: F401
                       as_float32, check_max_new_tokens, check_prompt_logprobs, make_stop_rules, normalise_stop)
-from .speculative import (CACHED_ROW_COST, PEAK_FLOPS_PER_THREAD, PROBE_AFTER, STREAMING_ROW_COST,
-                          STREAMING_WEIGHT_BYTES, AcceptancePrior, Speculation, StepCost, can_speculate,
-                          check_speculative_ngram, plan_drafts, worth_planning)
+from .speculative import DraftPlanner, Speculation, can_speculate, check_speculative_ngram
 from .step_timing import StepTiming  # noqa: F401  (scheduler.StepTiming, as before)
 from .streaming import TextStream
 
@@ -51,18 +49,6 @@ class _Slot:
         self.stream = stream
         self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
         self.spec: Optional[Speculation] = None  # the request's n-gram drafts (speculative_ngram)
-
-
-def _row_seconds(model) -> float:
-    """The least time a row of a step can take: the model's matrix weights' multiply-adds at the
-    threads' FMA peak (speculative.PEAK_FLOPS_PER_THREAD; 0 for an object without a config)."""
-    try:
-        c = model.config
-        weights = c.num_parameters() - c.n_positions * c.n_embd  # (position embeddings: no product)
-        speedup = {"bfloat16": 2, "int8": 4}.get(getattr(model, "compute_dtype", "float32"), 1)
-        return 2.0 * weights / (PEAK_FLOPS_PER_THREAD * speedup * _C.get_num_threads())
-    except Exception:
-        return 0.0
 
 
 class Scheduler:
@@ -96,12 +82,8 @@ class Scheduler:
         self._eos = tok.eos_token_id if tok is not None else None
         self._ctx = model.config.n_positions
         self.timing = StepTiming()
-        streams_weights = getattr(model, "weight_bytes", 0) > STREAMING_WEIGHT_BYTES
-        # What a decode step costs against its rows, learnt from the steps run (speculative drafts' planning).
-        self.step_cost = StepCost(STREAMING_ROW_COST if streams_weights else CACHED_ROW_COST, _row_seconds(model))
-        self.acceptance = AcceptancePrior()  # all sequences' drafts' acceptance
-        self._steps_without_drafts = 0  # speculating steps in a row that made none (probes)
-        self._timed_step = None  # (start, rows) of the last decode-only step, timed when the next starts
+        # Which drafts a step takes, from its measured costs and the drafts' acceptance.
+        self.planner = DraftPlanner(model) if self.speculative_ngram else None
 
     # ---- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -159,14 +141,13 @@ class Scheduler:
         if not entries:
             return self.has_work()
         if offers and not prefilling:  # (a step with prompt rows is not what the cost model times)
-            self._add_drafts(entries, offers)
+            timing.draft_tokens += self.planner.add_drafts(entries, offers, self._offer)
         start = time.perf_counter()
-        if timing.last_end is not None:
+        busy = timing.last_end is not None
+        if busy:
             timing.host_seconds += start - timing.last_end
-            if self._timed_step is not None:  # the last step, from its start to this one's
-                self.step_cost.observe(self._timed_step[1], start - self._timed_step[0])
-        # (timed only for the draft planning: a scheduler that never drafts skips the bookkeeping)
-        self._timed_step = (start, sum(len(e[1]) for e in entries)) if self.speculative_ngram and not prefilling else None
+        if self.planner is not None:
+            self.planner.step_started(start, entries, prefilling, busy)
         try:
             sampled = self.model._native.step(entries)
         except Exception as e:  # a failing forward fails the requests in it, not the engine
@@ -251,7 +232,7 @@ class Scheduler:
             req.stats.admitted = time.perf_counter()
             slot = _Slot(req, seq, budget, stream, frozenset(stop_ids))
             if self.speculative_ngram and can_speculate(req):
-                slot.spec = Speculation(req.prompt_ids, self.speculative_ngram, self.acceptance)
+                slot.spec = Speculation(req.prompt_ids, self.speculative_ngram, self.planner.acceptance)
             if self.prefix_cache is not None:
                 req.cached_tokens = 0
                 if req.prompt_logprobs is None:  # a scored prompt's every position is computed
@@ -321,39 +302,9 @@ class Scheduler:
         if refs and not self._adopt(slot, lambda: refs, "prefix-cache blocks"):
             cache.clear()  # a cache that no longer fits this model
 
-    def _add_drafts(self, entries: list, spec_slots: list) -> None:
-        """Gives drafts to the entries (each one row now) of the speculating slots that plan_drafts
-        picks. After PROBE_AFTER steps in a row without a draft, the slot idle longest that has
-        drafts gets one: a probe, so that the acceptance rates keep learning. One probe row in
-        PROBE_AFTER + 1 steps whatever the batch: probing each sequence that often cost the bundled
-        model's 16-sequence steps ~5% (its 17th row takes a tile pass of its own: +20% a step).
-        Drafts never reach past a slot's token budget or the context."""
-        def offer(slot):
-            return slot.spec.offer(min(slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
-        cost, rows = self.step_cost, len(entries)
-        given = 0
-        if worth_planning(cost, rows, max(slot.spec.rate for _, slot in spec_slots)):
-            offers = [(i, slot, offer(slot)) for i, slot in spec_slots]
-            offers = [o for o in offers if o[2]]
-            counts = plan_drafts(cost, rows, [(slot.spec.rate, len(d)) for _, slot, d in offers])
-            for (i, slot, drafts), n in zip(offers, counts):
-                if n:
-                    entries[i] = (slot.seq, [slot.next_token] + drafts[:n], True, True)
-                    given += n
-                else:
-                    slot.spec.idle()
-        else:  # no draft could pay
-            for _, slot in spec_slots:
-                slot.spec.idle()
-        self._steps_without_drafts = 0 if given else self._steps_without_drafts + 1
-        if self._steps_without_drafts > PROBE_AFTER:
-            for i, slot in sorted(spec_slots, key=lambda s: -s[1].spec.idle_steps):
-                drafts = offer(slot)
-                if drafts:
-                    entries[i] = (slot.seq, [slot.next_token, drafts[0]], True, True)
-                    given, self._steps_without_drafts = 1, 0
-                    break
-        self.timing.draft_tokens += given
+    def _offer(self, slot: _Slot) -> list:
+        """The drafts a decoding slot could verify next step: never past its token budget or the context."""
+        return slot.spec.offer(min(slot.budget - slot.produced - 1, self._ctx - slot.seq.length - 1))
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> bool:
         """Hands one generated token on; False when it ended the request."""

@@ -22,7 +22,7 @@ expected tokens per second: one sequence of GPT-2 124M reads 475 MB of weights a
 its rows, so it takes every likely draft; the bundled model, whose weights sit in cache, pays
 ~0.3 of a one-row step per extra row, so it drafts only where its drafts are usually right, and
 not for text that does not repeat or in a busy server's 16-sequence steps, except for one probe
-draft in 33 steps that keeps the acceptance rates learning (Scheduler._add_drafts).
+draft in 33 steps that keeps the acceptance rates learning (DraftPlanner.add_drafts).
 """
 from __future__ import annotations
 
@@ -226,6 +226,71 @@ def plan_drafts(cost: StepCost, base_rows: int, offers: Sequence[Tuple[float, in
     for _, i in gains[:take]:
         counts[i] += 1
     return counts
+
+
+def row_seconds_floor(model) -> float:
+    """The least time a row of a step can take: the model's matrix weights' multiply-adds at the
+    threads' FMA peak (PEAK_FLOPS_PER_THREAD; 0 for an object without a config)."""
+    try:
+        from ._C import get_num_threads
+        c = model.config
+        weights = c.num_parameters() - c.n_positions * c.n_embd  # (position embeddings: no product)
+        speedup = {"bfloat16": 2, "int8": 4}.get(getattr(model, "compute_dtype", "float32"), 1)
+        return 2.0 * weights / (PEAK_FLOPS_PER_THREAD * speedup * get_num_threads())
+    except Exception:
+        return 0.0
+
+
+class DraftPlanner:
+    """A scheduler's speculation state: what its steps cost (`step_cost`), how often all its
+    sequences' drafts are kept (`acceptance`), and when a probe is due."""
+    __slots__ = ("step_cost", "acceptance", "_steps_without_drafts", "_timed_step")
+
+    def __init__(self, model):
+        streams = getattr(model, "weight_bytes", 0) > STREAMING_WEIGHT_BYTES
+        self.step_cost = StepCost(STREAMING_ROW_COST if streams else CACHED_ROW_COST, row_seconds_floor(model))
+        self.acceptance = AcceptancePrior()
+        self._steps_without_drafts = 0  # speculating steps in a row that made none
+        self._timed_step = None  # (start, rows) of the last decode-only step, timed when the next starts
+
+    def step_started(self, start: float, entries: list, prefilling: bool, busy: bool) -> None:
+        """A step of these entries starts now: the last one, if it decoded only and the engine has
+        been busy since, took until now."""
+        if busy and self._timed_step is not None:
+            self.step_cost.observe(self._timed_step[1], start - self._timed_step[0])
+        self._timed_step = None if prefilling else (start, sum(len(e[1]) for e in entries))
+
+    def add_drafts(self, entries: list, spec_slots: list, offer) -> int:
+        """Gives drafts to the entries (each one row now) of the speculating slots (entry index,
+        slot) that plan_drafts picks; `offer(slot)` gives a slot's drafts. After PROBE_AFTER steps in
+        a row without a draft, the slot idle longest that has drafts gets one: a probe, so that the
+        acceptance rates keep learning. One probe row in PROBE_AFTER + 1 steps whatever the batch:
+        probing each sequence that often cost the bundled model's 16-sequence steps ~5% (its 17th
+        row takes a tile pass of its own: +20% a step). Returns the drafts given."""
+        cost, rows = self.step_cost, len(entries)
+        given = 0
+        if worth_planning(cost, rows, max(slot.spec.rate for _, slot in spec_slots)):
+            offers = [(i, slot, offer(slot)) for i, slot in spec_slots]
+            offers = [o for o in offers if o[2]]
+            counts = plan_drafts(cost, rows, [(slot.spec.rate, len(d)) for _, slot, d in offers])
+            for (i, slot, drafts), n in zip(offers, counts):
+                if n:
+                    entries[i] = (slot.seq, [slot.next_token] + drafts[:n], True, True)
+                    given += n
+                else:
+                    slot.spec.idle()
+        else:  # no draft could pay
+            for _, slot in spec_slots:
+                slot.spec.idle()
+        self._steps_without_drafts = 0 if given else self._steps_without_drafts + 1
+        if self._steps_without_drafts > PROBE_AFTER:
+            for i, slot in sorted(spec_slots, key=lambda s: -s[1].spec.idle_steps):
+                drafts = offer(slot)
+                if drafts:
+                    entries[i] = (slot.seq, [slot.next_token, drafts[0]], True, True)
+                    given, self._steps_without_drafts = 1, 0
+                    break
+        return given
 
 
 def can_speculate(req) -> bool:
