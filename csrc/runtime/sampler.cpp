@@ -129,19 +129,6 @@ int64_t inverse_cdf(double u, int64_t n, Weight w) {
   }
   return i;
 }
-
-// The greedy choice: the largest logit, the lowest id on ties; NaN anywhere is an error.
-int32_t greedy_token(const float* logits, int64_t vocab) {
-  int64_t best = 0;
-  bool nan = logits[0] != logits[0];
-  for (int64_t i = 1; i < vocab; ++i) {
-    if (logits[i] > logits[best]) best = i;
-    nan |= logits[i] != logits[i];
-  }
-  LLAMAS_CHECK(!nan, "sample", kNotFinite);
-  return int32_t(best);
-}
-
 }  // namespace
 
 float log_normaliser(const float* logits, int64_t vocab, const char* op) {
@@ -181,9 +168,7 @@ int32_t Sampler::draw(float* logits, int64_t vocab, const std::vector<int32_t>& 
   return chosen;
 }
 
-Sampler::Candidates Sampler::candidates(float* logits, int64_t vocab, const std::vector<int32_t>& context,
-                                       int64_t n_prompt) {
-  Candidates c;
+int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   const SamplingParams& p = params_;
   for (auto& [token, bias] : p.logit_bias)
     if (token >= 0 && token < vocab) logits[token] += bias;
@@ -212,8 +197,14 @@ Sampler::Candidates Sampler::candidates(float* logits, int64_t vocab, const std:
   // A temperature so small that 1/T overflows (subnormal T) is greedy too: the softmax of logits/T
   // is then all its mass on the maximum.
   if (p.temperature == 0.0f || p.top_k == 1 || !std::isfinite(1.0f / p.temperature)) {
-    c.greedy = greedy_token(logits, vocab);
-    return c;
+    int64_t best = 0;
+    bool nan = logits[0] != logits[0];
+    for (int64_t i = 1; i < vocab; ++i) {
+      if (logits[i] > logits[best]) best = i;
+      nan |= logits[i] != logits[i];
+    }
+    LLAMAS_CHECK(!nan, "sample", kNotFinite);
+    return int32_t(best);
   }
   // Candidates: every token (ids empty: candidate i is token i), or with top_k the k best by logit
   // (descending, lower id first on ties), unordered.
@@ -258,8 +249,8 @@ Sampler::Candidates Sampler::candidates(float* logits, int64_t vocab, const std:
     n = kept;
   }
   if (p.top_p >= 1.0f) {
-    c.ids = std::move(ids), c.probs = std::move(probs), c.n = n, c.total = total;
-    return c;
+    const double u = double(next_uniform()) * total;
+    return token_of(inverse_cdf(u, n, [&](int64_t i) { return double(probs[i]); }));
   }
   // top-p: sort only as many of the best candidates as the nucleus needs: 64, then 4x more.
   std::vector<int32_t> order = iota_ids(n);
@@ -280,15 +271,8 @@ Sampler::Candidates Sampler::candidates(float* logits, int64_t vocab, const std:
   }
   total = 0.0;
   for (int64_t i = 0; i < n; ++i) total += probs[order[i]];
-  c.ids = std::move(ids), c.probs = std::move(probs), c.order = std::move(order), c.n = n, c.total = total;
-  return c;
-}
-
-int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
-  const Candidates c = candidates(logits, vocab, context, n_prompt);
-  if (c.greedy >= 0) return c.greedy;
-  const double u = double(next_uniform()) * c.total;
-  return c.token(inverse_cdf(u, c.n, [&](int64_t i) { return c.weight(i); }));
+  const double u = double(next_uniform()) * total;
+  return token_of(order[inverse_cdf(u, n, [&](int64_t i) { return double(probs[order[i]]); })]);
 }
 
 std::vector<int32_t> Sampler::verify(float* rows, int64_t vocab, const std::vector<int32_t>& drafts,

@@ -69,24 +69,6 @@ class Sampler {
                               const std::vector<int32_t>& context, int64_t n_prompt);
 
  private:
-  // What a draw chooses from: the greedy token (greedy >= 0), or n candidates with weights summing
-  // to total (candidate i: token(i), weight(i); top-p orders them).
-  struct Candidates {
-    int32_t greedy = -1;
-    std::vector<int32_t> ids;    // empty: candidate j is token j
-    std::vector<float> probs;
-    std::vector<int32_t> order;  // top-p: the candidates' positions in ids / probs, best first
-    int64_t n = 0;
-    double total = 0.0;
-    int32_t token(int64_t i) const {
-      const int64_t j = order.empty() ? i : order[i];
-      return ids.empty() ? int32_t(j) : ids[j];
-    }
-    double weight(int64_t i) const { return double(probs[order.empty() ? i : order[i]]); }
-  };
-  // Every rule of choose() up to the draw: bias, min_tokens, constraint, penalties, temperature,
-  // top-k, min-p, top-p.
-  Candidates candidates(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   float next_uniform();
   int32_t draw(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
   int32_t choose(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt);
