@@ -38,6 +38,7 @@ except ImportError:
     sys.path.insert(0, _SOURCE_TREE)
     import llamas  # noqa: F401
 from llamas.dtypes import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES  # noqa: E402
+from llamas.speculative import MAX_DRAFT_TOKENS  # noqa: E402
 REQUEST_TIMEOUT_S = 120   # a stalled server shows as an error, not a hung benchmark
 PROMPTS = ["When shall we three meet again", "Now is the winter of our discontent", "Friends, Romans, countrymen",
            "To be, or not to be, that is the question", "O Romeo, Romeo, wherefore art thou", "Alas, poor Yorick"]
@@ -110,8 +111,8 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
         try:
             k = 0
             while time.perf_counter() < deadline:
-                body = {"prompt": prefix + PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": temperature,
-                        "seed": i * 100003 + k, "stream": True, "stream_options": {"include_usage": True}}
+                body = {"prompt": prefix + PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens,
+                        "temperature": temperature, "seed": i * 100003 + k, "stream": True, "stream_options": {"include_usage": True}}
                 await one_request(c, body, stats)
                 k += 1
         finally:
@@ -265,8 +266,8 @@ def main() -> int:
         ap.error("--warmup and --settle must be >= 0")
     if args.shared_prefix_words < 0 or args.prefix_cache_mb < 0:
         ap.error("--shared-prefix-words and --prefix-cache-mb must be >= 0")
-    if not 0 <= args.speculative_ngram <= 32 or not 0 <= args.temperature <= 2:
-        ap.error("--speculative-ngram must be in [0, 32] and --temperature in [0, 2]")
+    if not 0 <= args.speculative_ngram <= MAX_DRAFT_TOKENS or not 0 <= args.temperature <= 2:
+        ap.error(f"--speculative-ngram must be in [0, {MAX_DRAFT_TOKENS}] and --temperature in [0, 2]")
     words = " ".join(PROMPTS).split()
     prefix = " ".join(words[i % len(words)] for i in range(args.shared_prefix_words))
     prefix = prefix + "\n" if prefix else ""
@@ -345,8 +346,9 @@ def main() -> int:
     base = rows[0][1]["tokens"] / rows[0][1]["elapsed"]
     print(f"max_tokens={args.max_tokens}, {args.duration:g} s per client count and round ({args.rounds} "
           f"round{'s' if args.rounds > 1 else ''}), streaming completions, "
-          f"temperature {args.temperature:g}" + (f", speculative_ngram {args.speculative_ngram}"
-                                                  if args.speculative_ngram else "") + (f", a shared prefix of {args.shared_prefix_words} words" if prefix else "")
+          f"temperature {args.temperature:g}"
+          + (f", speculative_ngram {args.speculative_ngram}" if args.speculative_ngram else "")
+          + (f", a shared prefix of {args.shared_prefix_words} words" if prefix else "")
           + (f", prefix cache {args.prefix_cache_mb:g} MiB" if args.prefix_cache_mb else ""))
     print("| clients | requests | req/s | output tok/s | vs first | TTFT p50 ms | TTFT p99 ms | "
           "TPOT p50 ms | TPOT p99 ms | errors | server CPU us/token | client CPU us/token | RSS after MiB |")

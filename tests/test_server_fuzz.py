@@ -121,4 +121,3 @@ def test_random_structured_requests(http):
                 for call in choice["message"].get("tool_calls") or []:
                     json.loads(call["function"]["arguments"])
     assert_still_serving(http)
-

@@ -14,6 +14,7 @@ from .dtypes import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, one_of
 from .engine import Request, SamplingOptions, Scheduler, check_max_new_tokens, make_stop_rules
 from .request import check_top_n
 from .speculative import check_speculative_ngram
+from .step_timing import StepTiming
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -167,8 +168,8 @@ class Model:
         with ignore_eos) out of the text, as vLLM does by default; ids are unchanged.
         speculative_ngram=K (0: off) drafts up to K tokens a step from earlier text that the last
         tokens repeat (prompt lookup decoding) and verifies them in one step (llamas.speculative):
-        the output is the same tokens, greedy or sampled from a seed, in fewer steps where the text repeats itself. Not with structured output, logprobs
-        or min_tokens (those decode as usual).
+        the output is the same tokens, greedy or sampled from a seed, in fewer steps where the text
+        repeats itself. Not with structured output, logprobs or min_tokens (those decode as usual).
         """
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                  "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
@@ -191,9 +192,9 @@ class Model:
         if stream:
             if batched:
                 raise LlamasError("[generate] stream=True takes a single prompt, not a batch")
-            timings: list = []  # the scheduler's StepTiming, for stats()
+            timing = StepTiming()  # the scheduler's counters, for stats()
             return GenerationStream(self._events([encoded[0]], max_new_tokens, options, stops, speculative_ngram,
-                                                 timings.append), as_text[0], len(encoded[0]), timings)
+                                                 timing), as_text[0], len(encoded[0]), timing)
         results = self._run(encoded, max_new_tokens, options, stops, speculative_ngram)
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
@@ -255,15 +256,15 @@ class Model:
                 results[index].ids.append(token)
         return results
 
-    def _events(self, prompts, max_new_tokens, options, stops, speculative_ngram=0, on_timing=None):
+    def _events(self, prompts, max_new_tokens, options, stops, speculative_ngram=0, timing=None):
         """Yields (prompt index, new text piece, accepted token id or None) as generation runs.
         Drives the same Scheduler as llamas.Engine and the server, synchronously: every prompt is
         admitted at once and prefilled whole, then batched decode steps run over the live ones.
-        on_timing, if given, is called with the scheduler's StepTiming first."""
+        timing, if given, is the StepTiming the scheduler counts into."""
         sched = Scheduler(self, max_batch=len(prompts), prefill_chunk=self.config.n_positions,
                           max_prefill_tokens=None, speculative_ngram=speculative_ngram)
-        if on_timing is not None:
-            on_timing(sched.timing)
+        if timing is not None:
+            sched.timing = timing
         out: list = []
         for i, ids in enumerate(prompts):
             sched.add(Request(ids, max_new_tokens, options, stops, sink=lambda c, i=i: out.append((i, c))))
@@ -299,9 +300,9 @@ class GenerationStream:
     forward steps it took with the speculative drafts fed and accepted in them; closing it (or
     dropping it) early frees the sequence's KV memory."""
 
-    def __init__(self, events, as_text: bool, prompt_tokens: int, timings: Optional[list] = None):
+    def __init__(self, events, as_text: bool, prompt_tokens: int, timing: StepTiming):
         self._events = events
-        self._timings = timings if timings is not None else []
+        self._timing = timing
         self._as_text = as_text
         self.prompt_tokens = prompt_tokens
         self.generated_tokens = 0
@@ -338,11 +339,11 @@ class GenerationStream:
     def stats(self) -> dict:
         end = self._end if self._end is not None else time.perf_counter()
         start = self._start if self._start is not None else end
-        t = self._timings[0] if self._timings else None
+        t = self._timing
         return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "time_to_first_token_s": None if self._first is None else self._first - start,
-                "total_s": end - start, "steps": t.steps if t else 0,
-                "draft_tokens": t.draft_tokens if t else 0, "accepted_tokens": t.accepted_tokens if t else 0}
+                "total_s": end - start, "steps": t.steps, "draft_tokens": t.draft_tokens,
+                "accepted_tokens": t.accepted_tokens}
 
 
 class _Result:

@@ -157,11 +157,10 @@ class Scheduler:
                 self._finish(slot, Chunk("", [], None, "error", error=str(e)))
             return self.has_work()
         now = time.perf_counter()
-        native = _C.last_step_seconds()
         timing.steps += 1
         timing.rows += len(entries)
         timing.forward_seconds += now - start
-        timing.gil_wait_seconds += max(0.0, now - start - native)
+        timing.gil_wait_seconds += max(0.0, now - start - _C.last_step_seconds())
         timing.last_end = now
         for (slot, n), entry, token in zip(fed, entries, sampled):
             slot.fed += n

@@ -1,8 +1,8 @@
 """Speculative decoding by n-gram lookup (prompt lookup decoding, vLLM's "ngram" method).
 
 A request's next tokens are often a copy of earlier text: a quoted passage, code being edited, a
-small model's loop. `NgramDrafter` finds the longest recent n-gram (n = NGRAM_MAX down to
-NGRAM_MIN) that ends the text so far and occurred before, and proposes the tokens that followed
+small model's loop. `NgramDrafter` finds the longest recent n-gram (n = 3 down to 1; vLLM's
+prompt_lookup_max / prompt_lookup_min) that ends the text so far and occurred before, and proposes the tokens that followed
 that earlier occurrence as drafts. The scheduler feeds the last token and the drafts as one chunk,
 and the sampler verifies them against that step's logits (Sampler::verify, `Sequence.verified`):
 greedy keeps the drafts up to the first that is not the argmax and adds the argmax there (or the
@@ -29,10 +29,6 @@ from __future__ import annotations
 import bisect
 from typing import Dict, List, Optional, Sequence, Tuple
 
-# Longest and shortest n-gram looked up (vLLM's prompt_lookup_max / prompt_lookup_min; NgramDrafter
-# is written for these two).
-NGRAM_MAX = 3
-NGRAM_MIN = 1
 # Most drafts per step a caller may ask for.
 MAX_DRAFT_TOKENS = 32
 # Rows a planned step may reach: the step cost is learnt up to here.
@@ -200,12 +196,11 @@ def plan_drafts(cost: StepCost, base_rows: int, offers: Sequence[Tuple[float, in
     """How many drafts each offer gets in a step of base_rows rows without them. An offer is
     (acceptance rate a, drafts available); its i-th draft is kept with probability a^i (all before
     it kept), which is the tokens it adds. The most likely drafts over all offers go first, and the
-    step takes as many as maximise expected tokens over estimated time (none if no step was timed)."""
+    step takes as many as maximise expected tokens over estimated time (none if no step was timed).
+    (DraftPlanner.add_drafts asks worth_planning first, so most steps never get here.)"""
     counts = [0] * len(offers)
     base = cost.estimate(base_rows)
     if base is None or not offers or base_rows >= MAX_STEP_ROWS:
-        return counts
-    if not worth_planning(cost, base_rows, max(rate for rate, _ in offers)):
         return counts
     gains = []
     for i, (rate, available) in enumerate(offers):
@@ -230,15 +225,12 @@ def plan_drafts(cost: StepCost, base_rows: int, offers: Sequence[Tuple[float, in
 
 def row_seconds_floor(model) -> float:
     """The least time a row of a step can take: the model's matrix weights' multiply-adds at the
-    threads' FMA peak (PEAK_FLOPS_PER_THREAD; 0 for an object without a config)."""
-    try:
-        from ._C import get_num_threads
-        c = model.config
-        weights = c.num_parameters() - c.n_positions * c.n_embd  # (position embeddings: no product)
-        speedup = {"bfloat16": 2, "int8": 4}.get(getattr(model, "compute_dtype", "float32"), 1)
-        return 2.0 * weights / (PEAK_FLOPS_PER_THREAD * speedup * get_num_threads())
-    except Exception:
-        return 0.0
+    threads' FMA peak (PEAK_FLOPS_PER_THREAD)."""
+    from ._C import get_num_threads
+    c = model.config
+    weights = c.num_parameters() - c.n_positions * c.n_embd  # (position embeddings: no product)
+    speedup = {"bfloat16": 2, "int8": 4}.get(getattr(model, "compute_dtype", "float32"), 1)
+    return 2.0 * weights / (PEAK_FLOPS_PER_THREAD * speedup * get_num_threads())
 
 
 class DraftPlanner:
@@ -268,12 +260,13 @@ class DraftPlanner:
         probing each sequence that often cost the bundled model's 16-sequence steps ~5% (its 17th
         row takes a tile pass of its own: +20% a step). Returns the drafts given."""
         cost, rows = self.step_cost, len(entries)
+        rates = [slot.spec.rate for _, slot in spec_slots]
         given = 0
-        if worth_planning(cost, rows, max(slot.spec.rate for _, slot in spec_slots)):
-            offers = [(i, slot, offer(slot)) for i, slot in spec_slots]
+        if worth_planning(cost, rows, max(rates)):
+            offers = [(i, slot, offer(slot), rate) for (i, slot), rate in zip(spec_slots, rates)]
             offers = [o for o in offers if o[2]]
-            counts = plan_drafts(cost, rows, [(slot.spec.rate, len(d)) for _, slot, d in offers])
-            for (i, slot, drafts), n in zip(offers, counts):
+            counts = plan_drafts(cost, rows, [(rate, len(d)) for _, _, d, rate in offers])
+            for (i, slot, drafts, _), n in zip(offers, counts):
                 if n:
                     entries[i] = (slot.seq, [slot.next_token] + drafts[:n], True, True)
                     given += n
@@ -322,10 +315,10 @@ class Speculation:
     ACCEPTANCE_DECAY), which plan_drafts weighs against the step cost."""
     __slots__ = ("drafter", "max_drafts", "prior", "kept", "tried", "idle_steps")
 
-    def __init__(self, prompt: Sequence[int], max_drafts: int, prior: Optional[AcceptancePrior] = None):
+    def __init__(self, prompt: Sequence[int], max_drafts: int, prior: AcceptancePrior):
         self.drafter = NgramDrafter(prompt)
         self.max_drafts = max_drafts
-        self.prior = prior if prior is not None else AcceptancePrior()
+        self.prior = prior
         self.kept = 0.0   # drafts kept, decayed
         self.tried = 0.0  # drafts judged (kept, or the first one rejected), decayed
         self.idle_steps = 0  # steps since its last verification that gave it no drafts
