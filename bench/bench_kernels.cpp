@@ -3,9 +3,12 @@
 // call) and with B prepacked into panels (ops::pack_panels, as loaded models hold their weights);
 // then bfloat16 panels with bfloat16 compute (GemmArgs::a_bf16) and int8 panels with int8 compute
 // (GemmArgs::a_i8), each checked bit for bit against the reference. Compare with numpy in
-// bench/compare.py.
+// bench/compare.py. `bench_kernels --check` only checks, at small odd shapes that take every GEMM
+// path (streamed rows, few-row panel tiles, the blocked path), and exits 1 on a mismatch: a quick
+// self-test for a new machine or an emulator (an AArch64 build under qemu-user: tools/aarch64_check.sh).
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -40,7 +43,73 @@ static double checked_time(const GemmArgs& g, std::vector<float>& C, std::vector
   return time_gemm(g, reps);
 }
 
-int main() {
+// Every row of g's C against the reference GEMM: bit for bit, or for the generic variant (plain
+// loops the compiler may vectorise in another order) within float32 rounding of the sums.
+static bool matches_reference(const GemmArgs& g, bool exact) {
+  std::vector<float> C(size_t(g.M) * g.N, 0.0f), R(C.size(), 0.0f);
+  GemmArgs f = g, r = g;
+  f.C = C.data(), r.C = R.data();
+  cpu::kernels().gemm(f);
+  cpu::reference::gemm(r);
+  for (size_t i = 0; i < C.size(); ++i) {
+    if (exact ? C[i] != R[i] : !(std::fabs(C[i] - R[i]) <= 1e-5f * (std::fabs(R[i]) + float(g.K)))) return false;
+  }
+  return true;
+}
+
+static int check_kernels() {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  int failures = 0, checks = 0;
+  for (const std::string& variant : cpu::available_variants()) {
+    cpu::set_variant(variant);
+    const bool exact = variant != "generic";
+    for (int M : {1, 2, 3, 4, 5, 7, 9, 13, 16, 17, 31, 40, 70})
+      for (int K : {1, 33, 97})
+        for (int N : {1, 17, 61, 130}) {
+          std::vector<float> A(size_t(M) * K), B(size_t(K) * N), bias(N);
+          for (auto& x : A) x = normal(rng);
+          for (auto& x : B) x = normal(rng);
+          for (auto& x : bias) x = normal(rng);
+          GemmArgs g;
+          g.M = M, g.N = N, g.K = K, g.A = A.data(), g.lda = K, g.B = B.data(), g.ldb = N, g.ldc = N;
+          g.bias = bias.data();  // (no GELU: the kernels' tanh is a polynomial, the reference's std::tanh)
+          Tensor b_view = Tensor::view_external(B.data(), {K, N}, DType::F32, nullptr);
+          ops::PackedMatrix f32 = ops::pack_panels(b_view, BLayout::KN, DType::F32);
+          ops::PackedMatrix bf16 = ops::pack_panels(b_view, BLayout::KN, DType::BF16);
+          ops::PackedMatrix i8 = ops::pack_panels(b_view, BLayout::KN, DType::I8);
+          GemmArgs panels = g;
+          panels.B = f32.data.raw(), panels.b_layout = BLayout::Panels, panels.ldb = K;
+          GemmArgs panels_bf16 = panels, panels_bf16_compute = panels, panels_i8_compute = panels;
+          panels_bf16.B = bf16.data.raw(), panels_bf16.b_bf16 = true;
+          panels_bf16_compute.B = bf16.data.raw(), panels_bf16_compute.b_bf16 = true, panels_bf16_compute.a_bf16 = true;
+          panels_i8_compute.B = i8.data.raw(), panels_i8_compute.b_i8 = true, panels_i8_compute.a_i8 = true;
+          const std::pair<const char*, const GemmArgs*> cases[] = {
+              {"B stored (K, N)", &g}, {"float32 panels", &panels}, {"bfloat16 panels", &panels_bf16},
+              {"bfloat16 panels, bfloat16 compute", &panels_bf16_compute},
+              {"int8 panels, int8 compute", &panels_i8_compute}};
+          for (const auto& [what, args] : cases) {
+            ++checks;
+            if (!matches_reference(*args, exact)) {
+              ++failures;
+              std::printf("MISMATCH: %s, %s, %d x %d x %d\n", variant.c_str(), what, M, K, N);
+            }
+          }
+        }
+  }
+  std::printf("%d of %d GEMM checks match the reference (variants:", checks - failures, checks);
+  for (const std::string& variant : cpu::available_variants()) std::printf(" %s", variant.c_str());
+  std::printf(")\n");
+  return failures == 0 ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--check") == 0) return check_kernels();
+  if (argc > 1) {
+    std::fprintf(stderr, "usage: bench_kernels [--check]\n  (no argument: the GEMM table at GPT-2 shapes; "
+                         "--check: every variant against the reference at small odd shapes, exit 1 on a mismatch)\n");
+    return std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ? 0 : 2;
+  }
   const int shapes[][3] = {{256, 768, 2304}, {256, 768, 3072}, {256, 3072, 768}, {1, 768, 3072}, {256, 768, 50257}};
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;

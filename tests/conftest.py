@@ -97,7 +97,7 @@ def _kernel_variants():
 
 @pytest.fixture(params=_kernel_variants())
 def variant(request):
-    """Runs a test once per kernel variant this CPU supports (generic, avx2, avx512)."""
+    """Runs a test once per kernel variant this CPU supports (generic, and avx2 + avx512 or neon)."""
     from llamas import _C
     before = _C.kernel_variant()
     _C.set_kernel_variant(request.param)

@@ -263,7 +263,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("variant", ["avx2", "generic"])
+@pytest.mark.parametrize("variant", ["avx2", "neon", "generic"])
 def test_other_kernel_variants_give_the_same_output(variant):
     # Each variant's attention groups rows differently (AVX2 6, generic 2): a verifying chunk's rows
     # must still equal rows decoded one at a time.

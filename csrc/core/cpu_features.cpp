@@ -9,6 +9,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #define LLAMAS_X86 1
+#elif defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
 #endif
 
 namespace llamas {
@@ -51,6 +55,41 @@ CpuFeatures detect() {
   }
   return f;
 }
+#elif defined(__aarch64__) && defined(__linux__)
+CpuFeatures detect() {
+  // Bit positions from the kernel's uapi asm/hwcap.h (fixed ABI; spelled out so that older
+  // headers without the newer names still build).
+  constexpr unsigned long kHwcapAsimd = 1ul << 1, kHwcapAsimdDp = 1ul << 20;
+  constexpr unsigned long kHwcap2I8mm = 1ul << 13, kHwcap2Bf16 = 1ul << 14;
+  const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  CpuFeatures f;
+  f.neon = hw & kHwcapAsimd;
+  f.asimd_dotprod = hw & kHwcapAsimdDp;
+  f.arm_i8mm = hw2 & kHwcap2I8mm;
+  f.arm_bf16 = hw2 & kHwcap2Bf16;
+  return f;
+}
+#elif defined(__aarch64__) && defined(__APPLE__)
+bool sysctl_flag(const char* name) {
+  int value = 0;
+  size_t size = sizeof(value);
+  return sysctlbyname(name, &value, &size, nullptr, 0) == 0 && value != 0;
+}
+
+CpuFeatures detect() {
+  CpuFeatures f;
+  f.neon = true;  // every Apple silicon core
+  f.asimd_dotprod = sysctl_flag("hw.optional.arm.FEAT_DotProd");
+  f.arm_bf16 = sysctl_flag("hw.optional.arm.FEAT_BF16");
+  f.arm_i8mm = sysctl_flag("hw.optional.arm.FEAT_I8MM");
+  return f;
+}
+#elif defined(__aarch64__)
+CpuFeatures detect() {
+  CpuFeatures f;
+  f.neon = true;  // Advanced SIMD is part of ARMv8-A
+  return f;
+}
 #else
 CpuFeatures detect() { return CpuFeatures{}; }
 #endif
@@ -60,11 +99,13 @@ CpuFeatures detect() { return CpuFeatures{}; }
 namespace {
 
 constexpr const char* kFeatureNames[] = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                                         "avx512_bf16", "avx512_vnni", "avx512_vbmi", "avx512_fp16"};
+                                         "avx512_bf16", "avx512_vnni", "avx512_vbmi", "avx512_fp16",
+                                         "neon", "asimd_dotprod", "arm_bf16", "arm_i8mm"};
 
 bool* feature_flag(CpuFeatures& f, const std::string& name) {
   bool* flags[] = {&f.avx2, &f.fma, &f.f16c, &f.avx512f, &f.avx512bw, &f.avx512vl, &f.avx512dq,
-                   &f.avx512_bf16, &f.avx512_vnni, &f.avx512_vbmi, &f.avx512_fp16};
+                   &f.avx512_bf16, &f.avx512_vnni, &f.avx512_vbmi, &f.avx512_fp16,
+                   &f.neon, &f.asimd_dotprod, &f.arm_bf16, &f.arm_i8mm};
   for (size_t i = 0; i < sizeof(kFeatureNames) / sizeof(kFeatureNames[0]); ++i)
     if (name == kFeatureNames[i]) return flags[i];
   return nullptr;

@@ -17,6 +17,9 @@ const KernelTable* avx2_kernel_table();
 #ifdef LLAMAS_WITH_AVX512
 const KernelTable* avx512_kernel_table();
 #endif
+#ifdef LLAMAS_WITH_NEON
+const KernelTable* neon_kernel_table();
+#endif
 
 namespace {
 
@@ -28,6 +31,9 @@ const KernelTable* table_for(const std::string& name) {
 #endif
 #ifdef LLAMAS_WITH_AVX2
   if (name == "avx2" && f.avx2 && f.fma && f.f16c) return avx2_kernel_table();
+#endif
+#ifdef LLAMAS_WITH_NEON
+  if (name == "neon" && f.neon) return neon_kernel_table();
 #endif
   if (name == "generic") return generic_kernel_table();
   (void)f;
@@ -50,7 +56,7 @@ std::atomic<const KernelTable*>& current() {
 
 std::vector<std::string> available_variants() {
   std::vector<std::string> names;
-  for (const char* name : {"avx512", "avx2", "generic"})
+  for (const char* name : {"avx512", "avx2", "neon", "generic"})
     if (table_for(name)) names.push_back(name);
   return names;
 }

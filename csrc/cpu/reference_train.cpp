@@ -46,8 +46,11 @@ void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
 void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale) {
   for (int64_t r = 0; r < rows; ++r) {
     float* z = logits + r * V;
-    double mx = z[0], sum = 0;
-    for (int64_t i = 1; i < V; ++i) mx = std::fmax(mx, z[i]);
+    // The maximum in float (exact), widened once: a double fmax-reduction over float inputs crashes
+    // GCC 12's aarch64 vectoriser (internal compiler error in vect_transform_reduction).
+    float row_max = z[0];
+    for (int64_t i = 1; i < V; ++i) row_max = std::fmax(row_max, z[i]);
+    double mx = row_max, sum = 0;
     for (int64_t i = 0; i < V; ++i) sum += std::exp(z[i] - mx);
     losses[r] = float(mx + std::log(sum) - z[targets[r]]);
     if (grad_scale == 0.0f) continue;

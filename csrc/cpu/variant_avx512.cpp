@@ -1,21 +1,11 @@
 // The avx512 kernel variant: the shared kernel code compiled against vec_avx512.h.
-#include "cpu/kernel_table.h"
 #include "cpu/vec_avx512.h"
-#include "cpu/math_impl.h"
-#include "cpu/gemm_impl.h"
-#include "cpu/norm_impl.h"
-#include "cpu/attention_impl.h"
-#include "cpu/train_impl.h"
+#include "cpu/variant_table_impl.h"
 
 namespace llamas {
 namespace cpu {
 
-const KernelTable* avx512_kernel_table() {
-  static const KernelTable table = {kVariantName, gemm, layernorm, residual_layernorm, gelu, softmax, add, attention,
-      column_sum, layernorm_backward, gelu_backward, cross_entropy, attention_forward, attention_backward,
-      sum_squares, adamw, bf16_dot_native, i8_dot_native};
-  return &table;
-}
+const KernelTable* avx512_kernel_table() { return this_variant_table(); }
 
 }  // namespace cpu
 }  // namespace llamas

@@ -1,6 +1,6 @@
 #pragma once
 // Vec for AVX2 + FMA: 8 floats per 256-bit register. Included only by variant_avx2.cpp, which is
-// compiled with -mavx2 -mfma; everything here has internal linkage (see kernels_impl.h).
+// compiled with -mavx2 -mfma; everything here has internal linkage (see variant_table_impl.h).
 #include <immintrin.h>
 
 #include <cstdint>

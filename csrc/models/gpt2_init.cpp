@@ -106,7 +106,9 @@ GPT2Weights init_gpt2_weights(const GPT2Config& c, uint64_t seed) {
   for (size_t i = 0; i < params.size(); ++i) *params[i].second = w.flat.slice(offsets[i], shapes[i]);
   const float std_dev = 0.02f, proj_std = 0.02f / std::sqrt(2.0f * float(c.n_layer));
   uint64_t index = 0;
-  for (auto& [name, t] : params) {
+  for (auto& param : params) {
+    const std::string& name = param.first;  // (a lambda capturing a structured binding is C++20)
+    Tensor* t = param.second;
     ++index;
     auto ends_with = [&](const char* s) {
       size_t n = std::strlen(s);

@@ -25,7 +25,7 @@ PackedWeight = _ops.PackedWeight
 
 
 def set_kernel_variant(name: str) -> None:
-    """Forces a kernel variant ('avx512', 'avx2' or 'generic'); raises if this CPU lacks it."""
+    """Forces a kernel variant ('avx512', 'avx2', 'neon' or 'generic'); raises if this CPU lacks it."""
     from . import _C
     _C.set_kernel_variant(name)
 

@@ -15,9 +15,16 @@ struct CpuFeatures {
   bool avx512_vnni = false;
   bool avx512_vbmi = false;
   bool avx512_fp16 = false;
+  // AArch64: Advanced SIMD (every ARMv8-A core has it; the neon kernel variant needs only this),
+  // and the dot-product, bfloat16 and int8 matrix-multiply extensions (reported, not yet used).
+  bool neon = false;
+  bool asimd_dotprod = false;
+  bool arm_bf16 = false;
+  bool arm_i8mm = false;
 };
 
-// What the CPU and the operating system support (CPUID plus XGETBV for the saved register state),
+// What the CPU and the operating system support (x86: CPUID plus XGETBV for the saved register
+// state; AArch64: the kernel's HWCAP bits on Linux, sysctl on macOS),
 // less the features LLAMAS_CPU_HIDE names (a comma list of cpu_feature_names, e.g.
 // "avx512_bf16,avx512_vnni"): the kernels then run as on a CPU without them. That is how the tests
 // reach, on a Zen 4, the paths a Skylake-X (no VNNI, no BF16) or a Cascade Lake (no VBMI) takes.
