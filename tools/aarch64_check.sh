@@ -22,8 +22,21 @@ esac
 cd "$(dirname "$0")/.."
 command -v cmake > /dev/null && command -v ninja > /dev/null || python -m pip install --quiet cmake ninja
 
-# zig_tools DIR TARGET: DIR/c++, DIR/ar and DIR/ranlib as single executables (CMake takes no
-# arguments in CMAKE_CXX_COMPILER) running zig for TARGET.
+# zig_toolchain BUILD TARGET SYSTEM PROCESSOR [CMAKE LINES...]: BUILD/zig/c++, ar and ranlib as
+# single executables (CMake takes no arguments in CMAKE_CXX_COMPILER) running zig for TARGET, and
+# BUILD/toolchain.cmake naming them, for CMAKE_SYSTEM_NAME SYSTEM, plus the extra lines.
+zig_toolchain() {
+  local build=$1 target=$2 system=$3 processor=$4
+  shift 4
+  zig_tools "$PWD/$build/zig" "$target"
+  {
+    echo "set(CMAKE_SYSTEM_NAME $system)"
+    echo "set(CMAKE_SYSTEM_PROCESSOR $processor)"
+    for tool in CXX_COMPILER:c++ AR:ar RANLIB:ranlib; do echo "set(CMAKE_${tool%%:*} $PWD/$build/zig/${tool#*:})"; done
+    for line in "$@"; do echo "$line"; done
+  } > "$build/toolchain.cmake"
+}
+
 zig_tools() {
   python -c "import ziglang" 2> /dev/null || python -m pip install --quiet ziglang
   local python_exe
@@ -64,17 +77,9 @@ elif [[ "$mode" == "--gcc" ]]; then
 else
   linux=build/aarch64-check-linux-zig
   mkdir -p "$linux"
-  zig_tools "$PWD/$linux/zig" aarch64-linux-musl
+  zig_toolchain "$linux" aarch64-linux-musl Linux aarch64 "set(CMAKE_EXE_LINKER_FLAGS_INIT -static)"
   compiler="zig $(python -m ziglang version) (clang), static musl"
   sysroot=""
-  cat > "$linux/toolchain.cmake" <<EOF
-set(CMAKE_SYSTEM_NAME Linux)
-set(CMAKE_SYSTEM_PROCESSOR aarch64)
-set(CMAKE_CXX_COMPILER $PWD/$linux/zig/c++)
-set(CMAKE_AR $PWD/$linux/zig/ar)
-set(CMAKE_RANLIB $PWD/$linux/zig/ranlib)
-set(CMAKE_EXE_LINKER_FLAGS_INIT -static)
-EOF
 fi
 build "$linux" "AArch64 Linux with $compiler"
 # ELF e_machine (bytes 18-19) must be EM_AARCH64 (183).
@@ -90,16 +95,7 @@ fi
 # 2. macOS on Apple silicon
 mac=build/aarch64-check-macos
 mkdir -p "$mac"
-zig_tools "$PWD/$mac/zig" aarch64-macos
-cat > "$mac/toolchain.cmake" <<EOF
-set(CMAKE_SYSTEM_NAME Darwin)
-set(CMAKE_SYSTEM_PROCESSOR arm64)
-set(CMAKE_CXX_COMPILER $PWD/$mac/zig/c++)
-set(CMAKE_AR $PWD/$mac/zig/ar)
-set(CMAKE_RANLIB $PWD/$mac/zig/ranlib)
-set(CMAKE_OSX_SYSROOT "")
-set(CMAKE_OSX_DEPLOYMENT_TARGET "")
-EOF
+zig_toolchain "$mac" aarch64-macos Darwin arm64 'set(CMAKE_OSX_SYSROOT "")' 'set(CMAKE_OSX_DEPLOYMENT_TARGET "")'
 build "$mac" "macOS arm64 with zig $(python -m ziglang version) (clang)"
 # Mach-O: magic 0xfeedfacf, then cputype CPU_TYPE_ARM64 (0x0100000c), little-endian.
 header=$(od -An -tx1 -N8 "$mac/bench_kernels" | tr -d ' ')
