@@ -305,3 +305,30 @@ def test_cached_blocks_serve_requests_down_to_half_their_size():
 def test_unknown_kernel_variant_is_refused():
     with pytest.raises(llamas.LlamasError, match="not available"):
         ops.set_kernel_variant("avx9000")
+
+
+def test_hiding_the_best_variants_feature_falls_back_to_the_next_variant():
+    # x86-64: without avx512f the avx2 variant runs (without avx2 too, generic); AArch64: without
+    # neon, generic. The other architecture's features are listed and all off.
+    import os
+    import platform
+    import subprocess
+    import sys
+    features = llamas._C.cpu_features()
+    x86 = ("avx2", "avx512f", "avx512_vnni")
+    arm = ("neon", "asimd_dotprod", "arm_bf16", "arm_i8mm")
+    assert set(x86 + arm) <= set(features)
+    machine = platform.machine().lower()
+    other = arm if machine in ("x86_64", "amd64") else x86 if machine in ("aarch64", "arm64") else ()
+    assert not any(features[name] for name in other), features
+    variants = llamas.info()["available_kernel_variants"]
+    hide_to_expected = {"avx512f": "avx2" if "avx2" in variants else "generic", "avx512f,avx2": "generic",
+                        "neon": "generic"}
+    for hide, expected in hide_to_expected.items():
+        if not any(features[name] for name in hide.split(",")):
+            continue
+        env = dict(os.environ, LLAMAS_CPU_HIDE=hide)
+        env.pop("LLAMAS_KERNEL", None)
+        out = subprocess.run([sys.executable, "-c", "import llamas; print(llamas._C.kernel_variant())"],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == expected, (hide, out.stdout, out.stderr)
