@@ -19,25 +19,10 @@ struct Vec {
   static Vec zero() { return set1(0.0f); }
   static Vec set1(float x) { return {vdupq_n_f32(x), vdupq_n_f32(x)}; }
   static Vec load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
-  // Partial loads and stores go lane by lane: a copy through a stack buffer became a memcpy call,
-  // and GCC 12 then kept GEMM tiles' accumulators in memory, storing them on every k pass.
-  static float32x4_t load4_partial(const float* p, int n) {  // n in [0, 4]
-    float32x4_t r = vdupq_n_f32(0.0f);
-    if (n > 0) r = vld1q_lane_f32(p, r, 0);
-    if (n > 1) r = vld1q_lane_f32(p + 1, r, 1);
-    if (n > 2) r = vld1q_lane_f32(p + 2, r, 2);
-    if (n > 3) r = vld1q_lane_f32(p + 3, r, 3);
-    return r;
-  }
-  static void store4_partial(float* p, float32x4_t v, int n) {  // n in [0, 4]
-    if (n > 0) vst1q_lane_f32(p, v, 0);
-    if (n > 1) vst1q_lane_f32(p + 1, v, 1);
-    if (n > 2) vst1q_lane_f32(p + 2, v, 2);
-    if (n > 3) vst1q_lane_f32(p + 3, v, 3);
-  }
   static Vec load_partial(const float* p, int n) {
-    if (n >= 4) return {vld1q_f32(p), load4_partial(p + 4, n - 4)};
-    return {load4_partial(p, n), vdupq_n_f32(0.0f)};
+    float tmp[W] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    return load(tmp);
   }
   // bfloat16 is the top half of a float32: widen by shifting 16 bits left.
   static Vec load_bf16(const uint16_t* p) {
@@ -66,8 +51,9 @@ struct Vec {
   }
   void store(float* p) const { vst1q_f32(p, lo), vst1q_f32(p + 4, hi); }
   void store_partial(float* p, int n) const {
-    if (n >= 4) vst1q_f32(p, lo), store4_partial(p + 4, hi, n - 4);
-    else store4_partial(p, lo, n);
+    float tmp[W];
+    store(tmp);
+    for (int i = 0; i < n; ++i) p[i] = tmp[i];
   }
 
   friend Vec operator+(Vec a, Vec b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
