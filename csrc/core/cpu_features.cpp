@@ -161,6 +161,11 @@ std::string cpu_name() {
   std::string s(name);
   while (!s.empty() && s.back() == ' ') s.pop_back();
   return s;
+#elif defined(__aarch64__) && defined(__APPLE__)
+  char brand[128] = {0};
+  size_t size = sizeof(brand) - 1;
+  if (sysctlbyname("machdep.cpu.brand_string", brand, &size, nullptr, 0) == 0 && brand[0]) return brand;  // "Apple M2"
+  return "arm64";
 #elif defined(__aarch64__)
   return "aarch64";
 #else

@@ -33,7 +33,7 @@ const CpuFeatures& cpu_features();
 // cpu_features() has the named one (false for an unknown name).
 const char* const* cpu_feature_names(int* count);
 bool has_cpu_feature(const std::string& name);
-// The CPU model string from CPUID, or the architecture name elsewhere.
+// The CPU model string from CPUID (x86) or sysctl (macOS), or the architecture name elsewhere.
 std::string cpu_name();
 
 }  // namespace llamas
