@@ -108,31 +108,59 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
 
 // A register tile's accumulators before its k loop: the bias (or 0) in the first k block, else the
 // C rows so far (rows past `rows` start at 0 and are never stored). lanes[j]: register j's columns.
+// A variant's Vec header may define LLAMAS_TILE_EDGES_INLINE: the tile's start and finish are then
+// forced inline with their loops unrolled, so acc is only ever indexed by constants and stays in
+// registers. Without that, GCC 12 for AArch64 kept acc in memory (start_tile out of line took its
+// address, and a rolled row loop indexed it) and stored all 16 accumulators back on every pass
+// of the k loop (16 stores against 64 FMLAs); with it, the loop has no stack traffic (objdump).
+// GCC for x86 keeps the accumulators in registers either way, so its variants leave it off.
+#ifdef LLAMAS_TILE_EDGES_INLINE
+#define LLAMAS_TILE_EDGE inline __attribute__((always_inline))
+#define LLAMAS_UNROLL_TILE_ROWS _Pragma("GCC unroll 16")
+#define LLAMAS_UNROLL_TILE_REGS _Pragma("GCC unroll 8")
+#else
+#define LLAMAS_TILE_EDGE inline
+#define LLAMAS_UNROLL_TILE_ROWS
+#define LLAMAS_UNROLL_TILE_REGS
+#endif
+
 template <int R, int REGS>
-inline void start_tile(const GemmArgs& g, Vec (&acc)[R][REGS], int (&lanes)[REGS], const float* C, int rows, int cols,
+LLAMAS_TILE_EDGE void start_tile(const GemmArgs& g, Vec (&acc)[R][REGS], int (&lanes)[REGS], const float* C, int rows, int cols,
                        int64_t col0, bool first) {
   for (int j = 0; j < REGS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
   if (first && !g.accumulate) {
+    LLAMAS_UNROLL_TILE_REGS
     for (int j = 0; j < REGS; ++j) {
       Vec start = g.bias ? load_lanes(g.bias + col0 + j * Vec::W, lanes[j]) : Vec::zero();
+      LLAMAS_UNROLL_TILE_ROWS
       for (int i = 0; i < R; ++i) acc[i][j] = start;
     }
   } else {
+    LLAMAS_UNROLL_TILE_ROWS
     for (int i = 0; i < R; ++i)
+      LLAMAS_UNROLL_TILE_REGS
       for (int j = 0; j < REGS; ++j) acc[i][j] = i < rows ? load_lanes(C + i * g.ldc + j * Vec::W, lanes[j]) : Vec::zero();
   }
 }
 
 // Stores a tile's rows (GELU first after the last k block).
 template <int R, int REGS>
-inline void finish_tile(const GemmArgs& g, const Vec (&acc)[R][REGS], const int (&lanes)[REGS], float* C, int rows,
+LLAMAS_TILE_EDGE void finish_tile(const GemmArgs& g, const Vec (&acc)[R][REGS], const int (&lanes)[REGS], float* C, int rows,
                         bool last) {
-  for (int i = 0; i < rows; ++i)
+#ifdef LLAMAS_TILE_EDGES_INLINE
+  LLAMAS_UNROLL_TILE_ROWS
+  for (int i = 0; i < R; ++i) {
+    if (i >= rows) break;  // (a constant bound: unrolled, acc's indices are constants)
+#else
+  for (int i = 0; i < rows; ++i) {
+#endif
+    LLAMAS_UNROLL_TILE_REGS
     for (int j = 0; j < REGS; ++j) {
       Vec c = acc[i][j];
       if (last && g.gelu) c = vgelu(c);
       store_lanes(C + i * g.ldc + j * Vec::W, c, lanes[j]);
     }
+  }
 }
 
 // W columns of the stored panels at column col (a multiple of W) and row k. A run past the last

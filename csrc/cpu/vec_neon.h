@@ -129,11 +129,11 @@ inline void transpose_square(Vec* r) {
 }
 
 // MR: 4 rows x 2 Vecs = 16 accumulator registers, beside 4 of B and 4 of broadcast A. With 6 rows
-// (AVX2's MR) GCC 12 kept each row's A value in a register of its own (by-element FMLA) and
-// spilled the 24 accumulators on every k step. Even at 4 rows it stores the accumulators to the
-// stack once per 4 k steps in the packed tile's loop (16 stores against 64 FMLAs, in GCC 12's
-// output checked with objdump): no AArch64 machine was at hand to time either choice.
+// (AVX2's MR) GCC 12 kept each row's A value in a register of its own (by-element FMLA), 34
+// registers of 32, and spilled the accumulators on every k step (objdump; no AArch64 machine
+// was at hand to time either choice).
 constexpr int kGemmRows = 4;
+#define LLAMAS_TILE_EDGES_INLINE 1  // see gemm_tile_impl.h
 constexpr const char* kVariantName = "neon";
 
 }  // namespace
