@@ -106,8 +106,6 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
   }
 }
 
-// A register tile's accumulators before its k loop: the bias (or 0) in the first k block, else the
-// C rows so far (rows past `rows` start at 0 and are never stored). lanes[j]: register j's columns.
 // A variant's Vec header may define LLAMAS_TILE_EDGES_INLINE: the tile's start and finish are then
 // forced inline with their loops unrolled, so acc is only ever indexed by constants and stays in
 // registers. Without that, GCC 12 for AArch64 kept acc in memory (start_tile out of line took its
@@ -124,9 +122,11 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
 #define LLAMAS_UNROLL_TILE_REGS
 #endif
 
+// A register tile's accumulators before its k loop: the bias (or 0) in the first k block, else the
+// C rows so far (rows past `rows` start at 0 and are never stored). lanes[j]: register j's columns.
 template <int R, int REGS>
-LLAMAS_TILE_EDGE void start_tile(const GemmArgs& g, Vec (&acc)[R][REGS], int (&lanes)[REGS], const float* C, int rows, int cols,
-                       int64_t col0, bool first) {
+LLAMAS_TILE_EDGE void start_tile(const GemmArgs& g, Vec (&acc)[R][REGS], int (&lanes)[REGS], const float* C,
+                                 int rows, int cols, int64_t col0, bool first) {
   for (int j = 0; j < REGS; ++j) lanes[j] = clamp_lanes(cols - j * Vec::W);
   if (first && !g.accumulate) {
     LLAMAS_UNROLL_TILE_REGS
@@ -145,8 +145,8 @@ LLAMAS_TILE_EDGE void start_tile(const GemmArgs& g, Vec (&acc)[R][REGS], int (&l
 
 // Stores a tile's rows (GELU first after the last k block).
 template <int R, int REGS>
-LLAMAS_TILE_EDGE void finish_tile(const GemmArgs& g, const Vec (&acc)[R][REGS], const int (&lanes)[REGS], float* C, int rows,
-                        bool last) {
+LLAMAS_TILE_EDGE void finish_tile(const GemmArgs& g, const Vec (&acc)[R][REGS], const int (&lanes)[REGS], float* C,
+                                  int rows, bool last) {
 #ifdef LLAMAS_TILE_EDGES_INLINE
   LLAMAS_UNROLL_TILE_ROWS
   for (int i = 0; i < R; ++i) {
