@@ -33,28 +33,27 @@ static double time_gemm(const GemmArgs& g, int reps) {
   return times[times.size() / 2];
 }
 
-// Runs g, checks its first 4 rows bit for bit against the reference (into scratch), then times it.
-static double checked_time(const GemmArgs& g, std::vector<float>& C, std::vector<float>& scratch, int reps, bool& same) {
+// Runs g (into g.C), then checks its first `rows` rows against the reference GEMM: bit for bit, or
+// for the generic variant (plain loops the compiler may vectorise in another order) within float32
+// rounding of the sums.
+static bool matches_reference(const GemmArgs& g, int64_t rows, bool exact) {
   cpu::kernels().gemm(g);
+  std::vector<float> R(size_t(rows) * g.N, 0.0f);
   GemmArgs r = g;
-  r.M = std::min<int64_t>(g.M, 4), r.C = scratch.data();
+  r.M = rows, r.C = R.data(), r.ldc = g.N;
   cpu::reference::gemm(r);
-  same = std::equal(C.begin(), C.begin() + size_t(r.M) * g.N, scratch.begin());
-  return time_gemm(g, reps);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t n = 0; n < g.N; ++n) {
+      const float c = g.C[m * g.ldc + n], ref = R[m * g.N + n];
+      if (exact ? c != ref : !(std::fabs(c - ref) <= 1e-5f * (std::fabs(ref) + float(g.K)))) return false;
+    }
+  return true;
 }
 
-// Every row of g's C against the reference GEMM: bit for bit, or for the generic variant (plain
-// loops the compiler may vectorise in another order) within float32 rounding of the sums.
-static bool matches_reference(const GemmArgs& g, bool exact) {
-  std::vector<float> C(size_t(g.M) * g.N, 0.0f), R(C.size(), 0.0f);
-  GemmArgs f = g, r = g;
-  f.C = C.data(), r.C = R.data();
-  cpu::kernels().gemm(f);
-  cpu::reference::gemm(r);
-  for (size_t i = 0; i < C.size(); ++i) {
-    if (exact ? C[i] != R[i] : !(std::fabs(C[i] - R[i]) <= 1e-5f * (std::fabs(R[i]) + float(g.K)))) return false;
-  }
-  return true;
+// Checks g's first 4 rows bit for bit (the reference is a plain triple loop), then times it.
+static double checked_time(const GemmArgs& g, int reps, bool& same) {
+  same = matches_reference(g, std::min<int64_t>(g.M, 4), true);
+  return time_gemm(g, reps);
 }
 
 static int check_kernels() {
@@ -67,12 +66,12 @@ static int check_kernels() {
     for (int M : {1, 2, 3, 4, 5, 7, 9, 13, 16, 17, 31, 40, 70})
       for (int K : {1, 33, 97})
         for (int N : {1, 17, 61, 130}) {
-          std::vector<float> A(size_t(M) * K), B(size_t(K) * N), bias(N);
+          std::vector<float> A(size_t(M) * K), B(size_t(K) * N), bias(N), C(size_t(M) * N);
           for (auto& x : A) x = normal(rng);
           for (auto& x : B) x = normal(rng);
           for (auto& x : bias) x = normal(rng);
           GemmArgs g;
-          g.M = M, g.N = N, g.K = K, g.A = A.data(), g.lda = K, g.B = B.data(), g.ldb = N, g.ldc = N;
+          g.M = M, g.N = N, g.K = K, g.A = A.data(), g.lda = K, g.B = B.data(), g.ldb = N, g.C = C.data(), g.ldc = N;
           g.bias = bias.data();  // (no GELU: the kernels' tanh is a polynomial, the reference's std::tanh)
           Tensor b_view = Tensor::view_external(B.data(), {K, N}, DType::F32, nullptr);
           ops::PackedMatrix f32 = ops::pack_panels(b_view, BLayout::KN, DType::F32);
@@ -90,7 +89,7 @@ static int check_kernels() {
               {"int8 panels, int8 compute", &panels_i8_compute}};
           for (const auto& [what, args] : cases) {
             ++checks;
-            if (!matches_reference(*args, exact)) {
+            if (!matches_reference(*args, M, exact)) {
               ++failures;
               std::printf("MISMATCH: %s, %s, %d x %d x %d\n", variant.c_str(), what, M, K, N);
             }
@@ -144,11 +143,11 @@ int main(int argc, char** argv) {
       GemmArgs h = p;
       h.B = packed_bf16.data.raw(), h.b_bf16 = true, h.a_bf16 = true;
       bool same_bf16 = false, same_i8 = false;
-      double sec_bf16 = checked_time(h, C, R, N > 10000 ? 3 : 9, same_bf16);
+      double sec_bf16 = checked_time(h, N > 10000 ? 3 : 9, same_bf16);
       ops::PackedMatrix packed_i8 = ops::pack_panels(b_view, BLayout::KN, DType::I8);
       GemmArgs q = p;
       q.B = packed_i8.data.raw(), q.b_i8 = true, q.a_i8 = true;
-      double sec_i8 = checked_time(q, C, R, N > 10000 ? 3 : 9, same_i8);
+      double sec_i8 = checked_time(q, N > 10000 ? 3 : 9, same_i8);
       const double flop = 2.0 * M * K * N;
       std::printf("| %s | %d x %d x %d | %.1f | %.1f | %.1e | %.1f | %s | %.1f | %s |\n", variant.c_str(), M, K, N,
                   flop / sec / 1e9, flop / sec_packed / 1e9, err, flop / sec_bf16 / 1e9,

@@ -265,8 +265,8 @@ print("ok")
 
 @pytest.mark.parametrize("variant", ["avx2", "neon", "generic"])
 def test_other_kernel_variants_give_the_same_output(variant):
-    # Each variant's attention groups rows differently (AVX2 6, generic 2): a verifying chunk's rows
-    # must still equal rows decoded one at a time.
+    # Each variant's attention takes query rows in groups (AVX-512 4; AVX2, NEON and generic 6) and
+    # rounds in its own lanes: a verifying chunk's rows must still equal rows decoded one at a time.
     if variant not in llamas.info()["available_kernel_variants"]:
         pytest.skip(f"{variant} cannot run here")
     paths = [HERE] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

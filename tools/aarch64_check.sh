@@ -62,15 +62,7 @@ if [[ "$mode" != "--zig" ]] && command -v aarch64-linux-gnu-g++ > /dev/null; the
   mkdir -p "$linux"
   compiler="GCC $(aarch64-linux-gnu-g++ -dumpfullversion)"
   sysroot=/usr/aarch64-linux-gnu
-  cat > "$linux/toolchain.cmake" <<EOF
-set(CMAKE_SYSTEM_NAME Linux)
-set(CMAKE_SYSTEM_PROCESSOR aarch64)
-set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
-set(CMAKE_FIND_ROOT_PATH $sysroot)
-set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
-set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
-set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
-EOF
+  cp tools/aarch64-linux-gnu.cmake "$linux/toolchain.cmake"
 elif [[ "$mode" == "--gcc" ]]; then
   echo "aarch64_check: aarch64-linux-gnu-g++ not found (--gcc asks for it)" >&2
   exit 1
