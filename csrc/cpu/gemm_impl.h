@@ -60,11 +60,11 @@ void gemm_typed(const GemmArgs& g) {
 
 void gemm(const GemmArgs& g) {
   // (The ops layer only builds these; a caller that does not would read the wrong layout.)
-  LLAMAS_CHECK(!g.b_i8 || g.b_layout == BLayout::Panels, "gemm", "int8 weights exist only as panels");
-  LLAMAS_CHECK(!g.a_bf16 || ((g.b_bf16 || g.b_i8) && g.b_layout == BLayout::Panels && !g.a_trans), "gemm",
-               "bfloat16 compute needs bfloat16 or int8 panels and A stored as rows");
-  LLAMAS_CHECK(!g.a_i8 || (g.b_i8 && g.b_layout == BLayout::Panels && !g.a_trans && !g.a_bf16), "gemm",
-               "int8 compute needs int8 panels and A stored as rows");
+  if (g.b_i8 && g.b_layout != BLayout::Panels) llamas::fail_text("gemm", "int8 weights exist only as panels");
+  if (g.a_bf16 && !((g.b_bf16 || g.b_i8) && g.b_layout == BLayout::Panels && !g.a_trans))
+    llamas::fail_text("gemm", "bfloat16 compute needs bfloat16 or int8 panels and A stored as rows");
+  if (g.a_i8 && !(g.b_i8 && g.b_layout == BLayout::Panels && !g.a_trans && !g.a_bf16))
+    llamas::fail_text("gemm", "int8 compute needs int8 panels and A stored as rows");
   if (g.M == 0 || g.N == 0) return;
   if (g.a_i8) {
     static const bool hardware = i8_dot_native();

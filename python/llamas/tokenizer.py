@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional
 
 from ._C import LlamasError
@@ -51,7 +52,12 @@ class Tokenizer:
                 backend = tokenizers.Tokenizer.from_file(tokenizer_json)
                 source = tokenizer_json
             elif os.path.exists(vocab) and os.path.exists(merges):
-                backend = tokenizers.ByteLevelBPETokenizer(vocab, merges)
+                # Files given to BPE() directly are "deprecated" (tokenizers 0.22, the last
+                # release for Python 3.9, warns), but from_file reads them through Python dicts:
+                # 100 ms instead of 50 for GPT-2's vocabulary.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    backend = tokenizers.ByteLevelBPETokenizer(vocab, merges)
                 source = vocab
             else:
                 raise LlamasError(

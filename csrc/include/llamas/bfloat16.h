@@ -6,8 +6,10 @@
 
 namespace llamas {
 
+// static, so that a kernel variant's copy (compiled with AVX flags) stays private: see kv_block.h.
+
 // Round to nearest, ties to even; a NaN stays a (quiet) NaN instead of rounding to infinity.
-inline uint16_t float_to_bf16(float f) {
+static inline uint16_t float_to_bf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
   if ((bits & 0x7F800000) == 0x7F800000 && (bits & 0x7FFFFF)) return uint16_t((bits >> 16) | 0x40);
@@ -15,7 +17,7 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t((bits + rounding) >> 16);
 }
 
-inline float bf16_to_float(uint16_t bits) {
+static inline float bf16_to_float(uint16_t bits) {
   uint32_t wide = uint32_t(bits) << 16;
   float f;
   std::memcpy(&f, &wide, 4);
@@ -24,7 +26,7 @@ inline float bf16_to_float(uint16_t bits) {
 
 // x as an element of a float32 (Out = float) or bfloat16 (Out = uint16_t) array.
 template <typename Out>
-inline Out float_as(float x);
+static inline Out float_as(float x);
 template <>
 inline float float_as<float>(float x) { return x; }
 template <>

@@ -30,6 +30,10 @@ template <typename... Parts>
   throw Error(os.str());
 }
 
+// The same for one fixed message, defined out of line (core/error.cpp): the kernel variant files
+// call this one, so they instantiate no error code that other files would share (see kv_block.h).
+[[noreturn]] void fail_text(const char* op, const char* message);
+
 }  // namespace llamas
 
 #define LLAMAS_CHECK(cond, op, ...) \

@@ -9,13 +9,15 @@
 
 namespace llamas {
 
+// static, so that a kernel variant's copy (compiled with AVX flags) stays private: see kv_block.h.
+
 // The scale of a vector whose largest magnitude is amax, and what its entries are multiplied by
 // before rounding (0 for an all-zero vector, or a non-finite amax's NaN scale). The vectorized
 // quantizers use it too, so every path forms the same q.
 struct Int8Scale {
   float scale, inverse;
 };
-inline Int8Scale int8_scale(float amax) {
+static inline Int8Scale int8_scale(float amax) {
   const float scale = amax / 127.0f;
   return {scale, scale > 0.0f ? 1.0f / scale : 0.0f};
 }
@@ -23,7 +25,7 @@ inline Int8Scale int8_scale(float amax) {
 // x[0..n) (stride x_stride) into q (stride q_stride); returns the scale (0 for an all-zero x). A
 // NaN or infinity makes the scale non-finite, so the entries read back non-finite, as float32
 // would hold them (the weights' quantizer refuses such weights before it gets here).
-inline float quantize_int8(const float* x, int64_t n, int64_t x_stride, int8_t* q, int64_t q_stride) {
+static inline float quantize_int8(const float* x, int64_t n, int64_t x_stride, int8_t* q, int64_t q_stride) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float a = std::fabs(x[i * x_stride]);
@@ -39,16 +41,16 @@ inline float quantize_int8(const float* x, int64_t n, int64_t x_stride, int8_t* 
 }
 
 // Weight (k, n) of int8 panels (see i8_panel_bytes): its q, and the scale of its column and 32-row block.
-inline int8_t i8_panel_q(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
+static inline int8_t i8_panel_q(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
   return panels[(n / kPanelWidth) * i8_panel_bytes(K) + k * kPanelWidth + n % kPanelWidth];
 }
-inline float i8_panel_scale(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
+static inline float i8_panel_scale(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
   const int8_t* panel = panels + (n / kPanelWidth) * i8_panel_bytes(K);
   return reinterpret_cast<const float*>(panel + K * kPanelWidth)[k / kI8Block * kPanelWidth + n % kPanelWidth];
 }
 
 // q * scale: the float32 product every GEMM path with float32 or bfloat16 activations forms.
-inline float i8_panel_weight(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
+static inline float i8_panel_weight(const int8_t* panels, int64_t K, int64_t k, int64_t n) {
   return float(i8_panel_q(panels, K, k, n)) * i8_panel_scale(panels, K, k, n);
 }
 

@@ -12,11 +12,15 @@
 
 namespace llamas {
 
+// These functions are static (as in bfloat16.h and int8.h): the kernel variant files include them
+// compiled with AVX flags, and a copy the compiler did not inline must stay private to its file,
+// never merged with the copies other files call on CPUs without AVX (tools/x86_baseline_check.sh).
+
 // An int8 region's scales (after its n_head * head_dim * 16 entries): [head][kKvBlockSize].
-inline float* kv_i8_scales(int8_t* region, int n_head, int head_dim) {
+static inline float* kv_i8_scales(int8_t* region, int n_head, int head_dim) {
   return reinterpret_cast<float*>(region + int64_t(n_head) * head_dim * kKvBlockSize);
 }
-inline const float* kv_i8_scales(const int8_t* region, int n_head, int head_dim) {
+static inline const float* kv_i8_scales(const int8_t* region, int n_head, int head_dim) {
   return reinterpret_cast<const float*>(region + int64_t(n_head) * head_dim * kKvBlockSize);
 }
 
@@ -24,8 +28,8 @@ inline const float* kv_i8_scales(const int8_t* region, int n_head, int head_dim)
 // values v[...], rounded to the block's entry type T (float, bfloat16 as uint16_t, or int8 with a
 // scale per head and position; n_head, the heads a region holds, places int8's scales).
 template <typename T>
-inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, int head_dim, int64_t slot,
-                                 const float* k, const float* v, int n_head) {
+static inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, int head_dim, int64_t slot,
+                                        const float* k, const float* v, int n_head) {
   if constexpr (std::is_same_v<T, int8_t>) {
     float* k_scales = kv_i8_scales(key_block, n_head, head_dim);
     float* v_scales = kv_i8_scales(value_block, n_head, head_dim);
@@ -51,8 +55,8 @@ inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, i
 }
 
 template <typename T>
-inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot, const float* k,
-                           const float* v) {
+static inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot,
+                                  const float* k, const float* v) {
   kv_block_write_heads(key_block, value_block, 0, n_head, head_dim, slot, k, v, n_head);
 }
 
@@ -60,7 +64,7 @@ inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_di
 // block of position first_pos. The blocks are the cache's own memory; the args hold them const
 // because the attention kernels only read them otherwise.
 template <typename T>
-inline void kv_write_new_position(const AttentionArgs& a, int h0, int h1) {
+static inline void kv_write_new_position(const AttentionArgs& a, int h0, int h1) {
   const int64_t blk = a.first_pos / kKvBlockSize;
   kv_block_write_heads(static_cast<T*>(const_cast<void*>(a.k_blocks[blk])),
                        static_cast<T*>(const_cast<void*>(a.v_blocks[blk])), h0, h1, a.head_dim,
