@@ -27,6 +27,30 @@ def test_info_reports_cpu_and_cuda():
     assert info["kernel_variant"] in info["available_kernel_variants"]
     assert info["cuda_available"] is False and llamas.cuda_available() is False
     assert info["threads"] >= 1
+    assert isinstance(info["cpu"], str) and info["cpu"]
+
+
+def _arm_cpuinfo(*cores):
+    """A Linux AArch64 /proc/cpuinfo: one block per (implementer, part) given."""
+    return "\n".join(f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes\n"
+                     f"CPU implementer\t: {imp}\nCPU architecture: 8\nCPU variant\t: 0x3\n"
+                     f"CPU part\t: {part}\nCPU revision\t: 1\n" for i, (imp, part) in enumerate(cores))
+
+
+def test_arm_cpu_name_from_proc_cpuinfo():
+    name = llamas._C._arm_cpu_name_from_cpuinfo
+    assert name(_arm_cpuinfo(("0x41", "0xd0c"), ("0x41", "0xd0c"))) == "ARM Neoverse N1"  # Graviton2
+    assert name(_arm_cpuinfo(*[("0x41", "0xd40")] * 64)) == "ARM Neoverse V1"
+    # big.LITTLE (an RK3588): each kind once, in order, counted
+    rk3588 = [("0x41", "0xd05")] * 4 + [("0x41", "0xd0b")] * 4
+    assert name(_arm_cpuinfo(*rk3588)) == "ARM Cortex-A55 x4 + ARM Cortex-A76 x4"
+    assert name(_arm_cpuinfo(("0xc0", "0xac3"))) == "Ampere AmpereOne"
+    assert name(_arm_cpuinfo(("0x61", "0x039"))) == "implementer 0x61 part 0x039"  # unknown: the numbers
+    # texts that name no ARM core: x86's, empty, a part without its implementer, values not numbers
+    assert name("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n") == ""
+    assert name("") == "" and name("CPU part\t: 0xd0c\n") == ""
+    assert name("CPU implementer\t: ARM\nCPU part\t: 0xd0c\n") == ""
+    assert name("CPU implementer : 0x41\r\nCPU part : 0xd0c\r\n") == "ARM Neoverse N1"
 
 
 def test_generate_text_ids_and_batch(model):

@@ -4,7 +4,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -148,6 +152,83 @@ bool has_cpu_feature(const std::string& name) {
   return flag && *flag;
 }
 
+namespace {
+
+// ARM cores as Linux's /proc/cpuinfo identifies them: "CPU implementer" (0x41 Arm, 0xc0 Ampere,
+// 0x48 HiSilicon, 0x46 Fujitsu, 0x51 Qualcomm) and "CPU part", the MIDR_EL1 fields. The Neoverse
+// cores are the servers' (N1: AWS Graviton2, Ampere Altra; V1: Graviton3; V2: Graviton4, NVIDIA
+// Grace; N2: Azure Cobalt 100, Alibaba Yitian 710), the Cortex ones the boards' and phones'.
+struct ArmCore {
+  unsigned implementer, part;
+  const char* name;
+};
+const ArmCore kArmCores[] = {
+    {0x41, 0xd03, "ARM Cortex-A53"},      {0x41, 0xd04, "ARM Cortex-A35"},
+    {0x41, 0xd05, "ARM Cortex-A55"},      {0x41, 0xd07, "ARM Cortex-A57"},
+    {0x41, 0xd08, "ARM Cortex-A72"},      {0x41, 0xd09, "ARM Cortex-A73"},
+    {0x41, 0xd0a, "ARM Cortex-A75"},      {0x41, 0xd0b, "ARM Cortex-A76"},
+    {0x41, 0xd0c, "ARM Neoverse N1"},     {0x41, 0xd0d, "ARM Cortex-A77"},
+    {0x41, 0xd40, "ARM Neoverse V1"},     {0x41, 0xd41, "ARM Cortex-A78"},
+    {0x41, 0xd44, "ARM Cortex-X1"},       {0x41, 0xd46, "ARM Cortex-A510"},
+    {0x41, 0xd47, "ARM Cortex-A710"},     {0x41, 0xd48, "ARM Cortex-X2"},
+    {0x41, 0xd49, "ARM Neoverse N2"},     {0x41, 0xd4b, "ARM Cortex-A78C"},
+    {0x41, 0xd4d, "ARM Cortex-A715"},     {0x41, 0xd4e, "ARM Cortex-X3"},
+    {0x41, 0xd4f, "ARM Neoverse V2"},     {0x41, 0xd80, "ARM Cortex-A520"},
+    {0x41, 0xd81, "ARM Cortex-A720"},     {0x41, 0xd82, "ARM Cortex-X4"},
+    {0x41, 0xd84, "ARM Neoverse V3"},     {0x41, 0xd85, "ARM Cortex-X925"},
+    {0x41, 0xd87, "ARM Cortex-A725"},     {0x41, 0xd8e, "ARM Neoverse N3"},
+    {0xc0, 0xac3, "Ampere AmpereOne"},    {0xc0, 0xac4, "Ampere AmpereOne A"},
+    {0x48, 0xd01, "HiSilicon TaiShan v110 (Kunpeng 920)"},
+    {0x46, 0x001, "Fujitsu A64FX"},       {0x51, 0x001, "Qualcomm Oryon"},
+};
+
+std::string trimmed(const std::string& s) {
+  const size_t first = s.find_first_not_of(" \t");
+  if (first == std::string::npos) return "";
+  return s.substr(first, s.find_last_not_of(" \t\r") - first + 1);
+}
+
+}  // namespace
+
+std::string arm_cpu_name_from_cpuinfo(const std::string& cpuinfo) {
+  std::vector<std::pair<std::string, int>> cores;  // each distinct core, in order, and its count
+  unsigned implementer = 0;
+  bool have_implementer = false;
+  std::istringstream lines(cpuinfo);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const size_t colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    const std::string key = trimmed(line.substr(0, colon)), value = trimmed(line.substr(colon + 1));
+    char* end = nullptr;
+    const unsigned long number = std::strtoul(value.c_str(), &end, 0);
+    if (value.empty() || *end != 0) continue;  // not a number: not a field read here
+    if (key == "CPU implementer") {
+      implementer = unsigned(number);
+      have_implementer = true;
+    } else if (key == "CPU part" && have_implementer) {
+      std::string name;
+      for (const ArmCore& core : kArmCores)
+        if (core.implementer == implementer && core.part == number) name = core.name;
+      if (name.empty()) {
+        char unknown[64];
+        std::snprintf(unknown, sizeof(unknown), "implementer 0x%02x part 0x%03lx", implementer, number);
+        name = unknown;
+      }
+      auto known = cores.begin();
+      while (known != cores.end() && known->first != name) ++known;
+      if (known == cores.end()) cores.emplace_back(name, 1);
+      else ++known->second;
+      have_implementer = false;
+    }
+  }
+  // One kind of core: its name; big.LITTLE: "ARM Cortex-A76 x4 + ARM Cortex-A55 x4".
+  if (cores.size() == 1) return cores[0].first;
+  std::string joined;
+  for (const auto& core : cores) joined += (joined.empty() ? "" : " + ") + core.first + " x" + std::to_string(core.second);
+  return joined;
+}
+
 std::string cpu_name() {
 #ifdef LLAMAS_X86
   unsigned regs[12];
@@ -167,7 +248,11 @@ std::string cpu_name() {
   if (sysctlbyname("machdep.cpu.brand_string", brand, &size, nullptr, 0) == 0 && brand[0]) return brand;  // "Apple M2"
   return "arm64";
 #elif defined(__aarch64__)
-  return "aarch64";
+  std::ifstream file("/proc/cpuinfo");
+  std::stringstream text;
+  text << file.rdbuf();
+  const std::string name = arm_cpu_name_from_cpuinfo(text.str());
+  return name.empty() ? "aarch64" : name;
 #else
   return "unknown";
 #endif

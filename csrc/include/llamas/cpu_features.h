@@ -33,7 +33,12 @@ const CpuFeatures& cpu_features();
 // cpu_features() has the named one (false for an unknown name).
 const char* const* cpu_feature_names(int* count);
 bool has_cpu_feature(const std::string& name);
-// The CPU model string from CPUID (x86) or sysctl (macOS), or the architecture name elsewhere.
+// The CPU model string from CPUID (x86), sysctl (macOS) or /proc/cpuinfo's core numbers (AArch64
+// Linux: "ARM Neoverse V1"), or the architecture name elsewhere.
 std::string cpu_name();
+// The ARM cores a /proc/cpuinfo text lists, by name ("implementer 0x.. part 0x..." for one this
+// does not know), each distinct one once: "ARM Cortex-A76 x4 + ARM Cortex-A55 x4" where they
+// differ; "" when the text names none. Portable, so it is tested everywhere.
+std::string arm_cpu_name_from_cpuinfo(const std::string& cpuinfo);
 
 }  // namespace llamas
