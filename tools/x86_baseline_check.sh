@@ -13,7 +13,7 @@
 #     `pip install ".[test]"`), under an emulated Nehalem (x86-64-v2: SSE4.2, POPCNT, no AVX;
 #     numpy 2.x needs that much, so the package's floor is numpy's) and Haswell; subprocesses the
 #     tests start (`python -m llamas ...`) run emulated too. ~40 minutes for both on 2 cores.
-# ~2.5 minutes without --pytest on 2 cores; `.ci/run` runs it so. (The suite's own tests of the
+# ~1.5 minutes without --pytest on 2 cores; `.ci/run` runs it so. (The suite's own tests of the
 # other variants, by LLAMAS_KERNEL and by hiding CPU features, run their kernels on this CPU: only
 # an older CPU, or an emulated one, faults on the AVX code that leaks out of them.)
 #   tools/x86_baseline_check.sh                 steps 1 and 2

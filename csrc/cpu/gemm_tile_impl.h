@@ -112,8 +112,8 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
 // address, and a rolled row loop indexed it) and stored all 16 accumulators back on every pass
 // of the k loop (16 stores against 64 FMLAs); with it, the loop has no stack traffic (objdump).
 // GCC for x86 keeps the accumulators in registers either way, so its variants leave it off.
-// clang needs it on x86 too: clang 14's avx512 variant ran the 256-row float32 GEMMs at 80-92
-// GFLOP/s without it, against GCC 12's 190-205 on the same machine, and at 164-208 with it.
+// clang needs it on x86 too: clang 14's avx512 variant ran the 256-row float32 GEMMs at 79-92
+// GFLOP/s without it and at 176-204 with it, against GCC 12's 174-203 (docs/PORTING.md#clang).
 #if defined(__clang__) && !defined(LLAMAS_TILE_EDGES_INLINE)
 #define LLAMAS_TILE_EDGES_INLINE 1
 #endif
