@@ -78,7 +78,18 @@ void panels_small_m(const GemmArgs& g) {
   // model at batch 1 1,188 -> 1,340 tok/s, 2: +2-5%, 3: +15-17%, 4: +8-9%; GPT-2 124M at batch 1
   // +4-5% (float32) and +3-4% (bfloat16), 3: +16%, 4: +13%. (Four rows x 4 runs is 16
   // accumulators, and still beat 4 x 3 in both models: the FMAs take B from memory operands.)
-  constexpr int kRuns = R == 1 ? 8 : R == 2 ? 6 : R <= 4 ? 4 : 2;
+  // Those runs were counted in 8-lane registers (Zen 3, AVX2): 8 runs were 4 panels side by side.
+  // With 16 lanes the same counts streamed 8 panels (1 row) and 6 (2 rows) at once, and on Zen 4
+  // more concurrent streams per thread read DRAM slower (two threads summing 480 MB in S streams
+  // each: 4 streams 59-63 GB/s, 8 streams 52-55, 16 streams 45 when the box's memory is fast;
+  // 35-37 for 2-8 streams when it is slow). So with 16 lanes: 4 runs (4 panels), except one row of
+  // narrower weights, whose widening needs the 8 chains (int8 with 4 runs: 2-30% slower; bfloat16
+  // level). Products interleaved in one process, 768 x 2304 from L3 and twelve 768 x 3072 from
+  // DRAM: one float32 row 4-13% and 5-14% faster (3-6% at all nine bundled-model and GPT-2 shapes
+  // from cache); two rows float32 10% and 2%, bfloat16 13-15% and 3-8%, int8 weights 14-17% and
+  // 4-11%. GPT-2 124M float32 batch-1 decode +8% when memory is fast; the bundled model level.
+  constexpr int kRuns = Vec::W == 16 ? (R == 1 && sizeof(BT) < 4 ? 8 : R <= 4 ? 4 : 2)
+                                     : (R == 1 ? 8 : R == 2 ? 6 : R <= 4 ? 4 : 2);
   if constexpr (Vec::W == 16 && R >= 5) {
     // 16 lanes, 5-12 rows (a server's step of 5-12 sequences, a speculative step's drafts): more
     // runs than the 8-lane table's 2 (5-6 rows x 4 registers and 7-8 x 3 fit AVX-512's 32), and
