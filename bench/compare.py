@@ -8,7 +8,9 @@ Prints markdown tables:
      (llamas.ops.pack: the layout a loaded model holds its weights in) vs numpy (OpenBLAS) a @ b;
   c. GPT-2 124M (random weights unless --model): prefill-512 and batch-1 decode tokens/s for
      llamas float32 / bfloat16, a plain PyTorch eager GPT-2 with a KV cache, and transformers
-     GPT2LMHeadModel.generate; decode as % of the memory-bandwidth bound;
+     GPT2LMHeadModel.generate; decode at two contexts: after the 512-token prompt (context
+     513-640), and from a 1-token prompt (context 2-129, as llama-bench's tg128 starts from an
+     empty cache); each as % of the memory-bandwidth bound (weight bytes only);
 and the performance targets, each marked met / not met.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ llamas.set_num_threads(ARGS.threads)
 QUICK = ARGS.quick
 WAIT_QUIET = ARGS.wait_quiet if ARGS.wait_quiet is not None else (0.0 if ARGS.quick else 30.0)
 PROMPT_LEN = 512
+SHORT_PROMPT_LEN = 1                      # the short-context decode's prompt (contexts 2..129)
 DECODE_TOKENS = 32 if QUICK else 128
 LLAMAS_REPS = 1 if QUICK else 3          # timed prefill + decode rounds per llamas dtype (after a warm-up)
 BASE_PREFILL_REPS = 1 if QUICK else 2     # timed prefills of the (slower) PyTorch / transformers baselines
@@ -153,41 +156,84 @@ def run_llamas(path: str, prompt: list[int]) -> dict:
             ones.pop(dtype, None)
     meter = OtherLoad()
     runs = repeat_runs({f"llamas {d}": f for d, f in ones.items()}, LLAMAS_REPS, LLAMAS_REPS)
+    short = repeat_runs({f"llamas {d}": llamas_runner(models[d], d, prompt[:SHORT_PROMPT_LEN]) for d in ones},
+                        LLAMAS_REPS, LLAMAS_REPS)
     other = meter.stop()
     out = {}
     for dtype in ones:
         res, toks, step_medians = runs[f"llamas {dtype}"]
         res.update(tokens=toks, weight_bytes=models[dtype].weight_bytes, model=models[dtype], other_load=other,
                    round_steps=step_medians)
+        add_short(res, short[f"llamas {dtype}"])
         out[dtype] = res
     return out
+
+
+def add_short(res: dict, short_run: tuple) -> None:
+    """Puts a short-context repeat_runs result beside a row's long-context numbers."""
+    summary, toks, step_medians = short_run
+    res.update(decode_short=summary["decode"], tokens_short=toks, round_steps_short=step_medians,
+               round_bw_short=summary["round_bw"])
+
+
+BANDWIDTH_SAMPLES: list[float] = []   # GB/s of two-thread torch sums taken between decode rounds
+_BW_BUFFER = []
+
+
+def sample_bandwidth() -> float:
+    """Two torch sums over 1 GiB, the best kept (GB/s): this box's memory switches between a slow
+    and a fast mode (30-36 against 55-64 GB/s) within seconds, so each decode run is held against
+    the memory's rate right before and right after it, not only against one taken at the start."""
+    if not _BW_BUFFER:
+        _BW_BUFFER.append(torch.ones((1 << 30) // 4, dtype=torch.float32))
+    buf = _BW_BUFFER[0]
+    best = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = max(best, buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    BANDWIDTH_SAMPLES.append(best)
+    time.sleep(0.3)                        # torch's OpenMP workers spin a while after a region
+    return best
 
 
 def repeat_runs(ones: dict, prefill_reps: int, decode_reps: int) -> dict:
     """Runs each engine's one(decode_tokens) prefill_reps times, the engines interleaved round by
     round (their order alternating), the first decode_reps rounds also decoding; notes when two
-    identical greedy runs disagree. Returns {label: (summary, tokens, median step time per round)}."""
+    identical greedy runs disagree. Returns {label: (summary, tokens, median step time per round)};
+    summary["round_bw"] holds, per decode run, the better of the bandwidth samples taken right
+    before and right after it."""
     labels = list(ones)
-    acc = {k: {"pre": [], "steps": [], "totals": [], "rounds": [], "tokens": None} for k in labels}
+    acc = {k: {"pre": [], "steps": [], "totals": [], "rounds": [], "bw": [], "tokens": None} for k in labels}
+    bw_before = None
     for r in range(prefill_reps):
         d = DECODE_TOKENS if r < decode_reps else 0
         for label in (labels if r % 2 == 0 else labels[::-1]):
             a = acc[label]
+            if d and bw_before is None:
+                bw_before = sample_bandwidth()
             pre, st, tk = ones[label](d)
             a["pre"].append(pre)
             if d:
+                bw_after = sample_bandwidth()
+                a["bw"].append(max(bw_before, bw_after))
+                bw_before = bw_after
                 a["steps"] += st
                 a["totals"].append(sum(st))
                 a["rounds"].append(median(st))
                 if a["tokens"] is not None and tk != a["tokens"]:
                     note(f"{label}: greedy output differs between two identical runs")
                 a["tokens"] = tk
-    return {k: (summarize(a["pre"], a["steps"], a["totals"], DECODE_TOKENS), a["tokens"], a["rounds"])
-            for k, a in acc.items()}
+    out = {}
+    for k, a in acc.items():
+        summary = summarize(a["pre"], a["steps"], a["totals"], DECODE_TOKENS)
+        summary["round_bw"] = a["bw"]
+        out[k] = (summary, a["tokens"], a["rounds"])
+    return out
 
 
-def run_torch_eager(model: TorchGPT2, prompt: list[int]) -> dict:
-    log("PyTorch eager" + (" (tuned)" if model.tuned else ""))
+def torch_runner(model: TorchGPT2, prompt: list[int]):
+    """one(decode) for the PyTorch eager model, as llamas_runner."""
     ids = torch.tensor([prompt], dtype=torch.long)
 
     def one(decode: int):
@@ -205,11 +251,19 @@ def run_torch_eager(model: TorchGPT2, prompt: list[int]) -> dict:
                 steps.append(time.perf_counter() - t0)
                 toks.append(tok)
         return pre, steps, toks
+    return one
 
+
+def run_torch_eager(model: TorchGPT2, prompt: list[int]) -> dict:
+    log("PyTorch eager" + (" (tuned)" if model.tuned else ""))
+    one = torch_runner(model, prompt)
     one(8)
     meter = OtherLoad()
-    res, toks, _ = repeat_runs({"PyTorch eager": one}, BASE_PREFILL_REPS, BASE_DECODE_REPS)["PyTorch eager"]
-    res.update(tokens=toks, other_load=meter.stop())
+    res, toks, step_medians = repeat_runs({"PyTorch eager": one}, BASE_PREFILL_REPS, BASE_DECODE_REPS)["PyTorch eager"]
+    short = repeat_runs({"PyTorch eager": torch_runner(model, prompt[:SHORT_PROMPT_LEN])}, BASE_DECODE_REPS,
+                        BASE_DECODE_REPS)["PyTorch eager"]
+    res.update(tokens=toks, other_load=meter.stop(), round_steps=step_medians)
+    add_short(res, short)
     return res
 
 
@@ -217,8 +271,7 @@ def run_hf(hf, prompt: list[int]) -> dict:
     log("transformers")
     import transformers
     ids = torch.tensor([prompt], dtype=torch.long)
-    mask = torch.ones_like(ids)
-    gen_kw = dict(attention_mask=mask, do_sample=False, pad_token_id=50256)
+    gen_kw = dict(do_sample=False, pad_token_id=50256)
 
     class StepClock(transformers.LogitsProcessor):
         """Called once per generated token, right after that step's forward: the gaps between
@@ -236,22 +289,33 @@ def run_hf(hf, prompt: list[int]) -> dict:
         except TypeError:
             return hf(ids, use_cache=True)
 
-    with torch.inference_mode():
-        forward()
-        hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen_kw)          # warm-up
-        meter = OtherLoad()
-        pre_t = timeit(forward, BASE_PREFILL_REPS, warmup=0)
-        t1 = timeit(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen_kw), BASE_PREFILL_REPS,
-                    warmup=0)
-        n = DECODE_TOKENS
+    def generate(prompt_ids, n, **kw):
+        return hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n,
+                           min_new_tokens=n, **gen_kw, **kw)
+
+    def decode_runs(prompt_ids, n):
+        """BASE_DECODE_REPS generate(n) calls: their total times, the steps between, the last output."""
         tn, steps, out = [], [], None
         for _ in range(BASE_DECODE_REPS):
             clock = StepClock()
             t0 = time.perf_counter()
-            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
-                              logits_processor=transformers.LogitsProcessorList([clock]), **gen_kw)
+            out = generate(prompt_ids, n, logits_processor=transformers.LogitsProcessorList([clock]))
             tn.append(time.perf_counter() - t0)
             steps += [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        return tn, steps, out
+
+    with torch.inference_mode():
+        forward()
+        generate(ids, 2)                                                       # warm-up
+        meter = OtherLoad()
+        pre_t = timeit(forward, BASE_PREFILL_REPS, warmup=0)
+        t1 = timeit(lambda: generate(ids, 1), BASE_PREFILL_REPS, warmup=0)
+        n = DECODE_TOKENS
+        bw0 = sample_bandwidth()
+        tn, steps, out = decode_runs(ids, n)
+        bw1 = sample_bandwidth()
+        _, short_steps, short_out = decode_runs(ids[:, :SHORT_PROMPT_LEN], n)
+        bw2 = sample_bandwidth()
         other = meter.stop()
     gen = out[0, len(prompt):].tolist()
     if len(gen) != n:
@@ -259,8 +323,11 @@ def run_hf(hf, prompt: list[int]) -> dict:
     # generate(n) = prefill (gives token 1) + n-1 decode steps; generate(1) = prefill alone
     dec_time = median(tn) - median(t1)
     res = summarize(pre_t, steps, [dec_time * n / (n - 1)], n)
-    res.update(tokens=gen, other_load=other,
+    res.update(tokens=gen, other_load=other, round_steps=[median(steps)], round_bw=[max(bw0, bw1)],
                generate1_prefill=PROMPT_LEN / median(t1))
+    short = summarize(pre_t, short_steps, [], n)
+    short["round_bw"] = [max(bw1, bw2)]
+    add_short(res, (short, short_out[0, SHORT_PROMPT_LEN:].tolist(), [median(short_steps)]))
     return res
 
 
@@ -331,8 +398,11 @@ def model_section(path: str, limits: dict) -> tuple[list, dict]:
     settle()
     results[("PyTorch eager", "float32")] = run_torch_eager(eager, prompt)
     ref_tokens = results[("PyTorch eager", "float32")]["tokens"]
+    ref_short = results[("PyTorch eager", "float32")]["tokens_short"]
     for dtype, r in llm.items():
         compare_tokens(f"llamas {dtype}", r["tokens"], ref_tokens)
+        if dtype == "float32":  # (the other precisions' near-tied first logits may pick another token)
+            compare_tokens(f"llamas {dtype} (1-token prompt)", r["tokens_short"], ref_short)
     settle()
 
     # The same eager model with every buffer in bfloat16 (activations too): what bfloat16 compute
@@ -379,17 +449,28 @@ def model_section(path: str, limits: dict) -> tuple[list, dict]:
             r = run_hf(hf, prompt)
             results[("transformers", "float32")] = r
             compare_tokens("transformers", r["tokens"], ref_tokens)
+            compare_tokens("transformers (1-token prompt)", r["tokens_short"], ref_short)
             del hf
         except Exception as e:  # noqa: BLE001
             note(f"transformers run failed: {type(e).__name__}: {e}")
             traceback.print_exc()
     gc.collect()
 
+    _BW_BUFFER.clear()
+    limits["bw_start"] = limits["bw"]
+    limits["bw_samples"] = len(BANDWIDTH_SAMPLES)
+    limits["bw"] = max([limits["bw"]] + BANDWIDTH_SAMPLES)
     bpt = {d: bytes_per_token(weights, d) for d in ("float32", "bfloat16", "int8")}
     for (eng, dt), r in results.items():
         weight_dtype = dt.split(",")[0]
         r["bound"] = limits["bw"] * 1e9 / bpt[weight_dtype]
         r["bpt"] = bpt[weight_dtype]
+        # Each decode run against the memory's rate beside it: weight bytes a token x tokens/s over
+        # that rate, the median over runs.
+        for suffix in ("", "_short"):
+            fracs = [bpt[weight_dtype] / step / (bw * 1e9)
+                     for step, bw in zip(r.get("round_steps" + suffix, []), r.get("round_bw" + suffix, []))]
+            r["bound_frac" + suffix] = median(fracs) if fracs else float("nan")
     llm_bytes = {d: llm[d]["weight_bytes"] for d in llm}
     return results, {"bpt": bpt, "llamas_weight_bytes": llm_bytes, "cfg": cfg}
 
