@@ -11,8 +11,11 @@ namespace {
 // passes share the fetching of the next tile's B (see micro_tile); pass p asks for rows from
 // p K / panels on, one per 2^shift k steps (2^shift <= panels, so the passes cover every row).
 // pieces: ranges per thread.
-template <typename BT, int R, int RUNS, bool kStreamB, int R_LAST = R>
+// kRowsOfA: the tiles read A's rows in place (one row panel, A not transposed; see
+// panels_small_m) instead of packed [k][R] panels.
+template <typename BT, int R, int RUNS, bool kStreamB, int R_LAST = R, bool kRowsOfA = false>
 void panels_tiled(const GemmArgs& g, int pieces) {
+  static_assert(!kRowsOfA || R_LAST == R, "rows in place: one row panel of exactly M rows");
   const int64_t panels = (g.M + R - 1) / R;
   // A last row panel of at most R_LAST rows runs R_LAST-row tiles: no FMA on padded rows.
   const bool small_last = R_LAST < R && g.M % R != 0 && g.M % R <= R_LAST;
@@ -20,7 +23,7 @@ void panels_tiled(const GemmArgs& g, int pieces) {
   // while the others waited, pulling the row (written by the previous op's threads) out of their
   // caches: bundled model, one sequence, 25 GEMMs a step, builds alternated: step 0.30-0.38 ->
   // 0.25-0.28 ms (median 0.32 -> 0.26); GPT-2 124M batch-1 decode level (bandwidth-bound).
-  const bool row_is_panel = R == 1 && !g.a_trans;
+  const bool row_is_panel = (R == 1 || kRowsOfA) && !g.a_trans;
   ScratchBuffer Ap(row_is_panel ? 0 : static_cast<size_t>(panels * R * (g.K > 0 ? g.K : 1)));
   const float* a_panels = row_is_panel ? g.A : Ap.data;
   auto pack = [&](int64_t p) {
@@ -56,8 +59,8 @@ void panels_tiled(const GemmArgs& g, int pieces) {
           micro_tile<BT, R_LAST, RUNS, kStreamB>(g, g.K, a, runs, kPanelWidth, c, rows, cols, col, true, true,
                                                  more ? next : nullptr, p * g.K / panels, next_shift);
         else
-          micro_tile<BT, R, RUNS, kStreamB>(g, g.K, a, runs, kPanelWidth, c, rows, cols, col, true, true,
-                                            more ? next : nullptr, p * g.K / panels, next_shift);
+          micro_tile<BT, R, RUNS, kStreamB, kRowsOfA>(g, g.K, a, runs, kPanelWidth, c, rows, cols, col, true, true,
+                                                      more ? next : nullptr, p * g.K / panels, next_shift);
       }
     }
   }, pieces);
@@ -90,6 +93,20 @@ void panels_small_m(const GemmArgs& g) {
   // 4-11%. GPT-2 124M float32 batch-1 decode +8% when memory is fast; the bundled model level.
   constexpr int kRuns = Vec::W == 16 ? (R == 1 && sizeof(BT) < 4 ? 8 : R <= 4 ? 4 : 2)
                                      : (R == 1 ? 8 : R == 2 ? 6 : R <= 4 ? 4 : 2);
+  // 2-8 rows: the tiles broadcast A from its own rows (g.lda apart) instead of from a [k][R] panel
+  // packed first. That one panel was packed by the calling thread while the other waited, and then
+  // pulled into the other core's cache: 4 rows x 1024 x 256 took 27.2 us against 3 rows' 16.8.
+  // One process per build, alternated 4-6 times, 24 MB of distinct weights cycled (as a step finds
+  // them in L3), float32: 2 rows 1.08-1.60x as fast at 256x768, 1024x256, 768x2304 and 3072x768,
+  // level at 256x4096; 3 rows 1.02-1.14x; 4 rows 1.18-1.73x (0.95x at 256x4096); 5-6 rows
+  // 1.06-1.61x; 8 rows 0.99-1.22x; bfloat16 and int8 weights alike. Not 9-12 rows: at 12, A rows
+  // 12 KiB apart (K = 3072) share one L1 set (8 ways) and 3072x768 ran 0.80x. With 8 lanes (the
+  // avx2 variant on the same machine) 2-4 rows 0.98-1.32x, but 5-6 rows 0.75-1.01x (16 registers:
+  // the row addresses crowd the 5-6 x 2 tiles), so up to 4 there; NEON unmeasured, unchanged.
+  // Whole steps (one process per build, alternated 6 times): the bundled model at 4 sequences
+  // 0.748 -> 0.597 ms, 6: 0.913 -> 0.827, 3: +4%, 2 and 8 level; GPT-2 124M at 2-8 sequences level
+  // (its steps stream 475 MB of weights). Bit-identical: only where each broadcast comes from.
+  constexpr bool kRowsInPlace = R >= 2 && (Vec::W == 16 ? R <= 8 : Vec::W == 8 ? R <= 4 : false);
   if constexpr (Vec::W == 16 && R >= 5) {
     // 16 lanes, 5-12 rows (a server's step of 5-12 sequences, a speculative step's drafts): more
     // runs than the 8-lane table's 2 (5-6 rows x 4 registers and 7-8 x 3 fit AVX-512's 32), and
@@ -100,8 +117,18 @@ void panels_small_m(const GemmArgs& g) {
     // 1.52 -> 1.21 ms); GPT-2 124M at 5 and 8 sequences 5-8% faster, at 12 level. (The fetches
     // for every size: 124M 5-8% slower; K <= 1024 as the rule: the same.)
     constexpr int kWide = R <= 6 ? 4 : R <= 8 ? 3 : 2;
-    if (g.K * g.N * int64_t(sizeof(BT)) <= (int64_t(2) << 20)) return panels_tiled<BT, R, kWide, true>(g, 1);
+    const bool fetch_next = g.K * g.N * int64_t(sizeof(BT)) <= (int64_t(2) << 20);
+    if constexpr (kRowsInPlace) {
+      if (!g.a_trans) {
+        if (fetch_next) return panels_tiled<BT, R, kWide, true, R, true>(g, 1);
+        return panels_tiled<BT, R, kWide, false, R, true>(g, 1);
+      }
+    }
+    if (fetch_next) return panels_tiled<BT, R, kWide, true>(g, 1);
     return panels_tiled<BT, R, kWide, false>(g, 1);
+  }
+  if constexpr (kRowsInPlace) {
+    if (!g.a_trans) return panels_tiled<BT, R, kRuns, false, R, true>(g, 1);
   }
   panels_tiled<BT, R, kRuns, false>(g, 1);
 }

@@ -258,7 +258,7 @@ struct NextTileLines {
 // 49-76 -> 55-96 GFLOP/s); without any prefetch the B loads were the hottest instruction of a
 // 16-sequence step. Not for one or two rows: there the hardware prefetcher keeps up, and the extra
 // instructions cost GPT-2 124M's batch-1 decode 12%.
-template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false>
+template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false, bool kRowsOfA = false>
 void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const (&B)[RUNS], int64_t ldbk, float* C,
                 int rows, int cols, int64_t col0, bool first, bool last, const BT* const* next = nullptr,
                 int64_t next_row0 = 0, int next_shift = 0) {
@@ -270,15 +270,17 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
   if constexpr (std::is_same_v<BT, int8_t>)
     for (int j = 0; j < RUNS; ++j) scales[j] = i8_run_scales(g, col0 + j * Vec::W);
   // One k step of the tile: W x RUNS columns of B against R broadcast rows of A.
+  // kRowsOfA: Ap is A's first row itself (rows g.lda apart), not a packed [k][R] panel.
+  const int64_t a_rows_apart = kRowsOfA ? g.lda : 1;
   auto k_step = [&](int64_t k) __attribute__((always_inline)) {
-    const float* a = Ap + k * R;
+    const float* a = kRowsOfA ? Ap + k : Ap + k * R;
     if constexpr (std::is_same_v<BT, int8_t>) {
       // int8: each weight is q * scale as a float32 product, then the same FMA chain as float32.
       // (ldbk is kPanelWidth: int8 runs are only the stored panels' own.)
       Vec b[RUNS];
       for (int j = 0; j < RUNS; ++j) b[j] = dequantized_run_row(B[j], scales[j], k);
       for (int i = 0; i < R; ++i) {
-        Vec ai = Vec::set1(a[i]);
+        Vec ai = Vec::set1(a[i * a_rows_apart]);
         for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);
       }
     } else if constexpr (std::is_same_v<BT, uint16_t>) {
@@ -290,10 +292,10 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
       constexpr bool kHoist = R <= 2;
       Vec hoisted[kHoist ? R : 1];
       if constexpr (kHoist)
-        for (int i = 0; i < R; ++i) hoisted[i] = Vec::set1(a[i]);
+        for (int i = 0; i < R; ++i) hoisted[i] = Vec::set1(a[i * a_rows_apart]);
       auto a_row = [&](int i) {
         if constexpr (kHoist) return hoisted[i];
-        else return Vec::set1(a[i]);
+        else return Vec::set1(a[i * a_rows_apart]);
       };
       for (int j = 0; j < RUNS; j += kPerPanel) {
         Vec b[kPerPanel];
@@ -307,7 +309,7 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
       Vec b[RUNS];
       for (int j = 0; j < RUNS; ++j) b[j] = load_any(B[j] + k * ldbk);
       for (int i = 0; i < R; ++i) {
-        Vec ai = Vec::set1(a[i]);
+        Vec ai = Vec::set1(a[i * a_rows_apart]);
         for (int j = 0; j < RUNS; ++j) acc[i][j] = Vec::fma(ai, b[j], acc[i][j]);
       }
     }
