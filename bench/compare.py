@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median, read_safetensors, rel_err, timeit  # noqa: E402
-from compare_gemm import gemm_table, machine_limits  # noqa: E402
+from compare_gemm import gemm_table, machine_limits, read_rate  # noqa: E402
 from quiet_box import OtherLoad, other_load_now, wait_for_quiet  # noqa: E402
 from torch_gpt2 import TorchGPT2  # noqa: E402
 from compare_report import print_report  # noqa: E402
@@ -187,11 +187,7 @@ def sample_bandwidth() -> float:
     if not _BW_BUFFER:
         _BW_BUFFER.append(torch.ones((1 << 30) // 4, dtype=torch.float32))
     buf = _BW_BUFFER[0]
-    best = 0.0
-    for _ in range(2):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = max(best, buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    best = max(read_rate(buf.sum, buf.numel() * 4) for _ in range(2))
     BANDWIDTH_SAMPLES.append(best)
     time.sleep(0.3)                        # torch's OpenMP workers spin a while after a region
     return best
@@ -457,7 +453,6 @@ def model_section(path: str, limits: dict) -> tuple[list, dict]:
     gc.collect()
 
     _BW_BUFFER.clear()
-    limits["bw_start"] = limits["bw"]
     limits["bw_samples"] = len(BANDWIDTH_SAMPLES)
     limits["bw"] = max([limits["bw"]] + BANDWIDTH_SAMPLES)
     bpt = {d: bytes_per_token(weights, d) for d in ("float32", "bfloat16", "int8")}

@@ -16,19 +16,25 @@ from common import median, rel_err, timeit
 # ================================================================================================
 # a. machine limits
 # ================================================================================================
+def read_rate(reduce: Callable[[], object], nbytes: int) -> float:
+    """GB/s of one call of reduce(), which reads nbytes."""
+    t0 = time.perf_counter()
+    reduce()
+    return nbytes / (time.perf_counter() - t0) / 1e9
+
+
 def machine_limits(quick: bool, log: Callable[[str], None]) -> dict:
     """Read bandwidth (numpy one thread, torch all threads) and a square sgemm's GFLOP/s."""
     log("machine limits")
     n = (1 << 30) // 4                     # 1 GiB of float32
     reps = 3 if quick else 6
     buf = np.ones(n, dtype=np.float32)     # touched, so no page faults in the timing
-    np_times, th_times = [], []
+    np_rates, th_rates = [], []
     tbuf = torch.from_numpy(buf)
     for _ in range(reps):                  # interleave to share the noise
-        t0 = time.perf_counter(); np.add.reduce(buf); np_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); tbuf.sum(); th_times.append(time.perf_counter() - t0)
-    bw_np = buf.nbytes / min(np_times) / 1e9
-    bw_th = buf.nbytes / min(th_times) / 1e9
+        np_rates.append(read_rate(buf.sum, buf.nbytes))  # (numpy: np.add.reduce, one thread)
+        th_rates.append(read_rate(tbuf.sum, buf.nbytes))
+    bw_np, bw_th = max(np_rates), max(th_rates)
     del tbuf, buf
     gc.collect()
 

@@ -209,7 +209,10 @@ std::string arm_cpu_name_from_cpuinfo(const std::string& cpuinfo) {
     } else if (key == "CPU part" && have_implementer) {
       std::string name;
       for (const ArmCore& core : kArmCores)
-        if (core.implementer == implementer && core.part == number) name = core.name;
+        if (core.implementer == implementer && core.part == number) {
+          name = core.name;
+          break;
+        }
       if (name.empty()) {
         char unknown[64];
         std::snprintf(unknown, sizeof(unknown), "implementer 0x%02x part 0x%03lx", implementer, number);

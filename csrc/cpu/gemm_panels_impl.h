@@ -11,21 +11,16 @@ namespace {
 // passes share the fetching of the next tile's B (see micro_tile); pass p asks for rows from
 // p K / panels on, one per 2^shift k steps (2^shift <= panels, so the passes cover every row).
 // pieces: ranges per thread.
-// kRowsOfA: the tiles read A's rows in place (one row panel, A not transposed; see
-// panels_small_m) instead of packed [k][R] panels.
+// kRowsOfA: the tiles read A's rows in place instead of packed [k][R] panels: one row panel of
+// exactly M rows, A stored as rows (panels_rows passes it only then; see panels_small_m).
 template <typename BT, int R, int RUNS, bool kStreamB, int R_LAST = R, bool kRowsOfA = false>
 void panels_tiled(const GemmArgs& g, int pieces) {
   static_assert(!kRowsOfA || R_LAST == R, "rows in place: one row panel of exactly M rows");
   const int64_t panels = (g.M + R - 1) / R;
   // A last row panel of at most R_LAST rows runs R_LAST-row tiles: no FMA on padded rows.
   const bool small_last = R_LAST < R && g.M % R != 0 && g.M % R <= R_LAST;
-  // One row is its own panel ([k][1] is the row): no copy. The copy ran on the calling thread
-  // while the others waited, pulling the row (written by the previous op's threads) out of their
-  // caches: bundled model, one sequence, 25 GEMMs a step, builds alternated: step 0.30-0.38 ->
-  // 0.25-0.28 ms (median 0.32 -> 0.26); GPT-2 124M batch-1 decode level (bandwidth-bound).
-  const bool row_is_panel = (R == 1 || kRowsOfA) && !g.a_trans;
-  ScratchBuffer Ap(row_is_panel ? 0 : static_cast<size_t>(panels * R * (g.K > 0 ? g.K : 1)));
-  const float* a_panels = row_is_panel ? g.A : Ap.data;
+  ScratchBuffer Ap(kRowsOfA ? 0 : static_cast<size_t>(panels * R * (g.K > 0 ? g.K : 1)));
+  const float* a_panels = kRowsOfA ? g.A : Ap.data;
   auto pack = [&](int64_t p) {
     if (small_last && p == panels - 1) pack_a_panel<R_LAST>(g, p * R, 0, g.K, Ap.data + p * R * g.K);
     else pack_a_panel<R>(g, p * R, 0, g.K, Ap.data + p * R * g.K);
@@ -35,9 +30,9 @@ void panels_tiled(const GemmArgs& g, int pieces) {
   // before the region, 16 rows' two panels cost ~70 us of a bundled-model step while the other
   // thread waited: 16-sequence steps 1.68 -> 1.52, 1.98 -> 1.85 and 1.99 -> 1.83 ms (medians of
   // 5-8, builds alternated, three runs).
-  const bool shared_pack = !row_is_panel && panels > 1;
+  const bool shared_pack = !kRowsOfA && panels > 1;
   SharedPanelPack packing;
-  if (!row_is_panel && !shared_pack)
+  if (!kRowsOfA && !shared_pack)
     for (int64_t p = 0; p < panels; ++p) pack(p);
   constexpr int64_t kCols = RUNS * Vec::W;
   int next_shift = 0;
@@ -64,6 +59,15 @@ void panels_tiled(const GemmArgs& g, int pieces) {
       }
     }
   }, pieces);
+}
+
+// R = M rows as one row panel: read in place when kInPlace and A is stored as rows, else packed.
+template <typename BT, int R, int RUNS, bool kStreamB, bool kInPlace>
+void panels_rows(const GemmArgs& g) {
+  if constexpr (kInPlace) {
+    if (!g.a_trans) return panels_tiled<BT, R, RUNS, kStreamB, R, true>(g, 1);
+  }
+  panels_tiled<BT, R, RUNS, kStreamB>(g, 1);
 }
 
 // Up to kGemmRows rows (decode, small batches): R = M rows exactly, so no FMA is spent on padding,
@@ -106,7 +110,11 @@ void panels_small_m(const GemmArgs& g) {
   // Whole steps (one process per build, alternated 6 times): the bundled model at 4 sequences
   // 0.748 -> 0.597 ms, 6: 0.913 -> 0.827, 3: +4%, 2 and 8 level; GPT-2 124M at 2-8 sequences level
   // (its steps stream 475 MB of weights). Bit-identical: only where each broadcast comes from.
-  constexpr bool kRowsInPlace = R >= 2 && (Vec::W == 16 ? R <= 8 : Vec::W == 8 ? R <= 4 : false);
+  // (One row was always read in place, with every width: the copy of it ran on the calling thread
+  // while the others waited, pulling the row, written by the previous op's threads, out of their
+  // caches. Bundled model, one sequence, 25 GEMMs a step, builds alternated: step 0.30-0.38 ->
+  // 0.25-0.28 ms (median 0.32 -> 0.26); GPT-2 124M batch-1 decode level (bandwidth-bound).)
+  constexpr bool kRowsInPlace = R == 1 || (Vec::W == 16 ? R <= 8 : Vec::W == 8 ? R <= 4 : false);
   if constexpr (Vec::W == 16 && R >= 5) {
     // 16 lanes, 5-12 rows (a server's step of 5-12 sequences, a speculative step's drafts): more
     // runs than the 8-lane table's 2 (5-6 rows x 4 registers and 7-8 x 3 fit AVX-512's 32), and
@@ -117,20 +125,10 @@ void panels_small_m(const GemmArgs& g) {
     // 1.52 -> 1.21 ms); GPT-2 124M at 5 and 8 sequences 5-8% faster, at 12 level. (The fetches
     // for every size: 124M 5-8% slower; K <= 1024 as the rule: the same.)
     constexpr int kWide = R <= 6 ? 4 : R <= 8 ? 3 : 2;
-    const bool fetch_next = g.K * g.N * int64_t(sizeof(BT)) <= (int64_t(2) << 20);
-    if constexpr (kRowsInPlace) {
-      if (!g.a_trans) {
-        if (fetch_next) return panels_tiled<BT, R, kWide, true, R, true>(g, 1);
-        return panels_tiled<BT, R, kWide, false, R, true>(g, 1);
-      }
-    }
-    if (fetch_next) return panels_tiled<BT, R, kWide, true>(g, 1);
-    return panels_tiled<BT, R, kWide, false>(g, 1);
+    if (g.K * g.N * int64_t(sizeof(BT)) <= (int64_t(2) << 20)) return panels_rows<BT, R, kWide, true, kRowsInPlace>(g);
+    return panels_rows<BT, R, kWide, false, kRowsInPlace>(g);
   }
-  if constexpr (kRowsInPlace) {
-    if (!g.a_trans) return panels_tiled<BT, R, kRuns, false, R, true>(g, 1);
-  }
-  panels_tiled<BT, R, kRuns, false>(g, 1);
+  panels_rows<BT, R, kRuns, false, kRowsInPlace>(g);
 }
 
 // A few register tiles of rows (a server's batched decode step: 7..16 sequences, and the steps
