@@ -52,6 +52,30 @@ def test_matmul_bit_identical_to_reference_and_across_batch(variant, m):
         np.testing.assert_array_equal(ops.matmul(a[i:i + 1], b)[0], fast[i])
 
 
+def placed(x, float_offset):
+    """x copied to an array that starts float_offset floats past a 64-byte boundary."""
+    raw = np.empty(x.size + 32, np.float32)
+    start = (-(raw.ctypes.data % 64) // 4) % 16 + float_offset
+    out = raw[start:start + x.size].reshape(x.shape)
+    out[:] = x
+    assert out.ctypes.data % 64 == 4 * float_offset
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_matmul_same_result_wherever_b_starts(variant, m):
+    # Few-row products peel columns until B's loads are aligned (numpy puts large arrays 16 bytes
+    # past a cache line): the sums must not change with where B starts, nor with N's ragged end.
+    a, b = rand(m, 67, seed=5), rand(67, 301, seed=6)
+    first = ops.matmul(a, placed(b, 0))
+    if llamas.info()["cpu_features"] and variant != "generic":
+        np.testing.assert_array_equal(first, ops.reference_matmul(a, b))
+    for offset in range(1, 16):
+        np.testing.assert_array_equal(ops.matmul(a, placed(b, offset)), first, err_msg=f"B {offset} floats off")
+    for n in (1, 5, 17):  # narrower than the peeled head
+        np.testing.assert_array_equal(ops.matmul(a, placed(b[:, :n], 3)), first[:, :n])
+
+
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_linear_small_batches_bit_identical_to_packed(variant, layout, dtype):
