@@ -76,6 +76,19 @@ def test_matmul_same_result_wherever_b_starts(variant, m):
         np.testing.assert_array_equal(ops.matmul(a, placed(b[:, :n], 3)), first[:, :n])
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("k", [5, 80, 301])
+def test_linear_out_in_same_result_wherever_the_weight_starts(variant, m, k):
+    # (N, K) weights as stored peel k (when every row starts at the same offset from a line:
+    # K = 80 floats is 5 lines) and must still sum each output over k in ascending order.
+    x, w = rand(m, k, seed=7), rand(37, k, seed=8)
+    first = ops.linear(x, placed(w, 0), weight_layout="out_in")
+    np.testing.assert_array_equal(first, ops.matmul(x, np.ascontiguousarray(w.T)))
+    for offset in range(1, 16):
+        np.testing.assert_array_equal(ops.linear(x, placed(w, offset), weight_layout="out_in"), first,
+                                      err_msg=f"weight {offset} floats off")
+
+
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_linear_small_batches_bit_identical_to_packed(variant, layout, dtype):

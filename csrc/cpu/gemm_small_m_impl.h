@@ -5,6 +5,21 @@
 
 namespace {
 
+// Elements at the start of each row of B before the first load that starts on a load-width
+// boundary, when every row starts at the same offset from one (else 0). numpy places a large
+// array 16 bytes past a cache line, and then every 64-byte load of B spans two lines: a Zen 4
+// core read 768 x 3072 from L3 at 59-68 GB/s with B 16-48 bytes off a line, 74-79 aligned (C++
+// harness, `small_m_kn`'s loop); two cores streaming a (768, 3072) B as (N, K) rows, 16 rows a
+// step, read 27 GB/s against 62. Peeling keeps each C element's chain over k (or the order of
+// columns) as it was, so results do not change.
+template <typename BT>
+int64_t aligning_head(const BT* row0, int64_t row_pitch) {
+  constexpr uintptr_t kLoadBytes = Vec::W * sizeof(BT);
+  const uintptr_t off = reinterpret_cast<uintptr_t>(row0) % kLoadBytes;
+  if (off % sizeof(BT) || (uintptr_t(row_pitch) * sizeof(BT)) % kLoadBytes) return 0;
+  return int64_t((kLoadBytes - off) % kLoadBytes / sizeof(BT));
+}
+
 // ---- small M, B stored (K, N): C[m, n] = fma chain over 8 rows of B at a time ------------------
 template <typename BT>
 void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
@@ -24,13 +39,9 @@ void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
   const uintptr_t s_at = reinterpret_cast<uintptr_t>(stage.data) & 4095;
   float* C = stage.data + ((b_at + 2048 - s_at) & 4095) / 4;  // (both 4-byte aligned)
   start_rows(g, n0, n1, C, pitch);
-  // The first `head` columns run as one partial vector so that the full vectors' loads of B start
-  // on a load-width boundary: numpy places a 9.4 MB array 16 bytes past a cache line, and then
-  // every 64-byte load of B spans two lines. One Zen 4 core reading 768 x 3072 from L3 in a C++
-  // harness: 59-68 GB/s with B 16-48 bytes off a line, 74-79 aligned.
-  constexpr uintptr_t kLoadBytes = Vec::W * sizeof(BT);
-  const uintptr_t b_off = reinterpret_cast<uintptr_t>(B + n0) % kLoadBytes;
-  const int64_t head = b_off % sizeof(BT) ? 0 : imin(width, int64_t((kLoadBytes - b_off) % kLoadBytes / sizeof(BT)));
+  // The first `head` columns run as one partial vector so that the full vectors' loads of B are
+  // aligned (see aligning_head).
+  const int64_t head = imin(width, aligning_head(B + n0, g.ldb));
   for (int64_t k = 0; k < g.K; k += kRows) {
     int kk = int(imin(kRows, g.K - k));
     const BT* b0 = B + k * g.ldb + n0;
@@ -68,18 +79,18 @@ void small_m_kn(const GemmArgs& g, int64_t n0, int64_t n1) {
 // from DRAM (CPU time) against 9.5 with one block (latency-bound chain) and 5.5 with four (32
 // streams outrun the hardware prefetcher; software prefetch made it worse).
 template <typename BT, int NB, int MR>
-void small_m_nk_tile(const GemmArgs& g, int64_t n, int64_t m0, const int (&rows)[NB]) {
+void small_m_nk_tile(const GemmArgs& g, int64_t n, int64_t m0, const int (&rows)[NB], int64_t k_head) {
   const BT* B = static_cast<const BT*>(g.B);
   Vec acc[NB][MR];
   for (int b = 0; b < NB; ++b)
     for (int r = 0; r < MR; ++r) acc[b][r] = load_lanes(g.C + (m0 + r) * g.ldc + n + b * Vec::W, rows[b]);
-  for (int64_t k = 0; k < g.K; k += Vec::W) {
-    const int kk = clamp_lanes(g.K - k);
+  for (int64_t k = 0, kk = 0; k < g.K; k += kk) {
+    kk = k == 0 && k_head > 0 ? imin(k_head, g.K) : clamp_lanes(g.K - k);
     for (int b = 0; b < NB; ++b) {
       Vec t[Vec::W];
       for (int i = 0; i < Vec::W; ++i) {
         const BT* src = B + (n + b * Vec::W + i) * g.ldb + k;
-        t[i] = i >= rows[b] ? Vec::zero() : (kk == Vec::W ? load_any(src) : load_any_partial(src, kk));
+        t[i] = i >= rows[b] ? Vec::zero() : (kk == Vec::W ? load_any(src) : load_any_partial(src, int(kk)));
       }
       transpose_square(t);  // t[j] = B[n + b*W .. + W, k + j]
       for (int j = 0; j < kk; ++j)
@@ -91,29 +102,30 @@ void small_m_nk_tile(const GemmArgs& g, int64_t n, int64_t m0, const int (&rows)
 }
 
 template <typename BT, int NB, int MR>
-void small_m_nk_rows(const GemmArgs& g, int64_t m0, int64_t n0, int64_t n1) {
+void small_m_nk_rows(const GemmArgs& g, int64_t m0, int64_t n0, int64_t n1, int64_t k_head) {
   int64_t n = n0;
   for (; n + NB * Vec::W <= n1; n += NB * Vec::W) {
     int rows[NB];
     for (int b = 0; b < NB; ++b) rows[b] = Vec::W;
-    small_m_nk_tile<BT, NB, MR>(g, n, m0, rows);
+    small_m_nk_tile<BT, NB, MR>(g, n, m0, rows, k_head);
   }
   for (; n < n1; n += Vec::W) {
     const int rows[1] = {clamp_lanes(n1 - n)};
-    small_m_nk_tile<BT, 1, MR>(g, n, m0, rows);
+    small_m_nk_tile<BT, 1, MR>(g, n, m0, rows, k_head);
   }
 }
 
 template <typename BT>
 void small_m_nk(const GemmArgs& g, int64_t n0, int64_t n1) {
   init_rows(g, n0, n1);
+  const int64_t k_head = aligning_head(static_cast<const BT*>(g.B), g.ldb);
   // Register budget (16 on AVX2): NB * MR accumulators + W transposed rows + a broadcast.
   for (int64_t m = 0; m < g.M;) {
     const int64_t left = g.M - m;
-    if (left >= 4) small_m_nk_rows<BT, 1, 4>(g, m, n0, n1), m += 4;
-    else if (left == 3) small_m_nk_rows<BT, 2, 3>(g, m, n0, n1), m += 3;
-    else if (left == 2) small_m_nk_rows<BT, 2, 2>(g, m, n0, n1), m += 2;
-    else small_m_nk_rows<BT, 2, 1>(g, m, n0, n1), m += 1;
+    if (left >= 4) small_m_nk_rows<BT, 1, 4>(g, m, n0, n1, k_head), m += 4;
+    else if (left == 3) small_m_nk_rows<BT, 2, 3>(g, m, n0, n1, k_head), m += 3;
+    else if (left == 2) small_m_nk_rows<BT, 2, 2>(g, m, n0, n1, k_head), m += 2;
+    else small_m_nk_rows<BT, 2, 1>(g, m, n0, n1, k_head), m += 1;
   }
   gelu_rows(g, n0, n1);
 }
