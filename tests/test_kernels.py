@@ -52,6 +52,20 @@ def test_matmul_bit_identical_to_reference_and_across_batch(variant, m):
         np.testing.assert_array_equal(ops.matmul(a[i:i + 1], b)[0], fast[i])
 
 
+@pytest.mark.parametrize("k", [255, 767, 769, 1700])
+def test_blocked_products_over_several_k_blocks_bit_identical(variant, k):
+    # The blocked path walks K in blocks (768 with 16 lanes, 256 with 8) and carries each C
+    # element's FMA chain from one block to the next through C: K just under, past and well past a
+    # block must still give the reference's bits, with B packed per call or read from panels.
+    a, b = rand(70, k, seed=11), rand(k, 45, seed=12)
+    fast = ops.matmul(a, b)
+    assert_close(fast, a.astype(np.float64) @ b, scale=matmul_scale(a, b))
+    if llamas.info()["cpu_features"] and variant != "generic":
+        np.testing.assert_array_equal(fast, ops.reference_matmul(a, b))
+        np.testing.assert_array_equal(ops.linear(a, ops.pack(b)), fast)
+        np.testing.assert_array_equal(ops.matmul(a[:5], b), fast[:5])  # a few rows stream B instead
+
+
 def placed(x, float_offset):
     """x copied to an array that starts float_offset floats past a 64-byte boundary."""
     raw = np.empty(x.size + 32, np.float32)

@@ -121,18 +121,18 @@ inline const float* packed_run(const float* Bp, int64_t kc, int64_t j) {
 }
 
 // Columns [n0, n1) of C against all of A, packed beforehand (Ap). Float32 panels are read in
-// place (a kc x 16 run of a panel stays in L1 under the row panels); any other B is packed (or,
+// place (a kc x 16 run of a panel stays in L1 or L2 under the row panels); any other B is packed (or,
 // for bfloat16 panels, widened) block by block first: widening inside the microkernel costs two
 // more instructions per B load and, with 12 accumulators, spills a register.
 template <typename BT>
 void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) {
   bool in_place = false;
   if constexpr (std::is_same_v<BT, float>) in_place = g.b_layout == BLayout::Panels;
-  ScratchBuffer Bp(in_place ? 0 : static_cast<size_t>(kKC * kNC));
-  for (int64_t jc = n0; jc < n1; jc += kNC) {
-    int64_t nc = imin(kNC, n1 - jc);
-    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kKC) {
-      int64_t kc = imin(kKC, g.K - pc);
+  ScratchBuffer Bp(in_place ? 0 : static_cast<size_t>(kColumnsKC * kColumnsNC));
+  for (int64_t jc = n0; jc < n1; jc += kColumnsNC) {
+    int64_t nc = imin(kColumnsNC, n1 - jc);
+    for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kColumnsKC) {
+      int64_t kc = imin(kColumnsKC, g.K - pc);
       auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; };
       if (in_place) {
         for (int64_t ic = 0; ic < g.M; ic += kMC)
