@@ -18,7 +18,7 @@ using llamas::kPanelWidth;
 constexpr int kNR = 2 * Vec::W;    // columns per register tile
 static_assert(kPanelWidth % Vec::W == 0, "a register's columns must lie in one stored panel");
 constexpr int64_t kKC = 256;       // packed B micro-panel: 256 x 2W floats = 16 KiB (AVX2), in L1
-constexpr int64_t kMC = 120;       // packed A block: 120 x 256 floats = 120 KiB, in L2
+constexpr int64_t kMC = 120;       // packed A block: 120 x kc floats (120 KiB at 256, 360 at 768), in L2
 constexpr int64_t kNC = 512;       // packed B block: 256 x 512 floats = 512 KiB, in L2/L3
 // The float32 blocked path's blocks (packed_columns). With 16 lanes: k blocks of 768 (GPT-2's
 // whole K = 768; a 768 x 32 B micro-panel, 96 KiB, is read from L2) and column blocks of 256
