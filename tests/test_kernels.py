@@ -66,6 +66,24 @@ def test_blocked_products_over_several_k_blocks_bit_identical(variant, k):
         np.testing.assert_array_equal(ops.matmul(a[:5], b), fast[:5])  # a few rows stream B instead
 
 
+@pytest.mark.parametrize("m", [49, 52, 56, 57, 60, 256, 292, 296])
+def test_blocked_products_last_row_panel_bit_identical(variant, m):
+    # The blocked path's last row panel runs a 4- or 8-row tile when that covers it (12-row tiles:
+    # 52 = 48 + 4, 56 = 48 + 8, 57 and 60 end on 9 and 12; 6-row tiles: 52 = 48 + 4) and its A
+    # panel is packed that narrow, over every k block. Every row must keep the reference's bits,
+    # with bias and GELU, B per call, from panels, and split by rows (M > N, M >= 2K: 292, 296).
+    k, n = (40, 20) if m > 256 else (800, 70)
+    a, b, bias = rand(m, k, seed=13), rand(k, n, seed=14, scale=0.1), rand(n, seed=15)
+    fast = ops.matmul(a, b)
+    assert_close(fast, a.astype(np.float64) @ b, scale=matmul_scale(a, np.abs(b)))
+    if llamas.info()["cpu_features"] and variant != "generic":
+        np.testing.assert_array_equal(fast, ops.reference_matmul(a, b))
+    with_epilogue = ops.linear(a, b, bias, gelu=True)
+    np.testing.assert_array_equal(ops.linear(a, ops.pack(b), bias, gelu=True), with_epilogue)
+    for rows in (slice(m - 1, m), slice(m - 9, m)):  # the last rows alone take the few-row paths
+        np.testing.assert_array_equal(ops.linear(a[rows], b, bias, gelu=True), with_epilogue[rows])
+
+
 def placed(x, float_offset):
     """x copied to an array that starts float_offset floats past a 64-byte boundary."""
     raw = np.empty(x.size + 32, np.float32)

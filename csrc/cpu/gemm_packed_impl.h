@@ -11,7 +11,7 @@ namespace {
 void pack_a(const GemmArgs& g, float* Ap) {
   int64_t panels = (g.M + kGemmRows - 1) / kGemmRows;
   llamas::parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) pack_a_panel(g, p * kGemmRows, 0, g.K, Ap + p * kGemmRows * g.K);
+    for (int64_t p = p0; p < p1; ++p) pack_a_tile_panel(g, p * kGemmRows, 0, g.K, Ap + p * kGemmRows * g.K);
   });
 }
 
@@ -110,8 +110,19 @@ inline void block_tiles(const GemmArgs& g, int64_t kc, int64_t jc, int64_t nc, i
         for (int64_t i = ir + kGemmRows; i < imin(m1, ir + 2 * kGemmRows); ++i)
           __builtin_prefetch(g.C + i * g.ldc + jc + jr), __builtin_prefetch(g.C + i * g.ldc + jc + jr + kNR - 1);
       const BT* runs[2] = {b_run(jr), b_run(jr + Vec::W)};
-      micro_tile<BT>(g, kc, a_panel(ir), runs, ldbk, g.C + ir * g.ldc + jc + jr, int(imin(kGemmRows, g.M - ir)),
-                     int(imin(kNR, nc - jr)), jc + jr, first, last);
+      const int rows = int(imin(kGemmRows, g.M - ir)), cols = int(imin(kNR, nc - jr)), tile = tile_rows_for(rows);
+      float* c = g.C + ir * g.ldc + jc + jr;
+      if constexpr (kGemmRows > 8)
+        if (tile == 8) {
+          micro_tile<BT, 8>(g, kc, a_panel(ir), runs, ldbk, c, rows, cols, jc + jr, first, last);
+          continue;
+        }
+      if constexpr (kGemmRows > 4)
+        if (tile == 4) {
+          micro_tile<BT, 4>(g, kc, a_panel(ir), runs, ldbk, c, rows, cols, jc + jr, first, last);
+          continue;
+        }
+      micro_tile<BT>(g, kc, a_panel(ir), runs, ldbk, c, rows, cols, jc + jr, first, last);
     }
 }
 
@@ -133,7 +144,7 @@ void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) 
     int64_t nc = imin(kColumnsNC, n1 - jc);
     for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kColumnsKC) {
       int64_t kc = imin(kColumnsKC, g.K - pc);
-      auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * kGemmRows; };
+      auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * tile_rows_for(g.M - ir); };
       if (in_place) {
         for (int64_t ic = 0; ic < g.M; ic += kMC)
           block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth, a_panel,
@@ -164,7 +175,7 @@ void packed_rows(const GemmArgs& g, int64_t m0, int64_t m1) {
       for (int64_t ic = m0; ic < m1; ic += kMC) {
         int64_t mc = imin(kMC, m1 - ic);
         for (int64_t ir = ic; ir < ic + mc; ir += kGemmRows)
-          pack_a_panel(g, ir, pc, kc, Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc);
+          pack_a_tile_panel(g, ir, pc, kc, Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc);
         block_tiles<float>(g, kc, jc, nc, ic, ic + mc, pc == 0, pc + kc >= g.K, kNR,
                            [&](int64_t ir) { return Ablock.data + (ir - ic) / kGemmRows * kGemmRows * kc; },
                            [&](int64_t j) { return packed_run(Bp.data, kc, j); });
