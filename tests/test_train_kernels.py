@@ -257,6 +257,20 @@ def test_matmul_tn(variant, k, m, n):
     assert_close(out, a64.T @ b, scale=matmul_scale(a.T, b))
 
 
+@pytest.mark.parametrize("k,m,n", [(300, 77, 600), (33, 130, 33), (40, 293, 20), (300, 16, 40), (520, 1100, 520)])
+def test_matmul_tn_bit_identical_to_matmul_of_the_transpose(variant, k, m, n):
+    # A^T's panels are packed a register of rows per k (a whole W-float load while W rows are
+    # left in A's row, else only the panel's rows): the sums must be those of the same product
+    # over A^T copied out, bit for bit, in the column-split (77, 16 rows) and row-split (130, 293:
+    # M > N, M >= 2K; 1100 rows over K and N past its 512-deep, 512-wide blocks) paths, with
+    # ragged last panels.
+    a, b = rand(k, m, seed=14), rand(k, n, seed=15)
+    out = ops.matmul_tn(a, b)
+    np.testing.assert_array_equal(out, ops.matmul(np.ascontiguousarray(a.T), b))
+    if llamas.info()["cpu_features"] and variant != "generic":
+        np.testing.assert_array_equal(out, ops.reference_matmul(np.ascontiguousarray(a.T), b))
+
+
 def test_matmul_tn_reads_non_contiguous_a_as_a_copy(variant):
     # a transposed view is converted to a C-contiguous array by the binding: the result is still a.T @ b.
     a, b = rand(40, 33, seed=12), rand(33, 20, seed=13)
