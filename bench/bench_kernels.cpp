@@ -86,10 +86,17 @@ static int check_kernels() {
           panels_bf16.B = bf16.data.raw(), panels_bf16.b_bf16 = true;
           panels_bf16_compute.B = bf16.data.raw(), panels_bf16_compute.b_bf16 = true, panels_bf16_compute.a_bf16 = true;
           panels_i8_compute.B = i8.data.raw(), panels_i8_compute.b_i8 = true, panels_i8_compute.a_i8 = true;
+          // A^T stored (K, M), as training's weight gradients read their activations (a_trans: every
+          // row count takes the blocked path, its panels packed from runs of A^T's rows).
+          std::vector<float> At(size_t(K) * M);
+          for (int m = 0; m < M; ++m)
+            for (int k = 0; k < K; ++k) At[size_t(k) * M + m] = A[size_t(m) * lda + k];
+          GemmArgs a_transposed = g;
+          a_transposed.A = At.data(), a_transposed.lda = M, a_transposed.a_trans = true;
           const std::pair<const char*, const GemmArgs*> cases[] = {
               {"B stored (K, N)", &g}, {"float32 panels", &panels}, {"bfloat16 panels", &panels_bf16},
               {"bfloat16 panels, bfloat16 compute", &panels_bf16_compute},
-              {"int8 panels, int8 compute", &panels_i8_compute}};
+              {"int8 panels, int8 compute", &panels_i8_compute}, {"A^T stored (K, M)", &a_transposed}};
           for (const auto& [what, args] : cases) {
             ++checks;
             if (!matches_reference(*args, M, exact)) {
