@@ -167,7 +167,8 @@ void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) 
 // per range, its 512 x 32 micro-panels 64 KiB, beside a 240 KiB A block). Against 256 x 512 (the
 // AVX2 machine's blocks), one process per build alternated 8 times on two Zen 4 cores, A^T B
 // weight-gradient products at K = 512-1024: (1024, 50257)^T (1024, 768) 184.5 -> 190.6 GFLOP/s,
-// (1024, 3072)^T (1024, 768) +2.4%, K = 512 +2.5%; 768 x 256: -8% to +3%, mixed.
+// (1024, 3072)^T (1024, 768) +2.4%, K = 512 +2.5%; 768 x 256 or 1024 x 256: -8% to +12% over two
+// runs, mixed.
 constexpr int64_t kRowsKC = Vec::W == 16 ? 512 : kKC;
 constexpr int64_t kRowsNC = Vec::W == 16 ? 512 : kNC;
 template <typename BT>

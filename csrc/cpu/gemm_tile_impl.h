@@ -131,8 +131,8 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
 
 // The register tile's rows for a row panel of `rows` (<= kGemmRows) rows of A: the last panel of a
 // blocked product runs a 4- or 8-row tile when that covers it, instead of kGemmRows rows of which
-// the rest are padding. Its A panel is packed with that many rows per k (a_panel_pitch), in the
-// same place. With 12-row tiles, 256 rows end on 4 (8 of 264 rows' FMAs were padding, 3%), 512 on
+// the rest are padding. Its A panel is packed with that many rows per k (pack_a_tile_panel), in
+// the same place, so the k block at pc starts pc * tile_rows_for(rows) floats into it. With 12-row tiles, 256 rows end on 4 (8 of 264 rows' FMAs were padding, 3%), 512 on
 // 8, 1024 on 4. Each element is still one FMA chain over k in the same order: the same bits.
 constexpr int tile_rows_for(int64_t rows) {
   return rows <= 4 && kGemmRows > 4 ? 4 : rows <= 8 && kGemmRows > 8 ? 8 : kGemmRows;
