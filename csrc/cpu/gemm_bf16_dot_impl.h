@@ -254,8 +254,7 @@ void dot_blocked(const GemmArgs& g) {
   constexpr bool kInt8 = std::is_same_v<BT, int8_t>;
   constexpr int P = kDotPanels;
   static_assert(kMC % R == 0, "row blocks hold whole row panels");
-  const int64_t pairs = (g.K + 1) / 2, panels = (g.M + R - 1) / R, left = g.M % R;
-  const int r_last = left == 0 ? R : left <= 4 ? 4 : left <= 8 ? 8 : R;
+  const int64_t pairs = (g.K + 1) / 2, panels = (g.M + R - 1) / R;
   ScratchBuffer Ap(static_cast<size_t>(panels * R * pairs + 1));
   uint32_t* a_panels = reinterpret_cast<uint32_t*>(Ap.data);
   SharedPanelPack packing;
@@ -265,9 +264,8 @@ void dot_blocked(const GemmArgs& g) {
       uint32_t* rows_data = reinterpret_cast<uint32_t*>(rows.data);
       packing.run(panels, [&](int64_t p) {
         uint32_t* dst = a_panels + p * R * pairs;
-        if (p < panels - 1 || r_last == R) pack_pairs_panel<R>(g, p * R, rows_data, dst);
-        else if (r_last == 8) pack_pairs_panel<8>(g, p * R, rows_data, dst);
-        else pack_pairs_panel<4>(g, p * R, rows_data, dst);
+        with_tile_rows<R>(tile_rows_for<R>(g.M - p * R),
+                          [&](auto rows) { pack_pairs_panel<decltype(rows)::value>(g, p * R, rows_data, dst); });
       });
     }
     ScratchBuffer converted(kInt8 ? size_t(kKC * kNC / 2) : 0);
@@ -307,16 +305,13 @@ void dot_blocked(const GemmArgs& g) {
             for (int64_t ir = ic; ir < imin(g.M, ic + kMC); ir += R) {
               if (fetch_next) next.share((ir - ic) / R, row_tiles);
               const NextTileLines<P>* n = fetch_next ? &next : nullptr;
-              const uint32_t* a = a_panels + ir * pairs + pc * (ir / R == panels - 1 ? r_last : R);
+              const int rows = int(imin(R, g.M - ir)), tile = tile_rows_for<R>(rows);
+              const uint32_t* a = a_panels + ir * pairs + pc * tile;
               float* c = g.C + ir * g.ldc + jc + jr;
-              const int rows = int(imin(R, g.M - ir));
               const bool first = pc == 0, last = pe >= pairs;
-              if (ir / R < panels - 1 || r_last == R)
-                dot_tile<R, P, kHw>(g, pc, pe, a, B, c, rows, cols, jc + jr, first, last, nullptr, n);
-              else if (r_last == 8)
-                dot_tile<8, P, kHw>(g, pc, pe, a, B, c, rows, cols, jc + jr, first, last, nullptr, n);
-              else
-                dot_tile<4, P, kHw>(g, pc, pe, a, B, c, rows, cols, jc + jr, first, last, nullptr, n);
+              with_tile_rows<R>(tile, [&](auto t) {
+                dot_tile<decltype(t)::value, P, kHw>(g, pc, pe, a, B, c, rows, cols, jc + jr, first, last, nullptr, n);
+              });
             }
           }
         if (pairs == 0) break;

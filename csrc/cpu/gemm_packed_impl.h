@@ -110,19 +110,11 @@ inline void block_tiles(const GemmArgs& g, int64_t kc, int64_t jc, int64_t nc, i
         for (int64_t i = ir + kGemmRows; i < imin(m1, ir + 2 * kGemmRows); ++i)
           __builtin_prefetch(g.C + i * g.ldc + jc + jr), __builtin_prefetch(g.C + i * g.ldc + jc + jr + kNR - 1);
       const BT* runs[2] = {b_run(jr), b_run(jr + Vec::W)};
-      const int rows = int(imin(kGemmRows, g.M - ir)), cols = int(imin(kNR, nc - jr)), tile = tile_rows_for(rows);
+      const int rows = int(imin(kGemmRows, g.M - ir)), cols = int(imin(kNR, nc - jr));
       float* c = g.C + ir * g.ldc + jc + jr;
-      if constexpr (kGemmRows > 8)
-        if (tile == 8) {
-          micro_tile<BT, 8>(g, kc, a_panel(ir), runs, ldbk, c, rows, cols, jc + jr, first, last);
-          continue;
-        }
-      if constexpr (kGemmRows > 4)
-        if (tile == 4) {
-          micro_tile<BT, 4>(g, kc, a_panel(ir), runs, ldbk, c, rows, cols, jc + jr, first, last);
-          continue;
-        }
-      micro_tile<BT>(g, kc, a_panel(ir), runs, ldbk, c, rows, cols, jc + jr, first, last);
+      with_tile_rows<kGemmRows>(tile_rows_for<kGemmRows>(rows), [&](auto tile) {
+        micro_tile<BT, decltype(tile)::value>(g, kc, a_panel(ir), runs, ldbk, c, rows, cols, jc + jr, first, last);
+      });
     }
 }
 
@@ -144,7 +136,9 @@ void packed_columns(const GemmArgs& g, const float* Ap, int64_t n0, int64_t n1) 
     int64_t nc = imin(kColumnsNC, n1 - jc);
     for (int64_t pc = 0; pc < g.K || (pc == 0 && g.K == 0); pc += kColumnsKC) {
       int64_t kc = imin(kColumnsKC, g.K - pc);
-      auto a_panel = [&](int64_t ir) { return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * tile_rows_for(g.M - ir); };
+      auto a_panel = [&](int64_t ir) {
+        return Ap + (ir / kGemmRows) * kGemmRows * g.K + pc * tile_rows_for<kGemmRows>(g.M - ir);
+      };
       if (in_place) {
         for (int64_t ic = 0; ic < g.M; ic += kMC)
           block_tiles<float>(g, kc, jc, nc, ic, imin(g.M, ic + kMC), pc == 0, pc + kc >= g.K, kPanelWidth, a_panel,

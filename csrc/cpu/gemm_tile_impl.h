@@ -129,24 +129,33 @@ inline void pack_a_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc
   }
 }
 
-// The register tile's rows for a row panel of `rows` (<= kGemmRows) rows of A: the last panel of a
-// blocked product runs a 4- or 8-row tile when that covers it, instead of kGemmRows rows of which
-// the rest are padding. Its A panel is packed with that many rows per k (pack_a_tile_panel), in
-// the same place, so the k block at pc starts pc * tile_rows_for(rows) floats into it. With 12-row tiles, 256 rows end on 4 (8 of 264 rows' FMAs were padding, 3%), 512 on
-// 8, 1024 on 4. Each element is still one FMA chain over k in the same order: the same bits.
+// The register tile's rows for a row panel of `rows` (<= R) rows of A in a product tiled by R
+// rows: the last panel runs a 4- or 8-row tile when that covers it, instead of R rows of which the
+// rest are padding. Its A panel is packed with that many rows per k, in the same place, so the k
+// block at pc starts pc * tile_rows_for<R>(rows) entries into it. With 12-row tiles, 256 rows end
+// on 4 (8 of 264 rows' FMAs were padding, 3%), 512 on 8, 1024 on 4. Each element is still one FMA
+// chain over k in the same order: the same bits.
+template <int R>
 constexpr int tile_rows_for(int64_t rows) {
-  return rows <= 4 && kGemmRows > 4 ? 4 : rows <= 8 && kGemmRows > 8 ? 8 : kGemmRows;
+  return rows <= 4 && R > 4 ? 4 : rows <= 8 && R > 8 ? 8 : R;
+}
+
+// Calls f(std::integral_constant<int, T>{}) with T = tile, one of tile_rows_for<R>'s values, so
+// the packing and the tile of a last narrow panel are picked in one place.
+template <int R, typename F>
+inline void with_tile_rows(int tile, F&& f) {
+  if constexpr (R > 8)
+    if (tile == 8) return f(std::integral_constant<int, 8>{});
+  if constexpr (R > 4)
+    if (tile == 4) return f(std::integral_constant<int, 4>{});
+  f(std::integral_constant<int, R>{});
 }
 
 // Packs row panel [row0, row0 + kGemmRows) of A (k in [pc, pc + kc)) at dst, tile_rows_for its
 // rows per k.
 inline void pack_a_tile_panel(const GemmArgs& g, int64_t row0, int64_t pc, int64_t kc, float* dst) {
-  const int tile = tile_rows_for(g.M - row0);
-  if constexpr (kGemmRows > 8)
-    if (tile == 8) return pack_a_panel<8>(g, row0, pc, kc, dst);
-  if constexpr (kGemmRows > 4)
-    if (tile == 4) return pack_a_panel<4>(g, row0, pc, kc, dst);
-  pack_a_panel<kGemmRows>(g, row0, pc, kc, dst);
+  with_tile_rows<kGemmRows>(tile_rows_for<kGemmRows>(g.M - row0),
+                            [&](auto rows) { pack_a_panel<decltype(rows)::value>(g, row0, pc, kc, dst); });
 }
 
 // A variant's Vec header may define LLAMAS_TILE_EDGES_INLINE: the tile's start and finish are then
