@@ -108,3 +108,96 @@ def test_non_finite_logits_end_the_request_with_an_error(nan_model):
         for logprobs in (3, None):
             done = engine.submit(PROMPT, max_new_tokens=2, logprobs=logprobs).result(timeout=30)
             assert done.finish_reason == "error" and "not finite" in (done.error or "")
+
+
+def draws_from_logits(model, logits, n, temperature=100.0, top_k=0, seed=0):
+    """n draws of one sequence's sampler from the given logits row (its generator moves on per draw)."""
+    seq = llamas._C.Sequence(model.config.to_native(), temperature, top_k, 1.0, 0.0, 1.0, 0.0, 0.0, seed, {}, -1)
+    row = np.ascontiguousarray(logits, dtype=np.float32)
+    return np.array([seq.sample_logits(row, []) for _ in range(n)])
+
+
+def best_k(logits, k):
+    """The k best ids: logit descending, the lower id first on ties."""
+    return set(np.argsort(-logits.astype(np.float64), kind="stable")[:k].tolist())
+
+
+@pytest.mark.parametrize("vocab,k,pattern", [
+    (4096, 40, "ties"), (4096, 40, "ascending"), (4096, 40, "descending"), (1031, 7, "random"),
+    (1031, 16, "ties"), (50, 33, "random"), (4096, 300, "ties"), (2000, 256, "ascending"), (17, 16, "ties"),
+])
+def test_top_k_draws_exactly_the_k_best_with_ties_to_the_lower_id(model, vocab, k, pattern):
+    # The selection keeps a sorted list and skips runs of 16 logits that cannot enter it; the
+    # patterns make every logit a newcomer (ascending), none after the first k (descending), or
+    # put ties across the k-th place (only the lower ids may be drawn). A vocabulary of 1031 ends
+    # on a partial run; k = 300 takes the nth_element path for large k.
+    rng = np.random.default_rng(vocab + k)
+    if pattern == "ties":
+        logits = rng.integers(0, 3, vocab).astype(np.float32)
+    elif pattern == "ascending":
+        logits = np.arange(vocab, dtype=np.float32) * 1e-3
+    elif pattern == "descending":
+        logits = -np.arange(vocab, dtype=np.float32) * 1e-3
+    else:
+        logits = rng.standard_normal(vocab).astype(np.float32)
+    # temperature 100 makes the k candidates near-uniform, so 30 draws each show them all
+    drawn = set(draws_from_logits(model, logits, 30 * k, top_k=k).tolist())
+    assert drawn == best_k(logits, k)
+
+
+@pytest.mark.parametrize("k", [5, 40, 300])
+@pytest.mark.parametrize("where", [0, 39, 3000, 4095])
+def test_top_k_with_nan_anywhere_raises(model, k, where):
+    # A NaN inside a run the selection would otherwise skip (3000) or among the first k is found.
+    logits = np.random.default_rng(where).standard_normal(4096).astype(np.float32)
+    logits[where] = np.nan
+    with pytest.raises(llamas.LlamasError, match="not finite"):
+        draws_from_logits(model, logits, 1, temperature=0.8, top_k=k)
+
+
+def uniforms(seed, n):
+    """The sampler's generator (xoshiro256**, seeded by splitmix64): its first n draws in [0, 1)."""
+    mask = (1 << 64) - 1
+    x, state = seed, []
+    for _ in range(4):
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        state.append(z ^ (z >> 31))
+
+    def rotl(v, k):
+        return ((v << k) | (v >> (64 - k))) & mask
+
+    out = []
+    for _ in range(n):
+        s0, s1, s2, s3 = state
+        result = (rotl((s1 * 5) & mask, 7) * 9) & mask
+        t = (s1 << 17) & mask
+        s2 ^= s0
+        s3 ^= s1
+        s1 ^= s2
+        s0 ^= s3
+        s2 ^= t
+        state = [s0, s1, s2, rotl(s3, 45)]
+        out.append((result >> 40) / 16777216.0)
+    return out
+
+
+def test_top_k_draws_walk_the_candidates_best_first(model):
+    # The draw is the inverse CDF over the k candidates ordered by logit (lower id on ties), so a
+    # seed's token is fixed by the logits alone, not by the standard library's nth_element order
+    # (libstdc++ and libc++ differ). Recomputed here from the sampler's own generator; draws within
+    # 1e-4 of a cumulative boundary (float32 rounding could go either way) are not checked.
+    vocab, k = model.config.vocab_size, 40
+    logits = np.random.default_rng(3).standard_normal(vocab).astype(np.float32)
+    order = np.argsort(-logits.astype(np.float64), kind="stable")[:k]
+    p = np.exp(logits[order].astype(np.float64) - logits[order].max())
+    cdf = np.cumsum(p) / p.sum()
+    drawn = draws_from_logits(model, logits, 200, temperature=1.0, top_k=k, seed=11)
+    checked = 0
+    for u, token in zip(uniforms(11, 200), drawn):
+        if np.min(np.abs(cdf - u)) < 1e-4:
+            continue
+        assert token == order[np.searchsorted(cdf, u, side="right")]
+        checked += 1
+    assert checked > 190
