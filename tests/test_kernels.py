@@ -260,6 +260,41 @@ def test_softmax(variant, cols):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("cols", SIZES + [255, 256, 257, 4096, 50257])
+def test_log_softmax(variant, cols):
+    # Runs of 256 summed in float lanes, their sums in double: against float64 numpy and the plain
+    # double loop (reference=True) at lengths around the run size and GPT-2's vocabulary.
+    x = rand(3, cols, seed=17, scale=6.0)
+    if cols > 1:
+        x[1, 0] = -np.inf  # a masked entry: -inf out, the rest normalised without it
+    x64 = x.astype(np.float64)
+    ref = x64 - (np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1, keepdims=True)) + x64.max(-1, keepdims=True))
+    out = ops.log_softmax(x)
+    assert out.shape == x.shape and out.dtype == np.float32
+    if cols > 1:
+        assert out[1, 0] == -np.inf
+    finite = np.isfinite(ref)
+    assert_close(out[finite], ref[finite])
+    assert_close(ops.log_softmax(x, reference=True)[finite], ref[finite])
+    assert np.allclose(np.exp(out.astype(np.float64)).sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
+@pytest.mark.parametrize("where", [0, 300, 4095])
+def test_log_softmax_of_a_row_without_a_distribution_is_nan(variant, bad, where):
+    # The kernel's exp clamps its input, so a NaN would otherwise count as exp(-88): checked
+    # separately, anywhere in the row; the other rows are untouched.
+    x = rand(2, 4096, seed=18, scale=3.0)
+    if bad == "all -inf":
+        x[0] = -np.inf
+    else:
+        x[0, where] = np.nan if bad == "nan" else np.inf
+    for reference in (False, True):
+        out = ops.log_softmax(x, reference=reference)
+        assert np.isnan(out[0]).all()
+        assert np.isfinite(out[1]).all()
+
+
 def attention_ref(q, k, v, dtype=np.float64):
     q, k, v = (t.astype(dtype) for t in (q, k, v))
     T, D = q.shape[-2], q.shape[-1]

@@ -94,6 +94,33 @@ void add(const float* a, const float* b, float* y, int64_t n) {
   });
 }
 
+// log(sum_i exp(x_i)) of one row (n > 0), as max + log(sum exp(x - max)): the exps in registers
+// (vexp), summed in float lanes over runs of 256 and the runs' sums in double, so the result
+// is within a few float32 ulps of the float64 value at any length (GPT-2's 50,257 logits: a
+// scalar double exp per logit took ~250 us of every scored position; this ~15). NaN when the row
+// holds a NaN or +inf, or only -inf: no distribution to normalise.
+float log_sum_exp(const float* x, int64_t n) {
+  Vec vmax = Vec::set1(-INFINITY);
+  int64_t i = 0;
+  for (; i + Vec::W <= n; i += Vec::W) vmax = Vec::max(vmax, Vec::load(x + i));
+  if (i < n) vmax = Vec::max(vmax, Vec::select_first(int(n - i), Vec::load_partial(x + i, int(n - i)), vmax));
+  const float mx = vmax.reduce_max();
+  int unordered = 0;  // (a NaN compares unequal to itself; vexp would clamp it to -88)
+  for (i = 0; i < n; ++i) unordered |= x[i] != x[i];
+  if (unordered || !(mx < INFINITY) || !(mx > -INFINITY)) return NAN;
+  constexpr int64_t kRun = 256;
+  const Vec m = Vec::set1(mx);
+  double total = 0.0;
+  for (int64_t r = 0; r < n; r += kRun) {
+    const int64_t end = r + kRun < n ? r + kRun : n;
+    Vec sum = Vec::zero();
+    for (i = r; i + Vec::W <= end; i += Vec::W) sum = sum + vexp(Vec::load(x + i) - m);
+    if (i < end) sum = sum + Vec::select_first(int(end - i), vexp(Vec::load_partial(x + i, int(end - i)) - m), Vec::zero());
+    total += double(sum.reduce_add());
+  }
+  return mx + float(std::log(total));
+}
+
 void softmax(const float* x, float* y, int64_t rows, int64_t cols) {
   llamas::parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

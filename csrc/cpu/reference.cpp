@@ -111,6 +111,19 @@ void attention(const AttentionArgs& a) {
   }
 }
 
+float log_sum_exp(const float* x, int64_t n) {
+  float mx = -INFINITY;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    mx = x[i] > mx ? x[i] : mx;
+    nan |= x[i] != x[i];
+  }
+  if (nan || !(mx < INFINITY) || !(mx > -INFINITY)) return NAN;
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(double(x[i] - mx));
+  return mx + float(std::log(sum));
+}
+
 void layernorm(const float* x, const float* w, const float* b, float* out, int64_t rows, int64_t C, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * C;

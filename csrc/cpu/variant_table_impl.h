@@ -13,7 +13,7 @@ namespace {
 
 const llamas::cpu::KernelTable* this_variant_table() {
   static const llamas::cpu::KernelTable table = {kVariantName, gemm, layernorm, residual_layernorm, gelu, softmax,
-      add, attention, column_sum, layernorm_backward, gelu_backward, cross_entropy, attention_forward,
+      log_sum_exp, add, attention, column_sum, layernorm_backward, gelu_backward, cross_entropy, attention_forward,
       attention_backward, sum_squares, adamw, bf16_dot_native, i8_dot_native};
   return &table;
 }

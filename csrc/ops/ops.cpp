@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/kernel_table.h"
+#include "cpu/reference.h"
 #include "llamas/bfloat16.h"
 #include "llamas/cuda.h"
 #include "llamas/error.h"
@@ -251,6 +252,31 @@ void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, Device d
   // a nested entry would count the same time twice in the profile's shares.
   if (device != Device::CPU) cuda_unavailable("softmax");
   cpu::kernels().softmax(x, y, rows, cols);
+}
+
+Tensor log_softmax(const Tensor& x, bool reference) {
+  ProfileScope scope("log_softmax");
+  require_f32(x, "log_softmax", "input");
+  require_cpu(x, "log_softmax");
+  LLAMAS_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "log_softmax", "needs a non-empty last dimension, got ", x.describe());
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  const int64_t cols = x.dim(-1), rows = x.numel() / cols;
+  const float* in = x.data<float>();
+  float* o = out.data<float>();
+  parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float norm = reference ? cpu::reference::log_sum_exp(in + r * cols, cols)
+                                   : cpu::kernels().log_sum_exp(in + r * cols, cols);
+      for (int64_t i = 0; i < cols; ++i) o[r * cols + i] = in[r * cols + i] - norm;
+    }
+  });
+  return out;
+}
+
+float log_sum_exp_row(const float* x, int64_t n, Device device) {
+  // No profile entry: its callers (scoring, logprobs) are inside "sample".
+  if (device != Device::CPU) cuda_unavailable("log_softmax");
+  return cpu::kernels().log_sum_exp(x, n);
 }
 
 void add_into(const float* a, const float* b, float* y, int64_t n, Device device) {

@@ -122,6 +122,13 @@ void init_ops(py::module_& m) {
     return without_gil([&] { return ops::softmax(t); });
   }, py::arg("x"), "Softmax over the last dimension.");
 
+  ops.def("log_softmax", [](FloatArray x, bool reference) {
+    Tensor t = view_of(x);
+    return without_gil([&] { return ops::log_softmax(t, reference); });
+  }, py::arg("x"), py::arg("reference") = false,
+     "Log-softmax over the last dimension (reference=True: the normaliser by the plain double loop). "
+     "A row holding NaN or +inf, or only -inf, comes out NaN.");
+
   ops.def("attention", [](FloatArray q, FloatArray k, FloatArray v, const std::string& kv_dtype, bool reference) {
     DType kd = parse_dtype(kv_dtype, "attention", "kv_dtype", true);
     Tensor tq = view_of(q), tk = view_of(k), tv = view_of(v);

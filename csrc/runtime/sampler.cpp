@@ -178,11 +178,8 @@ int64_t inverse_cdf(double u, int64_t n, Weight w) {
 }  // namespace
 
 float log_normaliser(const float* logits, int64_t vocab, const char* op) {
-  // log_softmax(z)_i = z_i - max - log sum exp(z - max), the sum in double.
-  const float mx = max_of(logits, vocab);
-  double sum = 0.0;
-  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i] - mx));
-  const float log_norm = mx + float(std::log(sum));
+  // log_softmax(z)_i = z_i - log sum exp(z) (the vectorised kernel: max subtracted, sums in double).
+  const float log_norm = ops::log_sum_exp_row(logits, vocab);
   LLAMAS_CHECK(std::isfinite(log_norm), op, kNotFinite);  // before any sorting: NaN has no order
   return log_norm;
 }
@@ -191,8 +188,12 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
   std::vector<std::pair<int32_t, float>> top;
   const int n_top = int(std::min<int64_t>(n, vocab));
   if (n_top <= 0) return top;
-  std::vector<int32_t> ids = iota_ids(vocab);
-  std::partial_sort(ids.begin(), ids.begin() + n_top, ids.end(), ByLogit{logits});
+  bool nan = false;  // (the caller's normaliser already refused NaN)
+  const std::vector<int32_t> ids = n_top < vocab ? top_k_ids(logits, vocab, n_top, &nan) : [&] {
+    std::vector<int32_t> all = iota_ids(vocab);
+    std::sort(all.begin(), all.end(), ByLogit{logits});
+    return all;
+  }();
   for (int i = 0; i < n_top; ++i) top.push_back({ids[i], logits[ids[i]] - log_norm});
   return top;
 }

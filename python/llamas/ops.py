@@ -7,7 +7,7 @@
     q = llamas.ops.pack(w, weight_dtype="int8")   # quantized; llamas.ops.dequantize(q) = what it stands for
     llamas.ops.layernorm(x, weight, bias, eps=1e-5)
     llamas.ops.attention(q, k, v)           # causal, (B, H, T, D)
-    llamas.ops.gelu(x), llamas.ops.softmax(x)
+    llamas.ops.gelu(x), llamas.ops.softmax(x), llamas.ops.log_softmax(x)
 """
 from ._C import ops as _ops
 
@@ -18,6 +18,7 @@ residual_layernorm = _ops.residual_layernorm
 attention = _ops.attention
 gelu = _ops.gelu
 softmax = _ops.softmax
+log_softmax = _ops.log_softmax
 reference_matmul = _ops.reference_matmul
 pack = _ops.pack
 dequantize = _ops.dequantize

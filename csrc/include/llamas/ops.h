@@ -53,6 +53,12 @@ Tensor gelu(const Tensor& x);
 Tensor softmax(const Tensor& x);
 // y[r] = softmax(x[r]) for rows of cols floats (the sampler's probabilities); y may be x.
 void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, Device device = Device::CPU);
+// Log-softmax over the last dimension, x - log(sum exp(x)) per row; `reference`: the normaliser by
+// the plain loop in double beside the kernel (tests).
+Tensor log_softmax(const Tensor& x, bool reference = false);
+// log(sum exp(x)) of one row of n > 0 floats (log-probabilities' normaliser); NaN when the row
+// holds a NaN or +inf, or only -inf.
+float log_sum_exp_row(const float* x, int64_t n, Device device = Device::CPU);
 void add_into(const float* a, const float* b, float* y, int64_t n, Device device = Device::CPU);
 
 // Causal attention of query rows over paged KV caches (see AttentionArgs).
