@@ -201,3 +201,47 @@ def test_top_k_draws_walk_the_candidates_best_first(model):
         assert token == order[np.searchsorted(cdf, u, side="right")]
         checked += 1
     assert checked > 190
+
+
+def nucleus(logits, temperature, top_p):
+    """The fewest best tokens (probability descending, lower id on ties) whose mass reaches top_p."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    ranked = np.lexsort((np.arange(len(p)), -p))
+    cut = int(np.searchsorted(np.cumsum(p[ranked]), top_p)) + 1
+    return set(ranked[:cut].tolist())
+
+
+@pytest.mark.parametrize("case", ["ties at the cut", "flat", "one dominant", "after top-k"])
+def test_top_p_draws_exactly_the_nucleus(model, case):
+    # The nucleus is found from a histogram of the weights' bits, and only the bucket the cut falls
+    # in is sorted: the drawn set must still be exactly the nucleus, lower ids winning ties at the
+    # cut, whether the nucleus is a few tokens or most of the vocabulary.
+    rng = np.random.default_rng(5)
+    top_k = 0
+    if case == "ties at the cut":
+        # 10 tokens at 3.0 hold ~33% of the mass, 40 tied at 2.0 ~49%: a cut at 0.6 lands among
+        # the tied ones (near the 11th of them), so only the lowest ids of the tie get in.
+        logits = np.full(1000, -3.0, np.float32)
+        logits[rng.permutation(1000)[:10]] = 3.0
+        logits[np.flatnonzero(logits == -3.0)[::7][:40]] = 2.0
+        top_p = 0.6
+    elif case == "flat":
+        logits = (rng.standard_normal(1000) * 0.3).astype(np.float32)
+        top_p = 0.9
+    elif case == "one dominant":
+        logits = rng.standard_normal(1000).astype(np.float32)
+        logits[123] = 20.0
+        top_p = 0.5
+    else:
+        logits = rng.standard_normal(1000).astype(np.float32) * 2
+        top_k, top_p = 60, 0.7
+    expected = nucleus(np.where(np.isin(np.arange(1000), list(best_k(logits, top_k))) if top_k else True,
+                                logits, -np.inf), 1.0, top_p)
+    seq = llamas._C.Sequence(model.config.to_native(), 1.0, top_k, top_p, 0.0, 1.0, 0.0, 0.0, 9, {}, -1)
+    row = np.ascontiguousarray(logits)
+    drawn = {seq.sample_logits(row, []) for _ in range(40 * len(expected) + 200)}
+    assert drawn <= expected, f"drew outside the nucleus: {sorted(drawn - expected)[:10]}"
+    if case != "flat":  # (a flat nucleus of ~880 tokens is checked for containment only)
+        assert drawn == expected

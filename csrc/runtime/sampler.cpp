@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <unordered_map>
 
@@ -301,27 +302,46 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
     const double u = double(next_uniform()) * total;
     return token_of(inverse_cdf(u, n, [&](int64_t i) { return double(probs[i]); }));
   }
-  // top-p: sort only as many of the best candidates as the nucleus needs: 64, then 4x more.
-  std::vector<int32_t> order = iota_ids(n);
-  int64_t sorted = 0;
-  double mass = 0.0;
-  auto by_prob = [&](int32_t a, int32_t b) {
-    return probs[a] > probs[b] || (probs[a] == probs[b] && token_of(a) < token_of(b));
+  // top-p: the nucleus is the fewest best candidates (probability descending, the lower token
+  // first on ties) whose mass reaches top_p of the total. The weights are non-negative floats,
+  // whose bit patterns order as their values do, so a histogram of their top bits (exponent and 3
+  // mantissa bits: 2,048 buckets, mass in double) finds the bucket the cut falls in, and only that
+  // bucket's candidates are sorted. Sorting candidates until the nucleus was covered took ~1.7 ms
+  // a draw over GPT-2's 50,257 logits when the distribution is flat (the nucleus is then most of
+  // the vocabulary). The draw walks the nucleus in candidate order (token order, or best first
+  // after top-k).
+  const double target = double(p.top_p) * total;
+  constexpr int kBucketShift = 20;
+  auto bucket_of = [&](int64_t i) {
+    uint32_t bits;
+    std::memcpy(&bits, &probs[i], sizeof bits);
+    return int(bits >> kBucketShift);
   };
-  for (int64_t want = std::min<int64_t>(64, n);; want = std::min<int64_t>(want * 4, n)) {
-    std::partial_sort(order.begin() + sorted, order.begin() + want, order.end(), by_prob);
-    int64_t i = sorted;
-    for (; i < want; ++i) {
-      mass += probs[order[i]];
-      if (mass >= double(p.top_p) * total) { ++i; break; }
-    }
-    sorted = want;
-    if (mass >= double(p.top_p) * total || want == n) { n = i; break; }
+  std::vector<double> bucket_mass(size_t(1) << (31 - kBucketShift), 0.0);
+  for (int64_t i = 0; i < n; ++i) bucket_mass[bucket_of(i)] += probs[i];
+  int edge_bucket = int(bucket_mass.size()) - 1;
+  double mass = 0.0;  // of the buckets above edge_bucket: all in the nucleus
+  for (; edge_bucket > 0 && mass + bucket_mass[edge_bucket] < target; --edge_bucket) mass += bucket_mass[edge_bucket];
+  std::vector<int32_t> nucleus, edge;
+  for (int64_t i = 0; i < n; ++i) {
+    const int b = bucket_of(i);
+    if (b > edge_bucket) nucleus.push_back(int32_t(i));
+    else if (b == edge_bucket && probs[i] > 0.0f) edge.push_back(int32_t(i));
   }
+  std::sort(edge.begin(), edge.end(), [&](int32_t a, int32_t b) {
+    return probs[a] > probs[b] || (probs[a] == probs[b] && token_of(a) < token_of(b));
+  });
+  size_t take = 0;
+  while (take < edge.size() && mass < target) mass += probs[edge[take++]];
+  edge.resize(take);
+  std::sort(edge.begin(), edge.end());
+  const size_t above = nucleus.size();
+  nucleus.insert(nucleus.end(), edge.begin(), edge.end());
+  std::inplace_merge(nucleus.begin(), nucleus.begin() + int64_t(above), nucleus.end());
   total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += probs[order[i]];
+  for (int32_t i : nucleus) total += probs[i];
   const double u = double(next_uniform()) * total;
-  return token_of(order[inverse_cdf(u, n, [&](int64_t i) { return double(probs[order[i]]); })]);
+  return token_of(nucleus[inverse_cdf(u, int64_t(nucleus.size()), [&](int64_t i) { return double(probs[nucleus[i]]); })]);
 }
 
 std::vector<int32_t> Sampler::verify(float* rows, int64_t vocab, const std::vector<int32_t>& drafts,
