@@ -412,8 +412,7 @@ def test_mid_sized_blocks_share_slabs_and_go_back_whole():
     # Blocks of 128 KiB - 2 MiB are carved from 16 MiB huge-page slabs: 40 live outputs of ~320
     # KB each span slabs without overlapping (each keeps its own product), and once all are freed
     # empty_cache returns the slabs they filled (reserved bytes back where they were).
-    from llamas import _C
-    _C.empty_cache()
+    llamas.empty_cache()
     before = llamas.memory_stats()["bytes_reserved"]
     a = rand(4, 16, seed=3)
     bs = [rand(16, 20000 + 16 * i, seed=100 + i) for i in range(40)]
@@ -422,7 +421,7 @@ def test_mid_sized_blocks_share_slabs_and_go_back_whole():
         np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5)
     assert llamas.memory_stats()["bytes_reserved"] - before >= 40 * 4 * 20000 * 4
     del outs, out
-    _C.empty_cache()
+    llamas.empty_cache()
     after = llamas.memory_stats()
     assert after["bytes_reserved"] <= before
     assert after["bytes_reserved"] >= after["bytes_in_use"] + after["bytes_cached"]

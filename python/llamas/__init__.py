@@ -30,6 +30,12 @@ def memory_stats() -> dict:
     return dict(_C.memory_stats())
 
 
+def empty_cache() -> None:
+    """Returns the caching allocator's free blocks to the OS (blocks carved from a shared slab go
+    back once every block of their slab is free), as torch.cuda.empty_cache does for its cache."""
+    _C.empty_cache()
+
+
 def info() -> dict:
     """Version, CPU, kernel variant, how bfloat16 and int8 compute run, threads and CUDA availability."""
     features = _C.cpu_features()
@@ -51,5 +57,5 @@ def info() -> dict:
 
 __all__ = [
     "Engine", "GPT2Config", "LlamasError", "Model", "PRESETS", "Trainer", "WarmupCosine", "create", "cuda_available", "evaluate", "get_num_threads", "info", "load",
-    "memory_stats", "ops", "profile", "set_num_threads",
+    "empty_cache", "memory_stats", "ops", "profile", "set_num_threads",
 ]
