@@ -117,7 +117,7 @@ std::vector<int32_t> top_k_ids(const float* logits, int64_t vocab, int64_t k, bo
     int64_t at = kept < k ? kept++ : k - 1;
     for (; at > 0 && best[at - 1] < x; --at) best[at] = best[at - 1], ids[at] = ids[at - 1];
     best[at] = x, ids[at] = int32_t(i);
-    floor = best[k - 1];
+    if (kept == k) floor = best[k - 1];
   };
   constexpr int64_t kRun = 16;
   int64_t i = 0;
