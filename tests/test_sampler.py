@@ -110,9 +110,9 @@ def test_non_finite_logits_end_the_request_with_an_error(nan_model):
             assert done.finish_reason == "error" and "not finite" in (done.error or "")
 
 
-def draws_from_logits(model, logits, n, temperature=100.0, top_k=0, seed=0):
+def draws_from_logits(model, logits, n, temperature=100.0, top_k=0, seed=0, top_p=1.0):
     """n draws of one sequence's sampler from the given logits row (its generator moves on per draw)."""
-    seq = llamas._C.Sequence(model.config.to_native(), temperature, top_k, 1.0, 0.0, 1.0, 0.0, 0.0, seed, {}, -1)
+    seq = llamas._C.Sequence(model.config.to_native(), temperature, top_k, top_p, 0.0, 1.0, 0.0, 0.0, seed, {}, -1)
     row = np.ascontiguousarray(logits, dtype=np.float32)
     return np.array([seq.sample_logits(row, []) for _ in range(n)])
 
@@ -203,16 +203,6 @@ def test_top_k_draws_walk_the_candidates_best_first(model):
     assert checked > 190
 
 
-def nucleus(logits, temperature, top_p):
-    """The fewest best tokens (probability descending, lower id on ties) whose mass reaches top_p."""
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    ranked = np.lexsort((np.arange(len(p)), -p))
-    cut = int(np.searchsorted(np.cumsum(p[ranked]), top_p)) + 1
-    return set(ranked[:cut].tolist())
-
-
 @pytest.mark.parametrize("case", ["ties at the cut", "flat", "one dominant", "after top-k"])
 def test_top_p_draws_exactly_the_nucleus(model, case):
     # The nucleus is found from a histogram of the weights' bits, and only the bucket the cut falls
@@ -237,11 +227,9 @@ def test_top_p_draws_exactly_the_nucleus(model, case):
     else:
         logits = rng.standard_normal(1000).astype(np.float32) * 2
         top_k, top_p = 60, 0.7
-    expected = nucleus(np.where(np.isin(np.arange(1000), list(best_k(logits, top_k))) if top_k else True,
-                                logits, -np.inf), 1.0, top_p)
-    seq = llamas._C.Sequence(model.config.to_native(), 1.0, top_k, top_p, 0.0, 1.0, 0.0, 0.0, 9, {}, -1)
-    row = np.ascontiguousarray(logits)
-    drawn = {seq.sample_logits(row, []) for _ in range(40 * len(expected) + 200)}
+    expected = set(np.flatnonzero(expected_distribution(logits, 1.0, top_k, top_p, 0.0)).tolist())
+    drawn = set(draws_from_logits(model, logits, 40 * len(expected) + 200, temperature=1.0, top_k=top_k,
+                                  seed=9, top_p=top_p).tolist())
     assert drawn <= expected, f"drew outside the nucleus: {sorted(drawn - expected)[:10]}"
     if case != "flat":  # (a flat nucleus of ~880 tokens is checked for containment only)
         assert drawn == expected

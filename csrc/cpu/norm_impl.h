@@ -94,19 +94,29 @@ void add(const float* a, const float* b, float* y, int64_t n) {
   });
 }
 
+// The largest of x[0..n) (n > 0), which softmax, log_sum_exp and cross_entropy subtract (-inf for
+// an all -inf row; a NaN may or may not be seen: callers that care test for it).
+inline float row_max(const float* x, int64_t n) {
+  Vec vmax = Vec::set1(-INFINITY);
+  int64_t i = 0;
+  for (; i + Vec::W <= n; i += Vec::W) vmax = Vec::max(vmax, Vec::load(x + i));
+  if (i < n) {
+    const int lanes = int(n - i);
+    vmax = Vec::max(vmax, Vec::select_first(lanes, Vec::load_partial(x + i, lanes), Vec::set1(-INFINITY)));
+  }
+  return vmax.reduce_max();
+}
+
 // log(sum_i exp(x_i)) of one row (n > 0), as max + log(sum exp(x - max)): the exps in registers
 // (vexp), summed in float lanes over runs of 256 and the runs' sums in double, so the result
 // is within a few float32 ulps of the float64 value at any length (GPT-2's 50,257 logits: a
 // scalar double exp per logit took ~250 us of every scored position; this ~15). NaN when the row
 // holds a NaN or +inf, or only -inf: no distribution to normalise.
 float log_sum_exp(const float* x, int64_t n) {
-  Vec vmax = Vec::set1(-INFINITY);
-  int64_t i = 0;
-  for (; i + Vec::W <= n; i += Vec::W) vmax = Vec::max(vmax, Vec::load(x + i));
-  if (i < n) vmax = Vec::max(vmax, Vec::select_first(int(n - i), Vec::load_partial(x + i, int(n - i)), vmax));
-  const float mx = vmax.reduce_max();
+  const float mx = row_max(x, n);
   int unordered = 0;  // (a NaN compares unequal to itself; vexp would clamp it to -88)
-  for (i = 0; i < n; ++i) unordered |= x[i] != x[i];
+  int64_t i = 0;
+  for (; i < n; ++i) unordered |= x[i] != x[i];
   if (unordered || !(mx < INFINITY) || !(mx > -INFINITY)) return NAN;
   constexpr int64_t kRun = 256;
   const Vec m = Vec::set1(mx);
@@ -126,16 +136,10 @@ void softmax(const float* x, float* y, int64_t rows, int64_t cols) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * cols;
       float* yr = y + r * cols;
-      Vec vmax = Vec::set1(-INFINITY);
-      int64_t i = 0;
-      for (; i + Vec::W <= cols; i += Vec::W) vmax = Vec::max(vmax, Vec::load(xr + i));
-      if (i < cols) {
-        int lanes = int(cols - i);
-        vmax = Vec::max(vmax, Vec::select_first(lanes, Vec::load_partial(xr + i, lanes), Vec::set1(-INFINITY)));
-      }
-      Vec m = Vec::set1(vmax.reduce_max());
+      Vec m = Vec::set1(row_max(xr, cols));
       Vec sum = Vec::zero();
-      for (i = 0; i + Vec::W <= cols; i += Vec::W) {
+      int64_t i = 0;
+      for (; i + Vec::W <= cols; i += Vec::W) {
         Vec e = vexp(Vec::load(xr + i) - m);
         sum = sum + e;
         e.store(yr + i);

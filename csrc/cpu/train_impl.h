@@ -123,14 +123,11 @@ void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t
   llamas::parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* z = logits + r * V;
-      Vec vmax = Vec::set1(-INFINITY);
-      int64_t i = 0;
-      for (; i + Vec::W <= V; i += Vec::W) vmax = Vec::max(vmax, Vec::load(z + i));
-      float mx = vmax.reduce_max();
-      for (; i < V; ++i) mx = z[i] > mx ? z[i] : mx;
+      const float mx = row_max(z, V);
       const float target_logit = z[targets[r]];
       Vec vm = Vec::set1(mx), sum = Vec::zero();
-      for (i = 0; i < V; i += Vec::W) {
+      int64_t i = 0;
+      for (; i < V; i += Vec::W) {
         int lanes = clamp_lanes(V - i);
         Vec e = Vec::select_first(lanes, vexp(load_lanes(z + i, lanes) - vm), Vec::zero());
         sum = sum + e;

@@ -86,19 +86,25 @@ struct ByLogit {
   bool operator()(int32_t a, int32_t b) const { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); }
 };
 
-// The k best tokens by ByLogit (0 < k < vocab), in that order. One pass keeps the best so far
+// 0, 1, ..., n - 1: token ids to select or order candidates by.
+std::vector<int32_t> iota_ids(int64_t n) {
+  std::vector<int32_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0);
+  return ids;
+}
+
+// The k best tokens by ByLogit (0 < k <= vocab), in that order. One pass keeps the best so far
 // in order and skips any run of 16 logits none of which beats the k-th: past the first few hundred
 // tokens nearly every run is skipped on one well-predicted branch. std::nth_element over the ids
 // (its partition branches on every comparison, and each step's logits are new) took ~12 us of
 // a 4096-token draw inside a 16-sequence step, ~12% of the bundled model's step. Runs that hold
 // NaN are not skipped, so *nan reports one anywhere.
 std::vector<int32_t> top_k_ids(const float* logits, int64_t vocab, int64_t k, bool* nan) {
-  if (k > 256) {  // (insertion into the kept list would cost ~k/2 moves per newcomer)
+  if (k > 256 || k >= vocab) {  // (insertion into the kept list would cost ~k/2 moves per newcomer)
     for (int64_t i = 0; i < vocab; ++i) *nan |= logits[i] != logits[i];
     if (*nan) return {};  // (NaN breaks the ordering nth_element relies on)
-    std::vector<int32_t> ids(vocab);
-    std::iota(ids.begin(), ids.end(), 0);
-    std::nth_element(ids.begin(), ids.begin() + k, ids.end(), ByLogit{logits});
+    std::vector<int32_t> ids = iota_ids(vocab);
+    if (k < vocab) std::nth_element(ids.begin(), ids.begin() + k, ids.end(), ByLogit{logits});
     ids.resize(k);
     std::sort(ids.begin(), ids.end(), ByLogit{logits});
     return ids;
@@ -129,13 +135,6 @@ std::vector<int32_t> top_k_ids(const float* logits, int64_t vocab, int64_t k, bo
       for (int64_t j = 0; j < kRun; ++j) consider(i + j);
   }
   for (; i < vocab; ++i) consider(i);
-  return ids;
-}
-
-// 0, 1, ..., n - 1: token ids to select or order candidates by.
-std::vector<int32_t> iota_ids(int64_t n) {
-  std::vector<int32_t> ids(n);
-  std::iota(ids.begin(), ids.end(), 0);
   return ids;
 }
 
@@ -190,11 +189,7 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
   const int n_top = int(std::min<int64_t>(n, vocab));
   if (n_top <= 0) return top;
   bool nan = false;  // (the caller's normaliser already refused NaN)
-  const std::vector<int32_t> ids = n_top < vocab ? top_k_ids(logits, vocab, n_top, &nan) : [&] {
-    std::vector<int32_t> all = iota_ids(vocab);
-    std::sort(all.begin(), all.end(), ByLogit{logits});
-    return all;
-  }();
+  const std::vector<int32_t> ids = top_k_ids(logits, vocab, n_top, &nan);
   for (int i = 0; i < n_top; ++i) top.push_back({ids[i], logits[ids[i]] - log_norm});
   return top;
 }
@@ -276,8 +271,7 @@ int32_t Sampler::choose(float* logits, int64_t vocab, const std::vector<int32_t>
     const float max_logit = max_of(logits, n);
     for (int64_t i = 0; i < n; ++i) probs[i] = (logits[i] - max_logit) * inv_t;
   } else {
-    float max_logit = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits[ids[i]]);
+    const float max_logit = logits[ids[0]];  // (top_k_ids: best first)
     for (int64_t i = 0; i < n; ++i) probs[i] = (logits[ids[i]] - max_logit) * inv_t;
   }
   ops::softmax_rows(probs.data(), probs.data(), 1, n);
