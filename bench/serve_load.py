@@ -200,6 +200,8 @@ def start_server(args) -> tuple:
         cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
     if args.speculative_ngram:
         cmd += ["--speculative-ngram", str(args.speculative_ngram)]
+    if args.stream_interval != 1:
+        cmd += ["--stream-interval", str(args.stream_interval)]
     env = dict(os.environ)
     if _SOURCE_TREE:  # llamas came from this checkout's python/ folder: the server must too
         env["PYTHONPATH"] = os.pathsep.join([_SOURCE_TREE, env.get("PYTHONPATH", "")])
@@ -244,6 +246,9 @@ def main() -> int:
                     help="--prefix-cache-mb of the server it starts (default 0: off)")
     ap.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
                     help="--speculative-ngram of the server it starts (default 0: off)")
+    ap.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                    help="--stream-interval of the server it starts: one event per N tokens after the first "
+                         "(default 1)")
     ap.add_argument("--temperature", type=float, default=0.8,
                     help="the requests' temperature (default 0.8; each request has its own seed)")
     ap.add_argument("--shared-prefix-words", type=int, default=0, metavar="N",
@@ -260,8 +265,8 @@ def main() -> int:
     counts = [int(c) for c in args.clients.split(",")]
     if any(c < 1 for c in counts) or args.duration <= 0:
         ap.error("--clients must be positive integers and --duration > 0")
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
+    if args.rounds < 1 or args.stream_interval < 1:
+        ap.error("--rounds and --stream-interval must be >= 1")
     if args.warmup < 0 or args.settle < 0:
         ap.error("--warmup and --settle must be >= 0")
     if args.shared_prefix_words < 0 or args.prefix_cache_mb < 0:
@@ -348,6 +353,7 @@ def main() -> int:
           f"round{'s' if args.rounds > 1 else ''}), streaming completions, "
           f"temperature {args.temperature:g}"
           + (f", speculative_ngram {args.speculative_ngram}" if args.speculative_ngram else "")
+          + (f", stream_interval {args.stream_interval}" if args.stream_interval != 1 else "")
           + (f", a shared prefix of {args.shared_prefix_words} words" if prefix else "")
           + (f", prefix cache {args.prefix_cache_mb:g} MiB" if args.prefix_cache_mb else ""))
     print("| clients | requests | req/s | output tok/s | vs first | TTFT p50 ms | TTFT p99 ms | "

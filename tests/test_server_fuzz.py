@@ -67,8 +67,10 @@ def random_request(rng: random.Random):
 @pytest.fixture(scope="module")
 def http():
     # Speculation on: every request it can verify (sampled or greedy, with penalties, biases, stops,
-    # n > 1) also runs the drafting, verifying and truncating path.
-    with ThreadServer(create_app(llamas.load(TINY), max_batch=16, max_tokens=16, speculative_ngram=4)) as s:
+    # n > 1) also runs the drafting, verifying and truncating path. Streams come 3 tokens an event
+    # (stream_interval), so the listener that groups them meets every kind of stream too.
+    with ThreadServer(create_app(llamas.load(TINY), max_batch=16, max_tokens=16, speculative_ngram=4,
+                                 stream_interval=3)) as s:
         with httpx.Client(base_url=s.url, timeout=30) as c:
             yield c
 

@@ -14,6 +14,7 @@ from ._C import LlamasError
 from .engine import EngineClosed, QueueFull
 from .engine import Request as EngineRequest
 from .engine import SamplingOptions, make_stop_rules
+from .request import Chunk
 from .server_choices import (best_of_choices, chat_logprobs, completion_logprobs, echo_logprobs, extend_logprobs,
                              prompt_text)
 from .server_protocol import APIError, GenParams, bad
@@ -66,6 +67,43 @@ class _Choice:
         self.error = None
         self.completion_tokens = 0
         self.offset = 0
+
+
+class _Coalescer:
+    """A streamed choice's listener under `stream_interval` N > 1 (vLLM's and TensorRT-LLM's
+    --stream-interval): in the engine thread it passes the chunk with the choice's first text on
+    at once (the time to first token does not change), then holds chunks until they carry N
+    tokens, and passes the last chunk (a finish, a cancellation, an error) at once with whatever
+    it held. Each handed-on chunk is one event for the client, so the event loop wakes, formats
+    and writes a socket once per N tokens instead of once per token."""
+    __slots__ = ("_push", "_loop", "_inbox", "_idx", "_interval", "_held", "_tokens", "_started")
+
+    def __init__(self, push, loop, inbox, idx: int, interval: int):
+        self._push, self._loop, self._inbox, self._idx, self._interval = push, loop, inbox, idx, interval
+        self._held: List[Chunk] = []
+        self._tokens = 0        # tokens in the held chunks
+        self._started = False   # some text went out
+
+    def __call__(self, chunk: Chunk) -> None:
+        self._held.append(chunk)
+        self._tokens += len(chunk.token_ids)
+        if self._started and chunk.finish_reason is None and self._tokens < self._interval:
+            return
+        held, self._held, self._tokens = self._held, [], 0
+        merged = held[0] if len(held) == 1 else merge_chunks(held)
+        if merged.text:
+            self._started = True
+        self._push(self._loop, self._inbox, (self._idx, merged))
+
+
+def merge_chunks(chunks: List[Chunk]) -> Chunk:
+    """One chunk saying what `chunks` (consecutive, of one request) say: their text and tokens in
+    order, their logprobs (when asked for), the first one's prompt logprobs, the last one's end."""
+    last = chunks[-1]
+    lps = [c.logprobs for c in chunks if c.logprobs is not None]
+    prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
+    return Chunk("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                 [lp for group in lps for lp in group] if lps else None, last.finish_reason, last.error, prompt)
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -122,7 +160,9 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
             req = EngineRequest(ids, budgets[pi], options, stops, request_id=f"{rid}-{idx}",
                                 prompt_logprobs=p.logprobs if p.echo else None)
             push = state.dispatcher.push
-            if p.stream:
+            if p.stream and state.stream_interval > 1:
+                listener = _Coalescer(push, loop, inbox, idx, state.stream_interval)
+            elif p.stream:
                 def listener(chunk, idx=idx):
                     push(loop, inbox, (idx, chunk))
             else:

@@ -143,7 +143,8 @@ class ServerState:
 
     def __init__(self, *, model_name: Optional[str], api_key: Optional[str], max_batch: int,
                  max_queue: int, max_tokens: Optional[int], max_body_bytes: int, prefill_chunk: int,
-                 chat_template: Optional[str], prefix_cache_mb: float = 0.0, speculative_ngram: int = 0):
+                 chat_template: Optional[str], prefix_cache_mb: float = 0.0, speculative_ngram: int = 0,
+                 stream_interval: int = 1):
         self.model = None
         self.engine: Optional[Engine] = None
         self.tokenizer = None
@@ -156,6 +157,7 @@ class ServerState:
         self.prefill_chunk = prefill_chunk
         self.prefix_cache_mb = prefix_cache_mb
         self.speculative_ngram = speculative_ngram
+        self.stream_interval = stream_interval  # tokens per streamed event (after the first)
         self.chat_template_source = chat_template
         self.chat_template: Optional[ChatTemplate] = None
         self.ready = False
