@@ -423,3 +423,26 @@ def test_text_stream_with_the_bytes_table_gives_the_same_pieces():
             if b.stopped:
                 break
         assert b.stopped == b_plain.stopped and b.finish() == b_plain.finish() and b.text == b_plain.text
+
+
+def test_a_model_larger_than_the_cache_streams_its_weights_with_the_same_results(tmp_path):
+    # Weights larger than the last-level cache (LLAMAS_LLC_BYTES stands in for a small cache) are
+    # read one panel at a time by decode's products: the same logits and tokens, bit for bit.
+    script = ("import llamas, numpy as np, sys; m = llamas.load(sys.argv[1]); "
+              "ids = m.tokenizer.encode('Hello world'); "
+              "np.save(sys.argv[2], m.forward([ids[:1]])); "
+              "print(m.weights_streamed, llamas.info()['last_level_cache_bytes'], "
+              "m.generate(ids, max_new_tokens=12), m.generate([ids, ids[:1]], max_new_tokens=6))")
+    runs = {}
+    for llc in ("1", str(1 << 40)):
+        out = str(tmp_path / f"logits-{llc}.npy")
+        env = dict(os.environ, LLAMAS_LLC_BYTES=llc, PYTHONPATH=os.pathsep.join(sys.path))
+        r = subprocess.run([sys.executable, "-c", script, TINY, out], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[llc] = (r.stdout.split(" ", 2), np.load(out))
+    (streamed, cache, tokens), logits = runs["1"]
+    (cached, cache_big, tokens_big), logits_big = runs[str(1 << 40)]
+    assert (streamed, cache, cached, cache_big) == ("True", "1", "False", str(1 << 40))
+    assert tokens == tokens_big
+    np.testing.assert_array_equal(logits, logits_big)

@@ -457,3 +457,20 @@ def test_hiding_the_best_variants_feature_falls_back_to_the_next_variant():
         out = subprocess.run([sys.executable, "-c", "import llamas; print(llamas._C.kernel_variant())"],
                              capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 0 and out.stdout.strip() == expected, (hide, out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("n", [1, 16, 61, 300])
+def test_streamed_panels_give_the_same_bits(variant, dtype, n):
+    # Weights a model reads from memory (larger than the last-level cache: streamed=True) run one
+    # row one panel at a time instead of several side by side: the same bits as the tiles for
+    # weights in cache at every row count, with a ragged last panel and an odd K.
+    k = 203
+    x, w, bias = rand(9, k, seed=31), rand(k, n, seed=32, scale=0.1), rand(n, seed=33)
+    cached, streamed = ops.pack(w, weight_dtype=dtype), ops.pack(w, weight_dtype=dtype, streamed=True)
+    assert streamed.streamed and not cached.streamed
+    for m in range(1, 10):
+        got = ops.linear(x[:m], streamed, bias, gelu=m % 2 == 0)
+        np.testing.assert_array_equal(got, ops.linear(x[:m], cached, bias, gelu=m % 2 == 0), err_msg=f"{m} rows")
+        if dtype == "float32" and m % 2:
+            assert_close(got, x[:m].astype(np.float64) @ w + bias, scale=matmul_scale(x[:m], np.abs(w)) + np.abs(bias))

@@ -15,7 +15,8 @@
 #define LLAMAS_X86 1
 #elif defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
-#elif defined(__aarch64__) && defined(__APPLE__)
+#endif
+#if defined(__APPLE__)
 #include <sys/sysctl.h>
 #endif
 
@@ -230,6 +231,37 @@ std::string arm_cpu_name_from_cpuinfo(const std::string& cpuinfo) {
   std::string joined;
   for (const auto& core : cores) joined += (joined.empty() ? "" : " + ") + core.first + " x" + std::to_string(core.second);
   return joined;
+}
+
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (const char* env = std::getenv("LLAMAS_LLC_BYTES")) {  // an override (a container whose sysfs misleads)
+      char* end = nullptr;
+      const long long value = std::strtoll(env, &end, 10);
+      if (end != env && *end == 0 && value >= 0) return int64_t(value);
+    }
+    int64_t largest = 0;
+#if defined(__linux__)
+    // index0..: L1d, L1i, L2, L3; each "size" reads like "32768K".
+    for (int i = 0; i < 8; ++i) {
+      std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size");
+      long long value = 0;
+      std::string unit;
+      if (!(file >> value)) break;
+      file >> unit;
+      const int64_t scale = unit == "K" ? 1 << 10 : unit == "M" ? 1 << 20 : 1;
+      if (value * scale > largest) largest = value * scale;
+    }
+#elif defined(__APPLE__)
+    for (const char* name : {"hw.l3cachesize", "hw.l2cachesize"}) {
+      int64_t value = 0;
+      size_t size = sizeof(value);
+      if (sysctlbyname(name, &value, &size, nullptr, 0) == 0 && value > largest) largest = value;
+    }
+#endif
+    return largest > 0 ? largest : int64_t(32) << 20;
+  }();
+  return bytes;
 }
 
 std::string cpu_name() {

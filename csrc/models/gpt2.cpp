@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "llamas/cpu_features.h"
 #include "llamas/error.h"
 #include "llamas/ops.h"
 #include "llamas/parallel.h"
@@ -29,6 +30,7 @@ GPT2Model::GPT2Model(const GPT2Config& config, GPT2Weights weights)
   config_.validate();
   LLAMAS_CHECK(int64_t(weights_.layers.size()) == config_.n_layer, "gpt2", "weights have ", weights_.layers.size(),
                " layers, config says ", config_.n_layer);
+  mark_streamed();
 }
 
 void GPT2Model::set_kv_dtype(DType dtype) {
@@ -62,6 +64,16 @@ void GPT2Model::set_weights(GPT2Weights weights) {
   LLAMAS_CHECK(computes_in(compute_dtype_, weights), "gpt2", "this model computes in ", dtype_name(compute_dtype_),
                " and cannot take ", dtype_name(weights.dtype), " weights");
   weights_ = std::move(weights);
+  mark_streamed();
+}
+
+void GPT2Model::mark_streamed() {
+  // Weights larger than the last-level cache come from memory at every token: their few-row
+  // products read one panel at a time (see panels_small_m).
+  const bool streamed = int64_t(weights_.bytes()) > last_level_cache_bytes();
+  for (auto& layer : weights_.layers)
+    for (ops::PackedMatrix* p : {&layer.attn_p, &layer.attn_proj_p, &layer.fc_p, &layer.mlp_proj_p}) p->streamed = streamed;
+  weights_.lm_head_p.streamed = streamed;
 }
 
 namespace {
@@ -76,7 +88,7 @@ void linear_rows(const float* x, int64_t rows, int64_t K, const Tensor& w, BLayo
   if (packed.defined()) {
     g.N = packed.N, g.B = packed.data.raw(), g.b_bf16 = packed.dtype() == DType::BF16;
     g.b_i8 = packed.dtype() == DType::I8;
-    g.b_layout = BLayout::Panels, g.ldb = K;
+    g.b_layout = BLayout::Panels, g.ldb = K, g.b_streamed = packed.streamed;
     g.a_bf16 = compute == DType::BF16, g.a_i8 = compute == DType::I8;
   } else {
     g.N = layout == BLayout::KN ? w.dim(1) : w.dim(0), g.B = w.raw(), g.b_bf16 = w.dtype() == DType::BF16;

@@ -145,6 +145,8 @@ class GPT2Model {
   void run_chunks(const std::vector<Chunk>& chunks, float* logits);
 
   GPT2Config config_;
+  // Sets PackedMatrix::streamed on every matrix: whether the weights outgrow the last-level cache.
+  void mark_streamed();
   GPT2Weights weights_;
   DType kv_dtype_;
   DType compute_dtype_ = DType::F32;

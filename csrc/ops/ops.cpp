@@ -24,7 +24,8 @@ namespace {
 
 // y = x @ B (+ bias) (GELU) for a float32 (M, K) x whose K the caller checked against B (N columns).
 Tensor run_linear(const Tensor& x, int64_t N, const void* B, bool b_bf16, BLayout layout, int64_t ldb,
-                  const Tensor* bias, bool gelu, DType compute = DType::F32, bool b_i8 = false) {
+                  const Tensor* bias, bool gelu, DType compute = DType::F32, bool b_i8 = false,
+                  bool b_streamed = false) {
   if (bias) {
     require_f32(*bias, "linear", "bias");
     LLAMAS_CHECK(bias->numel() == N, "linear", "bias must have ", N, " elements, got ", bias->describe());
@@ -37,6 +38,7 @@ Tensor run_linear(const Tensor& x, int64_t N, const void* B, bool b_bf16, BLayou
   g.bias = bias ? bias->data<float>() : nullptr;
   g.C = out.data<float>(), g.ldc = N;
   g.gelu = gelu, g.a_bf16 = compute == DType::BF16, g.a_i8 = compute == DType::I8, g.b_i8 = b_i8;
+  g.b_streamed = b_streamed;
   gemm(g, x.device());
   return out;
 }
@@ -169,7 +171,7 @@ Tensor linear(const Tensor& x, const PackedMatrix& w, const Tensor* bias, bool g
   LLAMAS_CHECK(compute_fits(compute, w.dtype()), "linear", dtype_name(compute), " compute needs ",
                compute == DType::BF16 ? "bfloat16 or int8" : "int8", " weights, got ", dtype_name(w.dtype()), " ones");
   return run_linear(x, w.N, w.data.raw(), w.dtype() == DType::BF16, BLayout::Panels, w.K, bias, gelu, compute,
-                    w.dtype() == DType::I8);
+                    w.dtype() == DType::I8, w.streamed);
 }
 
 Tensor matmul(const Tensor& a, const Tensor& b) {

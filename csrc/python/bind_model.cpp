@@ -248,6 +248,9 @@ void init_model(py::module_& m) {
            py::arg("config"), py::arg("weight_files"), py::arg("dtype") = "float32",
            "weight_files: [model.safetensors], or the shards of a sharded checkpoint.")
       .def_property_readonly("weight_bytes", [](const GPT2Model& m) { return m.weights().bytes(); })
+      .def_property_readonly("weights_streamed", [](const GPT2Model& m) {
+        return m.weights().packed() && m.weights().lm_head_p.streamed;
+      })
       .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
       .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },
                     [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_dtype(name, "load", "kv_dtype", true)); },

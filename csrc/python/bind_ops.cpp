@@ -69,17 +69,24 @@ void init_ops(py::module_& m) {
       .def_property_readonly("in_features", [](const ops::PackedMatrix& p) { return p.K; })
       .def_property_readonly("out_features", [](const ops::PackedMatrix& p) { return p.N; })
       .def_property_readonly("dtype", [](const ops::PackedMatrix& p) { return std::string(dtype_name(p.dtype())); })
-      .def_property_readonly("nbytes", [](const ops::PackedMatrix& p) { return p.data.nbytes(); });
-  ops.def("pack", [](FloatArray w, const std::string& weight_layout, const std::string& weight_dtype) {
+      .def_property_readonly("nbytes", [](const ops::PackedMatrix& p) { return p.data.nbytes(); })
+      .def_property("streamed", [](const ops::PackedMatrix& p) { return p.streamed; },
+                    [](ops::PackedMatrix& p, bool on) { p.streamed = on; },
+                    "Whether one-row products read it one panel at a time (see llamas.ops.pack).");
+  ops.def("pack", [](FloatArray w, const std::string& weight_layout, const std::string& weight_dtype, bool streamed) {
     BLayout layout = parse_layout(weight_layout);
     DType wd = parse_dtype(weight_dtype, "pack", "weight_dtype", true);
     Tensor tw = view_of(w);
     py::gil_scoped_release release;
-    return ops::pack_panels(tw, layout, wd);
+    ops::PackedMatrix p = ops::pack_panels(tw, layout, wd);
+    p.streamed = streamed;
+    return p;
   }, py::arg("w"), py::arg("weight_layout") = "in_out", py::arg("weight_dtype") = "float32",
+     py::arg("streamed") = false,
      "Packs w once into the GEMM's panel layout; llamas.ops.linear(x, packed) then never repacks it. "
      "weight_dtype 'int8' quantizes: each column's weights 32 rows at a time as int8 times one float32 "
-     "scale (their largest magnitude / 127).");
+     "scale (their largest magnitude / 127). streamed=True: one-row products read it one panel at a "
+     "time, as a loaded model does with weights larger than the last-level cache (same results).");
   ops.def("dequantize", [](const ops::PackedMatrix& p) {
     return without_gil([&] { return ops::dequantize_panels(p); });
   }, py::arg("packed"), "The float32 (K, N) weights int8 panels stand for (q * scale, as the GEMM forms them).");

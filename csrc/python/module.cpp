@@ -65,6 +65,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("empty_cache", &cpu_empty_cache, "Returns the allocator's cached free blocks to the OS.");
   m.def("cpu_features", &cpu_features_dict);
   m.def("cpu_name", &cpu_name);
+  m.def("last_level_cache_bytes", &last_level_cache_bytes,
+        "The largest CPU cache in bytes (32 MiB when the system does not say): a model whose weights are larger "
+        "reads them from memory at every token (Model.weights_streamed).");
   m.def("_arm_cpu_name_from_cpuinfo", &arm_cpu_name_from_cpuinfo, py::arg("cpuinfo"));
   m.def("kernel_variant", [] { return std::string(cpu::kernels().name); });
   m.def("bf16_dot_native", [] { return cpu::kernels().bf16_dot_native(); },

@@ -51,6 +51,8 @@ def info() -> dict:
                           else "native (VPDPBUSD, operands ordered by two shuffles)") if _C.i8_dot_native()
                          else "emulated (integer dots without VPDPBUSD: same results, slower than float32 compute)"),
         "threads": _C.get_num_threads(),
+        # A model with more weight bytes than this reads them from memory at every token.
+        "last_level_cache_bytes": _C.last_level_cache_bytes(),
         "cuda_available": _C.cuda_available(),
     }
 

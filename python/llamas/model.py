@@ -72,6 +72,13 @@ class Model:
     def weight_bytes(self) -> int:
         return self._native.weight_bytes
 
+    @property
+    def weights_streamed(self) -> bool:
+        """Whether the weights are larger than the last-level cache (llamas.info()'s
+        last_level_cache_bytes), so that each token reads them from memory: batch-1 decode's products then
+        read one weight panel at a time (the same results)."""
+        return self._native.weights_streamed
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Model(gpt2, {c.num_parameters() / 1e6:.1f}M params, n_layer={c.n_layer}, n_embd={c.n_embd}, "

@@ -33,6 +33,9 @@ struct GemmArgs {
   const void* B = nullptr;   // float32, bfloat16 (uint16) or int8 (Panels only) elements
   bool b_bf16 = false;
   bool b_i8 = false;         // int8 panels with block scales (see i8_panel_bytes)
+  // B (panels) comes from memory, not cache, at each product: a model larger than the last-level
+  // cache reads its weights so at every token. One-row products then stream one panel at a time.
+  bool b_streamed = false;
   BLayout b_layout = BLayout::KN;
   int64_t ldb = 0;           // row stride of B as stored (unused for Panels)
   const float* bias = nullptr;  // (N) or null; ignored when accumulate is set

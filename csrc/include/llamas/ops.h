@@ -23,6 +23,7 @@ Tensor linear(const Tensor& x, const Tensor& w, BLayout layout, const Tensor* bi
 struct PackedMatrix {
   Tensor data;
   int64_t K = 0, N = 0;
+  bool streamed = false;  // read from memory at each product (GemmArgs::b_streamed)
   bool defined() const { return data.defined(); }
   DType dtype() const { return data.dtype(); }
 };
