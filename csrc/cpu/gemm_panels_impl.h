@@ -117,18 +117,23 @@ void panels_small_m(const GemmArgs& g) {
   constexpr bool kRowsInPlace = R == 1 || (Vec::W == 16 ? R <= 8 : Vec::W == 8 ? R <= 4 : false);
   // Weights from memory (a model larger than the last-level cache: GemmArgs::b_streamed), one row
   // (batch-1 decode): one panel at a time, so each thread reads one contiguous stream as a plain
-  // sum does, instead of 4-8 panels side by side. 1-row products over GPT-2 124M's 494 MB of
-  // matrices, the same packed matrices read both ways in turn for 50-120 s, each pass beside a
-  // two-thread torch sum of as many bytes (this box's memory switches between a slow mode, sums
-  // at ~33 GB/s, and a fast one, ~52-54): float32 1.01-1.03x in the slow mode and 1.10-1.12x in the
-  // fast one (an earlier harness: 1.29x), bfloat16 (against 8 panels) 1.05-1.06x and 1.02-1.22x.
-  // Whole batch-1 decode, builds alternated (slow mode): within their +-4% noise. Not for 2-4
-  // rows (their chains need the panels side by side: float32 0.93-1.02x, bfloat16 0.82-0.92x), not
-  // for weights in cache (the bundled model's 23 MB from L3: 0.93x, one FMA chain a thread), and
-  // not int8, whose widening needs the 8 chains (0.5-0.7x), and 16 lanes only (the avx2 variant on
-  // this box, a panel in two registers against 4 panels: 1.00x slow, 0.85x fast).
+  // sum does, instead of 4-8 panels side by side; and two ranges a thread, claimed as threads come
+  // free, so the thread whose part reads faster takes more of the matrix instead of waiting at the
+  // end of each of a token's ~50 products. 1-row products over GPT-2 124M's 494 MB of matrices,
+  // the same packed matrices read both ways in turn for 60-80 s, each pass beside a two-thread
+  // torch sum of as many bytes (this box's memory switches between a slow mode, sums at ~32 GB/s,
+  // and a fast one, ~51-54): float32 1.02-1.03x in the slow mode and 1.04-1.07x in the fast one,
+  // bfloat16 (against 8 panels) 1.04-1.08x and 0.98-1.03x. (Each half alone, one panel against the
+  // panels side by side and two ranges against one, had shown 1.10-1.29x and 1.14-1.21x in the
+  // fast mode in single runs: that mode's samples are too uneven to trust past +-10%. 3 or 4 ranges
+  // a thread: 0.87-1.15x of two.) Whole batch-1 decode, builds alternated: within their +-4%.
+  // Not for 2-4 rows (their chains need the panels side by side: float32 0.93-1.02x, bfloat16
+  // 0.82-0.92x), not for weights in cache (the bundled model's 23 MB from L3: 0.93x, one FMA chain a
+  // thread), not int8, whose widening needs the 8 chains (0.5-0.7x), and 16 lanes only (the avx2
+  // variant on this box, a panel in two registers against 4 panels: 1.00x slow, 0.85x fast).
   if constexpr (R == 1 && Vec::W == 16 && !std::is_same_v<BT, int8_t>) {
-    if (g.b_streamed) return panels_rows<BT, 1, 1, false, true>(g);
+    constexpr int kStreamedRangesPerThread = 2;
+    if (g.b_streamed) return panels_tiled<BT, 1, 1, false, 1, true>(g, kStreamedRangesPerThread);
   }
   if constexpr (Vec::W == 16 && R >= 5) {
     // 16 lanes, 5-12 rows (a server's step of 5-12 sequences, a speculative step's drafts): more
