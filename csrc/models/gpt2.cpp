@@ -68,11 +68,11 @@ void GPT2Model::set_weights(GPT2Weights weights) {
 }
 
 void GPT2Model::mark_streamed() {
-  // Weights larger than the last-level cache come from memory at every token: their few-row
+  // Weights larger than the last-level cache come from memory at every token: their one-row
   // products read one panel at a time (see panels_small_m).
   const bool streamed = int64_t(weights_.bytes()) > last_level_cache_bytes();
   for (auto& layer : weights_.layers)
-    for (ops::PackedMatrix* p : {&layer.attn_p, &layer.attn_proj_p, &layer.fc_p, &layer.mlp_proj_p}) p->streamed = streamed;
+    for (ops::PackedMatrix* p : layer.panels()) p->streamed = streamed;
   weights_.lm_head_p.streamed = streamed;
 }
 

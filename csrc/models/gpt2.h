@@ -1,6 +1,7 @@
 #pragma once
 // GPT-2, written once against ops: forward over a batch of sequence chunks that covers prefill,
 // chunked prefill, batched decode (continuous batching) and full-logit forward in one code path.
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -37,6 +38,8 @@ struct GPT2Layer {
   // Loaded models: the four matrices in the GEMM's panel layout, in the compute dtype. Then the
   // Tensors above are only the checkpoint's own (memory-mapped) arrays, for saving and training.
   ops::PackedMatrix attn_p, attn_proj_p, fc_p, mlp_proj_p;
+  std::array<ops::PackedMatrix*, 4> panels() { return {&attn_p, &attn_proj_p, &fc_p, &mlp_proj_p}; }
+  std::array<const ops::PackedMatrix*, 4> panels() const { return {&attn_p, &attn_proj_p, &fc_p, &mlp_proj_p}; }
 };
 
 struct GPT2Weights {
@@ -143,10 +146,10 @@ class GPT2Model {
   // The shared forward: appends each chunk to its cache and writes logits (all rows, or the last
   // row, per chunk, concatenated) into `logits`.
   void run_chunks(const std::vector<Chunk>& chunks, float* logits);
-
-  GPT2Config config_;
   // Sets PackedMatrix::streamed on every matrix: whether the weights outgrow the last-level cache.
   void mark_streamed();
+
+  GPT2Config config_;
   GPT2Weights weights_;
   DType kv_dtype_;
   DType compute_dtype_ = DType::F32;

@@ -34,7 +34,7 @@ size_t GPT2Weights::bytes() const {
     for (const Tensor* t : {&l.ln1_w, &l.ln1_b, &l.attn_b, &l.attn_proj_b, &l.ln2_w, &l.ln2_b, &l.fc_b, &l.mlp_proj_b})
       total += t->nbytes();
     if (packed())
-      total += l.attn_p.data.nbytes() + l.attn_proj_p.data.nbytes() + l.fc_p.data.nbytes() + l.mlp_proj_p.data.nbytes();
+      for (const ops::PackedMatrix* p : l.panels()) total += p->data.nbytes();
     else
       total += l.attn_w.nbytes() + l.attn_proj_w.nbytes() + l.fc_w.nbytes() + l.mlp_proj_w.nbytes();
   }
@@ -44,7 +44,8 @@ size_t GPT2Weights::bytes() const {
 GPT2Weights GPT2Weights::unpacked() const {
   GPT2Weights w = *this;
   w.lm_head_p = ops::PackedMatrix();
-  for (auto& l : w.layers) l.attn_p = l.attn_proj_p = l.fc_p = l.mlp_proj_p = ops::PackedMatrix();
+  for (auto& l : w.layers)
+    for (ops::PackedMatrix* p : l.panels()) *p = ops::PackedMatrix();
   w.dtype = wte.dtype();
   return w;
 }

@@ -38,8 +38,9 @@ bool has_cpu_feature(const std::string& name);
 // Linux: "ARM Neoverse V1"), or the architecture name elsewhere.
 std::string cpu_name();
 // The size of the largest CPU cache, in bytes (Linux: sysfs's cache of cpu0; macOS: sysctl), or
-// 32 MiB when the system does not say; $LLAMAS_LLC_BYTES (a byte count) overrides it. A model whose weights are larger reads them from memory at
-// every token; GPT2Model marks its matrices so (PackedMatrix::streamed).
+// 32 MiB when the system does not say; $LLAMAS_LLC_BYTES (a byte count) overrides it. A model
+// whose weights are larger reads them from memory at every token; GPT2Model marks its matrices so
+// (PackedMatrix::streamed).
 int64_t last_level_cache_bytes();
 // The ARM cores a /proc/cpuinfo text lists, by name ("implementer 0x.. part 0x..." for one this
 // does not know), each distinct one once: "ARM Cortex-A76 x4 + ARM Cortex-A55 x4" where they
