@@ -357,6 +357,22 @@ def test_cli_help_info_bench_and_errors():
     assert r.returncode == 2 and "not a folder" in r.stderr
 
 
+def test_cli_bench_fits_its_default_lengths_to_a_short_context():
+    # pp512 and tg128 are separate tests on new sequences: with 128 positions, pp runs 128 prompt
+    # tokens and tg 127 tokens after its 1-token prompt, each with a note; lengths asked for must fit.
+    r = run_cli("bench", "--model", TINY, "-r", "1")
+    assert r.returncode == 0, r.stderr
+    assert "pp128" in r.stdout and "tg127" in r.stdout, r.stdout
+    assert "context is 128 positions, so pp's prompt: 128 tokens (default 512" in r.stderr
+    assert "tg's tokens after its 1-token prompt: 127 tokens (default 128" in r.stderr
+    r = run_cli("bench", "--model", TINY, "-p", "128", "-n", "127", "-r", "1")
+    assert r.returncode == 0 and "default" not in r.stderr, r.stderr
+    r = run_cli("bench", "--model", TINY, "-p", "129", "-n", "8")
+    assert r.returncode == 2 and "--prompt-tokens 129 does not fit the model's context of 128 positions" in r.stderr
+    r = run_cli("bench", "--model", TINY, "-p", "8", "-n", "128")
+    assert r.returncode == 2 and "--gen-tokens 128 does not fit" in r.stderr and "at most 127" in r.stderr
+
+
 def test_generation_config_sets_sampling_defaults(tmp_path):
     # A model folder's generation_config.json (Hugging Face's) supplies the sampling parameters a
     # caller leaves out; explicit arguments win; without do_sample it stays greedy.

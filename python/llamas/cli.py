@@ -87,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="prefill and decode tokens/s, like llama-bench",
                        description="Measure prompt processing (pp) and token generation (tg) speed, mean ± sd over repetitions.")
     _add_model_args(b)
-    b.add_argument("--prompt-tokens", "-p", type=_positive_int, default=512, help="prompt length for pp (default 512)")
-    b.add_argument("--gen-tokens", "-n", type=_positive_int, default=128, help="generated tokens for tg (default 128)")
+    b.add_argument("--prompt-tokens", "-p", type=_positive_int, default=None,
+                   help=f"prompt length for pp (default {BENCH_PROMPT_TOKENS}, or the model's context if shorter)")
+    b.add_argument("--gen-tokens", "-n", type=_positive_int, default=None,
+                   help=f"tokens generated for tg from a 1-token prompt (default {BENCH_GEN_TOKENS}, or what the "
+                        "model's context leaves room for)")
     b.add_argument("--repetitions", "-r", type=_positive_int, default=5, help="repetitions (default 5)")
     b.add_argument("--batch", "-b", type=_batch_sizes, default=[1], metavar="B[,B...]",
                    help="sequences run together (default 1): pp feeds B prompts in one step, tg decodes B "
@@ -228,14 +231,35 @@ def cmd_info(args) -> int:
     return 0
 
 
+BENCH_PROMPT_TOKENS, BENCH_GEN_TOKENS = 512, 128  # llama-bench's pp512 and tg128
+
+
+def bench_lengths(args, context: int) -> None:
+    """Sets args.prompt_tokens and args.gen_tokens. pp and tg are separate tests, each on new
+    sequences (tg from a 1-token prompt, as llama-bench's tg128 decodes from an empty cache), so
+    each must fit the context on its own. A default that does not fit a short-context model (the
+    bundled one has 256 positions) shrinks to fit, with a note; a length asked for must fit."""
+    tests = (("prompt_tokens", "--prompt-tokens", BENCH_PROMPT_TOKENS, context, "pp's prompt"),
+             ("gen_tokens", "--gen-tokens", BENCH_GEN_TOKENS, context - 1, "tg's tokens after its 1-token prompt"))
+    for attr, flag, default, room, what in tests:
+        asked = getattr(args, attr)
+        if asked is None:
+            setattr(args, attr, min(default, room))
+            if room < default:
+                print(f"llamas bench: the model's context is {context} positions, so {what}: {room} tokens"
+                      f" (default {default}; {flag} sets it)", file=sys.stderr)
+        elif asked > room:
+            raise LlamasError(f"[bench] {flag} {asked} does not fit the model's context of {context} positions"
+                              f" ({what}: at most {room})")
+
+
 def cmd_bench(args) -> int:
     import numpy as np
     import llamas
     from llamas import _C
     model = _load(args)
     cfg = model.config
-    if args.prompt_tokens + args.gen_tokens > cfg.n_positions:
-        raise LlamasError(f"[bench] pp {args.prompt_tokens} + tg {args.gen_tokens} exceeds the context {cfg.n_positions}")
+    bench_lengths(args, cfg.n_positions)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt_tokens).tolist() for _ in range(max(args.batch))]
 
