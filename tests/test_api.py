@@ -142,6 +142,25 @@ def test_bad_prompts(model):
         model.generate(["fine", "\ud800"])
 
 
+def test_prompts_of_the_wrong_type_are_refused_not_converted(model):
+    # bytes iterate as ints and int() truncates floats: both used to pass as (wrong) token ids.
+    for prompt in (b"When", bytearray(b"When"), memoryview(b"When")):
+        with pytest.raises(llamas.LlamasError, match="got " + type(prompt).__name__ + r" \(decode it to str first\)"):
+            model.generate(prompt, max_new_tokens=2)
+    with pytest.raises(llamas.LlamasError, match="token ids must be ints, got float64 1.5"):
+        model.generate(np.array([1.5, 2.0]), max_new_tokens=2)
+    with pytest.raises(llamas.LlamasError, match="token ids must be ints, got float 2.5"):
+        model.generate([[1, 2.5]], max_new_tokens=2)
+    with pytest.raises(llamas.LlamasError, match="not bools"):
+        model.generate(np.array([True, False]), max_new_tokens=2)
+    with llamas.Engine(model) as engine, pytest.raises(llamas.LlamasError, match="token ids must be ints"):
+        engine.submit(np.array([1.0, 2.0]), max_new_tokens=2)
+    # numpy integer ids are ids.
+    ids = [int(i) for i in model.tokenizer.encode("When")]
+    assert model.generate(np.array(ids, dtype=np.int64), max_new_tokens=3, temperature=0.0) == \
+        model.generate(ids, max_new_tokens=3, temperature=0.0)
+
+
 def test_generation_stops_at_context_end(model):
     n = model.config.n_positions
     out = model.generate([1] * (n - 3), max_new_tokens=50)

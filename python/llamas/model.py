@@ -1,6 +1,7 @@
 """Model loading and generation."""
 from __future__ import annotations
 
+import operator
 import os
 import time
 from typing import Optional, Sequence, Union
@@ -138,12 +139,24 @@ class Model:
                 raise LlamasError(f"[{op}] empty prompt: give at least one character")
             ids = self.tokenizer.encode(prompt)
         else:
+            # bytes iterate as ints, and int() truncates floats: either would pass as wrong token ids.
+            if isinstance(prompt, (bytes, bytearray, memoryview)):
+                raise LlamasError(f"[{op}] a prompt is a str or a list of int token ids, got "
+                                  f"{type(prompt).__name__} (decode it to str first)")
             try:
-                ids = [int(i) for i in prompt]
-            except (TypeError, ValueError):
+                items = list(prompt)
+            except TypeError:
                 raise LlamasError(f"[{op}] a prompt is a str or a list of int token ids") from None
-            if any(isinstance(i, bool) for i in prompt):
-                raise LlamasError(f"[{op}] token ids must be ints, not bools")
+            ids = []
+            for item in items:
+                if isinstance(item, (bool, np.bool_)):
+                    raise LlamasError(f"[{op}] token ids must be ints, not bools")
+                try:
+                    ids.append(operator.index(item))
+                except TypeError:
+                    if isinstance(item, (str, list, tuple)):
+                        raise LlamasError(f"[{op}] a prompt is a str or a list of int token ids") from None
+                    raise LlamasError(f"[{op}] token ids must be ints, got {type(item).__name__} {str(item)[:40]}") from None
         self._check_ids(ids, op)
         return ids
 
