@@ -1,8 +1,9 @@
-// Kernel table without Python: GEMM GFLOP/s at GPT-2 shapes for every kernel variant this CPU
+// Kernel tables without Python: GEMM GFLOP/s at GPT-2 shapes for every kernel variant this CPU
 // runs, validated against the reference GEMM before timing, with B as stored (K, N) (packed per
 // call) and with B prepacked into panels (ops::pack_panels, as loaded models hold their weights);
 // then bfloat16 panels with bfloat16 compute (GemmArgs::a_bf16) and int8 panels with int8 compute
-// (GemmArgs::a_i8), each checked bit for bit against the reference. Compare with numpy in
+// (GemmArgs::a_i8), each checked bit for bit against the reference; then decode attention over
+// paged KV caches (bench_decode_attention.cpp). Compare with numpy in
 // bench/compare.py. `bench_kernels --check` only checks, at small odd shapes that take every GEMM
 // path (streamed rows, few-row panel tiles, the blocked path), and exits 1 on a mismatch: a quick
 // self-test for a new machine or an emulator (an AArch64 build under qemu-user: tools/aarch64_check.sh).
@@ -20,6 +21,8 @@
 #include "llamas/parallel.h"
 
 using namespace llamas;
+
+void print_decode_attention_table();  // bench_decode_attention.cpp
 
 static double time_gemm(const GemmArgs& g, int reps) {
   std::vector<double> times;
@@ -115,7 +118,7 @@ static int check_kernels() {
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--check") == 0) return check_kernels();
   if (argc > 1) {
-    std::fprintf(stderr, "usage: bench_kernels [--check]\n  (no argument: the GEMM table at GPT-2 shapes; "
+    std::fprintf(stderr, "usage: bench_kernels [--check]\n  (no argument: the GEMM table at GPT-2 shapes, then decode attention; "
                          "--check: every variant against the reference at small odd shapes, exit 1 on a mismatch)\n");
     return std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ? 0 : 2;
   }
@@ -164,5 +167,6 @@ int main(int argc, char** argv) {
                   same_bf16 ? "bit-identical" : "DIFFERS", flop / sec_i8 / 1e9, same_i8 ? "bit-identical" : "DIFFERS");
     }
   }
+  print_decode_attention_table();
   return 0;
 }

@@ -1,0 +1,144 @@
+// Decode attention for bench_kernels: one query row per sequence over paged float32 KV caches laid
+// out as a model holds them (one block per 16 positions, holding every layer's keys and values),
+// each step's layers run after reading a model's worth of other memory, as a decode step reads its
+// weights between two visits to a layer's KV. Then one layer's calls again and again, its KV in cache. Each
+// case is checked against the reference (a full score row, not an online softmax: close, not
+// bit-identical) before timing.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "cpu/kernel_table.h"
+#include "cpu/reference.h"
+#include "llamas/allocator.h"
+#include "llamas/kernel_args.h"
+
+using namespace llamas;
+
+namespace {
+
+struct DecodeCase {
+  const char* name;
+  int seqs, context, heads, head_dim, layers;
+  int64_t between_steps_mb;  // memory read before each step: the model's weights, or twice a 32 MiB L3
+};
+
+// KV blocks of `seqs` sequences, handed out in turns as a server's pool would, and each step's
+// AttentionArgs per layer.
+struct DecodeCaches {
+  const DecodeCase& c;
+  int64_t blocks_per_seq, region_floats, block_floats;
+  float* pool = nullptr;
+  std::vector<std::vector<const void*>> k_blocks, v_blocks;  // [layer * seqs + seq] -> blocks
+  std::vector<float> q, out, ref;
+  std::vector<AttentionArgs> args;
+
+  explicit DecodeCaches(const DecodeCase& dc) : c(dc) {
+    blocks_per_seq = (c.context + kKvBlockSize - 1) / kKvBlockSize;
+    region_floats = int64_t(c.heads) * c.head_dim * kKvBlockSize;
+    block_floats = region_floats * 2 * c.layers;
+    const int64_t floats = block_floats * blocks_per_seq * c.seqs;
+    pool = static_cast<float*>(cpu_allocate(size_t(floats) * sizeof(float)));
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal;
+    for (int64_t i = 0; i < floats; ++i) pool[i] = normal(rng);
+    k_blocks.resize(size_t(c.layers) * c.seqs), v_blocks.resize(size_t(c.layers) * c.seqs);
+    for (int64_t b = 0; b < blocks_per_seq; ++b)
+      for (int s = 0; s < c.seqs; ++s) {
+        float* block = pool + (b * c.seqs + s) * block_floats;
+        for (int l = 0; l < c.layers; ++l) {
+          k_blocks[size_t(l) * c.seqs + s].push_back(block + 2 * l * region_floats);
+          v_blocks[size_t(l) * c.seqs + s].push_back(block + (2 * l + 1) * region_floats);
+        }
+      }
+    const size_t row = size_t(c.heads) * c.head_dim;
+    q.resize(row * c.seqs), out.resize(row * c.seqs), ref.resize(row * c.seqs);
+    for (auto& x : q) x = normal(rng);
+    args.resize(c.seqs);
+  }
+  ~DecodeCaches() { cpu_free(pool); }
+
+  // The sequences' positions differ a little (context - 1 - s % 5), as a server's batch does.
+  const AttentionArgs* layer(int l, float* into) {
+    for (int s = 0; s < c.seqs; ++s) {
+      AttentionArgs& a = args[s];
+      a.n_head = c.heads, a.head_dim = c.head_dim, a.n_query = 1, a.first_pos = c.context - 1 - s % 5;
+      a.q = q.data() + size_t(s) * c.heads * c.head_dim, a.q_stride = c.heads * c.head_dim;
+      a.out = into + size_t(s) * c.heads * c.head_dim, a.out_stride = c.heads * c.head_dim;
+      a.k_blocks = k_blocks[size_t(l) * c.seqs + s].data(), a.v_blocks = v_blocks[size_t(l) * c.seqs + s].data();
+      a.scale = 1.0f / std::sqrt(float(c.head_dim));
+    }
+    return args.data();
+  }
+
+  double kv_bytes_per_layer() const {
+    double positions = 0;
+    for (int s = 0; s < c.seqs; ++s) positions += c.context - s % 5;
+    return positions * 2.0 * c.heads * c.head_dim * sizeof(float);
+  }
+
+  // Largest difference from the reference over every layer, relative to the output's scale.
+  double error_vs_reference() {
+    double worst = 0;
+    for (int l = 0; l < c.layers; ++l) {
+      cpu::kernels().attention(layer(l, out.data()), c.seqs);
+      const AttentionArgs* a = layer(l, ref.data());
+      for (int s = 0; s < c.seqs; ++s) cpu::reference::attention(a[s]);
+      for (size_t i = 0; i < out.size(); ++i) worst = std::max(worst, double(std::fabs(out[i] - ref[i])) / (1.0 + std::fabs(ref[i])));
+    }
+    return worst;
+  }
+
+  // Median microseconds per layer over `steps` steps of the first `layers` layers, each step after
+  // reading `other` (when given).
+  double us_per_layer(int steps, int layers, const std::vector<float>* other) {
+    std::vector<double> per_step;
+    volatile float sink = 0;
+    for (int step = 0; step < steps + 2; ++step) {
+      if (other) {
+        float sum = 0;
+        for (size_t i = 0; i < other->size(); i += 16) sum += (*other)[i];
+        sink = sink + sum;
+      }
+      double us = 0;
+      for (int l = 0; l < layers; ++l) {
+        const AttentionArgs* a = layer(l, out.data());
+        auto t0 = std::chrono::steady_clock::now();
+        cpu::kernels().attention(a, c.seqs);
+        us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+      }
+      if (step >= 2) per_step.push_back(us / layers);
+    }
+    std::sort(per_step.begin(), per_step.end());
+    return per_step[per_step.size() / 2];
+  }
+};
+
+}  // namespace
+
+void print_decode_attention_table() {
+  const DecodeCase cases[] = {
+      {"GPT-2 124M, 1 sequence", 1, 576, 12, 64, 12, 64},
+      {"bundled model, 16 sequences", 16, 40, 8, 32, 6, 24},
+  };
+  std::printf("\nDecode attention (float32 KV, one query row a sequence), before each step a read of the model's "
+              "weight bytes or more (its KV then comes from DRAM, as in a decode step), and one layer's KV again and again (in cache):\n\n"
+              "| variant | case | context | us a layer | KV GB/s | in cache: us a layer | max rel err vs reference |\n"
+              "|---|---|---|---|---|---|---|\n");
+  for (const std::string& variant : cpu::available_variants()) {
+    cpu::set_variant(variant);
+    for (const DecodeCase& c : cases) {
+      DecodeCaches caches(c);
+      const double err = caches.error_vs_reference();
+      std::vector<float> other(size_t(c.between_steps_mb) << 18, 1.0f);
+      const double cold = caches.us_per_layer(30, c.layers, &other);
+      const double warm = caches.us_per_layer(200, 1, nullptr);  // one layer's KV, again and again
+      std::printf("| %s | %s | %d | %.1f | %.1f | %.1f | %.1e |\n", variant.c_str(), c.name, c.context, cold,
+                  caches.kv_bytes_per_layer() / cold / 1e3, warm, err);
+    }
+  }
+}
