@@ -376,6 +376,15 @@ def test_cli_help_info_bench_and_errors():
     assert r.returncode == 2 and "not a folder" in r.stderr
 
 
+def test_cli_generate_says_when_the_context_ended_it():
+    r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "500", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"stopped after \d+ tokens at the end of the model's context \(128 positions; the prompt took \d+\)",
+                     r.stderr), r.stderr
+    r = run_cli("generate", "--model", TINY, "When shall we", "--max-new-tokens", "5", "--ignore-eos")
+    assert r.returncode == 0 and "context" not in r.stderr, r.stderr
+
+
 def test_cli_bench_fits_its_default_lengths_to_a_short_context():
     # pp512 and tg128 are separate tests on new sequences: with 128 positions, pp runs 128 prompt
     # tokens and tg 127 tokens after its 1-token prompt, each with a note; lengths asked for must fit.

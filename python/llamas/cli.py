@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="the prompt text; - reads it from standard input")
     g.add_argument("--file", "-f", metavar="FILE", default=None,
                    help="read the prompt from FILE (UTF-8) instead; - is standard input")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128); generation also ends where the model's context does, with a note on stderr")
     g.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy, higher = more random (default: the model's generation_config.json, else 0)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off; default: the model's, else 0)")
@@ -194,8 +194,12 @@ def cmd_generate(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    s = stream.stats()
+    context = model.config.n_positions
+    if s["generated_tokens"] < args.max_new_tokens and s["prompt_tokens"] + s["generated_tokens"] >= context:
+        print(f"llamas generate: stopped after {s['generated_tokens']} tokens at the end of the model's context "
+              f"({context} positions; the prompt took {s['prompt_tokens']})", file=sys.stderr)
     if args.stats:
-        s = stream.stats()
         ttft, total, n = s["time_to_first_token_s"], s["total_s"], s["generated_tokens"]
         line = f"[stats] prompt {s['prompt_tokens']} tokens, generated {n} in {total:.3f} s"
         if ttft is not None:
