@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="the prompt text; - reads it from standard input")
     g.add_argument("--file", "-f", metavar="FILE", default=None,
                    help="read the prompt from FILE (UTF-8) instead; - is standard input")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128); generation also ends where the model's context does, with a note on stderr")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128,
+                   help="tokens to generate at most (default 128); generation also ends where the model's context "
+                        "does, with a note on stderr")
     g.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy, higher = more random (default: the model's generation_config.json, else 0)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off; default: the model's, else 0)")
