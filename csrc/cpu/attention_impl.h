@@ -62,7 +62,8 @@ struct RowGroup {
     block_values(a, head, blk);
   }
 
-  // The block's scores and probabilities (reads its keys) and the running max and sum.
+  // The block's scores and probabilities (reads its keys; for int8 entries also the values' scales,
+  // which scale the probabilities) and the running max and sum.
   void block_scores(const AttentionArgs& a, int head, int64_t blk) {
     const int hd = a.head_dim;
     const KT* kt = static_cast<const KT*>(a.k_blocks[blk]) + int64_t(head) * hd * kKvBlockSize;
