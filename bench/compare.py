@@ -158,6 +158,9 @@ def run_llamas(path: str, prompt: list[int]) -> dict:
     runs = repeat_runs({f"llamas {d}": f for d, f in ones.items()}, LLAMAS_REPS, LLAMAS_REPS)
     short = repeat_runs({f"llamas {d}": llamas_runner(models[d], d, prompt[:SHORT_PROMPT_LEN]) for d in ones},
                         LLAMAS_REPS, LLAMAS_REPS)
+    alternated = None
+    if "float32" in ones and "bfloat16" in ones:
+        alternated = alternated_step_ratio(models["bfloat16"], models["float32"], prompt)
     other = meter.stop()
     out = {}
     for dtype in ones:
@@ -166,7 +169,29 @@ def run_llamas(path: str, prompt: list[int]) -> dict:
                    round_steps=step_medians)
         add_short(res, short[f"llamas {dtype}"])
         out[dtype] = res
+    if alternated is not None:
+        out["bfloat16"]["alternated_ratio"] = alternated
     return out
+
+
+def alternated_step_ratio(fast, base, prompt: list[int]) -> float:
+    """fast's decode speed over base's with their steps alternated one by one (each after the same
+    prompt, the order swapped every step), so both see the same memory mode: the rounds above are a
+    second or two each, and this box's memory switches between its slow and fast modes within
+    seconds. Returns median(base step) / median(fast step)."""
+    seqs = [(m, llamas._C.Sequence(m.config.to_native(), seed=0)) for m in (fast, base)]
+    times: dict = {id(m): [] for m, _ in seqs}
+    try:
+        toks = {id(m): m._native.step([(s, prompt, True)])[0] for m, s in seqs}
+        for i in range(DECODE_TOKENS):
+            for m, s in (seqs if i % 2 == 0 else seqs[::-1]):
+                t0 = time.perf_counter()
+                toks[id(m)] = m._native.step([(s, [toks[id(m)]], True)])[0]
+                times[id(m)].append(time.perf_counter() - t0)
+    finally:
+        for _, s in seqs:
+            s.release()
+    return median(times[id(base)]) / median(times[id(fast)])
 
 
 def add_short(res: dict, short_run: tuple) -> None:

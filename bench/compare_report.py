@@ -129,6 +129,10 @@ def print_report(ctx) -> None:
         rounds = f" (round by round: {', '.join(f'{r:.2f}x' for r in each)})" if len(each) > 1 else ""
         t_rows.append([f"bf16 decode >= 1.8x llamas fp32 decode (context {long_ctx})", f"{x:.2f}x{rounds}",
                        mark(x >= 1.8)])
+        if "alternated_ratio" in l16:
+            x = l16["alternated_ratio"]
+            t_rows.append([f"(info) the same with their steps alternated one by one (context {long_ctx})",
+                           f"{x:.2f}x", mark(x >= 1.8)])
         x = l16["decode_short"] / l32["decode_short"]
         t_rows.append([f"(info) bf16 decode >= 1.8x llamas fp32 decode (context {short_ctx})", f"{x:.2f}x",
                        mark(x >= 1.8)])
