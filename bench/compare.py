@@ -179,19 +179,20 @@ def alternated_step_ratio(fast, base, prompt: list[int]) -> float:
     prompt, the order swapped every step), so both see the same memory mode: the rounds above are a
     second or two each, and this box's memory switches between its slow and fast modes within
     seconds. Returns median(base step) / median(fast step)."""
-    seqs = [(m, llamas._C.Sequence(m.config.to_native(), seed=0)) for m in (fast, base)]
-    times: dict = {id(m): [] for m, _ in seqs}
+    models = (fast, base)
+    seqs = [llamas._C.Sequence(m.config.to_native(), seed=0) for m in models]
+    times: list[list[float]] = [[], []]
     try:
-        toks = {id(m): m._native.step([(s, prompt, True)])[0] for m, s in seqs}
+        toks = [m._native.step([(s, prompt, True)])[0] for m, s in zip(models, seqs)]
         for i in range(DECODE_TOKENS):
-            for m, s in (seqs if i % 2 == 0 else seqs[::-1]):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
                 t0 = time.perf_counter()
-                toks[id(m)] = m._native.step([(s, [toks[id(m)]], True)])[0]
-                times[id(m)].append(time.perf_counter() - t0)
+                toks[j] = models[j]._native.step([(seqs[j], [toks[j]], True)])[0]
+                times[j].append(time.perf_counter() - t0)
     finally:
-        for _, s in seqs:
+        for s in seqs:
             s.release()
-    return median(times[id(base)]) / median(times[id(fast)])
+    return median(times[1]) / median(times[0])
 
 
 def add_short(res: dict, short_run: tuple) -> None:
