@@ -117,9 +117,15 @@ static int check_kernels() {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--check") == 0) return check_kernels();
+  if (argc > 1 && std::strcmp(argv[1], "--attention") == 0) {
+    std::printf("threads: %d\n", num_threads());
+    print_decode_attention_table();
+    return 0;
+  }
   if (argc > 1) {
-    std::fprintf(stderr, "usage: bench_kernels [--check]\n  (no argument: the GEMM table at GPT-2 shapes, then decode attention; "
-                         "--check: every variant against the reference at small odd shapes, exit 1 on a mismatch)\n");
+    std::fprintf(stderr, "usage: bench_kernels [--check | --attention]\n  (no argument: the GEMM table at GPT-2 shapes, then "
+                         "decode attention; --check: every variant against the reference at small odd shapes, exit 1 on a "
+                         "mismatch; --attention: the decode attention table only)\n");
     return std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ? 0 : 2;
   }
   const int shapes[][3] = {{256, 768, 2304}, {256, 768, 3072}, {256, 3072, 768}, {1, 768, 3072}, {256, 768, 50257}};
