@@ -385,6 +385,47 @@ def test_cli_generate_says_when_the_context_ended_it():
     assert r.returncode == 0 and "context" not in r.stderr, r.stderr
 
 
+def test_cli_generate_says_when_a_structured_output_was_cut_short():
+    # The bundled model (byte-level BPE with an end-of-text token, so structured output works).
+    r = run_cli("generate", "A record: ", "--json", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    assert "the output is incomplete: --max-new-tokens ended it before it matched --json" in r.stderr, r.stderr
+    r = run_cli("generate", "Answer:", "--choice", "yes", "--choice", "no", "--max-new-tokens", "50")
+    assert r.returncode == 0 and r.stdout.strip() in ("yes", "no") and "incomplete" not in r.stderr, r.stderr
+
+
+def test_generation_stream_reports_its_finish_reason(model):
+    s = model.generate("When shall we", max_new_tokens=4, ignore_eos=True, stream=True)
+    assert s.stats()["finish_reason"] is None  # not ended yet
+    "".join(s)
+    assert s.stats()["finish_reason"] == "length"
+    s = model.generate("When shall we", max_new_tokens=40, stop=[" "], stream=True)
+    "".join(s)
+    assert s.stats()["finish_reason"] == "stop"
+
+
+def test_cli_generate_into_a_closed_pipe_exits_quietly():
+    # `llamas generate ... | head -1`: the reader goes away mid-stream; no traceback.
+    p = subprocess.Popen([sys.executable, "-m", "llamas", "generate", "--model", TINY, "When shall we",
+                          "--max-new-tokens", "120", "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_cli_version_and_flag_type_errors_name_what_was_expected():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"llamas {llamas.__version__}"
+    r = run_cli("generate", "hi", "--max-new-tokens", "abc")
+    assert r.returncode == 2 and "argument --max-new-tokens: expected a positive integer, got 'abc'" in r.stderr
+    r = run_cli("serve", "--port", "http")
+    assert r.returncode == 2 and "argument --port: expected a port number in [0, 65535], got 'http'" in r.stderr
+    r = run_cli("train", "--data", "d", "--steps", "1", "--lr", "fast")
+    assert r.returncode == 2 and "argument --lr: expected a number >= 0, got 'fast'" in r.stderr
+    assert "_int" not in r.stderr and "_float" not in r.stderr
+
+
 def test_cli_bench_fits_its_default_lengths_to_a_short_context():
     # pp512 and tg128 are separate tests on new sequences: with 128 positions, pp runs 128 prompt
     # tokens and tg 127 tokens after its 1-token prompt, each with a note; lengths asked for must fit.

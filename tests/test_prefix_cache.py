@@ -239,7 +239,7 @@ def test_create_app_rejects_a_bad_prefix_cache_size(model, bad):
 
 
 @pytest.mark.parametrize("value, fragment", [("-1", "must be a finite number >= 0"), ("nan", "must be a finite number"),
-                                             ("x", "invalid finite_float value"), ("1e30", "prefix_cache_mb")])
+                                             ("x", "expected a number >= 0, got 'x'"), ("1e30", "prefix_cache_mb")])
 def test_cli_serve_rejects_a_bad_prefix_cache_size(value, fragment):
     import subprocess
     import sys

@@ -162,6 +162,18 @@ def test_resume_is_bit_identical(run_a, dataset, tmp_path, monkeypatch):
             assert f.read() == g.read(), name
 
 
+def test_resume_of_a_finished_run_does_nothing(run_a, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run_a, out)
+    capsys.readouterr()
+    assert main(train_args(dataset["data"], out, "--resume")) == 0
+    assert "already at step 8 of 8: nothing left to train" in capsys.readouterr().err
+    assert read_metrics(out) == read_metrics(run_a)  # nothing trimmed or appended
+    for name in ("model.safetensors", "checkpoint.safetensors"):
+        with open(out / name, "rb") as f, open(os.path.join(run_a, name), "rb") as g:
+            assert f.read() == g.read(), name
+
+
 def test_kill_during_checkpoint_write(dataset, tmp_path):
     out = tmp_path / "out"
     args = train_args(dataset["data"], out, steps=4)
@@ -226,6 +238,18 @@ def test_error_data_folder_without_meta(tmp_path, capsys):
     assert "meta.json" in err
     err = error_of(capsys, train_args(str(tmp_path / "missing"), tmp_path / "out"))
     assert "does not exist" in err
+
+
+def test_error_unknown_config_and_a_note_when_seq_grows_the_context(dataset, tmp_path, capsys):
+    args = train_args(dataset["data"], tmp_path / "a")
+    args[args.index("--config") + 1] = "huge"
+    err = error_of(capsys, args)
+    assert "--config huge is neither a preset (tiny, small" in err and "nor a config.json file" in err
+    args = train_args(dataset["data"], tmp_path / "b", steps=1)
+    args[args.index("--seq") + 1] = "200"  # the tiny preset's context is shorter
+    assert main(args) == 0
+    assert "note: context 200 (preset tiny's is" in capsys.readouterr().err
+    assert llamas.load(str(tmp_path / "b")).config.n_positions == 200
 
 
 def test_error_resume_without_checkpoint(dataset, tmp_path, capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,8 +22,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamas", description="llamas: run transformer language models on a hand-written C++ engine.")
+    parser.add_argument("--version", action="version", version=f"llamas {_version()}",
+                        help="print the version and exit (`llamas info` says more)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
@@ -34,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the prompt from FILE (UTF-8) instead; - is standard input")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128,
                    help="tokens to generate at most (default 128); generation also ends where the model's context "
-                        "does, with a note on stderr")
+                        "does, with a note on stderr, as is a structured output (--json, --json-schema, --regex, "
+                        "--grammar, --choice) that this cut short")
     g.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy, higher = more random (default: the model's generation_config.json, else 0)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off; default: the model's, else 0)")
@@ -198,9 +207,16 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     s = stream.stats()
     context = model.config.n_positions
-    if s["generated_tokens"] < args.max_new_tokens and s["prompt_tokens"] + s["generated_tokens"] >= context:
+    if s["finish_reason"] == "length" and s["generated_tokens"] < args.max_new_tokens:
         print(f"llamas generate: stopped after {s['generated_tokens']} tokens at the end of the model's context "
               f"({context} positions; the prompt took {s['prompt_tokens']})", file=sys.stderr)
+    constraint = next((flag for flag, on in (("--json", args.json), ("--json-schema", args.json_schema),
+                                              ("--regex", args.regex), ("--grammar", args.grammar),
+                                              ("--choice", args.choice)) if on), None)
+    if constraint and s["finish_reason"] == "length":
+        limit = "--max-new-tokens" if s["generated_tokens"] >= args.max_new_tokens else "the model's context"
+        print(f"llamas generate: the output is incomplete: {limit} ended it before it matched {constraint} "
+              f"(it is a prefix of a match)", file=sys.stderr)
     if args.stats:
         ttft, total, n = s["time_to_first_token_s"], s["total_s"], s["generated_tokens"]
         line = f"[stats] prompt {s['prompt_tokens']} tokens, generated {n} in {total:.3f} s"
@@ -332,6 +348,13 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output has gone (`llamas generate ... | head`): stop quietly, as a tool
+        # killed by SIGPIPE does, with stdout pointed at /dev/null so that Python's own flush at
+        # exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

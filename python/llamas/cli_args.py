@@ -7,24 +7,40 @@ import math
 from .dtypes import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES
 
 
+def _parse(text: str, kind, expected: str):
+    """kind(text), or an argparse error naming what was expected: argparse's own message for a
+    ValueError names the function ("invalid positive_int value"), not what the flag takes."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _parse(text, int, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _parse(text, int, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
 def finite_float(text: str) -> float:
-    value = float(text)
+    value = _parse(text, float, "a number >= 0")
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = _parse(text, int, "a port number in [0, 65535]")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {value}")
     return value
 
 

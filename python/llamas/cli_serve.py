@@ -1,7 +1,6 @@
 """`llamas serve`: the OpenAI-compatible HTTP server."""
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import os
@@ -11,14 +10,7 @@ import sys
 
 from ._C import LlamasError
 from .cli_args import add_engine_args, finite_float as _non_negative_float, positive_int as _positive_int
-from .cli_args import non_negative_int as _non_negative_int
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {value}")
-    return value
+from .cli_args import non_negative_int as _non_negative_int, port_number
 
 
 def add_parser(sub, model_help: str) -> None:
@@ -32,7 +24,7 @@ def add_parser(sub, model_help: str) -> None:
                "base_url='http://127.0.0.1:8000/v1' and api_key='none'.")
     add_engine_args(s, model_help)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    s.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     key = s.add_mutually_exclusive_group()
     key.add_argument("--api-key", default=None, metavar="KEY",
                      help="require 'Authorization: Bearer KEY' (except /health and /metrics); "

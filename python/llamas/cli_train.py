@@ -44,7 +44,7 @@ def add_parsers(sub, default_model_help: str) -> None:
     t.add_argument("--eval-batches", type=_positive_int, default=20, help="validation batches per evaluation (default 20)")
     t.add_argument("--save-every", type=_non_negative_int, default=200, help="checkpoint every N steps, 0 = only at the end (default 200)")
     t.add_argument("--seed", type=_non_negative_int, default=0, help="initialisation and data-order seed (default 0)")
-    t.add_argument("--n-positions", type=_positive_int, default=None, help="context length of a new model (default: the preset's)")
+    t.add_argument("--n-positions", type=_positive_int, default=None, help="context length of a new model (default: the preset's, or --seq where that is longer)")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     t.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     t.add_argument("--profile", action="store_true", help="print a per-op time table to stderr at the end")
@@ -88,9 +88,16 @@ def _new_model(args, dataset):
         return model
     name = args.config or "small"
     if name in PRESETS:
-        n_positions = args.n_positions or max(PRESETS[name]["n_positions"], args.seq)
+        preset_positions = PRESETS[name]["n_positions"]
+        n_positions = args.n_positions or max(preset_positions, args.seq)
+        if n_positions != preset_positions and not args.n_positions:
+            print(f"note: context {n_positions} (preset {name}'s is {preset_positions}) to fit --seq {args.seq}",
+                  file=sys.stderr)
         config = preset_config(name, dataset.vocab_size, dataset.eos_token_id, n_positions)
     else:
+        if not os.path.exists(name):
+            raise LlamasError(f"[train] --config {name} is neither a preset ({', '.join(PRESETS)}) nor a "
+                              "config.json file")
         config = GPT2Config.from_file(name)
         if config.vocab_size < dataset.vocab_size:
             raise LlamasError(f"[train] {name} has vocab_size {config.vocab_size}, the data needs {dataset.vocab_size}")
@@ -243,6 +250,10 @@ def cmd_train(args) -> int:
         restore_checkpoint(trainer, tensors, state, ckpt_path)
         loader.load_state_dict(state["loader"])
         _trim_metrics(metrics_path, trainer.steps_done)
+        if trainer.steps_done >= args.steps:  # a finished run: its model is already saved beside the checkpoint
+            print(f"{ckpt_path} is already at step {trainer.steps_done} of {args.steps}: nothing left to train "
+                  f"(the model is in {args.out})", file=sys.stderr)
+            return 0
         print(f"resumed from {ckpt_path} at step {trainer.steps_done}", file=sys.stderr)
     elif os.path.exists(metrics_path):
         os.unlink(metrics_path)

@@ -213,8 +213,9 @@ class Model:
             if batched:
                 raise LlamasError("[generate] stream=True takes a single prompt, not a batch")
             timing = StepTiming()  # the scheduler's counters, for stats()
+            finish = [None]
             return GenerationStream(self._events([encoded[0]], max_new_tokens, options, stops, speculative_ngram,
-                                                 timing), as_text[0], len(encoded[0]), timing)
+                                                 timing, finish), as_text[0], len(encoded[0]), timing, finish)
         results = self._run(encoded, max_new_tokens, options, stops, speculative_ngram)
         outputs = [r.text if t else r.ids for r, t in zip(results, as_text)]
         return outputs if batched else outputs[0]
@@ -276,11 +277,12 @@ class Model:
                 results[index].ids.append(token)
         return results
 
-    def _events(self, prompts, max_new_tokens, options, stops, speculative_ngram=0, timing=None):
+    def _events(self, prompts, max_new_tokens, options, stops, speculative_ngram=0, timing=None, finish=None):
         """Yields (prompt index, new text piece, accepted token id or None) as generation runs.
         Drives the same Scheduler as llamas.Engine and the server, synchronously: every prompt is
         admitted at once and prefilled whole, then batched decode steps run over the live ones.
-        timing, if given, is the StepTiming the scheduler counts into."""
+        timing, if given, is the StepTiming the scheduler counts into; finish, if given, a list
+        that gets each prompt's finish reason ("stop" or "length") at its index."""
         sched = Scheduler(self, max_batch=len(prompts), prefill_chunk=self.config.n_positions,
                           max_prefill_tokens=None, speculative_ngram=speculative_ngram)
         if timing is not None:
@@ -293,6 +295,8 @@ class Model:
                 for i, chunk in out:
                     if chunk.error is not None:
                         raise LlamasError(f"[generate] {chunk.error}")
+                    if finish is not None and chunk.finish_reason is not None:
+                        finish[i] = chunk.finish_reason
                     if chunk.token_ids:
                         for k, token in enumerate(chunk.token_ids):
                             yield i, chunk.text if k == 0 else "", token
@@ -316,13 +320,16 @@ def _as_batch(prompt) -> tuple:
 class GenerationStream:
     """What `generate(..., stream=True)` returns: an iterator of text pieces (or token ids for an id
     prompt) that also counts what it produced. `stats()` gives prompt_tokens, generated_tokens
-    (accepted ones), time_to_first_token_s and total_s (from the first next() call), and the
-    forward steps it took with the speculative drafts fed and accepted in them; closing it (or
-    dropping it) early frees the sequence's KV memory."""
+    (accepted ones), time_to_first_token_s and total_s (from the first next() call), the
+    forward steps it took with the speculative drafts fed and accepted in them, and once the
+    stream has ended its finish_reason, as the server's: "stop" (end-of-text, a stop string or
+    token, or a structured output completed) or "length" (max_new_tokens, or the model's context,
+    ended it); closing it (or dropping it) early frees the sequence's KV memory."""
 
-    def __init__(self, events, as_text: bool, prompt_tokens: int, timing: StepTiming):
+    def __init__(self, events, as_text: bool, prompt_tokens: int, timing: StepTiming, finish: Optional[list] = None):
         self._events = events
         self._timing = timing
+        self._finish = finish if finish is not None else [None]
         self._as_text = as_text
         self.prompt_tokens = prompt_tokens
         self.generated_tokens = 0
@@ -363,7 +370,7 @@ class GenerationStream:
         return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "time_to_first_token_s": None if self._first is None else self._first - start,
                 "total_s": end - start, "steps": t.steps, "draft_tokens": t.draft_tokens,
-                "accepted_tokens": t.accepted_tokens}
+                "accepted_tokens": t.accepted_tokens, "finish_reason": self._finish[0]}
 
 
 class _Result:

@@ -65,7 +65,7 @@ def parse_json_body(raw: bytes) -> dict:
     except (ValueError, RecursionError) as e:
         raise bad(f"The request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise bad(f"The request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+        raise bad(f"The request body must be a JSON object, got {typename(data)}.", code="invalid_json")
     return data
 
 
