@@ -252,6 +252,10 @@ void init_model(py::module_& m) {
         return m.weights().packed() && m.weights().lm_head_p.streamed;
       })
       .def_property_readonly("dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.dtype())); })
+      .def_property_readonly("kv_block_bytes", [](const GPT2Model& m) {
+        const GPT2Config& c = m.config();
+        return 2 * c.n_layer * kv_region_bytes(int64_t(dtype_size(m.kv_dtype())), c.n_head, c.n_embd / c.n_head);
+      }, "Bytes of one KV-cache block (16 positions, every layer's keys and values) in the current kv_dtype.")
       .def_property("kv_dtype", [](const GPT2Model& m) { return std::string(dtype_name(m.kv_dtype())); },
                     [](GPT2Model& m, const std::string& name) { m.set_kv_dtype(parse_dtype(name, "load", "kv_dtype", true)); },
                     "Entry type of the KV caches it fills: 'float32', 'bfloat16' or 'int8' (default: the weights' "

@@ -37,6 +37,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = _parse(text, float, "a number > 0")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def port_number(text: str) -> int:
     value = _parse(text, int, "a port number in [0, 65535]")
     if not 0 <= value <= 65535:
@@ -47,7 +54,7 @@ def port_number(text: str) -> int:
 def add_engine_args(p: argparse.ArgumentParser, model_help: str) -> None:
     """The model and batching options a command that runs requests through an Engine takes
     (serve, run-batch): --model, --dtype, --kv-dtype, --compute-dtype, --threads, --max-batch,
-    --max-tokens."""
+    --max-tokens, --kv-cache-mb."""
     p.add_argument("--model", default=None, metavar="DIR", help=model_help)
     add_dtype_args(p)
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
@@ -55,6 +62,11 @@ def add_engine_args(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="sequences decoded together in one batched step (default 16)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context length)")
+    p.add_argument("--kv-cache-mb", type=positive_float, default=None, metavar="MB",
+                   help="KV cache the running requests may fill, in MiB: each is admitted with room for its prompt + "
+                        "max_tokens reserved, the rest wait in the queue, and one that could never fit gets a 400 "
+                        "(default: no limit when --max-batch sequences at the full context fit in half of the "
+                        "memory the weights leave, else that half)")
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:

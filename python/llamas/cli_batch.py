@@ -134,6 +134,7 @@ def run(args, model_path: str) -> int:
         llamas.set_num_threads(args.threads)
     model = llamas.load(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, compute_dtype=args.compute_dtype)
     app = create_app(model, model_name=args.model_name, max_batch=args.max_batch, max_queue=4 * args.max_batch,
+                     kv_cache_mb=args.kv_cache_mb,
                      max_tokens=args.max_tokens, prefix_cache_mb=args.prefix_cache_mb, max_body_bytes=1 << 26)
     start = time.perf_counter()
     tty = sys.stderr.isatty()

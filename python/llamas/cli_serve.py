@@ -125,6 +125,7 @@ def run(args, model_path: str) -> int:
     logging.getLogger("llamas").setLevel(level)
     app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, compute_dtype=args.compute_dtype,
                      api_key=_api_key(args), model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+                     kv_cache_mb=args.kv_cache_mb,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk,
                      prefix_cache_mb=args.prefix_cache_mb, cors_origins=args.cors_origin, chat_template=chat_template,
                      speculative_ngram=args.speculative_ngram, stream_interval=args.stream_interval)

@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
-from .prefix_cache import PrefixCache, cache_bytes
+from .prefix_cache import BLOCK, PrefixCache, cache_bytes
 # The scheduler's names are re-exported: they lived here first, and model.py and callers import
 # them from llamas.engine.
 from .scheduler import (Chunk, Completion, Request, RequestStats, SamplingOptions, Scheduler,  # noqa: F401
@@ -139,6 +139,19 @@ class RequestHandle:
                           chunks[0].prompt_logprobs, self._req.cached_tokens)
 
 
+def kv_budget_blocks(model, kv_cache_mb, op: str) -> Optional[int]:
+    """kv_cache_mb (MiB, or None: no limit) as whole KV blocks of this model, checked."""
+    if kv_cache_mb is None:
+        return None
+    if isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, (int, float)) or not 0 < kv_cache_mb < 2 ** 40:
+        raise LlamasError(f"[{op}] kv_cache_mb must be a number > 0 (MiB), got {kv_cache_mb!r}")
+    blocks = int(kv_cache_mb * 2 ** 20) // model.kv_block_bytes
+    if blocks < 1:
+        raise LlamasError(f"[{op}] kv_cache_mb={kv_cache_mb} is less than one KV-cache block of this model "
+                          f"({model.kv_block_bytes / 2**20:.2f} MiB: 16 positions of every layer's keys and values)")
+    return blocks
+
+
 class Engine:
     """Continuous batching in-process: `submit` from any thread; a background thread runs batched
     steps over every running request and admits queued ones between steps.
@@ -154,13 +167,16 @@ class Engine:
     again on the next submit), so an unused Engine holds no thread. `shutdown()` stops accepting
     and (by default) lets running requests finish. speculative_ngram=K drafts up to K tokens a step
     by n-gram lookup (llamas.speculative; 0: off): the same tokens, greedy or sampled from a seed,
-    in fewer steps where the text repeats itself.
+    in fewer steps where the text repeats itself. kv_cache_mb (None: no limit) caps the KV cache that
+    running requests may fill, in MiB: each is admitted with room for its whole length reserved, so
+    memory never outgrows the budget mid-generation; requests that do not fit yet wait in the queue,
+    and one that could never fit is refused at submit.
     """
 
     def __init__(self, model, max_batch: int = 16, max_queue: Optional[int] = None, prefill_chunk: int = 128,
                  max_prefill_tokens: Optional[int] = 512, on_finish: Optional[Callable[[Request], None]] = None,
                  on_step: Optional[Callable[[], None]] = None, idle_exit: float = 1.0,
-                 prefix_cache_mb: float = 0.0, speculative_ngram: int = 0):
+                 prefix_cache_mb: float = 0.0, speculative_ngram: int = 0, kv_cache_mb: Optional[float] = None):
         self.model = model
         if model.tokenizer is not None:
             model.tokenizer.piece_bytes()  # streams then decode by table lookup (see Tokenizer.piece_bytes)
@@ -173,7 +189,8 @@ class Engine:
         self.prefix_cache = PrefixCache(max_bytes, kv_dtype=model.kv_dtype) if prefix_cache_mb > 0 else None
         self._sched = Scheduler(model, max_batch=max_batch, prefill_chunk=prefill_chunk,
                                 max_prefill_tokens=max_prefill_tokens, on_finish=on_finish,
-                                prefix_cache=self.prefix_cache, speculative_ngram=speculative_ngram)
+                                prefix_cache=self.prefix_cache, speculative_ngram=speculative_ngram,
+                                kv_budget_blocks=kv_budget_blocks(model, kv_cache_mb, "engine"))
         self._cond = threading.Condition()
         self._inbox: collections.deque = collections.deque()
         self._thread: Optional[threading.Thread] = None
@@ -193,6 +210,25 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._inbox) + self._sched.num_waiting
+
+    @property
+    def kv_budget_bytes(self) -> Optional[int]:
+        """The KV-cache budget of running requests in bytes (whole blocks), or None: no limit."""
+        blocks = self._sched.kv_budget_blocks
+        return None if blocks is None else blocks * self.model.kv_block_bytes
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        """Bytes of KV cache reserved by the running requests (each for its whole length)."""
+        return self._sched.kv_reserved_blocks * self.model.kv_block_bytes
+
+    def kv_max_positions(self) -> Optional[int]:
+        """The most positions (prompt + max_new_tokens, and any speculative drafts) one request may
+        have under the KV budget, or None when it is only the model's context."""
+        blocks = self._sched.kv_budget_blocks
+        if blocks is None or blocks * BLOCK >= self.model.config.n_positions:
+            return None
+        return blocks * BLOCK - self._sched.speculative_ngram
 
     @property
     def steps(self) -> int:
@@ -263,6 +299,15 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
+            budget = self._sched.kv_budget_blocks
+            for req, _, _ in items:
+                if budget is not None and self._sched.kv_blocks_needed(req) > budget:
+                    need = self._sched.kv_blocks_needed(req)
+                    raise LlamasError(
+                        f"[engine] the request needs {need} KV-cache blocks ({need * self.model.kv_block_bytes / 2**20:.1f} "
+                        f"MiB for {len(req.prompt_ids)} prompt + {req.max_new_tokens} new positions) but kv_cache_mb "
+                        f"holds {budget} ({budget * self.model.kv_block_bytes / 2**20:.1f} MiB); lower max_new_tokens "
+                        f"to at most {max(0, self.kv_max_positions() - len(req.prompt_ids))} or raise kv_cache_mb")
             if self.max_queue is not None:
                 # Requests that will find a free place in the batch at the next step do not queue.
                 free = max(0, self.max_batch - self.num_running)

@@ -64,6 +64,12 @@ class Model:
         return self._native.kv_dtype
 
     @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV-cache block: 16 positions of every layer's keys and values in kv_dtype
+        (GPT-2 124M: 1.18 MB in float32, so a sequence of 1,024 positions holds 75.5 MB)."""
+        return self._native.kv_block_bytes
+
+    @property
     def compute_dtype(self) -> str:
         """The dtype of the matrix products' activations: 'float32', or 'bfloat16' or 'int8' when
         load was given that compute_dtype (see llamas.load)."""

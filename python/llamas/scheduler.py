@@ -36,7 +36,8 @@ log = logging.getLogger("llamas.engine")
 
 class _Slot:
     """A running request: its native sequence and decoding state."""
-    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream", "leader", "stop_ids", "spec")
+    __slots__ = ("req", "seq", "fed", "next_token", "produced", "budget", "stream", "leader", "stop_ids", "spec",
+                 "kv_blocks")
 
     def __init__(self, req: Request, seq, budget: int, stream: Optional[TextStream], stop_ids: frozenset):
         self.req = req
@@ -49,6 +50,7 @@ class _Slot:
         self.stream = stream
         self.stop_ids = stop_ids  # tokens that end it (end-of-text unless ignore_eos, stop token ids)
         self.spec: Optional[Speculation] = None  # the request's n-gram drafts (speculative_ngram)
+        self.kv_blocks = 0        # KV blocks reserved for it under the scheduler's kv_budget_blocks
 
 
 class Scheduler:
@@ -56,12 +58,19 @@ class Scheduler:
     release. Not thread-safe: one thread calls `add`, `step` and `abort_all` (Engine serialises).
     speculative_ngram=K (0: off) drafts up to K tokens a step by n-gram lookup (llamas.speculative):
     requests get the same tokens (greedy, or sampled from a seed), in fewer steps where the text
-    repeats itself."""
+    repeats itself.
+
+    kv_budget_blocks (None: no limit) caps the KV-cache blocks that running requests may hold: each
+    is admitted only with room reserved for its whole length (prompt + max_new_tokens + drafts,
+    within the context), so a batch never outgrows its memory mid-generation; a request that does
+    not fit waits at the head of the queue until running ones finish (llama.cpp's slots, not vLLM's
+    preemption), and one that could never fit is refused."""
 
     def __init__(self, model, max_batch: int = 16, prefill_chunk: int = 128,
                  max_prefill_tokens: Optional[int] = 512,
                  on_finish: Optional[Callable[[Request], None]] = None,
-                 prefix_cache: Optional[PrefixCache] = None, speculative_ngram: int = 0):
+                 prefix_cache: Optional[PrefixCache] = None, speculative_ngram: int = 0,
+                 kv_budget_blocks: Optional[int] = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise LlamasError("[engine] max_batch and prefill_chunk must be >= 1")
         self.speculative_ngram = check_speculative_ngram(speculative_ngram, "engine")
@@ -82,6 +91,10 @@ class Scheduler:
         self._eos = tok.eos_token_id if tok is not None else None
         self._ctx = model.config.n_positions
         self.timing = StepTiming()
+        if kv_budget_blocks is not None and kv_budget_blocks < 1:
+            raise LlamasError(f"[engine] kv_budget_blocks must be >= 1, got {kv_budget_blocks}")
+        self.kv_budget_blocks = kv_budget_blocks
+        self.kv_reserved_blocks = 0  # held by running requests' reservations
         # Which drafts a step takes, from its measured costs and the drafts' acceptance.
         self.planner = DraftPlanner(model) if self.speculative_ngram else None
 
@@ -99,6 +112,12 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    def kv_blocks_needed(self, req: Request) -> int:
+        """The KV blocks a request may fill: its prompt, max_new_tokens and the drafts a step may
+        write past them, within the model's context."""
+        positions = min(self._ctx, len(req.prompt_ids) + req.max_new_tokens + self.speculative_ngram)
+        return -(-positions // BLOCK)
 
     # ---- one iteration ----------------------------------------------------------------------
     def step(self) -> bool:
@@ -209,6 +228,16 @@ class Scheduler:
             if req.cancelled:
                 self._finish_waiting(req, "cancelled")
                 continue
+            kv_blocks = self.kv_blocks_needed(req)
+            if self.kv_budget_blocks is not None:
+                if kv_blocks > self.kv_budget_blocks:  # (Engine.enqueue refuses these first)
+                    req.stats.admitted = time.perf_counter()
+                    self._finish_waiting(req, "error", f"the request needs {kv_blocks} KV-cache blocks, more than "
+                                                       f"the budget of {self.kv_budget_blocks}")
+                    continue
+                if self.kv_reserved_blocks + kv_blocks > self.kv_budget_blocks:
+                    self.waiting.appendleft(req)  # first in line once running requests free their room
+                    break
             o, rules = req.options, req.rules
             stop_ids = set(rules.token_ids)
             if self._eos is not None and not rules.ignore_eos:
@@ -230,6 +259,8 @@ class Scheduler:
             budget = min(req.max_new_tokens, self._ctx - len(req.prompt_ids) + 1)
             req.stats.admitted = time.perf_counter()
             slot = _Slot(req, seq, budget, stream, frozenset(stop_ids))
+            slot.kv_blocks = kv_blocks
+            self.kv_reserved_blocks += kv_blocks
             if self.speculative_ngram and can_speculate(req):
                 slot.spec = Speculation(req.prompt_ids, self.speculative_ngram, self.planner.acceptance)
             if self.prefix_cache is not None:
@@ -352,6 +383,7 @@ class Scheduler:
         slot.seq.release()  # KV memory goes back the moment a sequence ends (cached blocks stay)
         try:
             self.running.remove(slot)
+            self.kv_reserved_blocks -= slot.kv_blocks
         except ValueError:
             pass
         self._complete(slot.req, chunk)

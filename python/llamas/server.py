@@ -149,7 +149,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
                compute_dtype: str = "float32",
                chat_template: Optional[str] = None, prefix_cache_mb: float = 0.0,
                cors_origins: Optional[Sequence[str]] = None, speculative_ngram: int = 0,
-               stream_interval: int = 1):
+               stream_interval: int = 1, kv_cache_mb: Optional[float] = None):
     """The OpenAI-compatible ASGI app.
 
     model: a loaded `llamas.Model`, a model folder, or a function returning a Model (the last two
@@ -164,7 +164,10 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     the same tokens, greedy or sampled from a seed, in fewer steps where text repeats; 0: off).
     stream_interval: a streamed choice sends its first text at once, then one event per this many
     tokens (vLLM's --stream-interval; fewer event-loop wake-ups and socket writes at high
-    concurrency; 1: an event per token).
+    concurrency; 1: an event per token). kv_cache_mb: the KV cache running requests may fill, in
+    MiB; each request is admitted with room for its prompt + max_tokens reserved, others wait in
+    the queue, and a request that could never fit gets a 400 (default: no limit when max_batch
+    sequences at the full context fit in half of the memory the weights leave, else that half).
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
     from contextlib import asynccontextmanager
@@ -184,11 +187,14 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         from .model import check_dtypes
         check_dtypes(dtype, kv_dtype, compute_dtype, "serve")
     cache_bytes(prefix_cache_mb, "serve")  # checked now: a model loading in the background makes the Engine later
+    if kv_cache_mb is not None and (isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, (int, float))
+                                    or not 0 < kv_cache_mb < 2 ** 40):
+        raise LlamasError(f"[serve] kv_cache_mb must be a number > 0 (MiB), got {kv_cache_mb!r}")
     check_speculative_ngram(speculative_ngram, "serve")
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
                         chat_template=chat_template, prefix_cache_mb=prefix_cache_mb,
-                        speculative_ngram=speculative_ngram, stream_interval=stream_interval)
+                        speculative_ngram=speculative_ngram, stream_interval=stream_interval, kv_cache_mb=kv_cache_mb)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
 

@@ -24,8 +24,13 @@ from .server_state import ResponseInbox, ServerState, _json, _record, send_now
 
 
 def _budget(state: ServerState, p: GenParams, n_prompt: int, param: str) -> int:
-    """max_tokens for a prompt of n_prompt tokens; 400 when it cannot fit."""
+    """max_tokens for a prompt of n_prompt tokens; 400 when it cannot fit the context or the
+    server's KV-cache budget (a request's prompt + max_tokens positions, see --kv-cache-mb)."""
     ctx = state.context
+    kv = state.engine.kv_max_positions() if state.engine is not None else None
+    if kv is not None and n_prompt >= kv + (p.max_tokens == 0):
+        raise bad(f"The prompt has {n_prompt} tokens, but this server's KV-cache budget (--kv-cache-mb) holds at "
+                  f"most {kv} positions a request, prompt and completion together.", param, "context_length_exceeded")
     if p.max_tokens == 0 and n_prompt <= ctx:  # only scores the prompt (echo with logprobs)
         return 0
     if n_prompt >= ctx:
@@ -33,6 +38,7 @@ def _budget(state: ServerState, p: GenParams, n_prompt: int, param: str) -> int:
                   f"(it must be at most {ctx - 1} to leave room for at least one generated token).",
                   param, "context_length_exceeded")
     room = ctx - n_prompt
+    kv_room = room if kv is None else min(room, kv - n_prompt)
     cap = state.max_tokens
     if p.max_tokens is not None:
         if cap is not None and p.max_tokens > cap:
@@ -42,8 +48,12 @@ def _budget(state: ServerState, p: GenParams, n_prompt: int, param: str) -> int:
             raise bad(f"This model's maximum context length is {ctx} tokens. However, you requested "
                       f"{n_prompt + p.max_tokens} tokens ({n_prompt} in the prompt, {p.max_tokens} for the "
                       f"completion). Reduce the prompt or 'max_tokens'.", "max_tokens", "context_length_exceeded")
+        if p.max_tokens > kv_room:
+            raise bad(f"'max_tokens' is {p.max_tokens}, but this server's KV-cache budget (--kv-cache-mb) holds at "
+                      f"most {kv} positions a request: with this {n_prompt}-token prompt, at most {kv_room} for the "
+                      "completion.", "max_tokens", "context_length_exceeded")
         return p.max_tokens
-    default = room if p.default_max_tokens is None else min(p.default_max_tokens, room)
+    default = kv_room if p.default_max_tokens is None else min(p.default_max_tokens, kv_room)
     return min(default, cap) if cap is not None else default
 
 

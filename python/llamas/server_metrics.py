@@ -136,6 +136,11 @@ class ServerMetrics:
               registry=r).set_function(lambda: memory_stats()["kv_cache_blocks_in_use"])
         Gauge("llamas_kv_cache_bytes_in_use", "Bytes of those KV-cache blocks (bfloat16 caches hold half, int8 ones about a quarter)",
               registry=r).set_function(lambda: memory_stats()["kv_cache_bytes_in_use"])
+        Gauge("llamas_kv_cache_budget_bytes", "KV cache running requests may reserve (--kv-cache-mb; 0: no limit)",
+              registry=r).set_function(lambda: (engine_attr("kv_budget_bytes")() or 0))
+        Gauge("llamas_kv_cache_reserved_bytes", "KV cache reserved by running requests, each for its prompt + "
+              "max_tokens (what admission counts against the budget)", registry=r).set_function(
+            engine_attr("kv_reserved_bytes"))
         Gauge("llamas_allocator_bytes_in_use", "Caching allocator: bytes handed out", registry=r).set_function(
             lambda: memory_stats()["bytes_in_use"])
         Gauge("llamas_allocator_peak_bytes", "Caching allocator: peak bytes in use", registry=r).set_function(

@@ -23,6 +23,22 @@ from .server_protocol import APIError, bad, check_text, parse_json_body
 log = logging.getLogger("llamas.server")
 
 
+def auto_kv_cache_mb(model, max_batch: int) -> Optional[float]:
+    """The server's default KV-cache budget: None (no limit) when max_batch sequences at the full
+    context fit in half of the memory the weights leave; otherwise that half, so that a large
+    --max-batch or a long-context model queues requests instead of running the machine out of
+    memory mid-generation."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no default limit
+        return None
+    full_batch = max_batch * -(-model.config.n_positions // 16) * model.kv_block_bytes
+    room = max(physical - model.weight_bytes, 0) // 2
+    if full_batch <= room:
+        return None
+    return max(room, -(-model.config.n_positions // 16) * model.kv_block_bytes) / 2 ** 20
+
+
 class _Dispatcher:
     """Hands chunks from the engine thread to event-loop inboxes with one loop wake-up per engine
     step (call_soon_threadsafe writes to a pipe; once per chunk costs more than the chunk)."""
@@ -144,7 +160,7 @@ class ServerState:
     def __init__(self, *, model_name: Optional[str], api_key: Optional[str], max_batch: int,
                  max_queue: int, max_tokens: Optional[int], max_body_bytes: int, prefill_chunk: int,
                  chat_template: Optional[str], prefix_cache_mb: float = 0.0, speculative_ngram: int = 0,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, kv_cache_mb: Optional[float] = None):
         self.model = None
         self.engine: Optional[Engine] = None
         self.tokenizer = None
@@ -156,6 +172,7 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         self.prefill_chunk = prefill_chunk
         self.prefix_cache_mb = prefix_cache_mb
+        self.kv_cache_mb = kv_cache_mb    # None: auto_kv_cache_mb at attach
         self.speculative_ngram = speculative_ngram
         self.stream_interval = stream_interval  # tokens per streamed event (after the first)
         self.chat_template_source = chat_template
@@ -180,10 +197,16 @@ class ServerState:
         self.vocab = model.config.vocab_size
         if self.model_name is None:
             self.model_name = os.path.basename(os.path.normpath(model.path)) if model.path else "llamas"
+        kv_mb = self.kv_cache_mb if self.kv_cache_mb is not None else auto_kv_cache_mb(model, self.max_batch)
         self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue,
                              prefill_chunk=self.prefill_chunk, on_finish=self.metrics.on_finish,
                              on_step=self.dispatcher.flush, prefix_cache_mb=self.prefix_cache_mb,
-                             speculative_ngram=self.speculative_ngram)
+                             speculative_ngram=self.speculative_ngram, kv_cache_mb=kv_mb)
+        if self.engine.kv_budget_bytes is not None:
+            per_sequence = -(-self.context // 16) * model.kv_block_bytes
+            log.info(json.dumps({"event": "kv_cache_budget", "bytes": self.engine.kv_budget_bytes,
+                                 "full_context_sequences": self.engine.kv_budget_bytes // per_sequence,
+                                 "max_batch": self.max_batch}))
         self.metrics.describe_model(self.model_name, model)
         self.ready = True
 
