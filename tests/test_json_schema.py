@@ -89,12 +89,29 @@ def accepts(compiled, text: str):
     ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "admits no value"),
     ({"type": "string", "enum": [1, 2]}, "admits no value"),
     (False, "admits no value"),
+    # no number of at most 18 digits (how bounded numbers are written) lies in these bounds
+    ({"type": "number", "minimum": 1e-300, "maximum": 2e-300}, "the bounds at # hold no number of at most 18 digits"),
+    ({"type": "number", "exclusiveMinimum": 0, "maximum": 1e-20}, "hold no number of at most 18 digits"),
+    ({"type": "number", "minimum": -1e-25, "maximum": -1e-26}, "hold no number of at most 18 digits"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1e20}}, "required": ["n"]},
+     "the bounds at #/properties/n hold no number"),
+    ({"type": "number", "minimum": 1e18}, "hold no number of at most 18 digits"),
     ("{not json", "not valid JSON"),
     (3, "a schema must be an object or a boolean"),
 ])
 def test_schemas_it_cannot_follow_are_refused_with_the_place(schema, message):
     with pytest.raises(LlamasError, match=re.escape(message)):
         compile_json_schema(schema)
+
+
+def test_the_smallest_writable_bounds_are_met():
+    # 1e-17 is the finest step 18 digits write ("0." and 17 fraction digits)
+    rng = random.Random(3)
+    for schema in ({"type": "number", "minimum": 1e-17, "maximum": 3e-17},
+                   {"type": "number", "exclusiveMinimum": 0, "maximum": 1e-16},
+                   {"type": "number", "minimum": -123456789012, "maximum": -123456789010}):
+        for _ in range(4):
+            jsonschema.validate(json.loads(random_walk(schema, rng).decode()), schema)
 
 
 def test_what_cannot_be_met_is_dropped_not_refused():

@@ -74,6 +74,20 @@ def test_best_of_with_logprobs_reports_the_chosen_candidates(http, model):
     assert all(len(top) == 2 for top in c["logprobs"]["top_logprobs"])
 
 
+def test_best_of_with_echo_starts_each_choice_with_its_prompt(http):
+    # Two prompts, best_of 3 candidates each, n 2 returned: choice i echoes prompt i // n.
+    body = {"prompt": PROMPTS, "n": 2, "best_of": 3, "echo": True, "max_tokens": 4, "temperature": 1.0, "seed": 5}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert len(texts) == 4 and all(t.startswith(PROMPTS[i // 2]) for i, t in enumerate(texts)), texts
+    r = http.post("/v1/completions", json={**body, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    for i, c in enumerate(r.json()["choices"]):
+        assert c["text"].startswith(PROMPTS[i // 2])
+        assert "".join(c["logprobs"]["tokens"]) == c["text"] and c["logprobs"]["token_logprobs"][0] is None
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"n": 3, "best_of": 2}, "'best_of' (2) must be at least 'n' (3)"),
     ({"best_of": 2, "stream": True}, "cannot be streamed"),

@@ -90,6 +90,31 @@ def test_named_function_and_single_call(client):
             assert len(out.choices[0].message.tool_calls) == 1
 
 
+def test_required_resolves_each_tools_local_refs(http):
+    # pydantic writes nested models as "$defs" with "#/$defs/..." references, relative to the
+    # function's own parameters schema, not to the array of calls "required" wraps them in.
+    point = {"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "required": ["to"],
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                             "y": {"type": "integer", "minimum": 0, "maximum": 9}},
+                            "required": ["x", "y"], "additionalProperties": False}},
+        "additionalProperties": False}}}
+    body = {"messages": MESSAGES, "tools": [point, WEATHER], "tool_choice": "required", "max_tokens": 90,
+            "temperature": 1.0}
+    done = 0
+    for seed in range(4):
+        r = http.post("/v1/chat/completions", json={**body, "seed": seed})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        if choice["finish_reason"] != "tool_calls":
+            continue
+        done += 1
+        for call in choice["message"]["tool_calls"]:
+            schema = point["function"]["parameters"] if call["function"]["name"] == "move" else PARAMS["get_weather"]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    assert done
+
+
 def test_streamed_tool_calls_equal_the_whole_reply(client, http):
     model = client.models.list().data[0].id
     for seed in range(3):

@@ -7,6 +7,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _C
@@ -93,6 +94,26 @@ FORMAT_PATTERNS = {
 _format_dfas: Dict[str, Any] = {}
 
 
+def writable_number(lo, lo_open: bool, hi, hi_open: bool) -> bool:
+    """Whether some number in the bounds (None: open-ended) can be written as the recogniser
+    writes a bounded number: at most 18 digits in all, the integer part's (at least one, "0."
+    included) and the fraction's, no exponent. So k / 10^f for |k| < 10^18 and f <= 17; checked
+    exactly (1e-300 lies between 0 and 1e-17, and no such number is in [1e-300, 2e-300]), for the
+    bounds as the recogniser holds them: doubles (so -999999999999999999 is -10^18, out of reach)."""
+    for f in range(18):
+        scale = 10 ** f
+        kmin, kmax = -MAX_INTEGER, MAX_INTEGER
+        if lo is not None:
+            x = Fraction(float(lo)) * scale
+            kmin = max(kmin, math.floor(x) + 1 if lo_open and x.denominator == 1 else math.ceil(x))
+        if hi is not None:
+            x = Fraction(float(hi)) * scale
+            kmax = min(kmax, math.ceil(x) - 1 if hi_open and x.denominator == 1 else math.floor(x))
+        if kmin <= kmax:
+            return True
+    return False
+
+
 def _format_dfa(name: str):
     """(Built on first use: the six take ~0.15 s, which `import llamas` should not pay.)"""
     if name not in _format_dfas:
@@ -144,6 +165,7 @@ class SchemaCompiler:
         self.refs: Dict[str, int] = {}
         self._any: Optional[int] = None
         self._string: Optional[int] = None
+        self.unwritable: List[str] = []  # where bounds left no number 18 digits can write
 
     def new(self, kind: str, **fields) -> int:
         if len(self.nodes) >= MAX_NODES:
@@ -297,13 +319,16 @@ class SchemaCompiler:
             ilo = -MAX_INTEGER if lo is None else max(-MAX_INTEGER, math.floor(lo) + 1 if lo_open else math.ceil(lo))
             ihi = MAX_INTEGER if hi is None else min(MAX_INTEGER, math.ceil(hi) - 1 if hi_open else math.floor(hi))
             if ilo > ihi:
+                if (lo is not None and lo > MAX_INTEGER) or (hi is not None and hi < -MAX_INTEGER):
+                    self.unwritable.append(path)
                 return self.new("never")
             return self.new("integer", lo=None if lo is None and ilo == -MAX_INTEGER else float(ilo),
                             hi=None if hi is None and ihi == MAX_INTEGER else float(ihi))
         if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_open or hi_open))):
             return self.new("never")
-        if (lo is not None and lo >= 10 ** 18) or (hi is not None and hi <= -10 ** 18):
-            return self.new("never")  # a bounded number is written with at most 18 digits
+        if not writable_number(lo, lo_open, hi, hi_open):  # (1e20, or [1e-300, 2e-300]: not in 18 digits)
+            self.unwritable.append(path)
+            return self.new("never")
         return self.new("number", lo=None if lo is None else float(lo), hi=None if hi is None else float(hi),
                         lo_exclusive=lo_open, hi_exclusive=hi_open)
 
@@ -357,4 +382,11 @@ class SchemaCompiler:
     def finish(self, root: int) -> "_C.JsonSchema":
         """The native table (schema_tables.finish_nodes)."""
         from .schema_tables import finish_nodes
-        return finish_nodes(self.nodes, root)
+        try:
+            return finish_nodes(self.nodes, root)
+        except LlamasError as e:
+            if "admits no value" not in str(e) or not self.unwritable:
+                raise
+            raise LlamasError(f"[json_schema] the schema admits no value that constrained output can write: the "
+                              f"bounds at {', '.join(self.unwritable[:3])} hold no number of at most 18 digits "
+                              "(bounded numbers are written without an exponent)") from None

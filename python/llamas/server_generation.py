@@ -193,8 +193,14 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
     # echo: each choice's text (and logprobs) starts with its prompt, as given or decoded from ids.
     echoes = None
     if p.echo:
-        texts = [prompt_text(state.tokenizer, p, pi) for pi in range(len(p.prompt_ids))]
-        echoes = [texts[i // p.n] for i in range(len(handles))]
+        try:
+            texts = [prompt_text(state.tokenizer, p, pi) for pi in range(len(p.prompt_ids))]
+        except BaseException:  # the sequences are queued: nobody would read them
+            for h in handles:
+                h.cancel()
+            raise
+        # per returned choice (n a prompt; best_of's other candidates are dropped before choices are made)
+        echoes = [texts[i // p.n] for i in range(len(p.prompt_ids) * p.n)]
 
     def finish_record():
         rec["completion_tokens"] = sum(h._req.completion_tokens for h in handles)

@@ -69,6 +69,33 @@ def _function(tool: Any, where: str) -> dict:
     return fn
 
 
+# Keywords whose values are data, not schemas: a "$ref" inside them is not a reference.
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+# Keywords whose values map names to schemas (a property may be called "$ref").
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _rebase_refs(node: Any, root: str) -> Any:
+    """A copy of a tool's parameter schema whose local references ("#/$defs/A", "#") point into
+    the wrapper schema it is placed in at JSON pointer `root`: tool_choice "required" holds the
+    reply to an array of calls, each tool's schema under /items/properties/<name>."""
+    if isinstance(node, list):
+        return [_rebase_refs(x, root) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = "#" + root + value[1:]
+        elif key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _rebase_refs(sub, root) for name, sub in value.items()}
+        else:
+            out[key] = _rebase_refs(value, root)
+    return out
+
+
 def _compile(schema: Any, param: str):
     # compact: no whitespace between tokens; the server reads the call, nobody else does
     return compile_field(schema, param, lambda s: compile_json_schema(s, compact=True))
@@ -107,7 +134,9 @@ def parse_tools(body: dict, constrained: bool) -> Optional[ToolPlan]:
     if choice == "required":
         if len(names) > 64:
             raise bad(f"tool_choice \"required\" takes at most 64 tools, got {len(names)}.", "tools", "invalid_value")
-        call = {"type": "object", "properties": parameters, "minProperties": 1, "maxProperties": 1,
+        # (names are letters, digits, '_' and '-': nothing to escape in a JSON pointer)
+        rebased = {name: _rebase_refs(schema, f"/items/properties/{name}") for name, schema in parameters.items()}
+        call = {"type": "object", "properties": rebased, "minProperties": 1, "maxProperties": 1,
                 "additionalProperties": False}
         schema = {"type": "array", "minItems": 1, "items": call}
         if not parallel:
