@@ -269,6 +269,8 @@ def test_server_json_schema(http, path):
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}},
      "'response_format.json_schema.strict' must be a boolean"),
     ({"guided_json": 5}, "'guided_json' must be a JSON Schema"),
+    ({"response_format": response_format({"type": "number", "minimum": 1e-300, "maximum": 2e-300})},
+     "hold no number of at most 18 digits"),
     ({"guided_json": "{oops"}, "not valid JSON"),
     ({"guided_json": {"type": "object"}, "guided_choice": ["a"]}, "cannot be combined"),
     ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "cannot be combined"),
@@ -280,6 +282,12 @@ def test_server_refuses_bad_schemas(http, extra, message):
         r = http.post(path, json={**base, "max_tokens": 4, **extra})
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_server_refuses_a_schema_with_a_lone_surrogate(http):
+    body = json.dumps({"prompt": "x", "max_tokens": 4, "guided_json": {"enum": ["\ud800"]}})  # (ASCII: \\ud800)
+    r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "lone surrogate (\\ud800)" in r.json()["error"]["message"], r.text
 
 
 def test_openai_client_structured_output(http):

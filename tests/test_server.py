@@ -669,6 +669,10 @@ def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model)
         stream = iter(c.completions.create(model="medium", prompt=[1, 2, 3], max_tokens=120, temperature=0,
                                            stream=True))
         first = next(stream)
+        # A client stuck partway through its body does not hold the shutdown up: it gets a 503.
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                        "Content-Length: 100\r\n\r\n{\"prom".encode())
         t_signal = time.time()
         proc.send_signal(signal.SIGTERM)
 
@@ -683,6 +687,8 @@ def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model)
         text = first.choices[0].text + "".join(x.choices[0].text for x in rest)
         assert rest[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=30) == 0
+        assert stalled.recv(1000).startswith(b"HTTP/1.1 503")
+        stalled.close()
         served = llamas.load(folder)
         assert text == served.tokenizer.decode(served.generate([1, 2, 3], max_new_tokens=120))
         log_lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
@@ -695,6 +701,28 @@ def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_body_that_stops_arriving_or_a_client_that_leaves_mid_body(model, caplog, monkeypatch):
+    from llamas import server_state
+    monkeypatch.setattr(server_state, "BODY_TIMEOUT_S", 1.0)
+    with ThreadServer(create_app(model)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        port = int(srv.url.rsplit(":", 1)[1])
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with socket.create_connection(("127.0.0.1", port)) as s:  # stops sending: 408 after the timeout
+            s.sendall(head + b"Content-Length: 100\r\n\r\n{\"prompt\"")
+            s.settimeout(10)
+            reply = s.recv(2000)
+        assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply[:300]
+        with caplog.at_level(logging.INFO, logger="llamas.server"):
+            with socket.create_connection(("127.0.0.1", port)) as s:  # leaves mid-body: a 499, no traceback
+                s.sendall(head + b"Content-Length: 1000\r\n\r\n{\"prompt\": \"hi\"")
+                time.sleep(0.2)
+            assert wait_for(lambda: metric(http, "llamas_requests_total",
+                                           'endpoint="/v1/completions",status="499"') == 1, timeout=5)
+        assert "unhandled error" not in caplog.text and metric(http, "llamas_requests_total",
+                                                               'endpoint="/v1/completions",status="500"') == 0
+        assert_still_serving(http)
 
 
 def test_cli_serve_refuses_an_address_it_cannot_listen_on_before_loading():

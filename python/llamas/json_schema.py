@@ -61,6 +61,11 @@ def compile_json_schema(schema: Any, compact: bool = False) -> "_C.JsonSchema":
             raise LlamasError(f"[json_schema] not valid JSON: {e}") from None
     try:
         key = json.dumps(schema, sort_keys=True, allow_nan=False)
+        json.dumps(schema, ensure_ascii=False).encode("utf-8")  # its strings become output bytes
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.end].encode("unicode_escape").decode()
+        raise LlamasError(f"[json_schema] the schema holds a lone surrogate ({bad}), which is not valid UTF-8 "
+                          "text") from None
     except (TypeError, ValueError) as e:
         raise LlamasError(f"[json_schema] the schema is not JSON data: {e}") from None
     except RecursionError:

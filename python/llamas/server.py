@@ -26,7 +26,7 @@ from .server_generation import _generate
 from .server_metrics import CONTENT_TYPE_LATEST, log_request
 from .server_chat import RENDER_FIELDS, parse_chat, parse_messages, parse_render_options
 from .server_protocol import APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_completion
-from .server_state import ServerState, _error, _json, _record
+from .server_state import ClientGone, ServerState, _error, _json, _record
 from .speculative import check_speculative_ngram
 
 log = logging.getLogger("llamas.server")
@@ -83,6 +83,8 @@ class _Observe:
             if client_id is not None:
                 scope["llamas.request_id"] = client_id
             await self.app(scope, receive, send_wrapper)
+        except ClientGone:
+            rec["disconnected"] = True  # no answer to send; counted as 499 below
         except Exception as e:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if status is None:
@@ -221,6 +223,11 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     async def api_error(request: Request, e: APIError):
         _record(request).update(error=e.code or e.type, message=e.message[:300])
         return _error(e)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):
+        _record(request).update(disconnected=True)
+        return Response(status_code=499)  # (nobody reads it: the status is for the log and metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):

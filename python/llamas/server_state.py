@@ -39,6 +39,14 @@ def auto_kv_cache_mb(model, max_batch: int) -> Optional[float]:
     return max(room, -(-model.config.n_positions // 16) * model.kv_block_bytes) / 2 ** 20
 
 
+# Seconds a request body may take to arrive (1 MiB by default: ~0.1 s on a slow link).
+BODY_TIMEOUT_S = 30.0
+
+
+class ClientGone(Exception):
+    """The client went away before its request body arrived: nothing to answer (logged as 499)."""
+
+
 class _Dispatcher:
     """Hands chunks from the engine thread to event-loop inboxes with one loop wake-up per engine
     step (call_soon_threadsafe writes to a pipe; once per chunk costs more than the chunk)."""
@@ -269,10 +277,33 @@ class ServerState:
             except ValueError:
                 raise bad("Invalid Content-Length header.") from None
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
+        # ASGI receive() directly, so that a body that stops arriving can be given up on: after
+        # BODY_TIMEOUT_S (408), or at once when SIGTERM drains the server (503), whose graceful
+        # stop would otherwise wait for that client forever. (receive() survives being waited on
+        # in slices: a message is taken only when it is returned.)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_TIMEOUT_S
+        pending: Optional[asyncio.Future] = None
+        more = True
+        while more:
+            if pending is None:
+                pending = asyncio.ensure_future(request.receive())
+            done, _ = await asyncio.wait({pending}, timeout=0.5)
+            if not done:
+                if self.draining or loop.time() > deadline:
+                    pending.cancel()
+                    if self.draining:
+                        raise APIError(503, "The server is shutting down.", code="shutting_down")
+                    raise APIError(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
+                                   code="request_timeout")
+                continue
+            message, pending = pending.result(), None
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            body += message.get("body", b"")
             if len(body) > limit:
                 raise too_big
+            more = message.get("more_body", False)
         return parse_json_body(bytes(body))
 
 
