@@ -115,11 +115,18 @@ def test_generation_frees_kv_blocks(model):
     (dict(repetition_penalty=-1), "repetition_penalty"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(seed=-5), "seed"),
+    (dict(seed=2 ** 64 + 5), r"seed must be an integer in \[0, 2\^64\)"),  # (was taken as seed 5)
     (dict(stop=5), "stop"),
+    (dict(stream="no"), "stream must be True or False"),
 ])
 def test_bad_sampling_parameters(model, kwargs, match):
     with pytest.raises(llamas.LlamasError, match=match):
         model.generate("When", **kwargs)
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(model):
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=4)
+    assert model.generate("When", top_k=2 ** 40, **kw) == model.generate("When", top_k=0, **kw)
 
 
 def test_bad_prompts(model):

@@ -114,6 +114,12 @@ def test_the_smallest_writable_bounds_are_met():
             jsonschema.validate(json.loads(random_walk(schema, rng).decode()), schema)
 
 
+def test_refs_are_uri_fragments():
+    s = compile_json_schema({"$defs": {"a b": {"const": 1}, "c/d": {"const": 2}},
+                             "anyOf": [{"$ref": "#/$defs/a%20b"}, {"$ref": "#/$defs/c~1d"}]})
+    assert accepts(s, "1") == (True, True) and accepts(s, "2") == (True, True) and accepts(s, "3")[0] is False
+
+
 def test_what_cannot_be_met_is_dropped_not_refused():
     s = compile_json_schema({"type": "object", "properties": {"a": False, "b": {"type": "integer"}}})
     assert accepts(s, '{"b":1}') == (True, True) and accepts(s, '{"a"')[0] is False

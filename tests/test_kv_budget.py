@@ -62,15 +62,18 @@ def test_engine_refuses_a_request_that_could_never_fit(model):
                                                      r"to at most \d+ or raise kv_cache_mb"):
             engine.submit(PROMPT, max_new_tokens=50)
         assert engine.submit(PROMPT, max_new_tokens=20).result().finish_reason == "length"
+        with pytest.raises(llamas.LlamasError, match=r"the prompt has 60 tokens, but kv_cache_mb holds 3 KV-cache "
+                                                     r"blocks: at most 48 positions a request"):
+            engine.submit(list(range(60)), max_new_tokens=1)
     with llamas.Engine(model, kv_cache_mb=1e6) as engine:  # more than the context needs: no per-request cap
         assert engine.kv_max_positions() is None
 
 
-@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "8", True])
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), 2.0 ** 40, "8", True])
 def test_kv_cache_mb_must_be_a_positive_number(model, bad):
-    with pytest.raises(llamas.LlamasError, match="kv_cache_mb must be a number > 0"):
+    with pytest.raises(llamas.LlamasError, match=r"kv_cache_mb must be a number of MiB in \(0, 2\^40\)"):
         llamas.Engine(model, kv_cache_mb=bad)
-    with pytest.raises(llamas.LlamasError, match="kv_cache_mb must be a number > 0"):
+    with pytest.raises(llamas.LlamasError, match=r"kv_cache_mb must be a number of MiB in \(0, 2\^40\)"):
         create_app(model, kv_cache_mb=bad)
 
 
@@ -123,5 +126,11 @@ def test_cli_kv_cache_mb_flag():
     r = subprocess.run([sys.executable, "-m", "llamas", "serve", "--kv-cache-mb", "0"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "argument --kv-cache-mb: must be a finite number > 0, got 0" in r.stderr
+    # Less than one block: found when the model has loaded (after the port is bound); the server
+    # stops with the reason instead of answering 503 forever.
+    r = subprocess.run([sys.executable, "-m", "llamas", "serve", "--model", TINY, "--port", "0", "--kv-cache-mb",
+                        "0.001"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-500:]
+    assert "llamas: error: [serve] the model did not load: [engine] kv_cache_mb=0.001 is less than one" in r.stderr
     r = subprocess.run([sys.executable, "-m", "llamas", "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert "--kv-cache-mb" in r.stdout

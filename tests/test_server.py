@@ -316,6 +316,10 @@ def test_tokenize_detokenize_and_health(http, model):
     assert http.post("/detokenize", json={"tokens": ids}).json() == {"prompt": model.tokenizer.decode(ids)}
     assert http.get("/v1/models/gpt2-tiny").json()["id"] == "gpt2-tiny"
     assert http.get("/v1/models/other").status_code == 404
+    for path in ("/health", "/v1/models", "/version", "/metrics"):  # health checkers that ask with HEAD
+        r = http.head(path)
+        assert r.status_code == 200 and r.content == b"", path
+    assert http.head("/v1/completions").status_code == 405
 
 
 # ---- bad input: raw httpx ----------------------------------------------------------------------
@@ -369,6 +373,7 @@ BAD = [
     ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, None, "JSON"),
     ("/v1/completions", b"[1, 2, 3]", 400, None, "object, got array"),
     ("/v1/completions", b"null", 400, None, "object, got null"),
+    ("/v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, None, "more than 4300 digits"),
     ("/v1/completions", b"", 400, None, "empty"),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None, "JSON"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least one"),
@@ -388,6 +393,14 @@ BAD = [
     ("/detokenize", {"tokens": [1, -1]}, 400, "tokens", "vocabulary"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens", "array"),
 ]
+
+
+def test_a_compressed_body_is_refused(http):
+    import gzip
+    r = http.post("/v1/completions", content=gzip.compress(json.dumps({"prompt": PROMPT}).encode()),
+                  headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding", r.text
+    assert_still_serving(http)
 
 
 def test_every_bad_input_gets_a_400_and_the_server_keeps_serving(http, model):

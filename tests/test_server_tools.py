@@ -115,6 +115,18 @@ def test_required_resolves_each_tools_local_refs(http):
     assert done
 
 
+def test_a_schema_of_any_value_still_gets_object_arguments(http):
+    anything = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for seed in range(3):
+        r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": [anything], "max_tokens": 60,
+                                                    "tool_choice": {"type": "function", "function": {"name": "f"}},
+                                                    "temperature": 1.0, "seed": seed})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]), dict)
+
+
 def test_streamed_tool_calls_equal_the_whole_reply(client, http):
     model = client.models.list().data[0].id
     for seed in range(3):
@@ -162,8 +174,11 @@ def test_none_generates_text_and_the_template_sees_the_tools(client, tiny_http):
      "'tools[0].function.name' must be 1-64 letters"),
     ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "'tools[0].type' must be \"function\""),
     ({"tools": [NOARGS, NOARGS], "tool_choice": "required"}, "names a function twice"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "number", "multipleOf": 2}}}],
-      "tool_choice": "required"}, "'tools[0].function.parameters': at #: 'multipleOf' is not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}}}],
+      "tool_choice": "required"}, "'tools[0].function.parameters': at #/properties/n: 'multipleOf' is not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+      "tool_choice": "required"}, "'tools[0].function.parameters' must describe a JSON object"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "names no function"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "'tool_choice' must be"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),

@@ -141,6 +141,14 @@ def run(args, model_path: str) -> int:
                 return
             super().handle_exit(sig, frame)  # Ctrl-C; a second one forces the exit
 
+        async def on_tick(self, counter) -> bool:
+            # The model loads after the port is bound (so /health can answer 503 meanwhile); a
+            # server whose model failed to load can serve nothing, so it stops, as llama-server does.
+            if state.load_error is not None and not self.should_exit:
+                self.load_failed = True
+                self.should_exit = True
+            return await super().on_tick(counter)
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None)
     server = Server(config)
@@ -156,6 +164,8 @@ def run(args, model_path: str) -> int:
             raise LlamasError(f"[serve] the server could not start on {args.host}:{args.port} "
                               "(the error above says why)") from None
         raise
+    if getattr(server, "load_failed", False):
+        raise LlamasError(f"[serve] the model did not load: {state.load_error}")
     if not server.started:
         return 1
     return 0

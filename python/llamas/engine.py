@@ -144,7 +144,7 @@ def kv_budget_blocks(model, kv_cache_mb, op: str) -> Optional[int]:
     if kv_cache_mb is None:
         return None
     if isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, (int, float)) or not 0 < kv_cache_mb < 2 ** 40:
-        raise LlamasError(f"[{op}] kv_cache_mb must be a number > 0 (MiB), got {kv_cache_mb!r}")
+        raise LlamasError(f"[{op}] kv_cache_mb must be a number of MiB in (0, 2^40), got {kv_cache_mb!r}")
     blocks = int(kv_cache_mb * 2 ** 20) // model.kv_block_bytes
     if blocks < 1:
         raise LlamasError(f"[{op}] kv_cache_mb={kv_cache_mb} is less than one KV-cache block of this model "
@@ -302,12 +302,16 @@ class Engine:
             budget = self._sched.kv_budget_blocks
             for req, _, _ in items:
                 if budget is not None and self._sched.kv_blocks_needed(req) > budget:
-                    need = self._sched.kv_blocks_needed(req)
+                    need, room = self._sched.kv_blocks_needed(req), self.kv_max_positions()
+                    if len(req.prompt_ids) >= room + (req.max_new_tokens == 0):
+                        raise LlamasError(f"[engine] the prompt has {len(req.prompt_ids)} tokens, but kv_cache_mb holds "
+                                          f"{budget} KV-cache blocks: at most {room} positions a request, prompt and "
+                                          "generated tokens together")
                     raise LlamasError(
                         f"[engine] the request needs {need} KV-cache blocks ({need * self.model.kv_block_bytes / 2**20:.1f} "
                         f"MiB for {len(req.prompt_ids)} prompt + {req.max_new_tokens} new positions) but kv_cache_mb "
                         f"holds {budget} ({budget * self.model.kv_block_bytes / 2**20:.1f} MiB); lower max_new_tokens "
-                        f"to at most {max(0, self.kv_max_positions() - len(req.prompt_ids))} or raise kv_cache_mb")
+                        f"to at most {room - len(req.prompt_ids)} or raise kv_cache_mb")
             if self.max_queue is not None:
                 # Requests that will find a free place in the batch at the next step do not queue.
                 free = max(0, self.max_batch - self.num_running)

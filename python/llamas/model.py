@@ -210,6 +210,8 @@ class Model:
             self.constraint_vocab()
         check_max_new_tokens(max_new_tokens)
         check_speculative_ngram(speculative_ngram, "generate")
+        if not isinstance(stream, bool):  # ("no" would be true)
+            raise LlamasError(f"[generate] stream must be True or False, got {stream!r}")
         stops = make_stop_rules(stop, stop_token_ids, min_tokens, ignore_eos, include_stop_str_in_output,
                                 self.config.vocab_size, max_new_tokens, skip_special_tokens=skip_special_tokens)
         prompts, batched = _as_batch(prompt)

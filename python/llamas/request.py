@@ -45,7 +45,7 @@ class SamplingOptions:
         self.temperature = _check_number("temperature", temperature, 0.0, 100.0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise LlamasError(f"[generate] top_k must be an integer >= 0, got {top_k!r}")
-        self.top_k = top_k
+        self.top_k = min(top_k, 2 ** 31 - 1)  # (past the vocabulary it keeps every token: the same)
         self.top_p = _check_number("top_p", top_p, 0.0, 1.0, low_open=True)
         self.min_p = _check_number("min_p", min_p, 0.0, 1.0)
         self.repetition_penalty = _check_number("repetition_penalty", repetition_penalty, 0.0, 100.0, low_open=True)
@@ -53,9 +53,9 @@ class SamplingOptions:
         self.frequency_penalty = _check_number("frequency_penalty", frequency_penalty, -2.0, 2.0)
         if seed is None:
             seed = secrets.randbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise LlamasError(f"[generate] seed must be a non-negative integer, got {seed!r}")
-        self.seed = seed & ((1 << 64) - 1)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+            raise LlamasError(f"[generate] seed must be an integer in [0, 2^64), got {seed!r}")
+        self.seed = seed
         bias = {}
         if logit_bias is not None:
             if not isinstance(logit_bias, dict):

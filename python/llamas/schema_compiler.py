@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from fractions import Fraction
 from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import unquote
 
 from . import _C
 from ._C import LlamasError
@@ -198,7 +199,8 @@ class SchemaCompiler:
             self.refs[ref] = alias = self.new("alias")  # filled below; recursion lands here
             target = self.document
             for part in ref[2:].split("/") if ref != "#" else []:
-                part = part.replace("~1", "/").replace("~0", "~")
+                # a URI fragment: percent-decoded first ("#/$defs/a%20b"), then JSON pointer's escapes
+                part = unquote(part).replace("~1", "/").replace("~0", "~")
                 if isinstance(target, dict) and part in target:
                     target = target[part]
                 elif isinstance(target, list) and part.isdigit() and int(part) < len(target):

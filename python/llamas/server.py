@@ -191,7 +191,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     cache_bytes(prefix_cache_mb, "serve")  # checked now: a model loading in the background makes the Engine later
     if kv_cache_mb is not None and (isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, (int, float))
                                     or not 0 < kv_cache_mb < 2 ** 40):
-        raise LlamasError(f"[serve] kv_cache_mb must be a number > 0 (MiB), got {kv_cache_mb!r}")
+        raise LlamasError(f"[serve] kv_cache_mb must be a number of MiB in (0, 2^40), got {kv_cache_mb!r}")
     check_speculative_ngram(speculative_ngram, "serve")
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
@@ -238,12 +238,12 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
                        headers=getattr(e, "headers", None))
         return _error(err)
 
-    @app.get("/version")
+    @app.api_route("/version", methods=["GET", "HEAD"])
     async def version():
         from . import __version__
         return _json({"version": __version__})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.draining:
             return _json({"status": "draining"}, 503)
@@ -253,7 +253,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
             return _json({"status": "loading"}, 503, {"Retry-After": "1"})
         return _json({"status": "ok", "model": state.model_name})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -261,13 +261,13 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llamas",
                 "max_model_len": state.context}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):
         state.check_auth(request)
         state.require_engine()
         return _json({"object": "list", "data": [model_card()]})
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def model_info(name: str, request: Request):
         state.check_auth(request)
         state.require_engine()
@@ -300,7 +300,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         p.prompt_ids = [ids]
         return await _generate(state, request, "chat", p)
 
-    @app.get("/tokenizer_info")
+    @app.api_route("/tokenizer_info", methods=["GET", "HEAD"])
     async def tokenizer_info(request: Request):
         # vLLM's endpoint: lm-evaluation-harness's remote tokenizer (tokenizer_backend=remote, or
         # auto) reads it, then tokenizes through /tokenize and /detokenize.

@@ -133,7 +133,9 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
         rec["structured"] = structured
         state.metrics.structured.labels(structured).inc()
     if p.truncate_prompt_tokens is not None:  # the prompt's last N tokens (vLLM's left truncation)
-        keep = state.context if p.truncate_prompt_tokens == -1 else p.truncate_prompt_tokens
+        kv = engine.kv_max_positions()  # -1: what the context (and the server's KV budget) holds
+        keep = (state.context if kv is None else min(state.context, kv)) if p.truncate_prompt_tokens == -1 \
+            else p.truncate_prompt_tokens
         p.prompt_ids = [ids[-keep:] for ids in p.prompt_ids]
     budgets = [_budget(state, p, len(ids), "messages" if kind == "chat" else "prompt") for ids in p.prompt_ids]
     if p.min_tokens > min(budgets):

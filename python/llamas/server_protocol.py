@@ -23,7 +23,8 @@ MAX_COMPLETION_LOGPROBS = 5     # legacy completions: top-n alternatives
 
 _ERROR_TYPES = {
     400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+    405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+    415: "invalid_request_error", 429: "rate_limit_error",
     500: "server_error", 503: "service_unavailable",
 }
 
@@ -63,6 +64,8 @@ def parse_json_body(raw: bytes) -> dict:
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
+        if "int_max_str_digits" in str(e):  # (Python's advice to raise its limit is not the client's)
+            raise bad("The request body has an integer of more than 4300 digits.", code="invalid_json") from None
         raise bad(f"The request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad(f"The request body must be a JSON object, got {typename(data)}.", code="invalid_json")
@@ -114,7 +117,7 @@ def get_float(body: dict, name: str, default, lo: float, hi: float, lo_open: boo
     v = float(v)
     lb = "(" if lo_open else "["
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        raise bad(f"'{name}' must be in {lb}{lo:g}, {hi:g}], got {v:g}.", name, "invalid_value")
+        raise bad(f"'{name}' must be in {lb}{lo:g}, {hi:g}], got {v!r}.", name, "invalid_value")
     if lo_open and as_float32(v) == lo:
         raise bad(f"'{name}' must be in {lb}{lo:g}, {hi:g}], got {v:g} ({lo:g} as a float32, as the engine holds it).",
                   name, "invalid_value")

@@ -269,6 +269,10 @@ class ServerState:
     async def read_json(self, request: Request) -> dict:
         limit = self.max_body_bytes
         too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # (read as JSON it would be garbage, or worse, parse)
+            raise APIError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed.",
+                           code="unsupported_content_encoding")
         declared = request.headers.get("content-length")
         if declared is not None:
             try:

@@ -96,6 +96,24 @@ def _rebase_refs(node: Any, root: str) -> Any:
     return out
 
 
+def _object_schema(schema: Any, where: str) -> Any:
+    """A function's parameters schema, held to what its arguments are: a JSON object. {} and true
+    (any value) become any object; a schema of another type is refused."""
+    if schema is True:
+        return {"type": "object"}
+    if not isinstance(schema, dict):
+        return schema  # (the compiler names what is wrong with it)
+    t = schema.get("type")
+    if t is None:
+        if any(k in schema for k in ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")):
+            return schema
+        return {**schema, "type": "object"}
+    if t != "object" and not (isinstance(t, list) and "object" in t):
+        raise bad(f"'{where}' must describe a JSON object (a function's arguments), got type {json.dumps(t)[:60]}.",
+                  where, "invalid_value")
+    return schema
+
+
 def _compile(schema: Any, param: str):
     # compact: no whitespace between tokens; the server reads the call, nobody else does
     return compile_field(schema, param, lambda s: compile_json_schema(s, compact=True))
@@ -120,7 +138,7 @@ def parse_tools(body: dict, constrained: bool) -> Optional[ToolPlan]:
         raise bad("'tools' names a function twice.", "tools", "invalid_value")
     parameters = {}
     for i, f in enumerate(functions):
-        parameters[f["name"]] = f.get("parameters", EMPTY_PARAMETERS)
+        parameters[f["name"]] = _object_schema(f.get("parameters", EMPTY_PARAMETERS), f"tools[{i}].function.parameters")
         _compile(parameters[f["name"]], f"tools[{i}].function.parameters")  # each one's faults, named
     if choice is None or choice == "auto":
         raise bad("'tool_choice' \"auto\" (the default with tools) needs a model that decides for itself whether to "
