@@ -109,9 +109,24 @@ def test_the_smallest_writable_bounds_are_met():
     rng = random.Random(3)
     for schema in ({"type": "number", "minimum": 1e-17, "maximum": 3e-17},
                    {"type": "number", "exclusiveMinimum": 0, "maximum": 1e-16},
-                   {"type": "number", "minimum": -123456789012, "maximum": -123456789010}):
+                   {"type": "number", "minimum": -123456789012, "maximum": -123456789010},
+                   # past 2^53, where doubles cannot tell the digits apart (a dot here was a dead end)
+                   {"type": "number", "minimum": -9007199254740000, "maximum": -9007199254739990},
+                   {"type": "integer", "minimum": 10000000000000001, "maximum": 10000000000000003}):
         for _ in range(4):
             jsonschema.validate(json.loads(random_walk(schema, rng).decode()), schema)
+
+
+def test_bounds_are_compared_exactly():
+    s = compile_json_schema({"type": "integer", "minimum": 10000000000000001, "maximum": 10000000000000003})
+    assert [s.match(t)[0] for t in (b"10000000000000000", b"10000000000000001", b"10000000000000003",
+                                    b"10000000000000004")] == [False, True, True, False]  # (10^16 + 1 is no double)
+    s = compile_json_schema({"type": "number", "exclusiveMaximum": 2, "minimum": 0})
+    assert s.match(b"1.99999999999999999") == (True, True) and s.match(b"2")[0] is False
+    # as written, not as the double nearest (0.1000000000000000055...)
+    s = compile_json_schema({"type": "number", "minimum": 0.1, "exclusiveMaximum": 0.3})
+    assert s.match(b"0.1") == (True, True) and s.match(b"0.09999999999999999")[0] is False
+    assert s.match(b"0.29999999999999999") == (True, True) and s.match(b"0.3")[0] is False
 
 
 def test_refs_are_uri_fragments():

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <optional>
@@ -76,7 +77,7 @@ void init_model(py::module_& m) {
       .def("add_node",
            [](JsonSchema& s, const std::string& kind, const std::vector<int32_t>& children,
               const std::vector<py::bytes>& literals, const std::vector<bool>& required, int64_t min_count,
-              int64_t max_count, std::optional<double> lo, std::optional<double> hi, bool lo_exclusive,
+              int64_t max_count, const py::object& lo, const py::object& hi, bool lo_exclusive,
               bool hi_exclusive, int32_t min_depth, int32_t dfa) {
              static const std::map<std::string, SchemaNode::Kind> kinds = {
                  {"anyOf", SchemaNode::Kind::kAnyOf},     {"enum", SchemaNode::Kind::kEnum},
@@ -92,17 +93,42 @@ void init_model(py::module_& m) {
              n.literals.assign(literals.begin(), literals.end());
              n.required.assign(required.begin(), required.end());
              n.min_count = min_count, n.max_count = max_count;
-             n.has_lo = lo.has_value(), n.has_hi = hi.has_value();
-             n.lo = lo.value_or(0.0), n.hi = hi.value_or(0.0);
+             // A bound given as an int, or as a decimal (m, e) meaning m 10^e, is kept exactly; a
+             // float as its double. (Ints past 10^18 change nothing: no 18-digit number is closer.)
+             auto bound = [](const py::object& b, bool& has, bool& exact, int64_t& m, int32_t& e, double& approx) {
+               has = !b.is_none();
+               if (!has) return;
+               if (py::isinstance<py::tuple>(b) || (py::isinstance<py::int_>(b) && !py::isinstance<py::bool_>(b))) {
+                 py::object digits = b, exponent = py::int_(0);
+                 if (py::isinstance<py::tuple>(b)) {
+                   const py::tuple t = b.cast<py::tuple>();
+                   LLAMAS_CHECK(t.size() == 2, "json_schema", "a decimal bound is (m, e), got ", t.size(), " items");
+                   digits = t[0], exponent = t[1];
+                 }
+                 const py::int_ limit(int64_t(1000000000000000000));
+                 const bool past = digits.attr("__gt__")(limit).cast<bool>() || digits.attr("__lt__")(-limit).cast<bool>();
+                 LLAMAS_CHECK(!past || !py::isinstance<py::tuple>(b), "json_schema",
+                              "a decimal bound's digits must be within 10^18");
+                 if (past) digits = digits.attr("__gt__")(py::int_(0)).cast<bool>() ? limit : py::int_(-limit);
+                 exact = true, m = digits.cast<int64_t>(), e = exponent.cast<int32_t>();
+                 LLAMAS_CHECK(e > -100000 && e < 100000, "json_schema", "a decimal bound's exponent is out of range");
+                 approx = double(m) * std::pow(10.0, double(e));
+               } else {
+                 approx = b.cast<double>();
+               }
+             };
+             bound(lo, n.has_lo, n.lo_exact, n.lo_m, n.lo_e, n.lo);
+             bound(hi, n.has_hi, n.hi_exact, n.hi_m, n.hi_e, n.hi);
              n.lo_exclusive = lo_exclusive, n.hi_exclusive = hi_exclusive;
+             prepare_bounds(n);
              n.min_depth = min_depth, n.dfa = dfa;
              s.nodes.push_back(std::move(n));
              return int64_t(s.nodes.size()) - 1;
            },
            py::arg("kind"), py::arg("children") = std::vector<int32_t>(),
            py::arg("literals") = std::vector<py::bytes>(), py::arg("required") = std::vector<bool>(),
-           py::arg("min_count") = 0, py::arg("max_count") = INT64_MAX, py::arg("lo") = std::nullopt,
-           py::arg("hi") = std::nullopt, py::arg("lo_exclusive") = false, py::arg("hi_exclusive") = false,
+           py::arg("min_count") = 0, py::arg("max_count") = INT64_MAX, py::arg("lo") = py::none(),
+           py::arg("hi") = py::none(), py::arg("lo_exclusive") = false, py::arg("hi_exclusive") = false,
            py::arg("min_depth") = 1, py::arg("dfa") = -1,
            "Appends a node; returns its index.")
       .def("add_dfa",

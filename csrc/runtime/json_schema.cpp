@@ -95,7 +95,7 @@ bool SchemaState::end_value(SchemaThread& t) const {
 
 bool SchemaState::can_end_frame(const SchemaFrame& f) const {
   const SchemaNode& n = schema_->nodes[f.node];
-  if (f.mode == kNumber) return accepting(f.aux & 0x7F) && in_bounds(n, number_value(f));
+  if (f.mode == kNumber) return accepting(f.aux & 0x7F) && number_in_bounds(n, f);
   if (f.mode == kLiteral) return n.literals[f.a & 0xFFFF].size() == f.b;
   if (f.mode == kRaw) return schema_detail::raw_complete(*schema_, n, f);
   return false;

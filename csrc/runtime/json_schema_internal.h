@@ -36,12 +36,10 @@ inline bool accepting(uint8_t phase) {
 inline uint32_t digit_count(const SchemaFrame& f) { return f.a & 0xFF; }
 inline uint32_t fraction_digits(const SchemaFrame& f) { return f.a >> 8; }
 
-// x lies inside the node's bounds.
-bool in_bounds(const SchemaNode& n, double x);
-// Can a number that starts with the frame's bytes still end inside the node's bounds?
+// The number the frame's digits spell lies inside the node's bounds (exactly).
+bool number_in_bounds(const SchemaNode& n, const SchemaFrame& f);
+// Can a number that starts with the frame's bytes still end inside the node's bounds (exactly)?
 bool number_feasible(const SchemaNode& n, const SchemaFrame& f);
-// The number's value once it ends.
-double number_value(const SchemaFrame& f);
 
 // ---- characters -------------------------------------------------------------------------------
 // A string frame's b: bits 0-15 the range of the next UTF-8 continuation byte (lo, hi), 16-36 the

@@ -1,64 +1,191 @@
+// Bounded numbers, exactly. The recogniser writes a bounded number (and every integer) with at most
+// kMaxDigits = 18 digits and no exponent, so what it can write is k / 10^f with |k| < 10^18 and
+// f <= 17: prepare_bounds() narrows a node's bounds to the least and greatest such numbers inside
+// them, and a number's digits so far are then compared with those in 128-bit integers. (With
+// doubles, 10000000000000001 was 10^16, and the interval a 17th digit could still reach rounded to
+// nothing, so a prefix that could not end there, such as a dot, became a dead end.)
+#include <cmath>
+
+#include "llamas/error.h"
 #include "runtime/json_schema_internal.h"
 
 namespace llamas {
+
 namespace schema_detail {
 namespace {
 
 using Kind = SchemaNode::Kind;
+using i128 = __int128;
 
-constexpr double kPow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,
-                             1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18};
+constexpr int64_t kMaxWritable = 999999999999999999;  // 10^18 - 1: 18 digits
 
-// Whether some x with low <(=) x <(=) high exists, after narrowing [low, high] to the node's bounds.
-bool meets_bounds(const SchemaNode& n, double low, bool low_open, double high, bool high_open) {
-  if (n.has_lo && (n.lo > low || (n.lo == low && n.lo_exclusive))) low = n.lo, low_open = n.lo_exclusive;
-  if (n.has_hi && (n.hi < high || (n.hi == high && n.hi_exclusive))) high = n.hi, high_open = n.hi_exclusive;
-  return low < high || (low == high && !low_open && !high_open);
+i128 pow10(int e) {
+  i128 p = 1;
+  while (e-- > 0) p *= 10;
+  return p;
+}
+
+i128 floor_div(i128 a, i128 b) {  // b > 0
+  i128 q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+i128 ceil_div(i128 a, i128 b) {  // b > 0
+  i128 q = a / b;
+  return (a % b != 0 && a > 0) ? q + 1 : q;
+}
+
+// A rational k / 10^f with |k| < 10^18 and f <= 17 (a number the recogniser can write).
+struct Dec {
+  i128 k;
+  int f;
+};
+
+// a < b, exactly (cross-multiplied: below 10^35).
+bool less(Dec a, Dec b) { return a.k * pow10(b.f) < b.k * pow10(a.f); }
+
+// ceil (up) or floor of d * 10^e, for e >= 0.
+i128 scaled(Dec d, int e, bool up) {
+  if (e >= d.f) return d.k * pow10(e - d.f);
+  return up ? ceil_div(d.k, pow10(d.f - e)) : floor_div(d.k, pow10(d.f - e));
+}
+
+// ceil (up) or floor of x * 10^f for a double |x| < 10^18; *exact: x * 10^f is an integer.
+i128 scaled_double(double x, int f, bool up, bool* exact) {
+  int e = 0;
+  const double m = std::frexp(x, &e);  // x = m 2^e, 0.5 <= |m| < 1
+  const i128 num = i128(int64_t(std::ldexp(m, 53))) * pow10(f);  // x 10^f = num 2^(e - 53)
+  const int shift = 53 - e;
+  if (shift <= 0) {  // an integer below 2^60: num 2^-shift < 10^35
+    *exact = true;
+    return num << -shift;
+  }
+  if (shift >= 120) {  // |num| < 2^110: the quotient lies strictly between -1 and 1
+    *exact = num == 0;
+    if (num == 0) return 0;
+    return up ? (num > 0 ? 1 : 0) : (num > 0 ? 0 : -1);
+  }
+  const i128 div = i128(1) << shift;
+  *exact = num % div == 0;
+  return up ? ceil_div(num, div) : floor_div(num, div);
+}
+
+// ceil (up) or floor of m 10^(e + f), exactly; *beyond: its magnitude is past 10^19 (sign of m).
+i128 scaled_decimal(int64_t m, int32_t e, int f, bool up, bool* exact, bool* beyond) {
+  const int p = e + f;
+  *beyond = false, *exact = true;
+  if (m == 0) return 0;
+  if (p >= 0) {
+    if (p > 19) {  // |m| >= 1: past every 18-digit number
+      *beyond = true;
+      return m > 0 ? i128(kMaxWritable) * 10 : -i128(kMaxWritable) * 10;
+    }
+    return i128(m) * pow10(p);  // below 10^19 10^19
+  }
+  if (-p > 36) {  // |m| < 10^19 <= 10^-p: the quotient lies strictly between -1 and 1
+    *exact = false;
+    return up ? (m > 0 ? 1 : 0) : (m > 0 ? 0 : -1);
+  }
+  const i128 div = pow10(-p);
+  *exact = i128(m) % div == 0;
+  return up ? ceil_div(m, div) : floor_div(m, div);
+}
+
+// The least (lower) or greatest writable number on the node's side of a bound; false: none.
+bool writable_bound(const SchemaNode& n, bool lower, Dec* out) {
+  const bool has = lower ? n.has_lo : n.has_hi;
+  const bool exclusive = lower ? n.lo_exclusive : n.hi_exclusive;
+  const bool is_int = lower ? n.lo_exact : n.hi_exact;  // (a decimal, exactly)
+  const double x = lower ? n.lo : n.hi;
+  if (!has) {
+    *out = {lower ? -kMaxWritable : kMaxWritable, 0};
+    return true;
+  }
+  if (!is_int && std::isnan(x)) return false;
+  if (!is_int && std::fabs(x) >= 1e18) {  // past every writable number on one side
+    if (lower == (x > 0)) return false;
+    *out = {lower ? -kMaxWritable : kMaxWritable, 0};
+    return true;
+  }
+  // Each grid of 10^-f (f fraction digits; integers only for an integer node) has its own nearest
+  // point inside the bound; the nearest of those is the answer (finer grids reach less far).
+  bool found = false;
+  const int max_f = n.kind == Kind::kInteger ? 0 : int(kMaxDigits) - 1;
+  for (int f = 0; f <= max_f; ++f) {
+    bool exact = true, beyond = false;
+    i128 k = is_int ? scaled_decimal(lower ? n.lo_m : n.hi_m, lower ? n.lo_e : n.hi_e, f, lower, &exact, &beyond)
+                    : scaled_double(x, f, lower, &exact);
+    if (exact && exclusive && !beyond) k += lower ? 1 : -1;
+    if (lower ? k > kMaxWritable : k < -kMaxWritable) continue;  // this grid has nothing inside
+    if (k < -kMaxWritable) k = -kMaxWritable;
+    if (k > kMaxWritable) k = kMaxWritable;
+    const Dec d{k, f};
+    if (!found || (lower ? less(d, *out) : less(*out, d))) *out = d;
+    found = true;
+  }
+  return found;
+}
+
+// Whether some integer t in [a, b] has lo <= t / 10^e <= hi (magnitudes).
+bool meets(i128 a, i128 b, int e, Dec lo, Dec hi) {
+  const i128 t_lo = scaled(lo, e, true), t_hi = scaled(hi, e, false);
+  return (a > t_lo ? a : t_lo) <= (b < t_hi ? b : t_hi);
 }
 
 }  // namespace
 
-bool in_bounds(const SchemaNode& n, double x) { return meets_bounds(n, x, false, x, false); }
+bool number_in_bounds(const SchemaNode& n, const SchemaFrame& f) {
+  if (!n.has_lo && !n.has_hi) return true;
+  if (n.bounds_empty) return false;
+  const Dec x{(f.aux & kNegative) ? -i128(f.b) : i128(f.b), int(fraction_digits(f))};
+  return !less(x, {n.lo_k, n.lo_f}) && !less({n.hi_k, n.hi_f}, x);
+}
 
 bool number_feasible(const SchemaNode& n, const SchemaFrame& f) {
   if (!n.has_lo && !n.has_hi) return true;
+  if (n.bounds_empty) return false;
   const uint8_t phase = f.aux & 0x7F;
-  const bool neg = f.aux & kNegative;
-  const uint32_t digits = digit_count(f);
-  if (digits == kMaxDigits) return accepting(phase) && in_bounds(n, number_value(f));  // it can only end
-  const double v = double(f.b);
-  // Magnitudes in [a, b] (b excluded when b_open) that the number can still take.
-  auto check = [&](double a, double b, bool b_open) {
-    return neg ? meets_bounds(n, -b, b_open, -a, false) : meets_bounds(n, a, false, b, b_open);
-  };
+  const bool neg = f.aux & kNegative, integer = n.kind == Kind::kInteger;
+  // The magnitudes the bounds allow, for the number's sign.
+  const Dec lo = neg ? Dec{-i128(n.hi_k), n.hi_f} : Dec{n.lo_k, n.lo_f};
+  const Dec hi = neg ? Dec{-i128(n.lo_k), n.lo_f} : Dec{n.hi_k, n.hi_f};
+  if (less(hi, {0, 0})) return false;
+  if (phase == kMinus)  // any writable negative number (or "-0" for a number) can follow
+    return integer ? n.lo_k <= -1 : !less({0, 0}, {n.lo_k, n.lo_f});
+  const int left = int(kMaxDigits) - int(digit_count(f));  // digits that can still be written
+  const i128 v = i128(f.b);
+  const i128 span = pow10(left);
   switch (phase) {
-    case kMinus:  // an integer's magnitude is at least 1 ("-0" is not written); a number's any
-      return n.kind == Kind::kInteger ? check(1, kPow10[kMaxDigits] - 1, false) : check(0, kPow10[kMaxDigits], true);
-    case kZero:
-      return n.kind == Kind::kInteger ? check(0, 0, false) : check(0, 1, true);
+    case kZero:  // "0", or "0." and up to `left` fraction digits (an integer's "0" ends here)
+      return integer ? meets(0, 0, 0, lo, hi) : meets(0, span - 1, left, lo, hi);
     case kInt:
-      // v and k more integer digits: [v 10^k, (v + 1) 10^k), or up to v 10^k + 10^k - 1 for an integer
-      for (uint32_t k = 0; digits + k <= kMaxDigits; ++k) {
-        const double lo = v * kPow10[k];
-        if (n.kind == Kind::kInteger ? check(lo, lo + kPow10[k] - 1, false) : check(lo, lo + kPow10[k], true))
+      // k more integer digits, then (numbers) up to left - k fraction digits: in units of
+      // 10^-(left - k) the values are the integers of [v 10^left, (v + 1) 10^left).
+      for (int k = 0; k <= left; ++k) {
+        if (integer) {
+          if (meets(v * pow10(k), (v + 1) * pow10(k) - 1, 0, lo, hi)) return true;
+        } else if (meets(v * span, (v + 1) * span - 1, left - k, lo, hi)) {
           return true;
+        }
       }
       return false;
-    case kDot:
-      return check(v, v + 1, true);
-    case kFrac: {
-      const double scale = kPow10[fraction_digits(f)];
-      return check(v / scale, (v + 1) / scale, true);
-    }
+    case kDot:  // at least one fraction digit must follow
+      return left >= 1 && meets(v * span, (v + 1) * span - 1, left, lo, hi);
+    case kFrac:
+      return meets(v * span, (v + 1) * span - 1, int(fraction_digits(f)) + left, lo, hi);
     default:
       return true;  // exponents are not written beside bounds
   }
 }
 
-double number_value(const SchemaFrame& f) {
-  const double mag = double(f.b) / kPow10[fraction_digits(f)];
-  return (f.aux & kNegative) ? -mag : mag;
+}  // namespace schema_detail
+
+void prepare_bounds(SchemaNode& n) {
+  if (n.kind != SchemaNode::Kind::kInteger && n.kind != SchemaNode::Kind::kNumber) return;
+  schema_detail::Dec lo{}, hi{};
+  n.bounds_empty = !schema_detail::writable_bound(n, true, &lo) || !schema_detail::writable_bound(n, false, &hi) ||
+                   schema_detail::less(hi, lo);
+  n.lo_k = int64_t(lo.k), n.lo_f = lo.f, n.hi_k = int64_t(hi.k), n.hi_f = hi.f;
 }
 
-}  // namespace schema_detail
 }  // namespace llamas

@@ -7,6 +7,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote
@@ -73,8 +74,11 @@ def _count(schema: dict, key: str, path: str) -> Optional[int]:
 
 def _number(schema: dict, key: str, path: str):
     v = schema.get(key)
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                          or (isinstance(v, float) and not math.isfinite(v))):
         _fail(path, f"'{key}' must be a finite number, got {v!r:.40}")
+    if isinstance(v, int) and abs(v) > 10 ** 18:  # past every 18-digit number: no closer than 10^18
+        v = 10 ** 18 if v > 0 else -10 ** 18
     return v
 
 
@@ -95,20 +99,29 @@ FORMAT_PATTERNS = {
 _format_dfas: Dict[str, Any] = {}
 
 
+def _decimal(x):
+    """A bound for the recogniser: None, an int, or a float as (m, e), its shortest decimal m 10^e."""
+    if x is None or isinstance(x, int):
+        return x
+    sign, digits, exponent = Decimal(repr(x)).as_tuple()
+    m = int("".join(map(str, digits)))
+    return (-m if sign else m, exponent)
+
+
 def writable_number(lo, lo_open: bool, hi, hi_open: bool) -> bool:
     """Whether some number in the bounds (None: open-ended) can be written as the recogniser
     writes a bounded number: at most 18 digits in all, the integer part's (at least one, "0."
     included) and the fraction's, no exponent. So k / 10^f for |k| < 10^18 and f <= 17; checked
-    exactly (1e-300 lies between 0 and 1e-17, and no such number is in [1e-300, 2e-300]), for the
-    bounds as the recogniser holds them: doubles (so -999999999999999999 is -10^18, out of reach)."""
+    exactly (1e-300 lies between 0 and 1e-17, and no such number is in [1e-300, 2e-300]), as the
+    recogniser checks them: a float as its shortest decimal (see _decimal)."""
     for f in range(18):
         scale = 10 ** f
         kmin, kmax = -MAX_INTEGER, MAX_INTEGER
         if lo is not None:
-            x = Fraction(float(lo)) * scale
+            x = Fraction(repr(lo) if isinstance(lo, float) else lo) * scale
             kmin = max(kmin, math.floor(x) + 1 if lo_open and x.denominator == 1 else math.ceil(x))
         if hi is not None:
-            x = Fraction(float(hi)) * scale
+            x = Fraction(repr(hi) if isinstance(hi, float) else hi) * scale
             kmax = min(kmax, math.ceil(x) - 1 if hi_open and x.denominator == 1 else math.floor(x))
         if kmin <= kmax:
             return True
@@ -324,15 +337,16 @@ class SchemaCompiler:
                 if (lo is not None and lo > MAX_INTEGER) or (hi is not None and hi < -MAX_INTEGER):
                     self.unwritable.append(path)
                 return self.new("never")
-            return self.new("integer", lo=None if lo is None and ilo == -MAX_INTEGER else float(ilo),
-                            hi=None if hi is None and ihi == MAX_INTEGER else float(ihi))
+            return self.new("integer", lo=None if lo is None and ilo == -MAX_INTEGER else int(ilo),
+                            hi=None if hi is None and ihi == MAX_INTEGER else int(ihi))
         if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_open or hi_open))):
             return self.new("never")
         if not writable_number(lo, lo_open, hi, hi_open):  # (1e20, or [1e-300, 2e-300]: not in 18 digits)
             self.unwritable.append(path)
             return self.new("never")
-        return self.new("number", lo=None if lo is None else float(lo), hi=None if hi is None else float(hi),
-                        lo_exclusive=lo_open, hi_exclusive=hi_open)
+        # The recogniser compares the bounds exactly, as the schema wrote them: an int as it is,
+        # a float as its shortest decimal (0.1 is 1e-1, not the double nearest it).
+        return self.new("number", lo=_decimal(lo), hi=_decimal(hi), lo_exclusive=lo_open, hi_exclusive=hi_open)
 
     def array(self, schema: dict, path: str) -> int:
         if schema.get("uniqueItems") not in (None, False):
