@@ -58,7 +58,7 @@ i128 scaled_double(double x, int f, bool up, bool* exact) {
   const int shift = 53 - e;
   if (shift <= 0) {  // an integer below 2^60: num 2^-shift < 10^35
     *exact = true;
-    return num << -shift;
+    return num * (i128(1) << -shift);  // (a multiply: shifting a negative value left is undefined in C++17)
   }
   if (shift >= 120) {  // |num| < 2^110: the quotient lies strictly between -1 and 1
     *exact = num == 0;
