@@ -1,6 +1,7 @@
 """Python API, generation semantics, bad input and the CLI, on the tiny committed fixture."""
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -122,6 +123,36 @@ def test_generation_frees_kv_blocks(model):
 def test_bad_sampling_parameters(model, kwargs, match):
     with pytest.raises(llamas.LlamasError, match=match):
         model.generate("When", **kwargs)
+
+
+def test_forward_takes_a_batch_whose_total_passes_the_context(model):
+    ctx = model.config.n_positions
+    ids = np.arange(2 * (ctx - 1)).reshape(2, ctx - 1) % model.config.vocab_size  # 2 (ctx - 1) > ctx tokens in all
+    out = model.forward(ids)
+    assert out.shape == (2, ctx - 1, model.config.vocab_size)
+    assert np.allclose(out[1], model.forward(ids[1:])[0], atol=1e-5)
+    with pytest.raises(llamas.LlamasError, match=f"sequences of {ctx + 1} tokens but the context length is {ctx}"):
+        model.forward(np.zeros((1, ctx + 1), dtype=np.int64))
+
+
+def test_nan_weights_give_one_clear_error_and_no_logged_traceback(tmp_path, caplog):
+    from llamas.safetensors_io import read_safetensors, write_safetensors
+    folder = tmp_path / "nan"
+    shutil.copytree(TINY, folder)
+    tensors, meta = read_safetensors(str(folder / "model.safetensors"))
+    tensors = {k: v.copy() for k, v in tensors.items()}
+    name = next(k for k in tensors if k.endswith("ln_f.weight"))
+    tensors[name][:] = np.nan
+    write_safetensors(str(folder / "model.safetensors"), tensors, meta)
+    broken = llamas.load(str(folder))
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(llamas.LlamasError) as e:
+            broken.generate("When shall we", max_new_tokens=3)
+    assert not str(e.value).startswith("[generate] [") and "NaN" in str(e.value), str(e.value)
+    assert "engine step failed" not in caplog.text  # (raised to the caller: logging it too said it twice)
+    r = run_cli("generate", "--model", str(folder), "When shall we", "--max-new-tokens", "3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("llamas: error") == 1, r.stderr
+    assert "engine step failed" not in r.stderr
 
 
 def test_a_top_k_past_the_vocabulary_keeps_every_token(model):

@@ -279,6 +279,18 @@ def test_log_softmax(variant, cols):
     assert np.allclose(np.exp(out.astype(np.float64)).sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e4, 1e8])
+def test_log_softmax_of_large_logits(variant, scale):
+    # x - (max + log sum) in float32 lost log sum at |x| ~ 1e8 ([1e8, 1e8] gave [0, 0]): the
+    # normaliser is a double, so each output is (x - max) - log sum to float32's precision.
+    x = np.array([[scale, scale], [scale, scale - 1.0], [-scale, -scale - 2.0]], dtype=np.float32)
+    x64 = x.astype(np.float64)
+    m = x64.max(-1, keepdims=True)
+    ref = (x64 - m) - np.log(np.exp(x64 - m).sum(-1, keepdims=True))
+    for reference in (False, True):
+        assert np.allclose(ops.log_softmax(x, reference=reference), ref, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
 @pytest.mark.parametrize("where", [0, 300, 4095])
 def test_log_softmax_of_a_row_without_a_distribution_is_nan(variant, bad, where):

@@ -56,7 +56,14 @@ def test_bad_lines_get_error_lines_and_the_rest_runs(tmp_path):
              {**request("m", "/v1/completions", {"prompt": "x"}), "method": "GET"},
              {**request("e", "/v1/completions", {"prompt": "x"}), "extra": 1},
              request("t", "/v1/completions", {"prompt": "x", "temperature": 9}),
-             request("g", "/v1/completions", {"prompt": "x", "max_tokens": 20, "guided_regex": "[a-c]{3}"})]
+             request("g", "/v1/completions", {"prompt": "x", "max_tokens": 20, "guided_regex": "[a-c]{3}"}),
+             # Python's json reads these; no JSON text may hold them (each once ended the whole batch)
+             '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", '
+             '"temperature": NaN}}',
+             '{"custom_id": "big", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", '
+             '"max_tokens": 1e400}}',
+             '{"custom_id": "sur", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\\ud800"}}',
+             request("last", "/v1/completions", {"prompt": "z", "max_tokens": 2})]
     path = tmp_path / "in.jsonl"
     path.write_text("\n\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines))
     r = run_batch([], input_path=str(path), output=str(tmp_path / "out.jsonl"))
@@ -72,7 +79,10 @@ def test_bad_lines_get_error_lines_and_the_rest_runs(tmp_path):
     assert out[10]["error"] is None and out[10]["response"]["status_code"] == 400
     assert "'temperature'" in out[10]["response"]["body"]["error"]["message"]
     assert out[11]["response"]["body"]["choices"][0]["text"] in {a + b + c for a in "abc" for b in "abc" for c in "abc"}
-    assert "(10 failed)" in r.stderr
+    assert "NaN, Infinity or a number out of range" in errors[12] and "out of range" in errors[13]
+    assert "lone surrogate" in errors[14]
+    assert out[15]["error"] is None and out[15]["response"]["status_code"] == 200
+    assert "(13 failed)" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_files_are_clear_errors(tmp_path):

@@ -252,6 +252,28 @@ def test_error_unknown_config_and_a_note_when_seq_grows_the_context(dataset, tmp
     assert llamas.load(str(tmp_path / "b")).config.n_positions == 200
 
 
+def test_io_errors_are_reported_without_a_traceback(dataset, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert main(train_args(dataset["data"], blocker)) == 1  # --out names a file
+    assert "llamas: error: File exists: " in capsys.readouterr().err
+    if os.path.exists("/dev/full"):  # stdout on a full disk
+        r = subprocess.run([sys.executable, "-m", "llamas", "generate", "hi", "--max-new-tokens", "3"],
+                           stdout=open("/dev/full", "w"), stderr=subprocess.PIPE, text=True, timeout=60,
+                           env=subprocess_env())
+        assert r.returncode == 1 and "No space left on device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_run_is_not_overwritten_without_resume(run_a, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run_a, out)
+    err = error_of(capsys, train_args(dataset["data"], out, steps=2))
+    assert "already holds a training run" in err and "--resume continues it" in err
+    assert read_checkpoint(str(out / "checkpoint.safetensors"))[1]["steps_done"] == 8
+    assert read_metrics(out) == read_metrics(run_a)
+
+
 def test_error_resume_without_checkpoint(dataset, tmp_path, capsys):
     err = error_of(capsys, train_args(dataset["data"], tmp_path / "out", "--resume"))
     assert "--resume" in err and "checkpoint.safetensors not found" in err

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -26,13 +27,19 @@ thread_local bool t_inside_parallel_region = false;
 constexpr int kPausePolls = 256;          // ~5 us of PAUSE-polling
 constexpr int kWaitBeforeSleepUs = 100;   // then yield-polling up to this long
 
+constexpr int kMaxThreads = 1024;  // as set_num_threads (99999 started ~32k threads: fork failed machine-wide)
+
 int default_threads() {
-  if (const char* env = std::getenv("LLAMAS_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
-  }
   unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : static_cast<int>(hw);
+  const int cpus = hw == 0 ? 1 : static_cast<int>(std::min<unsigned>(hw, kMaxThreads));
+  if (const char* env = std::getenv("LLAMAS_NUM_THREADS")) {
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && n >= 1 && n <= kMaxThreads) return static_cast<int>(n);
+    std::fprintf(stderr, "llamas: LLAMAS_NUM_THREADS=%s is not a thread count in [1, %d]; using %d (the CPUs)\n",
+                 env, kMaxThreads, cpus);
+  }
+  return cpus;
 }
 
 class ThreadPool {
@@ -203,7 +210,7 @@ void spin_pause(int spin) {
 }
 
 void set_num_threads(int n) {
-  LLAMAS_CHECK(n >= 1 && n <= 1024, "set_num_threads", "thread count must be in [1, 1024], got ", n);
+  LLAMAS_CHECK(n >= 1 && n <= kMaxThreads, "set_num_threads", "thread count must be in [1, 1024], got ", n);
   if (n != pool().size()) pool().resize(n);
 }
 

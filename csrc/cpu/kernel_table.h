@@ -30,7 +30,7 @@ struct KernelTable {
   void (*softmax)(const float* x, float* y, int64_t rows, int64_t cols);
   // log(sum exp(x)) of one row of n > 0 floats (log-probabilities' normaliser); NaN when the row
   // holds a NaN or +inf, or only -inf.
-  float (*log_sum_exp)(const float* x, int64_t n);
+  double (*log_sum_exp)(const float* x, int64_t n);  // (double: x - it stays exact at |x| ~ 1e8)
   void (*add)(const float* a, const float* b, float* y, int64_t n);
   // Causal attention of several sequences' query rows over their paged KV caches.
   void (*attention)(const AttentionArgs* seqs, int n_seqs);

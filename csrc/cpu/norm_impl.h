@@ -112,7 +112,7 @@ inline float row_max(const float* x, int64_t n) {
 // is within a few float32 ulps of the float64 value at any length (GPT-2's 50,257 logits: a
 // scalar double exp per logit took ~250 us of every scored position; this ~15). NaN when the row
 // holds a NaN or +inf, or only -inf: no distribution to normalise.
-float log_sum_exp(const float* x, int64_t n) {
+double log_sum_exp(const float* x, int64_t n) {
   const float mx = row_max(x, n);
   int unordered = 0;  // (a NaN compares unequal to itself; vexp would clamp it to -88)
   int64_t i = 0;
@@ -128,7 +128,7 @@ float log_sum_exp(const float* x, int64_t n) {
     if (i < end) sum = sum + Vec::select_first(int(end - i), vexp(Vec::load_partial(x + i, int(end - i)) - m), Vec::zero());
     total += double(sum.reduce_add());
   }
-  return mx + float(std::log(total));
+  return double(mx) + std::log(total);  // (in double: in float 1e8 + log 2 was 1e8, and x - it 0)
 }
 
 void softmax(const float* x, float* y, int64_t rows, int64_t cols) {

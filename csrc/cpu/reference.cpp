@@ -111,7 +111,7 @@ void attention(const AttentionArgs& a) {
   }
 }
 
-float log_sum_exp(const float* x, int64_t n) {
+double log_sum_exp(const float* x, int64_t n) {
   float mx = -INFINITY;
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
@@ -121,7 +121,7 @@ float log_sum_exp(const float* x, int64_t n) {
   if (nan || !(mx < INFINITY) || !(mx > -INFINITY)) return NAN;
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) sum += std::exp(double(x[i] - mx));
-  return mx + float(std::log(sum));
+  return double(mx) + std::log(sum);
 }
 
 void layernorm(const float* x, const float* w, const float* b, float* out, int64_t rows, int64_t C, float eps) {

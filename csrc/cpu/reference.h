@@ -14,7 +14,7 @@ void gemm(const GemmArgs& args);
 void attention(const AttentionArgs& args);
 void layernorm(const float* x, const float* w, const float* b, float* out, int64_t rows, int64_t C, float eps);
 // log(sum exp(x)) of one row: the max, then exp and sum in double; NaN as the kernel's.
-float log_sum_exp(const float* x, int64_t n);
+double log_sum_exp(const float* x, int64_t n);
 
 // Training kernels (reference_train.cpp), same contracts as the kernel table's entries.
 void layernorm_backward(const float* dout, const float* x, const float* w, float* dx, float* dw, float* db,

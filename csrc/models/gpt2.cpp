@@ -346,8 +346,8 @@ std::vector<int32_t> GPT2Model::step(std::vector<StepEntry>& entries) {
         const StepEntry& e = entries[target.entry];
         const int32_t token = e.targets[target.token];
         const float* row = logits.data<float>() + (first_row[target.entry] + target.token) * config_.vocab_size;
-        const float log_norm = log_normaliser(row, config_.vocab_size, "score");
-        e.seq->scores[target.slot] = {token, row[token] - log_norm,
+        const double log_norm = log_normaliser(row, config_.vocab_size, "score");
+        e.seq->scores[target.slot] = {token, float(double(row[token]) - log_norm),
                                       top_logprobs(row, config_.vocab_size, e.score_top, log_norm)};
       }
     });

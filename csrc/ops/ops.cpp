@@ -267,15 +267,15 @@ Tensor log_softmax(const Tensor& x, bool reference) {
   float* o = out.data<float>();
   parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float norm = reference ? cpu::reference::log_sum_exp(in + r * cols, cols)
-                                   : cpu::kernels().log_sum_exp(in + r * cols, cols);
-      for (int64_t i = 0; i < cols; ++i) o[r * cols + i] = in[r * cols + i] - norm;
+      const double norm = reference ? cpu::reference::log_sum_exp(in + r * cols, cols)
+                                    : cpu::kernels().log_sum_exp(in + r * cols, cols);
+      for (int64_t i = 0; i < cols; ++i) o[r * cols + i] = float(double(in[r * cols + i]) - norm);
     }
   });
   return out;
 }
 
-float log_sum_exp_row(const float* x, int64_t n, Device device) {
+double log_sum_exp_row(const float* x, int64_t n, Device device) {
   // No profile entry: its callers (scoring, logprobs) are inside "sample".
   if (device != Device::CPU) cuda_unavailable("log_softmax");
   return cpu::kernels().log_sum_exp(x, n);

@@ -177,20 +177,20 @@ int64_t inverse_cdf(double u, int64_t n, Weight w) {
 }
 }  // namespace
 
-float log_normaliser(const float* logits, int64_t vocab, const char* op) {
+double log_normaliser(const float* logits, int64_t vocab, const char* op) {
   // log_softmax(z)_i = z_i - log sum exp(z) (the vectorised kernel: max subtracted, sums in double).
-  const float log_norm = ops::log_sum_exp_row(logits, vocab);
+  const double log_norm = ops::log_sum_exp_row(logits, vocab);
   LLAMAS_CHECK(std::isfinite(log_norm), op, kNotFinite);  // before any sorting: NaN has no order
   return log_norm;
 }
 
-std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, float log_norm) {
+std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, double log_norm) {
   std::vector<std::pair<int32_t, float>> top;
   const int n_top = int(std::min<int64_t>(n, vocab));
   if (n_top <= 0) return top;
   bool nan = false;  // (the caller's normaliser already refused NaN)
   const std::vector<int32_t> ids = top_k_ids(logits, vocab, n_top, &nan);
-  for (int i = 0; i < n_top; ++i) top.push_back({ids[i], logits[ids[i]] - log_norm});
+  for (int i = 0; i < n_top; ++i) top.push_back({ids[i], float(double(logits[ids[i]]) - log_norm)});
   return top;
 }
 
@@ -203,11 +203,11 @@ int32_t Sampler::sample(float* logits, int64_t vocab, const std::vector<int32_t>
 int32_t Sampler::draw(float* logits, int64_t vocab, const std::vector<int32_t>& context, int64_t n_prompt) {
   if (params_.logprobs < 0) return choose(logits, vocab, context, n_prompt);
   // Log-probabilities of the raw distribution, before choose() biases and penalises the logits.
-  const float log_norm = log_normaliser(logits, vocab, "sample");
+  const double log_norm = log_normaliser(logits, vocab, "sample");
   last_top_logprobs = top_logprobs(logits, vocab, params_.logprobs, log_norm);
   std::vector<float> raw(logits, logits + vocab);
   int32_t chosen = choose(logits, vocab, context, n_prompt);
-  last_logprob = raw[chosen] - log_norm;
+  last_logprob = float(double(raw[chosen]) - log_norm);
   return chosen;
 }
 

@@ -33,10 +33,10 @@ struct SamplingParams {
 
 // log sum exp(logits[0..vocab)): log_softmax(z)_i = z_i - this. Throws when a logit is NaN or
 // infinite (the message names the sampler's op, `op`).
-float log_normaliser(const float* logits, int64_t vocab, const char* op);
+double log_normaliser(const float* logits, int64_t vocab, const char* op);
 // The n most likely tokens of logits as (token id, log-probability), highest first, ties to the
 // lower id.
-std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, float log_norm);
+std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t vocab, int n, double log_norm);
 
 // A rule on which tokens may come next (structured output, e.g. JSON mode): it sets the logits
 // of the tokens it forbids to -inf before each draw and is told each drawn token.

@@ -355,6 +355,14 @@ def main(argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as e:  # a full disk, a read-only folder, --out naming a file: the reason, not a traceback
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout itself failed (> /dev/full): nothing more can be written there
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"llamas: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -69,10 +69,26 @@ def read_requests(lines: List[str]) -> List[Tuple[Optional[str], Optional[dict],
             error = f"{where}: a batch request cannot stream ('stream': true)"
         elif set(req) - {"custom_id", "method", "url", "body"}:
             error = f"{where}: unknown field {sorted(set(req) - {'custom_id', 'method', 'url', 'body'})[0]!r}"
+        else:
+            error = _body_problem(req["body"], where)
         if cid is not None:
             seen.add(cid)
         out.append((cid, None if error else req, error))
     return out
+
+
+def _body_problem(body: dict, where: str) -> Optional[str]:
+    """Why the body cannot be sent as the API's JSON (Python's json reads NaN, 1e400 and lone
+    surrogates, which no JSON text may hold), or None."""
+    try:
+        json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:  # (a ValueError too: first)
+        return f"{where}: 'body' holds a lone surrogate (\\ud800-\\udfff), which is not UTF-8 text"
+    except ValueError:
+        return f"{where}: 'body' holds NaN, Infinity or a number out of range, which JSON does not allow"
+    except RecursionError:
+        return f"{where}: 'body' nests too deeply"
+    return None
 
 
 def _result(cid, status=None, body=None, error=None) -> str:
@@ -98,12 +114,16 @@ async def _run(app, requests, out, concurrency: int, progress) -> Tuple[int, int
             results[i] = _result(cid, error=error)
             counts[1] += 1
         else:
-            async with slots:
-                r = await client.post(req["url"], json=req["body"])
-            body = r.json()
-            results[i] = _result(cid, r.status_code, body)
-            counts[1] += r.status_code != 200
-            counts[2] += (body.get("usage") or {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+            try:
+                async with slots:
+                    r = await client.post(req["url"], json=req["body"])
+                body = r.json()
+                results[i] = _result(cid, r.status_code, body)
+                counts[1] += r.status_code != 200
+                counts[2] += (body.get("usage") or {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+            except Exception as e:  # one request's failure is its own line, never the batch's end
+                results[i] = _result(cid, error=f"the request failed: {type(e).__name__}: {str(e)[:200]}")
+                counts[1] += 1
         counts[0] += 1
         progress(*counts)
 

@@ -208,6 +208,9 @@ def cmd_train(args) -> int:
     metrics_path = os.path.join(args.out, "metrics.jsonl")
 
     state = None
+    if not args.resume and os.path.exists(ckpt_path):  # a run's checkpoint is never overwritten unasked
+        raise LlamasError(f"[train] {args.out} already holds a training run ({ckpt_path}); --resume continues it, "
+                          "or give another --out (or delete that folder to start over)")
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise LlamasError(f"[train] --resume: {ckpt_path} not found")

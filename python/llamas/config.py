@@ -10,6 +10,8 @@ from ._C import LlamasError
 
 _SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _NULLABLE = ("bos_token_id", "eos_token_id")
+# Largest sizes a config may give (GPT-2 XL: vocab 50,257, context 1,024, width 1,600, 48 layers).
+_LIMITS = {"vocab_size": 2 ** 31 - 1, "n_positions": 1 << 20, "n_embd": 1 << 16, "n_layer": 1 << 12, "n_head": 1 << 16}
 
 
 def read_json_object(path: str, missing_hint: str) -> dict[str, Any]:
@@ -57,9 +59,11 @@ class GPT2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise LlamasError(f"[config] {name} must be a positive integer, got {value!r}")
+            if value > _LIMITS[name]:  # (past these a size overflows, or the first buffer is terabytes)
+                raise LlamasError(f"[config] {name} must be at most {_LIMITS[name]:,}, got {value:,}")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
-                                         or self.n_inner <= 0):
-            raise LlamasError(f"[config] n_inner must be null or a positive integer, got {self.n_inner!r}")
+                                         or not 0 < self.n_inner <= 1 << 20):
+            raise LlamasError(f"[config] n_inner must be null or a positive integer up to 1,048,576, got {self.n_inner!r}")
         eps = self.layer_norm_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1e30:
             raise LlamasError(f"[config] layer_norm_epsilon must be a positive number below 1e30, got {eps!r}")

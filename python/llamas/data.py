@@ -43,6 +43,8 @@ __all__ = ["DataLoader", "TokenDataset", "clean_text", "iter_documents", "prepar
 
 
 # -- cleaning ---------------------------------------------------------------------------------
+MAX_VOCAB = 1 << 20  # tokens a trained tokenizer may have (GPT-2 has 50,257; the largest in use ~256k)
+
 def read_text(path: str) -> str:
     """Reads a file as strict UTF-8 (BOM dropped, newlines normalised to ``\\n``)."""
     try:
@@ -119,11 +121,14 @@ def train_tokenizer(files, vocab_size: int, out: str, min_frequency: int = 2,
     import tokenizers
 
     files = _check_files(files)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 257:
-        raise LlamasError(f"[data] vocab_size must be an integer >= 257 (256 byte tokens + "
-                          f"{EOS_TOKEN}), got {vocab_size!r}")
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, (int, np.integer)) or min_frequency < 1:
-        raise LlamasError(f"[data] min_frequency must be a positive integer, got {min_frequency!r}")
+    # (tokenizers allocates for the vocabulary up front: 10^10 asked it for 567 GB and aborted)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or \
+            not 257 <= vocab_size <= MAX_VOCAB:
+        raise LlamasError(f"[data] vocab_size must be an integer in [257, {MAX_VOCAB:,}] (256 byte tokens + "
+                          f"{EOS_TOKEN} at least), got {vocab_size!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, (int, np.integer)) or \
+            not 1 <= min_frequency < 2 ** 32:
+        raise LlamasError(f"[data] min_frequency must be an integer in [1, 2^32), got {min_frequency!r}")
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise LlamasError(f"[data] output {out} exists and is not a folder")

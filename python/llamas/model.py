@@ -123,7 +123,12 @@ class Model:
             raise LlamasError(f"[forward] ids must be a non-empty 2-D (B, T) array, got shape {arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
             raise LlamasError(f"[forward] ids must be integers, got dtype {arr.dtype}")
-        self._check_ids(arr.reshape(-1).tolist(), "forward")
+        if arr.shape[1] > self.config.n_positions:  # (each row is a sequence: B rows of T may total more)
+            raise LlamasError(f"[forward] sequences of {arr.shape[1]} tokens but the context length is "
+                              f"{self.config.n_positions}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise LlamasError(f"[forward] token id {lo if lo < 0 else hi} is out of range [0, {self.config.vocab_size})")
         return self._native.forward(np.ascontiguousarray(arr, dtype=np.int32))
 
     def _check_ids(self, ids: Sequence[int], op: str) -> None:
@@ -261,6 +266,7 @@ class Model:
         # through in bounded memory. The scores are the same bits in any chunking.
         sched = Scheduler(self, max_batch=min(len(encoded), 8), prefill_chunk=min(256, self.config.n_positions),
                           max_prefill_tokens=512)
+        sched.log_errors = False  # the caller gets the error raised
         chunks: list = [None] * len(encoded)  # each request's one chunk (it generates nothing)
         for i, ids in enumerate(encoded):
             sched.add(Request(ids, 0, SamplingOptions(seed=0), sink=lambda c, i=i: chunks.__setitem__(i, c),
@@ -272,7 +278,7 @@ class Model:
             sched.abort_all()
         for c in chunks:
             if c.error is not None:
-                raise LlamasError(f"[score] {c.error}")
+                raise LlamasError(_op_error("score", c.error))
         results = [c.prompt_logprobs for c in chunks]
         return results if batched else results[0]
 
@@ -293,6 +299,7 @@ class Model:
         that gets each prompt's finish reason ("stop" or "length") at its index."""
         sched = Scheduler(self, max_batch=len(prompts), prefill_chunk=self.config.n_positions,
                           max_prefill_tokens=None, speculative_ngram=speculative_ngram)
+        sched.log_errors = False  # the caller gets the error raised
         if timing is not None:
             sched.timing = timing
         out: list = []
@@ -302,7 +309,7 @@ class Model:
             while sched.step() or out:
                 for i, chunk in out:
                     if chunk.error is not None:
-                        raise LlamasError(f"[generate] {chunk.error}")
+                        raise LlamasError(_op_error("generate", chunk.error))
                     if finish is not None and chunk.finish_reason is not None:
                         finish[i] = chunk.finish_reason
                     if chunk.token_ids:
@@ -313,6 +320,12 @@ class Model:
                 out.clear()
         finally:
             sched.abort_all()  # a generator closed early frees its sequences' KV memory
+
+
+def _op_error(op: str, message: str) -> str:
+    """An engine error for the caller of `op`, which names its own op when it has one
+    ("[sample] logits are NaN", not "[generate] [sample] ...")."""
+    return message if message.startswith("[") else f"[{op}] {message}"
 
 
 def _as_batch(prompt) -> tuple:

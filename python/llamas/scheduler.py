@@ -91,6 +91,7 @@ class Scheduler:
         self._eos = tok.eos_token_id if tok is not None else None
         self._ctx = model.config.n_positions
         self.timing = StepTiming()
+        self.log_errors = True  # a failed step is logged (Model.generate, which raises it, turns this off)
         if kv_budget_blocks is not None and kv_budget_blocks < 1:
             raise LlamasError(f"[engine] kv_budget_blocks must be >= 1, got {kv_budget_blocks}")
         self.kv_budget_blocks = kv_budget_blocks
@@ -171,7 +172,11 @@ class Scheduler:
             sampled = self.model._native.step(entries)
         except Exception as e:  # a failing forward fails the requests in it, not the engine
             timing.last_end = None
-            log.exception("engine step failed")
+            if self.log_errors:  # (an error of ours says what it is; anything else gets its traceback)
+                if isinstance(e, LlamasError):
+                    log.error("engine step failed: %s", e)
+                else:
+                    log.exception("engine step failed")
             for slot, _ in fed:
                 self._finish(slot, Chunk("", [], None, "error", error=str(e)))
             return self.has_work()

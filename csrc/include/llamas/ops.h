@@ -59,7 +59,7 @@ void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols, Device d
 Tensor log_softmax(const Tensor& x, bool reference = false);
 // log(sum exp(x)) of one row of n > 0 floats (log-probabilities' normaliser); NaN when the row
 // holds a NaN or +inf, or only -inf.
-float log_sum_exp_row(const float* x, int64_t n, Device device = Device::CPU);
+double log_sum_exp_row(const float* x, int64_t n, Device device = Device::CPU);
 void add_into(const float* a, const float* b, float* y, int64_t n, Device device = Device::CPU);
 
 // Causal attention of query rows over paged KV caches (see AttentionArgs).
