@@ -231,6 +231,58 @@ def test_missing_and_truncated_weights(tmp_path):
         llamas.load(tmp_path / "nowhere")
 
 
+def rewrite_header(path, edit):
+    """The safetensors file at path with its JSON header changed by edit(header dict)."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+def test_a_model_folder_whose_name_is_not_utf8(tmp_path):
+    folder = os.path.join(os.fsencode(str(tmp_path)), b"m\xffx")
+    try:
+        shutil.copytree(os.fsencode(TINY), folder)
+    except OSError:
+        pytest.skip("this file system takes only UTF-8 names")
+    model = llamas.load(os.fsdecode(folder))  # (surrogate escapes, as sys.argv holds such a name)
+    assert model.generate("When shall we", max_new_tokens=4) == llamas.load(TINY).generate("When shall we",
+                                                                                         max_new_tokens=4)
+
+
+def test_bad_data_offsets_are_refused(tmp_path):
+    d = _copy_model(tmp_path)
+    weights = d / "model.safetensors"
+    original = weights.read_bytes()
+
+    def overlap(h):  # one layer norm's weight read from where another's is
+        names = sorted(k for k in h if k.endswith("ln_1.weight"))
+        h[names[1]]["data_offsets"] = h[names[0]]["data_offsets"]
+    rewrite_header(weights, overlap)
+    with pytest.raises(llamas.LlamasError, match="overlap in the data section"):
+        llamas.load(d)
+
+    def backwards(h):
+        name = next(k for k in h if k.endswith("ln_f.bias"))
+        a, b = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [b, a]
+    weights.write_bytes(original)
+    rewrite_header(weights, backwards)
+    with pytest.raises(llamas.LlamasError, match="data_offsets that run backwards"):
+        llamas.load(d)
+
+    def overflow(h):
+        name = next(k for k in h if k.endswith("ln_f.bias"))
+        h[name]["shape"] = [2 ** 40, 2 ** 40]
+    weights.write_bytes(original)
+    rewrite_header(weights, overflow)
+    with pytest.raises(llamas.LlamasError, match="element count overflows"):
+        llamas.load(d)
+
+
 def test_wrong_shape_dtype_and_model_type(tmp_path):
     d = _copy_model(tmp_path)
     cfg = json.loads((d / "config.json").read_text())

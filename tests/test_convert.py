@@ -1,6 +1,7 @@
 """`llamas convert`: PyTorch checkpoints (pytorch_model.bin) read without torch and written as
 model.safetensors. The fixtures in tests/fixtures/torch-bin were written by torch.save itself
 (tools/make_torch_fixtures.py)."""
+import io
 import json
 import os
 import shutil
@@ -51,6 +52,57 @@ def damaged(tmp_path, src, mutate):
 def test_reader_reports_damaged_files(tmp_path, src, mutate, match):
     with pytest.raises(LlamasError, match=match):
         read_torch_checkpoint(damaged(tmp_path, src, mutate))
+
+
+def crafted_zip(tmp_path, monkeypatch, size, stride, numel=4, view=None):
+    """A torch.save-shaped zip written without torch (fake torch modules for the pickle's names):
+    one float32 tensor of this size and stride over a storage of numel elements (and view)."""
+    import pickle
+    import types
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+    storage_type = type("FloatStorage", (), {"__module__": "torch"})
+
+    def rebuild(*args):
+        return None
+    rebuild.__module__, rebuild.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+    torch.FloatStorage, utils._rebuild_tensor_v2, torch._utils = storage_type, rebuild, utils
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils)
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            return rebuild, (Storage(), 0, size, stride, False, {})
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                return ("storage", storage_type, "0", "cpu", numel) + ((view,) if view is not None else ())
+            return None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"w": Tensor()})
+    path = tmp_path / "crafted.bin"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/data/0", np.zeros(max(numel, 0), np.float32).tobytes())
+    return str(path)
+
+
+@pytest.mark.parametrize("size, stride, numel, view, match", [
+    ((2 ** 40, 2 ** 40), (0, 0), 4, None, "would take .* elements from a storage of 4"),  # was numpy's "too big"
+    ((2 ** 31, 4), (0, 0), 4, None, "would take"),                                        # was a 32 GiB allocation
+    ((2, 2), (2, 1), 4, 7, "a storage view that is not"),                                 # was a TypeError
+    ((2, 2), (2, 1), 4, ("k", 1), "a storage view that is not"),                          # was a ValueError
+    ((2, 2), (2, 1), -3, None, "a storage of -3 elements"),
+])
+def test_reader_refuses_crafted_tensors(tmp_path, monkeypatch, size, stride, numel, view, match):
+    with pytest.raises(LlamasError, match=match):
+        read_torch_checkpoint(crafted_zip(tmp_path, monkeypatch, size, stride, numel, view))
+    ok = read_torch_checkpoint(crafted_zip(tmp_path, monkeypatch, (2, 2), (2, 1)))  # the same, well formed
+    assert ok["w"].shape == (2, 2)
 
 
 def test_reader_refuses_a_zip_without_a_pickle(tmp_path):

@@ -60,3 +60,17 @@ def test_a_tensor_missing_from_every_shard_is_named(tmp_path):
     folder = sharded(tmp_path, drop="transformer.h.1.mlp.c_fc.weight")
     with pytest.raises(LlamasError, match=r"and 2 other shards\): tensor 'transformer.h.1.mlp.c_fc.weight' is missing"):
         llamas.load(folder)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    # The index puts wte in one shard; a zeroed copy in another was loaded instead, silently.
+    folder = sharded(tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    home = index["weight_map"]["transformer.wte.weight"]
+    other = next(s for s in SHARDS if s != home)
+    tensors, _ = read_safetensors(str(folder / other))
+    wte, _ = read_safetensors(str(folder / home))
+    tensors["transformer.wte.weight"] = np.zeros_like(wte["transformer.wte.weight"])
+    write_safetensors(str(folder / other), tensors)
+    with pytest.raises(LlamasError, match="tensor 'transformer.wte.weight' is in both"):
+        llamas.load(folder)

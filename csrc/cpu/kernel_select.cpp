@@ -1,4 +1,5 @@
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -41,10 +42,15 @@ const KernelTable* table_for(const std::string& name) {
 }
 
 const KernelTable* best_table() {
+  const std::vector<std::string> variants = available_variants();
   if (const char* env = std::getenv("LLAMAS_KERNEL")) {
     if (const KernelTable* t = table_for(env)) return t;
+    std::string options;
+    for (const std::string& n : variants) options += (options.empty() ? "" : ", ") + n;
+    std::fprintf(stderr, "llamas: LLAMAS_KERNEL=%s is not a kernel variant this CPU runs (%s); using %s\n", env,
+                 options.c_str(), variants.front().c_str());
   }
-  return table_for(available_variants().front());
+  return table_for(variants.front());
 }
 
 std::atomic<const KernelTable*>& current() {

@@ -98,10 +98,16 @@ class WeightReader {
   }
 
  private:
+  // The file that holds the tensor; two that hold it are refused (which one the index meant is
+  // not for the loader to guess: taking the first loaded another copy's weights without a word).
   const SafetensorsFile* find(const std::string& name) const {
-    for (const SafetensorsFile& f : files_)
-      if (f.contains(name)) return &f;
-    return nullptr;
+    const SafetensorsFile* found = nullptr;
+    for (const SafetensorsFile& f : files_) {
+      if (!f.contains(name)) continue;
+      if (found) fail("load", "tensor '", name, "' is in both ", found->path(), " and ", f.path());
+      found = &f;
+    }
+    return found;
   }
   std::string where() const {
     return files_.size() == 1 ? files_[0].path() : files_[0].path() + " (and " + std::to_string(files_.size() - 1) +

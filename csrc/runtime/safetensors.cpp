@@ -91,12 +91,16 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     for (auto& d : shape->array) {
       if (!d.is_integer || d.integer < 0) fail(op, path, ": tensor '", kv.first, "' has a bad shape");
       e.shape.push_back(d.integer);
+      if (d.integer != 0 && numel > UINT64_MAX / uint64_t(d.integer) / 16)
+        fail(op, path, ": tensor '", kv.first, "' has a shape whose element count overflows");
       numel *= uint64_t(d.integer);
     }
     for (auto& o : offsets->array)
       if (!o.is_integer || o.integer < 0) fail(op, path, ": tensor '", kv.first, "' has bad data_offsets");
     uint64_t begin = offsets->array[0].integer, end = offsets->array[1].integer;
-    if (end < begin || end - begin != numel * esize)
+    if (end < begin)
+      fail(op, path, ": tensor '", kv.first, "' has data_offsets that run backwards [", begin, ", ", end, "]");
+    if (end - begin != numel * esize)
       fail(op, path, ": tensor '", kv.first, "' spans ", end - begin, " bytes but its shape needs ", numel * esize);
     if (end > data_size)
       fail(op, path, ": tensor '", kv.first, "' ends at byte ", end, " of the data section but the file holds only ",
@@ -104,6 +108,18 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     e.offset = begin;
     e.nbytes = end - begin;
     entries_[kv.first] = e;
+  }
+  // Tensors may not share bytes (the format's rule): an overlapping header loaded one tensor's data
+  // as another's without a word.
+  std::vector<std::pair<uint64_t, const std::string*>> by_offset;
+  for (const auto& kv : entries_)
+    if (kv.second.nbytes > 0) by_offset.push_back({kv.second.offset, &kv.first});
+  std::sort(by_offset.begin(), by_offset.end());
+  for (size_t i = 1; i < by_offset.size(); ++i) {
+    const SafetensorsEntry& prev = entries_.at(*by_offset[i - 1].second);
+    if (prev.offset + prev.nbytes > by_offset[i].first)
+      fail(op, path, ": tensors '", *by_offset[i - 1].second, "' and '", *by_offset[i].second,
+           "' overlap in the data section (bytes ", by_offset[i].first, " to ", prev.offset + prev.nbytes, ")");
   }
 }
 

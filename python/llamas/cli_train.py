@@ -215,6 +215,9 @@ def cmd_train(args) -> int:
         if not os.path.exists(ckpt_path):
             raise LlamasError(f"[train] --resume: {ckpt_path} not found")
         tensors, state = read_checkpoint(ckpt_path)
+        if not isinstance(state.get("config"), dict) or not isinstance(state.get("loader"), dict):
+            raise LlamasError(f"[train] --resume: {ckpt_path} holds a damaged training state (no config or loader "
+                              "position)")
         config = GPT2Config.from_dict(state["config"])
         if args.config in PRESETS:
             wanted = preset_config(args.config, train_set.vocab_size, train_set.eos_token_id,
@@ -250,8 +253,14 @@ def cmd_train(args) -> int:
         except LlamasError as e:
             print(f"note: no validation ({e})", file=sys.stderr)
     if state is not None:
-        restore_checkpoint(trainer, tensors, state, ckpt_path)
-        loader.load_state_dict(state["loader"])
+        try:
+            restore_checkpoint(trainer, tensors, state, ckpt_path)
+            loader.load_state_dict(state["loader"])
+        except LlamasError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a hand-edited or damaged state
+            raise LlamasError(f"[train] --resume: {ckpt_path} holds a damaged training state ({type(e).__name__}: "
+                              f"{str(e)[:120]})") from None
         _trim_metrics(metrics_path, trainer.steps_done)
         if trainer.steps_done >= args.steps:  # a finished run: its model is already saved beside the checkpoint
             print(f"{ckpt_path} is already at step {trainer.steps_done} of {args.steps}: nothing left to train "

@@ -472,7 +472,9 @@ def load(path: Optional[str] = None, dtype: str = "float32", kv_dtype: Optional[
     if not os.path.isdir(path):
         raise LlamasError(f"[load] {path} is not a folder (expected a Hugging Face model folder)")
     config = GPT2Config.from_file(os.path.join(path, "config.json"))
-    native = _C.GPT2Model(config.to_native(), _weight_files(path), dtype)
+    # (as bytes: a file name that is not UTF-8 reaches Python with surrogate escapes, which no str
+    # converts to C++'s std::string, but its bytes do)
+    native = _C.GPT2Model(config.to_native(), [os.fsencode(f) for f in _weight_files(path)], dtype)
     if kv_dtype is not None:
         native.kv_dtype = kv_dtype
     native.compute_dtype = compute_dtype

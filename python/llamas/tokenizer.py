@@ -49,7 +49,8 @@ class Tokenizer:
         merges = os.path.join(folder, "merges.txt")
         try:
             if os.path.exists(tokenizer_json):
-                backend = tokenizers.Tokenizer.from_file(tokenizer_json)
+                with open(tokenizer_json, "rb") as f:  # (from_file takes only UTF-8 paths)
+                    backend = tokenizers.Tokenizer.from_buffer(f.read())
                 source = tokenizer_json
             elif os.path.exists(vocab) and os.path.exists(merges):
                 # Files given to BPE() directly are "deprecated" (tokenizers 0.22, the last

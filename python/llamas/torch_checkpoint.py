@@ -57,6 +57,14 @@ class _Pending:
         size, stride, offset = self.size, self.stride, self.offset
         if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
             raise LlamasError(f"[convert] {what}: tensor {name} has a bad shape {size} or stride {stride}")
+        elements = 1
+        for n in size:
+            elements *= n
+        # An expanded (stride-0) view may hold more elements than its storage, but not without
+        # bound: a 200-byte file asked for 32 GiB this way.
+        if elements > 4 * array.size + (1 << 24):
+            raise LlamasError(f"[convert] {what}: tensor {name} of shape {size} would take {elements:,} elements from "
+                              f"a storage of {array.size:,} (a damaged file?)")
         if all(size):
             last = offset + sum((n - 1) * s for n, s in zip(size, stride))
             if last >= array.size:
@@ -111,7 +119,12 @@ class _Unpickler(pickle.Unpickler):
                 and isinstance(pid[1], _StorageType)):
             raise LlamasError(f"[convert] {self._what}: unexpected persistent id {str(pid)[:80]}")
         view = pid[5] if len(pid) > 5 else None  # legacy: (view key, offset, size) of a storage view
-        return _Storage(pid[1], str(pid[2]), int(pid[4]), view)
+        if view is not None and not (isinstance(view, tuple) and len(view) == 3 and
+                                     all(isinstance(v, int) and v >= 0 for v in view[1:])):
+            raise LlamasError(f"[convert] {self._what}: a storage view that is not (key, offset, size): {str(view)[:80]}")
+        if not isinstance(pid[4], int) or pid[4] < 0:
+            raise LlamasError(f"[convert] {self._what}: a storage of {str(pid[4])[:40]} elements")
+        return _Storage(pid[1], str(pid[2]), pid[4], view)
 
 
 def _load(stream, what: str):
@@ -182,6 +195,7 @@ def _read_zip(path: str) -> Dict[str, np.ndarray]:
 
 
 def _read_legacy(path: str) -> Dict[str, np.ndarray]:
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         if _load(f, path) != _LEGACY_MAGIC:
             raise LlamasError(f"[convert] {path} is neither a zip archive nor a legacy torch.save file")
@@ -203,6 +217,8 @@ def _read_legacy(path: str) -> Dict[str, np.ndarray]:
                 raise LlamasError(f"[convert] {path}: storage {key} belongs to no tensor")
             if numel < 0:
                 raise LlamasError(f"[convert] {path}: storage {key} has a negative size")
+            if numel * storage.type.dtype.itemsize > size - f.tell():  # (not read: 2^60 elements was a MemoryError)
+                raise LlamasError(f"[convert] {path} ends before storage {key}'s {numel:,} elements (truncated file?)")
             raw = f.read(numel * storage.type.dtype.itemsize)
             arrays[str(key)] = _storage_array(raw, storage, path)
 
@@ -216,6 +232,16 @@ def _read_legacy(path: str) -> Dict[str, np.ndarray]:
 
 def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
     """The tensors of a torch.save'd state dict, as numpy arrays, without importing torch."""
+    try:
+        return _read_checkpoint(path)
+    except LlamasError:  # (a ValueError too)
+        raise
+    except (ValueError, TypeError, IndexError, OverflowError, MemoryError, struct.error) as e:
+        # what the checks above did not foresee in a damaged file: still an answer, not a traceback
+        raise LlamasError(f"[convert] {path} is damaged: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _read_checkpoint(path: str) -> Dict[str, np.ndarray]:
     if zipfile.is_zipfile(path):
         return _read_zip(path)
     with open(path, "rb") as f:
