@@ -253,6 +253,27 @@ def test_a_model_folder_whose_name_is_not_utf8(tmp_path):
                                                                                          max_new_tokens=4)
 
 
+def test_a_config_with_fewer_layers_than_the_weights_or_files_that_are_not_files(tmp_path):
+    d = _copy_model(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_layer"] -= 1  # (the checkpoint's last layer would be left out, silently)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(llamas.LlamasError, match=f"the checkpoint has a layer {cfg['n_layer']} but config.json's "
+                                                 f"n_layer is {cfg['n_layer']}"):
+        llamas.load(d)
+    cfg["n_layer"] += 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    if hasattr(os, "mkfifo"):  # a pipe blocked the load forever
+        os.remove(d / "model.safetensors")
+        os.mkfifo(d / "model.safetensors")
+        with pytest.raises(llamas.LlamasError, match="not a regular file"):
+            llamas.load(d)
+        os.remove(d / "config.json")
+        os.mkfifo(d / "config.json")
+        with pytest.raises(llamas.LlamasError, match="not a regular file"):
+            llamas.load(d)
+
+
 def test_bad_data_offsets_are_refused(tmp_path):
     d = _copy_model(tmp_path)
     weights = d / "model.safetensors"

@@ -163,6 +163,10 @@ def test_convert_reads_shards(tmp_path):
     (folder / "pytorch_model.bin.index.json").write_text("{}")
     with pytest.raises(LlamasError, match="not a shard index with a weight_map"):
         convert_folder(str(folder), force=True)
+    for outside in ("/etc/passwd", "../pytorch_model.bin", "sub/x.bin"):
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": outside}}))
+        with pytest.raises(LlamasError, match="names a shard outside its folder"):
+            convert_folder(str(folder), force=True)
 
 
 def test_convert_cli(tmp_path):

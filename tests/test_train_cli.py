@@ -138,7 +138,7 @@ def test_train_writes_model_checkpoint_and_metrics(run_a, dataset, capsys):
     assert "(96 tokens)" in capsys.readouterr().out
 
 
-def test_resume_is_bit_identical(run_a, dataset, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(run_a, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     real_step = train_module.Trainer.step
     calls = {"n": 0}
@@ -150,7 +150,9 @@ def test_resume_is_bit_identical(run_a, dataset, tmp_path, monkeypatch):
         return real_step(self, inputs, targets)
 
     monkeypatch.setattr(train_module.Trainer, "step", interrupted_step)
+    capsys.readouterr()
     assert main(train_args(dataset["data"], out)) == 130
+    assert "interrupted at step 4 of 8; the last checkpoint is step 4 in" in capsys.readouterr().err
     monkeypatch.setattr(train_module.Trainer, "step", real_step)
     assert read_checkpoint(str(out / "checkpoint.safetensors"))[1]["steps_done"] == 4
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
@@ -274,9 +276,25 @@ def test_a_run_is_not_overwritten_without_resume(run_a, dataset, tmp_path, capsy
     assert read_metrics(out) == read_metrics(run_a)
 
 
+def test_data_of_another_tokenizer_is_refused(dataset, tmp_path, capsys):
+    # The bundled model (4,096 tokens) and data tokenized with the tests' 300-token tokenizer: the
+    # vocabulary fits, the ids mean other text.
+    bundled = llamas.model.default_model_path()
+    err = error_of(capsys, ["train", "--data", dataset["data"], "--model", bundled, "--steps", "1", "--batch", "2",
+                            "--seq", "16", "--out", str(tmp_path / "out")])
+    assert "the data was tokenized with another tokenizer than the model's" in err
+    err = error_of(capsys, ["eval", "--model", bundled, "--data", dataset["data"], "--seq", "16", "--batch", "2"])
+    assert err.startswith("llamas: error: [eval] the data was tokenized with another tokenizer")
+
+
 def test_error_resume_without_checkpoint(dataset, tmp_path, capsys):
     err = error_of(capsys, train_args(dataset["data"], tmp_path / "out", "--resume"))
     assert "--resume" in err and "checkpoint.safetensors not found" in err
+    args = train_args(dataset["data"], tmp_path / "out", "--resume")
+    i = args.index("--config")
+    args[i:i + 2] = ["--model", str(tmp_path)]  # (checked before anything is loaded)
+    err = error_of(capsys, args)
+    assert "leave out --model" in err
 
 
 def test_error_resume_with_other_settings(run_a, dataset, tmp_path, capsys):

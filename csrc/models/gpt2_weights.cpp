@@ -66,6 +66,8 @@ class WeightReader {
     prefix_ = find("transformer.wte.weight") ? "transformer." : "";
   }
 
+  bool holds(const std::string& name) const { return find(prefix_ + name) != nullptr; }
+
   // As stored (a view of the mapping), checked against the config's shape.
   Tensor get(const std::string& name, const std::vector<int64_t>& shape) {
     std::string full = prefix_ + name;
@@ -125,6 +127,11 @@ GPT2Weights load_gpt2_weights(const std::vector<std::string>& paths, const GPT2C
   LLAMAS_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::I8, "load",
                "dtype must be float32, bfloat16 or int8");
   WeightReader r(paths);
+  // A checkpoint with more layers than the config names is another model (n_layer edited, or the
+  // wrong config.json): loading its first layers would run silently wrong.
+  if (r.holds("h." + std::to_string(c.n_layer) + ".ln_1.weight"))
+    fail("load", "the checkpoint has a layer ", c.n_layer, " but config.json's n_layer is ", c.n_layer,
+         " (layers 0..", c.n_layer - 1, "): the config does not describe these weights");
   const int64_t C = c.n_embd, F = c.ffn();
   const DType f32 = DType::F32;
   // The stored matrices: float32 for a float32 model (what training and saving read), as stored

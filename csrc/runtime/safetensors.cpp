@@ -46,6 +46,10 @@ float half_to_float(uint16_t h) {
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   const char* op = "safetensors";
+  // A pipe would block the open until a writer came, a device never end: only regular files.
+  struct stat before;
+  if (::stat(path.c_str(), &before) == 0 && !S_ISREG(before.st_mode))
+    fail(op, path, ": not a regular file (a folder, a device or a pipe)");
   int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) fail(op, path, ": cannot open (", std::strerror(errno), ")");
   struct stat st;

@@ -70,10 +70,25 @@ def add_parsers(sub, default_model_help: str) -> None:
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
 
-def _check_vocab(model, dataset) -> None:
+def _check_vocab(model, dataset, op: str = "train") -> None:
     if dataset.vocab_size > model.config.vocab_size:
-        raise LlamasError(f"[train] the data's tokenizer has {dataset.vocab_size} tokens but the model's vocabulary "
+        raise LlamasError(f"[{op}] the data's tokenizer has {dataset.vocab_size} tokens but the model's vocabulary "
                           f"has {model.config.vocab_size}: tokenize the data with the model's tokenizer")
+    # The same ids must mean the same text: data tokenized with another tokenizer of a smaller
+    # vocabulary trained (or scored) on ids the model reads as other tokens, without a word.
+    if model.tokenizer is None:
+        return
+    from .tokenizer import Tokenizer
+    try:
+        theirs = Tokenizer.from_folder(dataset.tokenizer_dir)
+    except LlamasError:
+        return  # (a data folder without its tokenizer: nothing to compare)
+    mine = model.tokenizer
+    for i in range(min(theirs.vocab_size, mine.vocab_size)):
+        if theirs.id_to_token(i) != mine.id_to_token(i):
+            raise LlamasError(f"[{op}] the data was tokenized with another tokenizer than the model's (token {i} is "
+                              f"{theirs.id_to_token(i)!r} in the data's, {mine.id_to_token(i)!r} in the model's): "
+                              "tokenize the data with the model's tokenizer")
 
 
 def _new_model(args, dataset):
@@ -208,6 +223,8 @@ def cmd_train(args) -> int:
     metrics_path = os.path.join(args.out, "metrics.jsonl")
 
     state = None
+    if args.resume and args.model:  # (it was ignored without a word)
+        raise LlamasError("[train] --resume continues the run in --out from its own checkpoint: leave out --model")
     if not args.resume and os.path.exists(ckpt_path):  # a run's checkpoint is never overwritten unasked
         raise LlamasError(f"[train] {args.out} already holds a training run ({ckpt_path}); --resume continues it, "
                           "or give another --out (or delete that folder to start over)")
@@ -277,35 +294,45 @@ def cmd_train(args) -> int:
           f"train tokens, {val_set.num_tokens if val_set else 0:,} val tokens; {args.steps} steps of "
           f"{args.batch}x{args.seq} tokens", file=sys.stderr)
 
+    saved = [trainer.steps_done if state is not None else None]  # the step of the last checkpoint
+
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, trainer, {"config": c.to_hf_dict(), "loader": loader.state_dict(), "run": run_info})
         model.save(args.out)
+        saved[0] = trainer.steps_done
 
     progress = _Progress(args.steps)
     val_loss = None
     with llamas.profile(enabled=args.profile) as prof, open(metrics_path, "a", encoding="utf-8") as metrics:
-        while trainer.steps_done < args.steps:
-            inputs, targets = loader.next_batch()
-            t0 = time.perf_counter()
-            try:
-                loss = trainer.step(inputs, targets)
-            except LlamasError as e:
-                progress.newline()
-                kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
-                raise LlamasError(f"{e}; training stopped, {kept}") from None
-            dt = time.perf_counter() - t0
-            step = trainer.steps_done
-            record = {"step": step, "loss": loss, "lr": trainer.last_lr, "grad_norm": trainer.last_grad_norm,
-                      "tokens_per_s": inputs.size / dt, "time_s": dt}
-            last = step == args.steps
-            if val_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last):
-                val_loss = trainer.evaluate(val_loader, max_batches=args.eval_batches)
-                record["val_loss"] = val_loss
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            progress.update(step, loss, val_loss, inputs.size / dt, trainer.last_lr)
-            if (args.save_every and step % args.save_every == 0) or last:
-                checkpoint()
+        try:
+            while trainer.steps_done < args.steps:
+                inputs, targets = loader.next_batch()
+                t0 = time.perf_counter()
+                try:
+                    loss = trainer.step(inputs, targets)
+                except LlamasError as e:
+                    progress.newline()
+                    kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+                    raise LlamasError(f"{e}; training stopped, {kept}") from None
+                dt = time.perf_counter() - t0
+                step = trainer.steps_done
+                record = {"step": step, "loss": loss, "lr": trainer.last_lr, "grad_norm": trainer.last_grad_norm,
+                          "tokens_per_s": inputs.size / dt, "time_s": dt}
+                last = step == args.steps
+                if val_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last):
+                    val_loss = trainer.evaluate(val_loader, max_batches=args.eval_batches)
+                    record["val_loss"] = val_loss
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                progress.update(step, loss, val_loss, inputs.size / dt, trainer.last_lr)
+                if (args.save_every and step % args.save_every == 0) or last:
+                    checkpoint()
+        except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
+            progress.newline()
+            kept = (f"the last checkpoint is step {saved[0]} in {ckpt_path}: the same command with --resume continues "
+                    "from it") if saved[0] is not None else "no checkpoint was written yet"
+            print(f"interrupted at step {trainer.steps_done} of {args.steps}; {kept}", file=sys.stderr)
+            raise
     progress.newline()
     summary = f"done: {args.steps} steps, final train loss {loss:.4f}"
     if val_loss is not None:
@@ -331,7 +358,7 @@ def cmd_eval(args, model_path: str) -> int:
             raise LlamasError(f"[eval] --{flag.replace('_', '-')} applies to --file only")
     model = llamas.load(model_path, dtype=args.dtype, compute_dtype=args.compute_dtype)
     dataset = data.TokenDataset(args.data, args.split)
-    _check_vocab(model, dataset)
+    _check_vocab(model, dataset, "eval")
     seq = args.seq or min(256, model.config.n_positions)
     if seq > model.config.n_positions:
         raise LlamasError(f"[eval] --seq {seq} exceeds the model's context {model.config.n_positions}")

@@ -16,6 +16,10 @@ _LIMITS = {"vocab_size": 2 ** 31 - 1, "n_positions": 1 << 20, "n_embd": 1 << 16,
 
 def read_json_object(path: str, missing_hint: str) -> dict[str, Any]:
     """A JSON file of a model folder that must hold an object; errors name the file."""
+    if os.path.exists(path) and not os.path.isfile(path):  # (a pipe blocks, /dev/zero never ends)
+        raise LlamasError(f"[load] {path} is not a regular file (a folder, a device or a pipe)")
+    if os.path.isfile(path) and os.path.getsize(path) > 64 << 20:
+        raise LlamasError(f"[load] {path} is {os.path.getsize(path):,} bytes: not a model's JSON file")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)

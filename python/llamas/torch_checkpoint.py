@@ -272,7 +272,11 @@ def convert_folder(folder: str, force: bool = False, progress: Callable[[str], N
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-            files = [os.path.join(folder, name) for name in dict.fromkeys(weight_map.values())]
+            shards = list(dict.fromkeys(weight_map.values()))
+            for name in shards:  # files of this folder only (the safetensors loader's rule too)
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise LlamasError(f"[convert] {index} names a shard outside its folder: {str(name)[:80]!r}")
+            files = [os.path.join(folder, name) for name in shards]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise LlamasError(f"[convert] {index} is not a shard index with a weight_map: {e}") from None
     else:
