@@ -536,6 +536,16 @@ def test_cli_version_and_flag_type_errors_name_what_was_expected():
     assert "_int" not in r.stderr and "_float" not in r.stderr
 
 
+def test_a_bad_generation_config_is_named_at_load(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(TINY, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 5.0, "top_k": None}))
+    with pytest.raises(llamas.LlamasError, match=r"\[load\] .*generation_config.json: top_p must be in"):
+        llamas.load(str(folder))
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 0.5, "top_k": None}))
+    assert llamas.load(str(folder)).generation_config == {"do_sample": True, "top_p": 0.5}  # (null: not set)
+
+
 def test_cli_bench_fits_its_default_lengths_to_a_short_context():
     # pp512 and tg128 are separate tests on new sequences: with 128 positions, pp runs 128 prompt
     # tokens and tg 127 tokens after its 1-token prompt, each with a note; lengths asked for must fit.

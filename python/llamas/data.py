@@ -95,6 +95,27 @@ def iter_documents(files: Sequence[str], doc_separator: Optional[str] = None,
                 stats["dropped_empty"] += 1
 
 
+_LONG_WORD = re.compile(r"\S{%d,}" % 256)
+
+
+def _training_texts(docs):
+    """The documents as BPE training sees them, with runs of 256+ non-space characters cut into
+    256-character pieces: BPE trains on whole words, and one 400 KB line without a space took 73 s
+    (4 MB ran past a minute). Text of words shorter than that trains as it was."""
+    for doc in docs:
+        if not _LONG_WORD.search(doc):
+            yield doc
+            continue
+        pos = 0
+        for m in _LONG_WORD.finditer(doc):
+            yield doc[pos:m.start()]
+            word = m.group()
+            for i in range(0, len(word), 256):
+                yield word[i:i + 256]
+            pos = m.end()
+        yield doc[pos:]
+
+
 def _check_files(files) -> list[str]:
     if isinstance(files, (str, bytes)) or hasattr(files, "__fspath__"):
         files = [files]
@@ -136,7 +157,7 @@ def train_tokenizer(files, vocab_size: int, out: str, min_frequency: int = 2,
     if not docs:
         raise LlamasError(f"[data] no non-empty documents in {', '.join(files)}")
     tok = tokenizers.ByteLevelBPETokenizer(add_prefix_space=False)
-    tok.train_from_iterator(docs, vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+    tok.train_from_iterator(_training_texts(docs), vocab_size=int(vocab_size), min_frequency=int(min_frequency),
                             special_tokens=[EOS_TOKEN], show_progress=False)
     os.makedirs(out, exist_ok=True)
     tok.save(os.path.join(out, "tokenizer.json"))

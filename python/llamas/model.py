@@ -34,7 +34,12 @@ def _read_generation_config(path: str) -> dict:
         return {}
     raw = read_json_object(file, "")
     keys = ("temperature", "top_k", "top_p", "repetition_penalty") if raw.get("do_sample") else ("repetition_penalty",)
-    out = {k: raw[k] for k in keys if k in raw}
+    out = {k: raw[k] for k in keys if raw.get(k) is not None}  # (null: not set)
+    # Checked now, naming the file (at generate it read as if the caller had passed the value)
+    try:
+        SamplingOptions(**{k: out.get(k, d) for k, d in _SAMPLING_DEFAULTS.items()}, seed=0)
+    except LlamasError as e:
+        raise LlamasError(f"[load] {file}: {str(e).replace('[generate] ', '')}") from None
     if raw.get("do_sample"):
         out["do_sample"] = True
     return out
