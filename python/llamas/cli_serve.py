@@ -164,6 +164,12 @@ def run(args, model_path: str) -> int:
             raise LlamasError(f"[serve] the server could not start on {args.host}:{args.port} "
                               "(the error above says why)") from None
         raise
+    finally:
+        # A forced stop (a second Ctrl-C) skips the lifespan's drain: end the engine thread before
+        # the interpreter does, or its step, finishing after finalization began, aborts the process
+        # ("terminate called without an active exception": its thread cannot take the GIL back).
+        if state.engine is not None:
+            state.engine.shutdown(drain=False, timeout=10.0)
     if getattr(server, "load_failed", False):
         raise LlamasError(f"[serve] the model did not load: {state.load_error}")
     if not server.started:

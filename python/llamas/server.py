@@ -85,6 +85,12 @@ class _Observe:
             await self.app(scope, receive, send_wrapper)
         except ClientGone:
             rec["disconnected"] = True  # no answer to send; counted as 499 below
+        except asyncio.CancelledError:
+            # A forced stop (a second Ctrl-C) cancels the requests still running: ending them here
+            # is what the cancellation asks, without uvicorn's traceback for each.
+            if not self.state.draining:
+                raise
+            rec["cancelled"] = True
         except Exception as e:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if status is None:
