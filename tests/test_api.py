@@ -630,6 +630,30 @@ def test_text_stream_with_the_bytes_table_gives_the_same_pieces():
         assert b.stopped == b_plain.stopped and b.finish() == b_plain.finish() and b.text == b_plain.text
 
 
+def test_a_stop_strings_start_is_held_while_a_character_is_split():
+    # "好" is three tokens of byte-level BPE here; with the stop "好好", the first "好" used to go out
+    # when half of the second arrived (the held-back text ended in U+FFFD, not in "好").
+    from llamas.streaming import TextStream
+    from llamas.tokenizer import Tokenizer
+    tok = Tokenizer.from_folder(os.path.join(FIXTURES, "gpt2-tokenizer"))
+    for stop, before in (("好好", ""), ("\n用户", "答案：好的"), ("🙂🙂é", "界好é"), ("é", "naïve caf")):
+        ids = tok.encode(before + stop + " and more")
+        for tabled in (False, True):
+            if tabled:
+                tok.piece_bytes()
+            for _ in range(3):
+                stream = TextStream(tok, [stop])
+                out = ""
+                for i in ids:
+                    out += stream.push(i)
+                    if stream.stopped:
+                        break
+                assert stream.stopped and out == before == stream.text, (stop, out)
+    # end to end: the bundled model held to one choice, which holds the stop string
+    bundled = llamas.load()
+    assert bundled.generate("Q:", choices=["答案：好的\n用户：谢谢"], stop=["\n用户"], max_new_tokens=40) == "答案：好的"
+
+
 def test_a_model_larger_than_the_cache_streams_its_weights_with_the_same_results(tmp_path):
     # Weights larger than the last-level cache (LLAMAS_LLC_BYTES stands in for a small cache) are
     # read one panel at a time by decode's products: the same logits and tokens, bit for bit.

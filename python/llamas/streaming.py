@@ -60,8 +60,9 @@ class TextStream:
         safe = len(text)
         while safe > self._emitted and text[safe - 1] == REPLACEMENT:
             safe -= 1
-        if self._stop:
-            safe = min(safe, len(text) - self._stop_prefix_overlap(text))
+        if self._stop:  # (on the text before an incomplete character: "好" + half of the next
+            # one no longer ends with the stop string "好好"'s start, and "好" went out)
+            safe -= self._stop_prefix_overlap(text[:safe])
         self.text = text
         return self._take(text, safe)
 
