@@ -95,30 +95,25 @@ void init_model(py::module_& m) {
              n.min_count = min_count, n.max_count = max_count;
              // A bound given as an int, or as a decimal (m, e) meaning m 10^e, is kept exactly; a
              // float as its double. (Ints past 10^18 change nothing: no 18-digit number is closer.)
-             auto bound = [](const py::object& b, bool& has, bool& exact, int64_t& m, int32_t& e, double& approx) {
+             // A bound is None, an int, or a decimal (m, e) meaning m 10^e (llamas/schema_compiler.py
+             // writes a float bound so, as its shortest decimal: 0.1 is 1e-1, not the double nearest
+             // it). Ints past 10^18 change nothing: no 18-digit number is closer.
+             auto bound = [](const py::object& b, bool& has, int64_t& m, int32_t& e) {
                has = !b.is_none();
                if (!has) return;
-               if (py::isinstance<py::tuple>(b) || (py::isinstance<py::int_>(b) && !py::isinstance<py::bool_>(b))) {
-                 py::object digits = b, exponent = py::int_(0);
-                 if (py::isinstance<py::tuple>(b)) {
-                   const py::tuple t = b.cast<py::tuple>();
-                   LLAMAS_CHECK(t.size() == 2, "json_schema", "a decimal bound is (m, e), got ", t.size(), " items");
-                   digits = t[0], exponent = t[1];
-                 }
-                 const py::int_ limit(int64_t(1000000000000000000));
-                 const bool past = digits.attr("__gt__")(limit).cast<bool>() || digits.attr("__lt__")(-limit).cast<bool>();
-                 LLAMAS_CHECK(!past || !py::isinstance<py::tuple>(b), "json_schema",
-                              "a decimal bound's digits must be within 10^18");
-                 if (past) digits = digits.attr("__gt__")(py::int_(0)).cast<bool>() ? limit : py::int_(-limit);
-                 exact = true, m = digits.cast<int64_t>(), e = exponent.cast<int32_t>();
-                 LLAMAS_CHECK(e > -100000 && e < 100000, "json_schema", "a decimal bound's exponent is out of range");
-                 approx = double(m) * std::pow(10.0, double(e));
-               } else {
-                 approx = b.cast<double>();
-               }
+               const bool is_int = py::isinstance<py::int_>(b) && !py::isinstance<py::bool_>(b);
+               LLAMAS_CHECK(is_int || (py::isinstance<py::tuple>(b) && py::len(b) == 2), "json_schema",
+                            "a bound must be an int or a decimal (m, e)");
+               py::object digits = is_int ? b : b.cast<py::tuple>()[0];
+               const py::int_ limit(int64_t(1000000000000000000));
+               const bool past = digits.attr("__gt__")(limit).cast<bool>() || digits.attr("__lt__")(-limit).cast<bool>();
+               LLAMAS_CHECK(!past || is_int, "json_schema", "a decimal bound's digits must be within 10^18");
+               if (past) digits = digits.attr("__gt__")(py::int_(0)).cast<bool>() ? limit : py::int_(-limit);
+               m = digits.cast<int64_t>(), e = is_int ? 0 : b.cast<py::tuple>()[1].cast<int32_t>();
+               LLAMAS_CHECK(e > -100000 && e < 100000, "json_schema", "a decimal bound's exponent is out of range");
              };
-             bound(lo, n.has_lo, n.lo_exact, n.lo_m, n.lo_e, n.lo);
-             bound(hi, n.has_hi, n.hi_exact, n.hi_m, n.hi_e, n.hi);
+             bound(lo, n.has_lo, n.lo_m, n.lo_e);
+             bound(hi, n.has_hi, n.hi_m, n.hi_e);
              n.lo_exclusive = lo_exclusive, n.hi_exclusive = hi_exclusive;
              prepare_bounds(n);
              n.min_depth = min_depth, n.dfa = dfa;

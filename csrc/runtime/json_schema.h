@@ -51,14 +51,12 @@ struct SchemaNode {
   std::vector<std::string> literals;
   std::vector<uint8_t> required;  // object: per property
   int64_t min_count = 0, max_count = INT64_MAX;  // string: characters; array: items; object, map: properties
-  // integer, number: bounds as given (an integer's exclusive bounds arrive as inclusive ones):
-  // exactly as the decimal m 10^e when lo_exact / hi_exact (the schema's own digits: 0.1 is 1e-1,
-  // not the double nearest it), else as a double.
+  // integer, number: bounds as given, exactly, as the decimals lo_m 10^lo_e and hi_m 10^hi_e (the
+  // schema's own digits: 0.1 is 1e-1, not the double nearest it; an integer's exclusive bounds
+  // arrive as inclusive ones).
   bool has_lo = false, has_hi = false, lo_exclusive = false, hi_exclusive = false;
-  bool lo_exact = false, hi_exact = false;
   int64_t lo_m = 0, hi_m = 0;
   int32_t lo_e = 0, hi_e = 0;
-  double lo = 0, hi = 0;
   // What the recogniser checks, exactly: the least and the greatest number it can write (at most
   // 18 digits, no exponent) inside those bounds, as k / 10^f; bounds_empty when there is none.
   // Set by prepare_bounds().

@@ -4,9 +4,6 @@
 // them, and a number's digits so far are then compared with those in 128-bit integers. (With
 // doubles, 10000000000000001 was 10^16, and the interval a 17th digit could still reach rounded to
 // nothing, so a prefix that could not end there, such as a dot, became a dead end.)
-#include <cmath>
-
-#include "llamas/error.h"
 #include "runtime/json_schema_internal.h"
 
 namespace llamas {
@@ -50,26 +47,6 @@ i128 scaled(Dec d, int e, bool up) {
   return up ? ceil_div(d.k, pow10(d.f - e)) : floor_div(d.k, pow10(d.f - e));
 }
 
-// ceil (up) or floor of x * 10^f for a double |x| < 10^18; *exact: x * 10^f is an integer.
-i128 scaled_double(double x, int f, bool up, bool* exact) {
-  int e = 0;
-  const double m = std::frexp(x, &e);  // x = m 2^e, 0.5 <= |m| < 1
-  const i128 num = i128(int64_t(std::ldexp(m, 53))) * pow10(f);  // x 10^f = num 2^(e - 53)
-  const int shift = 53 - e;
-  if (shift <= 0) {  // an integer below 2^60: num 2^-shift < 10^35
-    *exact = true;
-    return num * (i128(1) << -shift);  // (a multiply: shifting a negative value left is undefined in C++17)
-  }
-  if (shift >= 120) {  // |num| < 2^110: the quotient lies strictly between -1 and 1
-    *exact = num == 0;
-    if (num == 0) return 0;
-    return up ? (num > 0 ? 1 : 0) : (num > 0 ? 0 : -1);
-  }
-  const i128 div = i128(1) << shift;
-  *exact = num % div == 0;
-  return up ? ceil_div(num, div) : floor_div(num, div);
-}
-
 // ceil (up) or floor of m 10^(e + f), exactly; *beyond: its magnitude is past 10^19 (sign of m).
 i128 scaled_decimal(int64_t m, int32_t e, int f, bool up, bool* exact, bool* beyond) {
   const int p = e + f;
@@ -93,28 +70,18 @@ i128 scaled_decimal(int64_t m, int32_t e, int f, bool up, bool* exact, bool* bey
 
 // The least (lower) or greatest writable number on the node's side of a bound; false: none.
 bool writable_bound(const SchemaNode& n, bool lower, Dec* out) {
-  const bool has = lower ? n.has_lo : n.has_hi;
+  if (!(lower ? n.has_lo : n.has_hi)) {
+    *out = {lower ? -kMaxWritable : kMaxWritable, 0};
+    return true;
+  }
   const bool exclusive = lower ? n.lo_exclusive : n.hi_exclusive;
-  const bool is_int = lower ? n.lo_exact : n.hi_exact;  // (a decimal, exactly)
-  const double x = lower ? n.lo : n.hi;
-  if (!has) {
-    *out = {lower ? -kMaxWritable : kMaxWritable, 0};
-    return true;
-  }
-  if (!is_int && std::isnan(x)) return false;
-  if (!is_int && std::fabs(x) >= 1e18) {  // past every writable number on one side
-    if (lower == (x > 0)) return false;
-    *out = {lower ? -kMaxWritable : kMaxWritable, 0};
-    return true;
-  }
   // Each grid of 10^-f (f fraction digits; integers only for an integer node) has its own nearest
   // point inside the bound; the nearest of those is the answer (finer grids reach less far).
   bool found = false;
   const int max_f = n.kind == Kind::kInteger ? 0 : int(kMaxDigits) - 1;
   for (int f = 0; f <= max_f; ++f) {
     bool exact = true, beyond = false;
-    i128 k = is_int ? scaled_decimal(lower ? n.lo_m : n.hi_m, lower ? n.lo_e : n.hi_e, f, lower, &exact, &beyond)
-                    : scaled_double(x, f, lower, &exact);
+    i128 k = scaled_decimal(lower ? n.lo_m : n.hi_m, lower ? n.lo_e : n.hi_e, f, lower, &exact, &beyond);
     if (exact && exclusive && !beyond) k += lower ? 1 : -1;
     if (lower ? k > kMaxWritable : k < -kMaxWritable) continue;  // this grid has nothing inside
     if (k < -kMaxWritable) k = -kMaxWritable;

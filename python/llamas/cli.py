@@ -331,6 +331,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null: its reader is gone or its disk is full, and Python's own flush
+    at exit would otherwise raise again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -352,14 +358,13 @@ def main(argv=None) -> int:
         # Whoever read our output has gone (`llamas generate ... | head`): stop quietly, as a tool
         # killed by SIGPIPE does, with stdout pointed at /dev/null so that Python's own flush at
         # exit does not raise again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return 141
     except OSError as e:  # a full disk, a read-only folder, --out naming a file: the reason, not a traceback
         try:
             sys.stdout.flush()
         except OSError:  # stdout itself failed (> /dev/full): nothing more can be written there
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _silence_stdout()
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"llamas: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1

@@ -139,12 +139,23 @@ class RequestHandle:
                           chunks[0].prompt_logprobs, self._req.cached_tokens)
 
 
+def check_kv_cache_mb(kv_cache_mb, op: str) -> None:
+    """kv_cache_mb must be None (no limit) or a number of MiB in (0, 2^40)."""
+    if kv_cache_mb is not None and (isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, (int, float))
+                                    or not 0 < kv_cache_mb < 2 ** 40):
+        raise LlamasError(f"[{op}] kv_cache_mb must be a number of MiB in (0, 2^40), got {kv_cache_mb!r}")
+
+
+def kv_blocks_per_sequence(model) -> int:
+    """KV blocks one sequence fills at the model's full context."""
+    return -(-model.config.n_positions // BLOCK)
+
+
 def kv_budget_blocks(model, kv_cache_mb, op: str) -> Optional[int]:
     """kv_cache_mb (MiB, or None: no limit) as whole KV blocks of this model, checked."""
+    check_kv_cache_mb(kv_cache_mb, op)
     if kv_cache_mb is None:
         return None
-    if isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, (int, float)) or not 0 < kv_cache_mb < 2 ** 40:
-        raise LlamasError(f"[{op}] kv_cache_mb must be a number of MiB in (0, 2^40), got {kv_cache_mb!r}")
     blocks = int(kv_cache_mb * 2 ** 20) // model.kv_block_bytes
     if blocks < 1:
         raise LlamasError(f"[{op}] kv_cache_mb={kv_cache_mb} is less than one KV-cache block of this model "
@@ -301,8 +312,9 @@ class Engine:
                 raise EngineClosed("the engine is shutting down")
             budget = self._sched.kv_budget_blocks
             for req, _, _ in items:
-                if budget is not None and self._sched.kv_blocks_needed(req) > budget:
-                    need, room = self._sched.kv_blocks_needed(req), self.kv_max_positions()
+                need = self._sched.kv_blocks_needed(req) if budget is not None else 0
+                if budget is not None and need > budget:
+                    room = self.kv_max_positions()
                     if len(req.prompt_ids) >= room + (req.max_new_tokens == 0):
                         raise LlamasError(f"[engine] the prompt has {len(req.prompt_ids)} tokens, but kv_cache_mb holds "
                                           f"{budget} KV-cache blocks: at most {room} positions a request, prompt and "

@@ -131,18 +131,17 @@ class Model:
         if arr.shape[1] > self.config.n_positions:  # (each row is a sequence: B rows of T may total more)
             raise LlamasError(f"[forward] sequences of {arr.shape[1]} tokens but the context length is "
                               f"{self.config.n_positions}")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise LlamasError(f"[forward] token id {lo if lo < 0 else hi} is out of range [0, {self.config.vocab_size})")
+        self._check_id_range(int(arr.min()), int(arr.max()), "forward")
         return self._native.forward(np.ascontiguousarray(arr, dtype=np.int32))
+
+    def _check_id_range(self, lo: int, hi: int, op: str) -> None:
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise LlamasError(f"[{op}] token id {lo if lo < 0 else hi} is out of range [0, {self.config.vocab_size})")
 
     def _check_ids(self, ids: Sequence[int], op: str) -> None:
         if len(ids) == 0:
             raise LlamasError(f"[{op}] empty prompt: give at least one token")
-        lo, hi = min(ids), max(ids)
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise LlamasError(f"[{op}] token id {bad} is out of range [0, {self.config.vocab_size})")
+        self._check_id_range(min(ids), max(ids), op)
         if len(ids) > self.config.n_positions:
             raise LlamasError(f"[{op}] prompt has {len(ids)} tokens but the context length is {self.config.n_positions}")
 

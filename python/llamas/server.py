@@ -26,6 +26,7 @@ from .server_generation import _generate
 from .server_metrics import CONTENT_TYPE_LATEST, log_request
 from .server_chat import RENDER_FIELDS, parse_chat, parse_messages, parse_render_options
 from .server_protocol import APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_completion
+from .engine import check_kv_cache_mb
 from .server_state import ClientGone, ServerState, _error, _json, _record
 from .speculative import check_speculative_ngram
 
@@ -83,8 +84,6 @@ class _Observe:
             if client_id is not None:
                 scope["llamas.request_id"] = client_id
             await self.app(scope, receive, send_wrapper)
-        except ClientGone:
-            rec["disconnected"] = True  # no answer to send; counted as 499 below
         except asyncio.CancelledError:
             # A forced stop (a second Ctrl-C) cancels the requests still running: ending them here
             # is what the cancellation asks, without uvicorn's traceback for each.
@@ -195,9 +194,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         from .model import check_dtypes
         check_dtypes(dtype, kv_dtype, compute_dtype, "serve")
     cache_bytes(prefix_cache_mb, "serve")  # checked now: a model loading in the background makes the Engine later
-    if kv_cache_mb is not None and (isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, (int, float))
-                                    or not 0 < kv_cache_mb < 2 ** 40):
-        raise LlamasError(f"[serve] kv_cache_mb must be a number of MiB in (0, 2^40), got {kv_cache_mb!r}")
+    check_kv_cache_mb(kv_cache_mb, "serve")
     check_speculative_ngram(speculative_ngram, "serve")
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .engine import Engine
+from .engine import Engine, kv_blocks_per_sequence
 from .server_chat import ChatTemplate
 from .server_metrics import ServerMetrics
 from .server_protocol import APIError, bad, check_text, parse_json_body
@@ -32,11 +32,11 @@ def auto_kv_cache_mb(model, max_batch: int) -> Optional[float]:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system: no default limit
         return None
-    full_batch = max_batch * -(-model.config.n_positions // 16) * model.kv_block_bytes
+    per_sequence = kv_blocks_per_sequence(model) * model.kv_block_bytes
     room = max(physical - model.weight_bytes, 0) // 2
-    if full_batch <= room:
+    if max_batch * per_sequence <= room:
         return None
-    return max(room, -(-model.config.n_positions // 16) * model.kv_block_bytes) / 2 ** 20
+    return max(room, per_sequence) / 2 ** 20
 
 
 # Seconds a request body may take to arrive (1 MiB by default: ~0.1 s on a slow link).
@@ -211,7 +211,7 @@ class ServerState:
                              on_step=self.dispatcher.flush, prefix_cache_mb=self.prefix_cache_mb,
                              speculative_ngram=self.speculative_ngram, kv_cache_mb=kv_mb)
         if self.engine.kv_budget_bytes is not None:
-            per_sequence = -(-self.context // 16) * model.kv_block_bytes
+            per_sequence = kv_blocks_per_sequence(model) * model.kv_block_bytes
             log.info(json.dumps({"event": "kv_cache_budget", "bytes": self.engine.kv_budget_bytes,
                                  "full_context_sequences": self.engine.kv_budget_bytes // per_sequence,
                                  "max_batch": self.max_batch}))

@@ -62,7 +62,7 @@ class TextStream:
             safe -= 1
         if self._stop:  # (on the text before an incomplete character: "好" + half of the next
             # one no longer ends with the stop string "好好"'s start, and "好" went out)
-            safe -= self._stop_prefix_overlap(text[:safe])
+            safe -= self._stop_prefix_overlap(text, safe)
         self.text = text
         return self._take(text, safe)
 
@@ -98,11 +98,13 @@ class TextStream:
                     best = end
         return best
 
-    def _stop_prefix_overlap(self, text: str) -> int:
+    def _stop_prefix_overlap(self, text: str, end: int) -> int:
+        """The longest start of a stop string that text[:end] ends with (no copy of the text: this
+        runs at every token)."""
         longest = 0
         for s in self._stop:
-            for k in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, end), longest, -1):
+                if text.endswith(s[:k], 0, end):
                     longest = k
                     break
         return longest
