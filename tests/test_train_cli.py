@@ -297,6 +297,30 @@ def test_error_resume_without_checkpoint(dataset, tmp_path, capsys):
     assert "leave out --model" in err
 
 
+def test_error_resume_of_a_damaged_checkpoint(run_a, tmp_path, dataset, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run_a, out)
+    ckpt = out / "checkpoint.safetensors"
+    with open(ckpt, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(ckpt.read_bytes()[8:8 + header_len])
+    assert set(json.loads(header["__metadata__"]["crc32"])) == {k for k in header if k != "__metadata__"}
+    name = max((k for k in header if k.startswith("exp_avg_sq/")),
+               key=lambda k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+    start = 8 + header_len + header[name]["data_offsets"][0] + 1001
+    with open(ckpt, "r+b") as f:  # one flipped bit in one optimizer moment
+        f.seek(start)
+        byte = f.read(1)[0]
+        f.seek(start)
+        f.write(bytes([byte ^ 0x10]))
+    err = error_of(capsys, train_args(dataset["data"], out, "--resume"))
+    assert f"tensor {name!r} is damaged" in err and "crc32" in err
+    with open(ckpt, "r+b") as f:  # restored, it resumes
+        f.seek(start)
+        f.write(bytes([byte]))
+    assert main(train_args(dataset["data"], out, "--resume")) == 0, capsys.readouterr().err
+
+
 def test_error_resume_with_other_settings(run_a, dataset, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(run_a, out)

@@ -1,9 +1,13 @@
 """Training checkpoints: weights, AdamW moments, step, data-loader position and run settings in
 one safetensors file, written atomically (temporary file, fsync, rename), so a kill during the
-write leaves the previous checkpoint intact."""
+write leaves the previous checkpoint intact. Each tensor's crc32 is kept in the metadata and checked
+on resume, so a damaged file (a flipped bit, a copy cut short and padded) is refused, not trained on:
+zlib's crc32 runs at ~2 GB/s here, ~0.75 s for GPT-2 124M's 1.5 GB of weights and moments, against
+the seconds the write and fsync take. Checkpoints written before the checksums load unchecked."""
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -15,6 +19,15 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "llamas-checkpoint"
 VERSION = 1
 _KINDS = ("param", "exp_avg", "exp_avg_sq")
+_CRC_CHUNK = 1 << 24  # bytes per crc32 update: a bounded view, never a copy of the tensor
+
+
+def _crc32(arr: np.ndarray) -> int:
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, flat.size, _CRC_CHUNK):
+        crc = zlib.crc32(flat[start:start + _CRC_CHUNK], crc)
+    return crc
 
 
 def save_checkpoint(path: str, trainer, state: Dict[str, Any]) -> None:
@@ -25,7 +38,9 @@ def save_checkpoint(path: str, trainer, state: Dict[str, Any]) -> None:
         for kind in _KINDS:
             tensors[f"{kind}/{name}"] = trainer._native.tensor(kind, name)
     state = dict(state, steps_done=trainer.steps_done)
-    metadata = {"format": FORMAT, "version": str(VERSION), "state": json.dumps(state)}
+    checksums = {key: _crc32(arr) for key, arr in tensors.items()}
+    metadata = {"format": FORMAT, "version": str(VERSION), "state": json.dumps(state),
+                "crc32": json.dumps(checksums, separators=(",", ":"))}
     write_safetensors(path, tensors, metadata)
 
 
@@ -39,7 +54,29 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
         state = json.loads(metadata["state"])
     except (KeyError, json.JSONDecodeError) as e:
         raise LlamasError(f"[checkpoint] {path}: unreadable training state ({e})") from None
+    _verify_checksums(path, tensors, metadata.get("crc32"))
     return tensors, state
+
+
+def _verify_checksums(path: str, tensors: Dict[str, np.ndarray], stored) -> None:
+    if stored is None:  # written by a llamas before checksums
+        return
+    try:
+        checksums = json.loads(stored)
+        if not isinstance(checksums, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise LlamasError(f"[checkpoint] {path}: unreadable checksums ({e})") from None
+    for key, arr in tensors.items():
+        want = checksums.get(key)
+        if want is None:
+            raise LlamasError(f"[checkpoint] {path}: tensor {key!r} has no checksum (the file was altered)")
+        got = _crc32(arr)
+        if got != want:
+            written = f"{want:#010x}" if isinstance(want, int) else repr(want)
+            raise LlamasError(f"[checkpoint] {path}: tensor {key!r} is damaged (crc32 {got:#010x}, written "
+                              f"{written}); resume from a copy of the run or start it again")
+
 
 
 def restore_checkpoint(trainer, tensors: Dict[str, np.ndarray], state: Dict[str, Any], path: str) -> None:
