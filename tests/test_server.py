@@ -716,6 +716,38 @@ def test_cli_serve_sigterm_finishes_running_requests_then_exits(tmp_path, model)
             proc.wait()
 
 
+def test_cli_serve_second_ctrl_c_stops_at_once_without_tracebacks(tmp_path, model):
+    folder = str(tmp_path / "medium")
+    llamas.create(dict(vocab_size=512, n_embd=384, n_layer=6, n_head=6, n_positions=1024), seed=1,
+                  tokenizer=model.tokenizer).save(folder)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llamas", "serve", "--model", folder, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(proc, url)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = iter(c.completions.create(model="medium", prompt=[1, 2, 3], max_tokens=1000, stream=True))
+        next(stream)
+        proc.send_signal(signal.SIGINT)   # stop accepting, let the stream finish ...
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)   # ... no: stop now
+        status = proc.wait(timeout=30)
+        err = proc.stderr.read()
+        assert status == 130, err             # as an interrupted program, quietly
+        assert "Traceback" not in err and "CancelledError" not in err and "terminate called" not in err, err
+        assert "ERROR" not in err, err
+        cut = [json.loads(line) for line in err.splitlines() if '"event":"request"' in line]
+        assert len(cut) == 1 and cut[0]["cancelled"] is True and cut[0]["finish_reason"] == [None]
+        with pytest.raises(Exception):    # the stream was cut, not finished
+            for chunk in stream:
+                assert chunk.choices[0].finish_reason is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_body_that_stops_arriving_or_a_client_that_leaves_mid_body(model, caplog, monkeypatch):
     from llamas import server_state
     monkeypatch.setattr(server_state, "BODY_TIMEOUT_S", 1.0)

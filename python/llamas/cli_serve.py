@@ -131,6 +131,12 @@ def run(args, model_path: str) -> int:
                      speculative_ngram=args.speculative_ngram, stream_interval=args.stream_interval)
     state = app.state.llamas
 
+    def not_a_cut_stream(record: logging.LogRecord) -> bool:
+        # A forced stop (a second Ctrl-C) cuts the running streams; uvicorn says so once for each
+        # ("returned without completing response"), though each request's log line already does.
+        return not (state.draining and record.getMessage() == "ASGI callable returned without completing response.")
+    logging.getLogger("uvicorn.error").addFilter(not_a_cut_stream)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             state.draining = True  # new requests on open connections get 503 while the running ones finish

@@ -133,8 +133,24 @@ def _app_class():
         async def __call__(self, scope, receive, send):
             if scope["type"] == "http" and len(self.user_middleware) == 1:
                 scope["llamas.send"] = send
+            elif scope["type"] == "lifespan":
+                receive = _shutdown_when_cancelled(receive, self.state.llamas)
             await super().__call__(scope, receive, send)
     return _App
+
+
+def _shutdown_when_cancelled(receive, state: ServerState):
+    """A forced stop (a second Ctrl-C) ends uvicorn without the lifespan's shutdown message, and
+    asyncio then cancels the lifespan task waiting for it: Starlette reported that as a failed
+    shutdown with a CancelledError traceback. The cancellation means what the message would have:
+    the lifespan gets its shutdown, forced (the engine stops without draining)."""
+    async def wrapped():
+        try:
+            return await receive()
+        except asyncio.CancelledError:
+            state.forced_stop = True
+            return {"type": "lifespan.shutdown"}
+    return wrapped
 
 
 # Fields that compile a schema, regex or grammar: a request that has one is parsed in a worker
@@ -216,7 +232,11 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     async def lifespan(app):
         yield
         state.draining = True
-        if state.engine is not None:  # running requests have finished (uvicorn waits for them)
+        if state.engine is None:
+            return
+        if state.forced_stop:  # running requests are being cancelled: nothing to wait for
+            state.engine.shutdown(drain=False, timeout=10.0)
+        else:  # running requests have finished (uvicorn waits for them)
             await asyncio.to_thread(state.engine.shutdown, True, 30.0)
 
     app = _App(title="llamas", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)

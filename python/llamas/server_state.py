@@ -187,6 +187,7 @@ class ServerState:
         self.chat_template: Optional[ChatTemplate] = None
         self.ready = False
         self.draining = False
+        self.forced_stop = False          # a second Ctrl-C: stop without draining
         self.load_error: Optional[str] = None
         self.created = int(time.time())
         self.context = 0
