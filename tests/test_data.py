@@ -266,7 +266,7 @@ def test_dataset_errors(tmp_path):
 
 # -- loader -----------------------------------------------------------------------------------
 def test_loader_windows_and_targets(tmp_path):
-    ds = data.TokenDataset(make_dataset(tmp_path / "d", [41, 30, 9]))  # 5 + 3 + 1 windows at T=8
+    ds = data.TokenDataset(make_dataset(tmp_path / "d", [41, 30, 3, 0, 6]))  # 80 tokens: 9 windows at T=8
     assert ds.tokenizer_dir == os.path.join(str(tmp_path / "d"), "tokenizer")
     loader = data.DataLoader(ds, batch_size=3, seq_len=8, shuffle=False)
     assert loader.num_windows == 9 and len(loader) == loader.batches_per_epoch == 3
@@ -275,8 +275,11 @@ def test_loader_windows_and_targets(tmp_path):
     assert x.flags["C_CONTIGUOUS"] and y.flags["C_CONTIGUOUS"]
     assert np.array_equal(x[:, 1:], y[:, :-1])
     assert x[1].tolist() == list(range(8, 16)) and y[1].tolist() == list(range(9, 17))
-    starts = [int(b[0]) for xb, _ in loader for b in xb]  # eval pass: every window once, in order
-    assert starts == [0, 8, 16, 24, 32, 41, 49, 57, 71]  # windows never cross shard boundaries
+    stream = np.concatenate([np.asarray(s) for s in ds.shards])
+    windows = [np.concatenate([x[:, :1], y], axis=1) for x, y in loader.eval_batches(include_partial=True)]
+    # eval pass: every window once, in order, the shards read as one stream: windows 5 and 8 run
+    # over a shard's end (tokens 40-48; 64-72 over the 3-token and the empty shard)
+    assert np.array_equal(np.concatenate(windows), np.stack([stream[i * 8:i * 8 + 9] for i in range(9)]))
     assert loader.epoch == 0 and loader.batch_index == 1  # eval does not move the training position
     partial = list(data.DataLoader(ds, batch_size=4, seq_len=8).eval_batches(include_partial=True))
     assert [b[0].shape[0] for b in partial] == [4, 4, 1]
@@ -292,7 +295,7 @@ def test_loader_determinism_and_resume(tmp_path):
     assert not all(np.array_equal(p, q) for p, q in zip(a, c))
     # epoch e follows PCG64([seed, e]) permutations; remainder windows are dropped
     loader = data.DataLoader(ds, batch_size=4, seq_len=10, seed=3)
-    assert loader.num_windows == 29 + 19 and loader.batches_per_epoch == 12
+    assert loader.num_windows == 49 and loader.batches_per_epoch == 12
     full = [loader.next_batch() for _ in range(30)]  # crosses two epoch boundaries
     assert loader.epoch == 2 and loader.batch_index == 6
     seen = sorted(int(r[0]) for xb, _ in full[:12] for r in xb)
@@ -308,6 +311,11 @@ def test_loader_determinism_and_resume(tmp_path):
         for k in range(cut, 30):
             x, y = resumed.next_batch()
             assert np.array_equal(x, full[k][0]) and np.array_equal(y, full[k][1])
+    old_state = {k: v for k, v in state.items() if k != "layout"}  # windows that stopped at shard ends
+    with pytest.raises(LlamasError, match="windows stopped at each shard's end.*Start the run again"):
+        data.DataLoader(ds, batch_size=4, seq_len=10, seed=3).load_state_dict(old_state)
+    one_shard = data.TokenDataset(make_dataset(tmp_path / "one", [500]))  # the same windows then
+    data.DataLoader(one_shard, batch_size=4, seq_len=10, seed=3).load_state_dict(old_state)
     for kwargs, key in (({"batch_size": 2}, "batch_size"), ({"seq_len": 9}, "seq_len"), ({"seed": 4}, "seed")):
         other = data.DataLoader(ds, **{"batch_size": 4, "seq_len": 10, "seed": 3, **kwargs})
         with pytest.raises(LlamasError, match=f"saved loader state has {key}="):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import llamas
-from llamas import cli_train
+from llamas import cli_train, data
 from llamas import train as train_module
 from llamas.checkpoint import read_checkpoint
 from llamas.cli import main
@@ -222,10 +222,20 @@ def test_kill_during_checkpoint_write(dataset, tmp_path):
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
 
 
-def test_fine_tune_from_model(run_a, dataset, tmp_path):
+def test_fine_tune_from_model(run_a, dataset, tmp_path, capsys):
+    saved = json.loads(open(os.path.join(run_a, "config.json")).read())
+    assert [saved[k] for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop")] == [0.0, 0.0, 0.0]
     out = tmp_path / "ft"
     assert main(["train", "--data", dataset["data"], "--model", run_a, "--steps", "2", "--batch", "2", "--seq", "16",
                  "--schedule", "constant", "--lr", "1e-3", "--out", str(out)]) == 0
+    assert "dropout" not in capsys.readouterr().err
+    gpt2_like = tmp_path / "gpt2-like"  # a config as GPT-2's own: dropout 0.1 is named, not silently left out
+    shutil.copytree(run_a, gpt2_like)
+    (gpt2_like / "config.json").write_text(json.dumps(dict(saved, resid_pdrop=0.1, attn_pdrop=0.1)))
+    assert main(["train", "--data", dataset["data"], "--model", str(gpt2_like), "--steps", "1", "--batch", "2",
+                 "--seq", "16", "--out", str(tmp_path / "ft2")]) == 0
+    assert ("asks for dropout (attn_pdrop 0.1, resid_pdrop 0.1); llamas trains without dropout"
+            in capsys.readouterr().err)
     before = dict(llamas.load(run_a)._native.named_weights())
     after = dict(llamas.load(str(out))._native.named_weights())
     assert before.keys() == after.keys()
@@ -335,6 +345,14 @@ def test_error_resume_with_other_settings(run_a, dataset, tmp_path, capsys):
     args = train_args(dataset["data"], out, "--resume", "--lr", "0.5")
     err = error_of(capsys, args)
     assert "lr: checkpoint" in err  # a changed schedule would silently change the losses
+    # the same number of tokens, other tokens: data prepared again from other text
+    other = tmp_path / "other-data"
+    shutil.copytree(dataset["data"], other)
+    shard = str(other / json.loads((other / "meta.json").read_text())["splits"]["train"]["shards"][0])
+    tokens = np.array(data.read_shard(shard))
+    data.write_shard(shard, np.roll(tokens, 1), width=tokens.dtype.itemsize)
+    err = error_of(capsys, train_args(str(other), out, "--resume"))
+    assert "data_crc32: checkpoint" in err and "same flags and data" in err
     # nothing was changed by the refused resumes
     assert read_checkpoint(str(out / "checkpoint.safetensors"))[1]["steps_done"] == 8
     assert read_metrics(out) == read_metrics(run_a)

@@ -7,27 +7,18 @@ the seconds the write and fsync take. Checkpoints written before the checksums l
 from __future__ import annotations
 
 import json
-import zlib
 from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from ._C import LlamasError
+from .data_shards import array_crc32
 from .safetensors_io import read_safetensors, write_safetensors
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "llamas-checkpoint"
 VERSION = 1
 _KINDS = ("param", "exp_avg", "exp_avg_sq")
-_CRC_CHUNK = 1 << 24  # bytes per crc32 update: a bounded view, never a copy of the tensor
-
-
-def _crc32(arr: np.ndarray) -> int:
-    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-    crc = 0
-    for start in range(0, flat.size, _CRC_CHUNK):
-        crc = zlib.crc32(flat[start:start + _CRC_CHUNK], crc)
-    return crc
 
 
 def save_checkpoint(path: str, trainer, state: Dict[str, Any]) -> None:
@@ -38,7 +29,7 @@ def save_checkpoint(path: str, trainer, state: Dict[str, Any]) -> None:
         for kind in _KINDS:
             tensors[f"{kind}/{name}"] = trainer._native.tensor(kind, name)
     state = dict(state, steps_done=trainer.steps_done)
-    checksums = {key: _crc32(arr) for key, arr in tensors.items()}
+    checksums = {key: array_crc32(arr) for key, arr in tensors.items()}
     metadata = {"format": FORMAT, "version": str(VERSION), "state": json.dumps(state),
                 "crc32": json.dumps(checksums, separators=(",", ":"))}
     write_safetensors(path, tensors, metadata)
@@ -71,7 +62,7 @@ def _verify_checksums(path: str, tensors: Dict[str, np.ndarray], stored) -> None
         want = checksums.get(key)
         if want is None:
             raise LlamasError(f"[checkpoint] {path}: tensor {key!r} has no checksum (the file was altered)")
-        got = _crc32(arr)
+        got = array_crc32(arr)
         if got != want:
             written = f"{want:#010x}" if isinstance(want, int) else repr(want)
             raise LlamasError(f"[checkpoint] {path}: tensor {key!r} is damaged (crc32 {got:#010x}, written "

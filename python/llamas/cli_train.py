@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import sys
 import time
+import zlib
 
 from ._C import LlamasError
 from .cli_args import add_dtype_args, positive_int as _positive_int, non_negative_int as _non_negative_int, finite_float as _finite_float
@@ -91,6 +93,24 @@ def _check_vocab(model, dataset, op: str = "train") -> None:
                               "tokenize the data with the model's tokenizer")
 
 
+_DROPOUT_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
+
+
+def _dropout_note(config_path: str) -> None:
+    """llamas trains without dropout: say so when the config asks for it (GPT-2's own: 0.1 each),
+    rather than let the run differ silently from what the config describes."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return  # (the load reports a config it cannot read)
+    asked = {k: raw[k] for k in _DROPOUT_KEYS
+             if isinstance(raw, dict) and isinstance(raw.get(k), (int, float)) and raw[k] > 0}
+    if asked:
+        print(f"note: {config_path} asks for dropout ({', '.join(f'{k} {v}' for k, v in asked.items())}); "
+              "llamas trains without dropout", file=sys.stderr)
+
+
 def _new_model(args, dataset):
     import llamas
     from .config import GPT2Config
@@ -100,6 +120,7 @@ def _new_model(args, dataset):
     if args.model:
         model = llamas.load(args.model, dtype="float32")
         _check_vocab(model, dataset)
+        _dropout_note(os.path.join(args.model, "config.json"))
         return model
     name = args.config or "small"
     if name in PRESETS:
@@ -114,6 +135,7 @@ def _new_model(args, dataset):
             raise LlamasError(f"[train] --config {name} is neither a preset ({', '.join(PRESETS)}) nor a "
                               "config.json file")
         config = GPT2Config.from_file(name)
+        _dropout_note(name)
         if config.vocab_size < dataset.vocab_size:
             raise LlamasError(f"[train] {name} has vocab_size {config.vocab_size}, the data needs {dataset.vocab_size}")
     return llamas.create(config, seed=args.seed, tokenizer=tokenizer)
@@ -195,8 +217,11 @@ def _plot(out: str, metrics_path: str) -> bool:
 
 def _run_settings(args, train_set) -> dict:
     """What must not change between a run and its resumption (the losses would differ)."""
+    # The shards' own crc32s, combined: data prepared again with other text of the same size is
+    # another run (its windows hold other tokens), found without reading the tokens again.
+    data_crc = zlib.crc32(struct.pack(f"<{len(train_set.checksums)}I", *train_set.checksums))
     return {"batch": args.batch, "seq": args.seq, "seed": args.seed, "data_tokens": train_set.num_tokens,
-            "steps": args.steps, "lr": args.lr, "schedule": args.schedule, "warmup": args.warmup,
+            "data_crc32": f"{data_crc:#010x}", "steps": args.steps, "lr": args.lr, "schedule": args.schedule, "warmup": args.warmup,
             "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "beta1": args.beta1,
             "beta2": args.beta2, "grad_clip": args.grad_clip, "micro_batch": args.micro_batch}
 
@@ -244,7 +269,8 @@ def cmd_train(args) -> int:
                                   f"({config.to_native()}), not --config {args.config} ({wanted.to_native()})")
         current = _run_settings(args, train_set)
         saved = state.get("run", {})
-        changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
+        changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
+                   if saved.get(k) != v and not (k == "data_crc32" and k not in saved)]  # (older runs: none)
         if changed:
             raise LlamasError(f"[train] --resume: {ckpt_path} was written with other settings ({'; '.join(changed)}); "
                               "resume with the same flags and data so the run continues exactly")

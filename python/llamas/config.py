@@ -132,6 +132,9 @@ class GPT2Config:
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_ctx": self.n_positions})
+        # llamas runs and trains without dropout; transformers would train a saved model with its
+        # default of 0.1 each unless the config says otherwise
+        d.update({"embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0})
         return d
 
     def save(self, folder: str) -> None:

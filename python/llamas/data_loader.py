@@ -9,16 +9,24 @@ from ._C import LlamasError
 from .data_shards import TokenDataset
 
 
-def _windows_per_shard(lengths, seq_len: int) -> np.ndarray:
-    """Windows of ``seq_len + 1`` tokens at stride ``seq_len`` in shards of the given lengths."""
-    return np.array([max(0, (n - 1) // seq_len) for n in lengths], dtype=np.int64)
+def _window_count(num_tokens: int, seq_len: int) -> int:
+    """Windows of ``seq_len + 1`` tokens at stride ``seq_len`` in a stream of ``num_tokens``."""
+    return max(0, (num_tokens - 1) // seq_len)
+
+
+# A loader state without this key was written by a llamas whose windows stopped at each shard's
+# end (the last <= seq_len tokens of every shard, and the pair joining it to the next, were never
+# trained on: half the tokens at --shard-tokens 1000 --seq 512).
+_LAYOUT = "across-shards"
 
 
 class DataLoader:
     """Batches of ``seq_len + 1``-token windows, as int32 ``(inputs, targets)`` of shape ``(B, T)``.
 
-    Window ``i`` of a shard covers tokens ``[i*T, i*T + T + 1)``; windows never cross shards.
-    Windows are numbered shard by shard. ``inputs = window[:-1]``, ``targets = window[1:]``.
+    The split's shards are read as one stream of tokens, in order: window ``i`` covers its tokens
+    ``[i*T, i*T + T + 1)``, across a shard's end where it falls there (shards are cut at token
+    counts, not documents, so an edge means nothing). ``inputs = window[:-1]``,
+    ``targets = window[1:]``.
 
     :meth:`next_batch` yields training batches forever: epoch ``e`` visits the windows in the order
     ``np.random.Generator(np.random.PCG64([seed, e])).permutation(n_windows)`` (identity order
@@ -44,29 +52,21 @@ class DataLoader:
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         lengths = [int(s.size) for s in dataset.shards]
-        per_shard = _windows_per_shard(lengths, self.seq_len)
-        self._starts = np.concatenate([[0], np.cumsum(per_shard)])  # first window id of each shard
-        self.num_windows = int(self._starts[-1])
+        self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # first token of each shard
+        self.num_windows = _window_count(int(self._offsets[-1]), self.seq_len)
         if self.num_windows < self.batch_size:
-            raise LlamasError(self._too_small_message(lengths))
+            raise LlamasError(self._too_small_message(int(self._offsets[-1])))
         self._epoch = 0
         self._batch_index = 0
         self._perm: Optional[np.ndarray] = None
         self._perm_epoch = -1
 
-    def _too_small_message(self, lengths) -> str:
+    def _too_small_message(self, num_tokens: int) -> str:
         where = f"{getattr(self.dataset, 'folder', 'dataset')} ({getattr(self.dataset, 'split', '?')} split)"
         B, T = self.batch_size, self.seq_len
-        msg = (f"[data] {where} has {sum(lengths)} tokens = {self.num_windows} windows of "
+        msg = (f"[data] {where} has {num_tokens} tokens = {self.num_windows} windows of "
                f"seq_len+1 = {T + 1} tokens, fewer than batch_size {B}.")
-        fit_t = 0
-        lo, hi = 1, T - 1  # largest T' < T with at least B windows (windows shrink as T' grows)
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if int(_windows_per_shard(lengths, mid).sum()) >= B:
-                fit_t, lo = mid, mid + 1
-            else:
-                hi = mid - 1
+        fit_t = max(0, min(T - 1, (num_tokens - 1) // B))  # largest T' < T with at least B windows
         options = []
         if self.num_windows >= 1:
             options.append(f"batch_size <= {self.num_windows} with seq_len {T}")
@@ -110,11 +110,18 @@ class DataLoader:
         """Builds (inputs, targets) for the given global window ids."""
         T = self.seq_len
         ids = np.asarray(window_ids, dtype=np.int64)
-        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        firsts = ids * T
+        shard_of = np.searchsorted(self._offsets, firsts, side="right") - 1
         buf = np.empty((ids.size, T + 1), dtype=np.int32)
-        for row, (wid, s) in enumerate(zip(ids.tolist(), shard_of.tolist())):
-            start = (wid - int(self._starts[s])) * T
-            buf[row] = self.dataset.shards[s][start:start + T + 1]
+        shards, offsets = self.dataset.shards, self._offsets
+        for row, (first, s) in enumerate(zip(firsts.tolist(), shard_of.tolist())):
+            filled = 0
+            while filled < T + 1:  # a window can run over a shard's end, and over short shards
+                start = first + filled - int(offsets[s])
+                piece = shards[s][start:start + T + 1 - filled]
+                buf[row, filled:filled + piece.size] = piece
+                filled += piece.size
+                s += 1
         return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +153,7 @@ class DataLoader:
         """JSON-serialisable position: restore it with :meth:`load_state_dict`."""
         return {"seed": self.seed, "epoch": self._epoch, "batch_index": self._batch_index,
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "shuffle": self.shuffle,
-                "num_windows": self.num_windows}
+                "num_windows": self.num_windows, "layout": _LAYOUT}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues from a :meth:`state_dict`: the following batches are exactly those an
@@ -154,6 +161,10 @@ class DataLoader:
         batch_size, seq_len, seed, shuffle or dataset size."""
         if not isinstance(state, dict):
             raise LlamasError(f"[data] loader state must be a dict, got {type(state).__name__}")
+        if state.get("layout") != _LAYOUT and len(self.dataset.shards) > 1:
+            raise LlamasError("[data] cannot resume: the saved loader state was written by a llamas whose "
+                              "windows stopped at each shard's end; this one reads the shards as one stream, "
+                              "so the same position names other tokens. Start the run again")
         for key in ("batch_size", "seq_len", "seed", "shuffle", "num_windows"):
             if key not in state:
                 if key == "num_windows":

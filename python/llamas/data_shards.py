@@ -136,6 +136,15 @@ def read_shard_header(path: str) -> tuple[int, int, int]:
     return width, count, checksum
 
 
+def array_crc32(arr: np.ndarray) -> int:
+    """zlib's crc32 of an array's bytes, read in bounded views (never a copy of the array)."""
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, flat.size, _CRC_CHUNK):
+        crc = zlib.crc32(flat[start:start + _CRC_CHUNK], crc)
+    return crc
+
+
 def read_shard(path: str, verify_checksum: bool = True) -> np.ndarray:
     """Memory-maps a shard and returns its tokens (``uint16`` or ``uint32``, read-only).
 
@@ -151,10 +160,7 @@ def read_shard(path: str, verify_checksum: bool = True) -> np.ndarray:
     else:
         arr = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
     if verify_checksum:
-        flat = arr.view(np.uint8)
-        crc = 0
-        for start in range(0, flat.size, _CRC_CHUNK):
-            crc = zlib.crc32(flat[start:start + _CRC_CHUNK], crc)
+        crc = array_crc32(arr)
         if crc != checksum:
             raise LlamasError(f"[data] {path}: checksum mismatch (stored {checksum:#010x}, "
                               f"computed {crc:#010x}): the shard is corrupt")
@@ -166,7 +172,8 @@ class TokenDataset:
 
     Attributes: ``folder``, ``split``, ``meta`` (the parsed meta.json), ``vocab_size``,
     ``eos_token_id``, ``token_width``, ``tokenizer_dir`` (absolute path of the copied tokenizer),
-    ``shard_paths``, ``shards`` (memory-mapped token arrays, one per shard), ``num_tokens``,
+    ``shard_paths``, ``shards`` (memory-mapped token arrays, one per shard), ``checksums`` (their
+    crc32s), ``num_tokens``,
     ``num_documents``. Every shard is validated on open (header, size, checksum, and no token
     ``>= vocab_size``).
     """
@@ -207,10 +214,12 @@ class TokenDataset:
         self.tokenizer_dir = os.path.join(self.folder, meta.get("tokenizer", "tokenizer"))
         self.shard_paths = [os.path.join(self.folder, n) for n in names]
         self.shards = []
+        self.checksums = []  # each shard's crc32, from its header
         for path in self.shard_paths:
             if not os.path.exists(path):
                 raise LlamasError(f"[data] {self.folder}: shard {os.path.basename(path)} listed in "
                                   f"meta.json is missing")
+            self.checksums.append(read_shard_header(path)[2])
             arr = read_shard(path, verify_checksum=verify_checksum)
             if arr.dtype.itemsize != self.token_width:
                 raise LlamasError(f"[data] {path}: token width {arr.dtype.itemsize} differs from "
