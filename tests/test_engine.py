@@ -1,6 +1,8 @@
 """llamas.Engine and the shared Scheduler: continuous batching in-process, chunked prefill,
 cancellation, queue limits, shutdown."""
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -213,3 +215,32 @@ def test_decode_steps_match_the_forward_pass_across_kv_blocks(kv_dtype):
         top = dict(seq.last_top_logprobs)
         best = int(np.argmax(logp[t]))
         assert best in top and abs(top[best] - logp[t, best]) < 1e-4, (t, top, logp[t, best])
+
+
+EXIT_WHILE_RUNNING = """
+import sys, threading, time
+import llamas
+model = llamas.load(sys.argv[1])
+engine = llamas.Engine(model)
+handles = [engine.submit("ROMEO:", max_new_tokens=200, ignore_eos=True) for _ in range(4)]
+threading.Thread(target=lambda: [model.generate(["O"] * 4, max_new_tokens=50) for _ in iter(int, 1)],
+                 daemon=True).start()
+threading.Thread(target=lambda: [model.forward([[1, 2, 3, 4] * 8] * 4) for _ in iter(int, 1)],
+                 daemon=True).start()
+time.sleep(float(sys.argv[2]))
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.05])
+def test_the_process_exits_with_its_status_while_requests_run(delay):
+    # Engine requests and daemon threads inside generate() and forward() when the interpreter
+    # exits: the process used to abort (std::terminate, status 134) as CPython ended those
+    # threads on their way back to the GIL, through pybind11's noexcept destructors.
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(llamas.__file__)))
+    env = dict(os.environ, PYTHONPATH=python_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", EXIT_WHILE_RUNNING, TINY, str(delay)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        assert "terminate called" not in proc.stderr

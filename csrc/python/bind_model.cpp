@@ -12,6 +12,7 @@
 #include "llamas/error.h"
 #include "models/gpt2.h"
 #include "python/convert.h"
+#include "python/gil.h"
 #include "runtime/token_constraints.h"
 
 namespace llamas {
@@ -263,7 +264,7 @@ void init_model(py::module_& m) {
       .def(py::init([](const py::dict& config, const std::vector<std::string>& weight_files, const std::string& dtype) {
              GPT2Config c = config_from_dict(config);
              DType dt = parse_dtype(dtype, "load", "dtype", true);
-             py::gil_scoped_release release;
+             llamas_python::ReleaseGil release;
              return new GPT2Model(c, load_gpt2_weights(weight_files, c, dt));
            }),
            py::arg("config"), py::arg("weight_files"), py::arg("dtype") = "float32",
@@ -291,7 +292,7 @@ void init_model(py::module_& m) {
         LLAMAS_CHECK(ids.ndim() == 2, "forward", "ids must be a 2-D (B, T) integer array, got ", ids.ndim(), " dims");
         Tensor out;
         {
-          py::gil_scoped_release release;
+          llamas_python::ReleaseGil release;
           out = model.forward(ids.data(), ids.shape(0), ids.shape(1));
         }
         return to_numpy(out);
@@ -319,7 +320,7 @@ void init_model(py::module_& m) {
         }
         std::vector<int32_t> sampled;
         {
-          py::gil_scoped_release release;
+          llamas_python::ReleaseGil release;
           const auto start = std::chrono::steady_clock::now();
           sampled = model.step(steps);
           t_last_step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -6,6 +6,7 @@
 #include "llamas/error.h"
 #include "llamas/ops.h"
 #include "python/convert.h"
+#include "python/gil.h"
 
 #include <cstring>
 #include <optional>
@@ -18,7 +19,7 @@ template <typename F>
 py::array_t<float> without_gil(F&& f) {
   Tensor t;
   {
-    py::gil_scoped_release release;
+    llamas_python::ReleaseGil release;
     t = f();
   }
   return to_numpy(t);
@@ -77,7 +78,7 @@ void init_ops(py::module_& m) {
     BLayout layout = parse_layout(weight_layout);
     DType wd = parse_dtype(weight_dtype, "pack", "weight_dtype", true);
     Tensor tw = view_of(w);
-    py::gil_scoped_release release;
+    llamas_python::ReleaseGil release;
     ops::PackedMatrix p = ops::pack_panels(tw, layout, wd);
     p.streamed = streamed;
     return p;
@@ -112,7 +113,7 @@ void init_ops(py::module_& m) {
     Tensor td = view_of(delta), tw = view_of(w), tb = view_of(b);
     Tensor out;
     {
-      py::gil_scoped_release release;
+      llamas_python::ReleaseGil release;
       out = ops::residual_layernorm(copy, td, tw, tb, eps);
     }
     return py::make_tuple(to_numpy(copy), to_numpy(out));

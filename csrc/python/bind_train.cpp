@@ -11,6 +11,7 @@
 #include "llamas/ops.h"
 #include "models/gpt2_train.h"
 #include "python/convert.h"
+#include "python/gil.h"
 
 namespace llamas {
 namespace python {
@@ -111,7 +112,7 @@ void init_train_ops(py::module_& m) {
     GemmArgs g;
     g.M = M, g.N = N, g.K = K, g.A = a.data(), g.lda = M, g.a_trans = true;
     g.B = b.data(), g.ldb = N, g.C = c.mutable_data(), g.ldc = N;
-    py::gil_scoped_release release;
+    llamas_python::ReleaseGil release;
     ops::gemm(g);
     return c;
   }, "a.T @ b, reading a (K, M) without transposing it (the weight-gradient GEMM).");
@@ -181,7 +182,7 @@ void init_train(py::module_& m) {
   init_train_ops(m);
   m.def("create_gpt2", [](const py::dict& config, uint64_t seed) {
     GPT2Config c = config_from_dict(config);
-    py::gil_scoped_release release;
+    llamas_python::ReleaseGil release;
     return new GPT2Model(c, init_gpt2_weights(c, seed));
   }, py::arg("config"), py::arg("seed"), "A GPT-2 with fresh float32 weights (GPT-2 initialisation).");
 
@@ -195,7 +196,7 @@ void init_train(py::module_& m) {
    .def("loss", [](GPT2Model& model, IntArray inputs, IntArray targets) {
      check_batch_arrays(inputs, targets, "loss");
      const int64_t B = inputs.shape(0), T = inputs.shape(1), V = model.config().vocab_size;
-     py::gil_scoped_release release;
+     llamas_python::ReleaseGil release;
      // One row at a time keeps the logits at T x V floats whatever the batch size.
      double total = 0;
      std::vector<float> losses(T);
@@ -219,7 +220,7 @@ void init_train(py::module_& m) {
         check_batch_arrays(inputs, targets, "train_step");
         StepResult r;
         {
-          py::gil_scoped_release release;
+          llamas_python::ReleaseGil release;
           r = t.step(inputs.data(), targets.data(), inputs.shape(0), inputs.shape(1), micro_batch, lr);
         }
         return py::make_tuple(r.loss, r.grad_norm);
@@ -227,7 +228,7 @@ void init_train(py::module_& m) {
       "One optimizer step; returns (loss before the update, gradient norm before clipping).")
       .def("compute_gradients", [](GPT2Trainer& t, IntArray inputs, IntArray targets) {
         check_batch_arrays(inputs, targets, "compute_gradients");
-        py::gil_scoped_release release;
+        llamas_python::ReleaseGil release;
         return t.compute_gradients(inputs.data(), targets.data(), inputs.shape(0), inputs.shape(1));
       })
       .def_property("steps_done", &GPT2Trainer::steps_done, &GPT2Trainer::set_steps_done)

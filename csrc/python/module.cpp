@@ -1,4 +1,5 @@
 // llamas._C: argument conversion and nothing else. Each init_* binds one area.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -48,6 +49,11 @@ static py::dict cpu_features_dict() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llamas native runtime";
+  // pybind11 finds numpy's C API on first use, releasing the GIL around it; a daemon thread that
+  // made the process's first array conversion as the interpreter began to exit was ended in
+  // there by CPython through pybind11's noexcept destructor (std::terminate, status 134). Find it
+  // now, while importing, so no later call takes that path.
+  (void)py::array_t<float>(0);
   static py::exception<Error> llamas_error(m, "LlamasError", PyExc_ValueError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
