@@ -1,6 +1,7 @@
 """`llamas serve`: the OpenAI-compatible HTTP server."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -131,10 +132,15 @@ def run(args, model_path: str) -> int:
                      speculative_ngram=args.speculative_ngram, stream_interval=args.stream_interval)
     state = app.state.llamas
 
+    from .server_http import abort_stalled_connections, guarded_protocol
+    from .server_state import RESPONSE_CUT
+
     def not_a_cut_stream(record: logging.LogRecord) -> bool:
-        # A forced stop (a second Ctrl-C) cuts the running streams; uvicorn says so once for each
-        # ("returned without completing response"), though each request's log line already does.
-        return not (state.draining and record.getMessage() == "ASGI callable returned without completing response.")
+        # A forced stop (a second Ctrl-C) cuts the running streams, as the write timeout cuts a
+        # client that stopped reading; uvicorn says so for each ("returned without completing
+        # response"), though the request's own log line already does.
+        return not ((state.draining or RESPONSE_CUT.get())
+                    and record.getMessage() == "ASGI callable returned without completing response.")
     logging.getLogger("uvicorn.error").addFilter(not_a_cut_stream)
 
     class Server(uvicorn.Server):
@@ -147,6 +153,13 @@ def run(args, model_path: str) -> int:
                 return
             super().handle_exit(sig, frame)  # Ctrl-C; a second one forces the exit
 
+        async def shutdown(self, sockets=None) -> None:
+            watchdog = asyncio.ensure_future(abort_stalled_connections(self.server_state))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                watchdog.cancel()
+
         async def on_tick(self, counter) -> bool:
             # The model loads after the port is bound (so /health can answer 503 meanwhile); a
             # server whose model failed to load can serve nothing, so it stops, as llama-server does.
@@ -156,8 +169,11 @@ def run(args, model_path: str) -> int:
             return await super().on_tick(counter)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=None)
+                            lifespan="on", timeout_graceful_shutdown=None, http=guarded_protocol())
     server = Server(config)
+    # A closed terminal or SSH session (SIGHUP) stops the server as SIGTERM does, draining the
+    # running requests; it ended the process at once, cutting every stream without a log line.
+    signal.signal(signal.SIGHUP, lambda sig, frame: server.handle_exit(signal.SIGTERM, frame))
     # Everything imported and built so far lives as long as the process: move it out of the
     # collector's view, so a full collection walks only what requests create. With the ~65k
     # objects of fastapi, pydantic, numpy and the model in view, each full collection held the GIL

@@ -27,7 +27,8 @@ from .server_metrics import CONTENT_TYPE_LATEST, log_request
 from .server_chat import RENDER_FIELDS, parse_chat, parse_messages, parse_render_options
 from .server_protocol import APIError, bad, check_token_ids, check_unknown, get_bool, get_str, parse_completion
 from .engine import check_kv_cache_mb
-from .server_state import ClientGone, ServerState, _error, _json, _record
+from .server_state import (RESPONSE_CUT, WRITE_TIMEOUT_S, ClientGone, ClientStalled, ServerState, _error, _json,
+                           _record, deadline_send)
 from .speculative import check_speculative_ngram
 
 log = logging.getLogger("llamas.server")
@@ -83,13 +84,19 @@ class _Observe:
                 return
             if client_id is not None:
                 scope["llamas.request_id"] = client_id
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, deadline_send(send_wrapper))
+        except ClientStalled:
+            # Its sequences are cancelled (the response's on_close); uvicorn closes the connection.
+            rec["stalled"] = True
+            RESPONSE_CUT.set(True)
+            log.warning("client stopped reading for %g s: response ended, connection closed", WRITE_TIMEOUT_S)
         except asyncio.CancelledError:
             # A forced stop (a second Ctrl-C) cancels the requests still running: ending them here
             # is what the cancellation asks, without uvicorn's traceback for each.
             if not self.state.draining:
                 raise
             rec["cancelled"] = True
+            RESPONSE_CUT.set(True)
         except Exception as e:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if status is None:
@@ -132,7 +139,7 @@ def _app_class():
 
         async def __call__(self, scope, receive, send):
             if scope["type"] == "http" and len(self.user_middleware) == 1:
-                scope["llamas.send"] = send
+                scope["llamas.send"] = deadline_send(send)
             elif scope["type"] == "lifespan":
                 receive = _shutdown_when_cancelled(receive, self.state.llamas)
             await super().__call__(scope, receive, send)

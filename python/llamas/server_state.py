@@ -4,6 +4,7 @@ the small response helpers the routes and generation share."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -45,6 +46,37 @@ BODY_TIMEOUT_S = 30.0
 
 class ClientGone(Exception):
     """The client went away before its request body arrived: nothing to answer (logged as 499)."""
+
+
+# Seconds a response write may wait for the client to read. A write waits only when the client
+# has left megabytes unread (the socket's buffers are full); one that stopped reading held its
+# sequences, the memory of its unsent events (~20 MB for a stream of n=64), and a SIGTERM's
+# graceful stop, for as long as it kept the connection open.
+WRITE_TIMEOUT_S = 30.0
+
+# Set in a request's task when llamas ended its response early on purpose (a client that stopped
+# reading, a forced stop): uvicorn's "returned without completing response" then says nothing new.
+RESPONSE_CUT: contextvars.ContextVar[bool] = contextvars.ContextVar("llamas_response_cut", default=False)
+
+
+class ClientStalled(Exception):
+    """The client stopped reading: a response write waited WRITE_TIMEOUT_S."""
+
+
+def deadline_send(send: Callable) -> Callable:
+    """The ASGI `send` with WRITE_TIMEOUT_S on the writes that flow control holds back. A write
+    that does not wait (nearly all) costs one coroutine frame more and no timer."""
+    async def timed(message):
+        coro = send(message)
+        try:
+            fut = coro.send(None)
+        except StopIteration:
+            return
+        try:
+            await asyncio.wait_for(_resume(coro, fut), WRITE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ClientStalled() from None
+    return timed
 
 
 class _Dispatcher:
