@@ -736,7 +736,7 @@ def cli_server(folder, *args):
 def test_cli_serve_sighup_drains_like_sigterm():
     # A closed terminal or SSH session: the running stream finishes, then the server exits 0
     # (SIGHUP ended the process at once, cutting every stream without a log line).
-    with cli_server(TINY) as (proc, c):
+    with cli_server(TINY, "--log-format", "json") as (proc, c):
         stream = iter(c.completions.create(model="gpt2-tiny", prompt=[1, 2, 3], max_tokens=100, stream=True,
                                            extra_body={"ignore_eos": True}))
         next(stream)
@@ -744,7 +744,9 @@ def test_cli_serve_sighup_drains_like_sigterm():
         rest = list(stream)
         assert rest[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=30) == 0
-        assert '"completion_tokens":100' in proc.stderr.read()
+        lines = [json.loads(line) for line in proc.stderr.read().splitlines()]  # --log-format json: every line
+        assert [x["completion_tokens"] for x in lines if x["event"] == "request"] == [100]
+        assert {"event": "log", "level": "info", "logger": "uvicorn.error", "message": "Shutting down"} in lines
 
 
 def test_cli_serve_second_ctrl_c_stops_at_once_without_tracebacks(tmp_path, model):
@@ -817,6 +819,33 @@ def test_a_client_that_stops_reading_is_cut_after_the_write_timeout(model, caplo
                 s.close()
         assert "unhandled error" not in caplog.text and "Traceback" not in caplog.text
         assert_still_serving(http)
+
+
+def test_a_request_cancelled_in_the_queue_is_not_a_served_latency(model, caplog):
+    slow_model = llamas.Model(SlowNative(model._native, 0.01), model.config, model.tokenizer, model.path)
+    with served_client(slow_model, max_batch=1) as http, caplog.at_level(logging.INFO, logger="llamas.server"):
+        def running():
+            return metric(http, "llamas_requests_running")
+        first = threading.Thread(target=lambda: http.post("/v1/completions", json={
+            "prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "temperature": 0}))
+        first.start()
+        assert wait_for(lambda: running() == 1, timeout=10)
+        with httpx.Client(base_url=str(http.base_url), timeout=0.3) as impatient:
+            with pytest.raises(httpx.TimeoutException):  # waits behind the first, then leaves
+                impatient.post("/v1/completions", json={"prompt": PROMPT + " and more", "max_tokens": 5},
+                               headers={"X-Request-Id": "gave-up-1"})
+        first.join(30)
+        assert wait_for(lambda: metric(http, "llamas_sequences_finished_total",
+                                       'finish_reason="cancelled"') == 1, timeout=10)
+        prompt = len(model.tokenizer.encode(PROMPT))
+        assert metric(http, "llamas_prompt_tokens_total") == prompt  # the cancelled prompt was never processed
+        assert metric(http, "llamas_e2e_request_latency_seconds_count") == 1
+        assert metric(http, "llamas_request_queue_time_seconds_count") == 1
+        assert http.get("/v1/nowhere", headers={"X-Request-Id": "lost-2"}).status_code == 404
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"event":"request"')]
+    ids = {x["id"]: x for x in lines}
+    assert ids["cmpl-gave-up-1"]["status"] == 499 and ids["cmpl-gave-up-1"]["finish_reason"] == ["cancelled"]
+    assert ids["lost-2"]["status"] == 404  # errors keep the client's id
 
 
 def test_request_heads_have_a_clock_and_a_size_limit(model, monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import signal
@@ -63,6 +64,23 @@ def add_parser(sub, model_help: str) -> None:
                         "'role: content' line per message)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level; one JSON line per request at info (logger llamas.server)")
+    s.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: the request lines and events are JSON, uvicorn's own lines plain text (default); "
+                        "json: every line a JSON object, uvicorn's and tracebacks included (for log collectors)")
+
+
+class _JsonLines(logging.Formatter):
+    """--log-format json: the request lines and events are JSON already; any other record (uvicorn's,
+    a warning, a traceback) becomes {"event": "log", "level", "logger", "message"[, "traceback"]}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith("{") and not record.exc_info:
+            return message
+        line = {"event": "log", "level": record.levelname.lower(), "logger": record.name, "message": message}
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, separators=(",", ":"))
 
 
 def _api_key(args) -> str | None:
@@ -122,7 +140,9 @@ def run(args, model_path: str) -> int:
     if args.threads is not None:
         llamas.set_num_threads(args.threads)
     level = getattr(logging, args.log_level.upper())
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines() if args.log_format == "json" else logging.Formatter("%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("llamas").setLevel(level)
     app = create_app(model_path, dtype=args.dtype, kv_dtype=args.kv_dtype, compute_dtype=args.compute_dtype,
                      api_key=_api_key(args), model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -169,7 +189,9 @@ def run(args, model_path: str) -> int:
             return await super().on_tick(counter)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=None, http=guarded_protocol())
+                            lifespan="on", timeout_graceful_shutdown=None, http=guarded_protocol(),
+                            # json: uvicorn's loggers write through ours (its own config prints "INFO:  ...")
+                            **({"log_config": None} if args.log_format == "json" else {}))
     server = Server(config)
     # A closed terminal or SSH session (SIGHUP) stops the server as SIGTERM does, draining the
     # running requests; it ended the process at once, cutting every stream without a log line.

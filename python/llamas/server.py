@@ -37,7 +37,7 @@ ENDPOINTS = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions",
              "/tokenizer_info", "/metrics", "/version")
 OPEN_PATHS = ("/health", "/metrics", "/version")  # answered without the API key
 MAX_REQUEST_ID = 128                      # characters of a client's X-Request-Id
-_THREAD_TOKENIZE_CHARS = 4096             # longer texts are tokenised off the event loop
+_THREAD_TOKENIZE_CHARS = 4096             # longer texts (and id lists) are (de)tokenised off the event loop
 
 
 async def _tokenize(state: ServerState, text: str) -> List[int]:
@@ -78,6 +78,7 @@ class _Observe:
             if client_id is False:
                 e = bad(f"The X-Request-Id header must be 1-{MAX_REQUEST_ID} visible ASCII characters.",
                         "X-Request-Id", "invalid_value")
+                rec.update(error=e.code, message=e.message)
                 await send_wrapper({"type": "http.response.start", "status": e.status,
                                     "headers": [(b"content-type", b"application/json")]})
                 await send_wrapper({"type": "http.response.body", "body": json.dumps(e.body()).encode()})
@@ -111,7 +112,8 @@ class _Observe:
             code = status if status is not None else 499
             self.state.metrics.requests.labels(endpoint, str(code)).inc()
             if endpoint != "/metrics" and endpoint != "/health":
-                record = {"event": "request", "id": rec.get("id"), "method": scope.get("method"), "path": path[:200],
+                rid = rec.get("id") or (client_id if isinstance(client_id, str) else None)
+                record = {"event": "request", "id": rid, "method": scope.get("method"), "path": path[:200],
                           "status": code, "duration_s": round(time.perf_counter() - t0, 6)}
                 record.update({k: v for k, v in rec.items() if k != "id"})
                 log_request(record)
@@ -376,6 +378,8 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         if "tokens" not in body:
             raise bad("'tokens' is required.", "tokens", "missing_required_parameter")
         ids = check_token_ids(body["tokens"], state.vocab, "tokens")
+        if len(ids) > _THREAD_TOKENIZE_CHARS:  # (614k ids: 0.23 s the event loop would not answer anyone)
+            return _json({"prompt": await asyncio.to_thread(state.tokenizer.decode, ids)})
         return _json({"prompt": state.tokenizer.decode(ids)})
 
     if cors_origins:

@@ -206,7 +206,9 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
 
     def finish_record():
         rec["completion_tokens"] = sum(h._req.completion_tokens for h in handles)
-        rec["finish_reason"] = [h._req.finish_reason for h in handles]
+        # (a handle its client left is cancelled, though the engine thread may not have ended it yet)
+        rec["finish_reason"] = [h._req.finish_reason or ("cancelled" if rec.get("disconnected") else None)
+                                for h in handles]
         cached = sum(h._req.cached_tokens or 0 for h in handles)
         if cached:
             rec["cached_tokens"] = cached

@@ -103,7 +103,8 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("llamas_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter("llamas_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prompt_tokens = Counter("llamas_prompt_tokens", "Prompt tokens processed (of sequences admitted to "
+                                     "the batch)", registry=r)
         self.generation_tokens = Counter("llamas_generation_tokens", "Tokens generated", registry=r)
         self.sequences = Counter("llamas_sequences_finished", "Generated sequences by finish reason",
                                  ["finish_reason"], registry=r)
@@ -111,7 +112,8 @@ class ServerMetrics:
                               buckets=_LATENCY, registry=r)
         self.itl = BatchHistogram("llamas_inter_token_latency_seconds",
                                   "Time between consecutive tokens of a sequence", _ITL, r)
-        self.e2e = Histogram("llamas_e2e_request_latency_seconds", "Time from arrival to the last token",
+        self.e2e = Histogram("llamas_e2e_request_latency_seconds", "Time from arrival to the last token "
+                             "(sequences that finished, not cancelled or failed ones)",
                              buckets=_LATENCY, registry=r)
         self.queue = Histogram("llamas_request_queue_time_seconds", "Time waiting before admission to the batch",
                                buckets=_LATENCY, registry=r)
@@ -177,15 +179,18 @@ class ServerMetrics:
     def on_finish(self, req) -> None:
         """Engine hook (engine thread): one finished sequence."""
         st = req.stats
-        self.prompt_tokens.inc(len(req.prompt_ids))
+        admitted = st.queue_time is not None  # (one cancelled in the queue had no prompt processed)
+        if admitted:
+            self.prompt_tokens.inc(len(req.prompt_ids))
+            self.queue.observe(st.queue_time)
         self.generation_tokens.inc(req.completion_tokens)
         self.sequences.labels(req.finish_reason or "unknown").inc()
-        if st.queue_time is not None:
-            self.queue.observe(st.queue_time)
         if st.time_to_first_token is not None:
             self.ttft.observe(st.time_to_first_token)
         self.itl.observe_many(st.inter_token_latencies)
-        if st.e2e_latency is not None:
+        # End-to-end latency is a served request's: a cancelled or failed one's is its client's
+        # patience (a request cancelled in the queue would pull the percentiles down).
+        if st.e2e_latency is not None and req.finish_reason not in ("cancelled", "error"):
             self.e2e.observe(st.e2e_latency)
 
     def render(self) -> bytes:

@@ -44,6 +44,11 @@ def auto_kv_cache_mb(model, max_batch: int) -> Optional[float]:
 BODY_TIMEOUT_S = 30.0
 
 
+def _event(record: dict) -> str:
+    """A log line in the request lines' form: compact JSON."""
+    return json.dumps(record, separators=(",", ":"), default=str)
+
+
 class ClientGone(Exception):
     """The client went away before its request body arrived: nothing to answer (logged as 499)."""
 
@@ -245,7 +250,7 @@ class ServerState:
                              speculative_ngram=self.speculative_ngram, kv_cache_mb=kv_mb)
         if self.engine.kv_budget_bytes is not None:
             per_sequence = kv_blocks_per_sequence(model) * model.kv_block_bytes
-            log.info(json.dumps({"event": "kv_cache_budget", "bytes": self.engine.kv_budget_bytes,
+            log.info(_event({"event": "kv_cache_budget", "bytes": self.engine.kv_budget_bytes,
                                  "full_context_sequences": self.engine.kv_budget_bytes // per_sequence,
                                  "max_batch": self.max_batch}))
         self.metrics.describe_model(self.model_name, model)
@@ -255,10 +260,10 @@ class ServerState:
         def run():
             try:
                 self.attach(loader())
-                log.info(json.dumps({"event": "model_loaded", "model": self.model_name, "source": what}))
+                log.info(_event({"event": "model_loaded", "model": self.model_name, "source": what}))
             except Exception as e:  # /health reports it; requests get 503
                 self.load_error = str(e)
-                log.error(json.dumps({"event": "model_load_failed", "source": what, "error": str(e)}))
+                log.error(_event({"event": "model_load_failed", "source": what, "error": str(e)}))
         t = threading.Thread(target=run, name="llamas-load", daemon=True)
         t.start()
         return t
