@@ -111,8 +111,11 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
         try:
             k = 0
             while time.perf_counter() < deadline:
+                # Plain sampling from the whole vocabulary, whatever the model's generation_config
+                # says (the server would take its top-k and penalty for fields left out).
                 body = {"prompt": prefix + PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens,
-                        "temperature": temperature, "seed": i * 100003 + k, "stream": True, "stream_options": {"include_usage": True}}
+                        "temperature": temperature, "top_k": 0, "repetition_penalty": 1.0, "seed": i * 100003 + k,
+                        "stream": True, "stream_options": {"include_usage": True}}
                 await one_request(c, body, stats)
                 k += 1
         finally:

@@ -53,10 +53,12 @@ def http(tiny_http):
 
 def submit_grid(model, prompt, seeds, temperatures, lengths, **constraint):
     """The results of `prompt` through one Engine for every seed x temperature x max_new_tokens (in
-    that nesting order), all queued before any is read, so they run batched."""
+    that nesting order), all queued before any is read, so they run batched. Plain sampling at each
+    temperature: no top-k and no penalty, whatever the model's generation_config.json says."""
     import llamas
     with llamas.Engine(model) as engine:
-        handles = [engine.submit(prompt, max_new_tokens=n, temperature=t, seed=s, **constraint)
+        handles = [engine.submit(prompt, max_new_tokens=n, temperature=t, seed=s, top_k=0, repetition_penalty=1.0,
+                                 **constraint)
                    for s in seeds for t in temperatures for n in lengths]
         return [h.result() for h in handles]
 

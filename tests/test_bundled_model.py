@@ -57,3 +57,31 @@ def test_generate_without_model_flag_uses_the_bundled_model(capsys):
     finally:
         llamas.set_num_threads(os.cpu_count() or 1)
     assert out == expected + "\n"
+
+
+def test_engine_and_server_sample_with_the_models_generation_config():
+    # The bundled model's generation_config.json: temperature 0.8, top-k 40, repetition penalty 1.1.
+    # Engine.submit and the server's requests that leave those fields out use them, as generate does
+    # (Engine.submit was greedy and the server sampled at temperature 1 from the whole vocabulary).
+    import asyncio
+
+    import httpx
+    from llamas.server import create_app
+    model = llamas.load()
+    assert model.generation_config["temperature"] == 0.8 and model.generation_config["top_k"] == 40
+    expected = model.generate("ROMEO:", max_new_tokens=24, seed=7)
+    plain = model.generate("ROMEO:", max_new_tokens=24, seed=7, temperature=1.0, top_k=0, repetition_penalty=1.0)
+    assert expected != plain
+    with llamas.Engine(model) as engine:
+        assert engine.submit("ROMEO:", max_new_tokens=24, seed=7).result().text == expected
+
+    async def complete(app, body):
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+    body = {"prompt": "ROMEO:", "max_tokens": 24, "seed": 7}
+    assert asyncio.run(complete(create_app(model), body)) == expected
+    assert asyncio.run(complete(create_app(model, generation_config="none"), body)) == plain
+    assert asyncio.run(complete(create_app(model), dict(body, temperature=1.0, top_k=0, repetition_penalty=1.0))) == plain

@@ -62,6 +62,10 @@ def add_parser(sub, model_help: str) -> None:
                    help="jinja2 chat template for /v1/chat/completions, a file or the template itself, instead of "
                         "the model's tokenizer_config.json chat_template (default: the model's, else one "
                         "'role: content' line per message)")
+    s.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                   help="auto: sampling fields a request leaves out take the model's generation_config.json values "
+                        "(temperature, top_k, top_p, repetition_penalty), as llamas generate does (default); "
+                        "none: OpenAI's defaults (temperature 1, no top-k, no penalty)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level; one JSON line per request at info (logger llamas.server)")
     s.add_argument("--log-format", default="text", choices=["text", "json"],
@@ -149,7 +153,8 @@ def run(args, model_path: str) -> int:
                      kv_cache_mb=args.kv_cache_mb,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, prefill_chunk=args.prefill_chunk,
                      prefix_cache_mb=args.prefix_cache_mb, cors_origins=args.cors_origin, chat_template=chat_template,
-                     speculative_ngram=args.speculative_ngram, stream_interval=args.stream_interval)
+                     speculative_ngram=args.speculative_ngram, stream_interval=args.stream_interval,
+                     generation_config=args.generation_config)
     state = app.state.llamas
 
     from .server_http import abort_stalled_connections, guarded_protocol

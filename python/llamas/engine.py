@@ -252,19 +252,24 @@ class Engine:
         return self._sched.timing
 
     # ---- requests ---------------------------------------------------------------------------
-    def make_request(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
+    def make_request(self, prompt: Prompt, max_new_tokens: int = 128, temperature: Optional[float] = None,
+                     top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                     repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+                     frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
                      stop=None, logit_bias=None, logprobs: Optional[int] = None,
                      request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                      stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
                      include_stop_str_in_output: bool = False, json_object: bool = False,
                      choices=None, json_schema=None, regex=None, grammar=None,
                      skip_special_tokens: bool = False) -> Tuple[Request, bool]:
-        """Validates and encodes; returns (Request, prompt was text)."""
-        options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                                  frequency_penalty, seed, logit_bias, logprobs, json_object, choices, json_schema,
-                                  regex, grammar)
+        """Validates and encodes; returns (Request, prompt was text). A sampling parameter left None
+        takes the model's generation_config.json value, else greedy / off, as in Model.generate."""
+        v = self.model.sampling_values(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty)
+        options = SamplingOptions(v["temperature"], v["top_k"], v["top_p"], v["min_p"], v["repetition_penalty"],
+                                  v["presence_penalty"], v["frequency_penalty"], seed, logit_bias, logprobs,
+                                  json_object, choices, json_schema, regex, grammar)
         if options.constrained:
             self.model.constraint_vocab()  # refused here for a model whose tokenizer cannot do it
         check_prompt_logprobs(prompt_logprobs)
@@ -279,9 +284,10 @@ class Engine:
         return (Request(ids, max_new_tokens, options, stops, request_id=request_id, prompt_logprobs=prompt_logprobs),
                 isinstance(prompt, str))
 
-    def submit(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
+    def submit(self, prompt: Prompt, max_new_tokens: int = 128, temperature: Optional[float] = None,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+               repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+               frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
                stop=None, logit_bias=None, logprobs: Optional[int] = None,
                request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
                stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,

@@ -175,6 +175,16 @@ class Model:
         self._check_ids(ids, op)
         return ids
 
+    def sampling_values(self, **given) -> dict:
+        """The seven sampling parameters (temperature, top_k, top_p, min_p, repetition_penalty,
+        presence_penalty, frequency_penalty): each as given, or when None (or left out) the model's
+        generation_config.json value, else greedy / off. What generate and Engine.submit use."""
+        unknown = set(given) - set(_SAMPLING_DEFAULTS)
+        if unknown:
+            raise TypeError(f"not a sampling parameter: {', '.join(sorted(unknown))}")
+        return {k: given[k] if given.get(k) is not None else self.generation_config.get(k, d)
+                for k, d in _SAMPLING_DEFAULTS.items()}
+
     def generate(self, prompt: Union[Prompt, list], max_new_tokens: int = 128, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                  repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
@@ -206,11 +216,9 @@ class Model:
         the output is the same tokens, greedy or sampled from a seed, in fewer steps where the text
         repeats itself. Not with structured output, logprobs or min_tokens (those decode as usual).
         """
-        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-                 "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
-                 "frequency_penalty": frequency_penalty}
-        values = {k: v if v is not None else self.generation_config.get(k, _SAMPLING_DEFAULTS[k])
-                  for k, v in given.items()}
+        values = self.sampling_values(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                      frequency_penalty=frequency_penalty)
         options = SamplingOptions(values["temperature"], values["top_k"], values["top_p"], values["min_p"],
                                   values["repetition_penalty"], values["presence_penalty"],
                                   values["frequency_penalty"], seed, json_object=json_object, choices=choices,

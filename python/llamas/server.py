@@ -181,7 +181,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
                compute_dtype: str = "float32",
                chat_template: Optional[str] = None, prefix_cache_mb: float = 0.0,
                cors_origins: Optional[Sequence[str]] = None, speculative_ngram: int = 0,
-               stream_interval: int = 1, kv_cache_mb: Optional[float] = None):
+               stream_interval: int = 1, kv_cache_mb: Optional[float] = None, generation_config: str = "auto"):
     """The OpenAI-compatible ASGI app.
 
     model: a loaded `llamas.Model`, a model folder, or a function returning a Model (the last two
@@ -200,6 +200,9 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     MiB; each request is admitted with room for its prompt + max_tokens reserved, others wait in
     the queue, and a request that could never fit gets a 400 (default: no limit when max_batch
     sequences at the full context fit in half of the memory the weights leave, else that half).
+    generation_config: "auto" (default): a sampling field a request leaves out takes the model's
+    generation_config.json value (temperature, top_k, top_p, repetition_penalty; vLLM's
+    --generation-config auto), else OpenAI's default; "none": OpenAI's defaults (temperature 1).
     The app is `app`; its state (engine, metrics) is `app.state.llamas`.
     """
     from contextlib import asynccontextmanager
@@ -218,13 +221,16 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     if isinstance(model, (str, os.PathLike)):  # checked now, not when the background load fails
         from .model import check_dtypes
         check_dtypes(dtype, kv_dtype, compute_dtype, "serve")
+    if generation_config not in ("auto", "none"):
+        raise LlamasError(f"[serve] generation_config must be 'auto' or 'none', got {generation_config!r}")
     cache_bytes(prefix_cache_mb, "serve")  # checked now: a model loading in the background makes the Engine later
     check_kv_cache_mb(kv_cache_mb, "serve")
     check_speculative_ngram(speculative_ngram, "serve")
     state = ServerState(model_name=model_name, api_key=api_key or None, max_batch=max_batch, max_queue=max_queue,
                         max_tokens=max_tokens, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
                         chat_template=chat_template, prefix_cache_mb=prefix_cache_mb,
-                        speculative_ngram=speculative_ngram, stream_interval=stream_interval, kv_cache_mb=kv_cache_mb)
+                        speculative_ngram=speculative_ngram, stream_interval=stream_interval, kv_cache_mb=kv_cache_mb,
+                        generation_config=generation_config)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
 
@@ -310,7 +316,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await state.accept(request)
-        p = await _parse(parse_completion, body, state.vocab, state.tokenizer is not None)
+        p = await _parse(parse_completion, body, state.vocab, state.tokenizer is not None, state.sampling_defaults)
         state.check_model(body)
         p.prompt_ids = [await _tokenize(state, x) if isinstance(x, str) else x for x in p.prompts]
         for ids in p.prompt_ids:
@@ -323,7 +329,7 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
         body = await state.accept(request)
         if state.tokenizer is None:
             raise bad("This model has no tokenizer, so it cannot chat.", "messages", "invalid_value")
-        p, messages, render = await _parse(parse_chat, body, state.vocab)
+        p, messages, render = await _parse(parse_chat, body, state.vocab, state.sampling_defaults)
         state.check_model(body)
         text = state.chat_template.render(messages, tools=p.tools.tools if p.tools is not None else None, **render)
         ids = await _tokenize(state, text)

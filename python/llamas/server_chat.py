@@ -190,7 +190,7 @@ def parse_render_options(body: dict, messages: List[dict]) -> dict:
     return {"add_generation_prompt": gen, "continue_final_message": cont, "template_kwargs": kwargs}
 
 
-def parse_chat(body: dict, vocab: int) -> tuple:
+def parse_chat(body: dict, vocab: int, defaults: Optional[dict] = None) -> tuple:
     """(GenParams, messages, render options) of a chat completion request."""
     check_unknown(body, CHAT_FIELDS)
     if "messages" not in body:
@@ -198,7 +198,7 @@ def parse_chat(body: dict, vocab: int) -> tuple:
     messages = parse_messages(body["messages"])
     render = parse_render_options(body, messages)
     p = GenParams(prompts=[])
-    parse_common(body, vocab, p)
+    parse_common(body, vocab, p, defaults)
     mt = get_int(body, "max_tokens", None, 1, 2 ** 31)
     mct = get_int(body, "max_completion_tokens", None, 1, 2 ** 31)
     if mt is not None and mct is not None and mt != mct:

@@ -234,7 +234,15 @@ COMMON_FIELDS = {
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "response_format"}
 
 
-def parse_common(body: dict, vocab: int, p: GenParams) -> None:
+# A sampling field a request leaves out: OpenAI's default, unless the served model's
+# generation_config.json sets it (create_app(generation_config="auto"), as vLLM's
+# --generation-config auto): then the model's, as `llamas generate` and Model.generate use.
+OPENAI_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                            "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def parse_common(body: dict, vocab: int, p: GenParams, defaults: Optional[dict] = None) -> None:
+    d = defaults or OPENAI_SAMPLING_DEFAULTS
     p.n = get_int(body, "n", 1, 1, MAX_N)
     p.stream = get_bool(body, "stream", False)
     so = body.get("stream_options")
@@ -272,13 +280,13 @@ def parse_common(body: dict, vocab: int, p: GenParams) -> None:
     if top_k == -1:   # vLLM's spelling of "off"
         top_k = 0
     p.sampling = dict(
-        temperature=get_float(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=get_int({"top_k": top_k}, "top_k", 0, 0, vocab),
-        min_p=get_float(body, "min_p", 0.0, 0.0, 1.0),
-        repetition_penalty=get_float(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
-        presence_penalty=get_float(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        temperature=get_float(body, "temperature", d["temperature"], 0.0, 2.0),
+        top_p=get_float(body, "top_p", d["top_p"], 0.0, 1.0, lo_open=True),
+        top_k=get_int({"top_k": top_k}, "top_k", min(d["top_k"], vocab), 0, vocab),
+        min_p=get_float(body, "min_p", d["min_p"], 0.0, 1.0),
+        repetition_penalty=get_float(body, "repetition_penalty", d["repetition_penalty"], 0.0, 10.0, lo_open=True),
+        presence_penalty=get_float(body, "presence_penalty", d["presence_penalty"], -2.0, 2.0),
+        frequency_penalty=get_float(body, "frequency_penalty", d["frequency_penalty"], -2.0, 2.0),
         seed=seed,
         logit_bias=get_logit_bias(body, vocab),
     )
@@ -291,7 +299,7 @@ def parse_common(body: dict, vocab: int, p: GenParams) -> None:
     get_str(body, "user")
 
 
-def parse_completion(body: dict, vocab: int, has_tokenizer: bool) -> GenParams:
+def parse_completion(body: dict, vocab: int, has_tokenizer: bool, defaults: Optional[dict] = None) -> GenParams:
     check_unknown(body, COMPLETION_FIELDS)
     if "prompt" not in body:
         raise bad("'prompt' is required.", "prompt", "missing_required_parameter")
@@ -323,7 +331,7 @@ def parse_completion(body: dict, vocab: int, has_tokenizer: bool) -> GenParams:
             raise bad(f"'prompt' items must be strings or token id arrays, got {typename(x)}.", "prompt", "invalid_type")
         out.append(x)
     p = GenParams(prompts=out)
-    parse_common(body, vocab, p)
+    parse_common(body, vocab, p, defaults)
     p.echo = get_bool(body, "echo", False)
     lp = body.get("logprobs")
     if lp is not None:

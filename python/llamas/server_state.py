@@ -19,7 +19,7 @@ from starlette.responses import Response
 from .engine import Engine, kv_blocks_per_sequence
 from .server_chat import ChatTemplate
 from .server_metrics import ServerMetrics
-from .server_protocol import APIError, bad, check_text, parse_json_body
+from .server_protocol import OPENAI_SAMPLING_DEFAULTS, APIError, bad, check_text, parse_json_body
 
 log = logging.getLogger("llamas.server")
 
@@ -205,7 +205,7 @@ class ServerState:
     def __init__(self, *, model_name: Optional[str], api_key: Optional[str], max_batch: int,
                  max_queue: int, max_tokens: Optional[int], max_body_bytes: int, prefill_chunk: int,
                  chat_template: Optional[str], prefix_cache_mb: float = 0.0, speculative_ngram: int = 0,
-                 stream_interval: int = 1, kv_cache_mb: Optional[float] = None):
+                 stream_interval: int = 1, kv_cache_mb: Optional[float] = None, generation_config: str = "auto"):
         self.model = None
         self.engine: Optional[Engine] = None
         self.tokenizer = None
@@ -221,6 +221,10 @@ class ServerState:
         self.speculative_ngram = speculative_ngram
         self.stream_interval = stream_interval  # tokens per streamed event (after the first)
         self.chat_template_source = chat_template
+        if generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
+        self.generation_config = generation_config
+        self.sampling_defaults = dict(OPENAI_SAMPLING_DEFAULTS)  # (the model's, once attached, with "auto")
         self.chat_template: Optional[ChatTemplate] = None
         self.ready = False
         self.draining = False
@@ -239,6 +243,8 @@ class ServerState:
                               else ChatTemplate.for_model_path(model.path))
         self.model = model
         self.tokenizer = model.tokenizer
+        if self.generation_config == "auto":
+            self.sampling_defaults = {k: model.generation_config.get(k, v) for k, v in OPENAI_SAMPLING_DEFAULTS.items()}
         self.context = model.config.n_positions
         self.vocab = model.config.vocab_size
         if self.model_name is None:
