@@ -203,7 +203,9 @@ def test_max_tokens_zero_scores_the_prompt_only(srv, model):
     choice = body["choices"][0]
     assert choice["text"] == model.tokenizer.decode(ids) and choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["tokens"]) == len(ids)
-    assert all(t == {} for t in choice["logprobs"]["top_logprobs"][1:])
+    lp = choice["logprobs"]  # logprobs 0: each token's own logprob only (OpenAI's "up to logprobs + 1")
+    assert all(top == {tok: v} for tok, v, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:],
+                                                        lp["top_logprobs"][1:]))
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
 
 

@@ -343,7 +343,7 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 1000}, 400, "max_tokens", "128"),
     ("/v1/completions", {"prompt": PROMPT, "n": 10000}, 400, "n", "n"),
     ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n", "n"),
-    ("/v1/completions", {"prompt": PROMPT, "seed": -1}, 400, "seed", "seed"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": -2 ** 63 - 1}, 400, "seed", "seed"),
     ("/v1/completions", {"prompt": PROMPT, "seed": "7"}, 400, "seed", "integer"),
     ("/v1/completions", {"prompt": PROMPT, "stop": 5}, 400, "stop", "stop"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["a"] * 17}, 400, "stop", "16"),

@@ -71,7 +71,16 @@ def test_best_of_with_logprobs_reports_the_chosen_candidates(http, model):
     c = out["choices"][0]
     assert c["text"] == best[2].text
     assert c["logprobs"]["token_logprobs"] == pytest.approx([t.logprob for t in best[2].logprobs], abs=1e-6)
-    assert all(len(top) == 2 for top in c["logprobs"]["top_logprobs"])
+    lp = c["logprobs"]
+    # the top 2 and the sampled token (OpenAI's "logprobs + 1"), which is there with its own logprob
+    assert all(len(top) in (2, 3) for top in lp["top_logprobs"])
+    assert all(top[tok] == v for tok, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]))
+
+
+def token_text(tokens) -> str:
+    """The text logprobs' tokens spell: a token holding part of a character is "bytes:\\xNN..." (OpenAI's)."""
+    raw = b"".join(bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode() for t in tokens)
+    return raw.decode("utf-8", "replace")
 
 
 def test_best_of_with_echo_starts_each_choice_with_its_prompt(http):
@@ -85,7 +94,7 @@ def test_best_of_with_echo_starts_each_choice_with_its_prompt(http):
     assert r.status_code == 200, r.text
     for i, c in enumerate(r.json()["choices"]):
         assert c["text"].startswith(PROMPTS[i // 2])
-        assert "".join(c["logprobs"]["tokens"]) == c["text"] and c["logprobs"]["token_logprobs"][0] is None
+        assert token_text(c["logprobs"]["tokens"]) == c["text"] and c["logprobs"]["token_logprobs"][0] is None
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -327,3 +336,39 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(http, model):
 def test_bad_truncate_prompt_tokens_is_refused(http, value, message):
     r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "truncate_prompt_tokens": value})
     assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+EOT = "<|endoftext|>"
+
+
+def test_logprobs_of_tokens_that_split_a_character(http, model):
+    # "é" is two byte-level tokens here: each reports its own byte (chat `bytes`), a "bytes:" token
+    # string, and the completions' text_offset counts characters of the text, not tokens.
+    text = "café!"
+    ids = model.tokenizer.encode(text)
+    pieces = model.tokenizer.piece_bytes()
+    assert any(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in (pieces[i] for i in ids))
+    chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 16,
+                                                     "logprobs": True, "top_logprobs": 2, "guided_choice": [text],
+                                                     "temperature": 0}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    if content[-1]["token"] == EOT:  # the end-of-text that ended it: sampled and counted, not in the text
+        content = content[:-1]
+    assert bytes(b for e in content for b in e["bytes"]).decode() == text == chat["choices"][0]["message"]["content"]
+    assert any(e["token"].startswith("bytes:") for e in content)
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 16, "logprobs": 1, "guided_choice": [text],
+                                               "temperature": 0, "stream": stream})
+        if stream:
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            lp = {k: sum((e["choices"][0]["logprobs"][k] for e in events if e["choices"][0]["logprobs"]), [])
+                  for k in ("tokens", "text_offset", "top_logprobs", "token_logprobs")}
+            got = "".join(e["choices"][0]["text"] for e in events)
+        else:
+            lp, got = r.json()["choices"][0]["logprobs"], r.json()["choices"][0]["text"]
+        assert got == text and lp["tokens"][-1] == EOT and token_text(lp["tokens"][:-1]) == text
+        raw = b""
+        for tok, offset in zip(lp["tokens"], lp["text_offset"]):  # where each token's character starts
+            assert offset == len(raw.decode("utf-8", "ignore")) and offset <= len(text)
+            raw += bytes.fromhex(tok[6:].replace("\\x", "")) if tok.startswith("bytes:") else tok.encode()
+        assert all(top[tok] == v for tok, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]))

@@ -207,3 +207,55 @@ def test_structured_requests_are_counted(http):
     http.post("/v1/completions", json={"prompt": "x", "max_tokens": 8, "response_format": {"type": "json_object"}})
     http.post("/v1/completions", json={"prompt": "x", "max_tokens": 8})
     assert {k: count(k) - before[k] for k in before} == {"tool_call": 1, "regex": 1, "json_object": 1}
+
+
+def test_what_agent_loops_send_back_is_accepted(client, http):
+    # An assistant reply fed back as message.model_dump() (with annotations, audio and function_call
+    # null), tool results, text parts with other servers' hints, OpenAI's own fields that ask
+    # nothing of this server, and a whole toolset with a keyword this server cannot hold a call to.
+    model = client.models.list().data[0].id
+    ping = {"type": "function", "function": {"name": "ping"}}
+    r = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=ping,
+                                       max_tokens=60, temperature=0)
+    reply = r.choices[0].message.model_dump()
+    assert reply["tool_calls"], r
+    assert {"annotations", "audio", "function_call"} <= set(reply)
+    unsupported = {"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object", "properties": {"ids": {"type": "array", "uniqueItems": True}}}}}
+    history = MESSAGES + [reply] + [{"role": "tool", "tool_call_id": c["id"], "content": "sunny"}
+                                    for c in reply["tool_calls"]]
+    history += [{"role": "user", "content": [{"type": "text", "text": "And now?", "cache_control": {"type": "x"}}]}]
+    out = client.chat.completions.create(
+        model=model, messages=history, tools=TOOLS + [unsupported], tool_choice="none", max_tokens=4,
+        max_completion_tokens=3, seed=-1, reasoning_effort="low", verbosity="low", prompt_cache_key="k",
+        safety_identifier="u1", stream=False, extra_body={"modalities": ["text"]})
+    assert out.usage.completion_tokens <= 3  # max_completion_tokens wins over max_tokens
+    named = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS + [unsupported],
+                                           tool_choice=ping, max_tokens=40, temperature=0)
+    check_calls(named.choices[0].message.tool_calls, {"ping"})
+    with client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, stream=True,
+                                        stream_options={"include_usage": True, "include_obfuscation": False}) as s:
+        assert [c for c in s][-1].usage.completion_tokens <= 3
+    # asking for what is not here is refused by name; the unsupported keyword, when it is called
+    for extra, message in (({"tools": TOOLS + [unsupported], "tool_choice": "required"}, "uniqueItems"),
+                           ({"audio": {"voice": "alloy", "format": "wav"}}, "audio output"),
+                           ({"web_search_options": {}}, "web search"),
+                           ({"functions": [{"name": "f"}]}, "deprecated: send 'tools'"),
+                           ({"modalities": ["text", "audio"]}, "'modalities' can only be"),
+                           ({"messages": [dict(reply, function_call={"name": "f", "arguments": "{}"})]},
+                            "messages[0].function_call"),
+                           ({"messages": [{"role": "user", "content": "hi", "contnet": "x"}]},
+                            "Unrecognized request argument supplied: messages[0].contnet")):
+        body = dict({"messages": MESSAGES, "max_tokens": 2}, **extra)
+        res = http.post("/v1/chat/completions", json=body)
+        assert res.status_code == 400 and message in res.json()["error"]["message"], (extra, res.text)
+
+
+def test_a_jinja_template_gets_earlier_calls_arguments_as_objects():
+    from llamas.server_chat import ChatTemplate
+    template = ChatTemplate("{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}"
+                            "{% endfor %}{% endfor %}")
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+             {"id": "call_2", "type": "function", "function": {"name": "ping", "arguments": "not json"}}]
+    assert template.render([{"role": "assistant", "content": "", "tool_calls": calls}], add_generation_prompt=False) \
+        == '{"city": "Paris"}"not json"'

@@ -354,12 +354,15 @@ class Scheduler:
             lp = [TokenLogprob(token, float(slot.seq.last_logprob),
                                [(int(i), float(p)) for i, p in slot.seq.last_top_logprobs])]
         stream = slot.stream
+        # The token that ends a choice (end-of-text, a stop token, the one completing a stop string)
+        # is not in its text or token ids, but was sampled and is counted in completion_tokens: its
+        # logprob comes with the last chunk, as vLLM's logprobs keep it.
         if token in slot.stop_ids:  # (never drawn before min_tokens: the sampler holds them back)
-            self._finish(slot, Chunk(stream.finish() if stream else "", [], None, "stop"))
+            self._finish(slot, Chunk(stream.finish() if stream else "", [], lp, "stop"))
             return False
         piece = stream.push(token, slot.produced + 1 >= req.rules.min_tokens) if stream is not None else ""
         if stream is not None and stream.stopped:
-            self._finish(slot, Chunk(piece, [], None, "stop"))
+            self._finish(slot, Chunk(piece, [], lp, "stop"))
             return False
         slot.produced += 1
         if slot.produced >= slot.budget:

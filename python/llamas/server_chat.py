@@ -15,9 +15,21 @@ MAX_CHAT_TOP_LOGPROBS = 20
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # How the messages become the prompt (vLLM's chat extras), for chat completions and /tokenize.
 RENDER_FIELDS = {"add_generation_prompt", "continue_final_message", "chat_template_kwargs"}
-CHAT_FIELDS = COMMON_FIELDS | RENDER_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                                               "response_format", "tools", "tool_choice", "parallel_tool_calls",
-                                               "store", "metadata", "service_tier"}
+# OpenAI's fields that ask nothing this server can do differently: accepted and ignored (as vLLM
+# does), so clients that send them (LangChain's reasoning_effort, the Agents SDK's verbosity,
+# prompt caching keys) work. Fields that ask for what is not here (audio, web search, the
+# deprecated functions) are refused by name instead of ignored.
+IGNORED_CHAT_FIELDS = {"reasoning_effort", "verbosity", "prompt_cache_key", "prompt_cache_retention",
+                       "safety_identifier", "prediction"}
+UNSUPPORTED_CHAT_FIELDS = {"audio": "audio output", "web_search_options": "web search",
+                           "functions": "'functions' (deprecated: send 'tools')",
+                           "function_call": "'function_call' (deprecated: send 'tool_choice')"}
+CHAT_FIELDS = COMMON_FIELDS | RENDER_FIELDS | IGNORED_CHAT_FIELDS | set(UNSUPPORTED_CHAT_FIELDS) | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls", "store", "metadata", "service_tier", "modalities"}
+# Keys of a message that come back from the client library's own types (message.model_dump() of a
+# response adds annotations, audio and function_call, null): nothing to render from them.
+_IGNORED_MESSAGE_KEYS = {"annotations", "audio", "refusal"}
 # Names the template sees from the server: chat_template_kwargs may not replace them.
 _TEMPLATE_NAMES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception")
 
@@ -69,6 +81,7 @@ class ChatTemplate:
                 return text[:-1]  # the last message's line, open
             return text + "assistant:" if add_generation_prompt else text
         from jinja2 import TemplateError
+        messages = [_with_parsed_arguments(m) for m in messages]
         try:
             text = self._template.render(**(template_kwargs or {}), messages=messages,
                                          add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
@@ -115,6 +128,26 @@ class ChatTemplate:
 
 
 # ---- the chat request --------------------------------------------------------------------------
+def _with_parsed_arguments(message: dict) -> dict:
+    """A message for a jinja2 template: earlier tool calls' arguments as objects, not the JSON text
+    the API carries (Hugging Face's convention, and vLLM's: templates write `arguments | tojson`,
+    which double-encoded the text). Arguments that are not a JSON object stay text."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    parsed = []
+    for call in calls:
+        args = call["function"].get("arguments")
+        try:
+            value = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            value = args
+        if isinstance(value, dict):
+            call = dict(call, function=dict(call["function"], arguments=value))
+        parsed.append(call)
+    return dict(message, tool_calls=parsed)
+
+
 def parse_messages(messages, param: str = "messages") -> List[dict]:
     if not isinstance(messages, list):
         raise bad(f"'{param}' must be an array of messages, got {typename(messages)}.", param, "invalid_type")
@@ -127,7 +160,11 @@ def parse_messages(messages, param: str = "messages") -> List[dict]:
         where = f"{param}[{i}]"
         if not isinstance(m, dict):
             raise bad(f"'{where}' must be an object, got {typename(m)}.", where, "invalid_type")
-        check_unknown(m, {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+        check_unknown(m, {"role", "content", "name", "tool_calls", "tool_call_id", "function_call"}
+                      | _IGNORED_MESSAGE_KEYS, where)
+        if m.get("function_call") is not None:
+            raise bad(f"'{where}.function_call' is the deprecated form of a tool call: send it in 'tool_calls'.",
+                      f"{where}.function_call", "invalid_value")
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)[:40]}.",
@@ -144,7 +181,7 @@ def parse_messages(messages, param: str = "messages") -> List[dict]:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise bad(f"'{pw}' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
                               "only text is supported.", pw, "invalid_value")
-                check_unknown(part, {"type", "text"})
+                # (other keys of a text part, such as cache_control, are hints to other servers)
                 parts.append(check_text(part.get("text"), f"{pw}.text"))
             content = "".join(parts)
         else:
@@ -193,6 +230,13 @@ def parse_render_options(body: dict, messages: List[dict]) -> dict:
 def parse_chat(body: dict, vocab: int, defaults: Optional[dict] = None) -> tuple:
     """(GenParams, messages, render options) of a chat completion request."""
     check_unknown(body, CHAT_FIELDS)
+    for name, what in UNSUPPORTED_CHAT_FIELDS.items():
+        if body.get(name) is not None:
+            raise bad(f"This server does not support {what}.", name, "unsupported_parameter")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise bad(f"'modalities' can only be [\"text\"] here, got {json.dumps(modalities)[:80]}.", "modalities",
+                  "unsupported_parameter")
     if "messages" not in body:
         raise bad("'messages' is required.", "messages", "missing_required_parameter")
     messages = parse_messages(body["messages"])
@@ -201,9 +245,7 @@ def parse_chat(body: dict, vocab: int, defaults: Optional[dict] = None) -> tuple
     parse_common(body, vocab, p, defaults)
     mt = get_int(body, "max_tokens", None, 1, 2 ** 31)
     mct = get_int(body, "max_completion_tokens", None, 1, 2 ** 31)
-    if mt is not None and mct is not None and mt != mct:
-        raise bad("give 'max_tokens' or 'max_completion_tokens', not both.", "max_completion_tokens", "invalid_value")
-    p.max_tokens = mct if mct is not None else mt
+    p.max_tokens = mct if mct is not None else mt  # (both: the newer field, as OpenAI and vLLM)
     if get_bool(body, "logprobs", False):
         p.logprobs = get_int(body, "top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
     elif body.get("top_logprobs") is not None:
@@ -220,4 +262,6 @@ def parse_chat(body: dict, vocab: int, defaults: Optional[dict] = None) -> tuple
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise bad("'metadata' must be an object.", "metadata", "invalid_type")
     get_str(body, "service_tier")
+    for name in ("reasoning_effort", "verbosity", "prompt_cache_key", "prompt_cache_retention", "safety_identifier"):
+        get_str(body, name)
     return p, messages, render

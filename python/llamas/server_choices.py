@@ -2,6 +2,8 @@
 completions, echoed prompts, chat) and best_of's ranking of candidates."""
 from __future__ import annotations
 
+import codecs
+
 from .server_protocol import GenParams
 
 
@@ -24,23 +26,54 @@ def best_of_choices(results: list, per_prompt: int, n: int, keep_logprobs: bool)
     return chosen
 
 
-def completion_logprobs(tokenizer, lps, offset0: int) -> dict:
-    """OpenAI legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset
-    (offsets into the generated text)."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = offset0
+def token_piece(tokenizer, token_id: int) -> tuple:
+    """(token string, its bytes) for logprobs. A token holding part of a UTF-8 character (byte-level
+    BPE splits them) is written as OpenAI writes it, "bytes:\\xe2\\x80", so two such tokens stay
+    two keys of top_logprobs (both decoded to U+FFFD before), and its bytes are its own (chat's
+    `bytes` gave U+FFFD's three bytes for each half of "é", where it exists to rebuild it)."""
+    if tokenizer is None:
+        return str(token_id), str(token_id).encode()
+    table = tokenizer.piece_bytes()
+    raw = table[token_id] if table is not None and token_id < len(table) else \
+        tokenizer.decode([token_id]).encode("utf-8")
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+
+class TextOffsets:
+    """Each token's text_offset: the character of the text at which its first byte's character
+    starts, counted through a UTF-8 decoder as the text itself is decoded (a token that splits a
+    character counted as one character of its own, so offsets ran past the end of the text)."""
+    __slots__ = ("chars", "_decoder")
+
+    def __init__(self, start: int = 0):
+        self.chars = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def take(self, raw: bytes) -> int:
+        at = self.chars
+        self.chars += len(self._decoder.decode(raw))
+        return at
+
+
+def completion_logprobs(tokenizer, lps, offsets: TextOffsets) -> dict:
+    """OpenAI legacy completions logprobs: tokens, token_logprobs, top_logprobs (the top n and the
+    sampled token, as OpenAI's "logprobs + 1" and vLLM's), text_offset (from `offsets`, which
+    carries on over a stream's chunks)."""
+    tokens, token_lps, tops, text_offsets = [], [], [], []
     for lp in lps:
-        s = tokenizer.decode([lp.token_id]) if tokenizer is not None else str(lp.token_id)
+        s, raw = token_piece(tokenizer, lp.token_id)
         tokens.append(s)
         token_lps.append(lp.logprob)
         top = {}
         for tid, v in lp.top:
-            key = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
-            top.setdefault(key, v)
+            top.setdefault(token_piece(tokenizer, tid)[0], v)
+        top.setdefault(s, lp.logprob)
         tops.append(top)
-        offsets.append(offset)
-        offset += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+        text_offsets.append(offsets.take(raw))
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": text_offsets}
 
 
 def prompt_text(tokenizer, p: GenParams, prompt_index: int) -> str:
@@ -53,13 +86,14 @@ def prompt_text(tokenizer, p: GenParams, prompt_index: int) -> str:
 def echo_logprobs(tokenizer, ids, scores) -> dict:
     """The prompt's part of an echoed completion's logprobs: one entry per prompt token, the first
     with null logprob and top_logprobs (nothing precedes it), offsets from the start of the text."""
-    lp = completion_logprobs(tokenizer, (scores or [None])[1:], 0)
-    first = tokenizer.decode([ids[0]]) if tokenizer is not None else str(ids[0])
+    offsets = TextOffsets(0)
+    first, raw = token_piece(tokenizer, ids[0])
+    at = offsets.take(raw)
+    lp = completion_logprobs(tokenizer, (scores or [None])[1:], offsets)
     lp["tokens"].insert(0, first)
     lp["token_logprobs"].insert(0, None)
     lp["top_logprobs"].insert(0, None)
-    lp["text_offset"] = [o + len(first) for o in lp["text_offset"]]
-    lp["text_offset"].insert(0, 0)
+    lp["text_offset"].insert(0, at)
     return lp
 
 
@@ -70,8 +104,8 @@ def extend_logprobs(lp: dict, more: dict) -> None:
 
 def chat_logprobs(tokenizer, lps) -> dict:
     def entry(tid, v):
-        s = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
-        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+        s, raw = token_piece(tokenizer, tid)
+        return {"token": s, "logprob": v, "bytes": list(raw)}
     content = []
     for lp in lps:
         e = entry(lp.token_id, lp.logprob)

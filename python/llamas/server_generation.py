@@ -15,8 +15,8 @@ from .engine import EngineClosed, QueueFull
 from .engine import Request as EngineRequest
 from .engine import SamplingOptions, make_stop_rules
 from .request import Chunk
-from .server_choices import (best_of_choices, chat_logprobs, completion_logprobs, echo_logprobs, extend_logprobs,
-                             prompt_text)
+from .server_choices import (TextOffsets, best_of_choices, chat_logprobs, completion_logprobs, echo_logprobs,
+                             extend_logprobs, prompt_text)
 from .server_protocol import APIError, GenParams, bad
 from .server_sse import ChunkFormat, sse
 from .server_tools import STRUCTURED_FIELD, calling, structured_kind, tool_calls, tool_events
@@ -269,13 +269,13 @@ async def _generate(state: ServerState, request: Request, kind: str, p: GenParam
                  "finish_reason": reason}
         elif echoes is None:
             c = {"index": i, "text": r.text,
-                 "logprobs": completion_logprobs(tok, r.logprobs, 0) if r.logprobs is not None else None,
+                 "logprobs": completion_logprobs(tok, r.logprobs, TextOffsets(0)) if r.logprobs is not None else None,
                  "finish_reason": r.finish_reason}
         else:
             lp = None
             if r.logprobs is not None:
                 lp = echo_logprobs(tok, p.prompt_ids[i // p.n], r.prompt_logprobs)
-                extend_logprobs(lp, completion_logprobs(tok, r.logprobs, len(echoes[i])))
+                extend_logprobs(lp, completion_logprobs(tok, r.logprobs, TextOffsets(len(echoes[i]))))
             c = {"index": i, "text": echoes[i] + r.text, "logprobs": lp, "finish_reason": r.finish_reason}
         out.append(c)
     return _json({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -435,8 +435,9 @@ async def _stream_events(kind, p, tok, fmt, handles, choices, inbox, prompt_toke
                 out.append(fmt.frame([{"index": idx, "delta": delta, "logprobs": lp,
                                        "finish_reason": c.finish_reason}], usage(idx)))
             else:
+                if not isinstance(ch.offset, TextOffsets):  # (it carries a split character over chunks)
+                    ch.offset = TextOffsets(ch.offset)
                 lp = completion_logprobs(tok, c.logprobs, ch.offset)
-                ch.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 out.append(fmt.frame([{"index": idx, "text": c.text, "logprobs": lp,
                                        "finish_reason": c.finish_reason}], usage(idx)))
         if remaining and out:

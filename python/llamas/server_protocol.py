@@ -78,10 +78,11 @@ def typename(v) -> str:
             dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
 
 
-def check_unknown(body: dict, allowed) -> None:
+def check_unknown(body: dict, allowed, where: str = "") -> None:
     for key in body:
         if key not in allowed:
-            raise bad(f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+            param = f"{where}.{key}" if where else key
+            raise bad(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
 
 
 def check_text(value, param: str) -> str:
@@ -249,7 +250,9 @@ def parse_common(body: dict, vocab: int, p: GenParams, defaults: Optional[dict] 
     if so is not None:
         if not isinstance(so, dict):
             raise bad("'stream_options' must be an object.", "stream_options", "invalid_type")
-        check_unknown(so, {"include_usage", "continuous_usage_stats"})
+        # include_obfuscation (OpenAI's random padding against length side channels): nothing to pad here
+        check_unknown(so, {"include_usage", "continuous_usage_stats", "include_obfuscation"}, "stream_options")
+        get_bool(so, "include_obfuscation", True)
         if not p.stream:
             raise bad("'stream_options' is only allowed when 'stream' is true.", "stream_options", "invalid_value")
         p.include_usage = get_bool(so, "include_usage", False)
@@ -274,8 +277,10 @@ def parse_common(body: dict, vocab: int, p: GenParams, defaults: Optional[dict] 
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad(f"'seed' must be an integer, got {typename(seed)}.", "seed", "invalid_type")
-    if seed is not None and not 0 <= seed < 2 ** 63:
-        raise bad(f"'seed' must be in [0, 2^63), got {seed}.", "seed", "invalid_value")
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 63:
+        raise bad(f"'seed' must be a 64-bit integer, in [-2^63, 2^63), got {seed}.", "seed", "invalid_value")
+    if seed is not None and seed < 0:  # OpenAI's and vLLM's seeds are any int64 (UIs send -1): its bits
+        seed += 2 ** 64
     top_k = body.get("top_k")
     if top_k == -1:   # vLLM's spelling of "off"
         top_k = 0

@@ -136,10 +136,10 @@ def parse_tools(body: dict, constrained: bool) -> Optional[ToolPlan]:
     names = [f["name"] for f in functions]
     if len(set(names)) != len(names):
         raise bad("'tools' names a function twice.", "tools", "invalid_value")
-    parameters = {}
+    parameters, where = {}, {}
     for i, f in enumerate(functions):
-        parameters[f["name"]] = _object_schema(f.get("parameters", EMPTY_PARAMETERS), f"tools[{i}].function.parameters")
-        _compile(parameters[f["name"]], f"tools[{i}].function.parameters")  # each one's faults, named
+        where[f["name"]] = f"tools[{i}].function.parameters"
+        parameters[f["name"]] = _object_schema(f.get("parameters", EMPTY_PARAMETERS), where[f["name"]])
     if choice is None or choice == "auto":
         raise bad("'tool_choice' \"auto\" (the default with tools) needs a model that decides for itself whether to "
                   "call a tool; this server takes \"required\", a named function ({\"type\": \"function\", "
@@ -149,9 +149,13 @@ def parse_tools(body: dict, constrained: bool) -> Optional[ToolPlan]:
     if constrained:
         raise bad("'tool_choice' cannot be combined with 'response_format' or guided decoding.", "tool_choice",
                   "invalid_value")
+    # Only the schemas a call is held to are compiled: a keyword this server does not support in
+    # some other tool (agents pass whole toolsets every turn) does not fail a request that cannot call it.
     if choice == "required":
         if len(names) > 64:
             raise bad(f"tool_choice \"required\" takes at most 64 tools, got {len(names)}.", "tools", "invalid_value")
+        for name, schema in parameters.items():
+            _compile(schema, where[name])  # each one's faults, named
         # (names are letters, digits, '_' and '-': nothing to escape in a JSON pointer)
         rebased = {name: _rebase_refs(schema, f"/items/properties/{name}") for name, schema in parameters.items()}
         call = {"type": "object", "properties": rebased, "minProperties": 1, "maxProperties": 1,
@@ -169,7 +173,7 @@ def parse_tools(body: dict, constrained: bool) -> Optional[ToolPlan]:
     if choice.get("type") != "function" or name not in parameters:
         raise bad(f"'tool_choice' names no function of 'tools' ({', '.join(names)[:200]}).", "tool_choice",
                   "invalid_value")
-    return ToolPlan(tools, "named", name=name, schema=_compile(parameters[name], "tool_choice"))
+    return ToolPlan(tools, "named", name=name, schema=_compile(parameters[name], where[name]))
 
 
 def parse_tool_calls(calls: Any, where: str) -> List[dict]:
