@@ -416,6 +416,7 @@ def test_stream_counts_what_it_produced(model):
     assert llamas.memory_stats()["kv_cache_blocks_in_use"] > base
     early.close()                                  # frees its sequence now
     assert llamas.memory_stats()["kv_cache_blocks_in_use"] == base
+    assert early.stats()["finish_reason"] == "cancelled" and early.stats()["generated_tokens"] == 1
 
 
 def test_tiny_temperatures_sample_the_maximum(model):

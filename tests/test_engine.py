@@ -26,6 +26,15 @@ def kv_blocks():
     return llamas.memory_stats()["kv_cache_blocks_in_use"]
 
 
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_engine_matches_generate_from_many_threads(model):
     expected = {p: model.generate(p, max_new_tokens=12 + i) for i, p in enumerate(PROMPTS)}
     results = {}
@@ -244,3 +253,69 @@ def test_the_process_exits_with_its_status_while_requests_run(delay):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 3, proc.stderr[-2000:]
         assert "terminate called" not in proc.stderr
+
+
+def test_leaving_a_stream_early_cancels_its_request(model):
+    slow = llamas.Model(SlowNative(model._native, 0.003), model.config, model.tokenizer, model.path)
+    with Engine(slow, max_batch=4) as engine:
+        def stopped_after(n, how):
+            h = engine.submit("O Romeo", max_new_tokens=100, ignore_eos=True)
+            if how == "raise":
+                try:
+                    for i, _ in enumerate(h):
+                        if i == n:
+                            raise KeyError("a bug in the consuming loop")
+                except KeyError:
+                    pass
+            else:
+                it = iter(h)
+                for _ in range(n):
+                    next(it)
+                if how == "close":
+                    it.close()
+                else:
+                    del it
+            r = h.result(timeout=30)
+            return r.finish_reason, r.completion_tokens
+        for how in ("close", "drop", "raise"):
+            reason, tokens = stopped_after(3, how)
+            assert reason == "cancelled" and tokens < 100, how
+        assert wait_until(lambda: kv_blocks() == 0)
+        h = engine.submit("O Romeo", max_new_tokens=5)  # read to its end: nothing to cancel
+        assert "".join(h) == h.result().text and h.result().finish_reason in ("length", "stop")
+        h = engine.submit("O Romeo", max_new_tokens=5)
+        next(iter(h.chunks()))                             # chunks() only looks
+        assert h.result(timeout=30).finish_reason in ("length", "stop")
+
+
+def test_an_engine_thread_failure_ends_each_request_with_its_reason(model, caplog):
+    calls = []
+
+    def on_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("hook bug")
+    engine = Engine(model, on_step=on_step)
+    try:
+        h = engine.submit("O Romeo", max_new_tokens=50, ignore_eos=True)
+        with pytest.raises(llamas.LlamasError, match="the engine thread failed: RuntimeError: hook bug"):
+            "".join(h)
+        r = h.result(timeout=30)
+        assert r.finish_reason == "error" and "hook bug" in r.error
+        assert caplog.text.count("engine thread failed") == 1
+        again = engine.submit("O Romeo", max_new_tokens=3)  # a new engine thread serves the next
+        assert again.result(timeout=30).completion_tokens == 3
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_shutdown_from_a_callback_stops_the_engine(model):
+    holder = {}
+
+    def on_finish(req):
+        holder["engine"].shutdown(drain=False)  # from the engine thread itself
+    engine = holder["engine"] = Engine(model, on_finish=on_finish)
+    assert engine.submit("O Romeo", max_new_tokens=3).result(timeout=30).completion_tokens == 3
+    with pytest.raises(EngineClosed):
+        engine.submit("O Romeo", max_new_tokens=3)
+    assert wait_until(lambda: engine._thread is None)

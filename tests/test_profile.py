@@ -84,3 +84,21 @@ def test_cli_profile_flag_prints_both_tables():
     r = subprocess.run([sys.executable, "-m", "llamas", "generate", "--model", TINY, "Hi", "--max-new-tokens", "3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "layer type" not in r.stderr
+
+
+def test_profiles_nest():
+    model = llamas.load(TINY)
+    ids = np.array([[1, 2, 3, 4, 5]], dtype=np.int32)
+    with llamas.profile() as alone:
+        model.forward(ids)
+    one = sum(e[2] for e in alone.entries)
+    with llamas.profile() as outer:
+        model.forward(ids)
+        with llamas.profile() as inner:
+            model.forward(ids)
+        model.forward(ids)  # still counted: the inner block neither wiped nor stopped the outer
+    assert sum(e[2] for e in inner.entries) == one
+    assert sum(e[2] for e in outer.entries) == 3 * one
+    with llamas.profile() as after:
+        pass
+    assert after.entries == []

@@ -821,6 +821,27 @@ def test_a_client_that_stops_reading_is_cut_after_the_write_timeout(model, caplo
         assert_still_serving(http)
 
 
+def test_an_app_serves_again_after_its_lifespan_ended(model):
+    from starlette.testclient import TestClient
+    app = create_app(model)
+    for _ in range(2):  # pytest's pattern: one app, a client per test
+        with TestClient(app) as c:
+            r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    assert app.state.llamas.draining
+
+
+def test_an_app_mounted_under_a_prefix_labels_its_endpoints(model):
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+    outer, app = FastAPI(), create_app(model)
+    outer.mount("/llm", app)
+    with TestClient(app), TestClient(outer) as c:  # (a mounted app's lifespan is its owner's to run)
+        assert c.post("/llm/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+        text = c.get("/llm/metrics").text
+    assert 'llamas_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+
+
 def test_a_request_cancelled_in_the_queue_is_not_a_served_latency(model, caplog):
     slow_model = llamas.Model(SlowNative(model._native, 0.01), model.config, model.tokenizer, model.path)
     with served_client(slow_model, max_batch=1) as http, caplog.at_level(logging.INFO, logger="llamas.server"):

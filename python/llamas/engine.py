@@ -40,8 +40,9 @@ class QueueFull(LlamasError):
 
 class RequestHandle:
     """A submitted request. Iterate it for streamed pieces (text pieces for a str prompt, token
-    ids for an id prompt), call `.result()` for the final `Completion`, `.cancel()` to stop it
-    (its KV memory is freed at the engine's next step). Thread-safe; one consumer at a time."""
+    ids for an id prompt; leaving the loop early cancels it), call `.result()` for the final
+    `Completion`, `.cancel()` to stop it (its KV memory is freed at the engine's next step).
+    Thread-safe; one consumer at a time."""
 
     def __init__(self, engine: "Engine", req: Request, as_text: bool,
                  listener: Optional[Callable[[Chunk], None]] = None):
@@ -114,14 +115,25 @@ class RequestHandle:
                     return
 
     def __iter__(self) -> Iterator:
-        for c in self.chunks():
-            if c.error is not None:
-                raise LlamasError(f"[engine] request {self.id} failed: {c.error}")
-            if self._as_text:
-                if c.text:
-                    yield c.text
-            else:
-                yield from c.token_ids
+        """The streamed pieces. Leaving the loop early (break, an exception, the iterator closed or
+        dropped) cancels the request, as vLLM's generators do, so an abandoned stream frees its
+        batch slot and KV memory at once instead of running to max_new_tokens; read `chunks()`
+        to look at the output without that."""
+        finished = False
+        try:
+            for c in self.chunks():
+                if c.error is not None:
+                    finished = True
+                    raise LlamasError(f"[engine] request {self.id} failed: {c.error}")
+                finished = c.finish_reason is not None
+                if self._as_text:
+                    if c.text:
+                        yield c.text
+                else:
+                    yield from c.token_ids
+        finally:
+            if not finished and not self._done:
+                self.cancel()
 
     def result(self, timeout: Optional[float] = None) -> Completion:
         with self._cond:
@@ -359,6 +371,8 @@ class Engine:
                 self._cancel_all = True  # the engine thread cancels everything at its next iteration
             self._cond.notify_all()
             thread = self._thread
+        if thread is threading.current_thread():
+            return  # called from a callback (on_finish, a listener): the thread stops after this step
         if thread is not None:
             thread.join(timeout)
         if self.prefix_cache is not None and (thread is None or not thread.is_alive()):
@@ -403,13 +417,14 @@ class Engine:
                 self._steps += 1
                 if self.on_step is not None:
                     self.on_step()
-        except BaseException:  # never leave requests hanging
+        except BaseException as e:  # never leave requests hanging; each says why it ended
             log.exception("engine thread failed")
             with self._cond:
                 self._thread = None
                 while self._inbox:
                     sched.add(self._inbox.popleft())
-            sched.abort_all("error")
+            sched.abort_all("error", f"the engine thread failed: {type(e).__name__}: {e}")
             if self.on_step is not None:
                 self.on_step()
-            raise
+            if not isinstance(e, Exception):
+                raise  # (SystemExit, KeyboardInterrupt: not ours to swallow; an error is logged above, once)

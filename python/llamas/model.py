@@ -357,7 +357,7 @@ class GenerationStream:
     forward steps it took with the speculative drafts fed and accepted in them, and once the
     stream has ended its finish_reason, as the server's: "stop" (end-of-text, a stop string or
     token, or a structured output completed) or "length" (max_new_tokens, or the model's context,
-    ended it); closing it (or dropping it) early frees the sequence's KV memory."""
+    ended it); closing it (or dropping it) early frees the sequence's KV memory ("cancelled")."""
 
     def __init__(self, events, as_text: bool, prompt_tokens: int, timing: StepTiming, finish: Optional[list] = None):
         self._events = events
@@ -395,6 +395,10 @@ class GenerationStream:
 
     def close(self) -> None:
         self._events.close()
+        if self._finish[0] is None:  # closed before its end: as the server calls such a sequence
+            self._finish[0] = "cancelled"
+            if self._end is None:
+                self._end = time.perf_counter()
 
     def stats(self) -> dict:
         end = self._end if self._end is not None else time.perf_counter()

@@ -4,6 +4,7 @@ tables (op kinds such as `gemm` or `attention`; layer types such as `attn.qkv`, 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Dict, Iterator, List, Tuple
 
 from . import _C
@@ -56,6 +57,14 @@ class Profile:
         return self.table()
 
 
+_lock = threading.Lock()
+_depth = 0  # profile() blocks open now (nested, or in several threads): on while any is
+
+
+def _snapshot() -> Dict[Tuple[str, str], Tuple[int, float]]:
+    return {(op, region): (calls, seconds) for op, region, calls, seconds in _C.profiler_entries()}
+
+
 @contextlib.contextmanager
 def profile(enabled: bool = True) -> Iterator[Profile]:
     """Collects per-op time while the block runs:
@@ -66,16 +75,30 @@ def profile(enabled: bool = True) -> Iterator[Profile]:
 
     Off (outside the block) it costs one relaxed atomic load per op and per layer region.
     `enabled=False` (as torch.profiler's) collects nothing and yields an empty Profile, so a caller
-    can profile on a flag without a second code path.
+    can profile on a flag without a second code path. The counts are the process's: ops that other
+    threads run meanwhile are in them too. Blocks nest (and overlap across threads): each gets what
+    ran while it was open (an inner block used to wipe the outer one's counts and stop it).
     """
+    global _depth
     result = Profile()
     if not enabled:
         yield result
         return
-    _C.profiler_reset()
-    _C.profiler_enable(True)
+    with _lock:
+        if _depth == 0:
+            _C.profiler_reset()
+            _C.profiler_enable(True)
+        _depth += 1
+        before = _snapshot()
     try:
         yield result
     finally:
-        _C.profiler_enable(False)
-        result.entries = [tuple(e) for e in _C.profiler_entries()]
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _C.profiler_enable(False)
+            after = _snapshot()
+        for key, (calls, seconds) in after.items():
+            calls0, seconds0 = before.get(key, (0, 0.0))
+            if calls > calls0:
+                result.entries.append((key[0], key[1], calls - calls0, seconds - seconds0))

@@ -207,12 +207,12 @@ class Scheduler:
                 self._finish(slot, Chunk("", [], None, "length"))  # scored the prompt, generates nothing
         return self.has_work()
 
-    def abort_all(self, reason: str = "cancelled") -> None:
-        """Ends every request now (running ones release their KV memory)."""
+    def abort_all(self, reason: str = "cancelled", error: Optional[str] = None) -> None:
+        """Ends every request now (running ones release their KV memory); `error` says why."""
         for slot in list(self.running):
-            self._finish(slot, Chunk("", [], None, reason))
+            self._finish(slot, Chunk("", [], None, reason, error=error))
         while self.waiting:
-            self._finish_waiting(self.waiting.popleft(), reason)
+            self._finish_waiting(self.waiting.popleft(), reason, error)
 
     # ---- internals --------------------------------------------------------------------------
     def _reap_cancelled(self) -> None:

@@ -108,7 +108,9 @@ class _Observe:
                 await send({"type": "http.response.body", "body": json.dumps(body).encode()})
         finally:
             path = scope.get("path", "")
-            endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+            root = scope.get("root_path", "")
+            route = path[len(root):] if root and path.startswith(root) else path  # (mounted under a prefix)
+            endpoint = route if route in ENDPOINTS else ("/v1/models" if route.startswith("/v1/models/") else "other")
             code = status if status is not None else 499
             self.state.metrics.requests.labels(endpoint, str(code)).inc()
             if endpoint != "/metrics" and endpoint != "/health":
@@ -245,6 +247,10 @@ def create_app(model, *, model_name: Optional[str] = None, api_key: Optional[str
 
     @asynccontextmanager
     async def lifespan(app):
+        if state.draining:  # started again after a shutdown (a test client per test): serve again
+            state.draining = state.forced_stop = False
+            if state.model is not None:
+                state.attach(state.model)  # (a new engine: the last one was shut down)
         yield
         state.draining = True
         if state.engine is None:
