@@ -139,28 +139,38 @@ GPT2Weights load_gpt2_weights(const std::vector<std::string>& paths, const GPT2C
   auto matrix = [&](const std::string& name, const std::vector<int64_t>& shape) {
     return dtype == f32 ? r.get(name, shape, f32) : r.get(name, shape);
   };
+  // The vectors and wpe, copied out of the mapping (~3 MB at 124M; the matrices are packed), so
+  // the forward pass reads no page of the file: a checkpoint cut short on disk while a model ran
+  // (cp over it truncates first) killed the process with SIGBUS. (Model.save and training read
+  // the stored matrices, views of the mapping, again.)
+  auto vec = [&](const std::string& name, const std::vector<int64_t>& shape) {
+    Tensor t = r.get(name, shape, f32);
+    Tensor own = Tensor::empty(t.shape(), f32);
+    std::memcpy(own.raw(), t.raw(), t.nbytes());
+    return own;
+  };
   GPT2Weights w;
   w.dtype = dtype;
   w.wte = matrix("wte.weight", {c.vocab_size, C});
   w.lm_head_p = r.pack(w.wte, BLayout::NK, dtype, "wte.weight");
-  w.wpe = r.get("wpe.weight", {c.n_positions, C}, f32);
-  w.lnf_w = r.get("ln_f.weight", {C}, f32);
-  w.lnf_b = r.get("ln_f.bias", {C}, f32);
+  w.wpe = vec("wpe.weight", {c.n_positions, C});
+  w.lnf_w = vec("ln_f.weight", {C});
+  w.lnf_b = vec("ln_f.bias", {C});
   for (int64_t i = 0; i < c.n_layer; ++i) {
     std::string p = "h." + std::to_string(i) + ".";
     GPT2Layer l;
-    l.ln1_w = r.get(p + "ln_1.weight", {C}, f32);
-    l.ln1_b = r.get(p + "ln_1.bias", {C}, f32);
+    l.ln1_w = vec(p + "ln_1.weight", {C});
+    l.ln1_b = vec(p + "ln_1.bias", {C});
     l.attn_w = matrix(p + "attn.c_attn.weight", {C, 3 * C});
-    l.attn_b = r.get(p + "attn.c_attn.bias", {3 * C}, f32);
+    l.attn_b = vec(p + "attn.c_attn.bias", {3 * C});
     l.attn_proj_w = matrix(p + "attn.c_proj.weight", {C, C});
-    l.attn_proj_b = r.get(p + "attn.c_proj.bias", {C}, f32);
-    l.ln2_w = r.get(p + "ln_2.weight", {C}, f32);
-    l.ln2_b = r.get(p + "ln_2.bias", {C}, f32);
+    l.attn_proj_b = vec(p + "attn.c_proj.bias", {C});
+    l.ln2_w = vec(p + "ln_2.weight", {C});
+    l.ln2_b = vec(p + "ln_2.bias", {C});
     l.fc_w = matrix(p + "mlp.c_fc.weight", {C, F});
-    l.fc_b = r.get(p + "mlp.c_fc.bias", {F}, f32);
+    l.fc_b = vec(p + "mlp.c_fc.bias", {F});
     l.mlp_proj_w = matrix(p + "mlp.c_proj.weight", {F, C});
-    l.mlp_proj_b = r.get(p + "mlp.c_proj.bias", {C}, f32);
+    l.mlp_proj_b = vec(p + "mlp.c_proj.bias", {C});
     l.attn_p = r.pack(l.attn_w, BLayout::KN, dtype, p + "attn.c_attn.weight");
     l.attn_proj_p = r.pack(l.attn_proj_w, BLayout::KN, dtype, p + "attn.c_proj.weight");
     l.fc_p = r.pack(l.fc_w, BLayout::KN, dtype, p + "mlp.c_fc.weight");
