@@ -319,3 +319,42 @@ def test_shutdown_from_a_callback_stops_the_engine(model):
     with pytest.raises(EngineClosed):
         engine.submit("O Romeo", max_new_tokens=3)
     assert wait_until(lambda: engine._thread is None)
+
+
+def test_asyncio_services_await_and_stream_without_blocking_the_loop(model):
+    import asyncio
+    slow = llamas.Model(SlowNative(model._native, 0.002), model.config, model.tokenizer, model.path)
+    expected = {p: model.generate(p, max_new_tokens=10) for p in PROMPTS}
+    with Engine(slow, max_batch=8) as engine:
+        async def main():
+            ticks = 0
+
+            async def ticker():  # the loop keeps running while requests are awaited
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.001)
+            t = asyncio.ensure_future(ticker())
+
+            async def stream(p):
+                return "".join([piece async for piece in engine.submit(p, max_new_tokens=10, temperature=0)])
+            texts = await asyncio.gather(*(stream(p) for p in PROMPTS))
+            results = await asyncio.gather(*(engine.submit(p, max_new_tokens=10, temperature=0).aresult()
+                                             for p in PROMPTS))
+            ids = [t async for t in engine.submit(model.tokenizer.encode(PROMPTS[0]), max_new_tokens=4, temperature=0)]
+            h = engine.submit(PROMPTS[0], max_new_tokens=100, ignore_eos=True)
+            async for _ in h:
+                break                                    # leaving early cancels it
+            waiting = engine.submit(PROMPTS[0], max_new_tokens=100, ignore_eos=True)
+            task = asyncio.ensure_future(waiting.aresult())
+            await asyncio.sleep(0.02)
+            task.cancel()                                # a cancelled await cancels the request
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            t.cancel()
+            return texts, results, ids, h, waiting, ticks
+        texts, results, ids, h, waiting, ticks = asyncio.run(main())
+    assert texts == [expected[p] for p in PROMPTS] == [r.text for r in results]
+    assert ids == model.generate(model.tokenizer.encode(PROMPTS[0]), max_new_tokens=4)
+    assert h.result(timeout=10).finish_reason == "cancelled" and waiting.result(timeout=10).finish_reason == "cancelled"
+    assert ticks > 20

@@ -6,11 +6,12 @@ loop) join and leave the running batch between steps.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
 import time
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._C import LlamasError
 from .prefix_cache import BLOCK, PrefixCache, cache_bytes
@@ -54,6 +55,8 @@ class RequestHandle:
         self._chunks: List[Chunk] = []
         self._done = False
         self._waiters = 0         # threads blocked in chunks() or result(); changed under _cond
+        self._async = False       # an event loop awaits this handle (set once, before it first waits)
+        self._async_waiters: list = []  # (loop, future) to wake at the next chunk; under _cond
 
     # engine thread
     def _push(self, chunk: Chunk) -> None:
@@ -67,8 +70,30 @@ class RequestHandle:
         if self._waiters:
             with self._cond:
                 self._cond.notify_all()
+        if self._async:
+            with self._cond:
+                woken, self._async_waiters = self._async_waiters, []
+            for loop, fut in woken:
+                loop.call_soon_threadsafe(_wake, fut)
         if self._listener is not None:
             self._listener(chunk)
+
+    async def _next_chunks(self, i: int) -> list:
+        """The chunks from index i on, waiting (without blocking the event loop) for at least one."""
+        while True:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            with self._cond:
+                self._async = True  # (before the check: a chunk pushed after it finds the waiter)
+                if len(self._chunks) > i:
+                    return self._chunks[i:]
+                self._async_waiters.append((loop, fut))
+            try:
+                await fut
+            finally:
+                with self._cond:
+                    if (loop, fut) in self._async_waiters:
+                        self._async_waiters.remove((loop, fut))
 
     def _wait_for(self, predicate, timeout: Optional[float]) -> bool:  # under self._cond
         self._waiters += 1
@@ -114,26 +139,57 @@ class RequestHandle:
                 if c.finish_reason is not None:
                     return
 
+    def _pieces(self, c: Chunk) -> list:
+        """What a chunk streams: its text (str prompt) or token ids; a failed request raises."""
+        if c.error is not None:
+            raise LlamasError(f"[engine] request {self.id} failed: {c.error}")
+        if self._as_text:
+            return [c.text] if c.text else []
+        return c.token_ids
+
     def __iter__(self) -> Iterator:
         """The streamed pieces. Leaving the loop early (break, an exception, the iterator closed or
         dropped) cancels the request, as vLLM's generators do, so an abandoned stream frees its
         batch slot and KV memory at once instead of running to max_new_tokens; read `chunks()`
         to look at the output without that."""
-        finished = False
         try:
             for c in self.chunks():
-                if c.error is not None:
-                    finished = True
-                    raise LlamasError(f"[engine] request {self.id} failed: {c.error}")
-                finished = c.finish_reason is not None
-                if self._as_text:
-                    if c.text:
-                        yield c.text
-                else:
-                    yield from c.token_ids
+                yield from self._pieces(c)
         finally:
-            if not finished and not self._done:
+            if not self._done:
                 self.cancel()
+
+    def __aiter__(self) -> AsyncIterator:
+        """`async for piece in handle`: the streamed pieces without blocking the event loop (for
+        services on asyncio); leaving the loop early cancels the request, as with `for`."""
+        return self._pieces_async()
+
+    async def _pieces_async(self) -> AsyncIterator:
+        i = 0
+        try:
+            while True:
+                new = await self._next_chunks(i)
+                i += len(new)
+                for c in new:
+                    for piece in self._pieces(c):
+                        yield piece
+                    if c.finish_reason is not None:
+                        return
+        finally:
+            if not self._done:
+                self.cancel()
+
+    async def aresult(self) -> Completion:
+        """`await handle.aresult()`: result() without blocking the event loop. A task cancelled
+        while it waits cancels the request."""
+        try:
+            i = 0
+            while not self._done:
+                i += len(await self._next_chunks(i))
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        return self.result(timeout=0)
 
     def result(self, timeout: Optional[float] = None) -> Completion:
         with self._cond:
@@ -149,6 +205,11 @@ class RequestHandle:
         return Completion(self.id, "".join(c.text for c in chunks), ids, last.finish_reason,
                           len(self._req.prompt_ids), self._req.completion_tokens, lps, last.error,
                           chunks[0].prompt_logprobs, self._req.cached_tokens)
+
+
+def _wake(fut) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def check_kv_cache_mb(kv_cache_mb, op: str) -> None:
