@@ -391,8 +391,9 @@ def test_thread_count_does_not_change_results():
     finally:
         llamas.set_num_threads(before)
     np.testing.assert_array_equal(one, three)
-    with pytest.raises(llamas.LlamasError, match="thread count"):
-        llamas.set_num_threads(0)
+    for bad in (0, 1025, True, 2.5, "2"):
+        with pytest.raises(llamas.LlamasError, match="thread count"):
+            llamas.set_num_threads(bad)
 
 
 def test_memory_stats_track_allocations():

@@ -12,7 +12,6 @@ from ._C import (
     LlamasError,
     cuda_available,
     get_num_threads,
-    set_num_threads,
 )
 from . import ops
 from .config import GPT2Config
@@ -22,6 +21,13 @@ from .profile import profile
 from .train import PRESETS, Trainer, WarmupCosine, create, evaluate
 
 __version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels use, in [1, 1024] (default: the CPUs, or $LLAMAS_NUM_THREADS)."""
+    if isinstance(n, bool) or not isinstance(n, int):  # (True would be 1, 2.5 a pybind error)
+        raise LlamasError(f"[set_num_threads] thread count must be an integer in [1, 1024], got {n!r}")
+    _C.set_num_threads(n)
 
 
 def memory_stats() -> dict:
