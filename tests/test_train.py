@@ -344,7 +344,8 @@ def small_trainer():
     (np.zeros((2, 0), int), np.zeros((2, 0), int), r"non-empty"),
     (np.zeros((2, 8), np.float32), np.zeros((2, 8), int), r"integer"),
     (np.zeros((2, 8), int), np.full((2, 8), 100), r"token id 100\b"),
-    (np.zeros((2, 8), int), np.full((2, 8), -1), r"token id -1\b"),
+    (np.zeros((2, 8), int), np.full((2, 8), -1), r"token id -1\b.*not -100"),
+    (np.zeros((2, 8), int), np.full((2, 8), -100), r"every target is -100"),
     (np.full((2, 8), 123), np.zeros((2, 8), int), r"inputs contain token id 123\b"),
     (np.zeros((1, 17), int), np.zeros((1, 17), int), r"sequence length 17 exceeds the model's context 16"),
 ])
@@ -359,6 +360,40 @@ def test_bad_batches_are_refused(small_trainer, inputs, targets, match):
     assert small_trainer.steps_done == steps
     after = params_copy(small_trainer)
     assert all(np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_ignored_targets_are_left_out_of_the_loss_and_the_gradient():
+    # -100 (PyTorch's ignore_index): padding, or a prompt's tokens in supervised fine-tuning.
+    model = llamas.create(tiny_config(vocab_size=100, n_positions=16), seed=3)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 100, (3, 16)).astype(np.int32)
+    y = rng.integers(0, 100, (3, 16)).astype(np.int32)
+    y[0, :9] = -100
+    y[2, 11:] = -100
+    kept = y != -100
+    logits = model.forward(x).reshape(-1, 100)
+    per_token, _ = llamas._C.ops.cross_entropy(logits, np.where(kept, y, 0).reshape(-1), 0.0)
+    expected = float(per_token[kept.reshape(-1)].astype(np.float64).mean())
+    assert llamas.evaluate(model, [(x, y)]) == pytest.approx(expected, rel=1e-6)
+    full = llamas.Trainer(model, micro_batch_size=3)
+    assert full.compute_gradients(x, y) == pytest.approx(expected, rel=1e-6)
+    grads = {n: full.gradient(n).copy() for n, *_ in full._native.params()}
+    # micro-batches of one row each: the same mean over the step's kept targets, the same gradient
+    split = llamas.Trainer(llamas.create(tiny_config(vocab_size=100, n_positions=16), seed=3), micro_batch_size=1)
+    assert split.step(x, y) == pytest.approx(expected, rel=1e-6)
+    for n, g in grads.items():
+        np.testing.assert_allclose(split.gradient(n), g, rtol=1e-4, atol=1e-7, err_msg=n)
+    # an ignored row's logits get no gradient: rows of all -100 change nothing
+    lone = llamas.Trainer(llamas.create(tiny_config(vocab_size=100, n_positions=16), seed=3))
+    y_masked = y.copy()
+    y_masked[1] = -100
+    a = lone.compute_gradients(x[[0, 2]], y[[0, 2]])
+    ga = {n: lone.gradient(n).copy() for n in grads}
+    lone2 = llamas.Trainer(llamas.create(tiny_config(vocab_size=100, n_positions=16), seed=3))
+    b = lone2.compute_gradients(x, y_masked)
+    assert a == pytest.approx(b, rel=1e-6)
+    for n in grads:
+        np.testing.assert_allclose(lone2.gradient(n), ga[n], rtol=1e-4, atol=1e-7, err_msg=n)
 
 
 def test_trainer_refuses_bfloat16_model(odd):

@@ -361,6 +361,20 @@ def test_cross_entropy(variant, rows, v, grad_scale):
     check_cross_entropy(logits, targets, grad_scale)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "reference_cross_entropy"])
+def test_cross_entropy_ignores_minus_100_rows(variant, name):
+    fn = getattr(ops, name)
+    z = rand(5, 37, seed=43)
+    t = np.array([3, -100, 36, -100, 0], dtype=np.int32)
+    losses, grads = fn(z, t, 0.5)
+    assert losses[1] == losses[3] == 0 and not grads[[1, 3]].any()
+    kept, kept_grads = fn(z[[0, 2, 4]], t[[0, 2, 4]], 0.5)
+    np.testing.assert_array_equal(losses[[0, 2, 4]], kept)
+    np.testing.assert_array_equal(grads[[0, 2, 4]], kept_grads)
+    with pytest.raises(llamas.LlamasError, match="not -100"):
+        fn(z, np.array([3, -1, 0, 0, 0], dtype=np.int32), 0.5)
+
+
 def test_cross_entropy_gpt2_vocabulary(variant):
     logits = rand(2, 50257, seed=42, scale=2.0)
     check_cross_entropy(logits, np.array([50256, 17]), 1.0 / 8)

@@ -1,5 +1,6 @@
 // Plain loops for the training kernels (cpu/train_impl.h), in double where a sum is long: the
 // tests and the kernel benchmark compare the fast kernels to these.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -46,6 +47,11 @@ void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
 void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale) {
   for (int64_t r = 0; r < rows; ++r) {
     float* z = logits + r * V;
+    if (targets[r] < 0) {  // kIgnoreTarget
+      losses[r] = 0.0f;
+      if (grad_scale != 0.0f) std::fill(z, z + V, 0.0f);
+      continue;
+    }
     // The maximum in float (exact), widened once: a double fmax-reduction over float inputs crashes
     // GCC 12's aarch64 vectoriser (internal compiler error in vect_transform_reduction).
     float row_max = z[0];

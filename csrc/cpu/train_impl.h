@@ -5,6 +5,7 @@
 // column sums (bias gradients) and AdamW. Every reduction runs in a fixed order on one thread, so
 // results are identical run to run and at any thread count.
 #include <cmath>
+#include <cstring>
 
 #include "llamas/parallel.h"
 
@@ -123,6 +124,11 @@ void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t
   llamas::parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* z = logits + r * V;
+      if (targets[r] < 0) {  // kIgnoreTarget: no loss, no gradient
+        losses[r] = 0.0f;
+        if (grad_scale != 0.0f) std::memset(z, 0, size_t(V) * sizeof(float));
+        continue;
+      }
       const float mx = row_max(z, V);
       const float target_logit = z[targets[r]];
       Vec vm = Vec::set1(mx), sum = Vec::zero();

@@ -97,17 +97,22 @@ Tensor& GPT2Trainer::buffer(const std::string& kind) {
   fail("trainer", "unknown buffer '", kind, "' (param, grad, exp_avg, exp_avg_sq)");
 }
 
-void GPT2Trainer::check_batch(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
-                              const char* op) const {
+int64_t GPT2Trainer::check_batch(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
+                                 const char* op) const {
   const GPT2Config& c = model_.config();
   LLAMAS_CHECK(B > 0 && T > 0, op, "the batch must be a non-empty (B, T) array, got (", B, ", ", T, ")");
   LLAMAS_CHECK(T <= c.n_positions, op, "sequence length ", T, " exceeds the context length ", c.n_positions);
   for (int64_t i = 0; i < B * T; ++i) {
     LLAMAS_CHECK(inputs[i] >= 0 && inputs[i] < c.vocab_size, op, "input token ", inputs[i], " at (", i / T, ", ",
                  i % T, ") is out of the vocabulary [0, ", c.vocab_size, ")");
-    LLAMAS_CHECK(targets[i] >= 0 && targets[i] < c.vocab_size, op, "target ", targets[i], " at (", i / T, ", ",
-                 i % T, ") is out of the vocabulary [0, ", c.vocab_size, ")");
+    LLAMAS_CHECK((targets[i] >= 0 && targets[i] < c.vocab_size) || targets[i] == ops::kIgnoreTarget, op, "target ",
+                 targets[i], " at (", i / T, ", ", i % T, ") is out of the vocabulary [0, ", c.vocab_size,
+                 ") and not ", ops::kIgnoreTarget, " (ignored)");
   }
+  int64_t learned = 0;
+  for (int64_t i = 0; i < B * T; ++i) learned += targets[i] != ops::kIgnoreTarget;
+  LLAMAS_CHECK(learned > 0, op, "every target is ", ops::kIgnoreTarget, " (ignored): the batch has nothing to learn from");
+  return learned;
 }
 
 double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, float grad_scale) {
@@ -261,32 +266,32 @@ double GPT2Trainer::run(const int32_t* inputs, const int32_t* targets, int64_t B
     ops::embedding_backward(inputs, positions.data(), R, d_res.data<float>(), g.wte.data<float>(), g.wpe.data<float>(),
                             C);
   }
-  return loss_sum / double(R);
+  return loss_sum;
 }
 
 double GPT2Trainer::compute_gradients(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T) {
-  check_batch(inputs, targets, B, T, "compute_gradients");
+  const int64_t learned = check_batch(inputs, targets, B, T, "compute_gradients");
   std::memset(grad_.raw(), 0, grad_.nbytes());
-  return run(inputs, targets, B, T, 1.0f / float(B * T));
+  return run(inputs, targets, B, T, 1.0f / float(learned)) / double(learned);
 }
 
 StepResult GPT2Trainer::step(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
                              int64_t micro_batch, float lr) {
   const char* op = "train_step";
-  check_batch(inputs, targets, B, T, op);
+  const int64_t learned = check_batch(inputs, targets, B, T, op);
   LLAMAS_CHECK(micro_batch > 0, op, "micro_batch must be positive, got ", micro_batch);
   LLAMAS_CHECK(lr >= 0 && std::isfinite(lr), op, "learning rate must be finite and >= 0, got ", lr);
   const int64_t step_number = steps_done_ + 1;
   std::memset(grad_.raw(), 0, grad_.nbytes());
   StepResult result;
-  // Every micro-batch's gradient is scaled by 1 / (all tokens of the step), so the accumulated
-  // gradient is that of the step's mean loss whatever the split.
-  const float grad_scale = 1.0f / float(B * T);
+  // Every micro-batch's gradient is scaled by 1 / (the step's targets learned from), so the
+  // accumulated gradient is that of the step's mean loss whatever the split.
+  const float grad_scale = 1.0f / float(learned);
   for (int64_t b0 = 0; b0 < B; b0 += micro_batch) {
     const int64_t mb = std::min(micro_batch, B - b0);
-    double mean = run(inputs + b0 * T, targets + b0 * T, mb, T, grad_scale);
-    result.loss += mean * double(mb) / double(B);
+    result.loss += run(inputs + b0 * T, targets + b0 * T, mb, T, grad_scale);
   }
+  result.loss /= double(learned);
   LLAMAS_CHECK(finite(result.loss), op, "loss is ", result.loss, " at step ", step_number,
                "; the weights were not updated (lower the learning rate, or check the data)");
   ProfileRegion region("optimizer");  // the gradient norm, clipping and AdamW

@@ -52,6 +52,7 @@ class GPT2Trainer {
   // gradients accumulate over them, then clipping and AdamW at learning rate `lr`. Throws, naming
   // the step, without touching the weights when the loss or the gradient is not finite.
   StepResult step(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, int64_t micro_batch, float lr);
+  // Targets of kIgnoreTarget (-100) are not learned from: the loss is the mean over the others.
   // Zeroes the gradients, then accumulates those of one batch (no update); returns its mean loss.
   double compute_gradients(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T);
 
@@ -64,10 +65,11 @@ class GPT2Trainer {
 
  private:
   // Forward, loss and backward of one micro-batch; gradients accumulate scaled by grad_scale (so
-  // the loss they are the gradient of is grad_scale * sum of losses). Returns the mean loss.
+  // the loss they are the gradient of is grad_scale * sum of losses). Returns the sum of losses.
   // (Evaluation without gradients is GPT2Model's forward + ops::cross_entropy: no activations kept.)
   double run(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, float grad_scale);
-  void check_batch(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, const char* op) const;
+  // Checks ids and shapes; returns how many targets are learned from (not kIgnoreTarget), > 0.
+  int64_t check_batch(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, const char* op) const;
 
   GPT2Model& model_;
   OptimizerConfig options_;

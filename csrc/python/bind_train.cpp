@@ -69,9 +69,11 @@ void def_cross_entropy(py::module_& ops, const char* name, CrossEntropyFn fn) {
   ops.def(name, [fn, name](FloatArray logits, IntArray targets, float grad_scale) {
     LLAMAS_CHECK(logits.ndim() == 2 && targets.ndim() == 1 && targets.shape(0) == logits.shape(0), name,
                  "expects logits (rows, V) and targets (rows)");
-    for (int64_t r = 0; r < targets.size(); ++r)
-      LLAMAS_CHECK(targets.data()[r] >= 0 && targets.data()[r] < logits.shape(1), "cross_entropy", "target ",
-                   targets.data()[r], " at row ", r, " is out of the vocabulary [0, ", logits.shape(1), ")");
+    for (int64_t r = 0; r < targets.size(); ++r) {
+      const int32_t t = targets.data()[r];
+      LLAMAS_CHECK((t >= 0 && t < logits.shape(1)) || t == ops::kIgnoreTarget, "cross_entropy", "target ", t, " at row ",
+                   r, " is out of the vocabulary [0, ", logits.shape(1), ") and not ", ops::kIgnoreTarget, " (ignored)");
+    }
     FloatArray z = new_array({logits.shape(0), logits.shape(1)});
     std::memcpy(z.mutable_data(), logits.data(), logits.size() * 4);
     FloatArray losses = new_array({logits.shape(0)});
@@ -199,14 +201,19 @@ void init_train(py::module_& m) {
      llamas_python::ReleaseGil release;
      // One row at a time keeps the logits at T x V floats whatever the batch size.
      double total = 0;
+     int64_t counted = 0;
      std::vector<float> losses(T);
      for (int64_t b = 0; b < B; ++b) {
        Tensor logits = model.forward(inputs.data() + b * T, 1, T);
        ops::cross_entropy(logits.data<float>(), targets.data() + b * T, losses.data(), T, V, 0.0f);
-       for (float l : losses) total += l;
+       for (int64_t t = 0; t < T; ++t) {
+         total += losses[t];
+         counted += targets.data()[b * T + t] != ops::kIgnoreTarget;
+       }
      }
-     return total / double(B * T);
-   }, py::arg("inputs"), py::arg("targets"), "Mean cross-entropy of targets given inputs (B, T); no gradients.");
+     return std::make_pair(total, counted);
+   }, py::arg("inputs"), py::arg("targets"),
+   "(summed cross-entropy, targets counted) of targets given inputs (B, T), -100 targets left out; no gradients.");
 
   py::class_<GPT2Trainer>(m, "GPT2Trainer")
       .def(py::init([](GPT2Model& model, float beta1, float beta2, float eps, float weight_decay, float grad_clip) {

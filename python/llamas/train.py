@@ -79,6 +79,11 @@ def _positive_float(name: str, value, allow_zero: bool = False) -> float:
     return float(value)
 
 
+# A target that is not learned from or scored (PyTorch's and transformers' ignore_index: padding,
+# or a prompt's tokens in supervised fine-tuning): losses are means over the other targets.
+IGNORE_TARGET = -100
+
+
 def _batch_arrays(inputs, targets, vocab_size: int, n_positions: int, op: str) -> Tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(inputs), np.asarray(targets)
     for name, a in (("inputs", x), ("targets", y)):
@@ -91,10 +96,14 @@ def _batch_arrays(inputs, targets, vocab_size: int, n_positions: int, op: str) -
     if x.shape[1] > n_positions:
         raise LlamasError(f"[{op}] sequence length {x.shape[1]} exceeds the model's context {n_positions}")
     for name, a in (("inputs", x), ("targets", y)):
-        lo, hi = int(a.min()), int(a.max())
+        ids = a[a != IGNORE_TARGET] if name == "targets" else a
+        if ids.size == 0:
+            raise LlamasError(f"[{op}] every target is {IGNORE_TARGET} (ignored): nothing to learn from or score")
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise LlamasError(f"[{op}] {name} contain token id {bad}, outside the vocabulary [0, {vocab_size})")
+            extra = f" (and not {IGNORE_TARGET}, which is ignored)" if name == "targets" else ""
+            raise LlamasError(f"[{op}] {name} contain token id {bad}, outside the vocabulary [0, {vocab_size}){extra}")
     return np.ascontiguousarray(x, dtype=np.int32), np.ascontiguousarray(y, dtype=np.int32)
 
 
@@ -103,7 +112,8 @@ class Trainer:
 
     `step(inputs, targets)` runs one optimizer step on int (B, T) arrays (split into micro-batches
     of `micro_batch_size` rows whose gradients accumulate) and returns the mean loss before the
-    update. Weight decay applies to 2-D weights only; gradients are clipped to a global L2 norm
+    update; a target of -100 (`IGNORE_TARGET`, PyTorch's ignore_index: padding, a prompt's tokens)
+    is not learned from, and the mean is over the others. Weight decay applies to 2-D weights only; gradients are clipped to a global L2 norm
     of `grad_clip` (0 disables). `schedule` is None (constant `lr`) or a callable step -> multiplier
     of `lr`, such as `WarmupCosine`.
     """
@@ -176,15 +186,16 @@ class Trainer:
 
 
 def evaluate(model: Model, loader: Iterable, max_batches: Optional[int] = None) -> float:
-    """Mean per-token cross-entropy of `model` over the batches of `loader`."""
+    """Mean per-token cross-entropy of `model` over the batches of `loader` (targets of -100 left out)."""
     total, tokens = 0.0, 0
     cfg = model.config
     for i, (inputs, targets) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         x, y = _batch_arrays(inputs, targets, cfg.vocab_size, cfg.n_positions, "evaluate")
-        total += model._native.loss(x, y) * x.size
-        tokens += x.size
+        loss_sum, counted = model._native.loss(x, y)
+        total += loss_sum
+        tokens += counted
     if tokens == 0:
         raise LlamasError("[evaluate] the loader yielded no batches")
     return total / tokens

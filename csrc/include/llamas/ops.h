@@ -85,8 +85,11 @@ void layernorm_backward(const float* dout, const float* x, const float* w, float
                         int64_t rows, int64_t C, float eps);
 // dx = dy * gelu'(x) (tanh form).
 void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
+// A target that is not learned from (PyTorch's and Hugging Face's ignore_index: padding, a prompt
+// in supervised fine-tuning): its row's loss is 0 and its gradient 0.
+constexpr int32_t kIgnoreTarget = -100;
 // Per row: losses[r] = logsumexp(z) - z[target]; if grad_scale != 0, the logits become
-// grad_scale * (softmax - onehot) in place. Targets must be in [0, V).
+// grad_scale * (softmax - onehot) in place. Targets must be in [0, V) or kIgnoreTarget.
 void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale);
 // Causal attention over qkv (B, T, 3C) -> out (B, T, C), lse (B, H, T); T <= 4096. Scores are
 // q.k * scale (GPT-2: head_dim^-0.5, see GPT2Config::attn_scale).
