@@ -843,12 +843,15 @@ def test_an_app_mounted_under_a_prefix_labels_its_endpoints(model):
 
 
 def test_a_request_cancelled_in_the_queue_is_not_a_served_latency(model, caplog):
-    slow_model = llamas.Model(SlowNative(model._native, 0.01), model.config, model.tokenizer, model.path)
+    # The first request runs ~2 s (100 steps of 20 ms): the second, impatient after 0.3 s, is still
+    # queued behind it however slow the machine (with 40 steps of 10 ms, a sanitizer build's run
+    # once admitted it first).
+    slow_model = llamas.Model(SlowNative(model._native, 0.02), model.config, model.tokenizer, model.path)
     with served_client(slow_model, max_batch=1) as http, caplog.at_level(logging.INFO, logger="llamas.server"):
         def running():
             return metric(http, "llamas_requests_running")
         first = threading.Thread(target=lambda: http.post("/v1/completions", json={
-            "prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "temperature": 0}))
+            "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "temperature": 0}))
         first.start()
         assert wait_for(lambda: running() == 1, timeout=10)
         with httpx.Client(base_url=str(http.base_url), timeout=0.3) as impatient:
