@@ -345,6 +345,11 @@ def test_error_resume_with_other_settings(run_a, dataset, tmp_path, capsys):
     args = train_args(dataset["data"], out, "--resume", "--lr", "0.5")
     err = error_of(capsys, args)
     assert "lr: checkpoint" in err  # a changed schedule would silently change the losses
+    # --warmup given as the default it stands for is the same run (8 steps: 10% is 0 steps)
+    assert main(train_args(dataset["data"], out, "--resume", "--warmup", "0")) == 0
+    assert "nothing left to train" in capsys.readouterr().err
+    err = error_of(capsys, train_args(dataset["data"], out, "--resume", "--warmup", "2"))
+    assert "warmup: checkpoint 0, now 2" in err
     # the same number of tokens, other tokens: data prepared again from other text
     other = tmp_path / "other-data"
     shutil.copytree(dataset["data"], other)

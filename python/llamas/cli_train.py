@@ -215,13 +215,18 @@ def _plot(out: str, metrics_path: str) -> bool:
     return True
 
 
+def _warmup(flag, steps: int) -> int:
+    """Warmup steps: --warmup, else 10% of the steps up to 200."""
+    return flag if flag is not None else min(200, steps // 10)
+
+
 def _run_settings(args, train_set) -> dict:
     """What must not change between a run and its resumption (the losses would differ)."""
     # The shards' own crc32s, combined: data prepared again with other text of the same size is
     # another run (its windows hold other tokens), found without reading the tokens again.
     data_crc = zlib.crc32(struct.pack(f"<{len(train_set.checksums)}I", *train_set.checksums))
     return {"batch": args.batch, "seq": args.seq, "seed": args.seed, "data_tokens": train_set.num_tokens,
-            "data_crc32": f"{data_crc:#010x}", "steps": args.steps, "lr": args.lr, "schedule": args.schedule, "warmup": args.warmup,
+            "data_crc32": f"{data_crc:#010x}", "steps": args.steps, "lr": args.lr, "schedule": args.schedule, "warmup": _warmup(args.warmup, args.steps),
             "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "beta1": args.beta1,
             "beta2": args.beta2, "grad_clip": args.grad_clip, "micro_batch": args.micro_batch}
 
@@ -268,7 +273,10 @@ def cmd_train(args) -> int:
                 raise LlamasError(f"[train] --resume: {ckpt_path} was written for a different config "
                                   f"({config.to_native()}), not --config {args.config} ({wanted.to_native()})")
         current = _run_settings(args, train_set)
-        saved = state.get("run", {})
+        run = state.get("run")
+        saved = dict(run) if isinstance(run, dict) else {}
+        if saved.get("warmup", 0) is None:  # (written before the resolved count was kept)
+            saved["warmup"] = _warmup(None, saved.get("steps", 0))
         changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
                    if saved.get(k) != v and not (k == "data_crc32" and k not in saved)]  # (older runs: none)
         if changed:
@@ -283,7 +291,7 @@ def cmd_train(args) -> int:
     if args.seq > model.config.n_positions:
         raise LlamasError(f"[train] --seq {args.seq} exceeds the model's context {model.config.n_positions}")
 
-    warmup = args.warmup if args.warmup is not None else min(200, args.steps // 10)
+    warmup = _warmup(args.warmup, args.steps)
     schedule = WarmupCosine(warmup, args.steps, args.min_lr_ratio) if args.schedule == "cosine" else None
     trainer = Trainer(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
                       grad_clip=args.grad_clip, schedule=schedule, micro_batch_size=args.micro_batch)
