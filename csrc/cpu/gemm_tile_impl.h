@@ -27,8 +27,12 @@ constexpr int64_t kNC = 512;       // packed B block: 256 x 512 floats = 512 KiB
 // 256. Zen 4, 2 threads, one process per build alternated 6 times, `matmul` and prepacked B at
 // 256 and 512 rows of GPT-2's shapes: 1.8-6.0% faster at every one (kc 512 or nc 128 about as
 // fast; kc 256, the AVX2 machine's choice, the slowest). Other widths keep kKC and kNC.
+// Column blocks of 128 since session 28, on a 2-core Intel Xeon (2 MiB L2 a core): a float32
+// prefill of 512 tokens of GPT-2 124M took 320-323 ms with 256, 305-306 with 128 (299-304 with
+// 64, 335 with 512; kc 1536 instead of 768: no faster), every GEMM of it 3-8% faster; on Zen 4,
+// 128 was as fast as 256 (above).
 constexpr int64_t kColumnsKC = Vec::W == 16 ? 768 : kKC;
-constexpr int64_t kColumnsNC = Vec::W == 16 ? 256 : kNC;
+constexpr int64_t kColumnsNC = Vec::W == 16 ? 128 : kNC;
 constexpr int64_t kSmallM = 8;     // at or below this many rows, stream B instead of packing it
 // Up to this many rows a product is a server's batched decode step (bfloat16 and int8 compute run
 // it in few-row tiles that fetch the next column tile's weights: NextTileLines).
