@@ -105,9 +105,8 @@ int64_t GPT2Trainer::check_batch(const int32_t* inputs, const int32_t* targets, 
   for (int64_t i = 0; i < B * T; ++i) {
     LLAMAS_CHECK(inputs[i] >= 0 && inputs[i] < c.vocab_size, op, "input token ", inputs[i], " at (", i / T, ", ",
                  i % T, ") is out of the vocabulary [0, ", c.vocab_size, ")");
-    LLAMAS_CHECK((targets[i] >= 0 && targets[i] < c.vocab_size) || targets[i] == ops::kIgnoreTarget, op, "target ",
-                 targets[i], " at (", i / T, ", ", i % T, ") is out of the vocabulary [0, ", c.vocab_size,
-                 ") and not ", ops::kIgnoreTarget, " (ignored)");
+    LLAMAS_CHECK(ops::valid_target(targets[i], c.vocab_size), op, "target ", targets[i], " at (", i / T, ", ",
+                 i % T, ") is out of the vocabulary [0, ", c.vocab_size, ") and not ", ops::kIgnoreTarget, " (ignored)");
   }
   int64_t learned = 0;
   for (int64_t i = 0; i < B * T; ++i) learned += targets[i] != ops::kIgnoreTarget;

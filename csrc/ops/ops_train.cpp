@@ -28,12 +28,15 @@ void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
   cpu::kernels().gelu_backward(x, dy, dx, n);
 }
 
+void check_targets(const int32_t* targets, int64_t rows, int64_t V) {
+  for (int64_t r = 0; r < rows; ++r)
+    LLAMAS_CHECK(valid_target(targets[r], V), "cross_entropy", "target ", targets[r], " at row ", r,
+                 " is out of the vocabulary [0, ", V, ") and not ", kIgnoreTarget, " (ignored)");
+}
+
 void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale) {
   ProfileScope scope("cross_entropy");
-  for (int64_t r = 0; r < rows; ++r)
-    LLAMAS_CHECK((targets[r] >= 0 && targets[r] < V) || targets[r] == kIgnoreTarget, "cross_entropy", "target ",
-                 targets[r], " at row ", r, " is out of the vocabulary [0, ", V, ") and not ", kIgnoreTarget,
-                 " (ignored)");
+  check_targets(targets, rows, V);
   cpu::kernels().cross_entropy(logits, targets, losses, rows, V, grad_scale);
 }
 

@@ -69,11 +69,7 @@ void def_cross_entropy(py::module_& ops, const char* name, CrossEntropyFn fn) {
   ops.def(name, [fn, name](FloatArray logits, IntArray targets, float grad_scale) {
     LLAMAS_CHECK(logits.ndim() == 2 && targets.ndim() == 1 && targets.shape(0) == logits.shape(0), name,
                  "expects logits (rows, V) and targets (rows)");
-    for (int64_t r = 0; r < targets.size(); ++r) {
-      const int32_t t = targets.data()[r];
-      LLAMAS_CHECK((t >= 0 && t < logits.shape(1)) || t == ops::kIgnoreTarget, "cross_entropy", "target ", t, " at row ",
-                   r, " is out of the vocabulary [0, ", logits.shape(1), ") and not ", ops::kIgnoreTarget, " (ignored)");
-    }
+    ops::check_targets(targets.data(), targets.size(), logits.shape(1));  // (the reference too)
     FloatArray z = new_array({logits.shape(0), logits.shape(1)});
     std::memcpy(z.mutable_data(), logits.data(), logits.size() * 4);
     FloatArray losses = new_array({logits.shape(0)});

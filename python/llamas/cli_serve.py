@@ -164,8 +164,7 @@ def run(args, model_path: str) -> int:
         # A forced stop (a second Ctrl-C) cuts the running streams, as the write timeout cuts a
         # client that stopped reading; uvicorn says so for each ("returned without completing
         # response"), though the request's own log line already does.
-        return not ((state.draining or RESPONSE_CUT.get())
-                    and record.getMessage() == "ASGI callable returned without completing response.")
+        return not (RESPONSE_CUT.get() and record.getMessage() == "ASGI callable returned without completing response.")
     logging.getLogger("uvicorn.error").addFilter(not_a_cut_stream)
 
     class Server(uvicorn.Server):

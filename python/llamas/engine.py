@@ -80,13 +80,13 @@ class RequestHandle:
 
     async def _next_chunks(self, i: int) -> list:
         """The chunks from index i on, waiting (without blocking the event loop) for at least one."""
+        loop = asyncio.get_running_loop()
         while True:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
             with self._cond:
                 self._async = True  # (before the check: a chunk pushed after it finds the waiter)
                 if len(self._chunks) > i:
                     return self._chunks[i:]
+                fut = loop.create_future()
                 self._async_waiters.append((loop, fut))
             try:
                 await fut

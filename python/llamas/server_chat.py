@@ -262,6 +262,6 @@ def parse_chat(body: dict, vocab: int, defaults: Optional[dict] = None) -> tuple
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise bad("'metadata' must be an object.", "metadata", "invalid_type")
     get_str(body, "service_tier")
-    for name in ("reasoning_effort", "verbosity", "prompt_cache_key", "prompt_cache_retention", "safety_identifier"):
+    for name in IGNORED_CHAT_FIELDS - {"prediction"}:  # (strings; prediction is an object)
         get_str(body, name)
     return p, messages, render

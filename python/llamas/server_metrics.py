@@ -197,6 +197,11 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+def json_line(record: dict) -> str:
+    """A log line: compact JSON (the request lines and the server's events)."""
+    return json.dumps(record, separators=(",", ":"), default=str)
+
+
 def log_request(record: dict) -> None:
     if log.isEnabledFor(logging.INFO):
-        log.info(json.dumps(record, separators=(",", ":"), default=str))
+        log.info(json_line(record))

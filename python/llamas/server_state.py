@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from .engine import Engine, kv_blocks_per_sequence
 from .server_chat import ChatTemplate
-from .server_metrics import ServerMetrics
+from .server_metrics import ServerMetrics, json_line
 from .server_protocol import OPENAI_SAMPLING_DEFAULTS, APIError, bad, check_text, parse_json_body
 
 log = logging.getLogger("llamas.server")
@@ -42,11 +42,6 @@ def auto_kv_cache_mb(model, max_batch: int) -> Optional[float]:
 
 # Seconds a request body may take to arrive (1 MiB by default: ~0.1 s on a slow link).
 BODY_TIMEOUT_S = 30.0
-
-
-def _event(record: dict) -> str:
-    """A log line in the request lines' form: compact JSON."""
-    return json.dumps(record, separators=(",", ":"), default=str)
 
 
 class ClientGone(Exception):
@@ -221,9 +216,7 @@ class ServerState:
         self.speculative_ngram = speculative_ngram
         self.stream_interval = stream_interval  # tokens per streamed event (after the first)
         self.chat_template_source = chat_template
-        if generation_config not in ("auto", "none"):
-            raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
-        self.generation_config = generation_config
+        self.generation_config = generation_config  # "auto" or "none" (create_app checks it)
         self.sampling_defaults = dict(OPENAI_SAMPLING_DEFAULTS)  # (the model's, once attached, with "auto")
         self.chat_template: Optional[ChatTemplate] = None
         self.ready = False
@@ -256,7 +249,7 @@ class ServerState:
                              speculative_ngram=self.speculative_ngram, kv_cache_mb=kv_mb)
         if self.engine.kv_budget_bytes is not None:
             per_sequence = kv_blocks_per_sequence(model) * model.kv_block_bytes
-            log.info(_event({"event": "kv_cache_budget", "bytes": self.engine.kv_budget_bytes,
+            log.info(json_line({"event": "kv_cache_budget", "bytes": self.engine.kv_budget_bytes,
                                  "full_context_sequences": self.engine.kv_budget_bytes // per_sequence,
                                  "max_batch": self.max_batch}))
         self.metrics.describe_model(self.model_name, model)
@@ -266,10 +259,10 @@ class ServerState:
         def run():
             try:
                 self.attach(loader())
-                log.info(_event({"event": "model_loaded", "model": self.model_name, "source": what}))
+                log.info(json_line({"event": "model_loaded", "model": self.model_name, "source": what}))
             except Exception as e:  # /health reports it; requests get 503
                 self.load_error = str(e)
-                log.error(_event({"event": "model_load_failed", "source": what, "error": str(e)}))
+                log.error(json_line({"event": "model_load_failed", "source": what, "error": str(e)}))
         t = threading.Thread(target=run, name="llamas-load", daemon=True)
         t.start()
         return t

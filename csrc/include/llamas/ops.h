@@ -88,6 +88,9 @@ void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
 // A target that is not learned from (PyTorch's and Hugging Face's ignore_index: padding, a prompt
 // in supervised fine-tuning): its row's loss is 0 and its gradient 0.
 constexpr int32_t kIgnoreTarget = -100;
+inline bool valid_target(int32_t t, int64_t V) { return (t >= 0 && t < V) || t == kIgnoreTarget; }
+// Each of `rows` targets valid for V classes, else an error naming the first bad one.
+void check_targets(const int32_t* targets, int64_t rows, int64_t V);
 // Per row: losses[r] = logsumexp(z) - z[target]; if grad_scale != 0, the logits become
 // grad_scale * (softmax - onehot) in place. Targets must be in [0, V) or kIgnoreTarget.
 void cross_entropy(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V, float grad_scale);
