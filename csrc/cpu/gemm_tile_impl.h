@@ -312,9 +312,11 @@ struct NextTileLines {
 // bursting during its first pass. Against that burst (all rows in the first pass) the spread ran
 // 16 x 256 x {768, 1024, 4096} products with B from DRAM 7-27% faster (interleaved medians,
 // 49-76 -> 55-96 GFLOP/s); without any prefetch the B loads were the hottest instruction of a
-// 16-sequence step. Not for one or two rows: there the hardware prefetcher keeps up, and the extra
-// instructions cost GPT-2 124M's batch-1 decode 12%.
-template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false, bool kRowsOfA = false>
+// 16-sequence step. Not for one or two rows: the extra instructions cost GPT-2 124M's batch-1
+// decode 12% (Zen 4); those tiles ask for their own runs' lines ahead instead (kAheadRows > 0, see
+// panels_ahead_rows).
+template <typename BT, int R = kGemmRows, int RUNS = 2, bool kStreamB = false, bool kRowsOfA = false,
+          int kAheadRows = 0>
 void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const (&B)[RUNS], int64_t ldbk, float* C,
                 int rows, int cols, int64_t col0, bool first, bool last, const BT* const* next = nullptr,
                 int64_t next_row0 = 0, int next_shift = 0) {
@@ -400,6 +402,20 @@ void micro_tile(const GemmArgs& g, int64_t kc, const float* Ap, const BT* const 
     } else {
       plain_steps(0);
     }
+  } else if constexpr (kAheadRows > 0) {
+    // Each run asks for its own panel's line kAheadRows k rows ahead, one request per line (see
+    // panels_ahead_rows); 4 k steps per iteration, as plain_steps unrolls them.
+    constexpr int64_t kRowBytes = kPanelWidth * int64_t(sizeof(BT));
+    constexpr int64_t kStepsPerLine = kRowBytes >= 64 ? 1 : 64 / kRowBytes;
+    static_assert(kStepsPerLine <= 4, "at least one request each 4 k steps");
+    int64_t k = 0;
+    for (; k + 4 <= kc; k += 4) {
+      for (int64_t s = 0; s < 4; s += kStepsPerLine)
+        for (int j = 0; j < RUNS; j += int(kPanelWidth / Vec::W)) __builtin_prefetch(B[j] + (k + s + kAheadRows) * ldbk);
+#pragma GCC unroll 4
+      for (int64_t kk = k; kk < k + 4; ++kk) k_step(kk);
+    }
+    plain_steps(k);
   } else {
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#define LLAMAS_PANEL_AHEAD_ROWS 32  // decode tiles ask for their weights ahead: see gemm_panels_impl.h
+
 namespace {
 
 struct Vec {
