@@ -111,7 +111,9 @@ inline __m512i dequantized_pairs_index() {
 // (VCVTNE2PS2BF16: the same values i8_rows_as_bf16 makes, denormal products aside) and interleaved
 // in registers, ~9 instructions a pair and panel against ~30 through i8_rows_as_bf16's rows.
 // (Not inlined: see dot_blocked.)
-template <int R, int P, bool kHw, typename BT = uint16_t>
+// kAheadRows > 0: each panel's line kAheadRows k rows ahead is asked for at every pair (decode:
+// see panels_ahead_rows).
+template <int R, int P, bool kHw, typename BT = uint16_t, int kAheadRows = 0>
 __attribute__((noinline)) void dot_tile(const GemmArgs& g, int64_t p0, int64_t p1, const uint32_t* Ap,
                                         const BT* const (&B)[P], float* C, int rows, int cols, int64_t col0,
                                         bool first, bool last, const float* const* b_scales = nullptr,
@@ -128,6 +130,8 @@ __attribute__((noinline)) void dot_tile(const GemmArgs& g, int64_t p0, int64_t p
   // Pair p; `tail`: an odd K's last pair, whose row k + 1 does not exist (its A half is 0).
   auto pair_step = [&](int64_t p, auto tail) __attribute__((always_inline)) {
     fetch.fetch();  // one line (a pair of rows) of the next tile a pair
+    if constexpr (kAheadRows > 0)
+      for (int j = 0; j < P; ++j) __builtin_prefetch(B[j] + (2 * (p - p0) + kAheadRows) * kPanelWidth);
     const uint32_t* a = Ap + (p - p0) * R;
 #if defined(__AVX512BF16__)
     if constexpr (kHw) {
@@ -208,6 +212,7 @@ void dot_small_m(const GemmArgs& g) {
   }
   constexpr int P = Vec::W == 16 ? (R == 1 ? 8 : R == 2 ? 6 : R <= 4 ? 4 : 2) : (R <= 2 ? 2 : 1);
   constexpr bool kInt8 = std::is_same_v<BT, int8_t>;
+  constexpr int kAhead = panels_ahead_rows<BT, R, false>();
   const int64_t pairs = (g.K + 1) / 2;
   llamas::parallel_for(g.N, P * kPanelWidth, [&](int64_t n0, int64_t n1) {
     // (One row is its own panel: no rows to round first.)
@@ -225,7 +230,7 @@ void dot_small_m(const GemmArgs& g) {
         const float* scales[P];
         for (int j = 0; j < P; ++j)
           Bq[j] = panel_run<int8_t>(g, col + j * kPanelWidth, 0), scales[j] = i8_run_scales(g, col + j * kPanelWidth);
-        dot_tile<R, P, kHw, int8_t>(g, 0, pairs, a, Bq, g.C + col, int(g.M), cols, col, true, true, scales);
+        dot_tile<R, P, kHw, int8_t, kAhead>(g, 0, pairs, a, Bq, g.C + col, int(g.M), cols, col, true, true, scales);
       } else if constexpr (kInt8) {
         uint16_t* chunk = reinterpret_cast<uint16_t*>(converted.data);
         for (int j = 0; j < P; ++j) B[j] = chunk + j * 2 * kI8ChunkPairs * kPanelWidth;
@@ -237,7 +242,7 @@ void dot_small_m(const GemmArgs& g) {
         }
       } else {
         for (int j = 0; j < P; ++j) B[j] = panel_run<uint16_t>(g, col + j * kPanelWidth, 0);
-        dot_tile<R, P, kHw>(g, 0, pairs, a, B, g.C + col, int(g.M), cols, col, true, true);
+        dot_tile<R, P, kHw, uint16_t, kAhead>(g, 0, pairs, a, B, g.C + col, int(g.M), cols, col, true, true);
       }
     }
   });

@@ -224,7 +224,9 @@ struct QuadTranspose {
 
 // i8_tile with VPDPBUSD. A quad of k past K reads up to 3 rows past the panel's q rows (its scales:
 // at least 64 bytes follow) against q = 0 in A.
-template <int R, int P, bool kVbmi>
+// kAheadRows > 0: each panel's line kAheadRows k rows ahead is asked for at every quad (decode:
+// see panels_ahead_rows).
+template <int R, int P, bool kVbmi, int kAheadRows = 0>
 LLAMAS_VNNI_FN void i8_tile_hw(const GemmArgs& g, const I8Rows& a, int64_t row0, int64_t b0, int64_t b1,
                                const int8_t* const (&B)[P], const float* const (&S)[P], float* C, int rows, int cols,
                                int64_t col0, bool first, bool last, const I8NextTile<P>* next = nullptr) {
@@ -249,6 +251,8 @@ LLAMAS_VNNI_FN void i8_tile_hw(const GemmArgs& g, const I8Rows& a, int64_t row0,
   // Rows k..k+3 of the tile's panels against R broadcast quads of A.
   auto quad_step = [&](int64_t k) __attribute__((always_inline, target("avx512vnni"))) {
     fetch.fetch();  // one line of the next tile's q rows a quad
+    if constexpr (kAheadRows > 0)
+      for (int j = 0; j < P; ++j) __builtin_prefetch(B[j] + (k + kAheadRows) * kPanelWidth);
     __m512i w[P];
     for (int j = 0; j < P; ++j)
       w[j] = _mm512_xor_si512(quads_of(_mm512_loadu_si512(B[j] + k * kPanelWidth)), flip);
@@ -290,15 +294,15 @@ LLAMAS_VNNI_FN void i8_tile_hw(const GemmArgs& g, const I8Rows& a, int64_t row0,
 }
 #endif
 
-template <int R, int P, bool kHw>
+template <int R, int P, bool kHw, int kAheadRows = 0>
 inline void i8_tile_as(const GemmArgs& g, const I8Rows& a, int64_t row0, int64_t b0, int64_t b1,
                        const int8_t* const (&B)[P], const float* const (&S)[P], float* C, int rows, int cols,
                        int64_t col0, bool first, bool last, const I8NextTile<P>* next = nullptr) {
 #if LLAMAS_I8_DOT_HW
   if constexpr (kHw) {
     static const bool vbmi = llamas::cpu_features().avx512_vbmi;
-    if (vbmi) return i8_tile_hw<R, P, true>(g, a, row0, b0, b1, B, S, C, rows, cols, col0, first, last, next);
-    return i8_tile_hw<R, P, false>(g, a, row0, b0, b1, B, S, C, rows, cols, col0, first, last, next);
+    if (vbmi) return i8_tile_hw<R, P, true, kAheadRows>(g, a, row0, b0, b1, B, S, C, rows, cols, col0, first, last, next);
+    return i8_tile_hw<R, P, false, kAheadRows>(g, a, row0, b0, b1, B, S, C, rows, cols, col0, first, last, next);
   }
 #endif
   (void)next;
@@ -327,7 +331,7 @@ void i8_small_m(const GemmArgs& g) {
       const int8_t* B[P];
       const float* S[P];
       i8_panels_at(g, col, B, S);
-      i8_tile_as<R, P, kHw>(g, quantized.rows, 0, 0, quantized.rows.blocks, B, S, g.C + col, int(g.M),
+      i8_tile_as<R, P, kHw, panels_ahead_rows<int8_t, R, false>()>(g, quantized.rows, 0, 0, quantized.rows.blocks, B, S, g.C + col, int(g.M),
                             int(imin(P * kPanelWidth, n1 - col)), col, true, true);
     }
   });

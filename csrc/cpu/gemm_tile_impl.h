@@ -8,6 +8,7 @@
 
 #include "llamas/allocator.h"
 #include "llamas/parallel.h"
+#include "cpu/gemm_ahead_impl.h"
 
 namespace {
 
