@@ -119,8 +119,16 @@ struct RowGroup {
         sc[v] = Vec::select_first(clamp_lanes(visible - v * Vec::W), sum, Vec::set1(-INFINITY));
         vmax = Vec::max(vmax, sc[v]);
       }
-      const float block_max = vmax.reduce_max();  // (a compare: std::fmax is a libm call here)
-      const float new_max = run_max[r] > block_max ? run_max[r] : block_max;
+      // Once the running max settles, no lane of a block is above it: then the new max is the old
+      // one exactly, found with one compare instead of a reduce on the path from the scores to
+      // P V. Prefill attention in GPT-2 124M (T = 512, 12 heads of 64), builds alternated 3
+      // times: 28.4-29.8 -> 26.1-28.0 ms. (Also tried, level: the next block's scores made before
+      // this block's P V, so that its softmax overlaps P V's FMAs; 8 query rows a group.)
+      float new_max = run_max[r];
+      if (vmax.any_above(run_max[r])) {
+        const float block_max = vmax.reduce_max();  // (a compare: std::fmax is a libm call here)
+        new_max = run_max[r] > block_max ? run_max[r] : block_max;
+      }
       // exp(-inf) = 0 exactly (see vexp), so masked keys add nothing and a fully masked block
       // leaves m, l and O bit-for-bit unchanged.
       // Once the running max settles it rarely moves: then the factor is exp(0) = 1 exactly, as

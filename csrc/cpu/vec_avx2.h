@@ -72,6 +72,8 @@ struct Vec {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Whether any lane is above x or NaN (unordered): when not, max(x, reduce_max()) is x exactly.
+  bool any_above(float x) const { return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(x), _CMP_NLE_UQ)) != 0; }
   float reduce_max() const {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     __m128 s = _mm_max_ps(lo, hi);

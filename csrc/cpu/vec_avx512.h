@@ -63,6 +63,8 @@ struct Vec {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Whether any lane is above x or NaN (unordered): when not, max(x, reduce_max()) is x exactly.
+  bool any_above(float x) const { return _mm512_cmp_ps_mask(v, _mm512_set1_ps(x), _CMP_NLE_UQ) != 0; }
   float reduce_max() const {
     __m256 lo = _mm512_castps512_ps256(v);
     __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));

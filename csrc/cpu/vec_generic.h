@@ -91,6 +91,12 @@ struct Vec {
     float s0 = s4[0] + s4[2], s1 = s4[1] + s4[3];
     return s0 + s1;
   }
+  // Whether any lane is above x or NaN (unordered): when not, max(x, reduce_max()) is x exactly.
+  bool any_above(float x) const {
+    for (int i = 0; i < W; ++i)
+      if (!(v[i] <= x)) return true;
+    return false;
+  }
   float reduce_max() const {
     float m = v[0];
     for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;

@@ -95,6 +95,11 @@ struct Vec {
     const float32x2_t s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4));
     return vget_lane_f32(s2, 0) + vget_lane_f32(s2, 1);
   }
+  // Whether any lane is above x or NaN (unordered): when not, max(x, reduce_max()) is x exactly.
+  bool any_above(float x) const {
+    const float32x4_t xs = vdupq_n_f32(x);
+    return vminvq_u32(vandq_u32(vcleq_f32(lo, xs), vcleq_f32(hi, xs))) == 0;
+  }
   float reduce_max() const {
     float tmp[W];
     store(tmp);

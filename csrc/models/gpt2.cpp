@@ -211,10 +211,9 @@ void GPT2Model::run_chunks(const std::vector<Chunk>& chunks, float* logits) {
       parallel_for(int64_t(kv_tasks.size()), 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const KvWriteTask& task = kv_tasks[t];
-          for (int64_t row = task.row0; row < task.row1; ++row) {
-            const float* r = qkvd + row * 3 * C;
-            chunks[task.chunk].cache->write(int(l), positions[row], r + C, r + 2 * C);
-          }
+          const float* r = qkvd + task.row0 * 3 * C;  // (a task's rows are consecutive positions)
+          chunks[task.chunk].cache->write_rows(int(l), positions[task.row0], task.row1 - task.row0, r + C, r + 2 * C,
+                                               3 * C);
         }
       }, 4);
     }

@@ -97,17 +97,22 @@ KvBlockRef::KvBlockRef(const KvCache& cache, int64_t index)
 }
 
 template <typename T>
-void KvCache::write_typed(int layer, int64_t pos, const float* k, const float* v) {
+void KvCache::write_typed(int layer, int64_t pos, int64_t n, const float* k, const float* v, int64_t stride) {
   T* kb = static_cast<T*>(const_cast<void*>(key_ptrs_[layer][pos / kKvBlockSize]));
   T* vb = static_cast<T*>(const_cast<void*>(value_ptrs_[layer][pos / kKvBlockSize]));
-  kv_block_write(kb, vb, n_head_, head_dim_, pos % kKvBlockSize, k, v);
+  if (n == 1) kv_block_write(kb, vb, n_head_, head_dim_, pos % kKvBlockSize, k, v);
+  else kv_block_write_rows(kb, vb, n_head_, head_dim_, pos % kKvBlockSize, n, k, v, stride);
 }
 
-void KvCache::write(int layer, int64_t pos, const float* k, const float* v) {
-  if (dtype_ == DType::BF16) write_typed<uint16_t>(layer, pos, k, v);
-  else if (dtype_ == DType::I8) write_typed<int8_t>(layer, pos, k, v);
-  else write_typed<float>(layer, pos, k, v);
+void KvCache::write_rows(int layer, int64_t pos, int64_t n, const float* k, const float* v, int64_t stride) {
+  LLAMAS_CHECK(n >= 1 && pos % kKvBlockSize + n <= kKvBlockSize, "kv_cache", "positions ", pos, "..", pos + n - 1,
+               " are not inside one block of ", kKvBlockSize);
+  if (dtype_ == DType::BF16) write_typed<uint16_t>(layer, pos, n, k, v, stride);
+  else if (dtype_ == DType::I8) write_typed<int8_t>(layer, pos, n, k, v, stride);
+  else write_typed<float>(layer, pos, n, k, v, stride);
 }
+
+void KvCache::write(int layer, int64_t pos, const float* k, const float* v) { write_rows(layer, pos, 1, k, v, 0); }
 
 void KvCache::truncate(int64_t n) {
   LLAMAS_CHECK(n >= 0 && n <= length_, "kv_cache", "cannot truncate ", length_, " positions to ", n);

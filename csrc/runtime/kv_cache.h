@@ -37,6 +37,9 @@ class KvCache {
   // Writes one position's keys and values (n_head * head_dim floats each, rounded to the cache's
   // dtype) for a layer.
   void write(int layer, int64_t pos, const float* k, const float* v);
+  // Writes n consecutive positions from pos, all in one block (pos % 16 + n <= 16): position
+  // pos + i's keys at k + i * stride, values at v + i * stride.
+  void write_rows(int layer, int64_t pos, int64_t n, const float* k, const float* v, int64_t stride);
   void set_length(int64_t n) { length_ = n; }
   // Drops positions [n, length) (speculative decoding's rejected drafts): blocks past position n
   // go back. The block position n falls in is written again next, so it must be this cache's own
@@ -77,7 +80,7 @@ class KvCache {
   std::vector<std::vector<const void*>> key_ptrs_, value_ptrs_;
 
   template <typename T>
-  void write_typed(int layer, int64_t pos, const float* k, const float* v);
+  void write_typed(int layer, int64_t pos, int64_t n, const float* k, const float* v, int64_t stride);
   void push_block(void* block);
 };
 

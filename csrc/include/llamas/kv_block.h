@@ -60,6 +60,31 @@ static inline void kv_block_write(T* key_block, T* value_block, int n_head, int 
   kv_block_write_heads(key_block, value_block, 0, n_head, head_dim, slot, k, v, n_head);
 }
 
+// Positions [slot, slot + n) of a block at once (a prompt's rows: row i's keys at k + i * stride,
+// values at v + i * stride). float32 and bfloat16 fill each transposed key line (16 positions of
+// one head dimension) in one pass over the rows, which sit in L1 under it (16 rows of a head:
+// 4 KiB), where a position at a time touched the same 64 lines per head once per row, and the
+// 768 of a row's 12 heads of 64 no longer stayed in L1 from one row to the next. GPT-2 124M's
+// 512-token prefill, builds alternated 3 times: its KV writes 4.3-4.8 -> 3.1-3.5 ms.
+template <typename T>
+static inline void kv_block_write_rows(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot,
+                                       int64_t n, const float* k, const float* v, int64_t stride) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    for (int64_t i = 0; i < n; ++i) kv_block_write(key_block, value_block, n_head, head_dim, slot + i, k + i * stride, v + i * stride);
+  } else {
+    for (int h = 0; h < n_head; ++h) {
+      const int64_t at = int64_t(h) * head_dim;
+      T* kt = key_block + at * kKvBlockSize + slot;
+      for (int d = 0; d < head_dim; ++d)
+        for (int64_t i = 0; i < n; ++i) kt[d * kKvBlockSize + i] = float_as<T>(k[i * stride + at + d]);
+      for (int64_t i = 0; i < n; ++i) {
+        T* vrow = value_block + (int64_t(h) * kKvBlockSize + slot + i) * head_dim;
+        for (int d = 0; d < head_dim; ++d) vrow[d] = float_as<T>(v[i * stride + at + d]);
+      }
+    }
+  }
+}
+
 // A decode step's new key and value (AttentionArgs::new_k, new_v) for heads [h0, h1), into the
 // block of position first_pos. The blocks are the cache's own memory; the args hold them const
 // because the attention kernels only read them otherwise.
