@@ -195,6 +195,26 @@ def alternated_step_ratio(fast, base, prompt: list[int]) -> float:
     return median(times[1]) / median(times[0])
 
 
+PREFILL_PAIRS = 2 if QUICK else 9   # llamas float32 / PyTorch eager prefills, alternated
+
+
+def interleaved_prefill(model, eager: TorchGPT2, prompt: list[int]) -> dict:
+    """llamas float32 and PyTorch eager 512-token prefills alternated one by one (the order
+    swapped each pair, a 0.3 s pause after each: OpenMP and OpenBLAS workers spin a while after a
+    region), so both see the same machine: the sections above run minutes apart, and this box
+    drifts by +-20% in that time. Returns each engine's prefill times (s)."""
+    log("prefill pairs: llamas float32 / PyTorch eager")
+    ones = {"llamas": llamas_runner(model, "float32", prompt), "eager": torch_runner(eager, prompt)}
+    for one in ones.values():
+        one(0)                                   # warm-up
+    times: dict = {k: [] for k in ones}
+    for i in range(PREFILL_PAIRS):
+        for k in (("llamas", "eager") if i % 2 == 0 else ("eager", "llamas")):
+            times[k].append(ones[k](0)[0])
+            time.sleep(0.3)
+    return times
+
+
 def add_short(res: dict, short_run: tuple) -> None:
     """Puts a short-context repeat_runs result beside a row's long-context numbers."""
     summary, toks, step_medians = short_run
@@ -414,6 +434,9 @@ def model_section(path: str, limits: dict) -> tuple[list, dict]:
 
     eager = TorchGPT2(weights, n_layer, n_head, eps).eval()
     check_agreement(eager, llm, prompt)
+    if "float32" in llm:
+        settle()
+        llm["float32"]["prefill_pairs"] = interleaved_prefill(llm["float32"]["model"], eager, prompt)
     for r in llm.values():
         r.pop("model", None)
     gc.collect()
