@@ -3,8 +3,10 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 import llamas
+from llamas import Engine
 from llamas.model import default_model_path
 
 # A passage from the corpus (Romeo and Juliet, Act I, Scene 1; public domain).
@@ -85,3 +87,25 @@ def test_engine_and_server_sample_with_the_models_generation_config():
     assert asyncio.run(complete(create_app(model), body)) == expected
     assert asyncio.run(complete(create_app(model, generation_config="none"), body)) == plain
     assert asyncio.run(complete(create_app(model), dict(body, temperature=1.0, top_k=0, repetition_penalty=1.0))) == plain
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
+def test_rows_bit_identical_across_attention_steps(kv_dtype):
+    # Attention's online softmax takes 4 KV blocks (64 positions) a step, steps counted from
+    # position 0: a row must come out bit for bit the same whether it is the last row of a prompt
+    # (alone, or in a group whose last rows reach into a later block of its step) or decoded after
+    # it, at lengths on both sides of the step and block boundaries.
+    m = llamas.load(kv_dtype=kv_dtype)
+    ids = (np.arange(230, dtype=np.int32) * 37 % m.config.vocab_size)[None]
+    full = m.forward(ids)
+    for n in (15, 16, 17, 63, 64, 65, 66, 79, 127, 128, 129, 130, 200):
+        np.testing.assert_array_equal(m.forward(ids[:, :n]), full[:, :n], err_msg=f"prefix of {n}")
+    # Decoding 60 tokens after 100 (across positions 128 and 144): each step's log-probability of
+    # its token equals, bit for bit, what scoring the whole text in one prefill gives it.
+    prompt = ids[0, :100].tolist()
+    with Engine(m) as engine:  # (plain greedy: the bundled model's generation config adds a penalty)
+        r = engine.submit(prompt, max_new_tokens=60, logprobs=1, temperature=0.0, top_k=0,
+                          repetition_penalty=1.0).result(timeout=120)
+    assert len(r.token_ids) == 60
+    scored = m.score(prompt + r.token_ids)[len(prompt):]
+    assert [lp.logprob for lp in r.logprobs] == [t.logprob for t in scored]

@@ -25,6 +25,26 @@ constexpr int kKeyVecs = kKvBlockSize / Vec::W;       // registers per block of 
 // (3 rows: 38-39, 4 rows: 38-40; interleaved calls), bit-identical.
 constexpr int kAttnRows = Vec::W == 16 ? 4 : Vec::W == 8 ? 6 : 2;
 constexpr int kMaxHeadDim = 256;
+// KV blocks per online-softmax step: one running-max check, one rescale of O and one reduction of
+// the probabilities' sum a step instead of a block. Steps start at multiples of kStepBlocks (the
+// block index from position 0), so a row meets the same steps alone (decode) as in a group
+// (prefill), where the group's trailing keys past the row are masked and add exact zeros. GPT-2
+// 124M's 512-token prefill, builds alternated 3 times: attention 25.4-26.6 -> 23.6-25.2 ms; batch-1
+// decode at 513-640 and the bundled model's 1- and 16-sequence steps level (decode attention reads
+// its KV from memory, where the arithmetic saved does not show).
+constexpr int kStepBlocks = 4;
+
+// f(std::integral_constant<int, nb>{}) for a step of nb = 1..kStepBlocks blocks.
+template <typename F>
+inline void with_step_blocks(int nb, F&& f) {
+  static_assert(kStepBlocks == 4, "one case per step size");
+  switch (nb) {
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
 // Partial sums per score (see RowGroup::block) and the registers they may take before the
 // chains run one after another: 16 of AVX2's 16 registers hold 8 accumulators, AVX-512's 32 hold 16.
 constexpr int kScoreChains = Vec::W == 16 ? 4 : 2;
@@ -38,7 +58,7 @@ template <int nrows, typename KT>
 struct RowGroup {
   alignas(64) float qs[nrows][kMaxHeadDim];
   alignas(64) float acc_out[nrows][kMaxHeadDim + Vec::W];
-  alignas(64) float probs[nrows][kKvBlockSize];
+  alignas(64) float probs[nrows][kStepBlocks * kKvBlockSize];
   float run_max[nrows], run_sum[nrows], corr[nrows];
   int64_t pos[nrows];
   int64_t last_pos = 0, n_blocks = 0;
@@ -57,24 +77,26 @@ struct RowGroup {
     n_blocks = last_pos / kKvBlockSize + 1;
   }
 
-  void block(const AttentionArgs& a, int head, int64_t blk) {
-    block_scores(a, head, blk);
-    block_values(a, head, blk);
-  }
-
-  // The block's scores and probabilities (reads its keys; for int8 entries also the values' scales,
-  // which scale the probabilities) and the running max and sum.
-  void block_scores(const AttentionArgs& a, int head, int64_t blk) {
+  // The step's scores and probabilities over blocks [b0, b0 + NB) (reads their keys; for int8
+  // entries also the values' scales, which scale the probabilities) and the running max and sum.
+  template <int NB>
+  void step_scores(const AttentionArgs& a, int head, int64_t b0) {
     const int hd = a.head_dim;
-    const KT* kt = static_cast<const KT*>(a.k_blocks[blk]) + int64_t(head) * hd * kKvBlockSize;
+    constexpr int kVecs = NB * kKeyVecs;  // score registers per row and chain
     constexpr bool kInt8 = std::is_same_v<KT, int8_t>;
-    const float* k_scales = nullptr;
-    const float* v_scales = nullptr;
-    if constexpr (kInt8) {
-      k_scales = llamas::kv_i8_scales(static_cast<const int8_t*>(a.k_blocks[blk]), a.n_head, hd) + head * kKvBlockSize;
-      v_scales = llamas::kv_i8_scales(static_cast<const int8_t*>(a.v_blocks[blk]), a.n_head, hd) + head * kKvBlockSize;
+    const KT* kt[NB];
+    const float* k_scales[NB] = {};
+    const float* v_scales[NB] = {};
+    for (int b = 0; b < NB; ++b) {
+      kt[b] = static_cast<const KT*>(a.k_blocks[b0 + b]) + int64_t(head) * hd * kKvBlockSize;
+      if constexpr (kInt8) {
+        k_scales[b] = llamas::kv_i8_scales(static_cast<const int8_t*>(a.k_blocks[b0 + b]), a.n_head, hd) +
+                      head * kKvBlockSize;
+        v_scales[b] = llamas::kv_i8_scales(static_cast<const int8_t*>(a.v_blocks[b0 + b]), a.n_head, hd) +
+                      head * kKvBlockSize;
+      }
     }
-    const int64_t blk_pos = blk * kKvBlockSize;
+    const int64_t step_pos = b0 * kKvBlockSize;
     // No software prefetch of the next block: measured with and without (this machine, float32),
     // prefill attention (T=512, 12 heads of 64) ran ~15% faster without the ~128 prefetches per
     // head and block, and decode at contexts 80..976 the same or 5-10% faster; the hardware
@@ -85,19 +107,21 @@ struct RowGroup {
     // in 2 registers at a time below, took the bundled model's decode attention (context ~130,
     // two Zen 4 cores, builds alternated) from 7.1-10.3 to 6.4 us a layer at one sequence and
     // from 133-142 to 101-125 at sixteen; prefill attention (T = 512, 12 heads of 64) unchanged.
-    Vec s[nrows][kScoreChains][kKeyVecs];
+    // Each key's score is the same sum whatever the step's block count.
+    Vec s[nrows][kScoreChains][kVecs];
     for (int r = 0; r < nrows; ++r)
       for (int p = 0; p < kScoreChains; ++p)
-        for (int v = 0; v < kKeyVecs; ++v) s[r][p][v] = Vec::zero();
+        for (int v = 0; v < kVecs; ++v) s[r][p][v] = Vec::zero();
     auto score_dim = [&](int d, int chain) {
-      Vec kv[kKeyVecs];
-      for (int v = 0; v < kKeyVecs; ++v) kv[v] = load_any(kt + d * kKvBlockSize + v * Vec::W);
+      Vec kv[kVecs];
+      for (int b = 0; b < NB; ++b)
+        for (int v = 0; v < kKeyVecs; ++v) kv[b * kKeyVecs + v] = load_any(kt[b] + d * kKvBlockSize + v * Vec::W);
       for (int r = 0; r < nrows; ++r) {
         Vec qd = Vec::set1(qs[r][d]);
-        for (int v = 0; v < kKeyVecs; ++v) s[r][chain][v] = Vec::fma(qd, kv[v], s[r][chain][v]);
+        for (int v = 0; v < kVecs; ++v) s[r][chain][v] = Vec::fma(qd, kv[v], s[r][chain][v]);
       }
     };
-    if constexpr (nrows * kKeyVecs * kScoreChains > kScoreRegisters) {
+    if constexpr (nrows * kVecs * kScoreChains > kScoreRegisters) {
       // Too many rows for every chain's sums in registers: one chain's dims at a time. Each chain
       // still sums its dims in ascending order, as the interleaved loop does.
       for (int chain = 0; chain < kScoreChains; ++chain)
@@ -109,37 +133,36 @@ struct RowGroup {
       for (; dim < hd; ++dim) score_dim(dim, dim % kScoreChains);
     }
     for (int r = 0; r < nrows; ++r) {
-      int64_t visible = pos[r] - blk_pos + 1;  // keys of this block at or before the row
-      Vec sc[kKeyVecs];
+      int64_t visible = pos[r] - step_pos + 1;  // keys of this step at or before the row
+      Vec sc[kVecs];
       Vec vmax = Vec::set1(-INFINITY);
-      for (int v = 0; v < kKeyVecs; ++v) {
+      for (int v = 0; v < kVecs; ++v) {
         Vec sum = s[r][0][v] + s[r][1][v];
         if constexpr (kScoreChains == 4) sum = sum + (s[r][2][v] + s[r][3][v]);
-        if constexpr (kInt8) sum = sum * Vec::load(k_scales + v * Vec::W);
+        if constexpr (kInt8) sum = sum * Vec::load(k_scales[v / kKeyVecs] + v % kKeyVecs * Vec::W);
         sc[v] = Vec::select_first(clamp_lanes(visible - v * Vec::W), sum, Vec::set1(-INFINITY));
         vmax = Vec::max(vmax, sc[v]);
       }
-      // Once the running max settles, no lane of a block is above it: then the new max is the old
+      // Once the running max settles, no lane of a step is above it: then the new max is the old
       // one exactly, found with one compare instead of a reduce on the path from the scores to
       // P V. Prefill attention in GPT-2 124M (T = 512, 12 heads of 64), builds alternated 3
-      // times: 28.4-29.8 -> 26.1-28.0 ms. (Also tried, level: the next block's scores made before
-      // this block's P V, so that its softmax overlaps P V's FMAs; 8 query rows a group.)
+      // times: 28.4-29.8 -> 26.1-28.0 ms (steps of one block).
       float new_max = run_max[r];
       if (vmax.any_above(run_max[r])) {
-        const float block_max = vmax.reduce_max();  // (a compare: std::fmax is a libm call here)
-        new_max = run_max[r] > block_max ? run_max[r] : block_max;
+        const float step_max = vmax.reduce_max();  // (a compare: std::fmax is a libm call here)
+        new_max = run_max[r] > step_max ? run_max[r] : step_max;
       }
-      // exp(-inf) = 0 exactly (see vexp), so masked keys add nothing and a fully masked block
+      // exp(-inf) = 0 exactly (see vexp), so masked keys add nothing and a fully masked step
       // leaves m, l and O bit-for-bit unchanged.
       // Once the running max settles it rarely moves: then the factor is exp(0) = 1 exactly, as
-      // vexp would give, without its ~20 dependent instructions per row and block.
+      // vexp would give, without its ~20 dependent instructions per row and step.
       corr[r] = new_max == run_max[r] ? 1.0f : vexp(Vec::set1(run_max[r] - new_max)).reduce_max();
       Vec m = Vec::set1(new_max);
       Vec psum = Vec::zero();
-      for (int v = 0; v < kKeyVecs; ++v) {
+      for (int v = 0; v < kVecs; ++v) {
         Vec p = vexp(sc[v] - m);
         psum = psum + p;
-        if constexpr (kInt8) p = p * Vec::load(v_scales + v * Vec::W);  // (lanes past the written keys: never read)
+        if constexpr (kInt8) p = p * Vec::load(v_scales[v / kKeyVecs] + v % kKeyVecs * Vec::W);  // (lanes past the written keys: never read)
         p.store(probs[r] + v * Vec::W);
       }
       run_sum[r] = run_sum[r] * corr[r] + psum.reduce_add();
@@ -147,49 +170,57 @@ struct RowGroup {
     }
   }
 
-  // O = O * corr + P V over the block's keys written so far (never past the group's last
-  // position), with corr and P from block_scores.
-  void block_values(const AttentionArgs& a, int head, int64_t blk) {
+  // O = O * corr + P V over the step's keys written so far (never past the group's last
+  // position), with corr and P from step_scores.
+  template <int NB>
+  void step_values(const AttentionArgs& a, int head, int64_t b0) {
     const int hd = a.head_dim;
-    const KT* vb = static_cast<const KT*>(a.v_blocks[blk]) + int64_t(head) * kKvBlockSize * hd;
-    const int keys = int(imin(kKvBlockSize, last_pos - blk * kKvBlockSize + 1));
+    const KT* vb[NB];
+    int keys[NB];
+    for (int b = 0; b < NB; ++b) {
+      vb[b] = static_cast<const KT*>(a.v_blocks[b0 + b]) + int64_t(head) * kKvBlockSize * hd;
+      keys[b] = int(imin(kKvBlockSize, last_pos - (b0 + b) * kKvBlockSize + 1));
+    }
     // kPvVecs registers of head_dim per row at a time: nrows * kPvVecs independent FMA chains over
     // the keys (one register per row, as before, left one 16-long chain per row in flight); then
     // 2 at a time, so that a head of 2 registers (the bundled model's 32 dims with 16 lanes) keeps
     // two chains, not one after the other. Each element's sum is the same either way.
     constexpr int kPvVecs = nrows * 4 <= 8 ? 4 : 2;
     int d = 0;
-    for (; d + kPvVecs * Vec::W <= hd; d += kPvVecs * Vec::W) pv_registers<kPvVecs>(d, hd, keys, vb);
+    for (; d + kPvVecs * Vec::W <= hd; d += kPvVecs * Vec::W) pv_registers<kPvVecs, NB>(d, hd, keys, vb);
     if constexpr (kPvVecs > 2)
-      for (; d + 2 * Vec::W <= hd; d += 2 * Vec::W) pv_registers<2>(d, hd, keys, vb);
+      for (; d + 2 * Vec::W <= hd; d += 2 * Vec::W) pv_registers<2, NB>(d, hd, keys, vb);
     // The rest (head_dim not a multiple of kPvVecs registers) one register at a time; acc_out is
     // padded to whole registers, so only the V loads need the lane count.
     for (; d < hd; d += Vec::W) {
       const int lanes = clamp_lanes(hd - d);
       Vec o[nrows];
       for (int r = 0; r < nrows; ++r) o[r] = Vec::load(acc_out[r] + d) * Vec::set1(corr[r]);
-      for (int j = 0; j < keys; ++j) {
-        Vec vj = lanes == Vec::W ? load_any(vb + int64_t(j) * hd + d) : load_any_partial(vb + int64_t(j) * hd + d, lanes);
-        for (int r = 0; r < nrows; ++r) o[r] = Vec::fma(Vec::set1(probs[r][j]), vj, o[r]);
-      }
+      for (int b = 0; b < NB; ++b)
+        for (int j = 0; j < keys[b]; ++j) {
+          const KT* row = vb[b] + int64_t(j) * hd + d;
+          Vec vj = lanes == Vec::W ? load_any(row) : load_any_partial(row, lanes);
+          for (int r = 0; r < nrows; ++r) o[r] = Vec::fma(Vec::set1(probs[r][b * kKvBlockSize + j]), vj, o[r]);
+        }
       for (int r = 0; r < nrows; ++r) o[r].store(acc_out[r] + d);
     }
   }
 
-  // O[:, d:d+V registers] = O * corr + P V over this block's keys, in ascending key order.
-  template <int V>
-  void pv_registers(int d, int hd, int keys, const KT* vb) {
+  // O[:, d:d+V registers] = O * corr + P V over this step's keys, in ascending key order.
+  template <int V, int NB>
+  void pv_registers(int d, int hd, const int (&keys)[NB], const KT* const (&vb)[NB]) {
     Vec o[nrows][V];
     for (int r = 0; r < nrows; ++r)
       for (int v = 0; v < V; ++v) o[r][v] = Vec::load(acc_out[r] + d + v * Vec::W) * Vec::set1(corr[r]);
-    for (int j = 0; j < keys; ++j) {
-      Vec vj[V];
-      for (int v = 0; v < V; ++v) vj[v] = load_any(vb + int64_t(j) * hd + d + v * Vec::W);
-      for (int r = 0; r < nrows; ++r) {
-        const Vec p = Vec::set1(probs[r][j]);
-        for (int v = 0; v < V; ++v) o[r][v] = Vec::fma(p, vj[v], o[r][v]);
+    for (int b = 0; b < NB; ++b)
+      for (int j = 0; j < keys[b]; ++j) {
+        Vec vj[V];
+        for (int v = 0; v < V; ++v) vj[v] = load_any(vb[b] + int64_t(j) * hd + d + v * Vec::W);
+        for (int r = 0; r < nrows; ++r) {
+          const Vec p = Vec::set1(probs[r][b * kKvBlockSize + j]);
+          for (int v = 0; v < V; ++v) o[r][v] = Vec::fma(p, vj[v], o[r][v]);
+        }
       }
-    }
     for (int r = 0; r < nrows; ++r)
       for (int v = 0; v < V; ++v) o[r][v].store(acc_out[r] + d + v * Vec::W);
   }
@@ -211,7 +242,11 @@ template <int nrows, typename KT>
 void attention_rows(const AttentionArgs& a, int head, int64_t t0) {
   RowGroup<nrows, KT> g;
   g.init(a, head, t0);
-  for (int64_t blk = 0; blk < g.n_blocks; ++blk) g.block(a, head, blk);
+  for (int64_t b0 = 0; b0 < g.n_blocks; b0 += kStepBlocks)
+    with_step_blocks(int(imin(kStepBlocks, g.n_blocks - b0)), [&](auto nb) {
+      g.template step_scores<decltype(nb)::value>(a, head, b0);
+      g.template step_values<decltype(nb)::value>(a, head, b0);
+    });
   g.finish(a, head, t0);
 }
 
@@ -231,10 +266,11 @@ void attention_heads(const AttentionArgs& a, int h0, int h1, int64_t t) {
     RowGroup<1, KT> g[kHeadsTogether];
     if (a.new_k) llamas::kv_write_new_position<KT>(a, hb, hb + n);  // these heads' new key and value first
     for (int i = 0; i < n; ++i) g[i].init(a, hb + i, t);
-    for (int64_t blk = 0; blk < g[0].n_blocks; ++blk) {
-      for (int i = 0; i < n; ++i) g[i].block_scores(a, hb + i, blk);
-      for (int i = 0; i < n; ++i) g[i].block_values(a, hb + i, blk);
-    }
+    for (int64_t b0 = 0; b0 < g[0].n_blocks; b0 += kStepBlocks)
+      with_step_blocks(int(imin(kStepBlocks, g[0].n_blocks - b0)), [&](auto nb) {
+        for (int i = 0; i < n; ++i) g[i].template step_scores<decltype(nb)::value>(a, hb + i, b0);
+        for (int i = 0; i < n; ++i) g[i].template step_values<decltype(nb)::value>(a, hb + i, b0);
+      });
     for (int i = 0; i < n; ++i) g[i].finish(a, hb + i, t);
   }
 }
