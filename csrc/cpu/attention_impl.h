@@ -45,7 +45,7 @@ inline void with_step_blocks(int nb, F&& f) {
     default: return f(std::integral_constant<int, 1>{});
   }
 }
-// Partial sums per score (see RowGroup::block) and the registers they may take before the
+// Partial sums per score (see RowGroup::step_scores) and the registers they may take before the
 // chains run one after another: 16 of AVX2's 16 registers hold 8 accumulators, AVX-512's 32 hold 16.
 constexpr int kScoreChains = Vec::W == 16 ? 4 : 2;
 constexpr int kScoreRegisters = Vec::W == 16 ? 16 : 8;
@@ -252,17 +252,17 @@ void attention_rows(const AttentionArgs& a, int head, int64_t t0) {
   g.finish(a, head, t0);
 }
 
-// One query row (decode) over heads [h0, h1), blocks outermost, and in each block every head's
-// scores before any head's P V: a thread then reads the block's keys for its heads as one
-// contiguous run (6 heads of 64: 24 KiB), then their values as another, where block() per head
-// alternated 4 KiB runs of keys and values (2 KiB for heads of 32). Per head the arithmetic is
+// One query row (decode) over heads [h0, h1), steps outermost, and in each step every head's
+// scores before any head's P V: a thread then reads each block's keys for its heads as one
+// contiguous run (6 heads of 64: 24 KiB), then their values as another, where scores and P V per
+// head alternated 4 KiB runs of keys and values (2 KiB for heads of 32). Per head the arithmetic is
 // attention_rows<1>'s, bit for bit. Both versions in one process, calls alternated, KV from DRAM
 // (a 24-64 MB read between steps): the bundled model's 16 sequences at context 37 0.84-0.89x the
 // time a layer, GPT-2 124M at context 550 0.88-0.98x; in whole steps, builds alternated 8 times:
 // 16 sequences' attention 349 -> 294 us a step (+3% tok/s), 124M at 513-609 163 -> 149 us a layer.
 template <typename KT>
 void attention_heads(const AttentionArgs& a, int h0, int h1, int64_t t) {
-  constexpr int kHeadsTogether = 8;  // 8 states of ~2.2 KiB on the stack
+  constexpr int kHeadsTogether = 8;  // 8 states of ~2.4 KiB on the stack
   for (int hb = h0; hb < h1; hb += kHeadsTogether) {
     const int n = h1 - hb < kHeadsTogether ? h1 - hb : kHeadsTogether;
     RowGroup<1, KT> g[kHeadsTogether];

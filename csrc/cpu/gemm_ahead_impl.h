@@ -23,7 +23,7 @@ namespace {
 #ifndef LLAMAS_PANEL_AHEAD_ROWS
 #define LLAMAS_PANEL_AHEAD_ROWS 0
 #endif
-template <typename BT, int R, bool kStreamB>
+template <int R, bool kStreamB>
 constexpr int panels_ahead_rows() {
   if constexpr (R <= 12 && !kStreamB) return LLAMAS_PANEL_AHEAD_ROWS;
   return 0;

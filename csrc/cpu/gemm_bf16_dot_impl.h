@@ -212,7 +212,7 @@ void dot_small_m(const GemmArgs& g) {
   }
   constexpr int P = Vec::W == 16 ? (R == 1 ? 8 : R == 2 ? 6 : R <= 4 ? 4 : 2) : (R <= 2 ? 2 : 1);
   constexpr bool kInt8 = std::is_same_v<BT, int8_t>;
-  constexpr int kAhead = panels_ahead_rows<BT, R, false>();
+  constexpr int kAhead = panels_ahead_rows<R, false>();
   const int64_t pairs = (g.K + 1) / 2;
   llamas::parallel_for(g.N, P * kPanelWidth, [&](int64_t n0, int64_t n1) {
     // (One row is its own panel: no rows to round first.)

@@ -324,6 +324,7 @@ void i8_small_m(const GemmArgs& g) {
     if (g.M < R) return i8_small_m<R - 1, kHw>(g);
   }
   constexpr int P = !kHw ? 1 : R <= 2 ? 4 : R <= 4 ? 3 : 2;
+  constexpr int kAhead = panels_ahead_rows<R, false>();
   llamas::parallel_for(g.N, P * kPanelWidth, [&](int64_t n0, int64_t n1) {
     I8RowsBuffer quantized(g.M, g.K);
     quantize_rows(g, 0, g.M, quantized.rows);
@@ -331,8 +332,8 @@ void i8_small_m(const GemmArgs& g) {
       const int8_t* B[P];
       const float* S[P];
       i8_panels_at(g, col, B, S);
-      i8_tile_as<R, P, kHw, panels_ahead_rows<int8_t, R, false>()>(g, quantized.rows, 0, 0, quantized.rows.blocks, B, S, g.C + col, int(g.M),
-                            int(imin(P * kPanelWidth, n1 - col)), col, true, true);
+      i8_tile_as<R, P, kHw, kAhead>(g, quantized.rows, 0, 0, quantized.rows.blocks, B, S, g.C + col, int(g.M),
+                                    int(imin(P * kPanelWidth, n1 - col)), col, true, true);
     }
   });
 }

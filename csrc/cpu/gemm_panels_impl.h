@@ -54,7 +54,7 @@ void panels_tiled(const GemmArgs& g, int pieces) {
           micro_tile<BT, R_LAST, RUNS, kStreamB>(g, g.K, a, runs, kPanelWidth, c, rows, cols, col, true, true,
                                                  more ? next : nullptr, p * g.K / panels, next_shift);
         else
-          micro_tile<BT, R, RUNS, kStreamB, kRowsOfA, panels_ahead_rows<BT, R, kStreamB>()>(
+          micro_tile<BT, R, RUNS, kStreamB, kRowsOfA, panels_ahead_rows<R, kStreamB>()>(
               g, g.K, a, runs, kPanelWidth, c, rows, cols, col, true, true, more ? next : nullptr, p * g.K / panels,
               next_shift);
       }

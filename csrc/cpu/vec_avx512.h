@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#define LLAMAS_PANEL_AHEAD_ROWS 32  // decode tiles ask for their weights ahead: see gemm_panels_impl.h
+#define LLAMAS_PANEL_AHEAD_ROWS 32  // decode tiles ask for their weights ahead: see gemm_ahead_impl.h
 
 namespace {
 

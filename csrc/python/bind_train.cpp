@@ -176,6 +176,7 @@ void init_reference_train_ops(py::module_& ops) {
 
 void init_train(py::module_& m) {
   py::module_ ops = m.attr("ops").cast<py::module_>();
+  m.attr("IGNORE_TARGET") = ops::kIgnoreTarget;  // (train.py's, one definition)
   init_reference_train_ops(ops);
   init_train_ops(m);
   m.def("create_gpt2", [](const py::dict& config, uint64_t seed) {

@@ -100,8 +100,7 @@ template <typename T>
 void KvCache::write_typed(int layer, int64_t pos, int64_t n, const float* k, const float* v, int64_t stride) {
   T* kb = static_cast<T*>(const_cast<void*>(key_ptrs_[layer][pos / kKvBlockSize]));
   T* vb = static_cast<T*>(const_cast<void*>(value_ptrs_[layer][pos / kKvBlockSize]));
-  if (n == 1) kv_block_write(kb, vb, n_head_, head_dim_, pos % kKvBlockSize, k, v);
-  else kv_block_write_rows(kb, vb, n_head_, head_dim_, pos % kKvBlockSize, n, k, v, stride);
+  kv_block_write_heads(kb, vb, 0, n_head_, head_dim_, pos % kKvBlockSize, k, v, n_head_, n, stride);
 }
 
 void KvCache::write_rows(int layer, int64_t pos, int64_t n, const float* k, const float* v, int64_t stride) {

@@ -81,7 +81,7 @@ def _positive_float(name: str, value, allow_zero: bool = False) -> float:
 
 # A target that is not learned from or scored (PyTorch's and transformers' ignore_index: padding,
 # or a prompt's tokens in supervised fine-tuning): losses are means over the other targets.
-IGNORE_TARGET = -100
+IGNORE_TARGET = _C.IGNORE_TARGET  # -100 (ops::kIgnoreTarget)
 
 
 def _batch_arrays(inputs, targets, vocab_size: int, n_positions: int, op: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -113,8 +113,8 @@ class Trainer:
     `step(inputs, targets)` runs one optimizer step on int (B, T) arrays (split into micro-batches
     of `micro_batch_size` rows whose gradients accumulate) and returns the mean loss before the
     update; a target of -100 (`IGNORE_TARGET`, PyTorch's ignore_index: padding, a prompt's tokens)
-    is not learned from, and the mean is over the others. Weight decay applies to 2-D weights only; gradients are clipped to a global L2 norm
-    of `grad_clip` (0 disables). `schedule` is None (constant `lr`) or a callable step -> multiplier
+    is not learned from, and the mean is over the others. Weight decay applies to 2-D weights only;
+    gradients are clipped to a global L2 norm of `grad_clip` (0 disables). `schedule` is None (constant `lr`) or a callable step -> multiplier
     of `lr`, such as `WarmupCosine`.
     """
 

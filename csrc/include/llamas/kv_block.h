@@ -24,55 +24,33 @@ static inline const float* kv_i8_scales(const int8_t* region, int n_head, int he
   return reinterpret_cast<const float*>(region + int64_t(n_head) * head_dim * kKvBlockSize);
 }
 
-// Position `slot` (0..kKvBlockSize-1) of a block: heads [h0, h1)'s keys k[h * head_dim + d] and
-// values v[...], rounded to the block's entry type T (float, bfloat16 as uint16_t, or int8 with a
-// scale per head and position; n_head, the heads a region holds, places int8's scales).
+// Positions [slot, slot + n) of a block (n = 1: a decode step's one; more: a prompt's rows, row i's
+// keys at k + i * stride and values at v + i * stride): heads [h0, h1)'s keys k[h * head_dim + d]
+// and values v[...], rounded to the block's entry type T (float, bfloat16 as uint16_t, or int8
+// with a scale per head and position; n_head, the heads a region holds, places int8's scales).
+// float32 and bfloat16 fill each transposed key line (16 positions of one head dimension) in one
+// pass over the rows, which sit in L1 under it (16 rows of a head: 4 KiB); a position at a time
+// touched the same 64 lines per head once per row, and the 768 of a row's 12 heads of 64 did not
+// stay in L1 from one row to the next. GPT-2 124M's 512-token prefill, builds alternated 3 times:
+// its KV writes 4.3-4.8 -> 3.1-3.5 ms.
 template <typename T>
 static inline void kv_block_write_heads(T* key_block, T* value_block, int h0, int h1, int head_dim, int64_t slot,
-                                        const float* k, const float* v, int n_head) {
+                                        const float* k, const float* v, int n_head, int64_t n = 1,
+                                        int64_t stride = 0) {
   if constexpr (std::is_same_v<T, int8_t>) {
     float* k_scales = kv_i8_scales(key_block, n_head, head_dim);
     float* v_scales = kv_i8_scales(value_block, n_head, head_dim);
-    for (int h = h0; h < h1; ++h) {
-      k_scales[h * kKvBlockSize + slot] = quantize_int8(k + int64_t(h) * head_dim, head_dim, 1,
-                                                        key_block + int64_t(h) * head_dim * kKvBlockSize + slot,
-                                                        kKvBlockSize);
-      v_scales[h * kKvBlockSize + slot] = quantize_int8(v + int64_t(h) * head_dim, head_dim, 1,
-                                                        value_block + (int64_t(h) * kKvBlockSize + slot) * head_dim, 1);
-    }
-  } else {
-    for (int h = h0; h < h1; ++h) {
-      const float* kh = k + int64_t(h) * head_dim;
-      const float* vh = v + int64_t(h) * head_dim;
-      T* kt = key_block + int64_t(h) * head_dim * kKvBlockSize + slot;
-      T* vrow = value_block + (int64_t(h) * kKvBlockSize + slot) * head_dim;
-      for (int d = 0; d < head_dim; ++d) {
-        kt[d * kKvBlockSize] = float_as<T>(kh[d]);
-        vrow[d] = float_as<T>(vh[d]);
+    for (int64_t i = 0; i < n; ++i)
+      for (int h = h0; h < h1; ++h) {
+        const int64_t at = i * stride + int64_t(h) * head_dim, s = slot + i;
+        k_scales[h * kKvBlockSize + s] = quantize_int8(k + at, head_dim, 1,
+                                                       key_block + int64_t(h) * head_dim * kKvBlockSize + s,
+                                                       kKvBlockSize);
+        v_scales[h * kKvBlockSize + s] = quantize_int8(v + at, head_dim, 1,
+                                                       value_block + (int64_t(h) * kKvBlockSize + s) * head_dim, 1);
       }
-    }
-  }
-}
-
-template <typename T>
-static inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot,
-                                  const float* k, const float* v) {
-  kv_block_write_heads(key_block, value_block, 0, n_head, head_dim, slot, k, v, n_head);
-}
-
-// Positions [slot, slot + n) of a block at once (a prompt's rows: row i's keys at k + i * stride,
-// values at v + i * stride). float32 and bfloat16 fill each transposed key line (16 positions of
-// one head dimension) in one pass over the rows, which sit in L1 under it (16 rows of a head:
-// 4 KiB), where a position at a time touched the same 64 lines per head once per row, and the
-// 768 of a row's 12 heads of 64 no longer stayed in L1 from one row to the next. GPT-2 124M's
-// 512-token prefill, builds alternated 3 times: its KV writes 4.3-4.8 -> 3.1-3.5 ms.
-template <typename T>
-static inline void kv_block_write_rows(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot,
-                                       int64_t n, const float* k, const float* v, int64_t stride) {
-  if constexpr (std::is_same_v<T, int8_t>) {
-    for (int64_t i = 0; i < n; ++i) kv_block_write(key_block, value_block, n_head, head_dim, slot + i, k + i * stride, v + i * stride);
   } else {
-    for (int h = 0; h < n_head; ++h) {
+    for (int h = h0; h < h1; ++h) {
       const int64_t at = int64_t(h) * head_dim;
       T* kt = key_block + at * kKvBlockSize + slot;
       for (int d = 0; d < head_dim; ++d)
@@ -83,6 +61,12 @@ static inline void kv_block_write_rows(T* key_block, T* value_block, int n_head,
       }
     }
   }
+}
+
+template <typename T>
+static inline void kv_block_write(T* key_block, T* value_block, int n_head, int head_dim, int64_t slot,
+                                  const float* k, const float* v) {
+  kv_block_write_heads(key_block, value_block, 0, n_head, head_dim, slot, k, v, n_head);
 }
 
 // A decode step's new key and value (AttentionArgs::new_k, new_v) for heads [h0, h1), into the
