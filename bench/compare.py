@@ -11,7 +11,8 @@ Prints markdown tables:
      GPT2LMHeadModel.generate; decode at two contexts: after the 512-token prompt (context
      513-640), and from a 1-token prompt (context 2-129, as llama-bench's tg128 starts from an
      empty cache); each as % of the memory-bandwidth bound (weight bytes only);
-and the performance targets, each marked met / not met.
+and the performance targets, each marked met / not met (the float32 prefill target on the medians
+of llamas and PyTorch eager prefills alternated one by one).
 """
 from __future__ import annotations
 
